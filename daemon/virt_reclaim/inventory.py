@@ -1,0 +1,102 @@
+"""What each domain has: state, agent, and every disk with its sizes on the host."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+from virt_reclaim import domxml, qemu_img
+from virt_reclaim.virt import DomainSnapshot, DomainState
+
+
+@dataclass(frozen=True)
+class BackingFile:
+    """One image below a disk's top image."""
+
+    path: str
+    format: str | None
+
+
+@dataclass(frozen=True)
+class DiskReport:
+    """A disk of a domain, with what qemu-img and the host filesystem say of its image.
+
+    Sizes are None where they do not apply (no file) or could not be read;
+    ``error`` then says why.
+    """
+
+    target: str
+    device: str
+    type: str
+    format: str | None
+    source: str | None
+    virtual_size: int | None
+    allocated_bytes: int | None
+    backing_chain: tuple[BackingFile, ...]
+    internal_snapshots: int | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class DomainReport:
+    """A domain and its disks."""
+
+    name: str
+    uuid: str
+    state: DomainState
+    persistent: bool
+    has_agent_channel: bool
+    agent_connected: bool
+    disks: tuple[DiskReport, ...]
+
+
+def describe_domain(domain: DomainSnapshot, *, qemu_img_path: str) -> DomainReport:
+    """Describe one domain; an unreadable image becomes an ``error`` on its disk, not a failure."""
+    spec = domxml.parse_domain(domain.xml)
+    running = domain.state not in (DomainState.SHUTOFF, DomainState.CRASHED)
+    return DomainReport(
+        name=domain.name,
+        uuid=domain.uuid,
+        state=domain.state,
+        persistent=domain.persistent,
+        has_agent_channel=spec.has_agent_channel,
+        agent_connected=running and spec.agent_state == "connected",
+        disks=tuple(
+            describe_disk(disk, in_use=running, qemu_img_path=qemu_img_path)
+            for disk in spec.disks
+        ),
+    )
+
+
+def describe_disk(disk: domxml.DiskSpec, *, in_use: bool, qemu_img_path: str) -> DiskReport:
+    """Describe one disk; only file-backed disks are measured."""
+    report = DiskReport(
+        target=disk.target,
+        device=disk.device,
+        type=disk.type,
+        format=disk.format,
+        source=disk.source,
+        virtual_size=None,
+        allocated_bytes=None,
+        backing_chain=tuple(BackingFile(layer.source or "", layer.format) for layer in disk.backing),
+        internal_snapshots=None,
+        error=None,
+    )
+    if disk.type != "file" or disk.source is None:
+        return report
+    try:
+        allocated = os.stat(disk.source).st_blocks * 512
+        # A running QEMU holds the image locked; -U reads the header anyway.
+        chain = qemu_img.info(disk.source, qemu_img=qemu_img_path, force_share=in_use)
+    except OSError as exc:
+        return replace(report, error=f"{disk.source}: {exc.strerror}")
+    except qemu_img.QemuImgError as exc:
+        return replace(report, error=str(exc))
+    top = chain[0]
+    return replace(
+        report,
+        virtual_size=top.virtual_size,
+        allocated_bytes=allocated,
+        backing_chain=tuple(BackingFile(layer.filename, layer.format) for layer in chain[1:]),
+        internal_snapshots=top.snapshot_count,
+    )

@@ -1,0 +1,17 @@
+"""Human-readable sizes for operator-facing output."""
+
+from __future__ import annotations
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def format_bytes(size: int | None) -> str:
+    """Format a byte count with a binary unit, ``-`` for None: ``1536`` -> ``1.5 KiB``."""
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in _UNITS:
+        if abs(value) < 1024 or unit == _UNITS[-1]:
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,1 @@
+"""The real libvirt + QEMU + guest agent test bed."""

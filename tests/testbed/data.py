@@ -1,0 +1,80 @@
+"""Data profiles written inside a test guest through its agent, and checksums of /data."""
+
+from __future__ import annotations
+
+import random
+
+from testbed.guests import Guest
+
+MIB = 1024 * 1024
+SEED_PATH = "/tmp/vr-seed.txt"
+
+_WORDS = (
+    "GET POST PUT DELETE /api/v1/items /api/v1/users /healthz /login /static/app.js "
+    "200 201 204 301 404 500 503 INFO WARN ERROR DEBUG request served upstream cache "
+    "hit miss user=alice user=bob user=carol latency_ms bytes referer agent=curl/8.5"
+).split()
+
+
+def log_text(size: int, seed: int = 1) -> bytes:
+    """Deterministic log-like text of ``size`` bytes; it compresses about 4-6x, like real logs."""
+    rng = random.Random(seed)
+    lines = []
+    total = 0
+    n = 0
+    while total < size:
+        n += 1
+        words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 9)))
+        line = (f"2026-11-24T{n // 3600 % 24:02d}:{n // 60 % 60:02d}:{n % 60:02d}.{n % 1000:03d}Z "
+                f"host-{rng.randint(1, 40):02d} pid={rng.randint(100, 65000)} {words} "
+                f"id={rng.getrandbits(32):08x}\n")
+        lines.append(line)
+        total += len(line)
+    return "".join(lines).encode()[:size]
+
+
+def write_text(guest: Guest, path: str, size_mib: int) -> None:
+    """Write ``size_mib`` MiB of log-like text to ``path`` in the guest, then sync.
+
+    One MiB of text is sent through the agent and repeated in the guest: qcow2
+    compresses each cluster on its own, so repetition at a 1 MiB period gives
+    the same ratio as text that never repeats.
+    """
+    guest.write_file(SEED_PATH, log_text(MIB))
+    guest.exec(
+        f"i=0; while [ $i -lt {size_mib} ]; do cat {SEED_PATH}; i=$((i+1)); done > '{path}'; sync",
+        timeout=60 + size_mib,
+    )
+
+
+def write_random(guest: Guest, path: str, size_mib: int) -> None:
+    """Write ``size_mib`` MiB of incompressible random data to ``path`` in the guest, then sync."""
+    guest.exec(f"head -c {size_mib * MIB} /dev/urandom > '{path}'; sync", timeout=60 + size_mib)
+
+
+def write_deleted_random(guest: Guest, size_mib: int, path: str = "/data/garbage.bin") -> None:
+    """Write random data, sync, delete it and sync: its clusters stay allocated on the host."""
+    write_random(guest, path, size_mib)
+    guest.exec(f"rm -f '{path}'; sync")
+
+
+def checksums(guest: Guest, root: str = "/data") -> dict[str, str]:
+    """SHA-256 of every regular file under ``root`` in the guest, by path."""
+    out = guest.exec(
+        f"find '{root}' -path '{root}/lost+found' -prune -o -type f -print0 "
+        f"| xargs -0 -r sha256sum",
+        timeout=300,
+    ).stdout
+    sums = {}
+    for line in out.splitlines():
+        digest, _, path = line.partition("  ")
+        sums[path] = digest
+    return sums
+
+
+def used_bytes(guest: Guest, mountpoint: str = "/data") -> int:
+    """Bytes the guest's filesystem at ``mountpoint`` says are used (guest-get-fsinfo)."""
+    for fs in guest.agent("guest-get-fsinfo"):
+        if fs.get("mountpoint") == mountpoint:
+            return int(fs["used-bytes"])
+    raise AssertionError(f"{guest.name}: {mountpoint} is not mounted")

@@ -1,0 +1,350 @@
+"""Tiny real test guests on the real libvirtd: create, start, talk to their agent, remove.
+
+The test bed talks to libvirt directly (not through virt_reclaim.virt) so that it
+stays an independent witness of what the product does.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape
+
+import libvirt
+import libvirt_qemu
+
+TESTBED_DIR = Path(os.environ.get("VR_TESTBED_DIR", "/var/lib/virt-reclaim-testbed"))
+GUEST_DIR = TESTBED_DIR / "guest"
+RUN_DIR = TESTBED_DIR / "run"
+BUILD_SCRIPT = Path(__file__).with_name("build-guest.sh")
+NAME_PREFIX = "vrt-"
+URI = os.environ.get("VR_TEST_URI", "qemu:///system")
+
+AGENT_BOOT_TIMEOUT_S = 90.0
+SHUTDOWN_TIMEOUT_S = 60.0
+
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+_counter = itertools.count(1)
+
+
+class GuestError(AssertionError):
+    """The test bed could not get a guest into the state a test needs."""
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exitcode: int
+    stdout: str
+    stderr: str
+
+
+def ensure_guest_built() -> None:
+    """Build the guest kernel and initramfs into the cache folder unless already there."""
+    subprocess.run(["bash", str(BUILD_SCRIPT), str(TESTBED_DIR)], check=True, timeout=600)
+
+
+def unique_name(prefix: str = NAME_PREFIX) -> str:
+    """A domain name that carries this process's pid, so that a sweep can tell leftovers."""
+    return f"{prefix}{os.getpid()}-{next(_counter)}"
+
+
+def run_host(*argv: str, timeout: float = 120) -> str:
+    """Run a host tool for the test bed (mkfs, qemu-img) and return its stdout."""
+    return subprocess.run(
+        argv, check=True, capture_output=True, text=True, timeout=timeout
+    ).stdout
+
+
+def make_data_image(
+    path: Path, size: str, *, backing: Path | None = None, files: Path | None = None
+) -> None:
+    """Create a qcow2 data disk holding an empty ext4 filesystem.
+
+    With ``backing`` the filesystem goes into a base image at that path and
+    ``path`` becomes an empty overlay over it. ``files`` is a folder whose
+    contents are copied into the new filesystem (``mkfs.ext4 -d``).
+    """
+    raw = path.with_suffix(".raw")
+    run_host("truncate", "-s", size, str(raw))
+    mkfs = ["mkfs.ext4", "-q", "-F", "-L", "data"]
+    if files is not None:
+        mkfs += ["-d", str(files)]
+    run_host(*mkfs, str(raw))
+    bottom = backing or path
+    run_host("qemu-img", "convert", "-O", "qcow2", str(raw), str(bottom))
+    raw.unlink()
+    if backing is not None:
+        run_host(
+            "qemu-img", "create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "qcow2", str(path)
+        )
+
+
+def domain_xml(name: str, data_image: Path, *, discard: bool, console_log: Path) -> str:
+    """The XML of a test guest: TCG, direct kernel boot, one virtio data disk, an agent channel."""
+    discard_attr = " discard='unmap'" if discard else ""
+    return f"""<domain type='qemu'>
+  <name>{escape(name)}</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{GUEST_DIR}/vmlinuz</kernel>
+    <initrd>{GUEST_DIR}/initrd.img</initrd>
+    <cmdline>console=ttyS0 panic=-1</cmdline>
+  </os>
+  <features><acpi/></features>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'{discard_attr}/>
+      <source file='{escape(str(data_image))}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <channel type='unix'>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+    </channel>
+    <serial type='file'>
+      <source path='{escape(str(console_log))}'/>
+      <target port='0'/>
+    </serial>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+@dataclass
+class Guest:
+    """A test guest: its domain, its folder, and its data image (an overlay if ``backing_image``)."""
+
+    conn: Any
+    name: str
+    folder: Path
+    data_image: Path
+    backing_image: Path | None
+    persistent: bool
+    _dom: Any = field(default=None, repr=False)
+
+    @property
+    def dom(self) -> Any:
+        if self._dom is None:
+            self._dom = self.conn.lookupByName(self.name)
+        return self._dom
+
+    @property
+    def console_log(self) -> Path:
+        return self.folder / "console.log"
+
+    def is_running(self) -> bool:
+        return self.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+
+    def is_off(self) -> bool:
+        try:
+            return self.dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
+        except libvirt.libvirtError as exc:
+            # A transient domain vanishes when it stops.
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return True
+            raise
+
+    def start(self, *, wait_agent: bool = True) -> None:
+        self.dom.create()
+        if wait_agent:
+            self.wait_agent()
+
+    def wait_agent(self, timeout: float = AGENT_BOOT_TIMEOUT_S) -> None:
+        """Poll guest-ping until the agent answers, with a deadline."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                self.agent("guest-ping", timeout=2)
+                return
+            except libvirt.libvirtError as exc:
+                last = exc
+                if not self.is_running():
+                    break
+            time.sleep(0.5)
+        raise GuestError(f"{self.name}: agent did not answer within {timeout:g} s ({last}); "
+                         f"console: {self._console_tail()}")
+
+    def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Shut the guest down through its agent and wait until it is off."""
+        self.dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+        self.wait_off(timeout)
+
+    def wait_off(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.is_off():
+                return
+            time.sleep(0.2)
+        raise GuestError(f"{self.name}: still not off after {timeout:g} s")
+
+    def restart(self) -> None:
+        """A cold restart: agent shutdown, wait until off, start, wait for the agent."""
+        self.shutdown()
+        self.start()
+
+    def agent(self, command: str, arguments: dict[str, Any] | None = None,
+              *, timeout: int = 10) -> Any:
+        """Send one guest agent command and return its ``return`` value."""
+        request: dict[str, Any] = {"execute": command}
+        if arguments is not None:
+            request["arguments"] = arguments
+        reply = libvirt_qemu.qemuAgentCommand(self.dom, json.dumps(request), timeout, 0)
+        return json.loads(reply)["return"]
+
+    def exec(self, script: str, *, timeout: float = 120, check: bool = True) -> ExecResult:
+        """Run a busybox shell script in the guest through guest-exec; wait with a deadline."""
+        pid = self.agent("guest-exec", {
+            "path": "/bin/sh", "arg": ["-c", script], "capture-output": True,
+        })["pid"]
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.agent("guest-exec-status", {"pid": pid})
+            if status["exited"]:
+                break
+            if time.monotonic() > deadline:
+                raise GuestError(f"{self.name}: {script!r} still running after {timeout:g} s")
+            time.sleep(0.1)
+        result = ExecResult(
+            exitcode=int(status.get("exitcode", -1)),
+            stdout=base64.b64decode(status.get("out-data", "")).decode(errors="replace"),
+            stderr=base64.b64decode(status.get("err-data", "")).decode(errors="replace"),
+        )
+        if check and result.exitcode != 0:
+            raise GuestError(f"{self.name}: {script!r} exited {result.exitcode}: {result.stderr}")
+        return result
+
+    def write_file(self, path: str, data: bytes, *, chunk: int = 256 * 1024) -> None:
+        """Write ``data`` to ``path`` in the guest with guest-file-open/write/close."""
+        handle = self.agent("guest-file-open", {"path": path, "mode": "w"})
+        try:
+            for start in range(0, len(data), chunk):
+                piece = base64.b64encode(data[start:start + chunk]).decode()
+                self.agent("guest-file-write", {"handle": handle, "buf-b64": piece})
+        finally:
+            self.agent("guest-file-close", {"handle": handle})
+
+    def remove(self) -> None:
+        """Destroy and undefine the domain and delete its folder; safe when half gone."""
+        remove_domain(self.conn, self.name)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _console_tail(self) -> str:
+        try:
+            return self.console_log.read_text(errors="replace")[-800:]
+        except OSError:
+            return "(no console log)"
+
+
+def create_guest(
+    conn: Any,
+    *,
+    name: str | None = None,
+    data_size: str = "1G",
+    discard: bool = True,
+    backing: bool = False,
+    start: bool = True,
+    persistent: bool = True,
+    files: Path | None = None,
+) -> Guest:
+    """Create a test guest with an ext4 data disk of ``data_size``, optionally started.
+
+    Args:
+        conn: An open libvirt connection.
+        name: The domain name; a unique ``vrt-<pid>-<n>`` by default.
+        data_size: Virtual size of the data disk (``truncate -s`` syntax).
+        discard: Give the disk ``discard='unmap'`` so that trims free host space.
+        backing: Make the data disk an overlay over a backing file holding the filesystem.
+        start: Start the guest and wait until its agent answers.
+        persistent: Define the domain; otherwise create it transient (started at once).
+        files: A host folder copied into the new filesystem.
+    """
+    name = name or unique_name()
+    folder = RUN_DIR / name
+    folder.mkdir(parents=True, exist_ok=True)
+    # QEMU runs as libvirt-qemu and must reach every folder above the image.
+    for path in (TESTBED_DIR, RUN_DIR, folder):
+        path.chmod(0o755)
+    data_image = folder / "data.qcow2"
+    backing_image = folder / "base.qcow2" if backing else None
+    make_data_image(data_image, data_size, backing=backing_image, files=files)
+    xml = domain_xml(name, data_image, discard=discard, console_log=folder / "console.log")
+    guest = Guest(conn, name, folder, data_image, backing_image, persistent)
+    try:
+        if persistent:
+            conn.defineXML(xml)
+            if start:
+                guest.start()
+        else:
+            guest._dom = conn.createXML(xml, 0)
+            guest.wait_agent()
+    except BaseException:
+        guest.remove()
+        raise
+    return guest
+
+
+def remove_domain(conn: Any, name: str) -> None:
+    """Destroy and undefine a domain by name, whatever state it is in."""
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return
+    try:
+        if dom.isActive():
+            dom.destroy()
+    except libvirt.libvirtError:
+        pass
+    try:
+        if dom.isPersistent():
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+    except libvirt.libvirtError:
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner_pid(name: str, prefix: str) -> int | None:
+    rest = name[len(prefix):]
+    head = rest.split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def sweep_leftovers(conn: Any, prefix: str = NAME_PREFIX) -> list[str]:
+    """Remove the test guests (domains and folders) of test runs that no longer live."""
+    removed = []
+    names = {dom.name() for dom in conn.listAllDomains(0)}
+    if RUN_DIR.is_dir():
+        names |= {p.name for p in RUN_DIR.iterdir()}
+    for name in sorted(names):
+        if not name.startswith(prefix):
+            continue
+        pid = _owner_pid(name, prefix)
+        # Our own guests are alive too: their fixtures remove them.
+        if pid is not None and _pid_alive(pid):
+            continue
+        remove_domain(conn, name)
+        shutil.rmtree(RUN_DIR / name, ignore_errors=True)
+        removed.append(name)
+    return removed

@@ -1,0 +1,57 @@
+"""process.run with real programs: output, failures, timeouts that kill the whole group."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from virt_reclaim import process
+
+
+def test_output_and_status() -> None:
+    result = process.run(["sh", "-c", "echo out; echo err >&2"], timeout=10)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "out\n", "err\n")
+
+
+def test_failure_raises_with_stderr() -> None:
+    with pytest.raises(process.CommandError, match="status 3: boom"):
+        process.run(["sh", "-c", "echo boom >&2; exit 3"], timeout=10)
+
+
+def test_failure_can_be_allowed() -> None:
+    assert process.run(["false"], timeout=10, check=False).returncode == 1
+    assert process.run(["sh", "-c", "exit 1"], timeout=10, ok_codes=(0, 1)).returncode == 1
+
+
+def test_missing_program() -> None:
+    with pytest.raises(process.CommandError, match="cannot be started"):
+        process.run(["/nonexistent/program"], timeout=10)
+
+
+def test_timeout_kills_the_process_group(tmp_path: Path) -> None:
+    pidfile = tmp_path / "child.pid"
+    started = time.monotonic()
+    with pytest.raises(process.CommandTimeout, match="killed after 1 s"):
+        process.run(["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"], timeout=1)
+    assert time.monotonic() - started < 10
+    child = int(pidfile.read_text())
+    # The grandchild was killed with its group, not left behind.
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie of an orphan reaped by init counts as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
