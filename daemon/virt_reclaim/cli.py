@@ -45,11 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _add_connect(domains)
+    domains.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     domains.add_argument(
-        "--json", action="store_true", help="print a JSON list instead of a table"
-    )
-    domains.add_argument(
-        "--qemu-img", default=qemu_img.DEFAULT_QEMU_IMG, metavar="PATH",
+        "--qemu-img",
+        default=qemu_img.DEFAULT_QEMU_IMG,
+        metavar="PATH",
         help="qemu-img program to read images with (default: %(default)s from PATH)",
     )
     domains.set_defaults(handler=_cmd_domains)
@@ -58,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_connect(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "-c", "--connect", default=DEFAULT_URI, metavar="URI",
+        "-c",
+        "--connect",
+        default=DEFAULT_URI,
+        metavar="URI",
         help="libvirt connection URI (default: %(default)s)",
     )
 
@@ -96,23 +99,41 @@ def _jsonable(report: inventory.DomainReport) -> dict[str, Any]:
 
 def print_domain_table(reports: Sequence[inventory.DomainReport], out: TextIO) -> None:
     """Print one row per disk (one per domain without disks), backing files indented below."""
-    header = ("DOMAIN", "STATE", "PERSISTENT", "AGENT", "DISK", "FORMAT", "VIRTUAL",
-              "ALLOCATED", "SNAPSHOTS", "SOURCE")
+    header = (
+        "DOMAIN",
+        "STATE",
+        "PERSISTENT",
+        "AGENT",
+        "DISK",
+        "FORMAT",
+        "VIRTUAL",
+        "ALLOCATED",
+        "SNAPSHOTS",
+        "SOURCE",
+    )
     rows: list[tuple[str, ...]] = []
     notes: dict[int, list[str]] = {}
     for report in reports:
-        agent = ("connected" if report.agent_connected else "disconnected") \
-            if report.has_agent_channel else "none"
+        agent = (
+            ("connected" if report.agent_connected else "disconnected")
+            if report.has_agent_channel
+            else "none"
+        )
         domain_cols = (report.name, str(report.state), "yes" if report.persistent else "no", agent)
         if not report.disks:
             rows.append((*domain_cols, "-", "-", "-", "-", "-", "(no disks)"))
         for disk in report.disks:
-            rows.append((
-                *domain_cols, disk.target, disk.format or "-", format_bytes(disk.virtual_size),
-                format_bytes(disk.allocated_bytes),
-                "-" if disk.internal_snapshots is None else str(disk.internal_snapshots),
-                disk.source or "-",
-            ))
+            rows.append(
+                (
+                    *domain_cols,
+                    disk.target,
+                    disk.format or "-",
+                    format_bytes(disk.virtual_size),
+                    format_bytes(disk.allocated_bytes),
+                    "-" if disk.internal_snapshots is None else str(disk.internal_snapshots),
+                    disk.source or "-",
+                )
+            )
             extra = [f"backing: {b.path} ({b.format or '?'})" for b in disk.backing_chain]
             if disk.error:
                 extra.append(f"error: {disk.error}")

@@ -6,6 +6,8 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
+# The <source> attribute that holds the path, by disk type.
+_PATH_ATTRIBUTE = {"file": "file", "block": "dev", "dir": "dir"}
 
 
 class DomainXMLError(ValueError):
@@ -117,12 +119,8 @@ def _disk(el: ET.Element) -> DiskSpec:
 def _source(disk_type: str, source: ET.Element | None) -> str | None:
     if source is None:
         return None
-    if disk_type == "file":
-        return source.get("file")
-    if disk_type == "block":
-        return source.get("dev")
-    if disk_type == "dir":
-        return source.get("dir")
+    if disk_type in _PATH_ATTRIBUTE:
+        return source.get(_PATH_ATTRIBUTE[disk_type])
     if disk_type == "network":
         protocol, name = source.get("protocol"), source.get("name")
         return f"{protocol}:{name}" if protocol and name else None

@@ -62,8 +62,7 @@ def describe_domain(domain: DomainSnapshot, *, qemu_img_path: str) -> DomainRepo
         has_agent_channel=spec.has_agent_channel,
         agent_connected=running and spec.agent_state == "connected",
         disks=tuple(
-            describe_disk(disk, in_use=running, qemu_img_path=qemu_img_path)
-            for disk in spec.disks
+            describe_disk(disk, in_use=running, qemu_img_path=qemu_img_path) for disk in spec.disks
         ),
     )
 
@@ -78,7 +77,9 @@ def describe_disk(disk: domxml.DiskSpec, *, in_use: bool, qemu_img_path: str) ->
         source=disk.source,
         virtual_size=None,
         allocated_bytes=None,
-        backing_chain=tuple(BackingFile(layer.source or "", layer.format) for layer in disk.backing),
+        backing_chain=tuple(
+            BackingFile(layer.source or "", layer.format) for layer in disk.backing
+        ),
         internal_snapshots=None,
         error=None,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -76,9 +77,7 @@ def run(
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         out, err = proc.communicate()
-        raise CommandTimeout(
-            argv, f"killed after {timeout:g} s timeout", _decode(err)
-        ) from None
+        raise CommandTimeout(argv, f"killed after {timeout:g} s timeout", _decode(err)) from None
     except BaseException:
         # KeyboardInterrupt or similar: never leave the child behind.
         _kill_group(proc)
@@ -91,10 +90,8 @@ def run(
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _decode(data: bytes) -> str:

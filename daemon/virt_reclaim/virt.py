@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from dataclasses import dataclass
 from types import TracebackType
@@ -73,9 +74,7 @@ class Hypervisor:
         """
         self.uri = uri
         try:
-            self._conn: Any = (
-                libvirt.openReadOnly(uri) if read_only else libvirt.open(uri)
-            )
+            self._conn: Any = libvirt.openReadOnly(uri) if read_only else libvirt.open(uri)
         except libvirt.libvirtError as exc:
             raise VirtError(f"cannot connect to {uri}: {_message(exc)}") from exc
 
@@ -93,10 +92,8 @@ class Hypervisor:
     def close(self) -> None:
         """Close the connection; safe to call twice."""
         if self._conn is not None:
-            try:
+            with contextlib.suppress(libvirt.libvirtError):
                 self._conn.close()
-            except libvirt.libvirtError:
-                pass
             self._conn = None
 
     def domains(self) -> list[DomainSnapshot]:

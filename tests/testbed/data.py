@@ -10,10 +10,40 @@ MIB = 1024 * 1024
 SEED_PATH = "/tmp/vr-seed.txt"
 
 _WORDS = (
-    "GET POST PUT DELETE /api/v1/items /api/v1/users /healthz /login /static/app.js "
-    "200 201 204 301 404 500 503 INFO WARN ERROR DEBUG request served upstream cache "
-    "hit miss user=alice user=bob user=carol latency_ms bytes referer agent=curl/8.5"
-).split()
+    "GET",
+    "POST",
+    "PUT",
+    "DELETE",
+    "/api/v1/items",
+    "/api/v1/users",
+    "/healthz",
+    "/login",
+    "/static/app.js",
+    "200",
+    "201",
+    "204",
+    "301",
+    "404",
+    "500",
+    "503",
+    "INFO",
+    "WARN",
+    "ERROR",
+    "DEBUG",
+    "request",
+    "served",
+    "upstream",
+    "cache",
+    "hit",
+    "miss",
+    "user=alice",
+    "user=bob",
+    "user=carol",
+    "latency_ms",
+    "bytes",
+    "referer",
+    "agent=curl/8.5",
+)
 
 
 def log_text(size: int, seed: int = 1) -> bytes:
@@ -25,9 +55,11 @@ def log_text(size: int, seed: int = 1) -> bytes:
     while total < size:
         n += 1
         words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 9)))
-        line = (f"2026-11-24T{n // 3600 % 24:02d}:{n // 60 % 60:02d}:{n % 60:02d}.{n % 1000:03d}Z "
-                f"host-{rng.randint(1, 40):02d} pid={rng.randint(100, 65000)} {words} "
-                f"id={rng.getrandbits(32):08x}\n")
+        line = (
+            f"2026-11-24T{n // 3600 % 24:02d}:{n // 60 % 60:02d}:{n % 60:02d}.{n % 1000:03d}Z "
+            f"host-{rng.randint(1, 40):02d} pid={rng.randint(100, 65000)} {words} "
+            f"id={rng.getrandbits(32):08x}\n"
+        )
         lines.append(line)
         total += len(line)
     return "".join(lines).encode()[:size]

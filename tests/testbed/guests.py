@@ -58,9 +58,7 @@ def unique_name(prefix: str = NAME_PREFIX) -> str:
 
 def run_host(*argv: str, timeout: float = 120) -> str:
     """Run a host tool for the test bed (mkfs, qemu-img) and return its stdout."""
-    return subprocess.run(
-        argv, check=True, capture_output=True, text=True, timeout=timeout
-    ).stdout
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=timeout).stdout
 
 
 def make_data_image(
@@ -125,7 +123,7 @@ def domain_xml(name: str, data_image: Path, *, discard: bool, console_log: Path)
 
 @dataclass
 class Guest:
-    """A test guest: its domain, its folder, and its data image (an overlay if ``backing_image``)."""
+    """A test guest: its domain, its folder and its data image (an overlay if backing_image)."""
 
     conn: Any
     name: str
@@ -175,8 +173,10 @@ class Guest:
                 if not self.is_running():
                     break
             time.sleep(0.5)
-        raise GuestError(f"{self.name}: agent did not answer within {timeout:g} s ({last}); "
-                         f"console: {self._console_tail()}")
+        raise GuestError(
+            f"{self.name}: agent did not answer within {timeout:g} s ({last}); "
+            f"console: {self._console_tail()}"
+        )
 
     def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
         """Shut the guest down through its agent and wait until it is off."""
@@ -196,8 +196,9 @@ class Guest:
         self.shutdown()
         self.start()
 
-    def agent(self, command: str, arguments: dict[str, Any] | None = None,
-              *, timeout: int = 10) -> Any:
+    def agent(
+        self, command: str, arguments: dict[str, Any] | None = None, *, timeout: int = 10
+    ) -> Any:
         """Send one guest agent command and return its ``return`` value."""
         request: dict[str, Any] = {"execute": command}
         if arguments is not None:
@@ -207,9 +208,14 @@ class Guest:
 
     def exec(self, script: str, *, timeout: float = 120, check: bool = True) -> ExecResult:
         """Run a busybox shell script in the guest through guest-exec; wait with a deadline."""
-        pid = self.agent("guest-exec", {
-            "path": "/bin/sh", "arg": ["-c", script], "capture-output": True,
-        })["pid"]
+        pid = self.agent(
+            "guest-exec",
+            {
+                "path": "/bin/sh",
+                "arg": ["-c", script],
+                "capture-output": True,
+            },
+        )["pid"]
         deadline = time.monotonic() + timeout
         while True:
             status = self.agent("guest-exec-status", {"pid": pid})
@@ -227,12 +233,16 @@ class Guest:
             raise GuestError(f"{self.name}: {script!r} exited {result.exitcode}: {result.stderr}")
         return result
 
-    def write_file(self, path: str, data: bytes, *, chunk: int = 256 * 1024) -> None:
-        """Write ``data`` to ``path`` in the guest with guest-file-open/write/close."""
+    def write_file(self, path: str, data: bytes, *, chunk: int = 64 * 1024) -> None:
+        """Write ``data`` to ``path`` in the guest with guest-file-open/write/close.
+
+        Under TCG qemu-ga parses a 256 KiB write for longer than libvirt waits and
+        is then marked unavailable; 64 KiB pieces run at about 4 MiB/s.
+        """
         handle = self.agent("guest-file-open", {"path": path, "mode": "w"})
         try:
             for start in range(0, len(data), chunk):
-                piece = base64.b64encode(data[start:start + chunk]).decode()
+                piece = base64.b64encode(data[start : start + chunk]).decode()
                 self.agent("guest-file-write", {"handle": handle, "buf-b64": piece})
         finally:
             self.agent("guest-file-close", {"handle": handle})
@@ -326,7 +336,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _owner_pid(name: str, prefix: str) -> int | None:
-    rest = name[len(prefix):]
+    rest = name[len(prefix) :]
     head = rest.split("-", 1)[0]
     return int(head) if head.isdigit() else None
 

@@ -66,11 +66,17 @@ def disk(spec: domxml.DomainSpec, target: str) -> domxml.DiskSpec:
 
 def test_file_qcow2_with_backing_chain(shapes: domxml.DomainSpec) -> None:
     vda = disk(shapes, "vda")
-    assert (vda.type, vda.device, vda.format, vda.source) == ("file", "disk", "qcow2",
-                                                              "/img/top.qcow2")
+    assert (vda.type, vda.device, vda.format, vda.source) == (
+        "file",
+        "disk",
+        "qcow2",
+        "/img/top.qcow2",
+    )
     assert vda.discard == "unmap"
-    assert vda.backing == (BackingLayer("file", "qcow2", "/img/mid.qcow2"),
-                           BackingLayer("file", "raw", "/img/base.raw"))
+    assert vda.backing == (
+        BackingLayer("file", "qcow2", "/img/mid.qcow2"),
+        BackingLayer("file", "raw", "/img/base.raw"),
+    )
     assert vda.is_file_qcow2
 
 

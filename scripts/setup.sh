@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# One idempotent setup for `make test` and `make demo` on Debian 12 as root:
+# Debian packages, the .venv with the package and its test extras, a running
+# libvirtd, and the cached test guest. Each step is skipped when already done.
+#
+# usage: scripts/setup.sh [--venv-only]
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+venv_only=false
+[ "${1:-}" = "--venv-only" ] && venv_only=true
+
+log() { echo "setup: $*"; }
+
+packages=(
+    python3 python3-venv python3-dev gcc make pkg-config
+    libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
+    qemu-system-x86 qemu-utils e2fsprogs cpio kmod
+)
+
+install_packages() {
+    local missing=()
+    for pkg in "${packages[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
+            || missing+=("$pkg")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing Debian packages: ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            "${missing[@]}" >/dev/null
+    fi
+}
+
+make_venv() {
+    local stamp=.venv/.setup-stamp want
+    want=$(sha256sum pyproject.toml | cut -c1-16)
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+        return
+    fi
+    log "creating .venv and installing virt-reclaim with its test extras"
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    .venv/bin/pip install -q --upgrade pip 2>&1 | grep -v "^WARNING" || true
+    .venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v "^WARNING" || true
+    .venv/bin/python -c "import libvirt, apscheduler, pydantic, structlog, virt_reclaim"
+    echo "$want" > "$stamp"
+}
+
+fix_kvm_device() {
+    # Without udev /dev/kvm stays root-only. libvirt probes QEMU as root (KVM
+    # works) but checks its capability cache as libvirt-qemu (KVM missing), so
+    # every define re-probes QEMU for 30-50 s. Debian's udev rule gives root:kvm 0660.
+    if [ -c /dev/kvm ] && [ "$(stat -c %a /dev/kvm)" != 660 ]; then
+        chgrp kvm /dev/kvm && chmod 660 /dev/kvm
+    fi
+}
+
+start_libvirtd() {
+    if virsh -c qemu:///system version >/dev/null 2>&1; then
+        return
+    fi
+    if [ -d /run/systemd/system ]; then
+        log "starting libvirtd with systemctl"
+        systemctl start virtlogd.socket libvirtd.socket libvirtd.service 2>/dev/null \
+            || systemctl start virtqemud.socket virtlogd.socket
+    else
+        log "no service manager: starting virtlogd and libvirtd by hand"
+        pgrep -x virtlogd >/dev/null || virtlogd -d
+        pgrep -x libvirtd >/dev/null || libvirtd -d
+    fi
+    for _ in $(seq 1 60); do
+        virsh -c qemu:///system version >/dev/null 2>&1 && return
+        sleep 0.5
+    done
+    echo "setup: libvirtd does not answer on qemu:///system" >&2
+    exit 1
+}
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup: run as root (it installs Debian packages and drives the system libvirtd)" >&2
+    exit 1
+fi
+if $venv_only; then
+    install_packages
+    make_venv
+    exit 0
+fi
+install_packages
+make_venv
+fix_kvm_device
+start_libvirtd
+bash tests/testbed/build-guest.sh
+log "ready"
