@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import selectors
 import signal
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 # Bound what is kept of a tool's output (and later logged).
@@ -37,12 +39,33 @@ class Completed:
     stderr: str
 
 
+ProgressCallback = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Priority:
+    """CPU and I/O priority for heavy work: a nice level and an ionice class and level."""
+
+    nice: int = 10
+    io_class: int = 2  # best-effort; "idle" (3) could starve a rewrite while the guest is down
+    io_level: int = 7
+
+    def prefix(self) -> list[str]:
+        """The argv that runs a command at this priority."""
+        return [
+            "nice", "-n", str(self.nice),
+            "ionice", "-c", str(self.io_class), "-n", str(self.io_level),
+        ]  # fmt: skip
+
+
 def run(
     argv: Sequence[str],
     *,
     timeout: float,
     check: bool = True,
     ok_codes: Sequence[int] = (0,),
+    on_output: ProgressCallback | None = None,
+    priority: Priority | None = None,
 ) -> Completed:
     """Run ``argv`` without a shell and return its output.
 
@@ -54,6 +77,8 @@ def run(
         timeout: Seconds the command may run before it is killed.
         check: Raise CommandError when the exit status is not in ``ok_codes``.
         ok_codes: Exit statuses that count as success.
+        on_output: Called with each piece of stdout as it arrives (for progress).
+        priority: Run under ``nice``/``ionice`` at this priority.
 
     Returns:
         The exit status and the decoded output.
@@ -62,9 +87,10 @@ def run(
         CommandTimeout: The command did not finish within ``timeout``.
         CommandError: The program is missing, or it failed and ``check`` is set.
     """
+    full = [*(priority.prefix() if priority else []), *argv]
     try:
         proc = subprocess.Popen(
-            list(argv),
+            full,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -73,20 +99,48 @@ def run(
     except OSError as exc:
         raise CommandError(argv, f"cannot be started ({exc.strerror})") from exc
     try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        out, err = proc.communicate()
-        raise CommandTimeout(argv, f"killed after {timeout:g} s timeout", _decode(err)) from None
+        out, err, finished = _collect(proc, time.monotonic() + timeout, on_output)
     except BaseException:
-        # KeyboardInterrupt or similar: never leave the child behind.
+        # KeyboardInterrupt, or an exception from on_output: never leave the child behind.
         _kill_group(proc)
         proc.wait()
         raise
-    result = Completed(tuple(argv), proc.returncode, _decode(out), _decode(err))
+    if not finished:
+        _kill_group(proc)
+        proc.wait()
+        raise CommandTimeout(argv, f"killed after {timeout:g} s timeout", _decode(err))
+    result = Completed(tuple(argv), proc.wait(), _decode(out), _decode(err))
     if check and result.returncode not in ok_codes:
         raise CommandError(argv, f"exited with status {result.returncode}", result.stderr)
     return result
+
+
+def _collect(
+    proc: subprocess.Popen[bytes], deadline: float, on_output: ProgressCallback | None
+) -> tuple[bytes, bytes, bool]:
+    """Read stdout and stderr until both close or the deadline passes."""
+    if proc.stdout is None or proc.stderr is None:
+        raise RuntimeError("Popen was not given pipes")
+    buffers = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    stdout_fd = proc.stdout.fileno()
+    with selectors.DefaultSelector() as selector:
+        for fd in buffers:
+            selector.register(fd, selectors.EVENT_READ)
+        while selector.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return bytes(buffers[stdout_fd]), bytes(buffers[proc.stderr.fileno()]), False
+            for key, _ in selector.select(timeout=left):
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    selector.unregister(key.fd)
+                    continue
+                buffer = buffers[key.fd]
+                if len(buffer) < MAX_OUTPUT_BYTES:
+                    buffer += chunk[: MAX_OUTPUT_BYTES - len(buffer)]
+                if key.fd == stdout_fd and on_output is not None:
+                    on_output(chunk.decode("utf-8", errors="replace"))
+    return bytes(buffers[stdout_fd]), bytes(buffers[proc.stderr.fileno()]), True
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -95,4 +149,4 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _decode(data: bytes) -> str:
-    return data[:MAX_OUTPUT_BYTES].decode("utf-8", errors="replace")
+    return data.decode("utf-8", errors="replace")

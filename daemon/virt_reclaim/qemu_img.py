@@ -118,3 +118,125 @@ def info(
     except process.CommandError as exc:
         raise QemuImgError(str(exc)) from exc
     return parse_info(result.stdout)
+
+
+def _timeout_for(size_bytes: int, bytes_per_second: float) -> float:
+    """A timeout that scales with the work: a floor for small images, a rate for large ones."""
+    return 300.0 + size_bytes / bytes_per_second
+
+
+# Rates well below what a slow disk or one core does, so that only a hang times out.
+_READ_RATE = 20 * 1024 * 1024
+_COMPRESS_RATE = 5 * 1024 * 1024
+
+
+def measure_argv(path: str, *, qemu_img: str = DEFAULT_QEMU_IMG) -> list[str]:
+    """Return the argv of ``qemu-img measure`` of ``path`` converted to qcow2."""
+    return [qemu_img, "measure", "--output=json", "-O", "qcow2", path]
+
+
+def parse_measure(text: str) -> int:
+    """Return the ``required`` bytes from ``qemu-img measure --output=json``."""
+    try:
+        return int(json.loads(text)["required"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise QemuImgError(f"unexpected qemu-img measure output: {text[:200]!r}") from exc
+
+
+def measure(path: str, *, qemu_img: str = DEFAULT_QEMU_IMG, force_share: bool = False) -> int:
+    """Bytes a qcow2 copy of ``path`` (its whole chain) needs at most, uncompressed."""
+    argv = measure_argv(path, qemu_img=qemu_img)
+    if force_share:
+        argv.insert(2, "-U")
+    return parse_measure(_run(argv, timeout=INFO_TIMEOUT_S * 5).stdout)
+
+
+def convert_argv(
+    source: str,
+    target: str,
+    *,
+    qemu_img: str = DEFAULT_QEMU_IMG,
+    compression: str | None,
+    cluster_size: int | None,
+    backing: str | None = None,
+    backing_format: str | None = None,
+    coroutines: int = 8,
+) -> list[str]:
+    """Return the argv of the rewrite: ``source`` (qcow2) into a new qcow2 ``target``.
+
+    ``-W`` (out-of-order writes) made compression 1.6-1.7x faster at the same
+    size in our measurements; qcow2 runs at most 4 compression jobs at once, and
+    more than 8 coroutines changed nothing. With ``backing`` the target is an
+    overlay over that file and only the source's top layer is copied (``-B``).
+    """
+    argv = [qemu_img, "convert", "-p", "-f", "qcow2", "-O", "qcow2", "-W", "-m", str(coroutines)]
+    options = []
+    if compression is not None:
+        argv.append("-c")
+        options.append(f"compression_type={compression}")
+    if cluster_size is not None:
+        options.append(f"cluster_size={cluster_size}")
+    if backing is not None:
+        argv += ["-B", backing, "-F", backing_format or "qcow2"]
+    if options:
+        argv += ["-o", ",".join(options)]
+    return [*argv, source, target]
+
+
+def convert(
+    argv: list[str], *, size_bytes: int, on_progress: process.ProgressCallback | None = None
+) -> None:
+    """Run a ``convert_argv`` command, timing out only if it makes no sense any more."""
+    _run(argv, timeout=_timeout_for(size_bytes, _COMPRESS_RATE), on_output=on_progress)
+
+
+def check_argv(path: str, *, qemu_img: str = DEFAULT_QEMU_IMG) -> list[str]:
+    """Return the argv of ``qemu-img check`` of ``path`` with JSON output."""
+    return [qemu_img, "check", "--output=json", "-f", "qcow2", path]
+
+
+def check(path: str, *, qemu_img: str = DEFAULT_QEMU_IMG, size_bytes: int = 0) -> None:
+    """Check ``path``; raise QemuImgError unless it has no errors, corruptions or leaks."""
+    argv = check_argv(path, qemu_img=qemu_img)
+    result = _run(argv, timeout=_timeout_for(size_bytes, _READ_RATE), ok_codes=(0, 1, 2, 3))
+    try:
+        report = json.loads(result.stdout)
+    except ValueError:
+        report = {}
+    problems = {
+        key: report.get(key, 0)
+        for key in ("check-errors", "corruptions", "leaks")
+        if report.get(key, 0)
+    }
+    if result.returncode != 0 or problems:
+        raise QemuImgError(
+            f"qemu-img check {path}: status {result.returncode}, {problems or result.stderr}"
+        )
+
+
+def compare_argv(first: str, second: str, *, qemu_img: str = DEFAULT_QEMU_IMG) -> list[str]:
+    """Return the argv of ``qemu-img compare`` of two qcow2 images' guest-visible content."""
+    return [qemu_img, "compare", "-f", "qcow2", "-F", "qcow2", first, second]
+
+
+def compare(
+    first: str, second: str, *, qemu_img: str = DEFAULT_QEMU_IMG, size_bytes: int = 0
+) -> None:
+    """Raise QemuImgError unless both images show the guest the same bytes."""
+    argv = compare_argv(first, second, qemu_img=qemu_img)
+    result = _run(argv, timeout=_timeout_for(size_bytes, _READ_RATE), ok_codes=(0, 1))
+    if result.returncode == 1:
+        raise QemuImgError(f"{second} differs from {first}: {result.stdout.strip()}")
+
+
+def _run(
+    argv: list[str],
+    *,
+    timeout: float,
+    ok_codes: tuple[int, ...] = (0,),
+    on_output: process.ProgressCallback | None = None,
+) -> process.Completed:
+    try:
+        return process.run(argv, timeout=timeout, ok_codes=ok_codes, on_output=on_output)
+    except process.CommandError as exc:
+        raise QemuImgError(str(exc)) from exc

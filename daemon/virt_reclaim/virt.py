@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import enum
+import json
+import time
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import libvirt
+import libvirt_qemu
 
 DEFAULT_URI = "qemu:///system"
 
@@ -22,6 +26,36 @@ libvirt.registerErrorHandler(_silence_default_error_handler, None)
 
 class VirtError(Exception):
     """libvirt refused or failed a request."""
+
+
+class AgentUnavailable(VirtError):
+    """The guest agent is not connected, does not answer, or refuses the command."""
+
+
+# Bounds on what a guest may make us read (its replies are untrusted input).
+MAX_EXEC_OUTPUT = 64 * 1024
+MAX_FILESYSTEMS = 256
+
+
+@dataclass(frozen=True)
+class GuestFilesystem:
+    """A filesystem the guest agent reports, with the disk targets it lives on."""
+
+    mountpoint: str
+    fstype: str
+    used_bytes: int | None
+    total_bytes: int | None
+    disk_targets: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GuestExecResult:
+    """How a command run through guest-exec ended; output truncated to MAX_EXEC_OUTPUT."""
+
+    exitcode: int | None
+    signal: int | None
+    stdout: str
+    stderr: str
 
 
 class DomainState(enum.StrEnum):
@@ -117,6 +151,197 @@ class Hypervisor:
                     continue
                 raise VirtError(f"cannot read domain: {_message(exc)}") from exc
         return sorted(result, key=lambda d: d.name)
+
+    def domain(self, name: str) -> Domain:
+        """Look a domain up by name.
+
+        Raises:
+            VirtError: There is no such domain.
+        """
+        try:
+            return Domain(self._conn.lookupByName(name))
+        except libvirt.libvirtError as exc:
+            raise VirtError(f"domain {name!r}: {_message(exc)}") from exc
+
+
+class Domain:
+    """One domain: its state and XML, power actions, and its guest agent."""
+
+    def __init__(self, dom: Any) -> None:  # noqa: ANN401 - libvirt.virDomain has no stubs
+        self._dom = dom
+        self.name: str = dom.name()
+        self.uuid: str = dom.UUIDString()
+
+    def snapshot(self) -> DomainSnapshot:
+        """The domain's identity, state and live XML now."""
+        snap: DomainSnapshot = self._call("read domain", _snapshot, self._dom)
+        return snap
+
+    def state(self) -> DomainState:
+        """The domain's power state now."""
+        state, _reason = self._call("read state", self._dom.state)
+        return _STATES.get(state, DomainState.NOSTATE)
+
+    def inactive_xml(self) -> str:
+        """The persistent definition: what the next start will use."""
+        return str(self._call("read XML", self._dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE))
+
+    def libvirt_snapshot_count(self) -> int:
+        """Snapshots libvirt keeps metadata of (internal or external)."""
+        return int(self._call("count snapshots", self._dom.snapshotNum, 0))
+
+    def shutdown(self, *, use_agent: bool) -> None:
+        """Ask the guest to shut down, through its agent or with the ACPI power button."""
+        mode = (
+            libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT
+            if use_agent
+            else libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN
+        )
+        self._call("shut down", self._dom.shutdownFlags, mode)
+
+    def force_off(self) -> None:
+        """Power the guest off: QEMU is asked to exit cleanly first, then killed."""
+        try:
+            self._dom.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
+        except libvirt.libvirtError:
+            self._call("force off", self._dom.destroyFlags, 0)
+
+    def start(self) -> None:
+        """Start the (persistent, shut off) domain."""
+        self._call("start", self._dom.create)
+
+    def wait_for_state(self, wanted: DomainState, timeout: float) -> bool:
+        """Poll the state until it is ``wanted`` or ``timeout`` seconds pass; True if reached."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.state() == wanted:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.25)
+
+    def agent_ping(self, timeout: int = 5) -> bool:
+        """True when the guest agent answers a ping."""
+        try:
+            self._agent("guest-ping", None, timeout)
+        except AgentUnavailable:
+            return False
+        return True
+
+    def wait_for_agent(self, timeout: float) -> bool:
+        """Poll the agent until it answers or ``timeout`` seconds pass; True if it answered."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.agent_ping(timeout=2):
+                return True
+            if time.monotonic() >= deadline or self.state() != DomainState.RUNNING:
+                return False
+            time.sleep(0.5)
+
+    def guest_filesystems(self) -> list[GuestFilesystem]:
+        """The guest's mounted filesystems, from the agent, validated and bounded.
+
+        Raises:
+            AgentUnavailable: The agent does not answer or the reply is unusable.
+        """
+        try:
+            info = self._dom.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_FILESYSTEM, 0)
+        except libvirt.libvirtError as exc:
+            raise AgentUnavailable(f"guest filesystems: {_message(exc)}") from exc
+        return parse_guest_filesystems(info)
+
+    def fstrim(self) -> None:
+        """Trim every mounted filesystem in the guest (``guest-fstrim``)."""
+        try:
+            self._dom.fSTrim(None, 0, 0)
+        except libvirt.libvirtError as exc:
+            raise AgentUnavailable(f"fstrim: {_message(exc)}") from exc
+
+    def guest_exec(self, path: str, args: list[str], timeout: float) -> GuestExecResult:
+        """Run a program in the guest through ``guest-exec`` and wait for it, with a deadline.
+
+        Raises:
+            AgentUnavailable: The agent refuses guest-exec (often blocked by policy on
+                RHEL-family guests), does not answer, or the command outlives ``timeout``.
+        """
+        reply = self._agent("guest-exec", {"path": path, "arg": args, "capture-output": True}, 10)
+        pid = reply.get("pid") if isinstance(reply, dict) else None
+        if not isinstance(pid, int):
+            raise AgentUnavailable(f"guest-exec returned no pid: {str(reply)[:200]}")
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self._agent("guest-exec-status", {"pid": pid}, 10)
+            if isinstance(status, dict) and status.get("exited"):
+                return GuestExecResult(
+                    exitcode=_int_or_none(status.get("exitcode")),
+                    signal=_int_or_none(status.get("signal")),
+                    stdout=_decode_b64(status.get("out-data")),
+                    stderr=_decode_b64(status.get("err-data")),
+                )
+            if time.monotonic() >= deadline:
+                raise AgentUnavailable(f"guest-exec {path}: still running after {timeout:g} s")
+            time.sleep(0.5)
+
+    def _agent(self, command: str, arguments: dict[str, Any] | None, timeout: int) -> Any:  # noqa: ANN401
+        request: dict[str, Any] = {"execute": command}
+        if arguments is not None:
+            request["arguments"] = arguments
+        try:
+            reply = libvirt_qemu.qemuAgentCommand(self._dom, json.dumps(request), timeout, 0)
+        except libvirt.libvirtError as exc:
+            raise AgentUnavailable(f"{command}: {_message(exc)}") from exc
+        if len(reply) > 4 * MAX_EXEC_OUTPUT:
+            raise AgentUnavailable(f"{command}: reply of {len(reply)} bytes is too large")
+        try:
+            return json.loads(reply)["return"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AgentUnavailable(f"{command}: unreadable reply") from exc
+
+    def _call(self, what: str, fn: Any, *args: Any) -> Any:  # noqa: ANN401
+        try:
+            return fn(*args)
+        except libvirt.libvirtError as exc:
+            raise VirtError(f"{self.name}: cannot {what}: {_message(exc)}") from exc
+
+
+def parse_guest_filesystems(info: dict[str, Any]) -> list[GuestFilesystem]:
+    """Turn libvirt's typed-parameter ``fs.N.*`` keys into filesystems, dropping malformed ones."""
+    count = min(_int_or_none(info.get("fs.count")) or 0, MAX_FILESYSTEMS)
+    result = []
+    for i in range(count):
+        mountpoint = info.get(f"fs.{i}.mountpoint")
+        if not isinstance(mountpoint, str) or not mountpoint.startswith("/") or "\0" in mountpoint:
+            continue
+        disks = min(_int_or_none(info.get(f"fs.{i}.disk.count")) or 0, 64)
+        targets = tuple(
+            str(alias)
+            for j in range(disks)
+            if isinstance(alias := info.get(f"fs.{i}.disk.{j}.alias"), str)
+        )
+        result.append(
+            GuestFilesystem(
+                mountpoint=mountpoint[:4096],
+                fstype=str(info.get(f"fs.{i}.fstype", ""))[:64],
+                used_bytes=_int_or_none(info.get(f"fs.{i}.used-bytes")),
+                total_bytes=_int_or_none(info.get(f"fs.{i}.total-bytes")),
+                disk_targets=targets,
+            )
+        )
+    return result
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _decode_b64(value: object) -> str:
+    if not isinstance(value, str):
+        return ""
+    try:
+        raw = base64.b64decode(value[: MAX_EXEC_OUTPUT * 2], validate=False)
+    except ValueError:
+        return ""
+    return raw[:MAX_EXEC_OUTPUT].decode("utf-8", errors="replace")
 
 
 def _snapshot(dom: Any) -> DomainSnapshot:  # noqa: ANN401 - libvirt.virDomain has no stubs

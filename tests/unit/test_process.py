@@ -55,3 +55,18 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return False
+
+
+def test_output_is_streamed_as_it_arrives() -> None:
+    pieces: list[str] = []
+    process.run(["sh", "-c", "printf 'a\\r'; sleep 0.2; printf 'b\\r'"], timeout=10,
+                on_output=pieces.append)  # fmt: skip
+    assert "".join(pieces) == "a\rb\r"
+    assert len(pieces) == 2
+
+
+def test_priority_runs_the_command_niced() -> None:
+    result = process.run(["sh", "-c", "nice; ionice"], timeout=10,
+                         priority=process.Priority(nice=7, io_class=2, io_level=6))  # fmt: skip
+    assert result.stdout.split("\n")[:2] == ["7", "best-effort: prio 6"]
+    assert result.argv == ("sh", "-c", "nice; ionice")
