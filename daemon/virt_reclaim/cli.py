@@ -5,17 +5,72 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from virt_reclaim import __version__, inventory, qemu_img
+from pydantic import ByteSize, TypeAdapter, ValidationError
+
+from virt_reclaim import __version__, domxml, inventory, logs, qemu_img
+from virt_reclaim.guestfree import FreeSpaceMethod
+from virt_reclaim.job import (
+    Compression,
+    JobResult,
+    JobSettings,
+    OnShutdownTimeout,
+    Outcome,
+    ReclaimJob,
+)
+from virt_reclaim.process import Priority
 from virt_reclaim.units import format_bytes
 from virt_reclaim.virt import DEFAULT_URI, Hypervisor, VirtError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_SKIPPED = 3
+
+_EXIT_BY_OUTCOME = {
+    Outcome.RECLAIMED: EXIT_OK,
+    Outcome.NOTHING_TO_DO: EXIT_OK,
+    Outcome.DRY_RUN: EXIT_OK,
+    Outcome.SKIPPED: EXIT_SKIPPED,
+    Outcome.FAILED: EXIT_FAILED,
+}
+_BYTE_SIZE = TypeAdapter(ByteSize)
+
+
+def _size(text: str) -> int:
+    """Parse a size like "64MiB", "1GiB" or "500MB" (argparse type)."""
+    try:
+        return int(_BYTE_SIZE.validate_python(text))
+    except ValidationError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size (examples: 512MiB, 20GiB, 1000000)"
+        ) from None
+
+
+def _cluster_size(text: str) -> int:
+    """Parse a qcow2 cluster size: a power of two from 512 bytes to 2 MiB."""
+    size = _size(text)
+    if size < 512 or size > 2 * 1024 * 1024 or size & (size - 1):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is {size} bytes; a qcow2 cluster size is a power of two from 512 to "
+            "2MiB (write 64KiB, not 64K, which means 64000)"
+        )
+    return size
+
+
+def _seconds(text: str) -> float:
+    """Parse a positive number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +108,82 @@ def build_parser() -> argparse.ArgumentParser:
         help="qemu-img program to read images with (default: %(default)s from PATH)",
     )
     domains.set_defaults(handler=_cmd_domains)
+    _add_run(commands)
     return parser
+
+
+def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers action is private
+    run = commands.add_parser(
+        "run",
+        help="reclaim the disks of one domain now",
+        description=(
+            "Reclaim the qcow2 disks of DOMAIN now: free space inside the guest (trim or "
+            "zero-fill through the guest agent), shut the guest down, rewrite each eligible "
+            "disk compacted and compressed beside the original, verify it (qemu-img check and "
+            "compare), swap it in with an atomic rename and bring the guest back to the state "
+            "it had. Any failure leaves the original images and the guest as they were."
+        ),
+        epilog=(
+            "Exit status: 0 reclaimed, nothing to do, or dry run; 1 failed (everything "
+            "restored); 2 usage error; 3 skipped (the domain or its disks are not eligible). "
+            "Logs: JSON lines on stderr (readable text on a terminal); --json prints the "
+            "result as one JSON object on stdout."
+        ),
+    )
+    run.add_argument("domain", metavar="DOMAIN", help="the libvirt domain name")
+    _add_connect(run)
+    run.add_argument(
+        "--dry-run", action="store_true", help="inspect and estimate only; change nothing"
+    )
+    run.add_argument(
+        "--json", action="store_true", help="print the result as one JSON object on stdout"
+    )
+    run.add_argument(
+        "--free-space", type=FreeSpaceMethod, choices=list(FreeSpaceMethod),
+        default=FreeSpaceMethod.AUTO,
+        help="how to free the guest's unused blocks first: trim (frees host space only with "
+        "discard='unmap' on the disk), zero (fill free space with zeros through guest-exec), "
+        "auto (trim where every disk has discard, else zero), none (default: %(default)s)",
+    )  # fmt: skip
+    run.add_argument(
+        "--compression", type=Compression, choices=list(Compression), default=Compression.ZSTD,
+        help="compression of the new image; zstd needs QEMU >= 5.1 to open it "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    run.add_argument(
+        "--cluster-size", type=_cluster_size, metavar="SIZE",
+        help="cluster size of the new image, e.g. 64KiB (default: keep each image's own; "
+        "clusters above 64KiB make compressed images slow to read)",
+    )  # fmt: skip
+    run.add_argument(
+        "--shutdown-timeout", type=_seconds, default=120.0, metavar="SECONDS",
+        help="how long to wait for the guest to be off (default: %(default)g)",
+    )  # fmt: skip
+    run.add_argument(
+        "--on-shutdown-timeout", type=OnShutdownTimeout, choices=list(OnShutdownTimeout),
+        default=OnShutdownTimeout.ABORT,
+        help="abort: leave the guest running and change nothing; force: power it off "
+        "(default: %(default)s)",
+    )  # fmt: skip
+    run.add_argument(
+        "--min-gain", type=_size, default=64 * 1024 * 1024, metavar="SIZE",
+        help="do nothing when the estimated gain is below this (default: 64MiB); when the "
+        "guest's usage is unknown (no agent) the rewrite runs",
+    )  # fmt: skip
+    run.add_argument(
+        "--keep-backup", action="store_true",
+        help="keep each original image beside the new one (NAME.virt-reclaim-backup-TIME)",
+    )  # fmt: skip
+    run.add_argument(
+        "--qemu-img", default=qemu_img.DEFAULT_QEMU_IMG, metavar="PATH",
+        help="qemu-img program (default: %(default)s from PATH)",
+    )  # fmt: skip
+    run.add_argument(
+        "--log-format", type=logs.LogFormat, choices=list(logs.LogFormat),
+        default=logs.LogFormat.AUTO,
+        help="log lines on stderr: json, console, or auto (console on a terminal)",
+    )  # fmt: skip
+    run.set_defaults(handler=_cmd_run)
 
 
 def _add_connect(parser: argparse.ArgumentParser) -> None:
@@ -91,6 +221,96 @@ def _cmd_domains(args: argparse.Namespace) -> int:
     else:
         print_domain_table(reports, sys.stdout)
     return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    logs.configure(args.log_format)
+    settings = JobSettings(
+        free_space=args.free_space,
+        compression=args.compression,
+        cluster_size=args.cluster_size,
+        shutdown_timeout_s=args.shutdown_timeout,
+        on_shutdown_timeout=args.on_shutdown_timeout,
+        min_gain=args.min_gain,
+        keep_backup=args.keep_backup,
+        dry_run=args.dry_run,
+        qemu_img=args.qemu_img,
+    )
+    with Hypervisor(args.connect) as hypervisor:
+        domain = hypervisor.domain(args.domain)
+
+        def images_of_other_domains() -> dict[str, str]:
+            return _images_in_use(hypervisor, exclude_uuid=domain.uuid)
+
+        bar = _ProgressBar(sys.stderr) if sys.stderr.isatty() else None
+        job = ReclaimJob(
+            domain,
+            qemu_img.QemuImg(settings.qemu_img, Priority()),
+            settings,
+            images_of_other_domains=images_of_other_domains,
+            on_progress=bar.update if bar else None,
+        )
+        try:
+            result = job.run()
+        finally:
+            if bar:
+                bar.close()
+    if args.json:
+        json.dump(result.to_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print_job_result(result, sys.stdout)
+    return _EXIT_BY_OUTCOME[result.outcome]
+
+
+def _images_in_use(hypervisor: Hypervisor, *, exclude_uuid: str) -> dict[str, str]:
+    """{real path: domain name} of every image file any other domain uses."""
+    used: dict[str, str] = {}
+    for other in hypervisor.domains():
+        if other.uuid == exclude_uuid:
+            continue
+        for disk in domxml.parse_domain(other.xml).disks:
+            paths = [disk.source] if disk.type == "file" else []
+            paths += [b.source for b in disk.backing if b.type == "file"]
+            for path in paths:
+                if path:
+                    used[os.path.realpath(path)] = other.name
+    return used
+
+
+class _ProgressBar:
+    """A one-line progress bar of the rewrite on a terminal."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.shown = False
+
+    def update(self, target: str, percent: float) -> None:
+        filled = int(percent / 100 * 30)
+        self.out.write(f"\r  rewriting {target} [{'#' * filled}{'.' * (30 - filled)}] "
+                       f"{percent:5.1f}%")  # fmt: skip
+        self.out.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            self.out.write("\n")
+            self.out.flush()
+
+
+def print_job_result(result: JobResult, out: TextIO) -> None:
+    """Print a job's outcome for a person."""
+    out.write(f"{result.domain}: {result.outcome} - {result.reason}\n")
+    for disk in result.disks:
+        after = disk["bytes_after"] if disk["bytes_after"] is not None else disk["estimated_after"]
+        label = "" if disk["bytes_after"] is not None else " (estimated)"
+        out.write(f"  {disk['target']}  {disk['path']}  {format_bytes(disk['bytes_before'])} -> "
+                  f"{format_bytes(after)}{label}\n")  # fmt: skip
+        if disk["backup"]:
+            out.write(f"      original kept at {disk['backup']}\n")
+    for skipped in result.skipped_disks:
+        out.write(f"  {skipped['target']}  skipped: {skipped['reason']}\n")
+    out.write(f"  downtime {result.downtime_s:.1f} s, duration {result.duration_s:.1f} s\n")
 
 
 def _jsonable(report: inventory.DomainReport) -> dict[str, Any]:

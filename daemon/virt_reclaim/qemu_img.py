@@ -27,6 +27,7 @@ class ImageInfo:
     actual_size: int
     cluster_size: int | None
     backing_filename: str | None
+    backing_recorded: str | None  # the string in the header, maybe relative
     backing_format: str | None
     snapshot_count: int
     encrypted: bool
@@ -86,6 +87,7 @@ def _image_info(layer: dict[str, Any]) -> ImageInfo:
         actual_size=int(layer.get("actual-size", 0)),
         cluster_size=_optional_int(layer.get("cluster-size")),
         backing_filename=layer.get("full-backing-filename") or layer.get("backing-filename"),
+        backing_recorded=layer.get("backing-filename"),
         backing_format=layer.get("backing-filename-format"),
         snapshot_count=len(layer.get("snapshots", [])),
         encrypted=bool(layer.get("encrypted", False)) or "encrypt" in specific,
@@ -183,13 +185,6 @@ def convert_argv(
     return [*argv, source, target]
 
 
-def convert(
-    argv: list[str], *, size_bytes: int, on_progress: process.ProgressCallback | None = None
-) -> None:
-    """Run a ``convert_argv`` command, timing out only if it makes no sense any more."""
-    _run(argv, timeout=_timeout_for(size_bytes, _COMPRESS_RATE), on_output=on_progress)
-
-
 def check_argv(path: str, *, qemu_img: str = DEFAULT_QEMU_IMG) -> list[str]:
     """Return the argv of ``qemu-img check`` of ``path`` with JSON output."""
     return [qemu_img, "check", "--output=json", "-f", "qcow2", path]
@@ -235,8 +230,61 @@ def _run(
     timeout: float,
     ok_codes: tuple[int, ...] = (0,),
     on_output: process.ProgressCallback | None = None,
+    priority: process.Priority | None = None,
 ) -> process.Completed:
     try:
-        return process.run(argv, timeout=timeout, ok_codes=ok_codes, on_output=on_output)
+        return process.run(
+            argv, timeout=timeout, ok_codes=ok_codes, on_output=on_output, priority=priority
+        )
     except process.CommandError as exc:
         raise QemuImgError(str(exc)) from exc
+
+
+class QemuImg:
+    """qemu-img as the reclaim job uses it: one program path, heavy work at low priority."""
+
+    def __init__(
+        self, qemu_img: str = DEFAULT_QEMU_IMG, priority: process.Priority | None = None
+    ) -> None:
+        self.qemu_img = qemu_img
+        self.priority = priority
+
+    def info(self, path: str, *, force_share: bool) -> list[ImageInfo]:
+        """See ``info``."""
+        return info(path, qemu_img=self.qemu_img, force_share=force_share)
+
+    def measure(self, path: str, *, force_share: bool) -> int:
+        """See ``measure``."""
+        return measure(path, qemu_img=self.qemu_img, force_share=force_share)
+
+    def convert(
+        self,
+        source: str,
+        target: str,
+        *,
+        compression: str | None,
+        cluster_size: int | None,
+        backing: str | None,
+        backing_format: str | None,
+        size_bytes: int,
+        on_progress: process.ProgressCallback | None,
+    ) -> None:
+        """Rewrite ``source`` into ``target`` (see ``convert_argv``) at low priority."""
+        argv = convert_argv(
+            source, target, qemu_img=self.qemu_img, compression=compression,
+            cluster_size=cluster_size, backing=backing, backing_format=backing_format,
+        )  # fmt: skip
+        _run(
+            argv,
+            timeout=_timeout_for(size_bytes, _COMPRESS_RATE),
+            on_output=on_progress,
+            priority=self.priority,
+        )
+
+    def check(self, path: str, *, size_bytes: int) -> None:
+        """See ``check``."""
+        check(path, qemu_img=self.qemu_img, size_bytes=size_bytes)
+
+    def compare(self, first: str, second: str, *, size_bytes: int) -> None:
+        """See ``compare``."""
+        compare(first, second, qemu_img=self.qemu_img, size_bytes=size_bytes)

@@ -1,0 +1,89 @@
+"""Files on the host: temporary and backup names, free space, metadata, the atomic swap."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+TEMP_MARK = ".virt-reclaim-"
+# libvirt's own record of the owner/label it changed; copying it would leak
+# libvirt's refcount onto the new inode.
+_SKIPPED_XATTR_PREFIX = "trusted.libvirt.security."
+
+
+def temp_path(image: str, job_id: str) -> str:
+    """The rewrite target beside ``image``: hidden, and recognisable by recovery."""
+    path = Path(image)
+    return str(path.with_name(f".{path.name}{TEMP_MARK}{job_id}.tmp"))
+
+
+def backup_path(image: str, now: float | None = None) -> str:
+    """Where ``--keep-backup`` keeps the original: beside it, with the time of the swap."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    return f"{image}{TEMP_MARK}backup-{stamp}"
+
+
+def allocated_bytes(path: str) -> int:
+    """Bytes the file occupies on its filesystem."""
+    return os.stat(path).st_blocks * 512
+
+
+def free_bytes(folder: str) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem of ``folder``."""
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+def remove_quietly(path: str) -> bool:
+    """Delete ``path`` if it exists; True if it did."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def copy_metadata(source: str, target: str) -> None:
+    """Give ``target`` the owner, mode and extended attributes (SELinux label...) of ``source``."""
+    st = os.stat(source)
+    os.chown(target, st.st_uid, st.st_gid)
+    os.chmod(target, st.st_mode & 0o7777)
+    with contextlib.suppress(OSError):
+        for name in os.listxattr(source):
+            if name.startswith(_SKIPPED_XATTR_PREFIX):
+                continue
+            with contextlib.suppress(OSError):
+                os.setxattr(target, name, os.getxattr(source, name))
+
+
+def fsync_file(path: str) -> None:
+    """Flush the file's data to stable storage (qemu-img convert does not)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_folder(folder: str) -> None:
+    """Make a rename or unlink in ``folder`` durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def swap_in(new: str, original: str, *, backup: str | None) -> None:
+    """Replace ``original`` with ``new`` in one ``rename()``; keep the original at ``backup``.
+
+    The new file is flushed first and the folder after, so that after a crash
+    the path holds either the whole old image or the whole new one.
+    """
+    fsync_file(new)
+    if backup is not None:
+        os.link(original, backup)
+    os.rename(new, original)
+    fsync_folder(os.path.dirname(original) or ".")

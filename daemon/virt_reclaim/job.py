@@ -1,0 +1,561 @@
+"""The reclaim job of one domain: an explicit sequence of steps over injected ports.
+
+INSPECT -> ESTIMATE -> PREFLIGHT -> FREE_SPACE -> SHUTDOWN -> GUARD -> PREFLIGHT
+-> REWRITE -> VERIFY -> SWAP -> RESTORE. Every step is logged when it starts and
+ends. From SHUTDOWN on, any failure (or interrupt) deletes the temporary files,
+releases the guard and brings the guest back to the power state it had; the
+original image is only ever replaced by a rename after check and compare.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from virt_reclaim import domxml, imagefile
+from virt_reclaim.guard import GuardError, ImageGuard
+from virt_reclaim.guestfree import FreeSpaceMethod, choose_method, free_guest_space
+from virt_reclaim.ports import DomainPort, ImagePort
+from virt_reclaim.process import Priority, ProgressCallback
+from virt_reclaim.qemu_img import ImageInfo, QemuImgError
+from virt_reclaim.virt import AgentUnavailable, DomainState, VirtError
+
+MIB = 1024 * 1024
+
+
+class Step(enum.StrEnum):
+    """The steps of a job, in order."""
+
+    INSPECT = "inspect"
+    ESTIMATE = "estimate"
+    PREFLIGHT = "preflight"
+    FREE_SPACE = "free-space"
+    SHUTDOWN = "shutdown"
+    GUARD = "guard"
+    REWRITE = "rewrite"
+    VERIFY = "verify"
+    SWAP = "swap"
+    RESTORE = "restore"
+
+
+class Outcome(enum.StrEnum):
+    """How a job ended."""
+
+    RECLAIMED = "reclaimed"
+    NOTHING_TO_DO = "nothing-to-do"
+    DRY_RUN = "dry-run"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+class Compression(enum.StrEnum):
+    """The qcow2 compression of the rewritten image."""
+
+    ZSTD = "zstd"
+    ZLIB = "zlib"
+    NONE = "none"
+
+
+class OnShutdownTimeout(enum.StrEnum):
+    """What to do when the guest is not off within the shutdown timeout."""
+
+    ABORT = "abort"  # leave it running, change nothing
+    FORCE = "force"  # power it off
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """How a job runs; the defaults are those of a policy that sets nothing."""
+
+    free_space: FreeSpaceMethod = FreeSpaceMethod.AUTO
+    free_space_timeout_s: float = 600.0
+    compression: Compression = Compression.ZSTD
+    cluster_size: int | None = None  # None keeps each image's own
+    shutdown_timeout_s: float = 120.0
+    on_shutdown_timeout: OnShutdownTimeout = OnShutdownTimeout.ABORT
+    min_gain: int = 64 * MIB
+    keep_backup: bool = False
+    dry_run: bool = False
+    agent_start_timeout_s: float = 120.0
+    qemu_img: str = "qemu-img"
+    priority: Priority | None = field(default_factory=Priority)
+
+
+class JobSkipped(Exception):
+    """The domain or its disks are not eligible; nothing was changed."""
+
+
+class NothingToDo(Exception):
+    """The estimated gain is below the minimum; nothing was changed."""
+
+
+class JobFailed(Exception):
+    """The job could not finish; everything was restored."""
+
+
+@dataclass
+class DiskWork:
+    """One disk being reclaimed, and what the job learns of it step by step."""
+
+    target: str
+    path: str
+    discard: bool
+    info: ImageInfo
+    bytes_before: int = 0
+    estimated_after: int | None = None
+    temp: str | None = None
+    bytes_after: int | None = None
+    backup: str | None = None
+    swapped: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        """The disk's entry in the job's result."""
+        return {
+            "target": self.target,
+            "path": self.path,
+            "virtual_size": self.info.virtual_size,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "estimated_after": self.estimated_after,
+            "backup": self.backup,
+        }
+
+
+@dataclass
+class JobResult:
+    """How the job ended, with figures; ``to_json`` is the documented output."""
+
+    domain: str
+    job_id: str
+    outcome: Outcome
+    reason: str
+    downtime_s: float
+    duration_s: float
+    disks: list[dict[str, Any]]
+    skipped_disks: list[dict[str, str]]
+    free_space: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object printed by ``run --json``."""
+        return {
+            "domain": self.domain,
+            "job_id": self.job_id,
+            "outcome": str(self.outcome),
+            "reason": self.reason,
+            "downtime_s": round(self.downtime_s, 3),
+            "duration_s": round(self.duration_s, 3),
+            "disks": self.disks,
+            "skipped_disks": self.skipped_disks,
+            "free_space": self.free_space,
+        }
+
+
+def new_job_id() -> str:
+    """A short random id that names the job in logs and in its temporary files."""
+    return uuid.uuid4().hex[:12]
+
+
+class ReclaimJob:
+    """Reclaim the qcow2 disks of one domain (see the module docstring for the steps)."""
+
+    def __init__(
+        self,
+        domain: DomainPort,
+        images: ImagePort,
+        settings: JobSettings,
+        *,
+        images_of_other_domains: Callable[[], dict[str, str]],
+        job_id: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        on_progress: Callable[[str, float], None] | None = None,
+    ) -> None:
+        """Prepare a job; nothing happens until ``run``.
+
+        Args:
+            domain: The domain to reclaim.
+            images: qemu-img.
+            settings: How to reclaim.
+            images_of_other_domains: Returns {real path: domain name} of every image
+                any other domain uses (sources and backing files).
+            job_id: Names the job in logs and temporary files; random by default.
+            clock: Monotonic seconds, for durations.
+            on_progress: Called with (disk target, percent) during the rewrite.
+        """
+        self.domain = domain
+        self.images = images
+        self.settings = settings
+        self.job_id = job_id or new_job_id()
+        self._others = images_of_other_domains
+        self._clock = clock
+        self._on_progress = on_progress
+        self.log = structlog.get_logger("virt_reclaim.job").bind(
+            domain=domain.name, job_id=self.job_id
+        )
+        self.disks: list[DiskWork] = []
+        self.skipped_disks: list[dict[str, str]] = []
+        self.was_running = False
+        self.agent_connected = False
+        self.guard = ImageGuard()
+        self._down_since: float | None = None
+        self._downtime = 0.0
+        self._free_space: str | None = None
+
+    # -- the run -------------------------------------------------------------------------
+
+    def run(self) -> JobResult:
+        """Run every step; return the outcome. Never leaves the guest or images changed on failure.
+
+        Raises only for interrupts (KeyboardInterrupt, SystemExit), after restoring.
+        """
+        started = self._clock()
+        self.log.info(
+            "job.started",
+            dry_run=self.settings.dry_run,
+            free_space=str(self.settings.free_space),
+            compression=str(self.settings.compression),
+            on_shutdown_timeout=str(self.settings.on_shutdown_timeout),
+            min_gain=self.settings.min_gain,
+        )
+        try:
+            outcome, reason = self._run_steps()
+        except JobSkipped as exc:
+            outcome, reason = Outcome.SKIPPED, str(exc)
+        except NothingToDo as exc:
+            outcome, reason = Outcome.NOTHING_TO_DO, str(exc)
+        except (JobFailed, VirtError, QemuImgError, GuardError, OSError) as exc:
+            outcome, reason = Outcome.FAILED, str(exc)
+        result = JobResult(
+            domain=self.domain.name,
+            job_id=self.job_id,
+            outcome=outcome,
+            reason=reason,
+            downtime_s=self._downtime,
+            duration_s=self._clock() - started,
+            disks=[d.summary() for d in self.disks],
+            skipped_disks=self.skipped_disks,
+            free_space=self._free_space,
+        )
+        level = "error" if outcome is Outcome.FAILED else "info"
+        getattr(self.log, level)(
+            "job.finished",
+            outcome=str(outcome),
+            reason=reason,
+            bytes_before=sum(d.bytes_before for d in self.disks),
+            bytes_after=sum(d.bytes_after or 0 for d in self.disks if d.swapped) or None,
+            downtime_s=round(result.downtime_s, 3),
+            duration_s=round(result.duration_s, 3),
+        )
+        return result
+
+    def _run_steps(self) -> tuple[Outcome, str]:
+        with self._step(Step.INSPECT):
+            self._inspect()
+        with self._step(Step.ESTIMATE):
+            self._estimate()
+        with self._step(Step.PREFLIGHT):
+            self._preflight()
+        if self.settings.dry_run:
+            return Outcome.DRY_RUN, "dry run: nothing was changed"
+        if self.was_running:
+            with self._step(Step.FREE_SPACE):
+                self._free_guest_space()
+        try:
+            with self._step(Step.SHUTDOWN):
+                self._shut_down()
+            with self._step(Step.GUARD):
+                self._guard()
+            with self._step(Step.PREFLIGHT):
+                self._preflight()
+            with self._step(Step.REWRITE):
+                self._rewrite()
+            with self._step(Step.VERIFY):
+                self._verify()
+            with self._step(Step.SWAP):
+                self._swap()
+        except BaseException:
+            self._remove_temporary_files()
+            raise
+        finally:
+            self.guard.release()
+            with self._step(Step.RESTORE):
+                self._restore()
+        freed = sum(d.bytes_before - (d.bytes_after or 0) for d in self.disks)
+        return Outcome.RECLAIMED, f"freed {freed} bytes"
+
+    @contextmanager
+    def _step(self, step: Step) -> Iterator[None]:
+        began = self._clock()
+        self.log.info("step.started", step=str(step))
+        try:
+            yield
+        except (JobSkipped, NothingToDo) as exc:
+            self.log.info("step.finished", step=str(step), result=str(exc),
+                          duration_s=round(self._clock() - began, 3))  # fmt: skip
+            raise
+        except BaseException as exc:
+            self.log.warning("step.failed", step=str(step), error=str(exc) or type(exc).__name__,
+                             duration_s=round(self._clock() - began, 3))  # fmt: skip
+            raise
+        self.log.info("step.finished", step=str(step), duration_s=round(self._clock() - began, 3))
+
+    # -- the steps -----------------------------------------------------------------------
+
+    def _inspect(self) -> None:
+        snap = self.domain.snapshot()
+        if not snap.persistent:
+            raise JobSkipped("transient domain: it has no definition to restart it from")
+        if snap.state not in (DomainState.RUNNING, DomainState.SHUTOFF):
+            raise JobSkipped(f"domain is {snap.state}; only running or shut off domains qualify")
+        self.was_running = snap.state is DomainState.RUNNING
+        live = domxml.parse_domain(snap.xml)
+        persistent = {d.target: d for d in domxml.parse_domain(self.domain.inactive_xml()).disks}
+        self.agent_connected = self.was_running and live.agent_state == "connected"
+        others = self._others()
+        for disk in live.disks:
+            reason = self._ineligible(disk, persistent.get(disk.target), others)
+            if reason is not None:
+                self.skipped_disks.append(
+                    {"target": disk.target, "path": disk.source or "", "reason": reason}
+                )
+                self.log.info("disk.skipped", target=disk.target, path=disk.source, reason=reason)
+        if not self.disks:
+            reasons = "; ".join(f"{s['target']}: {s['reason']}" for s in self.skipped_disks)
+            raise JobSkipped(f"no eligible disk ({reasons or 'the domain has no disks'})")
+
+    def _ineligible(  # noqa: PLR0911 - one return per eligibility rule, in order
+        self,
+        disk: domxml.DiskSpec,
+        persistent: domxml.DiskSpec | None,
+        others: dict[str, str],
+    ) -> str | None:
+        """Return why ``disk`` cannot be reclaimed, or None after adding it to the work."""
+        if disk.device != "disk":
+            return f"a {disk.device}, not a disk"
+        if not disk.is_file_qcow2 or disk.source is None:
+            return f"not a file-backed qcow2 disk (type {disk.type}, format {disk.format})"
+        if disk.readonly or disk.shareable:
+            return "read-only or shared disk"
+        if disk.encrypted:
+            return "encrypted disk"
+        if persistent is None or persistent.source != disk.source:
+            return "the running and the persistent definition use different images"
+        user = others.get(os.path.realpath(disk.source))
+        if user is not None:
+            return f"the image is also used by domain {user}"
+        try:
+            chain = self.images.info(disk.source, force_share=self.was_running)
+        except QemuImgError as exc:
+            return f"unreadable image: {exc}"
+        top = chain[0]
+        if top.format != "qcow2":
+            return f"the image is {top.format}, not qcow2"
+        if top.snapshot_count:
+            return f"{top.snapshot_count} internal snapshot(s), which a rewrite would drop"
+        if top.encrypted:
+            return "encrypted image"
+        if top.corrupt:
+            return "the image is marked corrupt; run qemu-img check"
+        self.disks.append(
+            DiskWork(
+                target=disk.target, path=disk.source, discard=disk.discard == "unmap", info=top
+            )
+        )
+        return None
+
+    def _estimate(self) -> None:
+        used_by_target: dict[str, int] = {}
+        if self.agent_connected:
+            try:
+                for fs in self.domain.guest_filesystems():
+                    for target in fs.disk_targets:
+                        used_by_target[target] = used_by_target.get(target, 0) + (
+                            fs.used_bytes or 0
+                        )
+            except AgentUnavailable as exc:
+                self.log.info("estimate.no_agent", reason=str(exc))
+        known_gain = 0
+        all_known = True
+        for disk in self.disks:
+            disk.bytes_before = imagefile.allocated_bytes(disk.path)
+            used = used_by_target.get(disk.target)
+            if used is None:
+                all_known = False
+            else:
+                # qcow2 metadata is about 0.2 % of the data; round up generously.
+                disk.estimated_after = min(disk.bytes_before, used + used // 50 + MIB)
+                known_gain += disk.bytes_before - disk.estimated_after
+            self.log.info("estimate", target=disk.target, bytes_before=disk.bytes_before,
+                          estimated_after=disk.estimated_after)  # fmt: skip
+        if all_known and known_gain < self.settings.min_gain:
+            raise NothingToDo(
+                f"estimated gain {known_gain} bytes is below the minimum of "
+                f"{self.settings.min_gain} bytes"
+            )
+
+    def _preflight(self) -> None:
+        need_by_folder: dict[str, int] = {}
+        for disk in self.disks:
+            folder = os.path.dirname(disk.path)
+            if disk.info.backing_filename:
+                # Only the top layer is rewritten; it cannot outgrow what it holds now.
+                need = disk.bytes_before + MIB
+            else:
+                need = self.images.measure(disk.path, force_share=self.was_running)
+            need_by_folder[folder] = need_by_folder.get(folder, 0) + need
+        for folder, image_bytes in need_by_folder.items():
+            need = image_bytes + max(64 * MIB, image_bytes // 50)
+            have = imagefile.free_bytes(folder)
+            self.log.info("preflight.space", folder=folder, need=need, have=have)
+            if have < need:
+                raise JobSkipped(
+                    f"not enough free space in {folder}: the rewrite needs up to {need} bytes, "
+                    f"{have} are free"
+                )
+
+    def _free_guest_space(self) -> None:
+        if not self.agent_connected:
+            self.log.info("free_space.unavailable", reason="no guest agent connected")
+            return
+        method = choose_method(
+            self.settings.free_space, all_disks_discard=all(d.discard for d in self.disks)
+        )
+        targets = {d.target for d in self.disks}
+        try:
+            filesystems = [
+                fs for fs in self.domain.guest_filesystems() if targets & set(fs.disk_targets)
+            ]
+        except AgentUnavailable as exc:
+            self.log.info("free_space.unavailable", reason=str(exc))
+            return
+        result = free_guest_space(
+            self.domain, method, filesystems, timeout=self.settings.free_space_timeout_s
+        )
+        self._free_space = result.method
+        if result.problem:
+            self.log.warning("free_space.unavailable", method=str(method), reason=result.problem)
+        self.log.info("free_space.done", method=result.method, filesystems=result.filesystems)
+
+    def _shut_down(self) -> None:
+        if not self.was_running:
+            return
+        use_agent = self.agent_connected and self.domain.agent_ping()
+        self._down_since = self._clock()
+        try:
+            self.domain.shutdown(use_agent=use_agent)
+        except VirtError as exc:
+            if not use_agent:
+                raise
+            self.log.info("shutdown.agent_failed", reason=str(exc))
+            self.domain.shutdown(use_agent=False)
+        timeout = self.settings.shutdown_timeout_s
+        if self.domain.wait_for_state(DomainState.SHUTOFF, timeout):
+            return
+        if self.settings.on_shutdown_timeout is OnShutdownTimeout.ABORT:
+            self.log.warning("shutdown.timeout", timeout_s=timeout, action="abort")
+            raise JobFailed(
+                f"the guest did not shut down within {timeout:g} s; left running, "
+                "nothing changed (on-shutdown-timeout=abort)"
+            )
+        self.log.warning("shutdown.timeout", timeout_s=timeout, action="force")
+        self.domain.force_off()
+        if not self.domain.wait_for_state(DomainState.SHUTOFF, 60):
+            raise JobFailed("the guest is still not off after a forced power-off")
+
+    def _guard(self) -> None:
+        for disk in self.disks:
+            self.guard.lock(disk.path)
+        # A start could have come between the stop and the lock: now it can no longer.
+        state = self.domain.state()
+        if state is not DomainState.SHUTOFF:
+            raise JobFailed(f"the domain was started during the job (it is {state})")
+        current = {
+            d.target: d.source for d in domxml.parse_domain(self.domain.inactive_xml()).disks
+        }
+        for disk in self.disks:
+            if current.get(disk.target) != disk.path:
+                raise JobFailed(
+                    f"{disk.target}: the definition changed during the job "
+                    f"({disk.path} -> {current.get(disk.target)})"
+                )
+
+    def _rewrite(self) -> None:
+        compression = (
+            None
+            if self.settings.compression is Compression.NONE
+            else str(self.settings.compression)
+        )
+        for disk in self.disks:
+            disk.temp = imagefile.temp_path(disk.path, self.job_id)
+            imagefile.remove_quietly(disk.temp)
+            progress = self._progress_callback(disk.target)
+            self.images.convert(
+                disk.path,
+                disk.temp,
+                compression=compression,
+                cluster_size=self.settings.cluster_size or disk.info.cluster_size,
+                backing=disk.info.backing_recorded,
+                backing_format=disk.info.backing_format,
+                size_bytes=disk.info.virtual_size,
+                on_progress=progress,
+            )
+            # Locks belong to the inode: the new image carries the guard across the rename.
+            self.guard.lock(disk.temp)
+            disk.bytes_after = imagefile.allocated_bytes(disk.temp)
+            self.log.info("rewrite.done", target=disk.target, bytes_before=disk.bytes_before,
+                          bytes_after=disk.bytes_after)  # fmt: skip
+
+    def _verify(self) -> None:
+        for disk in self.disks:
+            assert disk.temp is not None  # noqa: S101 - set by _rewrite
+            self.images.check(disk.temp, size_bytes=disk.info.virtual_size)
+            self.images.compare(disk.path, disk.temp, size_bytes=disk.info.virtual_size)
+
+    def _swap(self) -> None:
+        for disk in self.disks:
+            assert disk.temp is not None  # noqa: S101 - set by _rewrite
+            imagefile.copy_metadata(disk.path, disk.temp)
+            backup = imagefile.backup_path(disk.path) if self.settings.keep_backup else None
+            imagefile.swap_in(disk.temp, disk.path, backup=backup)
+            disk.swapped, disk.backup = True, backup
+            self.log.info("swap.done", target=disk.target, path=disk.path, backup=backup)
+
+    def _restore(self) -> None:
+        if not self.was_running:
+            return
+        if self.domain.state() is not DomainState.RUNNING:
+            self.domain.start()
+        if self._down_since is not None:
+            self._downtime = self._clock() - self._down_since
+        if self.agent_connected and not self.domain.wait_for_agent(
+            self.settings.agent_start_timeout_s
+        ):
+            self.log.warning("restore.agent_missing", timeout_s=self.settings.agent_start_timeout_s)
+
+    def _remove_temporary_files(self) -> None:
+        for disk in self.disks:
+            if disk.temp and not disk.swapped and imagefile.remove_quietly(disk.temp):
+                self.log.info("cleanup.removed", path=disk.temp)
+
+    def _progress_callback(self, target: str) -> ProgressCallback | None:
+        report = self._on_progress
+        if report is None:
+            return None
+
+        def parse(chunk: str) -> None:
+            # qemu-img -p prints "    (12.34/100%)\r"
+            for piece in chunk.split("\r"):
+                head = piece.strip().lstrip("(").split("/", 1)[0]
+                try:
+                    report(target, float(head))
+                except ValueError:
+                    continue
+
+        return parse

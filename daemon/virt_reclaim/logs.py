@@ -1,0 +1,41 @@
+"""structlog setup: JSON lines for journald and scripts, readable console output on a TTY."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import sys
+from typing import TextIO
+
+import structlog
+
+
+class LogFormat(enum.StrEnum):
+    """How log events are written."""
+
+    AUTO = "auto"  # console on a terminal, JSON otherwise
+    JSON = "json"
+    CONSOLE = "console"
+
+
+def configure(fmt: LogFormat = LogFormat.AUTO, stream: TextIO | None = None) -> None:
+    """Send every event, with time, level and bound context, to ``stream`` (stderr)."""
+    stream = stream or sys.stderr
+    use_console = fmt is LogFormat.CONSOLE or (fmt is LogFormat.AUTO and stream.isatty())
+    renderer: structlog.typing.Processor = (
+        structlog.dev.ConsoleRenderer(colors=False)
+        if use_console
+        else structlog.processors.JSONRenderer(sort_keys=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
