@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -448,14 +449,8 @@ class ReclaimJob:
             return
         use_agent = self.agent_connected and self.domain.agent_ping()
         self._down_since = self._clock()
-        try:
-            self.domain.shutdown(use_agent=use_agent)
-        except VirtError as exc:
-            if not use_agent:
-                raise
-            self.log.info("shutdown.agent_failed", reason=str(exc))
-            self.domain.shutdown(use_agent=False)
         timeout = self.settings.shutdown_timeout_s
+        self._request_shutdown(use_agent, timeout)
         if self.domain.wait_for_state(DomainState.SHUTOFF, timeout):
             return
         if self.settings.on_shutdown_timeout is OnShutdownTimeout.ABORT:
@@ -468,6 +463,31 @@ class ReclaimJob:
         self.domain.force_off()
         if not self.domain.wait_for_state(DomainState.SHUTOFF, 60):
             raise JobFailed("the guest is still not off after a forced power-off")
+
+    def _request_shutdown(self, use_agent: bool, timeout: float) -> None:
+        """Ask for the shutdown without letting the request itself eat the deadline.
+
+        qemu-ga never answers a guest-shutdown that works (the guest goes away);
+        when the guest ignores it, libvirt waits 60 s for that answer. So the
+        request runs on a thread and only the domain's state decides.
+        """
+        failures: list[VirtError] = []
+
+        def request() -> None:
+            try:
+                self.domain.shutdown(use_agent=use_agent)
+            except VirtError as exc:
+                failures.append(exc)
+
+        thread = threading.Thread(target=request, name="shutdown-request", daemon=True)
+        thread.start()
+        thread.join(min(5.0, timeout))
+        if not failures:
+            return
+        if not use_agent:
+            raise failures[0]
+        self.log.info("shutdown.agent_failed", reason=str(failures[0]))
+        self.domain.shutdown(use_agent=False)
 
     def _guard(self) -> None:
         for disk in self.disks:
@@ -508,6 +528,8 @@ class ReclaimJob:
             )
             # Locks belong to the inode: the new image carries the guard across the rename.
             self.guard.lock(disk.temp)
+            # qemu-img convert does not flush; and st_blocks is only final after writeback.
+            imagefile.fsync_file(disk.temp)
             disk.bytes_after = imagefile.allocated_bytes(disk.temp)
             self.log.info("rewrite.done", target=disk.target, bytes_before=disk.bytes_before,
                           bytes_after=disk.bytes_after)  # fmt: skip
@@ -530,8 +552,11 @@ class ReclaimJob:
     def _restore(self) -> None:
         if not self.was_running:
             return
-        if self.domain.state() is not DomainState.RUNNING:
-            self.domain.start()
+        if self.domain.state() is DomainState.RUNNING:
+            # Never stopped (an aborted shutdown): nothing to bring back. Its agent may be
+            # tied up by libvirt for a minute by the ignored shutdown; do not wait on it.
+            return
+        self.domain.start()
         if self._down_since is not None:
             self._downtime = self._clock() - self._down_since
         if self.agent_connected and not self.domain.wait_for_agent(

@@ -72,7 +72,9 @@ def make_data_image(
     """
     raw = path.with_suffix(".raw")
     run_host("truncate", "-s", size, str(raw))
-    mkfs = ["mkfs.ext4", "-q", "-F", "-L", "data"]
+    # No lazy init: ext4lazyinit would write the image in the background and make
+    # "byte-identical" assertions flaky.
+    mkfs = ["mkfs.ext4", "-q", "-F", "-L", "data", "-E", "lazy_itable_init=0,lazy_journal_init=0"]
     if files is not None:
         mkfs += ["-d", str(files)]
     run_host(*mkfs, str(raw))
@@ -251,6 +253,9 @@ class Guest:
         """Destroy and undefine the domain and delete its folder; safe when half gone."""
         remove_domain(self.conn, self.name)
         shutil.rmtree(self.folder, ignore_errors=True)
+        for image in (self.data_image, self.backing_image):
+            if image is not None:
+                image.unlink(missing_ok=True)
 
     def _console_tail(self) -> str:
         try:
@@ -269,6 +274,7 @@ def create_guest(
     start: bool = True,
     persistent: bool = True,
     files: Path | None = None,
+    image_dir: Path | None = None,
 ) -> Guest:
     """Create a test guest with an ext4 data disk of ``data_size``, optionally started.
 
@@ -281,6 +287,7 @@ def create_guest(
         start: Start the guest and wait until its agent answers.
         persistent: Define the domain; otherwise create it transient (started at once).
         files: A host folder copied into the new filesystem.
+        image_dir: Where the data image goes (a small tmpfs, say); the guest's folder by default.
     """
     name = name or unique_name()
     folder = RUN_DIR / name
@@ -288,8 +295,8 @@ def create_guest(
     # QEMU runs as libvirt-qemu and must reach every folder above the image.
     for path in (TESTBED_DIR, RUN_DIR, folder):
         path.chmod(0o755)
-    data_image = folder / "data.qcow2"
-    backing_image = folder / "base.qcow2" if backing else None
+    data_image = (image_dir or folder) / "data.qcow2"
+    backing_image = (image_dir or folder) / "base.qcow2" if backing else None
     make_data_image(data_image, data_size, backing=backing_image, files=files)
     xml = domain_xml(name, data_image, discard=discard, console_log=folder / "console.log")
     guest = Guest(conn, name, folder, data_image, backing_image, persistent)

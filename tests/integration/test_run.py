@@ -1,0 +1,347 @@
+"""`virt-reclaim run` end to end on real guests.
+
+Every test asserts what matters: the data in /data has the same checksums
+once the guest is back, the image passes qemu-img check, the domain is in its
+previous power state, and the image keeps its owner and mode.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from testbed import data
+from testbed.guests import RUN_DIR, URI, Guest
+from testbed.reclaim import (
+    RunResult,
+    image_info,
+    leftovers,
+    owner_and_mode,
+    parse_run,
+    qemu_img_check_clean,
+    reclaim,
+    sha256_file,
+)
+
+pytestmark = pytest.mark.guest
+
+MIB = 1024 * 1024
+CLUSTER = 64 * 1024
+
+
+def compressed_size(blob: bytes) -> int:
+    """What qcow2 compression makes of ``blob``: each 64 KiB cluster compressed on its own."""
+    return sum(len(zlib.compress(blob[i : i + CLUSTER], 6)) for i in range(0, len(blob), CLUSTER))
+
+
+def assert_back_as_before(guest: Guest, sums: dict[str, str], *, running: bool) -> None:
+    """The guest is in its previous state and its data unchanged (booting it to look if off)."""
+    qemu_img_check_clean(guest.data_image)
+    if running:
+        assert guest.is_running()
+        guest.wait_agent()
+        assert data.checksums(guest) == sums
+    else:
+        assert guest.is_off()
+        guest.start()
+        assert data.checksums(guest) == sums
+        guest.shutdown()
+
+
+def assert_reclaimed(run: RunResult, guest: Guest) -> dict[str, object]:
+    assert run.exitcode == 0, run.stderr
+    assert run.result["outcome"] == "reclaimed", run.result
+    [disk] = run.result["disks"]
+    assert disk["path"] == str(guest.data_image)
+    allocated_now = os.stat(guest.data_image).st_blocks * 512
+    if guest.is_off():
+        assert disk["bytes_after"] == allocated_now
+    else:
+        # Once restarted, the guest writes a little (ext4 superblock and journal at mount).
+        assert disk["bytes_after"] <= allocated_now <= disk["bytes_after"] + 2 * MIB
+    assert disk["bytes_after"] < disk["bytes_before"]
+    assert leftovers(guest.data_image.parent) == []
+    return disk
+
+
+def dirty_guest(make_guest: Callable[..., Guest], **options: object) -> tuple[Guest, int]:
+    """A running guest with 64 MiB of text, 8 MiB random kept and 96 MiB random deleted.
+
+    Returns the guest and the compressed size of its live data.
+    """
+    guest = make_guest(**{"data_size": "1G", **options})
+    data.write_text(guest, "/data/app.log", 64)
+    data.write_random(guest, "/data/blob.bin", 8)
+    data.write_deleted_random(guest, 96)
+    live = 64 * compressed_size(data.log_text(MIB)) + 8 * MIB
+    return guest, live
+
+
+def test_running_guest_is_reclaimed_and_compressed(make_guest: Callable[..., Guest]) -> None:
+    guest, live_compressed = dirty_guest(make_guest, discard=True)
+    sums = data.checksums(guest)
+    owner = owner_and_mode(guest.data_image)
+
+    run = reclaim(guest.name, "--min-gain", "0")
+
+    disk = assert_reclaimed(run, guest)
+    assert disk["bytes_before"] >= 160 * MIB
+    assert disk["bytes_after"] <= 1.2 * live_compressed, (disk, live_compressed)
+    assert image_info(guest.data_image)["format-specific"]["data"]["compression-type"] == "zstd"
+    assert run.result["free_space"] == "trim"
+    assert 0 < run.result["downtime_s"] < run.result["duration_s"]
+    assert owner_and_mode(guest.data_image) == owner
+    steps = [e["step"] for e in run.events("step.finished")]
+    assert steps == ["inspect", "estimate", "preflight", "free-space", "shutdown", "guard",
+                     "preflight", "rewrite", "verify", "swap", "restore"]  # fmt: skip
+    assert all(e["job_id"] == run.result["job_id"] for e in run.log)
+    assert_back_as_before(guest, sums, running=True)
+
+
+def test_guest_that_is_off_is_rewritten_and_stays_off(make_guest: Callable[..., Guest]) -> None:
+    guest, _ = dirty_guest(make_guest, discard=False)
+    sums = data.checksums(guest)
+    guest.shutdown()
+    owner = owner_and_mode(guest.data_image)
+
+    run = reclaim(guest.name, "--compression", "zlib")
+
+    disk = assert_reclaimed(run, guest)
+    assert run.result["free_space"] is None
+    assert run.result["downtime_s"] == 0
+    # No free-space step: the deleted random data survives; the text is compressed.
+    assert disk["bytes_after"] < disk["bytes_before"] - 40 * MIB
+    assert image_info(guest.data_image)["format-specific"]["data"]["compression-type"] == "zlib"
+    assert owner_and_mode(guest.data_image) == owner
+    assert_back_as_before(guest, sums, running=False)
+
+
+@pytest.mark.parametrize(("discard", "method"), [(True, "trim"), (False, "zero")])
+def test_trim_and_zero_fill_free_the_deleted_data(
+    make_guest: Callable[..., Guest], discard: bool, method: str
+) -> None:
+    guest = make_guest(data_size="512M", discard=discard)
+    data.write_random(guest, "/data/keep.bin", 16)
+    data.write_deleted_random(guest, 128)
+    sums = data.checksums(guest)
+
+    run = reclaim(guest.name, "--free-space", "auto", "--compression", "none", "--min-gain", "0")
+
+    disk = assert_reclaimed(run, guest)
+    assert run.result["free_space"] == method
+    # 16 MiB live random plus filesystem metadata; the 128 MiB deleted is gone.
+    assert disk["bytes_after"] < 40 * MIB, disk
+    assert disk["bytes_before"] - disk["bytes_after"] > 100 * MIB
+    assert_back_as_before(guest, sums, running=True)
+
+
+def test_overlay_is_rewritten_over_an_untouched_backing_file(
+    make_guest: Callable[..., Guest],
+) -> None:
+    guest = make_guest(data_size="512M", backing=True, discard=False)
+    assert guest.backing_image is not None
+    data.write_text(guest, "/data/app.log", 32)
+    data.write_deleted_random(guest, 64)
+    sums = data.checksums(guest)
+    base_hash = sha256_file(guest.backing_image)
+    backing_before = image_info(guest.data_image)["backing-filename"]
+
+    run = reclaim(guest.name, "--free-space", "zero", "--min-gain", "0")
+
+    assert_reclaimed(run, guest)
+    assert sha256_file(guest.backing_image) == base_hash
+    info = image_info(guest.data_image)
+    assert info["backing-filename"] == backing_before == str(guest.backing_image)
+    assert info["backing-filename-format"] == "qcow2"
+    assert_back_as_before(guest, sums, running=True)
+
+
+def test_internal_snapshot_skips_the_disk(make_guest: Callable[..., Guest]) -> None:
+    guest = make_guest(data_size="256M", start=False)
+    subprocess.run(["qemu-img", "snapshot", "-c", "keep-me", str(guest.data_image)],
+                   check=True, timeout=60)  # fmt: skip
+    image_hash = sha256_file(guest.data_image)
+
+    run = reclaim(guest.name)
+
+    assert run.exitcode == 3, run.stderr
+    assert run.result["outcome"] == "skipped"
+    assert "internal snapshot" in run.result["reason"]
+    assert run.result["skipped_disks"][0]["target"] == "vda"
+    assert sha256_file(guest.data_image) == image_hash
+    assert guest.is_off()
+
+
+def ignore_shutdown(guest: Guest) -> None:
+    """Make the guest's /sbin/shutdown (what qemu-ga runs) do nothing."""
+    guest.exec("printf '#!/bin/sh\\nexit 0\\n' > /sbin/shutdown")
+
+
+def test_guest_that_ignores_shutdown_abort_leaves_it_running(
+    make_guest: Callable[..., Guest],
+) -> None:
+    guest = make_guest(data_size="256M")
+    data.write_text(guest, "/data/app.log", 8)
+    sums = data.checksums(guest)
+    ignore_shutdown(guest)
+    # Reading the checksums dirtied atimes; flush them now, not in the middle of the test.
+    guest.exec("sync")
+    image_hash = sha256_file(guest.data_image)
+
+    run = reclaim(guest.name, "--free-space", "none", "--min-gain", "0",
+                  "--shutdown-timeout", "5")  # fmt: skip
+
+    assert run.exitcode == 1, run.stderr
+    assert run.result["outcome"] == "failed"
+    assert "did not shut down within 5 s" in run.result["reason"]
+    assert run.events("shutdown.timeout")[0]["action"] == "abort"
+    assert run.result["duration_s"] < 30, "the ignored shutdown request held the job up"
+    assert guest.is_running()
+    assert sha256_file(guest.data_image) == image_hash
+    assert leftovers(guest.data_image.parent) == []
+    # libvirt keeps the agent busy with the unanswered shutdown for up to 60 s.
+    guest.wait_agent(timeout=120)
+    assert data.checksums(guest) == sums
+
+
+def test_guest_that_ignores_shutdown_force_powers_it_off(
+    make_guest: Callable[..., Guest],
+) -> None:
+    guest, _ = dirty_guest(make_guest, discard=True)
+    sums = data.checksums(guest)
+    ignore_shutdown(guest)
+
+    run = reclaim(guest.name, "--min-gain", "0", "--shutdown-timeout", "5",
+                  "--on-shutdown-timeout", "force")  # fmt: skip
+
+    assert_reclaimed(run, guest)
+    assert run.events("shutdown.timeout")[0]["action"] == "force"
+    assert_back_as_before(guest, sums, running=True)
+
+
+@pytest.fixture
+def paused_qemu_img(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
+    """A qemu-img that stops before `convert` until told to go: the real one underneath.
+
+    Yields (the wrapper, the file it creates when paused, the file that releases it).
+    """
+    paused, go = tmp_path / "paused", tmp_path / "go"
+    wrapper = tmp_path / "qemu-img"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = convert ]; then\n'
+        f"  touch {paused}\n"
+        f"  i=0; while [ ! -e {go} ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done\n"
+        "fi\n"
+        'exec qemu-img "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    yield wrapper, paused, go
+    go.touch()
+
+
+def wait_for_file(path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.1)
+
+
+def test_start_during_the_rewrite_is_refused_and_the_job_completes(
+    make_guest: Callable[..., Guest], paused_qemu_img: tuple[Path, Path, Path]
+) -> None:
+    wrapper, paused, go = paused_qemu_img
+    guest, _ = dirty_guest(make_guest, discard=True)
+    sums = data.checksums(guest)
+
+    job = subprocess.Popen(
+        [sys.executable, "-m", "virt_reclaim", "run", guest.name, "--json", "--connect", URI,
+         "--log-format", "json", "--min-gain", "0", "--qemu-img", str(wrapper)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_for_file(paused, 120)
+        assert guest.is_off()
+        with pytest.raises(libvirt.libvirtError, match='Failed to get "write" lock'):
+            guest.dom.create()
+        assert guest.is_off()
+        go.touch()
+        stdout, stderr = job.communicate(timeout=300)
+    finally:
+        go.touch()
+        if job.poll() is None:
+            job.kill()
+    run = parse_run(job.returncode, stdout, stderr)
+
+    assert_reclaimed(run, guest)
+    assert_back_as_before(guest, sums, running=True)
+
+
+@pytest.fixture
+def small_tmpfs() -> Iterator[Path]:
+    # Under the test bed's folder: QEMU (libvirt-qemu) must reach it, and pytest's
+    # tmp_path is private to root.
+    folder = RUN_DIR / f"tmpfs-{os.getpid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100M,mode=755", "tmpfs", str(folder)],
+                   check=True, timeout=30)  # fmt: skip
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False, timeout=30)
+    folder.rmdir()
+
+
+def test_not_enough_free_space_skips_and_keeps_everything(
+    make_guest: Callable[..., Guest], small_tmpfs: Path
+) -> None:
+    guest = make_guest(data_size="1G", image_dir=small_tmpfs)
+    data.write_random(guest, "/data/blob.bin", 56)
+    sums = data.checksums(guest)
+
+    run = reclaim(guest.name, "--min-gain", "0")
+
+    assert run.exitcode == 3, run.stderr
+    assert run.result["outcome"] == "skipped"
+    assert f"not enough free space in {small_tmpfs}" in run.result["reason"]
+    assert leftovers(small_tmpfs) == []
+    assert_back_as_before(guest, sums, running=True)
+
+
+def test_dry_run_changes_nothing_and_reports_the_estimate(
+    make_guest: Callable[..., Guest],
+) -> None:
+    guest, _ = dirty_guest(make_guest, discard=True)
+    image_hash = sha256_file(guest.data_image)
+    used = data.used_bytes(guest)
+
+    run = reclaim(guest.name, "--dry-run")
+
+    assert run.exitcode == 0, run.stderr
+    assert run.result["outcome"] == "dry-run"
+    [disk] = run.result["disks"]
+    assert disk["bytes_before"] == os.stat(guest.data_image).st_blocks * 512
+    assert used <= disk["estimated_after"] < disk["bytes_before"]
+    assert disk["bytes_after"] is None
+    assert guest.is_running()
+    assert sha256_file(guest.data_image) == image_hash
+    assert run.events("step.started")[-1]["step"] == "preflight"
+
+
+def test_min_gain_above_the_estimate_is_nothing_to_do(make_guest: Callable[..., Guest]) -> None:
+    guest, _ = dirty_guest(make_guest, discard=True)
+    image_hash = sha256_file(guest.data_image)
+
+    run = reclaim(guest.name, "--min-gain", "10GiB")
+
+    assert run.exitcode == 0, run.stderr
+    assert run.result["outcome"] == "nothing-to-do"
+    assert "below the minimum" in run.result["reason"]
+    assert guest.is_running()
+    assert sha256_file(guest.data_image) == image_hash

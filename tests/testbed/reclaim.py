@@ -1,0 +1,79 @@
+"""Running `virt-reclaim run` as operators do, and the facts every reclaim test asserts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from testbed.guests import URI
+
+
+@dataclass(frozen=True)
+class RunResult:
+    exitcode: int
+    result: dict[str, Any]
+    log: list[dict[str, Any]]
+    stderr: str
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.log if e.get("event") == name]
+
+
+def reclaim(domain: str, *options: str, timeout: float = 600) -> RunResult:
+    """Run ``virt-reclaim run DOMAIN --json`` and parse its result and its JSON log lines."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "virt_reclaim", "run", domain, "--json", "--connect", URI,
+         "--log-format", "json", *options],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    return parse_run(proc.returncode, proc.stdout, proc.stderr)
+
+
+def parse_run(exitcode: int, stdout: str, stderr: str) -> RunResult:
+    log = []
+    for line in stderr.splitlines():
+        try:
+            log.append(json.loads(line))
+        except ValueError:
+            continue
+    result = json.loads(stdout) if stdout.strip() else {}
+    return RunResult(exitcode, result, log, stderr)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def owner_and_mode(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_uid, st.st_gid, st.st_mode
+
+
+def qemu_img_check_clean(path: Path) -> None:
+    argv = ["qemu-img", "check", "-U", "--output=json", str(path)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True).stdout
+    report = json.loads(out)
+    assert not report.get("corruptions") and not report.get("leaks"), report
+    assert not report.get("check-errors"), report
+
+
+def image_info(path: Path) -> dict[str, Any]:
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)],
+                         capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
+    info: dict[str, Any] = json.loads(out)
+    return info
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temporary or backup files a job left beside its images."""
+    return sorted(p.name for p in folder.iterdir() if ".virt-reclaim-" in p.name)
