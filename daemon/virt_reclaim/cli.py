@@ -139,14 +139,14 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
         "--json", action="store_true", help="print the result as one JSON object on stdout"
     )
     run.add_argument(
-        "--free-space", type=FreeSpaceMethod, choices=list(FreeSpaceMethod),
-        default=FreeSpaceMethod.AUTO,
+        "--free-space", choices=[m.value for m in FreeSpaceMethod],
+        default=FreeSpaceMethod.AUTO.value,
         help="how to free the guest's unused blocks first: trim (frees host space only with "
         "discard='unmap' on the disk), zero (fill free space with zeros through guest-exec), "
         "auto (trim where every disk has discard, else zero), none (default: %(default)s)",
     )  # fmt: skip
     run.add_argument(
-        "--compression", type=Compression, choices=list(Compression), default=Compression.ZSTD,
+        "--compression", choices=[m.value for m in Compression], default=Compression.ZSTD.value,
         help="compression of the new image; zstd needs QEMU >= 5.1 to open it "
         "(default: %(default)s)",
     )  # fmt: skip
@@ -160,8 +160,8 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
         help="how long to wait for the guest to be off (default: %(default)g)",
     )  # fmt: skip
     run.add_argument(
-        "--on-shutdown-timeout", type=OnShutdownTimeout, choices=list(OnShutdownTimeout),
-        default=OnShutdownTimeout.ABORT,
+        "--on-shutdown-timeout", choices=[m.value for m in OnShutdownTimeout],
+        default=OnShutdownTimeout.ABORT.value,
         help="abort: leave the guest running and change nothing; force: power it off "
         "(default: %(default)s)",
     )  # fmt: skip
@@ -179,8 +179,8 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
         help="qemu-img program (default: %(default)s from PATH)",
     )  # fmt: skip
     run.add_argument(
-        "--log-format", type=logs.LogFormat, choices=list(logs.LogFormat),
-        default=logs.LogFormat.AUTO,
+        "--log-format", choices=[m.value for m in logs.LogFormat],
+        default=logs.LogFormat.AUTO.value,
         help="log lines on stderr: json, console, or auto (console on a terminal)",
     )  # fmt: skip
     run.set_defaults(handler=_cmd_run)
@@ -224,13 +224,13 @@ def _cmd_domains(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    logs.configure(args.log_format)
+    logs.configure(logs.LogFormat(args.log_format))
     settings = JobSettings(
-        free_space=args.free_space,
-        compression=args.compression,
+        free_space=FreeSpaceMethod(args.free_space),
+        compression=Compression(args.compression),
         cluster_size=args.cluster_size,
         shutdown_timeout_s=args.shutdown_timeout,
-        on_shutdown_timeout=args.on_shutdown_timeout,
+        on_shutdown_timeout=OnShutdownTimeout(args.on_shutdown_timeout),
         min_gain=args.min_gain,
         keep_backup=args.keep_backup,
         dry_run=args.dry_run,

@@ -56,7 +56,7 @@ def assert_back_as_before(guest: Guest, sums: dict[str, str], *, running: bool) 
         guest.shutdown()
 
 
-def assert_reclaimed(run: RunResult, guest: Guest) -> dict[str, object]:
+def assert_reclaimed(run: RunResult, guest: Guest, *, backup: bool = False) -> dict[str, object]:
     assert run.exitcode == 0, run.stderr
     assert run.result["outcome"] == "reclaimed", run.result
     [disk] = run.result["disks"]
@@ -68,7 +68,9 @@ def assert_reclaimed(run: RunResult, guest: Guest) -> dict[str, object]:
         # Once restarted, the guest writes a little (ext4 superblock and journal at mount).
         assert disk["bytes_after"] <= allocated_now <= disk["bytes_after"] + 2 * MIB
     assert disk["bytes_after"] < disk["bytes_before"]
-    assert leftovers(guest.data_image.parent) == []
+    kept = [Path(str(disk["backup"])).name] if backup else []
+    assert (disk["backup"] is not None) == backup
+    assert leftovers(guest.data_image.parent) == kept
     return disk
 
 
@@ -111,10 +113,12 @@ def test_guest_that_is_off_is_rewritten_and_stays_off(make_guest: Callable[..., 
     sums = data.checksums(guest)
     guest.shutdown()
     owner = owner_and_mode(guest.data_image)
+    original_hash = sha256_file(guest.data_image)
 
-    run = reclaim(guest.name, "--compression", "zlib")
+    run = reclaim(guest.name, "--compression", "zlib", "--keep-backup")
 
-    disk = assert_reclaimed(run, guest)
+    disk = assert_reclaimed(run, guest, backup=True)
+    assert sha256_file(Path(str(disk["backup"]))) == original_hash
     assert run.result["free_space"] is None
     assert run.result["downtime_s"] == 0
     # No free-space step: the deleted random data survives; the text is compressed.

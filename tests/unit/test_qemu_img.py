@@ -99,3 +99,50 @@ def test_missing_program_raises(tmp_path: Path) -> None:
 def test_unexpected_output_raises(text: str) -> None:
     with pytest.raises(qemu_img.QemuImgError):
         qemu_img.parse_info(text)
+
+
+def test_convert_argv_is_exact() -> None:
+    assert qemu_img.convert_argv("/a.qcow2", "/t", compression="zstd", cluster_size=65536) == [
+        "qemu-img", "convert", "-p", "-f", "qcow2", "-O", "qcow2", "-W", "-m", "8", "-c",
+        "-o", "compression_type=zstd,cluster_size=65536", "/a.qcow2", "/t",
+    ]  # fmt: skip
+    assert qemu_img.convert_argv(
+        "/a.qcow2", "/t", compression=None, cluster_size=None, backing="base.qcow2",
+        backing_format="raw",
+    ) == [
+        "qemu-img", "convert", "-p", "-f", "qcow2", "-O", "qcow2", "-W", "-m", "8",
+        "-B", "base.qcow2", "-F", "raw", "/a.qcow2", "/t",
+    ]  # fmt: skip
+
+
+def test_rewrite_check_and_compare_on_real_images(tmp_path: Path) -> None:
+    image, new, other = tmp_path / "a.qcow2", tmp_path / "b.qcow2", tmp_path / "c.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(image), "32M")
+    sh("qemu-io", "-c", "write -P 0x61 0 8M", "-c", "write -P 0 8M 8M", str(image))
+    tool = qemu_img.QemuImg()
+    progress: list[str] = []
+    tool.convert(str(image), str(new), compression="zstd", cluster_size=None, backing=None,
+                 backing_format=None, size_bytes=32 * MIB, on_progress=progress.append)  # fmt: skip
+    assert "100.00/100%" in "".join(progress)
+    tool.check(str(new), size_bytes=32 * MIB)
+    tool.compare(str(image), str(new), size_bytes=32 * MIB)
+    assert os.stat(new).st_blocks * 512 < 2 * MIB  # 8 MiB of one byte, and zeros
+    sh("qemu-img", "convert", "-O", "qcow2", str(image), str(other))
+    sh("qemu-io", "-c", "write -P 0x62 4M 4k", str(other))
+    with pytest.raises(qemu_img.QemuImgError, match="differs"):
+        tool.compare(str(image), str(other), size_bytes=32 * MIB)
+    assert tool.measure(str(image), force_share=False) >= 8 * MIB
+
+
+def test_check_reports_a_broken_image(tmp_path: Path) -> None:
+    image = tmp_path / "broken.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M")
+    sh("qemu-io", "-c", "write 0 1M", str(image))
+    # Point the first L1 entry at a cluster beyond the end of the file.
+    with image.open("r+b") as f:
+        f.seek(40)
+        l1_offset = int.from_bytes(f.read(8), "big")
+        f.seek(l1_offset)
+        f.write((0x8000000000000000 | (1 << 40)).to_bytes(8, "big"))
+    with pytest.raises(qemu_img.QemuImgError, match="qemu-img check"):
+        qemu_img.QemuImg().check(str(image), size_bytes=16 * MIB)
