@@ -1,5 +1,5 @@
 # The two commands that work on a fresh Debian 12 machine as root: `make demo` and `make test`.
-.PHONY: setup lint test test-fast demo clean-demo
+.PHONY: setup lint test test-fast demo clean-demo bench
 
 PY := .venv/bin
 
@@ -8,8 +8,8 @@ setup:
 
 lint:
 	bash scripts/setup.sh --venv-only
-	$(PY)/ruff check daemon tests scripts
-	$(PY)/ruff format --check daemon tests scripts
+	$(PY)/ruff check daemon tests scripts bench
+	$(PY)/ruff format --check daemon tests scripts bench
 	$(PY)/mypy
 
 test: setup lint
@@ -24,3 +24,7 @@ demo: setup
 
 clean-demo:
 	$(PY)/python scripts/demo.py --remove
+
+# Run by hand, not in CI: the rewrite benchmark (a few minutes).
+bench: setup
+	$(PY)/python bench/rewrite.py

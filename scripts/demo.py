@@ -1,8 +1,10 @@
-"""The demo: two real guests with dirty qcow2 disks, shown with ``virt-reclaim domains``.
+"""The demo: two real guests with dirty qcow2 disks, reclaimed with ``virt-reclaim run``.
 
 vr-demo-1 runs; vr-demo-2 is shut off. Both hold compressible log text, some
 random data, and random data that was written and deleted (still allocated
-on the host). Run again to recreate them; ``--remove`` removes them.
+on the host). The demo shows them with ``virt-reclaim domains``, reclaims
+both with ``virt-reclaim run`` (a dry run first), and shows them again.
+Run again to recreate them; ``--remove`` removes them.
 """
 
 from __future__ import annotations
@@ -59,9 +61,26 @@ def main() -> int:
         make_dirty_guest(conn, DEMO_GUESTS[1], leave_running=False)
     finally:
         conn.close()
-    print("\ndemo: $ virt-reclaim domains", flush=True)
+    steps = [
+        ["domains"],
+        ["run", DEMO_GUESTS[0], "--dry-run"],
+        ["run", DEMO_GUESTS[0]],
+        ["run", DEMO_GUESTS[1]],
+        ["domains"],
+    ]
     cli = ROOT / ".venv" / "bin" / "virt-reclaim"
-    return subprocess.run([str(cli), "domains", "--connect", URI], check=False).returncode
+    for step in steps:
+        print(f"\ndemo: $ virt-reclaim {' '.join(step)}", flush=True)
+        # Only the outcome on stdout: the JSON log lines would drown it here.
+        code = subprocess.run(
+            [str(cli), *step, "--connect", URI, *(["--log-format", "json"] if step[0] == "run"
+                                                 else [])],
+            check=False, stderr=subprocess.DEVNULL if step[0] == "run" else None,
+        ).returncode  # fmt: skip
+        if code != 0:
+            print(f"demo: 'virt-reclaim {' '.join(step)}' exited {code}", file=sys.stderr)
+            return code
+    return 0
 
 
 if __name__ == "__main__":

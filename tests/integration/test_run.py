@@ -289,6 +289,36 @@ def test_start_during_the_rewrite_is_refused_and_the_job_completes(
     assert_back_as_before(guest, sums, running=True)
 
 
+def test_failed_verification_restores_image_and_guest(
+    make_guest: Callable[..., Guest], tmp_path: Path
+) -> None:
+    # The real qemu-img for everything but compare, which reports a difference.
+    wrapper = tmp_path / "qemu-img"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = compare ]; then echo "Content mismatch at offset 0!"; exit 1; fi\n'
+        'exec qemu-img "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    guest, _ = dirty_guest(make_guest, discard=True)
+    sums = data.checksums(guest)
+    guest.exec("sync")
+    owner = owner_and_mode(guest.data_image)
+
+    run = reclaim(guest.name, "--min-gain", "0", "--free-space", "none",
+                  "--qemu-img", str(wrapper))  # fmt: skip
+
+    assert run.exitcode == 1, run.stderr
+    assert run.result["outcome"] == "failed"
+    assert "differs" in run.result["reason"]
+    assert [e["step"] for e in run.events("step.failed")] == ["verify"]
+    assert run.events("cleanup.removed")
+    assert leftovers(guest.data_image.parent) == []
+    assert run.result["downtime_s"] > 0
+    assert owner_and_mode(guest.data_image) == owner
+    assert_back_as_before(guest, sums, running=True)
+
+
 @pytest.fixture
 def small_tmpfs() -> Iterator[Path]:
     # Under the test bed's folder: QEMU (libvirt-qemu) must reach it, and pytest's
