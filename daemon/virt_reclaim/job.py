@@ -27,6 +27,7 @@ from virt_reclaim.guestfree import FreeSpaceMethod, choose_method, free_guest_sp
 from virt_reclaim.ports import DomainPort, ImagePort
 from virt_reclaim.process import Priority, ProgressCallback
 from virt_reclaim.qemu_img import ImageInfo, QemuImgError
+from virt_reclaim.units import format_bytes
 from virt_reclaim.virt import AgentUnavailable, DomainState, VirtError
 
 MIB = 1024 * 1024
@@ -289,7 +290,7 @@ class ReclaimJob:
             with self._step(Step.RESTORE):
                 self._restore()
         freed = sum(d.bytes_before - (d.bytes_after or 0) for d in self.disks)
-        return Outcome.RECLAIMED, f"freed {freed} bytes"
+        return Outcome.RECLAIMED, f"freed {format_bytes(freed)}"
 
     @contextmanager
     def _step(self, step: Step) -> Iterator[None]:
@@ -397,8 +398,8 @@ class ReclaimJob:
                           estimated_after=disk.estimated_after)  # fmt: skip
         if all_known and known_gain < self.settings.min_gain:
             raise NothingToDo(
-                f"estimated gain {known_gain} bytes is below the minimum of "
-                f"{self.settings.min_gain} bytes"
+                f"estimated gain {format_bytes(known_gain)} is below the minimum of "
+                f"{format_bytes(self.settings.min_gain)}"
             )
 
     def _preflight(self) -> None:
@@ -417,8 +418,8 @@ class ReclaimJob:
             self.log.info("preflight.space", folder=folder, need=need, have=have)
             if have < need:
                 raise JobSkipped(
-                    f"not enough free space in {folder}: the rewrite needs up to {need} bytes, "
-                    f"{have} are free"
+                    f"not enough free space in {folder}: the rewrite needs up to "
+                    f"{format_bytes(need)}, {format_bytes(have)} are free"
                 )
 
     def _free_guest_space(self) -> None:
