@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
-from virt_reclaim import __version__, domxml, inventory, logs, qemu_img
+from virt_reclaim import __version__, inventory, logs, qemu_img
 from virt_reclaim.guestfree import FreeSpaceMethod
 from virt_reclaim.job import (
     Compression,
@@ -204,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VirtError as exc:
         print(f"virt-reclaim: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except Terminated:
+        print("virt-reclaim: terminated (SIGTERM); the job restored what it had changed",
+              file=sys.stderr)  # fmt: skip
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         return 130
     return result
@@ -223,7 +227,16 @@ def _cmd_domains(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived; raised where Ctrl-C would be, so that the job restores first."""
+
+
+def _interrupt_on_sigterm(signum: int, _frame: object) -> None:
+    raise Terminated(f"signal {signum}")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     logs.configure(logs.LogFormat(args.log_format))
     settings = JobSettings(
         free_space=FreeSpaceMethod(args.free_space),
@@ -240,7 +253,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         domain = hypervisor.domain(args.domain)
 
         def images_of_other_domains() -> dict[str, str]:
-            return _images_in_use(hypervisor, exclude_uuid=domain.uuid)
+            return inventory.images_in_use(hypervisor.domains(), exclude_uuid=domain.uuid)
 
         bar = _ProgressBar(sys.stderr) if sys.stderr.isatty() else None
         job = ReclaimJob(
@@ -261,21 +274,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         print_job_result(result, sys.stdout)
     return _EXIT_BY_OUTCOME[result.outcome]
-
-
-def _images_in_use(hypervisor: Hypervisor, *, exclude_uuid: str) -> dict[str, str]:
-    """{real path: domain name} of every image file any other domain uses."""
-    used: dict[str, str] = {}
-    for other in hypervisor.domains():
-        if other.uuid == exclude_uuid:
-            continue
-        for disk in domxml.parse_domain(other.xml).disks:
-            paths = [disk.source] if disk.type == "file" else []
-            paths += [b.source for b in disk.backing if b.type == "file"]
-            for path in paths:
-                if path:
-                    used[os.path.realpath(path)] = other.name
-    return used
 
 
 class _ProgressBar:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from virt_reclaim import domxml, qemu_img
@@ -48,6 +49,24 @@ class DomainReport:
     has_agent_channel: bool
     agent_connected: bool
     disks: tuple[DiskReport, ...]
+
+
+def images_in_use(domains: Iterable[DomainSnapshot], *, exclude_uuid: str) -> dict[str, str]:
+    """{real path: domain name} of every image file (sources and backing files) the domains use.
+
+    The domain ``exclude_uuid`` is left out: the one being reclaimed.
+    """
+    used: dict[str, str] = {}
+    for domain in domains:
+        if domain.uuid == exclude_uuid:
+            continue
+        for disk in domxml.parse_domain(domain.xml).disks:
+            paths = [disk.source] if disk.type == "file" else []
+            paths += [layer.source for layer in disk.backing if layer.type == "file"]
+            for path in paths:
+                if path:
+                    used[os.path.realpath(path)] = domain.name
+    return used
 
 
 def describe_domain(domain: DomainSnapshot, *, qemu_img_path: str) -> DomainReport:

@@ -269,6 +269,7 @@ class ReclaimJob:
         if self.was_running:
             with self._step(Step.FREE_SPACE):
                 self._free_guest_space()
+        failure: BaseException | None = None
         try:
             with self._step(Step.SHUTDOWN):
                 self._shut_down()
@@ -282,13 +283,22 @@ class ReclaimJob:
                 self._verify()
             with self._step(Step.SWAP):
                 self._swap()
-        except BaseException:
+        except BaseException as exc:
+            failure = exc
             self._remove_temporary_files()
             raise
         finally:
             self.guard.release()
-            with self._step(Step.RESTORE):
-                self._restore()
+            try:
+                with self._step(Step.RESTORE):
+                    self._restore()
+            except VirtError as restore_error:
+                # Report both: why the job stopped, and that the guest is not back.
+                if isinstance(failure, Exception):
+                    raise JobFailed(
+                        f"{failure}; then the guest could not be started again: {restore_error}"
+                    ) from restore_error
+                raise
         freed = sum(d.bytes_before - (d.bytes_after or 0) for d in self.disks)
         return Outcome.RECLAIMED, f"freed {format_bytes(freed)}"
 

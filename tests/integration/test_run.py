@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -19,7 +18,7 @@ import libvirt
 import pytest
 
 from testbed import data
-from testbed.guests import RUN_DIR, URI, Guest
+from testbed.guests import RUN_DIR, Guest
 from testbed.reclaim import (
     RunResult,
     image_info,
@@ -29,6 +28,7 @@ from testbed.reclaim import (
     qemu_img_check_clean,
     reclaim,
     sha256_file,
+    start_reclaim,
 )
 
 pytestmark = pytest.mark.guest
@@ -231,6 +231,44 @@ def test_guest_that_ignores_shutdown_force_powers_it_off(
     assert_back_as_before(guest, sums, running=True)
 
 
+def block_guest_exec(guest: Guest) -> None:
+    """Restart the guest's qemu-ga with guest-exec blocked, as RHEL-family policies do."""
+    guest.exec(
+        "(sleep 1; kill $(pidof qemu-ga); sleep 1; "
+        "for f in /sys/class/virtio-ports/*/name; do "
+        '  [ "$(cat $f)" = org.qemu.guest_agent.0 ] && p=$(basename $(dirname $f)); done; '
+        "qemu-ga -m virtio-serial -p /dev/$p -b guest-exec,guest-exec-status -d"
+        ") >/dev/null 2>&1 &"
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            guest.agent("guest-exec", {"path": "/bin/true"})
+        except libvirt.libvirtError as exc:
+            if "disabled" in str(exc):
+                return
+        assert time.monotonic() < deadline, "qemu-ga never came back with guest-exec blocked"
+        time.sleep(0.5)
+
+
+def test_agent_refusing_guest_exec_is_logged_and_the_rewrite_goes_on(
+    make_guest: Callable[..., Guest],
+) -> None:
+    guest, _ = dirty_guest(make_guest, discard=False)
+    sums = data.checksums(guest)
+    block_guest_exec(guest)
+
+    run = reclaim(guest.name, "--free-space", "zero", "--min-gain", "0")
+
+    assert_reclaimed(run, guest)
+    assert run.result["free_space"] == "none"
+    [refusal] = run.events("free_space.unavailable")
+    assert "zero-fill of /data" in refusal["reason"]
+    assert "disabled" in refusal["reason"]
+    # The restarted guest runs its normal agent again: checksums through guest-exec work.
+    assert_back_as_before(guest, sums, running=True)
+
+
 @pytest.fixture
 def paused_qemu_img(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
     """A qemu-img that stops before `convert` until told to go: the real one underneath.
@@ -266,11 +304,7 @@ def test_start_during_the_rewrite_is_refused_and_the_job_completes(
     guest, _ = dirty_guest(make_guest, discard=True)
     sums = data.checksums(guest)
 
-    job = subprocess.Popen(
-        [sys.executable, "-m", "virt_reclaim", "run", guest.name, "--json", "--connect", URI,
-         "--log-format", "json", "--min-gain", "0", "--qemu-img", str(wrapper)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    job = start_reclaim(guest.name, "--min-gain", "0", "--qemu-img", str(wrapper))
     try:
         wait_for_file(paused, 120)
         assert guest.is_off()
@@ -316,6 +350,28 @@ def test_failed_verification_restores_image_and_guest(
     assert leftovers(guest.data_image.parent) == []
     assert run.result["downtime_s"] > 0
     assert owner_and_mode(guest.data_image) == owner
+    assert_back_as_before(guest, sums, running=True)
+
+
+def test_sigterm_during_the_rewrite_restores_everything(
+    make_guest: Callable[..., Guest], paused_qemu_img: tuple[Path, Path, Path]
+) -> None:
+    wrapper, paused, _go = paused_qemu_img
+    guest, _ = dirty_guest(make_guest, discard=True)
+    sums = data.checksums(guest)
+
+    job = start_reclaim(guest.name, "--min-gain", "0", "--qemu-img", str(wrapper))
+    try:
+        wait_for_file(paused, 120)
+        job.terminate()
+        _stdout, stderr = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+
+    assert job.returncode == 143, stderr
+    assert "terminated (SIGTERM)" in stderr
+    assert leftovers(guest.data_image.parent) == []
     assert_back_as_before(guest, sums, running=True)
 
 

@@ -25,14 +25,24 @@ class RunResult:
         return [e for e in self.log if e.get("event") == name]
 
 
+def run_argv(domain: str, *options: str) -> list[str]:
+    """``virt-reclaim run DOMAIN --json`` with JSON log lines, against the test bed's libvirtd."""
+    return [sys.executable, "-m", "virt_reclaim", "run", domain, "--json", "--connect", URI,
+            "--log-format", "json", *options]  # fmt: skip
+
+
 def reclaim(domain: str, *options: str, timeout: float = 600) -> RunResult:
-    """Run ``virt-reclaim run DOMAIN --json`` and parse its result and its JSON log lines."""
+    """Run ``virt-reclaim run`` to its end and parse its result and its JSON log lines."""
     proc = subprocess.run(
-        [sys.executable, "-m", "virt_reclaim", "run", domain, "--json", "--connect", URI,
-         "--log-format", "json", *options],
-        capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
+        run_argv(domain, *options), capture_output=True, text=True, timeout=timeout, check=False
+    )
     return parse_run(proc.returncode, proc.stdout, proc.stderr)
+
+
+def start_reclaim(domain: str, *options: str) -> subprocess.Popen[str]:
+    """Start ``virt-reclaim run`` in the background (to act on the guest while it works)."""
+    pipe = subprocess.PIPE
+    return subprocess.Popen(run_argv(domain, *options), stdout=pipe, stderr=pipe, text=True)
 
 
 def parse_run(exitcode: int, stdout: str, stderr: str) -> RunResult:
