@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
-from virt_reclaim import __version__, inventory, logs, qemu_img
+from virt_reclaim import __version__, inventory, logs, qemu_img, recovery
+from virt_reclaim.domainlock import DomainBusy, DomainLock
 from virt_reclaim.guestfree import FreeSpaceMethod
 from virt_reclaim.job import (
     Compression,
@@ -21,7 +25,9 @@ from virt_reclaim.job import (
     OnShutdownTimeout,
     Outcome,
     ReclaimJob,
+    Step,
 )
+from virt_reclaim.journal import DEFAULT_STATE_DIR, Journal, JournalError
 from virt_reclaim.process import Priority
 from virt_reclaim.units import format_bytes
 from virt_reclaim.virt import DEFAULT_URI, Hypervisor, VirtError
@@ -183,7 +189,43 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
         default=logs.LogFormat.AUTO.value,
         help="log lines on stderr: json, console, or auto (console on a terminal)",
     )  # fmt: skip
+    _add_state_dir(run)
     run.set_defaults(handler=_cmd_run)
+
+    recover = commands.add_parser(
+        "recover",
+        help="finish or undo jobs whose process died",
+        description=(
+            "For every job the journal records as unfinished whose process is gone: kill a "
+            "qemu-img it left running, delete its temporary files (the originals are intact "
+            "until the swap), and start the guest again if it was running before. A job past "
+            "its swap is finished. run does this by itself before it starts a job; running it "
+            "twice does nothing the second time."
+        ),
+        epilog="Exit status: 0 done (also when nothing needed recovery), 1 failure.",
+    )
+    _add_connect(recover)
+    _add_state_dir(recover)
+    recover.add_argument("--json", action="store_true", help="print a JSON list of what was done")
+    recover.set_defaults(handler=_cmd_recover)
+
+    history = commands.add_parser(
+        "history",
+        help="show past jobs from the journal",
+        description="Past jobs, newest first, with outcome, reason, sizes, downtime and duration.",
+        epilog="Exit status: 0 success, 1 the journal cannot be read.",
+    )
+    history.add_argument("domain", metavar="DOMAIN", nargs="?", help="only this domain's jobs")
+    _add_state_dir(history)
+    history.add_argument("--json", action="store_true", help="print a JSON list")
+    history.set_defaults(handler=_cmd_history)
+
+
+def _add_state_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
+        help="where the job journal lives (default: %(default)s)",
+    )  # fmt: skip
 
 
 def _add_connect(parser: argparse.ArgumentParser) -> None:
@@ -201,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result: int = args.handler(args)
-    except VirtError as exc:
+    except (VirtError, JournalError, DomainBusy) as exc:
         print(f"virt-reclaim: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except Terminated:
@@ -249,8 +291,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         qemu_img=args.qemu_img,
     )
+    journal = Journal(args.state_dir)
     with Hypervisor(args.connect) as hypervisor:
         domain = hypervisor.domain(args.domain)
+        recovery.recover(journal, args.state_dir, hypervisor.domain_by_uuid)
+        lock = DomainLock(args.state_dir, domain.uuid)
+        lock.acquire()
+        unfinished = journal.unfinished(domain.uuid)
+        if unfinished:
+            lock.release()
+            raise JournalError(
+                f"{domain.name} has an unfinished job ({unfinished[0].id}) that recovery could "
+                "not close; see the log of 'virt-reclaim recover'"
+            )
 
         def images_of_other_domains() -> dict[str, str]:
             return inventory.images_in_use(hypervisor.domains(), exclude_uuid=domain.uuid)
@@ -262,10 +315,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             settings,
             images_of_other_domains=images_of_other_domains,
             on_progress=bar.update if bar else None,
+            journal=journal,
+            before_step=_test_pause_hook(),
         )
         try:
             result = job.run()
         finally:
+            lock.release()
             if bar:
                 bar.close()
     if args.json:
@@ -274,6 +330,72 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         print_job_result(result, sys.stdout)
     return _EXIT_BY_OUTCOME[result.outcome]
+
+
+def _test_pause_hook() -> Callable[[Step], None] | None:
+    """For crash tests only: VIRT_RECLAIM_TEST_PAUSE=STEP[:N] stops before the Nth STEP.
+
+    The job writes VIRT_RECLAIM_TEST_PAUSE_FILE and sleeps there until it is killed.
+    """
+    spec = os.environ.get("VIRT_RECLAIM_TEST_PAUSE")
+    marker = os.environ.get("VIRT_RECLAIM_TEST_PAUSE_FILE")
+    if not spec or not marker:
+        return None
+    step_name, _, nth = spec.partition(":")
+    wanted = Step(step_name)
+    count = int(nth or 1)
+    seen = 0
+
+    def pause(step: Step) -> None:
+        nonlocal seen
+        if step is wanted:
+            seen += 1
+            if seen == count:
+                Path(marker).touch()
+                while True:
+                    time.sleep(3600)
+
+    return pause
+
+
+def _cmd_recover(args: argparse.Namespace) -> int:
+    logs.configure(logs.LogFormat.AUTO)
+    journal = Journal(args.state_dir)
+    with Hypervisor(args.connect) as hypervisor:
+        done = recovery.recover(journal, args.state_dir, hypervisor.domain_by_uuid)
+    if args.json:
+        json.dump([r.to_json() for r in done], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    elif not done:
+        print("nothing to recover")
+    for item in done if not args.json else []:
+        print(f"{item.domain}: job {item.job_id} (interrupted at {item.step}): {item.outcome}")
+        for action in item.actions:
+            print(f"  {action}")
+    return EXIT_OK
+
+
+def _cmd_history(args: argparse.Namespace) -> int:
+    jobs = Journal(args.state_dir).history(args.domain)
+    if args.json:
+        json.dump([job.to_json() for job in jobs], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    header = ("STARTED", "DOMAIN", "OUTCOME", "BEFORE", "AFTER", "DOWNTIME", "DURATION")
+    rows = [
+        (
+            job.to_json()["started_at"] or "-", job.domain, job.outcome or "unfinished",
+            format_bytes(job.bytes_before), format_bytes(job.bytes_after),
+            "-" if job.downtime_s is None else f"{job.downtime_s:.1f} s",
+            "-" if job.duration_s is None else f"{job.duration_s:.1f} s",
+        )
+        for job in jobs
+    ]  # fmt: skip
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    for row, job in zip((header, *rows), (None, *jobs), strict=True):
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print(line + ("  REASON" if job is None else f"  {job.reason or ''}"))
+    return EXIT_OK
 
 
 class _ProgressBar:

@@ -24,6 +24,7 @@ import structlog
 from virt_reclaim import domxml, imagefile
 from virt_reclaim.guard import GuardError, ImageGuard
 from virt_reclaim.guestfree import FreeSpaceMethod, choose_method, free_guest_space
+from virt_reclaim.journal import Journal, JournalDisk, JournalError
 from virt_reclaim.ports import DomainPort, ImagePort
 from virt_reclaim.process import Priority, ProgressCallback
 from virt_reclaim.qemu_img import ImageInfo, QemuImgError
@@ -127,7 +128,7 @@ class DiskWork:
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "estimated_after": self.estimated_after,
-            "backup": self.backup,
+            "backup": self.backup if self.swapped else None,
         }
 
 
@@ -178,6 +179,8 @@ class ReclaimJob:
         job_id: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         on_progress: Callable[[str, float], None] | None = None,
+        journal: Journal | None = None,
+        before_step: Callable[[Step], None] | None = None,
     ) -> None:
         """Prepare a job; nothing happens until ``run``.
 
@@ -190,6 +193,8 @@ class ReclaimJob:
             job_id: Names the job in logs and temporary files; random by default.
             clock: Monotonic seconds, for durations.
             on_progress: Called with (disk target, percent) during the rewrite.
+            journal: Where each step is recorded before it is taken (for recovery).
+            before_step: Called before each step, after the journal has it (tests pause here).
         """
         self.domain = domain
         self.images = images
@@ -198,6 +203,9 @@ class ReclaimJob:
         self._others = images_of_other_domains
         self._clock = clock
         self._on_progress = on_progress
+        self._journal = journal
+        self._before_step = before_step
+        self._started_wall = time.time()
         self.log = structlog.get_logger("virt_reclaim.job").bind(
             domain=domain.name, job_id=self.job_id
         )
@@ -226,13 +234,17 @@ class ReclaimJob:
             on_shutdown_timeout=str(self.settings.on_shutdown_timeout),
             min_gain=self.settings.min_gain,
         )
+        if self._journal is not None:
+            self._journal.begin_job(
+                self.job_id, self.domain.name, self.domain.uuid, self._settings_record()
+            )
         try:
             outcome, reason = self._run_steps()
         except JobSkipped as exc:
             outcome, reason = Outcome.SKIPPED, str(exc)
         except NothingToDo as exc:
             outcome, reason = Outcome.NOTHING_TO_DO, str(exc)
-        except (JobFailed, VirtError, QemuImgError, GuardError, OSError) as exc:
+        except (JobFailed, VirtError, QemuImgError, GuardError, JournalError, OSError) as exc:
             outcome, reason = Outcome.FAILED, str(exc)
         result = JobResult(
             domain=self.domain.name,
@@ -245,6 +257,16 @@ class ReclaimJob:
             skipped_disks=self.skipped_disks,
             free_space=self._free_space,
         )
+        if self._journal is not None:
+            self._journal.finish_job(
+                self.job_id,
+                outcome=str(outcome),
+                reason=reason,
+                bytes_before=sum(d.bytes_before for d in self.disks) or None,
+                bytes_after=sum(d.bytes_after or 0 for d in self.disks if d.swapped) or None,
+                downtime_s=round(result.downtime_s, 3),
+                duration_s=round(result.duration_s, 3),
+            )
         level = "error" if outcome is Outcome.FAILED else "info"
         getattr(self.log, level)(
             "job.finished",
@@ -304,6 +326,10 @@ class ReclaimJob:
 
     @contextmanager
     def _step(self, step: Step) -> Iterator[None]:
+        if self._journal is not None:
+            self._journal.enter_step(self.job_id, str(step))
+        if self._before_step is not None:
+            self._before_step(step)
         began = self._clock()
         self.log.info("step.started", step=str(step))
         try:
@@ -341,6 +367,16 @@ class ReclaimJob:
         if not self.disks:
             reasons = "; ".join(f"{s['target']}: {s['reason']}" for s in self.skipped_disks)
             raise JobSkipped(f"no eligible disk ({reasons or 'the domain has no disks'})")
+        for work in self.disks:
+            work.temp = imagefile.temp_path(work.path, self.job_id)
+            if self.settings.keep_backup:
+                work.backup = imagefile.backup_path(work.path, self._started_wall)
+        if self._journal is not None:
+            self._journal.record_plan(
+                self.job_id,
+                str(snap.state),
+                [JournalDisk(d.target, d.path, d.temp or "", d.backup) for d in self.disks],
+            )
 
     def _ineligible(  # noqa: PLR0911 - one return per eligibility rule, in order
         self,
@@ -524,7 +560,7 @@ class ReclaimJob:
             else str(self.settings.compression)
         )
         for disk in self.disks:
-            disk.temp = imagefile.temp_path(disk.path, self.job_id)
+            assert disk.temp is not None  # noqa: S101 - planned by _inspect
             imagefile.remove_quietly(disk.temp)
             progress = self._progress_callback(disk.target)
             self.images.convert(
@@ -555,10 +591,9 @@ class ReclaimJob:
         for disk in self.disks:
             assert disk.temp is not None  # noqa: S101 - set by _rewrite
             imagefile.copy_metadata(disk.path, disk.temp)
-            backup = imagefile.backup_path(disk.path) if self.settings.keep_backup else None
-            imagefile.swap_in(disk.temp, disk.path, backup=backup)
-            disk.swapped, disk.backup = True, backup
-            self.log.info("swap.done", target=disk.target, path=disk.path, backup=backup)
+            imagefile.swap_in(disk.temp, disk.path, backup=disk.backup)
+            disk.swapped = True
+            self.log.info("swap.done", target=disk.target, path=disk.path, backup=disk.backup)
 
     def _restore(self) -> None:
         if not self.was_running:
@@ -574,6 +609,18 @@ class ReclaimJob:
             self.settings.agent_start_timeout_s
         ):
             self.log.warning("restore.agent_missing", timeout_s=self.settings.agent_start_timeout_s)
+
+    def _settings_record(self) -> dict[str, Any]:
+        return {
+            "free_space": str(self.settings.free_space),
+            "compression": str(self.settings.compression),
+            "cluster_size": self.settings.cluster_size,
+            "shutdown_timeout_s": self.settings.shutdown_timeout_s,
+            "on_shutdown_timeout": str(self.settings.on_shutdown_timeout),
+            "min_gain": self.settings.min_gain,
+            "keep_backup": self.settings.keep_backup,
+            "dry_run": self.settings.dry_run,
+        }
 
     def _remove_temporary_files(self) -> None:
         for disk in self.disks:

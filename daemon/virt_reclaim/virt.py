@@ -163,6 +163,17 @@ class Hypervisor:
         except libvirt.libvirtError as exc:
             raise VirtError(f"domain {name!r}: {_message(exc)}") from exc
 
+    def domain_by_uuid(self, uuid: str) -> Domain:
+        """Look a domain up by UUID.
+
+        Raises:
+            VirtError: There is no such domain.
+        """
+        try:
+            return Domain(self._conn.lookupByUUIDString(uuid))
+        except libvirt.libvirtError as exc:
+            raise VirtError(f"domain {uuid}: {_message(exc)}") from exc
+
 
 class Domain:
     """One domain: its state and XML, power actions, and its guest agent."""

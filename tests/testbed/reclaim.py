@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from testbed.guests import URI
+from testbed.guests import TESTBED_DIR, URI
+
+# One journal for the test bed's jobs; a test that needs its own passes --state-dir.
+STATE_DIR = TESTBED_DIR / "state"
 
 
 @dataclass(frozen=True)
@@ -27,8 +30,9 @@ class RunResult:
 
 def run_argv(domain: str, *options: str) -> list[str]:
     """``virt-reclaim run DOMAIN --json`` with JSON log lines, against the test bed's libvirtd."""
+    state = [] if "--state-dir" in options else ["--state-dir", str(STATE_DIR)]
     return [sys.executable, "-m", "virt_reclaim", "run", domain, "--json", "--connect", URI,
-            "--log-format", "json", *options]  # fmt: skip
+            "--log-format", "json", *state, *options]  # fmt: skip
 
 
 def reclaim(domain: str, *options: str, timeout: float = 600) -> RunResult:

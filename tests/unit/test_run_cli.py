@@ -29,8 +29,9 @@ NODE = """<node>
 </node>"""
 
 
-def run(*args: str) -> tuple[int, dict[str, object], str]:
-    proc = subprocess.run([sys.executable, "-m", "virt_reclaim", "run", *args],
+def run(*args: str, state_dir: Path) -> tuple[int, dict[str, object], str]:
+    argv = [sys.executable, "-m", "virt_reclaim", "run", "--state-dir", str(state_dir), *args]
+    proc = subprocess.run(argv,
                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     result = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
     return proc.returncode, result, proc.stderr
@@ -45,8 +46,8 @@ def uri(tmp_path: Path) -> str:
     return f"test://{node}"
 
 
-def test_no_eligible_disk_is_skipped_with_each_reason(uri: str) -> None:
-    code, result, _ = run("netonly", "--json", "--connect", uri)
+def test_no_eligible_disk_is_skipped_with_each_reason(uri: str, tmp_path: Path) -> None:
+    code, result, _ = run("netonly", "--json", "--connect", uri, state_dir=tmp_path)
     assert code == 3
     assert result["outcome"] == "skipped"
     reasons = {d["target"]: d["reason"] for d in result["skipped_disks"]}  # type: ignore[union-attr]
@@ -56,14 +57,14 @@ def test_no_eligible_disk_is_skipped_with_each_reason(uri: str) -> None:
     }
 
 
-def test_an_image_used_by_another_domain_is_skipped(uri: str) -> None:
-    code, result, _ = run("first", "--json", "--connect", uri)
+def test_an_image_used_by_another_domain_is_skipped(uri: str, tmp_path: Path) -> None:
+    code, result, _ = run("first", "--json", "--connect", uri, state_dir=tmp_path)
     assert code == 3
     assert "the image is also used by domain second" in str(result["reason"])
 
 
-def test_unknown_domain_fails_with_its_name(uri: str) -> None:
-    code, _, stderr = run("nope", "--connect", uri)
+def test_unknown_domain_fails_with_its_name(uri: str, tmp_path: Path) -> None:
+    code, _, stderr = run("nope", "--connect", uri, state_dir=tmp_path)
     assert code == 1
     assert "domain 'nope'" in stderr
     assert "Traceback" not in stderr
@@ -80,8 +81,8 @@ def test_unknown_domain_fails_with_its_name(uri: str) -> None:
         (["--free-space", "shred"], "invalid choice"),
     ],
 )
-def test_bad_options_are_usage_errors(options: list[str], message: str) -> None:
-    code, _, stderr = run("any", *options)
+def test_bad_options_are_usage_errors(options: list[str], message: str, tmp_path: Path) -> None:
+    code, _, stderr = run("any", *options, state_dir=tmp_path)
     assert code == 2
     assert message in stderr
 

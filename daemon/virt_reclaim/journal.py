@@ -1,0 +1,267 @@
+"""The job journal: SQLite (WAL), a row per job, per disk and per step, written before each step.
+
+Recovery reads it to finish or undo a job whose process died; ``history`` and
+the daemon's minimum interval read the finished jobs. A journal that is missing
+is created; one that cannot be read is an error that stops every new job (never
+a silent fresh start), because an unreadable journal may hide a job to recover.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_STATE_DIR = "/var/lib/virt-reclaim"
+JOURNAL_NAME = "journal.sqlite3"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    domain TEXT NOT NULL,
+    domain_uuid TEXT NOT NULL,
+    previous_state TEXT,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    step TEXT,
+    outcome TEXT,
+    reason TEXT,
+    bytes_before INTEGER,
+    bytes_after INTEGER,
+    downtime_s REAL,
+    duration_s REAL,
+    settings TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_domain ON jobs (domain, started_at);
+CREATE TABLE IF NOT EXISTS job_disks (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    target TEXT NOT NULL,
+    path TEXT NOT NULL,
+    temp_path TEXT NOT NULL,
+    backup_path TEXT,
+    PRIMARY KEY (job_id, target)
+);
+CREATE TABLE IF NOT EXISTS steps (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    seq INTEGER NOT NULL,
+    step TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    PRIMARY KEY (job_id, seq)
+);
+"""
+
+
+class JournalError(Exception):
+    """The journal cannot be opened, read or written; no job may run."""
+
+
+@dataclass(frozen=True)
+class JournalDisk:
+    """A disk of a job as recovery needs it."""
+
+    target: str
+    path: str
+    temp_path: str
+    backup_path: str | None
+
+
+@dataclass(frozen=True)
+class JournalJob:
+    """A job as the journal holds it."""
+
+    id: str
+    domain: str
+    domain_uuid: str
+    previous_state: str | None
+    started_at: float
+    finished_at: float | None
+    step: str | None
+    outcome: str | None
+    reason: str | None
+    bytes_before: int | None
+    bytes_after: int | None
+    downtime_s: float | None
+    duration_s: float | None
+    disks: tuple[JournalDisk, ...]
+    steps: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The job as ``history --json`` prints it."""
+        return {
+            "job_id": self.id,
+            "domain": self.domain,
+            "started_at": _iso(self.started_at),
+            "finished_at": _iso(self.finished_at),
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "downtime_s": self.downtime_s,
+            "duration_s": self.duration_s,
+            "steps": list(self.steps),
+        }
+
+
+def _iso(stamp: float | None) -> str | None:
+    if stamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+
+
+class Journal:
+    """The journal file in a state folder."""
+
+    def __init__(self, state_dir: str | os.PathLike[str]) -> None:
+        """Open the journal in ``state_dir``, creating the folder and file when missing.
+
+        Raises:
+            JournalError: The file exists but is not a readable journal.
+        """
+        self.path = Path(state_dir) / JOURNAL_NAME
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            problem = self._db.execute("PRAGMA quick_check").fetchone()[0]
+            if problem != "ok":
+                raise JournalError(f"journal {self.path} is damaged: {problem}")
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise JournalError(
+                    f"journal {self.path} has schema version {version}; this virt-reclaim "
+                    f"knows {SCHEMA_VERSION}"
+                )
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except sqlite3.Error as exc:
+            raise JournalError(
+                f"journal {self.path} cannot be used: {exc}; no job will run until it is "
+                "repaired or moved away (it may record a job that needs recovery)"
+            ) from exc
+        except OSError as exc:
+            raise JournalError(f"journal {self.path}: {exc.strerror}") from exc
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            yield self._db
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise JournalError(f"journal {self.path}: {exc}") from exc
+
+    def begin_job(
+        self, job_id: str, domain: str, domain_uuid: str, settings: dict[str, Any]
+    ) -> None:
+        """Record that a job starts."""
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO jobs (id, domain, domain_uuid, started_at, settings) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (job_id, domain, domain_uuid, time.time(), json.dumps(settings)),
+            )
+
+    def record_plan(self, job_id: str, previous_state: str, disks: list[JournalDisk]) -> None:
+        """Record what recovery needs before anything is changed: state and every path."""
+        with self._write() as db:
+            db.execute("UPDATE jobs SET previous_state = ? WHERE id = ?", (previous_state, job_id))
+            db.executemany(
+                "INSERT OR REPLACE INTO job_disks (job_id, target, path, temp_path, backup_path) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(job_id, d.target, d.path, d.temp_path, d.backup_path) for d in disks],
+            )
+
+    def enter_step(self, job_id: str, step: str) -> None:
+        """Record that ``step`` is about to be taken (committed before it is)."""
+        with self._write() as db:
+            seq = db.execute(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM steps WHERE job_id = ?", (job_id,)
+            ).fetchone()[0]
+            db.execute(
+                "INSERT INTO steps (job_id, seq, step, started_at) VALUES (?, ?, ?, ?)",
+                (job_id, seq, step, time.time()),
+            )
+            db.execute("UPDATE jobs SET step = ? WHERE id = ?", (step, job_id))
+
+    def finish_job(
+        self,
+        job_id: str,
+        *,
+        outcome: str,
+        reason: str,
+        bytes_before: int | None,
+        bytes_after: int | None,
+        downtime_s: float | None,
+        duration_s: float | None,
+    ) -> None:
+        """Record how a job ended; it is then no longer recovered."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE jobs SET finished_at = ?, outcome = ?, reason = ?, bytes_before = ?, "
+                "bytes_after = ?, downtime_s = ?, duration_s = ? WHERE id = ?",
+                (time.time(), outcome, reason, bytes_before, bytes_after, downtime_s,
+                 duration_s, job_id),
+            )  # fmt: skip
+
+    def unfinished(self, domain_uuid: str | None = None) -> list[JournalJob]:
+        """Jobs that never recorded an end, oldest first (all domains, or one)."""
+        query = "SELECT * FROM jobs WHERE finished_at IS NULL"
+        args: tuple[str, ...] = ()
+        if domain_uuid is not None:
+            query += " AND domain_uuid = ?"
+            args = (domain_uuid,)
+        return self._jobs(query + " ORDER BY started_at", args)
+
+    def history(self, domain: str | None = None, limit: int = 1000) -> list[JournalJob]:
+        """Jobs, newest first (all domains, or one by name)."""
+        query = "SELECT * FROM jobs"
+        args: tuple[Any, ...] = ()
+        if domain is not None:
+            query += " WHERE domain = ?"
+            args = (domain,)
+        return self._jobs(query + " ORDER BY started_at DESC LIMIT ?", (*args, limit))
+
+    def _jobs(self, query: str, args: tuple[Any, ...]) -> list[JournalJob]:
+        try:
+            rows = self._db.execute(query, args).fetchall()
+            return [self._job(row) for row in rows]
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal {self.path}: {exc}") from exc
+
+    def _job(self, row: sqlite3.Row) -> JournalJob:
+        disks = tuple(
+            JournalDisk(d["target"], d["path"], d["temp_path"], d["backup_path"])
+            for d in self._db.execute(
+                "SELECT * FROM job_disks WHERE job_id = ? ORDER BY target", (row["id"],)
+            )
+        )
+        steps = tuple(
+            s["step"]
+            for s in self._db.execute(
+                "SELECT step FROM steps WHERE job_id = ? ORDER BY seq", (row["id"],)
+            )
+        )
+        return JournalJob(
+            id=row["id"], domain=row["domain"], domain_uuid=row["domain_uuid"],
+            previous_state=row["previous_state"], started_at=row["started_at"],
+            finished_at=row["finished_at"], step=row["step"], outcome=row["outcome"],
+            reason=row["reason"], bytes_before=row["bytes_before"],
+            bytes_after=row["bytes_after"], downtime_s=row["downtime_s"],
+            duration_s=row["duration_s"], disks=disks, steps=steps,
+        )  # fmt: skip
