@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import libvirt
 import pytest
 
-from testbed.guests import URI, Guest, create_guest, ensure_guest_built, sweep_leftovers
+from testbed.guests import (
+    RUN_DIR,
+    URI,
+    Guest,
+    create_guest,
+    ensure_guest_built,
+    sweep_leftovers,
+)
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +47,26 @@ def make_guest(libvirt_conn: Any) -> Iterator[Callable[..., Guest]]:
     yield factory
     for guest in created:
         guest.remove()
+
+
+@pytest.fixture
+def make_tmpfs() -> Iterator[Callable[[str], Path]]:
+    """A factory of small tmpfs folders (a filesystem to fill), unmounted after the test.
+
+    They live under the test bed's folder: QEMU (libvirt-qemu) must reach them,
+    and pytest's tmp_path is private to root.
+    """
+    mounted: list[Path] = []
+
+    def factory(size: str) -> Path:
+        folder = RUN_DIR / f"tmpfs-{os.getpid()}-{len(mounted)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=755", "tmpfs",
+                        str(folder)], check=True, timeout=30)  # fmt: skip
+        mounted.append(folder)
+        return folder
+
+    yield factory
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False, timeout=30)
+        folder.rmdir()

@@ -32,6 +32,8 @@ from virt_reclaim.units import format_bytes
 from virt_reclaim.virt import AgentUnavailable, DomainState, VirtError
 
 MIB = 1024 * 1024
+# Recorded in the journal (not a step of its own) once the guest was asked to stop.
+SHUTDOWN_REQUESTED = "shutdown-requested"
 
 
 class Step(enum.StrEnum):
@@ -497,6 +499,9 @@ class ReclaimJob:
         use_agent = self.agent_connected and self.domain.agent_ping()
         self._down_since = self._clock()
         timeout = self.settings.shutdown_timeout_s
+        if self._journal is not None:
+            # Recovery waits for a shutdown under way only when one was really asked for.
+            self._journal.enter_step(self.job_id, SHUTDOWN_REQUESTED)
         self._request_shutdown(use_agent, timeout)
         if self.domain.wait_for_state(DomainState.SHUTOFF, timeout):
             return

@@ -25,6 +25,7 @@ import structlog
 
 from virt_reclaim import imagefile
 from virt_reclaim.domainlock import DomainBusy, DomainLock
+from virt_reclaim.job import SHUTDOWN_REQUESTED
 from virt_reclaim.journal import Journal, JournalJob
 from virt_reclaim.virt import DomainState, VirtError
 
@@ -124,7 +125,7 @@ def _bring_back(
 ) -> None:
     try:
         domain = lookup_domain(job.domain_uuid)
-        if job.step in ("free-space", "shutdown") and domain.state() is DomainState.RUNNING:
+        if job.step == SHUTDOWN_REQUESTED and domain.state() is DomainState.RUNNING:
             # The shutdown the job asked for may still be under way.
             domain.wait_for_state(DomainState.SHUTOFF, SETTLE_TIMEOUT_S)
         if domain.state() is DomainState.SHUTOFF:
