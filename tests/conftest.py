@@ -14,6 +14,7 @@ import pytest
 from testbed.guests import (
     RUN_DIR,
     URI,
+    Connection,
     Guest,
     create_guest,
     ensure_guest_built,
@@ -25,7 +26,7 @@ from testbed.guests import (
 def libvirt_conn() -> Iterator[Any]:
     """An open connection to the real libvirtd, with the test guest built and leftovers swept."""
     try:
-        conn = libvirt.open(URI)
+        conn = Connection(URI)
     except libvirt.libvirtError as exc:
         pytest.fail(f"libvirtd at {URI} does not answer ({exc}); run 'make setup' first")
     ensure_guest_built()
@@ -70,3 +71,24 @@ def make_tmpfs() -> Iterator[Callable[[str], Path]]:
     for folder in mounted:
         subprocess.run(["umount", "-l", str(folder)], check=False, timeout=30)
         folder.rmdir()
+
+
+@pytest.fixture
+def paused_qemu_img(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
+    """A qemu-img that stops before `convert` until told to go: the real one underneath.
+
+    Yields (the wrapper, the file it creates when paused, the file that releases it).
+    """
+    paused, go = tmp_path / "paused", tmp_path / "go"
+    wrapper = tmp_path / "qemu-img"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = convert ]; then\n'
+        f"  touch {paused}\n"
+        f"  i=0; while [ ! -e {go} ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done\n"
+        "fi\n"
+        'exec qemu-img "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    yield wrapper, paused, go
+    go.touch()

@@ -7,14 +7,18 @@ import contextlib
 import enum
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import libvirt
 import libvirt_qemu
+import structlog
 
 DEFAULT_URI = "qemu:///system"
+# How long a job waits for libvirtd to come back before it gives up.
+RECONNECT_TIMEOUT_S = 120.0
 
 
 def _silence_default_error_handler(_ctx: object, _err: object) -> None:
@@ -107,6 +111,7 @@ class Hypervisor:
             VirtError: libvirtd cannot be reached or refused the connection.
         """
         self.uri = uri
+        self._read_only = read_only
         try:
             self._conn: Any = libvirt.openReadOnly(uri) if read_only else libvirt.open(uri)
         except libvirt.libvirtError as exc:
@@ -129,6 +134,44 @@ class Hypervisor:
             with contextlib.suppress(libvirt.libvirtError):
                 self._conn.close()
             self._conn = None
+
+    def alive(self) -> bool:
+        """True while the connection to libvirtd works."""
+        try:
+            return bool(self._conn is not None and self._conn.isAlive() == 1)
+        except libvirt.libvirtError:
+            return False
+
+    def reconnect(self, timeout: float = RECONNECT_TIMEOUT_S) -> None:
+        """Open the connection again, with backoff, after libvirtd went away.
+
+        Raises:
+            VirtError: libvirtd did not come back within ``timeout`` seconds.
+        """
+        log = structlog.get_logger("virt_reclaim.virt").bind(uri=self.uri)
+        log.warning("libvirt.disconnected")
+        deadline = time.monotonic() + timeout
+        delay = 0.5
+        while True:
+            try:
+                self._conn = (
+                    libvirt.openReadOnly(self.uri) if self._read_only else libvirt.open(self.uri)
+                )
+            except libvirt.libvirtError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise VirtError(
+                        f"libvirtd at {self.uri} did not come back within {timeout:g} s: "
+                        f"{_message(exc)}"
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            log.info("libvirt.reconnected")
+            return
+
+    def lookup_uuid(self, uuid: str) -> Any:  # noqa: ANN401 - libvirt.virDomain has no stubs
+        """The raw libvirt domain with this UUID (for Domain after a reconnect)."""
+        return self._conn.lookupByUUIDString(uuid)
 
     def domains(self) -> list[DomainSnapshot]:
         """Return every domain, active and inactive, sorted by name.
@@ -159,7 +202,7 @@ class Hypervisor:
             VirtError: There is no such domain.
         """
         try:
-            return Domain(self._conn.lookupByName(name))
+            return Domain(self._conn.lookupByName(name), self)
         except libvirt.libvirtError as exc:
             raise VirtError(f"domain {name!r}: {_message(exc)}") from exc
 
@@ -170,7 +213,7 @@ class Hypervisor:
             VirtError: There is no such domain.
         """
         try:
-            return Domain(self._conn.lookupByUUIDString(uuid))
+            return Domain(self._conn.lookupByUUIDString(uuid), self)
         except libvirt.libvirtError as exc:
             raise VirtError(f"domain {uuid}: {_message(exc)}") from exc
 
@@ -178,28 +221,29 @@ class Hypervisor:
 class Domain:
     """One domain: its state and XML, power actions, and its guest agent."""
 
-    def __init__(self, dom: Any) -> None:  # noqa: ANN401 - libvirt.virDomain has no stubs
+    def __init__(self, dom: Any, hypervisor: Hypervisor | None = None) -> None:  # noqa: ANN401 - libvirt.virDomain has no stubs
         self._dom = dom
+        self._hypervisor = hypervisor
         self.name: str = dom.name()
         self.uuid: str = dom.UUIDString()
 
     def snapshot(self) -> DomainSnapshot:
         """The domain's identity, state and live XML now."""
-        snap: DomainSnapshot = self._call("read domain", _snapshot, self._dom)
+        snap: DomainSnapshot = self._call("read domain", _snapshot)
         return snap
 
     def state(self) -> DomainState:
         """The domain's power state now."""
-        state, _reason = self._call("read state", self._dom.state)
+        state, _reason = self._call("read state", lambda d: d.state())
         return _STATES.get(state, DomainState.NOSTATE)
 
     def inactive_xml(self) -> str:
         """The persistent definition: what the next start will use."""
-        return str(self._call("read XML", self._dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE))
+        return str(self._call("read XML", lambda d: d.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
 
     def libvirt_snapshot_count(self) -> int:
         """Snapshots libvirt keeps metadata of (internal or external)."""
-        return int(self._call("count snapshots", self._dom.snapshotNum, 0))
+        return int(self._call("count snapshots", lambda d: d.snapshotNum(0)))
 
     def shutdown(self, *, use_agent: bool) -> None:
         """Ask the guest to shut down, through its agent or with the ACPI power button."""
@@ -208,18 +252,18 @@ class Domain:
             if use_agent
             else libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN
         )
-        self._call("shut down", self._dom.shutdownFlags, mode)
+        self._call("shut down", lambda d: d.shutdownFlags(mode))
 
     def force_off(self) -> None:
         """Power the guest off: QEMU is asked to exit cleanly first, then killed."""
         try:
-            self._dom.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL)
-        except libvirt.libvirtError:
-            self._call("force off", self._dom.destroyFlags, 0)
+            self._call("force off", lambda d: d.destroyFlags(libvirt.VIR_DOMAIN_DESTROY_GRACEFUL))
+        except VirtError:
+            self._call("force off", lambda d: d.destroyFlags(0))
 
     def start(self) -> None:
         """Start the (persistent, shut off) domain."""
-        self._call("start", self._dom.create)
+        self._call("start", lambda d: d.create())
 
     def wait_for_state(self, wanted: DomainState, timeout: float) -> bool:
         """Poll the state until it is ``wanted`` or ``timeout`` seconds pass; True if reached."""
@@ -256,7 +300,9 @@ class Domain:
             AgentUnavailable: The agent does not answer or the reply is unusable.
         """
         try:
-            info = self._dom.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_FILESYSTEM, 0)
+            info = self._reconnecting(
+                lambda d: d.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_FILESYSTEM, 0)
+            )
         except libvirt.libvirtError as exc:
             raise AgentUnavailable(f"guest filesystems: {_message(exc)}") from exc
         return parse_guest_filesystems(info)
@@ -264,7 +310,7 @@ class Domain:
     def fstrim(self) -> None:
         """Trim every mounted filesystem in the guest (``guest-fstrim``)."""
         try:
-            self._dom.fSTrim(None, 0, 0)
+            self._reconnecting(lambda d: d.fSTrim(None, 0, 0))
         except libvirt.libvirtError as exc:
             raise AgentUnavailable(f"fstrim: {_message(exc)}") from exc
 
@@ -298,7 +344,9 @@ class Domain:
         if arguments is not None:
             request["arguments"] = arguments
         try:
-            reply = libvirt_qemu.qemuAgentCommand(self._dom, json.dumps(request), timeout, 0)
+            reply = self._reconnecting(
+                lambda d: libvirt_qemu.qemuAgentCommand(d, json.dumps(request), timeout, 0)
+            )
         except libvirt.libvirtError as exc:
             raise AgentUnavailable(f"{command}: {_message(exc)}") from exc
         if len(reply) > 4 * MAX_EXEC_OUTPUT:
@@ -308,11 +356,22 @@ class Domain:
         except (ValueError, KeyError, TypeError) as exc:
             raise AgentUnavailable(f"{command}: unreadable reply") from exc
 
-    def _call(self, what: str, fn: Any, *args: Any) -> Any:  # noqa: ANN401
+    def _call(self, what: str, fn: Callable[[Any], Any]) -> Any:  # noqa: ANN401
         try:
-            return fn(*args)
+            return self._reconnecting(fn)
         except libvirt.libvirtError as exc:
             raise VirtError(f"{self.name}: cannot {what}: {_message(exc)}") from exc
+
+    def _reconnecting(self, fn: Callable[[Any], Any]) -> Any:  # noqa: ANN401
+        """Call ``fn(virDomain)``; if libvirtd went away, reconnect and retry once."""
+        try:
+            return fn(self._dom)
+        except libvirt.libvirtError:
+            if self._hypervisor is None or self._hypervisor.alive():
+                raise
+            self._hypervisor.reconnect()
+            self._dom = self._hypervisor.lookup_uuid(self.uuid)
+            return fn(self._dom)
 
 
 def parse_guest_filesystems(info: dict[str, Any]) -> list[GuestFilesystem]:

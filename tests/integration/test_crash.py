@@ -21,7 +21,14 @@ import pytest
 
 from testbed import data
 from testbed.guests import URI, Guest, create_guest
-from testbed.reclaim import leftovers, qemu_img_check_clean, reclaim, run_argv, sha256_file
+from testbed.reclaim import (
+    leftovers,
+    qemu_img_check_clean,
+    reclaim,
+    run_argv,
+    sha256_file,
+    wait_for_file,
+)
 
 pytestmark = pytest.mark.guest
 
@@ -88,13 +95,6 @@ def bed(libvirt_conn: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         yield CrashBed(guest, tmp_path_factory.mktemp("journal"))
     finally:
         guest.remove()
-
-
-def wait_for_file(path: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
-        time.sleep(0.05)
 
 
 def kill_job(job: subprocess.Popen[str]) -> None:
@@ -232,3 +232,96 @@ def test_corrupt_journal_stops_every_job_and_touches_nothing(bed: CrashBed, tmp_
     assert "Traceback" not in run.stderr
     assert bed.guest.is_running()
     assert sha256_file(bed.guest.data_image) == before
+
+
+def restart_libvirtd() -> None:
+    """Kill libvirtd hard and start it again (by hand, as the test bed runs it)."""
+    subprocess.run(["pkill", "-KILL", "-x", "libvirtd"], check=True, timeout=30)
+    deadline = time.monotonic() + 30
+    while subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True,
+                         check=False).returncode == 0:  # fmt: skip
+        assert time.monotonic() < deadline, "libvirtd did not die"
+        time.sleep(0.1)
+    subprocess.run(["libvirtd", "-d"], check=True, timeout=30)
+    deadline = time.monotonic() + 60
+    while subprocess.run(["virsh", "-c", URI, "version"], capture_output=True,
+                         check=False).returncode != 0:  # fmt: skip
+        assert time.monotonic() < deadline, "libvirtd did not come back"
+        time.sleep(0.2)
+
+
+def test_libvirtd_restarted_in_the_middle_of_a_job(
+    bed: CrashBed, paused_qemu_img: tuple[Path, Path, Path]
+) -> None:
+    wrapper, paused, go = paused_qemu_img
+    bed.dirty()
+    job = bed.start_job("--qemu-img", str(wrapper))
+    try:
+        wait_for_file(paused, 120)
+        restart_libvirtd()
+        go.touch()
+        stdout, stderr = job.communicate(timeout=300)
+    finally:
+        if job.poll() is None:
+            job.kill()
+
+    assert job.returncode == 0, stderr
+    assert json.loads(stdout)["outcome"] == "reclaimed"
+    assert "libvirt.reconnected" in stderr
+    bed.assert_intact()
+
+
+def test_a_second_job_for_a_busy_domain_is_refused(
+    bed: CrashBed, paused_qemu_img: tuple[Path, Path, Path]
+) -> None:
+    wrapper, paused, go = paused_qemu_img
+    bed.dirty()
+    first = bed.start_job("--qemu-img", str(wrapper))
+    try:
+        wait_for_file(paused, 120)
+        second = reclaim(bed.guest.name, "--state-dir", str(bed.state_dir), "--min-gain", "0")
+        assert second.exitcode == 1
+        assert "another virt-reclaim job holds" in second.stderr
+        # Recovery leaves a job alone while its process lives.
+        assert bed.recover() == []
+        go.touch()
+        stdout, stderr = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert json.loads(stdout)["outcome"] == "reclaimed", stderr
+    bed.assert_intact()
+
+
+def test_history_shows_each_outcome_with_its_figures(bed: CrashBed, tmp_path: Path) -> None:
+    state = ["--state-dir", str(tmp_path / "state")]
+    bed.dirty()
+    reclaimed = reclaim(bed.guest.name, *state, "--min-gain", "0")
+    nothing = reclaim(bed.guest.name, *state, "--min-gain", "100GiB")
+    failing = tmp_path / "qemu-img"
+    failing.write_text('#!/bin/sh\n[ "$1" = check ] && exit 1\nexec qemu-img "$@"\n')
+    failing.chmod(0o755)
+    bed.dirty()
+    failed = reclaim(bed.guest.name, *state, "--min-gain", "0", "--qemu-img", str(failing))
+    assert [r.result["outcome"] for r in (reclaimed, nothing, failed)] == [
+        "reclaimed", "nothing-to-do", "failed"]  # fmt: skip
+
+    proc = subprocess.run([sys.executable, "-m", "virt_reclaim", "history", bed.guest.name,
+                           "--json", *state], capture_output=True, text=True, timeout=60,
+                          check=True)  # fmt: skip
+    history = json.loads(proc.stdout)
+
+    assert [h["outcome"] for h in history] == ["failed", "nothing-to-do", "reclaimed"]
+    by_outcome = {h["outcome"]: h for h in history}
+    for run in (reclaimed, nothing, failed):
+        entry = by_outcome[run.result["outcome"]]
+        assert entry["job_id"] == run.result["job_id"]
+        assert entry["reason"] == run.result["reason"]
+        assert entry["duration_s"] == pytest.approx(run.result["duration_s"], abs=0.01)
+        assert entry["downtime_s"] == pytest.approx(run.result["downtime_s"], abs=0.01)
+    [disk] = reclaimed.result["disks"]
+    assert by_outcome["reclaimed"]["bytes_before"] == disk["bytes_before"]
+    assert by_outcome["reclaimed"]["bytes_after"] == disk["bytes_after"]
+    assert by_outcome["failed"]["bytes_after"] is None
+    assert "qemu-img check" in by_outcome["failed"]["reason"]
+    bed.assert_intact()

@@ -11,7 +11,7 @@ import os
 import subprocess
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import libvirt
@@ -29,6 +29,7 @@ from testbed.reclaim import (
     reclaim,
     sha256_file,
     start_reclaim,
+    wait_for_file,
 )
 
 pytestmark = pytest.mark.guest
@@ -269,34 +270,6 @@ def test_agent_refusing_guest_exec_is_logged_and_the_rewrite_goes_on(
     assert "disabled" in refusal["reason"]
     # The restarted guest runs its normal agent again: checksums through guest-exec work.
     assert_back_as_before(guest, sums, running=True)
-
-
-@pytest.fixture
-def paused_qemu_img(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
-    """A qemu-img that stops before `convert` until told to go: the real one underneath.
-
-    Yields (the wrapper, the file it creates when paused, the file that releases it).
-    """
-    paused, go = tmp_path / "paused", tmp_path / "go"
-    wrapper = tmp_path / "qemu-img"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        'if [ "$1" = convert ]; then\n'
-        f"  touch {paused}\n"
-        f"  i=0; while [ ! -e {go} ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done\n"
-        "fi\n"
-        'exec qemu-img "$@"\n'
-    )
-    wrapper.chmod(0o755)
-    yield wrapper, paused, go
-    go.touch()
-
-
-def wait_for_file(path: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
-        time.sleep(0.1)
 
 
 def test_start_during_the_rewrite_is_refused_and_the_job_completes(

@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
@@ -44,6 +44,49 @@ class ExecResult:
     exitcode: int
     stdout: str
     stderr: str
+
+
+class Connection:
+    """The test bed's libvirt connection: opened again when libvirtd was restarted."""
+
+    def __init__(self, uri: str = URI) -> None:
+        self.uri = uri
+        self._conn = libvirt.open(uri)
+
+    def _alive(self) -> bool:
+        try:
+            return bool(self._conn.isAlive() == 1)
+        except libvirt.libvirtError:
+            return False
+
+    def current(self) -> Any:
+        if not self._alive():
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    self._conn = libvirt.open(self.uri)
+                    break
+                except libvirt.libvirtError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+        return self._conn
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self.current(), name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return getattr(self.current(), name)(*args, **kwargs)
+            except libvirt.libvirtError:
+                # isAlive() only turns false once a call has failed on the dead socket.
+                if self._alive():
+                    raise
+                return getattr(self.current(), name)(*args, **kwargs)
+
+        return call
 
 
 def ensure_guest_built() -> None:
@@ -133,13 +176,11 @@ class Guest:
     data_image: Path
     backing_image: Path | None
     persistent: bool
-    _dom: Any = field(default=None, repr=False)
 
     @property
     def dom(self) -> Any:
-        if self._dom is None:
-            self._dom = self.conn.lookupByName(self.name)
-        return self._dom
+        # Looked up each time: a cached object would die with a restarted libvirtd.
+        return self.conn.lookupByName(self.name)
 
     @property
     def console_log(self) -> Path:
@@ -306,7 +347,7 @@ def create_guest(
             if start:
                 guest.start()
         else:
-            guest._dom = conn.createXML(xml, 0)
+            conn.createXML(xml, 0)
             guest.wait_agent()
     except BaseException:
         guest.remove()

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,3 +92,11 @@ def image_info(path: Path) -> dict[str, Any]:
 def leftovers(folder: Path) -> list[str]:
     """Temporary or backup files a job left beside its images."""
     return sorted(p.name for p in folder.iterdir() if ".virt-reclaim-" in p.name)
+
+
+def wait_for_file(path: Path, timeout: float) -> None:
+    """Poll for ``path`` with a deadline (a wrapper or the pause hook creates it)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.05)
