@@ -69,13 +69,7 @@ class CrashBed:
         return result
 
     def history(self) -> list[dict[str, Any]]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "virt_reclaim", "history", "--json",
-             "--state-dir", str(self.state_dir)],
-            capture_output=True, text=True, timeout=60, check=True,
-        )  # fmt: skip
-        result: list[dict[str, Any]] = json.loads(proc.stdout)
-        return result
+        return history_json("--state-dir", str(self.state_dir))
 
     def assert_intact(self) -> None:
         assert self.guest.is_running()
@@ -293,35 +287,52 @@ def test_a_second_job_for_a_busy_domain_is_refused(
     bed.assert_intact()
 
 
-def test_history_shows_each_outcome_with_its_figures(bed: CrashBed, tmp_path: Path) -> None:
+def test_history_shows_each_outcome_with_its_figures(
+    bed: CrashBed, make_guest: Callable[..., Guest], tmp_path: Path
+) -> None:
     state = ["--state-dir", str(tmp_path / "state")]
+    snapshotted = make_guest(data_size="64M", start=False)
+    subprocess.run(["qemu-img", "snapshot", "-c", "s1", str(snapshotted.data_image)],
+                   check=True, timeout=60)  # fmt: skip
     bed.dirty()
     reclaimed = reclaim(bed.guest.name, *state, "--min-gain", "0")
+    skipped = reclaim(snapshotted.name, *state)
     nothing = reclaim(bed.guest.name, *state, "--min-gain", "100GiB")
     failing = tmp_path / "qemu-img"
     failing.write_text('#!/bin/sh\n[ "$1" = check ] && exit 1\nexec qemu-img "$@"\n')
     failing.chmod(0o755)
     bed.dirty()
     failed = reclaim(bed.guest.name, *state, "--min-gain", "0", "--qemu-img", str(failing))
-    assert [r.result["outcome"] for r in (reclaimed, nothing, failed)] == [
-        "reclaimed", "nothing-to-do", "failed"]  # fmt: skip
+    runs = (reclaimed, skipped, nothing, failed)
+    assert [r.result["outcome"] for r in runs] == [
+        "reclaimed", "skipped", "nothing-to-do", "failed"]  # fmt: skip
 
-    proc = subprocess.run([sys.executable, "-m", "virt_reclaim", "history", bed.guest.name,
-                           "--json", *state], capture_output=True, text=True, timeout=60,
-                          check=True)  # fmt: skip
-    history = json.loads(proc.stdout)
+    history = history_json(*state)
+    only_bed = history_json(bed.guest.name, *state)
 
-    assert [h["outcome"] for h in history] == ["failed", "nothing-to-do", "reclaimed"]
+    assert [h["outcome"] for h in history] == ["failed", "nothing-to-do", "skipped", "reclaimed"]
+    assert [h["outcome"] for h in only_bed] == ["failed", "nothing-to-do", "reclaimed"]
     by_outcome = {h["outcome"]: h for h in history}
-    for run in (reclaimed, nothing, failed):
+    for run in runs:
         entry = by_outcome[run.result["outcome"]]
         assert entry["job_id"] == run.result["job_id"]
+        assert entry["domain"] == run.result["domain"]
         assert entry["reason"] == run.result["reason"]
         assert entry["duration_s"] == pytest.approx(run.result["duration_s"], abs=0.01)
         assert entry["downtime_s"] == pytest.approx(run.result["downtime_s"], abs=0.01)
     [disk] = reclaimed.result["disks"]
     assert by_outcome["reclaimed"]["bytes_before"] == disk["bytes_before"]
     assert by_outcome["reclaimed"]["bytes_after"] == disk["bytes_after"]
+    assert by_outcome["reclaimed"]["downtime_s"] > 0
+    assert "internal snapshot" in by_outcome["skipped"]["reason"]
+    assert by_outcome["skipped"]["steps"] == ["inspect"]
     assert by_outcome["failed"]["bytes_after"] is None
     assert "qemu-img check" in by_outcome["failed"]["reason"]
     bed.assert_intact()
+
+
+def history_json(*args: str) -> list[dict[str, Any]]:
+    proc = subprocess.run([sys.executable, "-m", "virt_reclaim", "history", "--json", *args],
+                          capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    result: list[dict[str, Any]] = json.loads(proc.stdout)
+    return result
