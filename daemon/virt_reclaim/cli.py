@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
-from virt_reclaim import __version__, inventory, logs, qemu_img, recovery
+from virt_reclaim import __version__, config, inventory, logs, qemu_img, recovery, selection
 from virt_reclaim.domainlock import DomainBusy, DomainLock
 from virt_reclaim.guestfree import FreeSpaceMethod
 from virt_reclaim.job import (
@@ -28,6 +28,7 @@ from virt_reclaim.job import (
     Step,
 )
 from virt_reclaim.journal import DEFAULT_STATE_DIR, Journal, JournalError
+from virt_reclaim.policy import PolicyFile
 from virt_reclaim.process import Priority
 from virt_reclaim.units import format_bytes
 from virt_reclaim.virt import DEFAULT_URI, Hypervisor, VirtError
@@ -219,6 +220,77 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
     _add_state_dir(history)
     history.add_argument("--json", action="store_true", help="print a JSON list")
     history.set_defaults(handler=_cmd_history)
+    _add_config_commands(commands)
+
+
+def _add_config_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's private type
+    check = commands.add_parser(
+        "check",
+        help="validate the daemon settings and the policy files",
+        description=(
+            "Validate CONFIG_DIR/virt-reclaim.toml and every CONFIG_DIR/policies.d/*.toml, "
+            "report every error (file, policy, field, value, why), then list each policy with "
+            "the domains it selects now. Files and folders must belong to root and not be "
+            "writable by group or others."
+        ),
+        epilog="Exit status: 0 valid, 2 errors found (each printed on stderr).",
+    )
+    check.add_argument(
+        "--config-dir", default=config.DEFAULT_CONFIG_DIR, metavar="DIR",
+        help="the configuration folder (default: %(default)s)",
+    )  # fmt: skip
+    check.add_argument(
+        "-c", "--connect", metavar="URI",
+        help="libvirt URI to list matching domains from (default: the configured uri)",
+    )  # fmt: skip
+    check.set_defaults(handler=_cmd_check)
+    schema = commands.add_parser(
+        "schema",
+        help="print the JSON Schema of a policy file",
+        description="Print the JSON Schema of a policy file, with a description of every field.",
+    )
+    schema.set_defaults(handler=_cmd_schema)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    loaded = config.load(args.config_dir)
+    errors = [str(e) for e in loaded.errors]
+    policies = [policy for _file, policy in loaded.policies]
+    domains: list[Any] | None = None
+    uri = args.connect or loaded.daemon.uri
+    try:
+        with Hypervisor(uri, read_only=True) as hypervisor:
+            domains = hypervisor.domains()
+    except VirtError as exc:
+        print(f"virt-reclaim: cannot list domains ({exc}); the files alone were checked",
+              file=sys.stderr)  # fmt: skip
+    selected: dict[str, list[str]] = {p.name: [] for p in policies}
+    for domain in domains or []:
+        choice = selection.select(policies, domain.name, domain.uuid, domain.xml)
+        if choice.conflict:
+            errors.append(
+                f"domain {domain.name}: policies {', '.join(choice.conflict)} all match with the "
+                "same priority; give one a higher priority or exclude the domain"
+            )
+        elif choice.policy is not None:
+            selected[choice.policy.name].append(domain.name)
+    for file, policy in loaded.policies:
+        state = "" if policy.enabled else " (disabled)"
+        names = ", ".join(selected[policy.name]) or "no domain now"
+        shown = names if domains is not None else "domains not listed"
+        print(f"{policy.name}{state}  [{file}, priority {policy.priority}]: {shown}")
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    if errors:
+        print(f"virt-reclaim: {len(errors)} error(s) in {args.config_dir}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def _cmd_schema(_args: argparse.Namespace) -> int:
+    json.dump(PolicyFile.model_json_schema(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return EXIT_OK
 
 
 def _add_state_dir(parser: argparse.ArgumentParser) -> None:
