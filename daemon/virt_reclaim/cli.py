@@ -28,7 +28,7 @@ from virt_reclaim.job import (
     Step,
 )
 from virt_reclaim.journal import DEFAULT_STATE_DIR, Journal, JournalError
-from virt_reclaim.policy import PolicyFile
+from virt_reclaim.policy import Policy, PolicyFile, job_settings
 from virt_reclaim.process import Priority
 from virt_reclaim.units import format_bytes
 from virt_reclaim.virt import DEFAULT_URI, Hypervisor, VirtError
@@ -147,15 +147,14 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
     )
     run.add_argument(
         "--free-space", choices=[m.value for m in FreeSpaceMethod],
-        default=FreeSpaceMethod.AUTO.value,
+        default=None,
         help="how to free the guest's unused blocks first: trim (frees host space only with "
         "discard='unmap' on the disk), zero (fill free space with zeros through guest-exec), "
-        "auto (trim where every disk has discard, else zero), none (default: %(default)s)",
+        "auto (trim where every disk has discard, else zero), none (default: auto)",
     )  # fmt: skip
     run.add_argument(
-        "--compression", choices=[m.value for m in Compression], default=Compression.ZSTD.value,
-        help="compression of the new image; zstd needs QEMU >= 5.1 to open it "
-        "(default: %(default)s)",
+        "--compression", choices=[m.value for m in Compression], default=None,
+        help="compression of the new image; zstd needs QEMU >= 5.1 to open it (default: zstd)",
     )  # fmt: skip
     run.add_argument(
         "--cluster-size", type=_cluster_size, metavar="SIZE",
@@ -163,22 +162,22 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
         "clusters above 64KiB make compressed images slow to read)",
     )  # fmt: skip
     run.add_argument(
-        "--shutdown-timeout", type=_seconds, default=120.0, metavar="SECONDS",
-        help="how long to wait for the guest to be off (default: %(default)g)",
+        "--shutdown-timeout", type=_seconds, default=None, metavar="SECONDS",
+        help="how long to wait for the guest to be off (default: 120)",
     )  # fmt: skip
     run.add_argument(
         "--on-shutdown-timeout", choices=[m.value for m in OnShutdownTimeout],
-        default=OnShutdownTimeout.ABORT.value,
+        default=None,
         help="abort: leave the guest running and change nothing; force: power it off "
-        "(default: %(default)s)",
+        "(default: abort)",
     )  # fmt: skip
     run.add_argument(
-        "--min-gain", type=_size, default=64 * 1024 * 1024, metavar="SIZE",
+        "--min-gain", type=_size, default=None, metavar="SIZE",
         help="do nothing when the estimated gain is below this (default: 64MiB); when the "
         "guest's usage is unknown (no agent) the rewrite runs",
     )  # fmt: skip
     run.add_argument(
-        "--keep-backup", action="store_true",
+        "--keep-backup", action="store_true", default=None,
         help="keep each original image beside the new one (NAME.virt-reclaim-backup-TIME)",
     )  # fmt: skip
     run.add_argument(
@@ -190,6 +189,11 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
         default=logs.LogFormat.AUTO.value,
         help="log lines on stderr: json, console, or auto (console on a terminal)",
     )  # fmt: skip
+    run.add_argument(
+        "--policy", metavar="NAME",
+        help="take the settings from this policy; options given here still win",
+    )  # fmt: skip
+    _add_config_dir(run)
     _add_state_dir(run)
     run.set_defaults(handler=_cmd_run)
 
@@ -235,10 +239,7 @@ def _add_config_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's pr
         ),
         epilog="Exit status: 0 valid, 2 errors found (each printed on stderr).",
     )
-    check.add_argument(
-        "--config-dir", default=config.DEFAULT_CONFIG_DIR, metavar="DIR",
-        help="the configuration folder (default: %(default)s)",
-    )  # fmt: skip
+    _add_config_dir(check)
     check.add_argument(
         "-c", "--connect", metavar="URI",
         help="libvirt URI to list matching domains from (default: the configured uri)",
@@ -293,6 +294,28 @@ def _cmd_schema(_args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_config_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config-dir", default=config.DEFAULT_CONFIG_DIR, metavar="DIR",
+        help="the configuration folder (default: %(default)s)",
+    )  # fmt: skip
+
+
+def _policy_named(name: str, config_dir: str) -> Policy:
+    """The valid policy ``name`` from ``config_dir``; UsageError naming what is wrong."""
+    loaded = config.load(config_dir)
+    for _file, policy in loaded.policies:
+        if policy.name == name:
+            return policy
+    known = ", ".join(p.name for _f, p in loaded.policies) or "none"
+    problems = "".join(f"\n  {e}" for e in loaded.errors)
+    raise UsageError(f"no valid policy named {name!r} in {config_dir} (valid: {known}){problems}")
+
+
+class UsageError(Exception):
+    """The command line names something that does not exist or is not valid."""
+
+
 def _add_state_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
@@ -315,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result: int = args.handler(args)
+    except UsageError as exc:
+        print(f"virt-reclaim: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (VirtError, JournalError, DomainBusy) as exc:
         print(f"virt-reclaim: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -352,17 +378,22 @@ def _interrupt_on_sigterm(signum: int, _frame: object) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     logs.configure(logs.LogFormat(args.log_format))
-    settings = JobSettings(
-        free_space=FreeSpaceMethod(args.free_space),
-        compression=Compression(args.compression),
-        cluster_size=args.cluster_size,
-        shutdown_timeout_s=args.shutdown_timeout,
-        on_shutdown_timeout=OnShutdownTimeout(args.on_shutdown_timeout),
-        min_gain=args.min_gain,
-        keep_backup=args.keep_backup,
-        dry_run=args.dry_run,
-        qemu_img=args.qemu_img,
-    )
+    overrides: dict[str, Any] = {
+        "free_space": args.free_space and FreeSpaceMethod(args.free_space),
+        "compression": args.compression and Compression(args.compression),
+        "cluster_size": args.cluster_size,
+        "shutdown_timeout_s": args.shutdown_timeout,
+        "on_shutdown_timeout": args.on_shutdown_timeout
+        and OnShutdownTimeout(args.on_shutdown_timeout),
+        "min_gain": args.min_gain,
+        "keep_backup": args.keep_backup,
+        "dry_run": args.dry_run,
+        "qemu_img": args.qemu_img,
+    }
+    if args.policy:
+        settings = job_settings(_policy_named(args.policy, args.config_dir), **overrides)
+    else:
+        settings = JobSettings(**{k: v for k, v in overrides.items() if v is not None})
     journal = Journal(args.state_dir)
     with Hypervisor(args.connect) as hypervisor:
         domain = hypervisor.domain(args.domain)

@@ -69,6 +69,14 @@ class Compression(enum.StrEnum):
     NONE = "none"
 
 
+class After(enum.StrEnum):
+    """The guest's power state after a job that succeeded (a failed one restores the previous)."""
+
+    PREVIOUS = "previous"
+    START = "start"
+    OFF = "off"
+
+
 class OnShutdownTimeout(enum.StrEnum):
     """What to do when the guest is not off within the shutdown timeout."""
 
@@ -87,6 +95,8 @@ class JobSettings:
     shutdown_timeout_s: float = 120.0
     on_shutdown_timeout: OnShutdownTimeout = OnShutdownTimeout.ABORT
     min_gain: int = 64 * MIB
+    min_gain_percent: float = 0.0
+    after: After = After.PREVIOUS
     keep_backup: bool = False
     dry_run: bool = False
     agent_start_timeout_s: float = 120.0
@@ -315,7 +325,7 @@ class ReclaimJob:
             self.guard.release()
             try:
                 with self._step(Step.RESTORE):
-                    self._restore()
+                    self._restore(succeeded=failure is None)
             except VirtError as restore_error:
                 # Report both: why the job stopped, and that the guest is not back.
                 if isinstance(failure, Exception):
@@ -444,10 +454,17 @@ class ReclaimJob:
                 known_gain += disk.bytes_before - disk.estimated_after
             self.log.info("estimate", target=disk.target, bytes_before=disk.bytes_before,
                           estimated_after=disk.estimated_after)  # fmt: skip
+        total = sum(d.bytes_before for d in self.disks)
+        percent = 100.0 * known_gain / total if total else 0.0
         if all_known and known_gain < self.settings.min_gain:
             raise NothingToDo(
                 f"estimated gain {format_bytes(known_gain)} is below the minimum of "
                 f"{format_bytes(self.settings.min_gain)}"
+            )
+        if all_known and percent < self.settings.min_gain_percent:
+            raise NothingToDo(
+                f"estimated gain {percent:.1f} % is below the minimum of "
+                f"{self.settings.min_gain_percent:g} %"
             )
 
     def _preflight(self) -> None:
@@ -600,8 +617,12 @@ class ReclaimJob:
             disk.swapped = True
             self.log.info("swap.done", target=disk.target, path=disk.path, backup=disk.backup)
 
-    def _restore(self) -> None:
-        if not self.was_running:
+    def _restore(self, *, succeeded: bool) -> None:
+        after = self.settings.after if succeeded else After.PREVIOUS
+        want_running = self.was_running if after is After.PREVIOUS else after is After.START
+        if not want_running:
+            if self._down_since is not None:
+                self._downtime = self._clock() - self._down_since
             return
         if self.domain.state() is DomainState.RUNNING:
             # Never stopped (an aborted shutdown): nothing to bring back. Its agent may be
@@ -623,6 +644,8 @@ class ReclaimJob:
             "shutdown_timeout_s": self.settings.shutdown_timeout_s,
             "on_shutdown_timeout": str(self.settings.on_shutdown_timeout),
             "min_gain": self.settings.min_gain,
+            "min_gain_percent": self.settings.min_gain_percent,
+            "after": str(self.settings.after),
             "keep_backup": self.settings.keep_backup,
             "dry_run": self.settings.dry_run,
         }

@@ -25,8 +25,10 @@ from pydantic import (
 )
 
 from virt_reclaim.guestfree import FreeSpaceMethod
-from virt_reclaim.job import Compression, OnShutdownTimeout
+from virt_reclaim.job import After, Compression, JobSettings, OnShutdownTimeout
 
+# The defaults of `virt-reclaim run` are those of a policy that sets nothing.
+_JOB_DEFAULTS = JobSettings()
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -149,33 +151,45 @@ class Idle(_Model):
 class FreeSpace(_Model):
     """Freeing the guest's unused blocks before the rewrite."""
 
-    method: FreeSpaceMethod = Field(default=FreeSpaceMethod.AUTO, description="auto|trim|zero|none")
-    timeout: Duration = Field(default=timedelta(minutes=10), description="bound of a zero-fill")
+    method: FreeSpaceMethod = Field(
+        default=_JOB_DEFAULTS.free_space, description="auto|trim|zero|none"
+    )
+    timeout: Duration = Field(
+        default=timedelta(seconds=_JOB_DEFAULTS.free_space_timeout_s),
+        description="bound of a zero-fill",
+    )
 
 
 class Shutdown(_Model):
     """Shutting the guest down."""
 
-    timeout: Duration = Field(default=timedelta(minutes=2), description="wait this long")
+    timeout: Duration = Field(
+        default=timedelta(seconds=_JOB_DEFAULTS.shutdown_timeout_s), description="wait this long"
+    )
     on_timeout: OnShutdownTimeout = Field(
-        default=OnShutdownTimeout.ABORT, description="abort (leave it running) or force"
+        default=_JOB_DEFAULTS.on_shutdown_timeout, description="abort (leave it running) or force"
     )
 
 
 class Rewrite(_Model):
     """The new image."""
 
-    compression: Compression = Field(default=Compression.ZSTD, description="zstd|zlib|none")
+    compression: Compression = Field(
+        default=_JOB_DEFAULTS.compression, description="zstd|zlib|none"
+    )
     cluster_size: ByteSize | None = Field(
         default=None, description="e.g. 64KiB; unset keeps each image's own"
     )
     preallocation: Literal["off", "metadata"] = Field(
         default="off", description="qcow2 preallocation of the new image"
     )
-    min_gain: ByteSize = Field(default=ByteSize(1024**3), description="skip below this gain")
-    min_gain_percent: float = Field(
-        default=10.0, ge=0, le=100, description="and below this gain in percent of the image"
+    min_gain: ByteSize = Field(
+        default=ByteSize(_JOB_DEFAULTS.min_gain), description="skip below this estimated gain"
     )
+    min_gain_percent: float = Field(
+        default=_JOB_DEFAULTS.min_gain_percent, ge=0, le=100,
+        description="skip below this estimated gain in percent of the allocated bytes",
+    )  # fmt: skip
     keep_backup: Duration | None = Field(
         default=None, description="keep the original this long beside the new image"
     )
@@ -194,14 +208,6 @@ class Rewrite(_Model):
         if self.compression is not Compression.NONE and self.preallocation != "off":
             raise ValueError("compression and preallocation exclude each other")
         return self
-
-
-class After(enum.StrEnum):
-    """The guest's power state after the job."""
-
-    PREVIOUS = "previous"
-    START = "start"
-    OFF = "off"
 
 
 class Mode(enum.StrEnum):
@@ -257,3 +263,22 @@ class PolicyFile(_Model):
         if not self.policy:
             raise ValueError("the file defines no [[policy]]")
         return self
+
+
+def job_settings(policy: Policy, **overrides: Any) -> JobSettings:  # noqa: ANN401
+    """The job settings a policy gives; ``overrides`` (explicit run options) win."""
+    rewrite, shutdown, free_space = policy.rewrite, policy.shutdown, policy.free_space
+    values: dict[str, Any] = {
+        "free_space": free_space.method,
+        "free_space_timeout_s": free_space.timeout.total_seconds(),
+        "compression": rewrite.compression,
+        "cluster_size": None if rewrite.cluster_size is None else int(rewrite.cluster_size),
+        "shutdown_timeout_s": shutdown.timeout.total_seconds(),
+        "on_shutdown_timeout": shutdown.on_timeout,
+        "min_gain": int(rewrite.min_gain),
+        "min_gain_percent": rewrite.min_gain_percent,
+        "keep_backup": rewrite.keep_backup is not None,
+        "after": policy.after,
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return JobSettings(**values)
