@@ -18,8 +18,10 @@ class LogFormat(enum.StrEnum):
     CONSOLE = "console"
 
 
-def configure(fmt: LogFormat = LogFormat.AUTO, stream: TextIO | None = None) -> None:
-    """Send every event, with time, level and bound context, to ``stream`` (stderr)."""
+def configure(
+    fmt: LogFormat = LogFormat.AUTO, stream: TextIO | None = None, level: int = logging.INFO
+) -> None:
+    """Send every event from ``level`` up, with time, level and context, to ``stream`` (stderr)."""
     stream = stream or sys.stderr
     use_console = fmt is LogFormat.CONSOLE or (fmt is LogFormat.AUTO and stream.isatty())
     renderer: structlog.typing.Processor = (
@@ -35,7 +37,7 @@ def configure(fmt: LogFormat = LogFormat.AUTO, stream: TextIO | None = None) -> 
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
