@@ -92,6 +92,7 @@ class JobSettings:
     free_space_timeout_s: float = 600.0
     compression: Compression = Compression.ZSTD
     cluster_size: int | None = None  # None keeps each image's own
+    preallocation: str = "off"  # or "metadata"; never with compression
     shutdown_timeout_s: float = 120.0
     on_shutdown_timeout: OnShutdownTimeout = OnShutdownTimeout.ABORT
     min_gain: int = 64 * MIB
@@ -594,6 +595,7 @@ class ReclaimJob:
                 backing_format=disk.info.backing_format,
                 size_bytes=disk.info.virtual_size,
                 on_progress=progress,
+                preallocation=self.settings.preallocation,
             )
             # Locks belong to the inode: the new image carries the guard across the rename.
             self.guard.lock(disk.temp)

@@ -273,6 +273,7 @@ def job_settings(policy: Policy, **overrides: Any) -> JobSettings:  # noqa: ANN4
         "free_space_timeout_s": free_space.timeout.total_seconds(),
         "compression": rewrite.compression,
         "cluster_size": None if rewrite.cluster_size is None else int(rewrite.cluster_size),
+        "preallocation": rewrite.preallocation,
         "shutdown_timeout_s": shutdown.timeout.total_seconds(),
         "on_shutdown_timeout": shutdown.on_timeout,
         "min_gain": int(rewrite.min_gain),

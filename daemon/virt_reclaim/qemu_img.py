@@ -163,6 +163,7 @@ def convert_argv(
     backing: str | None = None,
     backing_format: str | None = None,
     coroutines: int = 8,
+    preallocation: str = "off",
 ) -> list[str]:
     """Return the argv of the rewrite: ``source`` (qcow2) into a new qcow2 ``target``.
 
@@ -178,6 +179,8 @@ def convert_argv(
         options.append(f"compression_type={compression}")
     if cluster_size is not None:
         options.append(f"cluster_size={cluster_size}")
+    if preallocation != "off":
+        options.append(f"preallocation={preallocation}")
     if backing is not None:
         argv += ["-B", backing, "-F", backing_format or "qcow2"]
     if options:
@@ -268,11 +271,13 @@ class QemuImg:
         backing_format: str | None,
         size_bytes: int,
         on_progress: process.ProgressCallback | None,
+        preallocation: str = "off",
     ) -> None:
         """Rewrite ``source`` into ``target`` (see ``convert_argv``) at low priority."""
         argv = convert_argv(
             source, target, qemu_img=self.qemu_img, compression=compression,
             cluster_size=cluster_size, backing=backing, backing_format=backing_format,
+            preallocation=preallocation,
         )  # fmt: skip
         _run(
             argv,

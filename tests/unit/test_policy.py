@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from virt_reclaim import config, selection
-from virt_reclaim.policy import Policy, PolicyFile
+from virt_reclaim.job import After, Compression, JobSettings
+from virt_reclaim.policy import Policy, PolicyFile, job_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = {"name": "p", "match": {"names": ["web-*"]}, "schedule": {"cron": "0 2 * * *"}}
@@ -109,6 +110,26 @@ def test_cross_field_rules() -> None:
     assert prealloc.message == "compression and preallocation exclude each other"
     uncompressed = {"preallocation": "metadata", "compression": "none"}
     assert validate({**MINIMAL, "rewrite": uncompressed}) == []
+
+
+def test_job_settings_follow_the_policy_and_explicit_options_win() -> None:
+    policy = Policy.model_validate(with_field("rewrite", {
+        "compression": "none", "preallocation": "metadata", "min_gain": "2GiB",
+        "keep_backup": "1d"}) | {"after": "off", "shutdown": {"timeout": "45s"}})  # fmt: skip
+    settings = job_settings(policy)
+    assert (settings.compression, settings.preallocation, settings.min_gain) == (
+        Compression.NONE,
+        "metadata",
+        2 * 1024**3,
+    )
+    assert (settings.keep_backup, settings.after, settings.shutdown_timeout_s) == (
+        True,
+        After.OFF,
+        45.0,
+    )
+    assert job_settings(policy, shutdown_timeout_s=10.0, min_gain=None).shutdown_timeout_s == 10
+    defaults = job_settings(Policy.model_validate(MINIMAL))
+    assert defaults == JobSettings(keep_backup=False)
 
 
 def test_a_policy_must_select_something() -> None:

@@ -115,6 +115,12 @@ def test_convert_argv_is_exact() -> None:
     ]  # fmt: skip
 
 
+def test_convert_argv_with_preallocation() -> None:
+    argv = qemu_img.convert_argv("/a", "/t", compression=None, cluster_size=None,
+                                 preallocation="metadata")  # fmt: skip
+    assert argv[-4:] == ["-o", "preallocation=metadata", "/a", "/t"]
+
+
 def test_rewrite_check_and_compare_on_real_images(tmp_path: Path) -> None:
     image, new, other = tmp_path / "a.qcow2", tmp_path / "b.qcow2", tmp_path / "c.qcow2"
     sh("qemu-img", "create", "-q", "-f", "qcow2", str(image), "32M")
