@@ -121,10 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     domains.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     domains.add_argument(
         "--qemu-img",
-        default=qemu_img.DEFAULT_QEMU_IMG,
         metavar="PATH",
-        help="qemu-img program to read images with (default: %(default)s from PATH)",
+        help="qemu-img program to read images with (default: the configured qemu_img, else "
+        "qemu-img from PATH)",
     )
+    _add_config_dir(domains)
     domains.set_defaults(handler=_cmd_domains)
     _add_run(commands)
     return parser
@@ -192,8 +193,8 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
         help="keep each original image beside the new one (NAME.virt-reclaim-backup-TIME)",
     )  # fmt: skip
     run.add_argument(
-        "--qemu-img", default=qemu_img.DEFAULT_QEMU_IMG, metavar="PATH",
-        help="qemu-img program (default: %(default)s from PATH)",
+        "--qemu-img", metavar="PATH",
+        help="qemu-img program (default: the configured qemu_img, else qemu-img from PATH)",
     )  # fmt: skip
     run.add_argument(
         "--log-format", choices=[m.value for m in logs.LogFormat],
@@ -222,6 +223,7 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
     )
     _add_connect(recover)
     _add_state_dir(recover)
+    _add_config_dir(recover)
     recover.add_argument("--json", action="store_true", help="print a JSON list of what was done")
     recover.set_defaults(handler=_cmd_recover)
 
@@ -233,6 +235,7 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
     )
     history.add_argument("domain", metavar="DOMAIN", nargs="?", help="only this domain's jobs")
     _add_state_dir(history)
+    _add_config_dir(history)
     history.add_argument("--json", action="store_true", help="print a JSON list")
     history.set_defaults(handler=_cmd_history)
     _add_config_commands(commands)
@@ -357,6 +360,20 @@ def _add_config_dir(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _apply_daemon_settings(args: argparse.Namespace) -> None:
+    """Fill the options not given from CONFIG_DIR/virt-reclaim.toml (then built-in defaults)."""
+    if not hasattr(args, "config_dir"):
+        return
+    daemon, errors = config.load_daemon(args.config_dir)
+    if errors:
+        raise UsageError("\n  ".join(["the daemon settings are not valid:", *map(str, errors)]))
+    args.daemon = daemon
+    for option, value in (("connect", daemon.uri), ("state_dir", daemon.state_dir),
+                          ("qemu_img", daemon.qemu_img)):  # fmt: skip
+        if hasattr(args, option) and getattr(args, option) is None:
+            setattr(args, option, value)
+
+
 def _policy_named(name: str, config_dir: str) -> Policy:
     """The valid policy ``name`` from ``config_dir``; UsageError naming what is wrong."""
     loaded = config.load(config_dir)
@@ -374,8 +391,9 @@ class UsageError(Exception):
 
 def _add_state_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
-        help="where the job journal lives (default: %(default)s)",
+        "--state-dir", metavar="DIR",
+        help="where the job journal lives (default: the configured state_dir, else "
+        f"{DEFAULT_STATE_DIR})",
     )  # fmt: skip
 
 
@@ -383,9 +401,8 @@ def _add_connect(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-c",
         "--connect",
-        default=DEFAULT_URI,
         metavar="URI",
-        help="libvirt connection URI (default: %(default)s)",
+        help=f"libvirt connection URI (default: the configured uri, else {DEFAULT_URI})",
     )
 
 
@@ -393,6 +410,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        _apply_daemon_settings(args)
         result: int = args.handler(args)
     except UsageError as exc:
         print(f"virt-reclaim: {exc}", file=sys.stderr)
@@ -470,7 +488,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         bar = _ProgressBar(sys.stderr) if sys.stderr.isatty() else None
         job = ReclaimJob(
             domain,
-            qemu_img.QemuImg(settings.qemu_img, Priority()),
+            qemu_img.QemuImg(
+                settings.qemu_img,
+                Priority(args.daemon.nice, args.daemon.ionice_class, args.daemon.ionice_level),
+            ),
             settings,
             images_of_other_domains=images_of_other_domains,
             on_progress=bar.update if bar else None,

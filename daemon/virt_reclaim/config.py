@@ -100,6 +100,13 @@ def load(config_dir: str = DEFAULT_CONFIG_DIR, *, strict_modes: bool = True) -> 
     return LoadedConfig(daemon, tuple(policies), tuple(errors))
 
 
+def load_daemon(config_dir: str = DEFAULT_CONFIG_DIR) -> tuple[DaemonConfig, list[ConfigError]]:
+    """Only the daemon settings (what every command needs), with their errors."""
+    errors: list[ConfigError] = []
+    daemon = _load_daemon(Path(config_dir) / DAEMON_FILE, errors, strict_modes=True)
+    return daemon, errors
+
+
 def _load_daemon(path: Path, errors: list[ConfigError], strict_modes: bool) -> DaemonConfig:
     if not path.exists():
         return DaemonConfig()

@@ -279,3 +279,29 @@ def test_selection_by_glob_uuid_exclusion_metadata_and_priority() -> None:
     assert selection.select([web, by_uuid], "web-1", uuid, "<domain/>").policy == by_uuid
     tie = selection.select([web, tagged], "web-1", "u", xml)
     assert tie.policy is None and tie.conflict == ("web", "tagged")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "virt_reclaim", *args], capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+
+
+def test_commands_follow_the_daemon_settings_and_options_win(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    write(tmp_path / "virt-reclaim.toml", f'uri = "test:///default"\nstate_dir = "{state}"\n')
+    domains = cli("domains", "--json", "--config-dir", str(tmp_path))
+    assert domains.returncode == 0, domains.stderr
+    assert [d["name"] for d in json.loads(domains.stdout)] == ["test"]
+    assert cli("history", "--config-dir", str(tmp_path)).returncode == 0
+    assert (state / "journal.sqlite3").exists()
+    other = tmp_path / "other"
+    assert cli("history", "--config-dir", str(tmp_path), "--state-dir", str(other)).returncode == 0
+    assert (other / "journal.sqlite3").exists()
+
+
+def test_an_invalid_daemon_file_is_a_usage_error(tmp_path: Path) -> None:
+    write(tmp_path / "virt-reclaim.toml", "nice = 40\n")
+    result = cli("history", "--config-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "the daemon settings are not valid" in result.stderr
+    assert "virt-reclaim.toml: nice: " in result.stderr
