@@ -254,10 +254,7 @@ def _add_config_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's pr
         epilog="Exit status: 0 valid, 2 errors found (each printed on stderr).",
     )
     _add_config_dir(check)
-    check.add_argument(
-        "-c", "--connect", metavar="URI",
-        help="libvirt URI to list matching domains from (default: the configured uri)",
-    )  # fmt: skip
+    _add_connect(check)
     check.set_defaults(handler=_cmd_check)
     schema = commands.add_parser(
         "schema",
@@ -277,8 +274,7 @@ def _add_config_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's pr
         epilog="Exit status: 0 success, 1 libvirt unreachable, 2 configuration errors.",
     )
     _add_config_dir(plan)
-    plan.add_argument("-c", "--connect", metavar="URI",
-                      help="libvirt URI (default: the configured uri)")  # fmt: skip
+    _add_connect(plan)
     plan.add_argument("--json", action="store_true", help="print a JSON list")
     plan.set_defaults(handler=_cmd_plan)
 
