@@ -169,6 +169,24 @@ class Hypervisor:
             log.info("libvirt.reconnected")
             return
 
+    def domain_stats(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """(name, uuid, record) of every domain from one ``getAllDomainStats`` call.
+
+        The record holds the state, CPU time, block and interface counters that
+        idle detection reads (see ``idle.sample_from_stats``).
+        """
+        groups = (
+            libvirt.VIR_DOMAIN_STATS_STATE
+            | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
+            | libvirt.VIR_DOMAIN_STATS_BLOCK
+            | libvirt.VIR_DOMAIN_STATS_INTERFACE
+        )
+        try:
+            records = self._conn.getAllDomainStats(groups, 0)
+        except libvirt.libvirtError as exc:
+            raise VirtError(f"cannot read domain statistics: {_message(exc)}") from exc
+        return [(dom.name(), dom.UUIDString(), dict(record)) for dom, record in records]
+
     def lookup_uuid(self, uuid: str) -> Any:  # noqa: ANN401 - libvirt.virDomain has no stubs
         """The raw libvirt domain with this UUID (for Domain after a reconnect)."""
         return self._conn.lookupByUUIDString(uuid)

@@ -1,0 +1,38 @@
+"""The statistics idle detection reads, from the real libvirtd and a real guest."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+
+from testbed import data
+from testbed.guests import URI, Guest
+from virt_reclaim.idle import Sample, sample_from_stats
+from virt_reclaim.virt import Hypervisor
+
+pytestmark = pytest.mark.guest
+
+MIB = 1024 * 1024
+
+
+def sample_of(hypervisor: Hypervisor, name: str) -> Sample:
+    for domain, _uuid, record in hypervisor.domain_stats():
+        if domain == name:
+            return sample_from_stats(record, time.monotonic())
+    raise AssertionError(f"{name} not in the statistics")
+
+
+def test_one_call_gives_counters_that_move_with_the_guest(make_guest: Callable[..., Guest]) -> None:
+    guest = make_guest(data_size="256M")
+    with Hypervisor(URI, read_only=True) as hypervisor:
+        before = sample_of(hypervisor, guest.name)
+        data.write_random(guest, "/data/r.bin", 24)
+        after = sample_of(hypervisor, guest.name)
+    assert before.cpu_ns is not None and after.cpu_ns is not None
+    assert after.cpu_ns > before.cpu_ns
+    assert before.block_bytes is not None and after.block_bytes is not None
+    assert after.block_bytes - before.block_bytes >= 24 * MIB
+    # The test guest has no network interface: zero interfaces, zero bytes.
+    assert before.net_bytes == after.net_bytes == 0
