@@ -125,11 +125,11 @@ class DiskWork:
     path: str
     discard: bool
     info: ImageInfo
+    temp: str  # planned (and journaled) before anything changes
+    backup: str | None  # where --keep-backup keeps the original
     bytes_before: int = 0
     estimated_after: int | None = None
-    temp: str | None = None
     bytes_after: int | None = None
-    backup: str | None = None
     swapped: bool = False
 
     def summary(self) -> dict[str, Any]:
@@ -259,6 +259,8 @@ class ReclaimJob:
             outcome, reason = Outcome.NOTHING_TO_DO, str(exc)
         except (JobFailed, VirtError, QemuImgError, GuardError, JournalError, OSError) as exc:
             outcome, reason = Outcome.FAILED, str(exc)
+        bytes_before = sum(d.bytes_before for d in self.disks)
+        bytes_after = sum(d.bytes_after or 0 for d in self.disks if d.swapped) or None
         result = JobResult(
             domain=self.domain.name,
             job_id=self.job_id,
@@ -275,8 +277,8 @@ class ReclaimJob:
                 self.job_id,
                 outcome=str(outcome),
                 reason=reason,
-                bytes_before=sum(d.bytes_before for d in self.disks) or None,
-                bytes_after=sum(d.bytes_after or 0 for d in self.disks if d.swapped) or None,
+                bytes_before=bytes_before or None,
+                bytes_after=bytes_after,
                 downtime_s=round(result.downtime_s, 3),
                 duration_s=round(result.duration_s, 3),
             )
@@ -285,8 +287,8 @@ class ReclaimJob:
             "job.finished",
             outcome=str(outcome),
             reason=reason,
-            bytes_before=sum(d.bytes_before for d in self.disks),
-            bytes_after=sum(d.bytes_after or 0 for d in self.disks if d.swapped) or None,
+            bytes_before=bytes_before,
+            bytes_after=bytes_after,
             downtime_s=round(result.downtime_s, 3),
             duration_s=round(result.duration_s, 3),
         )
@@ -380,15 +382,11 @@ class ReclaimJob:
         if not self.disks:
             reasons = "; ".join(f"{s['target']}: {s['reason']}" for s in self.skipped_disks)
             raise JobSkipped(f"no eligible disk ({reasons or 'the domain has no disks'})")
-        for work in self.disks:
-            work.temp = imagefile.temp_path(work.path, self.job_id)
-            if self.settings.keep_backup:
-                work.backup = imagefile.backup_path(work.path, self._started_wall)
         if self._journal is not None:
             self._journal.record_plan(
                 self.job_id,
                 str(snap.state),
-                [JournalDisk(d.target, d.path, d.temp or "", d.backup) for d in self.disks],
+                [JournalDisk(d.target, d.path, d.temp, d.backup) for d in self.disks],
             )
 
     def _ineligible(  # noqa: PLR0911 - one return per eligibility rule, in order
@@ -424,9 +422,19 @@ class ReclaimJob:
             return "encrypted image"
         if top.corrupt:
             return "the image is marked corrupt; run qemu-img check"
+        backup = (
+            imagefile.backup_path(disk.source, self._started_wall)
+            if self.settings.keep_backup
+            else None
+        )
         self.disks.append(
             DiskWork(
-                target=disk.target, path=disk.source, discard=disk.discard == "unmap", info=top
+                target=disk.target,
+                path=disk.source,
+                discard=disk.discard == "unmap",
+                info=top,
+                temp=imagefile.temp_path(disk.source, self.job_id),
+                backup=backup,
             )
         )
         return None
@@ -583,7 +591,6 @@ class ReclaimJob:
             else str(self.settings.compression)
         )
         for disk in self.disks:
-            assert disk.temp is not None  # noqa: S101 - planned by _inspect
             imagefile.remove_quietly(disk.temp)
             progress = self._progress_callback(disk.target)
             self.images.convert(
@@ -607,13 +614,11 @@ class ReclaimJob:
 
     def _verify(self) -> None:
         for disk in self.disks:
-            assert disk.temp is not None  # noqa: S101 - set by _rewrite
             self.images.check(disk.temp, size_bytes=disk.info.virtual_size)
             self.images.compare(disk.path, disk.temp, size_bytes=disk.info.virtual_size)
 
     def _swap(self) -> None:
         for disk in self.disks:
-            assert disk.temp is not None  # noqa: S101 - set by _rewrite
             imagefile.copy_metadata(disk.path, disk.temp)
             imagefile.swap_in(disk.temp, disk.path, backup=disk.backup)
             disk.swapped = True
@@ -654,7 +659,7 @@ class ReclaimJob:
 
     def _remove_temporary_files(self) -> None:
         for disk in self.disks:
-            if disk.temp and not disk.swapped and imagefile.remove_quietly(disk.temp):
+            if not disk.swapped and imagefile.remove_quietly(disk.temp):
                 self.log.info("cleanup.removed", path=disk.temp)
 
     def _progress_callback(self, target: str) -> ProgressCallback | None:
