@@ -113,9 +113,12 @@ class Hypervisor:
         self.uri = uri
         self._read_only = read_only
         try:
-            self._conn: Any = libvirt.openReadOnly(uri) if read_only else libvirt.open(uri)
+            self._conn: Any = self._open()
         except libvirt.libvirtError as exc:
             raise VirtError(f"cannot connect to {uri}: {_message(exc)}") from exc
+
+    def _open(self) -> Any:  # noqa: ANN401 - libvirt.virConnect has no stubs
+        return libvirt.openReadOnly(self.uri) if self._read_only else libvirt.open(self.uri)
 
     def __enter__(self) -> Hypervisor:
         return self
@@ -154,9 +157,7 @@ class Hypervisor:
         delay = 0.5
         while True:
             try:
-                self._conn = (
-                    libvirt.openReadOnly(self.uri) if self._read_only else libvirt.open(self.uri)
-                )
+                self._conn = self._open()
             except libvirt.libvirtError as exc:
                 if time.monotonic() + delay > deadline:
                     raise VirtError(
@@ -231,7 +232,7 @@ class Hypervisor:
             VirtError: There is no such domain.
         """
         try:
-            return Domain(self._conn.lookupByUUIDString(uuid), self)
+            return Domain(self.lookup_uuid(uuid), self)
         except libvirt.libvirtError as exc:
             raise VirtError(f"domain {uuid}: {_message(exc)}") from exc
 
