@@ -20,6 +20,7 @@ from testbed.guests import (
     ensure_guest_built,
     sweep_leftovers,
 )
+from testbed.reclaim import fake_qemu_img
 
 
 @pytest.fixture(scope="session")
@@ -80,15 +81,12 @@ def paused_qemu_img(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
     Yields (the wrapper, the file it creates when paused, the file that releases it).
     """
     paused, go = tmp_path / "paused", tmp_path / "go"
-    wrapper = tmp_path / "qemu-img"
-    wrapper.write_text(
-        "#!/bin/sh\n"
+    wrapper = fake_qemu_img(
+        tmp_path,
         'if [ "$1" = convert ]; then\n'
         f"  touch {paused}\n"
         f"  i=0; while [ ! -e {go} ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done\n"
-        "fi\n"
-        'exec qemu-img "$@"\n'
+        "fi\n",
     )
-    wrapper.chmod(0o755)
     yield wrapper, paused, go
     go.touch()

@@ -22,6 +22,7 @@ import pytest
 from testbed import data
 from testbed.guests import URI, Guest, create_guest
 from testbed.reclaim import (
+    fake_qemu_img,
     leftovers,
     qemu_img_check_clean,
     reclaim,
@@ -120,16 +121,13 @@ def test_sigkill_before_each_step_then_recover(bed: CrashBed, point: str, tmp_pa
 def slow_qemu_img(tmp_path: Path) -> tuple[Path, Path]:
     """The real qemu-img, but `convert` limited to 1 MiB/s (its own -r) so it is caught writing."""
     marker = tmp_path / "converting"
-    wrapper = tmp_path / "qemu-img"
-    wrapper.write_text(
-        "#!/bin/sh\n"
+    wrapper = fake_qemu_img(
+        tmp_path,
         'if [ "$1" = convert ]; then\n'
         '  shift; qemu-img convert -r 1M "$@" &\n'
         f"  sleep 1; touch {marker}; wait $!; exit $?\n"
-        "fi\n"
-        'exec qemu-img "$@"\n'
+        "fi\n",
     )
-    wrapper.chmod(0o755)
     return wrapper, marker
 
 
@@ -185,15 +183,12 @@ def test_full_filesystem_during_the_rewrite_fails_and_restores(
         data.write_text(guest, "/data/app.log", 8)
         data.write_deleted_random(guest, 24)
         sums = data.checksums(guest)
-        wrapper = tmp_path / "qemu-img"
-        wrapper.write_text(
-            "#!/bin/sh\n"
+        wrapper = fake_qemu_img(
+            tmp_path,
             'if [ "$1" = convert ]; then\n'
             f"  dd if=/dev/zero of={folder}/filler bs=1M 2>/dev/null\n"
-            "fi\n"
-            'exec qemu-img "$@"\n'
+            "fi\n",
         )
-        wrapper.chmod(0o755)
 
         run = reclaim(guest.name, "--min-gain", "0", "--qemu-img", str(wrapper),
                       "--state-dir", str(tmp_path / "state"))  # fmt: skip
@@ -298,9 +293,7 @@ def test_history_shows_each_outcome_with_its_figures(
     reclaimed = reclaim(bed.guest.name, *state, "--min-gain", "0")
     skipped = reclaim(snapshotted.name, *state)
     nothing = reclaim(bed.guest.name, *state, "--min-gain", "100GiB")
-    failing = tmp_path / "qemu-img"
-    failing.write_text('#!/bin/sh\n[ "$1" = check ] && exit 1\nexec qemu-img "$@"\n')
-    failing.chmod(0o755)
+    failing = fake_qemu_img(tmp_path, '[ "$1" = check ] && exit 1\n')
     bed.dirty()
     failed = reclaim(bed.guest.name, *state, "--min-gain", "0", "--qemu-img", str(failing))
     runs = (reclaimed, skipped, nothing, failed)

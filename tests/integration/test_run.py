@@ -21,6 +21,7 @@ from testbed import data
 from testbed.guests import Guest
 from testbed.reclaim import (
     RunResult,
+    fake_qemu_img,
     image_info,
     leftovers,
     owner_and_mode,
@@ -302,13 +303,9 @@ def test_failed_verification_restores_image_and_guest(
     make_guest: Callable[..., Guest], tmp_path: Path
 ) -> None:
     # The real qemu-img for everything but compare, which reports a difference.
-    wrapper = tmp_path / "qemu-img"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        'if [ "$1" = compare ]; then echo "Content mismatch at offset 0!"; exit 1; fi\n'
-        'exec qemu-img "$@"\n'
+    wrapper = fake_qemu_img(
+        tmp_path, 'if [ "$1" = compare ]; then echo "Content mismatch at offset 0!"; exit 1; fi\n'
     )
-    wrapper.chmod(0o755)
     guest, _ = dirty_guest(make_guest, discard=True)
     sums = data.checksums(guest)
     guest.exec("sync")

@@ -100,3 +100,14 @@ def wait_for_file(path: Path, timeout: float) -> None:
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
         time.sleep(0.05)
+
+
+def fake_qemu_img(folder: Path, prelude: str) -> Path:
+    """A `qemu-img` that runs the shell ``prelude`` (with the arguments as $@), then the real one.
+
+    Tests pass it with --qemu-img to pause, slow down or fail one subcommand.
+    """
+    wrapper = folder / "qemu-img"
+    wrapper.write_text(f'#!/bin/sh\n{prelude}exec qemu-img "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper
