@@ -9,6 +9,7 @@ original image is only ever replaced by a rename after check and compare.
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import os
 import threading
@@ -238,6 +239,12 @@ class ReclaimJob:
 
         Raises only for interrupts (KeyboardInterrupt, SystemExit), after restoring.
         """
+        # Bound in the context, not only on self.log, so that events of other modules
+        # during the job (a libvirt reconnect, say) say which job and domain they belong to.
+        with structlog.contextvars.bound_contextvars(domain=self.domain.name, job_id=self.job_id):
+            return self._run()
+
+    def _run(self) -> JobResult:
         started = self._clock()
         self.log.info(
             "job.started",
@@ -557,7 +564,11 @@ class ReclaimJob:
             except VirtError as exc:
                 failures.append(exc)
 
-        thread = threading.Thread(target=request, name="shutdown-request", daemon=True)
+        # A copy of the context so that the thread's log events keep the job's identity.
+        context = contextvars.copy_context()
+        thread = threading.Thread(
+            target=context.run, args=(request,), name="shutdown-request", daemon=True
+        )
         thread.start()
         thread.join(min(5.0, timeout))
         if not failures:
