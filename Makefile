@@ -12,8 +12,11 @@ lint:
 	$(PY)/ruff format --check daemon tests scripts bench
 	$(PY)/mypy
 
+# Two workers: most guest tests wait on guests more than they compute. The tests that kill
+# libvirtd run afterwards, alone, so that they disturb no other test's guest.
 test: setup lint
-	$(PY)/pytest
+	$(PY)/pytest -n 2 --dist loadgroup -m "not serial"
+	$(PY)/pytest -m serial
 
 # Everything but the tests that boot guests: seconds, not minutes.
 test-fast: lint

@@ -31,7 +31,8 @@ from testbed.reclaim import (
     wait_for_file,
 )
 
-pytestmark = pytest.mark.guest
+# One worker runs them all: they share the module's guest, and pkill finds qemu-img by name.
+pytestmark = [pytest.mark.guest, pytest.mark.xdist_group("crash")]
 
 # Every step boundary of the job: the kill comes just before the step starts.
 CRASH_POINTS = [
@@ -239,6 +240,7 @@ def restart_libvirtd() -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.serial
 def test_libvirtd_restarted_in_the_middle_of_a_job(
     bed: CrashBed, paused_qemu_img: tuple[Path, Path, Path]
 ) -> None:
