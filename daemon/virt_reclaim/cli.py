@@ -23,11 +23,11 @@ from virt_reclaim import (
     inventory,
     logs,
     planning,
-    qemu_img,
     recovery,
+    runner,
     selection,
 )
-from virt_reclaim.domainlock import DomainBusy, DomainLock
+from virt_reclaim.domainlock import DomainBusy
 from virt_reclaim.guestfree import FreeSpaceMethod
 from virt_reclaim.job import (
     Compression,
@@ -35,7 +35,6 @@ from virt_reclaim.job import (
     JobSettings,
     OnShutdownTimeout,
     Outcome,
-    ReclaimJob,
     Step,
 )
 from virt_reclaim.journal import DEFAULT_STATE_DIR, Journal, JournalError
@@ -55,6 +54,7 @@ _EXIT_BY_OUTCOME = {
     Outcome.DRY_RUN: EXIT_OK,
     Outcome.SKIPPED: EXIT_SKIPPED,
     Outcome.FAILED: EXIT_FAILED,
+    Outcome.ABANDONED: EXIT_FAILED,
 }
 _BYTE_SIZE = TypeAdapter(ByteSize)
 
@@ -468,36 +468,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with Hypervisor(args.connect) as hypervisor:
         domain = hypervisor.domain(args.domain)
         recovery.recover(journal, args.state_dir, hypervisor.domain_by_uuid)
-        lock = DomainLock(args.state_dir, domain.uuid)
-        lock.acquire()
-        unfinished = journal.unfinished(domain.uuid)
-        if unfinished:
-            lock.release()
-            raise JournalError(
-                f"{domain.name} has an unfinished job ({unfinished[0].id}) that recovery could "
-                "not close; see the log of 'virt-reclaim recover'"
-            )
-
-        def images_of_other_domains() -> dict[str, str]:
-            return inventory.images_in_use(hypervisor.domains(), exclude_uuid=domain.uuid)
-
         bar = _ProgressBar(sys.stderr) if sys.stderr.isatty() else None
-        job = ReclaimJob(
-            domain,
-            qemu_img.QemuImg(
-                settings.qemu_img,
-                Priority(args.daemon.nice, args.daemon.ionice_class, args.daemon.ionice_level),
-            ),
-            settings,
-            images_of_other_domains=images_of_other_domains,
-            on_progress=bar.update if bar else None,
-            journal=journal,
-            before_step=_test_pause_hook(),
-        )
         try:
-            result = job.run()
+            result = runner.run_job(
+                hypervisor,
+                domain,
+                settings,
+                journal=journal,
+                state_dir=args.state_dir,
+                priority=Priority(
+                    args.daemon.nice, args.daemon.ionice_class, args.daemon.ionice_level
+                ),
+                on_progress=bar.update if bar else None,
+                before_step=_test_pause_hook(),
+            )
         finally:
-            lock.release()
             if bar:
                 bar.close()
     if args.json:

@@ -28,7 +28,7 @@ from virt_reclaim.guestfree import FreeSpaceMethod, choose_method, free_guest_sp
 from virt_reclaim.journal import Journal, JournalDisk, JournalError
 from virt_reclaim.ports import DomainPort, ImagePort
 from virt_reclaim.process import Priority, ProgressCallback
-from virt_reclaim.qemu_img import ImageInfo, QemuImgError
+from virt_reclaim.qemu_img import ImageInfo, QemuImgCancelled, QemuImgError
 from virt_reclaim.units import format_bytes
 from virt_reclaim.virt import AgentUnavailable, DomainState, VirtError
 
@@ -60,6 +60,7 @@ class Outcome(enum.StrEnum):
     DRY_RUN = "dry-run"
     SKIPPED = "skipped"
     FAILED = "failed"
+    ABANDONED = "abandoned"  # stopped (daemon shutting down); everything as it was
 
 
 class Compression(enum.StrEnum):
@@ -106,6 +107,11 @@ class JobSettings:
     priority: Priority | None = field(default_factory=Priority)
 
 
+# Steps that run to their end even when the job is asked to stop: the swap is quick and
+# bringing the guest back is the point of stopping safely.
+_FINISH_ONCE_BEGUN = frozenset({Step.SWAP, Step.RESTORE})
+
+
 class JobSkipped(Exception):
     """The domain or its disks are not eligible; nothing was changed."""
 
@@ -116,6 +122,10 @@ class NothingToDo(Exception):
 
 class JobFailed(Exception):
     """The job could not finish; everything was restored."""
+
+
+class JobAbandoned(Exception):
+    """The job was asked to stop before the swap; everything was restored."""
 
 
 @dataclass
@@ -195,6 +205,7 @@ class ReclaimJob:
         on_progress: Callable[[str, float], None] | None = None,
         journal: Journal | None = None,
         before_step: Callable[[Step], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         """Prepare a job; nothing happens until ``run``.
 
@@ -209,6 +220,9 @@ class ReclaimJob:
             on_progress: Called with (disk target, percent) during the rewrite.
             journal: Where each step is recorded before it is taken (for recovery).
             before_step: Called before each step, after the journal has it (tests pause here).
+            stop: When set, the job stops at the next step before the swap (and a rewrite or
+                verification under way is killed if ``images`` shares the event), restores
+                the guest and ends ``abandoned``; from the swap on it finishes.
         """
         self.domain = domain
         self.images = images
@@ -219,6 +233,7 @@ class ReclaimJob:
         self._on_progress = on_progress
         self._journal = journal
         self._before_step = before_step
+        self._stop = stop
         self._started_wall = time.time()
         self.log = structlog.get_logger("virt_reclaim.job").bind(
             domain=domain.name, job_id=self.job_id
@@ -264,6 +279,8 @@ class ReclaimJob:
             outcome, reason = Outcome.SKIPPED, str(exc)
         except NothingToDo as exc:
             outcome, reason = Outcome.NOTHING_TO_DO, str(exc)
+        except JobAbandoned as exc:
+            outcome, reason = Outcome.ABANDONED, str(exc)
         except (JobFailed, VirtError, QemuImgError, GuardError, JournalError, OSError) as exc:
             outcome, reason = Outcome.FAILED, str(exc)
         bytes_before = sum(d.bytes_before for d in self.disks)
@@ -348,6 +365,9 @@ class ReclaimJob:
 
     @contextmanager
     def _step(self, step: Step) -> Iterator[None]:
+        if self._stop is not None and self._stop.is_set() and step not in _FINISH_ONCE_BEGUN:
+            self.log.info("job.abandoned", step=str(step))
+            raise JobAbandoned(f"stopped before step {step}: the service is stopping")
         if self._journal is not None:
             self._journal.enter_step(self.job_id, str(step))
         if self._before_step is not None:
@@ -356,7 +376,10 @@ class ReclaimJob:
         self.log.info("step.started", step=str(step))
         try:
             yield
-        except (JobSkipped, NothingToDo) as exc:
+        except QemuImgCancelled as exc:
+            self.log.info("job.abandoned", step=str(step))
+            raise JobAbandoned(f"stopped during step {step}: the service is stopping") from exc
+        except (JobSkipped, NothingToDo, JobAbandoned) as exc:
             self.log.info("step.finished", step=str(step), result=str(exc),
                           duration_s=round(self._clock() - began, 3))  # fmt: skip
             raise

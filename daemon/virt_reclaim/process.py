@@ -7,6 +7,7 @@ import os
 import selectors
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,10 @@ class CommandError(Exception):
 
 class CommandTimeout(CommandError):
     """The command ran longer than its timeout and was killed."""
+
+
+class CommandCancelled(CommandError):
+    """The caller's cancel event was set; the command was killed."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ def run(
     ok_codes: Sequence[int] = (0,),
     on_output: ProgressCallback | None = None,
     priority: Priority | None = None,
+    cancel: threading.Event | None = None,
 ) -> Completed:
     """Run ``argv`` without a shell and return its output.
 
@@ -79,12 +85,14 @@ def run(
         ok_codes: Exit statuses that count as success.
         on_output: Called with each piece of stdout as it arrives (for progress).
         priority: Run under ``nice``/``ionice`` at this priority.
+        cancel: When set, the command is killed (checked at least every half second).
 
     Returns:
         The exit status and the decoded output.
 
     Raises:
         CommandTimeout: The command did not finish within ``timeout``.
+        CommandCancelled: ``cancel`` was set before the command finished.
         CommandError: The program is missing, or it failed and ``check`` is set.
     """
     full = [*(priority.prefix() if priority else []), *argv]
@@ -99,7 +107,7 @@ def run(
     except OSError as exc:
         raise CommandError(argv, f"cannot be started ({exc.strerror})") from exc
     try:
-        out, err, finished = _collect(proc, time.monotonic() + timeout, on_output)
+        out, err, finished = _collect(proc, time.monotonic() + timeout, on_output, cancel)
     except BaseException:
         # KeyboardInterrupt, or an exception from on_output: never leave the child behind.
         _kill_group(proc)
@@ -108,6 +116,8 @@ def run(
     if not finished:
         _kill_group(proc)
         proc.wait()
+        if cancel is not None and cancel.is_set():
+            raise CommandCancelled(argv, "cancelled and killed", _decode(err))
         raise CommandTimeout(argv, f"killed after {timeout:g} s timeout", _decode(err))
     result = Completed(tuple(argv), proc.wait(), _decode(out), _decode(err))
     if check and result.returncode not in ok_codes:
@@ -116,9 +126,12 @@ def run(
 
 
 def _collect(
-    proc: subprocess.Popen[bytes], deadline: float, on_output: ProgressCallback | None
+    proc: subprocess.Popen[bytes],
+    deadline: float,
+    on_output: ProgressCallback | None,
+    cancel: threading.Event | None,
 ) -> tuple[bytes, bytes, bool]:
-    """Read stdout and stderr until both close or the deadline passes."""
+    """Read stdout and stderr until both close, the deadline passes or ``cancel`` is set."""
     if proc.stdout is None or proc.stderr is None:
         raise RuntimeError("Popen was not given pipes")
     buffers = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
@@ -128,9 +141,10 @@ def _collect(
             selector.register(fd, selectors.EVENT_READ)
         while selector.get_map():
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= 0 or (cancel is not None and cancel.is_set()):
                 return bytes(buffers[stdout_fd]), bytes(buffers[proc.stderr.fileno()]), False
-            for key, _ in selector.select(timeout=left):
+            wait = left if cancel is None else min(left, 0.5)
+            for key, _ in selector.select(timeout=wait):
                 chunk = os.read(key.fd, 65536)
                 if not chunk:
                     selector.unregister(key.fd)

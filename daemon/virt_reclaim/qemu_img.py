@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,10 @@ INFO_TIMEOUT_S = 60.0
 
 class QemuImgError(Exception):
     """qemu-img failed or printed something we cannot understand."""
+
+
+class QemuImgCancelled(QemuImgError):
+    """qemu-img was killed because its caller cancelled the work."""
 
 
 @dataclass(frozen=True)
@@ -193,10 +198,18 @@ def check_argv(path: str, *, qemu_img: str = DEFAULT_QEMU_IMG) -> list[str]:
     return [qemu_img, "check", "--output=json", "-f", "qcow2", path]
 
 
-def check(path: str, *, qemu_img: str = DEFAULT_QEMU_IMG, size_bytes: int = 0) -> None:
+def check(
+    path: str,
+    *,
+    qemu_img: str = DEFAULT_QEMU_IMG,
+    size_bytes: int = 0,
+    cancel: threading.Event | None = None,
+) -> None:
     """Check ``path``; raise QemuImgError unless it has no errors, corruptions or leaks."""
     argv = check_argv(path, qemu_img=qemu_img)
-    result = _run(argv, timeout=_timeout_for(size_bytes, _READ_RATE), ok_codes=(0, 1, 2, 3))
+    result = _run(
+        argv, timeout=_timeout_for(size_bytes, _READ_RATE), ok_codes=(0, 1, 2, 3), cancel=cancel
+    )
     try:
         report = json.loads(result.stdout)
     except ValueError:
@@ -218,11 +231,18 @@ def compare_argv(first: str, second: str, *, qemu_img: str = DEFAULT_QEMU_IMG) -
 
 
 def compare(
-    first: str, second: str, *, qemu_img: str = DEFAULT_QEMU_IMG, size_bytes: int = 0
+    first: str,
+    second: str,
+    *,
+    qemu_img: str = DEFAULT_QEMU_IMG,
+    size_bytes: int = 0,
+    cancel: threading.Event | None = None,
 ) -> None:
     """Raise QemuImgError unless both images show the guest the same bytes."""
     argv = compare_argv(first, second, qemu_img=qemu_img)
-    result = _run(argv, timeout=_timeout_for(size_bytes, _READ_RATE), ok_codes=(0, 1))
+    result = _run(
+        argv, timeout=_timeout_for(size_bytes, _READ_RATE), ok_codes=(0, 1), cancel=cancel
+    )
     if result.returncode == 1:
         raise QemuImgError(f"{second} differs from {first}: {result.stdout.strip()}")
 
@@ -234,23 +254,34 @@ def _run(
     ok_codes: tuple[int, ...] = (0,),
     on_output: process.ProgressCallback | None = None,
     priority: process.Priority | None = None,
+    cancel: threading.Event | None = None,
 ) -> process.Completed:
     try:
         return process.run(
-            argv, timeout=timeout, ok_codes=ok_codes, on_output=on_output, priority=priority
-        )
+            argv, timeout=timeout, ok_codes=ok_codes, on_output=on_output, priority=priority,
+            cancel=cancel,
+        )  # fmt: skip
+    except process.CommandCancelled as exc:
+        raise QemuImgCancelled(str(exc)) from exc
     except process.CommandError as exc:
         raise QemuImgError(str(exc)) from exc
 
 
 class QemuImg:
-    """qemu-img as the reclaim job uses it: one program path, heavy work at low priority."""
+    """qemu-img as the reclaim job uses it: one program path, heavy work at low priority.
+
+    Setting ``cancel`` kills a running convert, check or compare (QemuImgCancelled).
+    """
 
     def __init__(
-        self, qemu_img: str = DEFAULT_QEMU_IMG, priority: process.Priority | None = None
+        self,
+        qemu_img: str = DEFAULT_QEMU_IMG,
+        priority: process.Priority | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.qemu_img = qemu_img
         self.priority = priority
+        self.cancel = cancel
 
     def info(self, path: str, *, force_share: bool) -> list[ImageInfo]:
         """See ``info``."""
@@ -284,12 +315,13 @@ class QemuImg:
             timeout=_timeout_for(size_bytes, _COMPRESS_RATE),
             on_output=on_progress,
             priority=self.priority,
+            cancel=self.cancel,
         )
 
     def check(self, path: str, *, size_bytes: int) -> None:
         """See ``check``."""
-        check(path, qemu_img=self.qemu_img, size_bytes=size_bytes)
+        check(path, qemu_img=self.qemu_img, size_bytes=size_bytes, cancel=self.cancel)
 
     def compare(self, first: str, second: str, *, size_bytes: int) -> None:
         """See ``compare``."""
-        compare(first, second, qemu_img=self.qemu_img, size_bytes=size_bytes)
+        compare(first, second, qemu_img=self.qemu_img, size_bytes=size_bytes, cancel=self.cancel)
