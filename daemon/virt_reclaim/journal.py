@@ -237,6 +237,38 @@ class Journal:
             args = (domain,)
         return self._jobs(query + " ORDER BY started_at DESC LIMIT ?", (*args, limit))
 
+    def last_reclaimed_at(self, domain_uuid: str) -> float | None:
+        """When the domain's last reclaimed job ended (epoch seconds), or None."""
+        row = self._query_one(
+            "SELECT MAX(finished_at) FROM jobs WHERE domain_uuid = ? AND outcome = 'reclaimed'",
+            (domain_uuid,),
+        )
+        return None if row is None else row[0]
+
+    def rewrite_rates(self, limit: int = 20) -> list[float]:
+        """Bytes per second of the rewrite step (bytes before / its duration), newest jobs first.
+
+        What this host really achieved, for estimating how long a job will take.
+        """
+        query = (
+            "SELECT j.bytes_before, s1.started_at, s2.started_at FROM jobs j "
+            "JOIN steps s1 ON s1.job_id = j.id AND s1.step = 'rewrite' "
+            "JOIN steps s2 ON s2.job_id = j.id AND s2.seq = s1.seq + 1 "
+            "WHERE j.outcome = 'reclaimed' AND j.bytes_before > 0 "
+            "ORDER BY j.started_at DESC LIMIT ?"
+        )
+        try:
+            rows = self._db.execute(query, (limit,)).fetchall()
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal {self.path}: {exc}") from exc
+        return [size / (end - start) for size, start, end in rows if end > start]
+
+    def _query_one(self, query: str, args: tuple[Any, ...]) -> Any:  # noqa: ANN401 - a row
+        try:
+            return self._db.execute(query, args).fetchone()
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal {self.path}: {exc}") from exc
+
     def _jobs(self, query: str, args: tuple[Any, ...]) -> list[JournalJob]:
         try:
             rows = self._db.execute(query, args).fetchall()

@@ -8,9 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from apscheduler.triggers.cron import CronTrigger
-
-from virt_reclaim import inventory, selection
+from virt_reclaim import crontab, inventory, selection
 from virt_reclaim.job import Outcome, ReclaimJob
 from virt_reclaim.policy import Policy, job_settings
 from virt_reclaim.qemu_img import QemuImg
@@ -46,8 +44,7 @@ class PlanEntry:
 
 def next_run(policy: Policy, now: dt.datetime) -> str | None:
     """The next start of the policy's window after ``now``, ISO 8601 with its offset."""
-    trigger = CronTrigger.from_crontab(policy.schedule.cron, timezone=policy.schedule.timezone)
-    fire = trigger.get_next_fire_time(None, now)
+    fire = crontab.next_fire(policy.schedule.cron, policy.schedule.timezone, now)
     return fire.isoformat() if fire else None
 
 

@@ -12,7 +12,6 @@ import zoneinfo
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-from apscheduler.triggers.cron import CronTrigger
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -24,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from virt_reclaim import crontab
 from virt_reclaim.guestfree import FreeSpaceMethod
 from virt_reclaim.job import After, Compression, JobSettings, OnShutdownTimeout
 
@@ -117,7 +117,7 @@ class Schedule(_Model):
     def _cron(cls, value: str) -> str:
         # Checked with the scheduler's own parser; the syntax does not depend on the zone.
         try:
-            CronTrigger.from_crontab(value, timezone="UTC")
+            crontab.trigger(value, timezone="UTC")
         except ValueError as exc:
             raise ValueError(f"cron {value!r}: {exc}") from None
         return value

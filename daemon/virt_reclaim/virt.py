@@ -6,6 +6,7 @@ import base64
 import contextlib
 import enum
 import json
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,55 @@ libvirt.registerErrorHandler(_silence_default_error_handler, None)
 
 class VirtError(Exception):
     """libvirt refused or failed a request."""
+
+
+_event_loop_lock = threading.Lock()
+_event_loop_thread: threading.Thread | None = None
+
+
+def start_event_loop() -> None:
+    """Run libvirt's default event loop on a thread; call before opening any connection.
+
+    Without it libvirt delivers no domain events and cannot answer keepalives.
+    Safe to call more than once: the loop starts once per process.
+    """
+    global _event_loop_thread  # noqa: PLW0603 - libvirt's event loop is per process
+    with _event_loop_lock:
+        if _event_loop_thread is not None:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+        _event_loop_thread = threading.Thread(
+            target=_run_event_loop, name="libvirt-events", daemon=True
+        )
+        _event_loop_thread.start()
+
+
+def _run_event_loop() -> None:
+    while True:
+        libvirt.virEventRunDefaultImpl()
+
+
+# libvirt's virDomainEventType, named for logs
+_LIFECYCLE_EVENTS = {
+    libvirt.VIR_DOMAIN_EVENT_DEFINED: "defined",
+    libvirt.VIR_DOMAIN_EVENT_UNDEFINED: "undefined",
+    libvirt.VIR_DOMAIN_EVENT_STARTED: "started",
+    libvirt.VIR_DOMAIN_EVENT_SUSPENDED: "suspended",
+    libvirt.VIR_DOMAIN_EVENT_RESUMED: "resumed",
+    libvirt.VIR_DOMAIN_EVENT_STOPPED: "stopped",
+    libvirt.VIR_DOMAIN_EVENT_SHUTDOWN: "shutdown",
+    libvirt.VIR_DOMAIN_EVENT_PMSUSPENDED: "pmsuspended",
+    libvirt.VIR_DOMAIN_EVENT_CRASHED: "crashed",
+}
+
+_CLOSE_REASONS = {
+    libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "error",
+    libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "libvirtd closed the connection",
+    libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "keepalive timed out",
+    libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "closed by us",
+}
+
+LifecycleCallback = Callable[[str, str, str], None]  # (domain uuid, domain name, event)
 
 
 class AgentUnavailable(VirtError):
@@ -169,6 +219,41 @@ class Hypervisor:
                 continue
             log.info("libvirt.reconnected")
             return
+
+    def watch(
+        self,
+        on_lifecycle: LifecycleCallback,
+        on_close: Callable[[str], None],
+        keepalive: tuple[int, int] = (5, 3),
+    ) -> None:
+        """Deliver lifecycle events and the connection's loss; needs ``start_event_loop``.
+
+        The callbacks run on the event loop's thread and must not block or call libvirt.
+        With the keepalive (interval seconds, missed answers), a libvirtd that hangs or
+        vanishes without closing the socket is noticed too.
+        """
+        interval, count = keepalive
+        try:
+            self._conn.setKeepAlive(interval, count)
+
+            def lifecycle(_conn: Any, dom: Any, event: int, _detail: int, _opaque: Any) -> None:  # noqa: ANN401
+                on_lifecycle(dom.UUIDString(), dom.name(), _LIFECYCLE_EVENTS.get(event, "other"))
+
+            def agent(_conn: Any, dom: Any, _state: int, _reason: int, _opaque: Any) -> None:  # noqa: ANN401
+                on_lifecycle(dom.UUIDString(), dom.name(), "agent")
+
+            def closed(_conn: Any, reason: int, _opaque: Any) -> None:  # noqa: ANN401
+                on_close(_CLOSE_REASONS.get(reason, "unknown"))
+
+            self._conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, lifecycle, None
+            )
+            self._conn.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_AGENT_LIFECYCLE, agent, None
+            )
+            self._conn.registerCloseCallback(closed, None)
+        except libvirt.libvirtError as exc:
+            raise VirtError(f"cannot watch {self.uri} for events: {_message(exc)}") from exc
 
     def domain_stats(self) -> list[tuple[str, str, dict[str, Any]]]:
         """(name, uuid, record) of every domain from one ``getAllDomainStats`` call.
@@ -325,6 +410,19 @@ class Domain:
         except libvirt.libvirtError as exc:
             raise AgentUnavailable(f"guest filesystems: {_message(exc)}") from exc
         return parse_guest_filesystems(info)
+
+    def logged_in_users(self) -> list[str]:
+        """Names of the users logged in to the guest, from the agent (bounded).
+
+        Raises:
+            AgentUnavailable: The agent does not answer or cannot tell.
+        """
+        try:
+            info = self._reconnecting(lambda d: d.guestInfo(libvirt.VIR_DOMAIN_GUEST_INFO_USERS, 0))
+        except libvirt.libvirtError as exc:
+            raise AgentUnavailable(f"logged-in users: {_message(exc)}") from exc
+        count = min(_int_or_none(info.get("user.count")) or 0, 1024)
+        return [str(info.get(f"user.{i}.name", "?"))[:64] for i in range(count)]
 
     def fstrim(self) -> None:
         """Trim every mounted filesystem in the guest (``guest-fstrim``)."""
