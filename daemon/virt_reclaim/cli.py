@@ -26,6 +26,7 @@ from virt_reclaim import (
     recovery,
     runner,
     selection,
+    service,
 )
 from virt_reclaim.domainlock import DomainBusy
 from virt_reclaim.guestfree import FreeSpaceMethod
@@ -239,6 +240,35 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
     history.add_argument("--json", action="store_true", help="print a JSON list")
     history.set_defaults(handler=_cmd_history)
     _add_config_commands(commands)
+    _add_daemon_command(commands)
+
+
+def _add_daemon_command(commands: Any) -> None:  # noqa: ANN401 - argparse's private type
+    daemon = commands.add_parser(
+        "daemon",
+        help="run the service: schedules, idle detection, jobs (what systemd starts)",
+        description=(
+            "Watch the libvirt domains, sample their statistics every stats_interval, and when "
+            "a policy's cron fires, reclaim its eligible idle domains, largest estimated gain "
+            "first, one job per domain, at most max_concurrent_jobs at once, only while the "
+            "estimated duration fits in the window. Finishes or undoes interrupted jobs at "
+            "start. SIGHUP reloads the configuration (a broken one is reported and the last "
+            "good one kept); SIGTERM/SIGINT abandon jobs that have not shut their guest down, "
+            "let the others finish or restore, then exit 0. Speaks sd_notify when run by "
+            "systemd (Type=notify, watchdog). Logs JSON lines unless log_format says otherwise "
+            "or stderr is a terminal."
+        ),
+        epilog=(
+            "Exit status: 0 stopped by a signal, 78 configuration errors at start (systemd "
+            "does not restart on it), 1 other failure."
+        ),
+    )
+    _add_config_dir(daemon)
+    daemon.set_defaults(handler=_cmd_daemon)
+
+
+def _cmd_daemon(args: argparse.Namespace) -> int:
+    return service.Daemon(args.config_dir).run()
 
 
 def _add_config_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's private type
@@ -358,8 +388,8 @@ def _add_config_dir(parser: argparse.ArgumentParser) -> None:
 
 def _apply_daemon_settings(args: argparse.Namespace) -> None:
     """Fill the options not given from CONFIG_DIR/virt-reclaim.toml (then built-in defaults)."""
-    if not hasattr(args, "config_dir"):
-        return
+    if not hasattr(args, "config_dir") or args.command == "daemon":
+        return  # the daemon reports its configuration errors in its own log
     daemon, errors = config.load_daemon(args.config_dir)
     if errors:
         raise UsageError("\n  ".join(["the daemon settings are not valid:", *map(str, errors)]))

@@ -82,6 +82,12 @@ class Window:
 def busy_reason(window: Window, limits: Thresholds) -> str | None:
     """Why the guest counts as busy over the window, or None if it was idle throughout."""
     samples = list(window.samples)
+    if samples:
+        # A window may hold more than this policy asks for: look at the last duration_s only
+        # (and the sample that opens it).
+        cutoff = samples[-1].at - limits.duration_s
+        first = max((i for i, s in enumerate(samples) if s.at <= cutoff), default=0)
+        samples = samples[first:]
     if len(samples) < 2:
         return "not observed yet"
     observed = samples[-1].at - samples[0].at

@@ -54,6 +54,11 @@ def start_event_loop() -> None:
         _event_loop_thread.start()
 
 
+def event_loop_alive() -> bool:
+    """True while the event loop thread runs (the daemon's watchdog depends on it)."""
+    return _event_loop_thread is not None and _event_loop_thread.is_alive()
+
+
 def _run_event_loop() -> None:
     while True:
         libvirt.virEventRunDefaultImpl()
