@@ -238,6 +238,9 @@ class ReclaimJob:
         self.log = structlog.get_logger("virt_reclaim.job").bind(
             domain=domain.name, job_id=self.job_id
         )
+        if settings.dry_run:
+            # Estimates (plan, the daemon's queue) must not look like jobs to log alerts.
+            self.log = self.log.bind(dry_run=True)
         self.disks: list[DiskWork] = []
         self.skipped_disks: list[dict[str, str]] = []
         self.was_running = False
@@ -263,7 +266,6 @@ class ReclaimJob:
         started = self._clock()
         self.log.info(
             "job.started",
-            dry_run=self.settings.dry_run,
             free_space=str(self.settings.free_space),
             compression=str(self.settings.compression),
             on_shutdown_timeout=str(self.settings.on_shutdown_timeout),
@@ -306,7 +308,7 @@ class ReclaimJob:
                 downtime_s=round(result.downtime_s, 3),
                 duration_s=round(result.duration_s, 3),
             )
-        level = "error" if outcome is Outcome.FAILED else "info"
+        level = "error" if outcome is Outcome.FAILED and not self.settings.dry_run else "info"
         getattr(self.log, level)(
             "job.finished",
             outcome=str(outcome),

@@ -240,6 +240,11 @@ class Hypervisor:
         interval, count = keepalive
         try:
             self._conn.setKeepAlive(interval, count)
+        except libvirt.libvirtError as exc:
+            # Only connections through a socket have keepalives (not test:///, say).
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                raise VirtError(f"cannot set a keepalive on {self.uri}: {_message(exc)}") from exc
+        try:
 
             def lifecycle(_conn: Any, dom: Any, event: int, _detail: int, _opaque: Any) -> None:  # noqa: ANN401
                 on_lifecycle(dom.UUIDString(), dom.name(), _LIFECYCLE_EVENTS.get(event, "other"))

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import pytest
 
 from testbed import data
-from testbed.guests import URI, Guest, create_guest
+from testbed.guests import URI, Guest, create_guest, restart_libvirtd
 from testbed.reclaim import (
     fake_qemu_img,
     leftovers,
@@ -222,22 +221,6 @@ def test_corrupt_journal_stops_every_job_and_touches_nothing(bed: CrashBed, tmp_
     assert "Traceback" not in run.stderr
     assert bed.guest.is_running()
     assert sha256_file(bed.guest.data_image) == before
-
-
-def restart_libvirtd() -> None:
-    """Kill libvirtd hard and start it again (by hand, as the test bed runs it)."""
-    subprocess.run(["pkill", "-KILL", "-x", "libvirtd"], check=True, timeout=30)
-    deadline = time.monotonic() + 30
-    while subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True,
-                         check=False).returncode == 0:  # fmt: skip
-        assert time.monotonic() < deadline, "libvirtd did not die"
-        time.sleep(0.1)
-    subprocess.run(["libvirtd", "-d"], check=True, timeout=30)
-    deadline = time.monotonic() + 60
-    while subprocess.run(["virsh", "-c", URI, "version"], capture_output=True,
-                         check=False).returncode != 0:  # fmt: skip
-        assert time.monotonic() < deadline, "libvirtd did not come back"
-        time.sleep(0.2)
 
 
 @pytest.mark.serial

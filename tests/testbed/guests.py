@@ -406,3 +406,19 @@ def sweep_leftovers(conn: Any, prefix: str = NAME_PREFIX) -> list[str]:
         shutil.rmtree(RUN_DIR / name, ignore_errors=True)
         removed.append(name)
     return removed
+
+
+def restart_libvirtd() -> None:
+    """Kill libvirtd hard and start it again (by hand, as the test bed runs it)."""
+    subprocess.run(["pkill", "-KILL", "-x", "libvirtd"], check=True, timeout=30)
+    deadline = time.monotonic() + 30
+    while subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True,
+                         check=False).returncode == 0:  # fmt: skip
+        assert time.monotonic() < deadline, "libvirtd did not die"
+        time.sleep(0.1)
+    subprocess.run(["libvirtd", "-d"], check=True, timeout=30)
+    deadline = time.monotonic() + 60
+    while subprocess.run(["virsh", "-c", URI, "version"], capture_output=True,
+                         check=False).returncode != 0:  # fmt: skip
+        assert time.monotonic() < deadline, "libvirtd did not come back"
+        time.sleep(0.2)
