@@ -16,6 +16,7 @@ packages=(
     python3 python3-venv python3-dev gcc make pkg-config
     libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
     qemu-system-x86 qemu-utils e2fsprogs cpio kmod
+    systemd  # systemd-analyze checks the unit
 )
 
 install_packages() {
