@@ -1,5 +1,5 @@
 # The two commands that work on a fresh Debian 12 machine as root: `make demo` and `make test`.
-.PHONY: setup lint test test-fast demo clean-demo bench
+.PHONY: setup lint test test-fast demo clean-demo bench bench-footprint
 
 PY := .venv/bin
 
@@ -31,3 +31,7 @@ clean-demo:
 # Run by hand, not in CI: the rewrite benchmark (a few minutes).
 bench: setup
 	$(PY)/python bench/rewrite.py
+
+# The daemon with 500 test-driver domains: memory, one stats sample, CPU while idle (~1.5 min).
+bench-footprint: setup
+	$(PY)/python bench/footprint.py

@@ -13,6 +13,7 @@ Signal handlers only set flags; ``signal.set_wakeup_fd`` wakes the loop.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import selectors
@@ -50,6 +51,7 @@ from virt_reclaim.virt import (
 EXIT_CONFIG = 78
 RECONNECT_MAX_DELAY_S = 60.0
 LOOP_TICK_S = 1.0
+SLOW_SAMPLE_MS = 1000.0
 
 log = structlog.get_logger("virt_reclaim.service")
 
@@ -121,6 +123,7 @@ class Daemon:
         self.flags = Flags()
         self.stop_jobs = threading.Event()
         self.next_sample = 0.0
+        self.sampled_once = False
         self.last_watchdog = float("-inf")
         self.scheduler = scheduler.PolicyScheduler(lambda name: self._post("fired", name))
         self._wake_r, self._wake_w = socket.socketpair()
@@ -396,6 +399,7 @@ class Daemon:
     def _sample(self, now: float) -> None:
         if self.hypervisor is None:
             return
+        began = time.perf_counter()
         try:
             records = self.hypervisor.domain_stats()
         except VirtError as exc:
@@ -408,6 +412,13 @@ class Daemon:
                 continue
             view.window.duration_s = longest
             view.window.add(idle.sample_from_stats(record, now))
+        took_ms = (time.perf_counter() - began) * 1000
+        # The first sample tells the operator what sampling costs on this host; later ones
+        # are logged only when they hold the main loop up.
+        if not self.sampled_once or took_ms > SLOW_SAMPLE_MS:
+            level = logging.WARNING if took_ms > SLOW_SAMPLE_MS else logging.INFO
+            log.log(level, "stats.sampled", domains=len(records), duration_ms=round(took_ms, 1))
+            self.sampled_once = True
 
     def busy_reason(self, view: DomainView, policy: Policy) -> str | None:
         """Why the domain is not idle by the policy's measure, or None."""
