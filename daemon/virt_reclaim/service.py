@@ -150,6 +150,7 @@ class Daemon:
             self._ensure_connected()
             if self.hypervisor is None:
                 self._wait(self._seconds_to_next_event())
+                self._watchdog()  # waiting for libvirtd is healthy; a stuck loop is not
         if self.flags.stop:
             return self._shutdown()
         self._recover()
