@@ -13,7 +13,6 @@ Signal handlers only set flags; ``signal.set_wakeup_fd`` wakes the loop.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import queue
 import selectors
@@ -240,7 +239,10 @@ class Daemon:
             except queue.Empty:
                 return
             handler = getattr(self, f"_on_{kind.replace('-', '_')}")
-            handler(*args)
+            try:
+                handler(*args)
+            except Exception:  # one bad message must not stop months of service
+                log.exception("daemon.handler_failed", message=kind)
 
     def _on_fired(self, policy_name: str) -> None:
         policy = self._policy(policy_name)
@@ -262,12 +264,12 @@ class Daemon:
             snapshot = self.hypervisor.domain_by_uuid(uuid).snapshot()
         except VirtError:
             if self.domains.pop(uuid, None) is not None:
-                log.info("domain.gone", domain=name, event=event)
+                log.info("domain.gone", domain=name, libvirt_event=event)
             return
         view = self.domains.get(uuid)
         if view is None:
             self.domains[uuid] = DomainView(snapshot)
-            log.info("domain.added", domain=name, state=str(snapshot.state), event=event)
+            log.info("domain.added", domain=name, state=str(snapshot.state), libvirt_event=event)
         else:
             view.snapshot = snapshot
 
@@ -417,8 +419,8 @@ class Daemon:
         # The first sample tells the operator what sampling costs on this host; later ones
         # are logged only when they hold the main loop up.
         if not self.sampled_once or took_ms > SLOW_SAMPLE_MS:
-            level = logging.WARNING if took_ms > SLOW_SAMPLE_MS else logging.INFO
-            log.log(level, "stats.sampled", domains=len(records), duration_ms=round(took_ms, 1))
+            emit = log.warning if took_ms > SLOW_SAMPLE_MS else log.info
+            emit("stats.sampled", domains=len(records), duration_ms=round(took_ms, 1))
             self.sampled_once = True
 
     def busy_reason(self, view: DomainView, policy: Policy) -> str | None:
@@ -616,7 +618,7 @@ class Daemon:
                 outcome = str(result.outcome)
         except (VirtError, JournalError, DomainBusy) as exc:
             log.error("job.not_run", error=str(exc))
-        except Exception:
+        except Exception:  # a bug in one job must not take the daemon down
             log.exception("job.crashed")
         finally:
             self._post("job-done", candidate.uuid, outcome)

@@ -6,6 +6,7 @@ so a test waits up to a minute for it (by the daemon's log, never by sleeping).
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -199,14 +200,17 @@ def test_a_broken_configuration_at_start_is_reported_and_exits_78(tmp_path: Path
 def test_libvirtd_restarted_while_the_daemon_runs_then_the_next_job_runs(
     make_guest: Callable[..., Guest], daemons: list[DaemonProcess], tmp_path: Path
 ) -> None:
-    guest = make_guest(data_size="128M", discard=True)
-    sums = dirty(guest, 24)
+    # The guest is defined while the daemon runs: it learns of it from a lifecycle event.
+    name = f"vrt-{os.getpid()}-late"
     config_dir = write_config(
-        tmp_path / "etc", settings(tmp_path), {"10-test.toml": every_minute("p", [guest.name])}
+        tmp_path / "etc", settings(tmp_path), {"10-test.toml": every_minute("p", [name])}
     )
     daemon = DaemonProcess(config_dir)
     daemons.append(daemon)
     daemon.wait_event("daemon.started", 60)
+    guest = make_guest(data_size="128M", discard=True, name=name)
+    sums = dirty(guest, 24)
+    daemon.wait_event("domain.added", 30, domain=name)
 
     restart_libvirtd()
     daemon.wait_event("libvirt.reconnected", 60)
