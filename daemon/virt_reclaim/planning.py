@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from virt_reclaim import crontab, inventory, selection
-from virt_reclaim.job import Outcome, ReclaimJob
+from virt_reclaim.job import JobResult, Outcome, ReclaimJob
 from virt_reclaim.policy import Policy, job_settings
 from virt_reclaim.qemu_img import QemuImg
-from virt_reclaim.virt import Hypervisor
+from virt_reclaim.virt import Domain, DomainSnapshot, Hypervisor
 
 
 @dataclass
@@ -48,6 +48,24 @@ def next_run(policy: Policy, now: dt.datetime) -> str | None:
     return fire.isoformat() if fire else None
 
 
+def estimate(
+    domain: Domain, policy: Policy, snapshots: Sequence[DomainSnapshot], *, qemu_img: str
+) -> JobResult:
+    """A dry run of ``policy``'s job on ``domain``: read-only, with an estimate per disk.
+
+    ``snapshots`` are all domains (for the images other domains use), listed once by the caller.
+    """
+    job = ReclaimJob(
+        domain,
+        QemuImg(qemu_img),
+        job_settings(policy, dry_run=True, qemu_img=qemu_img),
+        images_of_other_domains=functools.partial(
+            inventory.images_in_use, snapshots, exclude_uuid=domain.uuid
+        ),
+    )
+    return job.run()
+
+
 def plan(
     hypervisor: Hypervisor, policies: Sequence[Policy], *, qemu_img: str, now: dt.datetime
 ) -> list[PlanEntry]:
@@ -64,15 +82,7 @@ def plan(
         else:
             policy = choice.policy
             entry.policy, entry.next_run = policy.name, next_run(policy, now)
-            job = ReclaimJob(
-                hypervisor.domain(snap.name),
-                QemuImg(qemu_img),
-                job_settings(policy, dry_run=True, qemu_img=qemu_img),
-                images_of_other_domains=functools.partial(
-                    inventory.images_in_use, snapshots, exclude_uuid=snap.uuid
-                ),
-            )
-            result = job.run()
+            result = estimate(hypervisor.domain(snap.name), policy, snapshots, qemu_img=qemu_img)
             entry.outcome = (
                 "would-reclaim" if result.outcome is Outcome.DRY_RUN else str(result.outcome)
             )

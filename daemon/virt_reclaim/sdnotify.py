@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Mapping
 
 import structlog
 
@@ -16,7 +17,7 @@ import structlog
 class Notifier:
     """Sends state changes to systemd; does nothing when not run by systemd (no NOTIFY_SOCKET)."""
 
-    def __init__(self, environ: dict[str, str] | None = None) -> None:
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         """Read $NOTIFY_SOCKET and $WATCHDOG_USEC (honouring $WATCHDOG_PID) from ``environ``."""
         env = os.environ if environ is None else environ
         path = env.get("NOTIFY_SOCKET", "")
@@ -77,7 +78,7 @@ class Notifier:
             self._socket = None
 
 
-def _watchdog_seconds(env: os._Environ[str] | dict[str, str]) -> float | None:
+def _watchdog_seconds(env: Mapping[str, str]) -> float | None:
     """The watchdog period systemd set for this process, or None."""
     usec = env.get("WATCHDOG_USEC")
     pid = env.get("WATCHDOG_PID")

@@ -27,13 +27,12 @@ from typing import Any
 
 import structlog
 
-from virt_reclaim import config, idle, inventory, logs, recovery, runner, scheduler, selection
+from virt_reclaim import config, idle, logs, planning, recovery, runner, scheduler, selection
 from virt_reclaim.domainlock import DomainBusy
-from virt_reclaim.job import Outcome, ReclaimJob
+from virt_reclaim.job import Outcome
 from virt_reclaim.journal import Journal, JournalError
 from virt_reclaim.policy import Policy, job_settings
 from virt_reclaim.process import Priority
-from virt_reclaim.qemu_img import QemuImg
 from virt_reclaim.sdnotify import Notifier
 from virt_reclaim.units import format_bytes
 from virt_reclaim.virt import (
@@ -493,8 +492,9 @@ class Daemon:
         candidates: list[scheduler.Candidate] = []
         try:
             with Hypervisor(self.settings.uri) as hypervisor:
+                everyone = hypervisor.domains()
                 for snap in chosen:
-                    candidate = self._estimate_one(hypervisor, policy, snap, rate)
+                    candidate = self._estimate_one(hypervisor, everyone, policy, snap, rate)
                     if candidate is not None:
                         candidates.append(candidate)
         except VirtError as exc:
@@ -502,7 +502,12 @@ class Daemon:
         self._post("estimated", policy.name, candidates)
 
     def _estimate_one(
-        self, hypervisor: Hypervisor, policy: Policy, snap: DomainSnapshot, rate: float
+        self,
+        hypervisor: Hypervisor,
+        everyone: list[DomainSnapshot],
+        policy: Policy,
+        snap: DomainSnapshot,
+        rate: float,
     ) -> scheduler.Candidate | None:
         try:
             domain = hypervisor.domain_by_uuid(snap.uuid)
@@ -512,14 +517,7 @@ class Daemon:
                     log.info("domain.skipped", domain=snap.name,
                              reason=f"busy: users logged in ({', '.join(users[:5])})")  # fmt: skip
                     return None
-            others = inventory.images_in_use(hypervisor.domains(), exclude_uuid=snap.uuid)
-            job = ReclaimJob(
-                domain,
-                QemuImg(self.settings.qemu_img),
-                job_settings(policy, dry_run=True, qemu_img=self.settings.qemu_img),
-                images_of_other_domains=lambda: others,
-            )
-            result = job.run()
+            result = planning.estimate(domain, policy, everyone, qemu_img=self.settings.qemu_img)
         except AgentUnavailable as exc:
             log.info("domain.skipped", domain=snap.name,
                      reason=f"busy: cannot tell whether users are logged in ({exc})")  # fmt: skip
