@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import statistics
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -70,10 +70,15 @@ def interval_left(last_reclaimed_at: float | None, now: float, min_interval_s: f
 
 @dataclass(frozen=True)
 class Window:
-    """An open window of one policy: jobs may start until ``ends_at`` (monotonic seconds)."""
+    """An open window of one policy: jobs may start until ``ends_at`` (monotonic seconds).
+
+    ``busy`` holds the domains that were busy when it opened (uuid -> name and the latest
+    reason): they are watched, and queued if they go idle before it closes.
+    """
 
     policy: str
     ends_at: float
+    busy: dict[str, tuple[str, str]] = field(default_factory=dict, compare=False)
 
     def left(self, now: float) -> float:
         """Seconds left in the window."""

@@ -50,6 +50,8 @@ EXIT_CONFIG = 78
 RECONNECT_MAX_DELAY_S = 60.0
 LOOP_TICK_S = 1.0
 SLOW_SAMPLE_MS = 1000.0
+# The prefix of the reasons that say a domain is not idle (a later sample may say it is).
+BUSY = "busy: "
 
 log = structlog.get_logger("virt_reclaim.service")
 
@@ -172,6 +174,7 @@ class Daemon:
         if self.hypervisor is not None and now >= self.next_sample:
             self._sample(now)
             self.next_sample = now + self.settings.stats_interval.total_seconds()
+            self._recheck_busy()
         self._dispatch()
         self._watchdog()
         self.notifier.status(self._status())
@@ -180,6 +183,8 @@ class Daemon:
         self.notifier.stopping(f"stopping ({self.flags.signal_name or 'requested'}); "
                                f"{len(self.running)} job(s) to end")  # fmt: skip
         log.info("daemon.stopping", signal=self.flags.signal_name, running_jobs=len(self.running))
+        for name in list(self.windows):
+            self._close_window(name, "the daemon is stopping")
         self.scheduler.shutdown()
         self.stop_jobs.set()
         while self.running:
@@ -248,7 +253,11 @@ class Daemon:
         if policy is None or self.flags.stop:
             return
         ends_at = self.clock() + policy.schedule.window.total_seconds()
-        self.windows[policy.name] = scheduler.Window(policy.name, ends_at)
+        # A firing while the window is open reopens it from now; the busy domains it
+        # watches stay watched (and are not reported as skipped again).
+        previous = self.windows.get(policy.name)
+        busy = previous.busy if previous is not None else {}
+        self.windows[policy.name] = scheduler.Window(policy.name, ends_at, busy)
         log.info("window.opened", policy=policy.name,
                  window_s=policy.schedule.window.total_seconds())  # fmt: skip
         if self.hypervisor is None:
@@ -436,9 +445,13 @@ class Daemon:
 
     # -- scheduling -----------------------------------------------------------------------
 
-    def _select_candidates(self, policy: Policy) -> None:
-        """The policy fired: pick its eligible idle domains and estimate them on a thread."""
-        if policy.name in self.estimating:
+    def _select_candidates(self, policy: Policy, only: set[str] | None = None) -> None:
+        """Pick the policy's eligible idle domains (or those of ``only``) and estimate them.
+
+        A domain skipped for being busy is watched by the open window (``_recheck_busy``).
+        """
+        window = self.windows.get(policy.name)
+        if window is None or policy.name in self.estimating:
             return
         try:
             journal = Journal(self.settings.state_dir)
@@ -450,6 +463,8 @@ class Daemon:
         chosen = []
         for uuid, view in sorted(self.domains.items(), key=lambda kv: kv[1].snapshot.name):
             snap = view.snapshot
+            if only is not None and uuid not in only:
+                continue
             choice = selection.select(self.policies, snap.name, snap.uuid, snap.xml)
             if choice.policy is None or choice.policy.name != policy.name:
                 continue
@@ -457,12 +472,20 @@ class Daemon:
                 reason = self._ineligible(uuid, view, policy, journal, wall)
             except JournalError as exc:
                 reason = f"the journal cannot be read: {exc}"
-            if reason is not None:
-                log.info("domain.skipped", domain=snap.name, policy=policy.name, reason=reason)
+            if reason is None:
+                window.busy.pop(uuid, None)
+                chosen.append(snap)
                 continue
-            chosen.append(snap)
+            watched = uuid in window.busy
+            if reason.startswith(BUSY):
+                window.busy[uuid] = (snap.name, reason)
+            else:
+                window.busy.pop(uuid, None)
+            if not watched:
+                log.info("domain.skipped", domain=snap.name, policy=policy.name, reason=reason)
         if not chosen:
-            log.info("window.nothing_to_do", policy=policy.name)
+            if only is None and not window.busy:
+                log.info("window.nothing_to_do", policy=policy.name)
             return
         self.estimating.add(policy.name)
         thread = threading.Thread(
@@ -483,8 +506,30 @@ class Daemon:
             return f"reclaimed recently: min_interval leaves {left / 3600:.1f} h to wait"
         busy = self.busy_reason(view, policy)
         if busy is not None:
-            return f"busy: {busy}"
+            return f"{BUSY}{busy}"
         return None
+
+    def _recheck_busy(self) -> None:
+        """After each sample: queue the watched domains of open windows that went idle."""
+        for name, window in list(self.windows.items()):
+            policy = self._policy(name)
+            if policy is None or not window.busy or name in self.estimating:
+                continue
+            went_idle = set()
+            for uuid, (domain, _reason) in list(window.busy.items()):
+                view = self.domains.get(uuid)
+                if view is None:
+                    del window.busy[uuid]
+                    continue
+                busy = self.busy_reason(view, policy)
+                if busy is None:
+                    went_idle.add(uuid)
+                    log.info("domain.idle", domain=domain, policy=name,
+                             window_left_s=round(window.left(self.clock())))  # fmt: skip
+                else:
+                    window.busy[uuid] = (domain, f"{BUSY}{busy}")
+            if went_idle:
+                self._select_candidates(policy, only=went_idle)
 
     def _estimate(self, policy: Policy, chosen: list[DomainSnapshot], rate: float) -> None:
         """On its own thread and connection: a dry run of each chosen domain."""
@@ -546,10 +591,7 @@ class Daemon:
         now = self.clock()
         for name, window in list(self.windows.items()):
             if window.left(now) <= 0 and name not in self.estimating:
-                left = [c.name for c in self.queue if c.policy == name]
-                log.info("window.closed", policy=name, not_started=left)
-                del self.windows[name]
-                self.queue = [c for c in self.queue if c.policy != name]
+                self._close_window(name, "its time is up")
         if self.hypervisor is None or self.flags.stop:
             return
         waiting: list[scheduler.Candidate] = []
@@ -563,9 +605,19 @@ class Daemon:
             elif reason is not None:
                 log.info("domain.skipped", domain=candidate.name, policy=candidate.policy,
                          reason=reason)  # fmt: skip
+                watching = self.windows.get(candidate.policy)
+                if watching is not None and reason.startswith(BUSY):
+                    watching.busy[candidate.uuid] = (candidate.name, reason)
             else:
                 self._start_job(candidate)
         self.queue = waiting
+
+    def _close_window(self, name: str, why: str) -> None:
+        window = self.windows.pop(name)
+        log.info("window.closed", policy=name, why=why,
+                 not_started=[c.name for c in self.queue if c.policy == name],
+                 stayed_busy=dict(window.busy.values()))  # fmt: skip
+        self.queue = [c for c in self.queue if c.policy != name]
 
     def _start_refusal(self, candidate: scheduler.Candidate, now: float) -> str | None:
         """Why the candidate must not start now (None: start; "wait": later)."""
@@ -581,7 +633,7 @@ class Daemon:
                     f"{window.left(now) / 60:.0f} min left of the window")  # fmt: skip
         busy = self.busy_reason(view, policy)
         if busy is not None:
-            return f"busy: {busy}"
+            return f"{BUSY}{busy}"
         return None
 
     def _start_job(self, candidate: scheduler.Candidate) -> None:

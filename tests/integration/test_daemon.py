@@ -103,11 +103,11 @@ def test_window_reclaims_idle_guests_by_gain_skips_the_busy_one_and_stops_safely
     # Largest estimated gain first, and the busy guest left alone, with the reason.
     started = [e["domain"] for e in daemon.events("job.starting")]
     assert started == [idle_big.name, idle_small.name]
-    # Each minute the window is open the policy fires again and looks at the busy guest anew.
-    skips = daemon.events("domain.skipped", domain=busy.name)
-    assert skips, daemon.tail()
-    for skip in skips:
-        assert skip["reason"].startswith("busy: CPU"), skip
+    # Skipped once, watched until the window closed (here: the daemon stopped), still busy.
+    [skip] = daemon.events("domain.skipped", domain=busy.name)
+    assert skip["reason"].startswith("busy: "), skip
+    [closed] = daemon.events("window.closed", policy="nightly")
+    assert closed["stayed_busy"][busy.name].startswith("busy: CPU"), closed
     assert not daemon.events("job.started", domain=busy.name)
     assert busy.is_running()
     # The idle guest: reclaimed, back up, its data unchanged.
@@ -136,6 +136,37 @@ def test_window_reclaims_idle_guests_by_gain_skips_the_busy_one_and_stops_safely
     assert keys[ready:stopping].count("WATCHDOG") >= 2
     assert any("reclaiming" in f.get("STATUS", "") for _at, f in notify.messages)
     notify.close()
+
+
+def test_a_guest_busy_when_the_window_opens_is_reclaimed_once_it_goes_idle(
+    make_guest: Callable[..., Guest], daemons: list[DaemonProcess], tmp_path: Path
+) -> None:
+    guest = make_guest(data_size="128M", discard=True)
+    sums = dirty(guest, 32)
+    guest.exec("sh -c 'echo $$ >/run/busy.pid; while :; do :; done' >/dev/null 2>&1 &")
+    config_dir = write_config(
+        tmp_path / "etc", settings(tmp_path), {"10-test.toml": every_minute("late", [guest.name])}
+    )
+    daemon = DaemonProcess(config_dir)
+    daemons.append(daemon)
+
+    skip = daemon.wait_event("domain.skipped", WINDOW_WAIT_S, domain=guest.name)
+    assert skip["reason"].startswith("busy: "), skip
+    assert not daemon.events("job.starting", domain=guest.name)
+    guest.exec("kill $(cat /run/busy.pid)")
+    went_idle = daemon.wait_event("domain.idle", 60, domain=guest.name)
+    finished = daemon.wait_event("job.finished", JOB_S, domain=guest.name, dry_run=None)
+
+    assert went_idle["policy"] == "late"
+    assert finished["outcome"] == "reclaimed", daemon.tail()
+    assert finished["bytes_after"] < finished["bytes_before"] - 16 * 1024 * 1024
+    assert guest.is_running()
+    guest.wait_agent()
+    assert data.checksums(guest) == sums
+    # The same window: it opened once before the skip, and the job started inside it.
+    opened = daemon.events("window.opened", policy="late")[0]
+    assert daemon.log.index(opened) < daemon.log.index(skip)
+    assert not daemon.events("window.closed", policy="late")
 
 
 def test_sighup_keeps_the_last_good_configuration_and_applies_a_fixed_one(
