@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -21,10 +22,15 @@ class FreeSpaceMethod(enum.StrEnum):
 
 # Runs in the guest with the mountpoint and a time bound as $1 and $2, never
 # through a host shell. dd ends at ENOSPC; the file is removed on every path.
+# dd runs in the background because a shell runs its INT/TERM trap only once the
+# foreground command ends, and `wait` is interrupted at once: SIGTERM to this
+# script (a stopping job) stops dd and removes the file within seconds.
 ZERO_FILL_SCRIPT = (
     'f="$1/.virt-reclaim-zero.$$"; '
-    "trap 'rm -f \"$f\"; sync' EXIT INT TERM; "
-    'timeout "$2" dd if=/dev/zero of="$f" bs=1M 2>/dev/null; '
+    "trap 'rm -f \"$f\"; sync' EXIT; "
+    "trap 'kill $p 2>/dev/null; wait $p; exit 143' INT TERM; "
+    'timeout "$2" dd if=/dev/zero of="$f" bs=1M 2>/dev/null & p=$!; '
+    "wait $p; "
     "sync"
 )
 
@@ -35,8 +41,14 @@ class GuestAgentPort(Protocol):
     def fstrim(self) -> None:
         """Trim every mounted filesystem."""
 
-    def guest_exec(self, path: str, args: list[str], timeout: float) -> GuestExecResult:
-        """Run a program in the guest and wait for it."""
+    def guest_exec(
+        self,
+        path: str,
+        args: list[str],
+        timeout: float,
+        cancel: threading.Event | None = None,
+    ) -> GuestExecResult:
+        """Run a program in the guest and wait for it (``GuestExecCancelled`` on cancel)."""
 
 
 @dataclass(frozen=True)
@@ -61,11 +73,13 @@ def free_guest_space(
     filesystems: Sequence[GuestFilesystem],
     *,
     timeout: float,
+    cancel: threading.Event | None = None,
 ) -> FreeSpaceResult:
     """Free unused space on ``filesystems`` (those on the disks being reclaimed).
 
     Never raises for what a guest does: an agent that is missing or refuses
-    becomes ``problem``, and the rewrite goes on without it.
+    becomes ``problem``, and the rewrite goes on without it. ``cancel`` (the
+    service stopping) ends a zero-fill early: ``GuestExecCancelled``.
     """
     mountpoints = tuple(fs.mountpoint for fs in filesystems)
     if method is FreeSpaceMethod.NONE:
@@ -76,11 +90,14 @@ def free_guest_space(
         except AgentUnavailable as exc:
             return FreeSpaceResult("none", (), f"trim failed: {exc}")
         return FreeSpaceResult("trim", mountpoints)
-    return _zero_fill(agent, mountpoints, timeout)
+    return _zero_fill(agent, mountpoints, timeout, cancel)
 
 
 def _zero_fill(
-    agent: GuestAgentPort, mountpoints: tuple[str, ...], timeout: float
+    agent: GuestAgentPort,
+    mountpoints: tuple[str, ...],
+    timeout: float,
+    cancel: threading.Event | None,
 ) -> FreeSpaceResult:
     if not mountpoints:
         return FreeSpaceResult("none", (), "the agent reports no filesystem on these disks")
@@ -91,6 +108,7 @@ def _zero_fill(
                 "/bin/sh",
                 ["-c", ZERO_FILL_SCRIPT, "virt-reclaim", mountpoint, str(int(timeout))],
                 timeout=timeout + 30,
+                cancel=cancel,
             )
             problem = (
                 None if result.exitcode == 0 else f"exited {result.exitcode}: {result.stderr[:200]}"

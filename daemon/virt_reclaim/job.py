@@ -30,7 +30,7 @@ from virt_reclaim.ports import DomainPort, ImagePort
 from virt_reclaim.process import Priority, ProgressCallback
 from virt_reclaim.qemu_img import ImageInfo, QemuImgCancelled, QemuImgError
 from virt_reclaim.units import format_bytes
-from virt_reclaim.virt import AgentUnavailable, DomainState, VirtError
+from virt_reclaim.virt import AgentUnavailable, DomainState, GuestExecCancelled, VirtError
 
 MIB = 1024 * 1024
 # Recorded in the journal (not a step of its own) once the guest was asked to stop.
@@ -378,7 +378,7 @@ class ReclaimJob:
         self.log.info("step.started", step=str(step))
         try:
             yield
-        except QemuImgCancelled as exc:
+        except (QemuImgCancelled, GuestExecCancelled) as exc:
             self.log.info("job.abandoned", step=str(step))
             raise JobAbandoned(f"stopped during step {step}: the service is stopping") from exc
         except (JobSkipped, NothingToDo, JobAbandoned) as exc:
@@ -544,7 +544,11 @@ class ReclaimJob:
             self.log.info("free_space.unavailable", reason=str(exc))
             return
         result = free_guest_space(
-            self.domain, method, filesystems, timeout=self.settings.free_space_timeout_s
+            self.domain,
+            method,
+            filesystems,
+            timeout=self.settings.free_space_timeout_s,
+            cancel=self._stop,
         )
         self._free_space = result.method
         if result.problem:

@@ -6,6 +6,7 @@ live mode can pass other implementations.
 
 from __future__ import annotations
 
+import threading
 from typing import Protocol
 
 from virt_reclaim.process import ProgressCallback
@@ -30,7 +31,13 @@ class DomainPort(Protocol):
     def agent_ping(self, timeout: int = 5) -> bool: ...
     def guest_filesystems(self) -> list[GuestFilesystem]: ...
     def fstrim(self) -> None: ...
-    def guest_exec(self, path: str, args: list[str], timeout: float) -> GuestExecResult: ...
+    def guest_exec(
+        self,
+        path: str,
+        args: list[str],
+        timeout: float,
+        cancel: threading.Event | None = None,
+    ) -> GuestExecResult: ...
 
 
 class ImagePort(Protocol):

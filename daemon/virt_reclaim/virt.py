@@ -91,9 +91,15 @@ class AgentUnavailable(VirtError):
     """The guest agent is not connected, does not answer, or refuses the command."""
 
 
+class GuestExecCancelled(Exception):
+    """``cancel`` was set while a guest-exec ran; the guest process was asked to end."""
+
+
 # Bounds on what a guest may make us read (its replies are untrusted input).
 MAX_EXEC_OUTPUT = 64 * 1024
 MAX_FILESYSTEMS = 256
+# How long a guest process may take to clean up after SIGTERM (a zero-fill removes its file).
+GUEST_PROCESS_END_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -441,30 +447,71 @@ class Domain:
         except libvirt.libvirtError as exc:
             raise AgentUnavailable(f"fstrim: {_message(exc)}") from exc
 
-    def guest_exec(self, path: str, args: list[str], timeout: float) -> GuestExecResult:
+    def guest_exec(
+        self,
+        path: str,
+        args: list[str],
+        timeout: float,
+        cancel: threading.Event | None = None,
+    ) -> GuestExecResult:
         """Run a program in the guest through ``guest-exec`` and wait for it, with a deadline.
+
+        Whatever ends the wait early (the deadline, ``cancel``, Ctrl-C) first sends the guest
+        process SIGTERM, so that nothing it started outlives the job in the guest.
 
         Raises:
             AgentUnavailable: The agent refuses guest-exec (often blocked by policy on
                 RHEL-family guests), does not answer, or the command outlives ``timeout``.
+            GuestExecCancelled: ``cancel`` was set.
         """
         reply = self._agent("guest-exec", {"path": path, "arg": args, "capture-output": True}, 10)
         pid = reply.get("pid") if isinstance(reply, dict) else None
         if not isinstance(pid, int):
             raise AgentUnavailable(f"guest-exec returned no pid: {str(reply)[:200]}")
         deadline = time.monotonic() + timeout
-        while True:
-            status = self._agent("guest-exec-status", {"pid": pid}, 10)
-            if isinstance(status, dict) and status.get("exited"):
-                return GuestExecResult(
-                    exitcode=_int_or_none(status.get("exitcode")),
-                    signal=_int_or_none(status.get("signal")),
-                    stdout=_decode_b64(status.get("out-data")),
-                    stderr=_decode_b64(status.get("err-data")),
-                )
-            if time.monotonic() >= deadline:
-                raise AgentUnavailable(f"guest-exec {path}: still running after {timeout:g} s")
-            time.sleep(0.5)
+        try:
+            while True:
+                result = self._exec_status(pid)
+                if result is not None:
+                    return result
+                if time.monotonic() >= deadline:
+                    raise AgentUnavailable(f"guest-exec {path}: still running after {timeout:g} s")
+                if cancel is None:
+                    time.sleep(0.5)
+                elif cancel.wait(0.5):
+                    raise GuestExecCancelled(f"guest-exec {path}: stopped on request")
+        except BaseException:
+            self._end_guest_process(pid)
+            raise
+
+    def _exec_status(self, pid: int) -> GuestExecResult | None:
+        status = self._agent("guest-exec-status", {"pid": pid}, 10)
+        if not (isinstance(status, dict) and status.get("exited")):
+            return None
+        return GuestExecResult(
+            exitcode=_int_or_none(status.get("exitcode")),
+            signal=_int_or_none(status.get("signal")),
+            stdout=_decode_b64(status.get("out-data")),
+            stderr=_decode_b64(status.get("err-data")),
+        )
+
+    def _end_guest_process(self, pid: int) -> None:
+        """SIGTERM a guest-exec process and wait (bounded) for it to go; best effort."""
+        try:
+            self._agent(
+                "guest-exec",
+                {"path": "/bin/sh", "arg": ["-c", 'kill -TERM "$1"', "sh", str(pid)]},
+                10,
+            )
+            deadline = time.monotonic() + GUEST_PROCESS_END_S
+            while self._exec_status(pid) is None:
+                if time.monotonic() >= deadline:
+                    raise AgentUnavailable(f"still running {GUEST_PROCESS_END_S:g} s after SIGTERM")
+                time.sleep(0.2)
+        except (AgentUnavailable, KeyboardInterrupt) as exc:
+            structlog.get_logger("virt_reclaim.virt").warning(
+                "guest_exec.not_ended", domain=self.name, guest_pid=pid, reason=str(exc)
+            )
 
     def _agent(self, command: str, arguments: dict[str, Any] | None, timeout: int) -> Any:  # noqa: ANN401
         request: dict[str, Any] = {"execute": command}

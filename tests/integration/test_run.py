@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import libvirt
 import pytest
 
 from testbed import data
-from testbed.guests import Guest
+from testbed.guests import URI, Guest
 from testbed.reclaim import (
     RunResult,
     fake_qemu_img,
@@ -32,6 +33,8 @@ from testbed.reclaim import (
     start_reclaim,
     wait_for_file,
 )
+from virt_reclaim.guestfree import FreeSpaceMethod, FreeSpaceResult, free_guest_space
+from virt_reclaim.virt import GuestExecCancelled, Hypervisor
 
 pytestmark = pytest.mark.guest
 
@@ -347,6 +350,76 @@ def test_sigterm_during_the_rewrite_restores_everything(
     assert "terminated (SIGTERM)" in stderr
     assert leftovers(guest.data_image.parent) == []
     assert_back_as_before(guest, sums, running=True)
+
+
+def test_sigterm_during_the_zero_fill_stops_it_and_removes_its_file(
+    make_guest: Callable[..., Guest],
+) -> None:
+    guest = make_guest(data_size="1G")
+    data.write_text(guest, "/data/app.log", 8)
+    sums = data.checksums(guest)
+    used = data.used_bytes(guest)
+    # A slow disk (QEMU's own throttling): filling 1 GiB takes about a minute, so SIGTERM
+    # finds the fill under way, and a fill that kept going would still be there after the job.
+    guest.dom.setBlockIoTune("vda", {"write_bytes_sec": 16 * MIB}, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    job = start_reclaim(guest.name, "--free-space", "zero", "--min-gain", "0")
+    try:
+        deadline = time.monotonic() + 120
+        while not guest.exec("ls -a /data").stdout.count(".virt-reclaim-zero."):
+            assert time.monotonic() < deadline, "the zero-fill did not start"
+            time.sleep(0.2)
+        job.terminate()
+        _stdout, stderr = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+
+    assert job.returncode == 143, stderr
+    # Stopped with the job, not at the fill's own time bound: no dd, no file, the space back.
+    assert ".virt-reclaim-zero." not in guest.exec("ls -a /data").stdout
+    assert guest.exec("pidof dd", check=False).exitcode != 0
+    assert data.used_bytes(guest) < used + 4 * MIB
+    assert_back_as_before(guest, sums, running=True)
+
+
+def test_a_stopping_service_cancels_the_zero_fill_in_the_guest(
+    make_guest: Callable[..., Guest],
+) -> None:
+    """The daemon's path: its stop event, not a signal in this thread, ends the fill."""
+    guest = make_guest(data_size="1G")
+    used = data.used_bytes(guest)
+    guest.dom.setBlockIoTune("vda", {"write_bytes_sec": 16 * MIB}, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    stop = threading.Event()
+    outcome: list[BaseException | FreeSpaceResult] = []
+
+    with Hypervisor(URI) as hypervisor:
+        domain = hypervisor.domain_by_uuid(guest.dom.UUIDString())
+        filesystems = [fs for fs in domain.guest_filesystems() if fs.mountpoint == "/data"]
+
+        def fill() -> None:
+            try:
+                outcome.append(free_guest_space(
+                    domain, FreeSpaceMethod.ZERO, filesystems, timeout=600, cancel=stop
+                ))  # fmt: skip
+            except BaseException as exc:
+                outcome.append(exc)
+
+        filler = threading.Thread(target=fill)
+        filler.start()
+        deadline = time.monotonic() + 120
+        while ".virt-reclaim-zero." not in guest.exec("ls -a /data").stdout:
+            assert time.monotonic() < deadline, "the zero-fill did not start"
+            time.sleep(0.2)
+        stop.set()
+        filler.join(timeout=120)
+
+    assert not filler.is_alive()
+    [ended] = outcome
+    assert isinstance(ended, GuestExecCancelled), ended
+    assert ".virt-reclaim-zero." not in guest.exec("ls -a /data").stdout
+    assert guest.exec("pidof dd", check=False).exitcode != 0
+    assert data.used_bytes(guest) < used + 4 * MIB
 
 
 @pytest.fixture
