@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
 from collections.abc import Callable
 
@@ -36,3 +38,24 @@ def test_one_call_gives_counters_that_move_with_the_guest(make_guest: Callable[.
     assert after.block_bytes - before.block_bytes >= 24 * MIB
     # The test guest has no network interface: zero interfaces, zero bytes.
     assert before.net_bytes == after.net_bytes == 0
+
+
+def utmp_login(user: str, line: str, pid: int) -> bytes:
+    """One glibc x86-64 utmp record (384 bytes) of a USER_PROCESS: a login, as login(1) writes."""
+    user_process = 7
+    return struct.pack(
+        "<hxxi32s4s32s256shhiii16s20s",
+        user_process, pid, line.encode(), line[-4:].encode(), user.encode(), b"", 0, 0,
+        0, int(time.time()), 0, b"", b"",
+    )  # fmt: skip
+
+
+def test_the_agent_tells_who_is_logged_in(make_guest: Callable[..., Guest]) -> None:
+    guest = make_guest(data_size="64M")
+    with Hypervisor(URI) as hypervisor:
+        domain = hypervisor.domain_by_uuid(guest.dom.UUIDString())
+        assert domain.logged_in_users() == []
+        record = utmp_login("alice", "pts/0", 1)
+        guest.exec(f"mkdir -p /var/run && echo {base64.b64encode(record).decode()} "
+                   "| base64 -d > /var/run/utmp")  # fmt: skip
+        assert domain.logged_in_users() == ["alice"]
