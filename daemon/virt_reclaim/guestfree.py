@@ -6,9 +6,9 @@ import enum
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
-from virt_reclaim.virt import AgentUnavailable, GuestExecResult, GuestFilesystem
+from virt_reclaim.ports import GuestAgentPort
+from virt_reclaim.virt import AgentUnavailable, GuestFilesystem
 
 
 class FreeSpaceMethod(enum.StrEnum):
@@ -33,22 +33,6 @@ ZERO_FILL_SCRIPT = (
     "wait $p; "
     "sync"
 )
-
-
-class GuestAgentPort(Protocol):
-    """What freeing space needs of a domain's guest agent."""
-
-    def fstrim(self) -> None:
-        """Trim every mounted filesystem."""
-
-    def guest_exec(
-        self,
-        path: str,
-        args: list[str],
-        timeout: float,
-        cancel: threading.Event | None = None,
-    ) -> GuestExecResult:
-        """Run a program in the guest and wait for it (``GuestExecCancelled`` on cancel)."""
 
 
 @dataclass(frozen=True)

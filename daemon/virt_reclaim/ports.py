@@ -14,7 +14,20 @@ from virt_reclaim.qemu_img import ImageInfo
 from virt_reclaim.virt import DomainSnapshot, DomainState, GuestExecResult, GuestFilesystem
 
 
-class DomainPort(Protocol):
+class GuestAgentPort(Protocol):
+    """What freeing space in the guest needs of its agent (virt.Domain provides it)."""
+
+    def fstrim(self) -> None: ...
+    def guest_exec(
+        self,
+        path: str,
+        args: list[str],
+        timeout: float,
+        cancel: threading.Event | None = None,
+    ) -> GuestExecResult: ...
+
+
+class DomainPort(GuestAgentPort, Protocol):
     """What the job needs of a libvirt domain (virt.Domain provides it)."""
 
     name: str
@@ -30,14 +43,6 @@ class DomainPort(Protocol):
     def wait_for_agent(self, timeout: float) -> bool: ...
     def agent_ping(self, timeout: int = 5) -> bool: ...
     def guest_filesystems(self) -> list[GuestFilesystem]: ...
-    def fstrim(self) -> None: ...
-    def guest_exec(
-        self,
-        path: str,
-        args: list[str],
-        timeout: float,
-        cancel: threading.Event | None = None,
-    ) -> GuestExecResult: ...
 
 
 class ImagePort(Protocol):

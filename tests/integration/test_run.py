@@ -352,23 +352,44 @@ def test_sigterm_during_the_rewrite_restores_everything(
     assert_back_as_before(guest, sums, running=True)
 
 
+ZERO_FILE = ".virt-reclaim-zero."
+
+
+def slow_disk_guest(make_guest: Callable[..., Guest]) -> Guest:
+    """A guest whose 1 GiB data disk QEMU throttles to 16 MiB/s: a zero-fill takes a minute.
+
+    So a stop finds the fill under way, and a fill that kept going is still there after it.
+    """
+    guest = make_guest(data_size="1G")
+    guest.dom.setBlockIoTune("vda", {"write_bytes_sec": 16 * MIB}, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    return guest
+
+
+def wait_for_zero_fill(guest: Guest) -> None:
+    deadline = time.monotonic() + 120
+    while ZERO_FILE not in guest.exec("ls -a /data").stdout:
+        assert time.monotonic() < deadline, "the zero-fill did not start"
+        time.sleep(0.2)
+
+
+def assert_zero_fill_gone(guest: Guest, used_before: int) -> None:
+    """Stopped with the job, not at the fill's own time bound: no dd, no file, the space back."""
+    assert ZERO_FILE not in guest.exec("ls -a /data").stdout
+    assert guest.exec("pidof dd", check=False).exitcode != 0
+    assert data.used_bytes(guest) < used_before + 4 * MIB
+
+
 def test_sigterm_during_the_zero_fill_stops_it_and_removes_its_file(
     make_guest: Callable[..., Guest],
 ) -> None:
-    guest = make_guest(data_size="1G")
+    guest = slow_disk_guest(make_guest)
     data.write_text(guest, "/data/app.log", 8)
     sums = data.checksums(guest)
     used = data.used_bytes(guest)
-    # A slow disk (QEMU's own throttling): filling 1 GiB takes about a minute, so SIGTERM
-    # finds the fill under way, and a fill that kept going would still be there after the job.
-    guest.dom.setBlockIoTune("vda", {"write_bytes_sec": 16 * MIB}, libvirt.VIR_DOMAIN_AFFECT_LIVE)
 
     job = start_reclaim(guest.name, "--free-space", "zero", "--min-gain", "0")
     try:
-        deadline = time.monotonic() + 120
-        while not guest.exec("ls -a /data").stdout.count(".virt-reclaim-zero."):
-            assert time.monotonic() < deadline, "the zero-fill did not start"
-            time.sleep(0.2)
+        wait_for_zero_fill(guest)
         job.terminate()
         _stdout, stderr = job.communicate(timeout=120)
     finally:
@@ -376,10 +397,7 @@ def test_sigterm_during_the_zero_fill_stops_it_and_removes_its_file(
             job.kill()
 
     assert job.returncode == 143, stderr
-    # Stopped with the job, not at the fill's own time bound: no dd, no file, the space back.
-    assert ".virt-reclaim-zero." not in guest.exec("ls -a /data").stdout
-    assert guest.exec("pidof dd", check=False).exitcode != 0
-    assert data.used_bytes(guest) < used + 4 * MIB
+    assert_zero_fill_gone(guest, used)
     assert_back_as_before(guest, sums, running=True)
 
 
@@ -387,9 +405,8 @@ def test_a_stopping_service_cancels_the_zero_fill_in_the_guest(
     make_guest: Callable[..., Guest],
 ) -> None:
     """The daemon's path: its stop event, not a signal in this thread, ends the fill."""
-    guest = make_guest(data_size="1G")
+    guest = slow_disk_guest(make_guest)
     used = data.used_bytes(guest)
-    guest.dom.setBlockIoTune("vda", {"write_bytes_sec": 16 * MIB}, libvirt.VIR_DOMAIN_AFFECT_LIVE)
     stop = threading.Event()
     outcome: list[BaseException | FreeSpaceResult] = []
 
@@ -407,19 +424,14 @@ def test_a_stopping_service_cancels_the_zero_fill_in_the_guest(
 
         filler = threading.Thread(target=fill)
         filler.start()
-        deadline = time.monotonic() + 120
-        while ".virt-reclaim-zero." not in guest.exec("ls -a /data").stdout:
-            assert time.monotonic() < deadline, "the zero-fill did not start"
-            time.sleep(0.2)
+        wait_for_zero_fill(guest)
         stop.set()
         filler.join(timeout=120)
 
     assert not filler.is_alive()
     [ended] = outcome
     assert isinstance(ended, GuestExecCancelled), ended
-    assert ".virt-reclaim-zero." not in guest.exec("ls -a /data").stdout
-    assert guest.exec("pidof dd", check=False).exitcode != 0
-    assert data.used_bytes(guest) < used + 4 * MIB
+    assert_zero_fill_gone(guest, used)
 
 
 @pytest.fixture
