@@ -8,7 +8,6 @@ and a second `recover` has nothing to do.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,11 +21,12 @@ from testbed import data
 from testbed.guests import URI, Guest, create_guest, restart_libvirtd
 from testbed.reclaim import (
     fake_qemu_img,
+    killed_if_left_running,
     leftovers,
     qemu_img_check_clean,
     reclaim,
-    run_argv,
     sha256_file,
+    start_reclaim,
     wait_for_file,
 )
 
@@ -53,11 +53,8 @@ class CrashBed:
         data.write_deleted_random(self.guest, 16)
 
     def start_job(self, *options: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-        argv = run_argv(self.guest.name, "--state-dir", str(self.state_dir), "--min-gain", "0",
-                        *options)  # fmt: skip
-        pipe = subprocess.PIPE
-        return subprocess.Popen(argv, stdout=pipe, stderr=pipe, text=True,
-                                env={**os.environ, **(env or {})})  # fmt: skip
+        return start_reclaim(self.guest.name, "--state-dir", str(self.state_dir),
+                             "--min-gain", "0", *options, env=env)  # fmt: skip
 
     def recover(self) -> list[dict[str, Any]]:
         proc = subprocess.run(
@@ -229,15 +226,11 @@ def test_libvirtd_restarted_in_the_middle_of_a_job(
 ) -> None:
     wrapper, paused, go = paused_qemu_img
     bed.dirty()
-    job = bed.start_job("--qemu-img", str(wrapper))
-    try:
+    with killed_if_left_running(bed.start_job("--qemu-img", str(wrapper))) as job:
         wait_for_file(paused, 120)
         restart_libvirtd()
         go.touch()
         stdout, stderr = job.communicate(timeout=300)
-    finally:
-        if job.poll() is None:
-            job.kill()
 
     assert job.returncode == 0, stderr
     assert json.loads(stdout)["outcome"] == "reclaimed"
@@ -250,8 +243,7 @@ def test_a_second_job_for_a_busy_domain_is_refused(
 ) -> None:
     wrapper, paused, go = paused_qemu_img
     bed.dirty()
-    first = bed.start_job("--qemu-img", str(wrapper))
-    try:
+    with killed_if_left_running(bed.start_job("--qemu-img", str(wrapper))) as first:
         wait_for_file(paused, 120)
         second = reclaim(bed.guest.name, "--state-dir", str(bed.state_dir), "--min-gain", "0")
         assert second.exitcode == 1
@@ -260,9 +252,6 @@ def test_a_second_job_for_a_busy_domain_is_refused(
         assert bed.recover() == []
         go.touch()
         stdout, stderr = first.communicate(timeout=300)
-    finally:
-        if first.poll() is None:
-            first.kill()
     assert json.loads(stdout)["outcome"] == "reclaimed", stderr
     bed.assert_intact()
 

@@ -24,6 +24,7 @@ from testbed.reclaim import (
     RunResult,
     fake_qemu_img,
     image_info,
+    killed_if_left_running,
     leftovers,
     owner_and_mode,
     parse_run,
@@ -286,7 +287,7 @@ def test_start_during_the_rewrite_is_refused_and_the_job_completes(
     sums = data.checksums(guest)
 
     job = start_reclaim(guest.name, "--min-gain", "0", "--qemu-img", str(wrapper))
-    try:
+    with killed_if_left_running(job):
         wait_for_file(paused, 120)
         assert guest.is_off()
         with pytest.raises(libvirt.libvirtError, match='Failed to get "write" lock'):
@@ -294,10 +295,6 @@ def test_start_during_the_rewrite_is_refused_and_the_job_completes(
         assert guest.is_off()
         go.touch()
         stdout, stderr = job.communicate(timeout=300)
-    finally:
-        go.touch()
-        if job.poll() is None:
-            job.kill()
     run = parse_run(job.returncode, stdout, stderr)
 
     assert_reclaimed(run, guest)
@@ -338,13 +335,10 @@ def test_sigterm_during_the_rewrite_restores_everything(
     sums = data.checksums(guest)
 
     job = start_reclaim(guest.name, "--min-gain", "0", "--qemu-img", str(wrapper))
-    try:
+    with killed_if_left_running(job):
         wait_for_file(paused, 120)
         job.terminate()
         _stdout, stderr = job.communicate(timeout=300)
-    finally:
-        if job.poll() is None:
-            job.kill()
 
     assert job.returncode == 143, stderr
     assert "terminated (SIGTERM)" in stderr
@@ -388,13 +382,10 @@ def test_sigterm_during_the_zero_fill_stops_it_and_removes_its_file(
     used = data.used_bytes(guest)
 
     job = start_reclaim(guest.name, "--free-space", "zero", "--min-gain", "0")
-    try:
+    with killed_if_left_running(job):
         wait_for_zero_fill(guest)
         job.terminate()
         _stdout, stderr = job.communicate(timeout=120)
-    finally:
-        if job.poll() is None:
-            job.kill()
 
     assert job.returncode == 143, stderr
     assert_zero_fill_gone(guest, used)

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,10 +46,24 @@ def reclaim(domain: str, *options: str, timeout: float = 600) -> RunResult:
     return parse_run(proc.returncode, proc.stdout, proc.stderr)
 
 
-def start_reclaim(domain: str, *options: str) -> subprocess.Popen[str]:
+def start_reclaim(
+    domain: str, *options: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     """Start ``virt-reclaim run`` in the background (to act on the guest while it works)."""
     pipe = subprocess.PIPE
-    return subprocess.Popen(run_argv(domain, *options), stdout=pipe, stderr=pipe, text=True)
+    return subprocess.Popen(run_argv(domain, *options), stdout=pipe, stderr=pipe, text=True,
+                            env={**os.environ, **(env or {})})  # fmt: skip
+
+
+@contextmanager
+def killed_if_left_running(job: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    """Hold a background job; if the block ends (an assertion failed) while it runs, kill it."""
+    try:
+        yield job
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate(timeout=60)
 
 
 def parse_run(exitcode: int, stdout: str, stderr: str) -> RunResult:
