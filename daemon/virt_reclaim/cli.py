@@ -29,6 +29,7 @@ from virt_reclaim import (
     service,
 )
 from virt_reclaim.domainlock import DomainBusy
+from virt_reclaim.errors import VirtError
 from virt_reclaim.guestfree import FreeSpaceMethod
 from virt_reclaim.job import (
     Compression,
@@ -39,10 +40,11 @@ from virt_reclaim.job import (
     Step,
 )
 from virt_reclaim.journal import DEFAULT_STATE_DIR, Journal, JournalError
+from virt_reclaim.model import DEFAULT_URI
 from virt_reclaim.policy import Policy, PolicyFile, job_settings
 from virt_reclaim.process import Priority
 from virt_reclaim.units import format_bytes
-from virt_reclaim.virt import DEFAULT_URI, Hypervisor, VirtError
+from virt_reclaim.virt import Hypervisor
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -166,6 +168,11 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
         "auto (trim where every disk has discard, else zero), none (default: auto)",
     )  # fmt: skip
     run.add_argument(
+        "--host-reserve", type=_size, default=None, metavar="SIZE",
+        help="a zero-fill leaves at least SIZE free on each host filesystem beyond what the "
+        "rewrite needs (default: the policy's, else the larger of 5%% and 2GiB)",
+    )  # fmt: skip
+    run.add_argument(
         "--compression", choices=[m.value for m in Compression], default=None,
         help="compression of the new image; zstd needs QEMU >= 5.1 to open it (default: zstd)",
     )  # fmt: skip
@@ -187,7 +194,8 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
     run.add_argument(
         "--min-gain", type=_size, default=None, metavar="SIZE",
         help="do nothing when the estimated gain is below this (default: 64MiB); when the "
-        "guest's usage is unknown (no agent) the rewrite runs",
+        "guest's usage is unknown (shut off, no agent) the estimate counts only what "
+        "compression and dropping zero clusters free",
     )  # fmt: skip
     run.add_argument(
         "--keep-backup", action="store_true", default=None,
@@ -494,6 +502,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         settings = job_settings(_policy_named(args.policy, args.config_dir), **overrides)
     else:
         settings = JobSettings(**{k: v for k, v in overrides.items() if v is not None})
+    if args.host_reserve is not None:
+        settings = dataclasses.replace(
+            settings,
+            reserve=dataclasses.replace(
+                settings.reserve, host_percent=0.0, host_min_bytes=args.host_reserve
+            ),
+        )
     journal = Journal(args.state_dir)
     with Hypervisor(args.connect) as hypervisor:
         domain = hypervisor.domain(args.domain)
@@ -572,11 +587,14 @@ def _cmd_history(args: argparse.Namespace) -> int:
         json.dump([job.to_json() for job in jobs], sys.stdout, indent=2)
         sys.stdout.write("\n")
         return EXIT_OK
-    header = ("STARTED", "DOMAIN", "OUTCOME", "BEFORE", "AFTER", "DOWNTIME", "DURATION")
+    header = (
+        "STARTED", "DOMAIN", "OUTCOME", "BEFORE", "ESTIMATE", "AFTER", "DOWNTIME", "DURATION"
+    )  # fmt: skip
     rows = [
         (
             job.to_json()["started_at"] or "-", job.domain, job.outcome or "unfinished",
-            format_bytes(job.bytes_before), format_bytes(job.bytes_after),
+            format_bytes(job.bytes_before), format_bytes(job.estimated_after),
+            format_bytes(job.bytes_after),
             "-" if job.downtime_s is None else f"{job.downtime_s:.1f} s",
             "-" if job.duration_s is None else f"{job.duration_s:.1f} s",
         )

@@ -19,8 +19,8 @@ from pydantic import Field, ValidationError
 
 from virt_reclaim.journal import DEFAULT_STATE_DIR
 from virt_reclaim.logs import LogFormat
+from virt_reclaim.model import DEFAULT_URI
 from virt_reclaim.policy import Duration, Policy, PolicyFile, _Model
-from virt_reclaim.virt import DEFAULT_URI
 
 DEFAULT_CONFIG_DIR = "/etc/virt-reclaim"
 DAEMON_FILE = "virt-reclaim.toml"

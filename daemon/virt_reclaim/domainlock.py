@@ -10,8 +10,10 @@ import fcntl
 import os
 from pathlib import Path
 
+from virt_reclaim.errors import VirtReclaimError
 
-class DomainBusy(Exception):
+
+class DomainBusy(VirtReclaimError):
     """Another virt-reclaim process holds the domain's lock."""
 
 

@@ -43,6 +43,12 @@ class DiskSpec:
     discard: str | None
     encrypted: bool
     backing: tuple[BackingLayer, ...]
+    detect_zeroes: str | None = None
+
+    @property
+    def zeros_become_holes(self) -> bool:
+        """True when QEMU turns zeros the guest writes into holes (no host space used)."""
+        return self.detect_zeroes in ("on", "unmap")
 
     @property
     def is_file_qcow2(self) -> bool:
@@ -113,6 +119,7 @@ def _disk(el: ET.Element) -> DiskSpec:
         discard=driver.get("discard") if driver is not None else None,
         encrypted=encrypted,
         backing=_backing_chain(el),
+        detect_zeroes=driver.get("detect_zeroes") if driver is not None else None,
     )
 
 

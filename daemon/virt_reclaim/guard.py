@@ -18,13 +18,15 @@ import fcntl
 import os
 import struct
 
+from virt_reclaim.errors import VirtReclaimError
+
 _WRITE_HELD = 101  # "someone holds write permission"
 _UNSHARE_BYTES = (201, 203)  # "write" and "resize" are not shared
 # struct flock on Linux x86_64/aarch64: short type, short whence, off_t start, off_t len, pid_t pid.
 _FLOCK = "hh4xqqi4x"
 
 
-class GuardError(Exception):
+class GuardError(VirtReclaimError):
     """The image cannot be guarded: it is open for writing, or cannot be opened."""
 
 

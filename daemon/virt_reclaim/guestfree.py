@@ -1,107 +1,194 @@
-"""Free the guest's unused space while it runs: trim, or a zero-fill through guest-exec."""
+"""Free the guest's unused space while it runs: trim, or a bounded zero-fill through guest-exec."""
 
 from __future__ import annotations
 
 import enum
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from virt_reclaim.errors import AgentUnavailable, GuestExecCancelled
+from virt_reclaim.fillplan import Fill
+from virt_reclaim.model import AgentInfo
 from virt_reclaim.ports import GuestAgentPort
-from virt_reclaim.virt import AgentUnavailable, GuestFilesystem
+
+MIB = 1024 * 1024
 
 
 class FreeSpaceMethod(enum.StrEnum):
     """How to free the guest's unused blocks before the rewrite."""
 
-    AUTO = "auto"  # trim where every disk has discard, else zero
+    AUTO = "auto"  # trim where every disk has discard, else zero (when the agent allows it)
     TRIM = "trim"
     ZERO = "zero"
     NONE = "none"
 
 
-# Runs in the guest with the mountpoint and a time bound as $1 and $2, never
-# through a host shell. dd ends at ENOSPC; the file is removed on every path.
-# dd runs in the background because a shell runs its INT/TERM trap only once the
-# foreground command ends, and `wait` is interrupted at once: SIGTERM to this
-# script (a stopping job) stops dd and removes the file within seconds.
+# Runs in the guest with the mountpoint, a time bound and a size bound in MiB as $1, $2
+# and $3, never through a host shell. dd ends at its count or at ENOSPC; the file is
+# removed on every path, and its size is printed first so that the job can say how much
+# was zeroed. dd runs in the background because a shell runs its INT/TERM trap only
+# once the foreground command ends, and `wait` is interrupted at once: SIGTERM to this
+# script (a stopping job, a host filesystem below its reserve) stops dd and removes the
+# file within seconds.
 ZERO_FILL_SCRIPT = (
     'f="$1/.virt-reclaim-zero.$$"; '
-    "trap 'rm -f \"$f\"; sync' EXIT; "
+    'trap \'echo "zeroed $(stat -c %s "$f" 2>/dev/null || echo 0)"; rm -f "$f"; sync\' EXIT; '
     "trap 'kill $p 2>/dev/null; wait $p; exit 143' INT TERM; "
-    'timeout "$2" dd if=/dev/zero of="$f" bs=1M 2>/dev/null & p=$!; '
+    'timeout "$2" dd if=/dev/zero of="$f" bs=1M count="$3" 2>/dev/null & p=$!; '
     "wait $p; "
     "sync"
 )
+ZERO_FILE_GLOB = ".virt-reclaim-zero.*"
 
 
 @dataclass(frozen=True)
+class Choice:
+    """The method a job will use, and why (for events, ``plan`` and ``domains``)."""
+
+    method: FreeSpaceMethod
+    why: str
+
+
+def choose_method(  # noqa: PLR0911 - one return per rule, in the order they apply
+    requested: FreeSpaceMethod, *, all_disks_discard: bool, agent: AgentInfo | None
+) -> Choice:
+    """Resolve ``requested`` against what the disks and the guest's agent allow.
+
+    A trim frees host space only when the disk passes discards through; a zero-fill
+    needs guest-exec (disabled by default in RHEL-family agents) and a POSIX shell
+    (not on Windows).
+    """
+    if agent is None:
+        return Choice(FreeSpaceMethod.NONE, "no guest agent answers")
+    can_trim = agent.allows("guest-fstrim")
+    can_zero = agent.allows("guest-exec", "guest-exec-status") and not agent.is_windows
+    if requested is FreeSpaceMethod.NONE:
+        return Choice(FreeSpaceMethod.NONE, "free_space.method = none")
+    if requested is FreeSpaceMethod.TRIM or (
+        requested is FreeSpaceMethod.AUTO and all_disks_discard
+    ):
+        if not can_trim:
+            return Choice(FreeSpaceMethod.NONE, "the agent has guest-fstrim disabled")
+        if not all_disks_discard:
+            return Choice(FreeSpaceMethod.TRIM, "trim requested, but a disk lacks discard='unmap'")
+        return Choice(FreeSpaceMethod.TRIM, "every disk passes discards through")
+    if not can_zero:
+        why = (
+            "a Windows guest has no shell for a zero-fill"
+            if agent.is_windows
+            else "the agent has guest-exec disabled"
+        )
+        if requested is FreeSpaceMethod.AUTO and can_trim and agent.is_windows:
+            return Choice(FreeSpaceMethod.TRIM, f"{why}; trim frees only thin-provisioned disks")
+        return Choice(FreeSpaceMethod.NONE, f"{why} (and a disk lacks discard for a trim)")
+    return Choice(FreeSpaceMethod.ZERO, "a disk lacks discard='unmap': zero-fill")
+
+
+def freed_share(choice: Choice, *, all_disks_discard: bool, fill_reach: float) -> float:
+    """Share of the guest's deleted data that the chosen method will free on the host."""
+    if choice.method is FreeSpaceMethod.TRIM:
+        return 1.0 if all_disks_discard else 0.0
+    if choice.method is FreeSpaceMethod.ZERO:
+        return fill_reach
+    return 0.0
+
+
+@dataclass
 class FreeSpaceResult:
-    """What was done (``trim``, ``zero`` or ``none``) and, when nothing could be, why."""
+    """What was done (``trim``, ``zero`` or ``none``), how much, and what went wrong."""
 
     method: str
     filesystems: tuple[str, ...]
     problem: str | None = None
+    trimmed_bytes: int | None = None
+    fills: list[dict[str, object]] = field(default_factory=list)
+
+    @property
+    def zeroed_bytes(self) -> int:
+        """Bytes of zeros written in all."""
+        return sum(int(str(f.get("zeroed_bytes") or 0)) for f in self.fills)
 
 
-def choose_method(requested: FreeSpaceMethod, *, all_disks_discard: bool) -> FreeSpaceMethod:
-    """Resolve ``auto``: a trim frees host space only when the disk passes discards through."""
-    if requested is FreeSpaceMethod.AUTO:
-        return FreeSpaceMethod.TRIM if all_disks_discard else FreeSpaceMethod.ZERO
-    return requested
+def trim(agent: GuestAgentPort, mountpoints: Sequence[str], *, timeout: float) -> FreeSpaceResult:
+    """Trim the guest's filesystems; never raises for what the guest does."""
+    try:
+        paths = agent.fstrim(timeout)
+    except AgentUnavailable as exc:
+        return FreeSpaceResult("none", (), f"trim failed: {exc}")
+    errors = [f"{p.path}: {p.error}" for p in paths if p.error]
+    trimmed = [p.trimmed for p in paths if p.trimmed is not None]
+    return FreeSpaceResult(
+        "trim",
+        tuple(mountpoints),
+        "; ".join(errors)[:500] or None,
+        sum(trimmed) if trimmed else None,
+    )
 
 
-def free_guest_space(
+def zero_fill(
     agent: GuestAgentPort,
-    method: FreeSpaceMethod,
-    filesystems: Sequence[GuestFilesystem],
+    fills: Sequence[Fill],
     *,
     timeout: float,
     cancel: threading.Event | None = None,
 ) -> FreeSpaceResult:
-    """Free unused space on ``filesystems`` (those on the disks being reclaimed).
+    """Write at most each fill's limit of zeros into its filesystem, then remove the file.
 
-    Never raises for what a guest does: an agent that is missing or refuses
-    becomes ``problem``, and the rewrite goes on without it. ``cancel`` (the
-    service stopping) ends a zero-fill early: ``GuestExecCancelled``.
+    ``cancel`` ends the fill early (``GuestExecCancelled``): the service stopping, or the
+    watch seeing a host filesystem fall below its reserve. An agent that refuses is
+    reported as ``problem``.
     """
-    mountpoints = tuple(fs.mountpoint for fs in filesystems)
-    if method is FreeSpaceMethod.NONE:
-        return FreeSpaceResult("none", ())
-    if method is FreeSpaceMethod.TRIM:
-        try:
-            agent.fstrim()
-        except AgentUnavailable as exc:
-            return FreeSpaceResult("none", (), f"trim failed: {exc}")
-        return FreeSpaceResult("trim", mountpoints)
-    return _zero_fill(agent, mountpoints, timeout, cancel)
-
-
-def _zero_fill(
-    agent: GuestAgentPort,
-    mountpoints: tuple[str, ...],
-    timeout: float,
-    cancel: threading.Event | None,
-) -> FreeSpaceResult:
-    if not mountpoints:
-        return FreeSpaceResult("none", (), "the agent reports no filesystem on these disks")
+    result = FreeSpaceResult("none", ())
     done: list[str] = []
-    for mountpoint in mountpoints:
+    for fill in fills:
+        entry: dict[str, object] = {
+            "mountpoint": fill.mountpoint,
+            "limit_bytes": fill.limit,
+            "zeroed_bytes": 0,
+            "left_bytes": fill.guest_free,
+        }
+        result.fills.append(entry)
+        if fill.limit <= 0:
+            entry["skipped"] = fill.why_not
+            continue
         try:
-            result = agent.guest_exec(
+            ran = agent.guest_exec(
                 "/bin/sh",
-                ["-c", ZERO_FILL_SCRIPT, "virt-reclaim", mountpoint, str(int(timeout))],
+                ["-c", ZERO_FILL_SCRIPT, "virt-reclaim", fill.mountpoint, str(int(timeout)),
+                 str(fill.limit // MIB)],
                 timeout=timeout + 30,
                 cancel=cancel,
-            )
-            problem = (
-                None if result.exitcode == 0 else f"exited {result.exitcode}: {result.stderr[:200]}"
-            )
+            )  # fmt: skip
+        except GuestExecCancelled:
+            result.method = "zero" if done else "none"
+            result.filesystems = tuple(done)
+            raise
         except AgentUnavailable as exc:
-            problem = str(exc)
-        if problem is not None:
-            return FreeSpaceResult(
-                "zero" if done else "none", tuple(done), f"zero-fill of {mountpoint}: {problem}"
+            result.problem = f"zero-fill of {fill.mountpoint}: {exc}"
+            break
+        zeroed = _zeroed_bytes(ran.stdout)
+        entry["zeroed_bytes"] = zeroed
+        entry["left_bytes"] = max(0, fill.guest_free - zeroed)
+        if ran.exitcode != 0:
+            result.problem = (
+                f"zero-fill of {fill.mountpoint}: exited {ran.exitcode}: " + (ran.stderr[:200])
             )
-        done.append(mountpoint)
-    return FreeSpaceResult("zero", tuple(done))
+            break
+        done.append(fill.mountpoint)
+    result.method = "zero" if done else "none"
+    result.filesystems = tuple(done)
+    if not done and result.problem is None:
+        result.problem = (
+            "; ".join(f"{f.mountpoint}: {f.why_not}" for f in fills if f.why_not)
+            or "no filesystem to fill"
+        )
+    return result
+
+
+def _zeroed_bytes(stdout: str) -> int:
+    for line in stdout.splitlines()[-5:]:
+        word, _, number = line.strip().partition(" ")
+        if word == "zeroed" and number.isdigit():
+            return min(int(number), 1 << 50)
+    return 0

@@ -7,7 +7,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from virt_reclaim import domxml, qemu_img
-from virt_reclaim.virt import DomainSnapshot, DomainState
+from virt_reclaim.errors import QemuImgError
+from virt_reclaim.model import DomainSnapshot, DomainState
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,7 @@ def describe_disk(disk: domxml.DiskSpec, *, in_use: bool, qemu_img_path: str) ->
         chain = qemu_img.info(disk.source, qemu_img=qemu_img_path, force_share=in_use)
     except OSError as exc:
         return replace(report, error=f"{disk.source}: {exc.strerror}")
-    except qemu_img.QemuImgError as exc:
+    except QemuImgError as exc:
         return replace(report, error=str(exc))
     top = chain[0]
     return replace(

@@ -22,15 +22,33 @@ from typing import Any
 
 import structlog
 
-from virt_reclaim import domxml, imagefile
+from virt_reclaim import domxml, fillplan, imagefile
+from virt_reclaim import estimate as estimating
+from virt_reclaim.errors import (
+    AgentUnavailable,
+    Cancelled,
+    GuestExecCancelled,
+    QemuImgError,
+    VirtError,
+)
+from virt_reclaim.fillplan import Reserve
+from virt_reclaim.fillwatch import FillWatch
 from virt_reclaim.guard import GuardError, ImageGuard
-from virt_reclaim.guestfree import FreeSpaceMethod, choose_method, free_guest_space
+from virt_reclaim.guestfree import (
+    Choice,
+    FreeSpaceMethod,
+    FreeSpaceResult,
+    choose_method,
+    freed_share,
+    trim,
+    zero_fill,
+)
 from virt_reclaim.journal import Journal, JournalDisk, JournalError
+from virt_reclaim.model import AgentInfo, DomainState, GuestFilesystem
 from virt_reclaim.ports import DomainPort, ImagePort
 from virt_reclaim.process import Priority, ProgressCallback
-from virt_reclaim.qemu_img import ImageInfo, QemuImgCancelled, QemuImgError
+from virt_reclaim.qemu_img import ImageInfo
 from virt_reclaim.units import format_bytes
-from virt_reclaim.virt import AgentUnavailable, DomainState, GuestExecCancelled, VirtError
 
 MIB = 1024 * 1024
 # Recorded in the journal (not a step of its own) once the guest was asked to stop.
@@ -92,6 +110,7 @@ class JobSettings:
 
     free_space: FreeSpaceMethod = FreeSpaceMethod.AUTO
     free_space_timeout_s: float = 600.0
+    reserve: Reserve = field(default_factory=Reserve)  # what a zero-fill leaves free
     compression: Compression = Compression.ZSTD
     cluster_size: int | None = None  # None keeps each image's own
     preallocation: str = "off"  # or "metadata"; never with compression
@@ -135,6 +154,7 @@ class DiskWork:
     target: str
     path: str
     discard: bool
+    zeros_become_holes: bool
     info: ImageInfo
     temp: str  # planned (and journaled) before anything changes
     backup: str | None  # where --keep-backup keeps the original
@@ -142,6 +162,9 @@ class DiskWork:
     estimated_after: int | None = None
     bytes_after: int | None = None
     swapped: bool = False
+    rewrite_need: int = 0  # qemu-img measure: what the rewrite may write at most
+    guest_used: int | None = None  # bytes the guest's filesystems on it use
+    estimate: estimating.Estimate | None = None
 
     def summary(self) -> dict[str, Any]:
         """The disk's entry in the job's result."""
@@ -152,6 +175,8 @@ class DiskWork:
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
             "estimated_after": self.estimated_after,
+            "estimate_basis": self.estimate.basis if self.estimate else None,
+            "guest_used": self.guest_used,
             "backup": self.backup if self.swapped else None,
         }
 
@@ -249,6 +274,10 @@ class ReclaimJob:
         self._down_since: float | None = None
         self._downtime = 0.0
         self._free_space: str | None = None
+        self.agent: AgentInfo | None = None
+        self.choice: Choice | None = None
+        self._guest_filesystems: list[GuestFilesystem] = []
+        self.fill_plan: fillplan.FillPlan | None = None
 
     # -- the run -------------------------------------------------------------------------
 
@@ -287,6 +316,12 @@ class ReclaimJob:
             outcome, reason = Outcome.FAILED, str(exc)
         bytes_before = sum(d.bytes_before for d in self.disks)
         bytes_after = sum(d.bytes_after or 0 for d in self.disks if d.swapped) or None
+        estimates = [d.estimated_after for d in self.disks]
+        estimated_after = (
+            sum(e for e in estimates if e is not None)
+            if all(e is not None for e in estimates) and estimates
+            else None
+        )
         result = JobResult(
             domain=self.domain.name,
             job_id=self.job_id,
@@ -307,6 +342,7 @@ class ReclaimJob:
                 bytes_after=bytes_after,
                 downtime_s=round(result.downtime_s, 3),
                 duration_s=round(result.duration_s, 3),
+                estimated_after=estimated_after,
             )
         level = "error" if outcome is Outcome.FAILED and not self.settings.dry_run else "info"
         getattr(self.log, level)(
@@ -315,6 +351,7 @@ class ReclaimJob:
             reason=reason,
             bytes_before=bytes_before,
             bytes_after=bytes_after,
+            estimated_after=estimated_after,
             downtime_s=round(result.downtime_s, 3),
             duration_s=round(result.duration_s, 3),
         )
@@ -378,7 +415,7 @@ class ReclaimJob:
         self.log.info("step.started", step=str(step))
         try:
             yield
-        except (QemuImgCancelled, GuestExecCancelled) as exc:
+        except Cancelled as exc:
             self.log.info("job.abandoned", step=str(step))
             raise JobAbandoned(f"stopped during step {step}: the service is stopping") from exc
         except (JobSkipped, NothingToDo, JobAbandoned) as exc:
@@ -403,6 +440,11 @@ class ReclaimJob:
         live = domxml.parse_domain(snap.xml)
         persistent = {d.target: d for d in domxml.parse_domain(self.domain.inactive_xml()).disks}
         self.agent_connected = self.was_running and live.agent_state == "connected"
+        if self.agent_connected:
+            try:
+                self.agent = self.domain.agent_info()
+            except AgentUnavailable as exc:
+                self.log.info("agent.unavailable", reason=str(exc))
         others = self._others()
         for disk in live.disks:
             reason = self._ineligible(disk, persistent.get(disk.target), others)
@@ -464,6 +506,7 @@ class ReclaimJob:
                 target=disk.target,
                 path=disk.source,
                 discard=disk.discard == "unmap",
+                zeros_become_holes=disk.zeros_become_holes,
                 info=top,
                 temp=imagefile.temp_path(disk.source, self.job_id),
                 backup=backup,
@@ -472,52 +515,116 @@ class ReclaimJob:
         return None
 
     def _estimate(self) -> None:
+        self._read_guest_filesystems()
         used_by_target: dict[str, int] = {}
-        if self.agent_connected:
-            try:
-                for fs in self.domain.guest_filesystems():
-                    for target in fs.disk_targets:
-                        used_by_target[target] = used_by_target.get(target, 0) + (
-                            fs.used_bytes or 0
-                        )
-            except AgentUnavailable as exc:
-                self.log.info("estimate.no_agent", reason=str(exc))
-        known_gain = 0
-        all_known = True
+        for fs in self._guest_filesystems:
+            for target in fs.disk_targets:
+                used_by_target[target] = used_by_target.get(target, 0) + (fs.used_bytes or 0)
+        all_discard = all(d.discard for d in self.disks)
+        self.choice = choose_method(
+            self.settings.free_space,
+            all_disks_discard=all_discard,
+            agent=self.agent if self.was_running else None,
+        )
         for disk in self.disks:
             disk.bytes_before = imagefile.allocated_bytes(disk.path)
-            used = used_by_target.get(disk.target)
-            if used is None:
-                all_known = False
-            else:
-                # qcow2 metadata is about 0.2 % of the data; round up generously.
-                disk.estimated_after = min(disk.bytes_before, used + used // 50 + MIB)
-                known_gain += disk.bytes_before - disk.estimated_after
-            self.log.info("estimate", target=disk.target, bytes_before=disk.bytes_before,
-                          estimated_after=disk.estimated_after)  # fmt: skip
+            disk.rewrite_need = self._rewrite_need(disk)
+            disk.guest_used = used_by_target.get(disk.target)
+        reach = 0.0
+        if self.choice.method is FreeSpaceMethod.ZERO:
+            self.fill_plan = self._plan_fill()
+            reach = self.fill_plan.reach()
+        share = freed_share(self.choice, all_disks_discard=all_discard, fill_reach=reach)
+        for disk in self.disks:
+            disk.estimate = self._estimate_disk(disk, share)
+            disk.estimated_after = disk.estimate.after
+            self.log.info("disk.estimated", target=disk.target, bytes_before=disk.bytes_before,
+                          estimated_after=disk.estimated_after, basis=disk.estimate.basis,
+                          guest_used=disk.guest_used,
+                          stored_ratio=round(disk.estimate.stored_ratio, 3),
+                          freed_share=round(share, 3), free_space=str(self.choice.method),
+                          free_space_why=self.choice.why)  # fmt: skip
+            if self._journal is not None:
+                self._journal.record_disk(
+                    self.job_id, disk.target, bytes_before=disk.bytes_before,
+                    estimated_after=disk.estimated_after, guest_used=disk.guest_used,
+                )  # fmt: skip
+        gain = sum(d.bytes_before - (d.estimated_after or d.bytes_before) for d in self.disks)
         total = sum(d.bytes_before for d in self.disks)
-        percent = 100.0 * known_gain / total if total else 0.0
-        if all_known and known_gain < self.settings.min_gain:
+        percent = 100.0 * gain / total if total else 0.0
+        if gain < self.settings.min_gain:
             raise NothingToDo(
-                f"estimated gain {format_bytes(known_gain)} is below the minimum of "
+                f"estimated gain {format_bytes(max(0, gain))} is below the minimum of "
                 f"{format_bytes(self.settings.min_gain)}"
             )
-        if all_known and percent < self.settings.min_gain_percent:
+        if percent < self.settings.min_gain_percent:
             raise NothingToDo(
                 f"estimated gain {percent:.1f} % is below the minimum of "
                 f"{self.settings.min_gain_percent:g} %"
             )
 
+    def _read_guest_filesystems(self) -> None:
+        if not self.agent_connected:
+            return
+        targets = {d.target for d in self.disks}
+        try:
+            self._guest_filesystems = [
+                fs for fs in self.domain.guest_filesystems() if targets & set(fs.disk_targets)
+            ]
+        except AgentUnavailable as exc:
+            self.log.info("agent.unavailable", reason=str(exc))
+
+    def _rewrite_need(self, disk: DiskWork) -> int:
+        if disk.info.backing_filename:
+            # Only the top layer is rewritten; it cannot outgrow what it holds now.
+            return disk.bytes_before + MIB
+        return self.images.measure(disk.path, force_share=self.was_running)
+
+    def _estimate_disk(self, disk: DiskWork, share: float) -> estimating.Estimate:
+        cluster = self.settings.cluster_size or disk.info.cluster_size or 65536
+        extents = self.images.map(disk.path, force_share=self.was_running)
+        offsets = estimating.sample_offsets(extents, disk.info.cluster_size or 65536)
+        sample = estimating.sample_image(disk.path, offsets, disk.info.cluster_size or 65536)
+        compressed = self.settings.compression is not Compression.NONE
+        history = None
+        if self._journal is not None and disk.guest_used:
+            history = self._journal.compression_ratio(
+                self.domain.uuid, disk.target, str(self.settings.compression)
+            )
+        return estimating.estimate_after(
+            allocated=disk.bytes_before,
+            virtual_size=disk.info.virtual_size,
+            cluster=cluster,
+            content=estimating.content_of(extents),
+            sample=sample,
+            compressed=compressed,
+            guest_used=disk.guest_used,
+            freed_share=share,
+            history_ratio=history,
+        )
+
+    def _plan_fill(self) -> fillplan.FillPlan:
+        rooms = [
+            fillplan.DiskRoom(
+                target=d.target,
+                host=fillplan.host_filesystem(os.path.dirname(d.path)),
+                headroom=max(0, d.info.virtual_size - imagefile.allocated_bytes(d.path)),
+                zeros_become_holes=d.zeros_become_holes,
+                rewrite_need=d.rewrite_need,
+            )
+            for d in self.disks
+        ]
+        volumes = [
+            fillplan.GuestVolume(fs.mountpoint, fs.disk_targets, fs.total_bytes, fs.used_bytes)
+            for fs in self._guest_filesystems
+        ]
+        return fillplan.plan_fill(rooms, volumes, self.settings.reserve)
+
     def _preflight(self) -> None:
         need_by_folder: dict[str, int] = {}
         for disk in self.disks:
             folder = os.path.dirname(disk.path)
-            if disk.info.backing_filename:
-                # Only the top layer is rewritten; it cannot outgrow what it holds now.
-                need = disk.bytes_before + MIB
-            else:
-                need = self.images.measure(disk.path, force_share=self.was_running)
-            need_by_folder[folder] = need_by_folder.get(folder, 0) + need
+            need_by_folder[folder] = need_by_folder.get(folder, 0) + self._rewrite_need(disk)
         for folder, image_bytes in need_by_folder.items():
             need = image_bytes + max(64 * MIB, image_bytes // 50)
             have = imagefile.free_bytes(folder)
@@ -529,31 +636,75 @@ class ReclaimJob:
                 )
 
     def _free_guest_space(self) -> None:
-        if not self.agent_connected:
-            self.log.info("free_space.unavailable", reason="no guest agent connected")
+        choice = self.choice
+        if choice is None or choice.method is FreeSpaceMethod.NONE:
+            why = choice.why if choice is not None else "no guest agent connected"
+            if self.agent is not None:
+                self._free_space = "none"
+            self.log.info("free_space.unavailable", reason=why)
             return
-        method = choose_method(
-            self.settings.free_space, all_disks_discard=all(d.discard for d in self.disks)
-        )
-        targets = {d.target for d in self.disks}
-        try:
-            filesystems = [
-                fs for fs in self.domain.guest_filesystems() if targets & set(fs.disk_targets)
-            ]
-        except AgentUnavailable as exc:
-            self.log.info("free_space.unavailable", reason=str(exc))
-            return
-        result = free_guest_space(
-            self.domain,
-            method,
-            filesystems,
-            timeout=self.settings.free_space_timeout_s,
-            cancel=self._stop,
-        )
+        mountpoints = [fs.mountpoint for fs in self._guest_filesystems]
+        if choice.method is FreeSpaceMethod.TRIM:
+            result = trim(self.domain, mountpoints, timeout=self.settings.free_space_timeout_s)
+        else:
+            # Planned again now: the host's free space may have changed since the estimate.
+            self.fill_plan = self._plan_fill()
+            result = self._zero_fill(self.fill_plan)
         self._free_space = result.method
         if result.problem:
-            self.log.warning("free_space.unavailable", method=str(method), reason=result.problem)
-        self.log.info("free_space.done", method=result.method, filesystems=result.filesystems)
+            self.log.warning("free_space.unavailable", method=str(choice.method),
+                             reason=result.problem)  # fmt: skip
+        self.log.info("free_space.done", method=result.method, filesystems=result.filesystems,
+                      trimmed_bytes=result.trimmed_bytes, zeroed_bytes=result.zeroed_bytes,
+                      fills=result.fills)  # fmt: skip
+        if result.method != "none":
+            self._recheck_gain(1.0 if result.method == "trim" else self.fill_plan_reach())
+
+    def fill_plan_reach(self) -> float:
+        """Share of the guest's free space the last zero-fill plan reached."""
+        return self.fill_plan.reach() if self.fill_plan is not None else 0.0
+
+    def _recheck_gain(self, share: float) -> None:
+        """Estimate again now that the guest's space is free, before any downtime."""
+        self._read_guest_filesystems()
+        used = {d.target: 0 for d in self.disks}
+        for fs in self._guest_filesystems:
+            for target in set(fs.disk_targets) & set(used):
+                used[target] += fs.used_bytes or 0
+        gain = 0
+        for disk in self.disks:
+            disk.guest_used = used[disk.target] or disk.guest_used
+            again = self._estimate_disk(disk, share)
+            gain += imagefile.allocated_bytes(disk.path) - again.after
+            self.log.info("disk.reestimated", target=disk.target, estimated_after=again.after,
+                          basis=again.basis)  # fmt: skip
+        if gain < self.settings.min_gain:
+            raise NothingToDo(
+                f"after freeing the guest's space, the estimated gain {format_bytes(max(0, gain))}"
+                f" is below the minimum of {format_bytes(self.settings.min_gain)}"
+            )
+
+    def _zero_fill(self, plan: fillplan.FillPlan) -> FreeSpaceResult:
+        """Run the fill under a watch of the host's filesystems and of the guest's state."""
+        watch = FillWatch(plan, self.domain, self._stop)
+        with watch:
+            try:
+                return zero_fill(
+                    self.domain, plan.fills, timeout=self.settings.free_space_timeout_s,
+                    cancel=watch.stop,
+                )  # fmt: skip
+            except GuestExecCancelled:
+                if watch.paused:
+                    self.log.error("free_space.guest_paused", reason=watch.why)
+                    raise JobFailed(
+                        f"the guest was paused during the zero-fill: {watch.why}. Free space "
+                        f"on that filesystem, then resume it (virsh resume {self.domain.name}); "
+                        "the fill in the guest stops at its size limit and removes its file"
+                    ) from None
+                if watch.why is None:
+                    raise  # the job is stopping
+                self.log.warning("free_space.stopped", reason=watch.why)
+                return FreeSpaceResult("none", (), f"zero-fill stopped: {watch.why}")
 
     def _shut_down(self) -> None:
         if not self.was_running:
@@ -649,6 +800,8 @@ class ReclaimJob:
             # qemu-img convert does not flush; and st_blocks is only final after writeback.
             imagefile.fsync_file(disk.temp)
             disk.bytes_after = imagefile.allocated_bytes(disk.temp)
+            if self._journal is not None:
+                self._journal.record_disk(self.job_id, disk.target, bytes_after=disk.bytes_after)
             self.log.info("rewrite.done", target=disk.target, bytes_before=disk.bytes_before,
                           bytes_after=disk.bytes_after)  # fmt: skip
 
@@ -686,6 +839,9 @@ class ReclaimJob:
     def _settings_record(self) -> dict[str, Any]:
         return {
             "free_space": str(self.settings.free_space),
+            "host_reserve": self.settings.reserve.host_min_bytes,
+            "host_reserve_percent": self.settings.reserve.host_percent,
+            "guest_reserve_percent": self.settings.reserve.guest_percent,
             "compression": str(self.settings.compression),
             "cluster_size": self.settings.cluster_size,
             "shutdown_timeout_s": self.settings.shutdown_timeout_s,

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from virt_reclaim.errors import VirtReclaimError
+
 DEFAULT_STATE_DIR = "/var/lib/virt-reclaim"
 JOURNAL_NAME = "journal.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -37,7 +39,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     bytes_after INTEGER,
     downtime_s REAL,
     duration_s REAL,
-    settings TEXT
+    settings TEXT,
+    mode TEXT NOT NULL DEFAULT 'offline',
+    estimated_after INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_domain ON jobs (domain, started_at);
 CREATE TABLE IF NOT EXISTS job_disks (
@@ -46,6 +50,12 @@ CREATE TABLE IF NOT EXISTS job_disks (
     path TEXT NOT NULL,
     temp_path TEXT NOT NULL,
     backup_path TEXT,
+    state TEXT,
+    bytes_before INTEGER,
+    bytes_after INTEGER,
+    estimated_after INTEGER,
+    guest_used INTEGER,
+    data TEXT,
     PRIMARY KEY (job_id, target)
 );
 CREATE TABLE IF NOT EXISTS steps (
@@ -58,7 +68,20 @@ CREATE TABLE IF NOT EXISTS steps (
 """
 
 
-class JournalError(Exception):
+# Version 1 journals gain what version 2 added; their jobs were all offline jobs.
+_MIGRATE_1_TO_2 = (
+    "ALTER TABLE jobs ADD COLUMN mode TEXT NOT NULL DEFAULT 'offline'",
+    "ALTER TABLE jobs ADD COLUMN estimated_after INTEGER",
+    "ALTER TABLE job_disks ADD COLUMN state TEXT",
+    "ALTER TABLE job_disks ADD COLUMN bytes_before INTEGER",
+    "ALTER TABLE job_disks ADD COLUMN bytes_after INTEGER",
+    "ALTER TABLE job_disks ADD COLUMN estimated_after INTEGER",
+    "ALTER TABLE job_disks ADD COLUMN guest_used INTEGER",
+    "ALTER TABLE job_disks ADD COLUMN data TEXT",
+)
+
+
+class JournalError(VirtReclaimError):
     """The journal cannot be opened, read or written; no job may run."""
 
 
@@ -70,6 +93,12 @@ class JournalDisk:
     path: str
     temp_path: str
     backup_path: str | None
+    state: str | None = None  # the mode's own record of how far this disk got
+    bytes_before: int | None = None
+    bytes_after: int | None = None
+    estimated_after: int | None = None
+    guest_used: int | None = None
+    data: dict[str, Any] | None = None  # what the mode needs to recover this disk
 
 
 @dataclass(frozen=True)
@@ -91,6 +120,8 @@ class JournalJob:
     duration_s: float | None
     disks: tuple[JournalDisk, ...]
     steps: tuple[str, ...]
+    mode: str = "offline"
+    estimated_after: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The job as ``history --json`` prints it."""
@@ -103,6 +134,8 @@ class JournalJob:
             "reason": self.reason,
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
+            "estimated_after": self.estimated_after,
+            "mode": self.mode,
             "downtime_s": self.downtime_s,
             "duration_s": self.duration_s,
             "steps": list(self.steps),
@@ -136,6 +169,9 @@ class Journal:
             if problem != "ok":
                 raise JournalError(f"journal {self.path} is damaged: {problem}")
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 1:
+                self._migrate_from_1()
+                version = SCHEMA_VERSION
             if version not in (0, SCHEMA_VERSION):
                 raise JournalError(
                     f"journal {self.path} has schema version {version}; this virt-reclaim "
@@ -150,6 +186,18 @@ class Journal:
             ) from exc
         except OSError as exc:
             raise JournalError(f"journal {self.path}: {exc.strerror}") from exc
+
+    def _migrate_from_1(self) -> None:
+        """Bring a version 1 journal to version 2 in place, in one transaction."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _MIGRATE_1_TO_2:
+                self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            self._db.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         """Close the database."""
@@ -167,15 +215,67 @@ class Journal:
             raise JournalError(f"journal {self.path}: {exc}") from exc
 
     def begin_job(
-        self, job_id: str, domain: str, domain_uuid: str, settings: dict[str, Any]
+        self,
+        job_id: str,
+        domain: str,
+        domain_uuid: str,
+        settings: dict[str, Any],
+        mode: str = "offline",
     ) -> None:
-        """Record that a job starts."""
+        """Record that a job of ``mode`` starts."""
         with self._write() as db:
             db.execute(
-                "INSERT INTO jobs (id, domain, domain_uuid, started_at, settings) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (job_id, domain, domain_uuid, time.time(), json.dumps(settings)),
+                "INSERT INTO jobs (id, domain, domain_uuid, started_at, settings, mode) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (job_id, domain, domain_uuid, time.time(), json.dumps(settings), mode),
             )
+
+    def record_disk(
+        self,
+        job_id: str,
+        target: str,
+        *,
+        state: str | None = None,
+        data: dict[str, Any] | None = None,
+        **figures: int | None,
+    ) -> None:
+        """Record a disk's state, its mode's data, or its figures; what is not given stays.
+
+        ``figures`` are bytes_before, bytes_after, estimated_after and guest_used.
+        """
+        allowed = {"bytes_before", "bytes_after", "estimated_after", "guest_used"}
+        unknown = set(figures) - allowed
+        if unknown:
+            raise ValueError(f"unknown disk figures: {sorted(unknown)}")
+        values: dict[str, Any] = dict(figures)
+        if state is not None:
+            values["state"] = state
+        if data is not None:
+            values["data"] = json.dumps(data)
+        if not values:
+            return
+        assignments = ", ".join(f"{column} = ?" for column in values)
+        with self._write() as db:
+            db.execute(
+                f"UPDATE job_disks SET {assignments} WHERE job_id = ? AND target = ?",  # noqa: S608 - column names from the allow-list above
+                (*values.values(), job_id, target),
+            )
+
+    def compression_ratio(self, domain_uuid: str, target: str, compression: str) -> float | None:
+        """Bytes after per byte the guest used, from this disk's last reclaim with ``compression``.
+
+        None when the domain has no such reclaim with both figures recorded.
+        """
+        row = self._query_one(
+            "SELECT d.bytes_after, d.guest_used FROM jobs j "
+            "JOIN job_disks d ON d.job_id = j.id "
+            "WHERE j.domain_uuid = ? AND d.target = ? AND j.outcome = 'reclaimed' "
+            "AND json_extract(j.settings, '$.compression') = ? "
+            "AND d.bytes_after > 0 AND d.guest_used > 0 "
+            "ORDER BY j.started_at DESC LIMIT 1",
+            (domain_uuid, target, compression),
+        )
+        return None if row is None else row[0] / row[1]
 
     def record_plan(self, job_id: str, previous_state: str, disks: list[JournalDisk]) -> None:
         """Record what recovery needs before anything is changed: state and every path."""
@@ -209,14 +309,16 @@ class Journal:
         bytes_after: int | None,
         downtime_s: float | None,
         duration_s: float | None,
+        estimated_after: int | None = None,
     ) -> None:
         """Record how a job ended; it is then no longer recovered."""
         with self._write() as db:
             db.execute(
                 "UPDATE jobs SET finished_at = ?, outcome = ?, reason = ?, bytes_before = ?, "
-                "bytes_after = ?, downtime_s = ?, duration_s = ? WHERE id = ?",
+                "bytes_after = ?, downtime_s = ?, duration_s = ?, "
+                "estimated_after = COALESCE(?, estimated_after) WHERE id = ?",
                 (time.time(), outcome, reason, bytes_before, bytes_after, downtime_s,
-                 duration_s, job_id),
+                 duration_s, estimated_after, job_id),
             )  # fmt: skip
 
     def unfinished(self, domain_uuid: str | None = None) -> list[JournalJob]:
@@ -278,7 +380,18 @@ class Journal:
 
     def _job(self, row: sqlite3.Row) -> JournalJob:
         disks = tuple(
-            JournalDisk(d["target"], d["path"], d["temp_path"], d["backup_path"])
+            JournalDisk(
+                d["target"],
+                d["path"],
+                d["temp_path"],
+                d["backup_path"],
+                d["state"],
+                d["bytes_before"],
+                d["bytes_after"],
+                d["estimated_after"],
+                d["guest_used"],
+                json.loads(d["data"]) if d["data"] else None,
+            )
             for d in self._db.execute(
                 "SELECT * FROM job_disks WHERE job_id = ? ORDER BY target", (row["id"],)
             )
@@ -295,5 +408,6 @@ class Journal:
             finished_at=row["finished_at"], step=row["step"], outcome=row["outcome"],
             reason=row["reason"], bytes_before=row["bytes_before"],
             bytes_after=row["bytes_after"], downtime_s=row["downtime_s"],
-            duration_s=row["duration_s"], disks=disks, steps=steps,
+            duration_s=row["duration_s"], disks=disks, steps=steps, mode=row["mode"],
+            estimated_after=row["estimated_after"],
         )  # fmt: skip

@@ -10,9 +10,10 @@ from typing import Any
 
 from virt_reclaim import crontab, inventory, selection
 from virt_reclaim.job import JobResult, Outcome, ReclaimJob
+from virt_reclaim.model import DomainSnapshot
 from virt_reclaim.policy import Policy, job_settings
 from virt_reclaim.qemu_img import QemuImg
-from virt_reclaim.virt import Domain, DomainSnapshot, Hypervisor
+from virt_reclaim.virt import Domain, Hypervisor
 
 
 @dataclass

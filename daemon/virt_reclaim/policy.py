@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from virt_reclaim import crontab
+from virt_reclaim.fillplan import Reserve
 from virt_reclaim.guestfree import FreeSpaceMethod
 from virt_reclaim.job import After, Compression, JobSettings, OnShutdownTimeout
 
@@ -158,6 +159,20 @@ class FreeSpace(_Model):
         default=timedelta(seconds=_JOB_DEFAULTS.free_space_timeout_s),
         description="bound of a zero-fill",
     )
+    host_reserve: ByteSize = Field(
+        default=ByteSize(_JOB_DEFAULTS.reserve.host_min_bytes),
+        description="a zero-fill leaves at least this free on each host filesystem (and "
+        "host_reserve_percent, whichever is larger), beyond what the rewrite needs",
+    )
+    host_reserve_percent: float = Field(
+        default=_JOB_DEFAULTS.reserve.host_percent, ge=0, le=90,
+        description="a zero-fill leaves at least this share of each host filesystem free",
+    )  # fmt: skip
+    guest_reserve_percent: float = Field(
+        default=_JOB_DEFAULTS.reserve.guest_percent, ge=0, le=90,
+        description="a zero-fill leaves this share of each guest filesystem free for the "
+        "guest's own services",
+    )  # fmt: skip
 
 
 class Shutdown(_Model):
@@ -271,6 +286,11 @@ def job_settings(policy: Policy, **overrides: Any) -> JobSettings:  # noqa: ANN4
     values: dict[str, Any] = {
         "free_space": free_space.method,
         "free_space_timeout_s": free_space.timeout.total_seconds(),
+        "reserve": Reserve(
+            host_percent=free_space.host_reserve_percent,
+            host_min_bytes=int(free_space.host_reserve),
+            guest_percent=free_space.guest_reserve_percent,
+        ),
         "compression": rewrite.compression,
         "cluster_size": None if rewrite.cluster_size is None else int(rewrite.cluster_size),
         "preallocation": rewrite.preallocation,

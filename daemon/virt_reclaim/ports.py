@@ -9,15 +9,22 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
+from virt_reclaim.model import (
+    AgentInfo,
+    DomainSnapshot,
+    DomainState,
+    GuestExecResult,
+    GuestFilesystem,
+    TrimmedPath,
+)
 from virt_reclaim.process import ProgressCallback
-from virt_reclaim.qemu_img import ImageInfo
-from virt_reclaim.virt import DomainSnapshot, DomainState, GuestExecResult, GuestFilesystem
+from virt_reclaim.qemu_img import Extent, ImageInfo
 
 
 class GuestAgentPort(Protocol):
     """What freeing space in the guest needs of its agent (virt.Domain provides it)."""
 
-    def fstrim(self) -> None: ...
+    def fstrim(self, timeout: float = 600.0) -> list[TrimmedPath]: ...
     def guest_exec(
         self,
         path: str,
@@ -43,6 +50,7 @@ class DomainPort(GuestAgentPort, Protocol):
     def wait_for_agent(self, timeout: float) -> bool: ...
     def agent_ping(self, timeout: int = 5) -> bool: ...
     def guest_filesystems(self) -> list[GuestFilesystem]: ...
+    def agent_info(self, timeout: int = 10) -> AgentInfo: ...
 
 
 class ImagePort(Protocol):
@@ -50,6 +58,7 @@ class ImagePort(Protocol):
 
     def info(self, path: str, *, force_share: bool) -> list[ImageInfo]: ...
     def measure(self, path: str, *, force_share: bool) -> int: ...
+    def map(self, path: str, *, force_share: bool) -> list[Extent]: ...
     def convert(
         self,
         source: str,
@@ -65,3 +74,4 @@ class ImagePort(Protocol):
     ) -> None: ...
     def check(self, path: str, *, size_bytes: int) -> None: ...
     def compare(self, first: str, second: str, *, size_bytes: int) -> None: ...
+

@@ -8,18 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from virt_reclaim import process
+from virt_reclaim.errors import QemuImgCancelled, QemuImgError
 
 DEFAULT_QEMU_IMG = "qemu-img"
 # Reading a header never takes long; a hung NFS mount must not hang us.
 INFO_TIMEOUT_S = 60.0
-
-
-class QemuImgError(Exception):
-    """qemu-img failed or printed something we cannot understand."""
-
-
-class QemuImgCancelled(QemuImgError):
-    """qemu-img was killed because its caller cancelled the work."""
 
 
 @dataclass(frozen=True)
@@ -158,6 +151,69 @@ def measure(path: str, *, qemu_img: str = DEFAULT_QEMU_IMG, force_share: bool = 
     return parse_measure(_run(argv, timeout=INFO_TIMEOUT_S * 5).stdout)
 
 
+@dataclass(frozen=True)
+class Extent:
+    """A run of guest bytes as ``qemu-img map`` reports it.
+
+    ``offset`` is where the bytes lie in the image file; it is None for
+    compressed clusters (and for holes), whose bytes cannot be read in place.
+    """
+
+    start: int
+    length: int
+    depth: int
+    data: bool
+    zero: bool
+    offset: int | None
+
+
+# A map of a badly fragmented image stays far below this; more is not an image we understand.
+MAX_MAP_EXTENTS = 1_000_000
+
+
+def map_argv(
+    path: str, *, qemu_img: str = DEFAULT_QEMU_IMG, force_share: bool = False
+) -> list[str]:
+    """Return the argv of ``qemu-img map`` of a qcow2 ``path`` with JSON output (format given)."""
+    argv = [qemu_img, "map", "--output=json", "-f", "qcow2"]
+    if force_share:
+        argv.append("-U")
+    return [*argv, path]
+
+
+def parse_map(text: str) -> list[Extent]:
+    """Parse ``qemu-img map --output=json``.
+
+    Raises:
+        QemuImgError: The text is not the JSON qemu-img prints, or is implausibly long.
+    """
+    try:
+        entries = json.loads(text)
+        if not isinstance(entries, list) or len(entries) > MAX_MAP_EXTENTS:
+            raise TypeError("not a list of extents, or too many")
+        return [
+            Extent(
+                start=int(e["start"]),
+                length=int(e["length"]),
+                depth=int(e.get("depth", 0)),
+                data=bool(e.get("data", False)),
+                zero=bool(e.get("zero", False)),
+                offset=_optional_int(e.get("offset")),
+            )
+            for e in entries
+        ]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise QemuImgError(f"unexpected qemu-img map output: {exc!r}") from exc
+
+
+def image_map(
+    path: str, *, qemu_img: str = DEFAULT_QEMU_IMG, force_share: bool = False
+) -> list[Extent]:
+    """Where the guest's data of ``path`` lies: see ``parse_map``."""
+    argv = map_argv(path, qemu_img=qemu_img, force_share=force_share)
+    return parse_map(_run(argv, timeout=INFO_TIMEOUT_S * 5).stdout)
+
+
 def convert_argv(
     source: str,
     target: str,
@@ -290,6 +346,10 @@ class QemuImg:
     def measure(self, path: str, *, force_share: bool) -> int:
         """See ``measure``."""
         return measure(path, qemu_img=self.qemu_img, force_share=force_share)
+
+    def map(self, path: str, *, force_share: bool) -> list[Extent]:
+        """See ``image_map``."""
+        return image_map(path, qemu_img=self.qemu_img, force_share=force_share)
 
     def convert(
         self,

@@ -25,9 +25,10 @@ import structlog
 
 from virt_reclaim import imagefile
 from virt_reclaim.domainlock import DomainBusy, DomainLock
+from virt_reclaim.errors import VirtError
 from virt_reclaim.job import SHUTDOWN_REQUESTED
 from virt_reclaim.journal import Journal, JournalJob
-from virt_reclaim.virt import DomainState, VirtError
+from virt_reclaim.model import DomainState
 
 # After a crash in the middle of a shutdown the guest may still be going down.
 SETTLE_TIMEOUT_S = 60.0

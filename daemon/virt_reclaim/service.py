@@ -29,21 +29,15 @@ import structlog
 
 from virt_reclaim import config, idle, logs, planning, recovery, runner, scheduler, selection
 from virt_reclaim.domainlock import DomainBusy
+from virt_reclaim.errors import AgentUnavailable, VirtError
 from virt_reclaim.job import Outcome
 from virt_reclaim.journal import Journal, JournalError
+from virt_reclaim.model import DomainSnapshot, DomainState
 from virt_reclaim.policy import Policy, job_settings
 from virt_reclaim.process import Priority
 from virt_reclaim.sdnotify import Notifier
 from virt_reclaim.units import format_bytes
-from virt_reclaim.virt import (
-    AgentUnavailable,
-    DomainSnapshot,
-    DomainState,
-    Hypervisor,
-    VirtError,
-    event_loop_alive,
-    start_event_loop,
-)
+from virt_reclaim.virt import Hypervisor, event_loop_alive, start_event_loop
 
 # sysexits.h EX_CONFIG: the unit does not restart on it (RestartPreventExitStatus=78).
 EXIT_CONFIG = 78

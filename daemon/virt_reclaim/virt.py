@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import enum
 import json
+import re
 import threading
 import time
-from collections.abc import Callable
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -17,7 +18,18 @@ import libvirt
 import libvirt_qemu
 import structlog
 
-DEFAULT_URI = "qemu:///system"
+from virt_reclaim.domxml import parse_domain
+from virt_reclaim.errors import AgentUnavailable, GuestExecCancelled, VirtError
+from virt_reclaim.model import (
+    DEFAULT_URI,
+    AgentInfo,
+    DomainSnapshot,
+    DomainState,
+    GuestExecResult,
+    GuestFilesystem,
+    TrimmedPath,
+)
+
 # How long a job waits for libvirtd to come back before it gives up.
 RECONNECT_TIMEOUT_S = 120.0
 
@@ -27,10 +39,6 @@ def _silence_default_error_handler(_ctx: object, _err: object) -> None:
 
 
 libvirt.registerErrorHandler(_silence_default_error_handler, None)
-
-
-class VirtError(Exception):
-    """libvirt refused or failed a request."""
 
 
 _event_loop_lock = threading.Lock()
@@ -87,53 +95,11 @@ _CLOSE_REASONS = {
 LifecycleCallback = Callable[[str, str, str], None]  # (domain uuid, domain name, event)
 
 
-class AgentUnavailable(VirtError):
-    """The guest agent is not connected, does not answer, or refuses the command."""
-
-
-class GuestExecCancelled(Exception):
-    """``cancel`` was set while a guest-exec ran; the guest process was asked to end."""
-
-
 # Bounds on what a guest may make us read (its replies are untrusted input).
 MAX_EXEC_OUTPUT = 64 * 1024
 MAX_FILESYSTEMS = 256
 # How long a guest process may take to clean up after SIGTERM (a zero-fill removes its file).
 GUEST_PROCESS_END_S = 60.0
-
-
-@dataclass(frozen=True)
-class GuestFilesystem:
-    """A filesystem the guest agent reports, with the disk targets it lives on."""
-
-    mountpoint: str
-    fstype: str
-    used_bytes: int | None
-    total_bytes: int | None
-    disk_targets: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class GuestExecResult:
-    """How a command run through guest-exec ended; output truncated to MAX_EXEC_OUTPUT."""
-
-    exitcode: int | None
-    signal: int | None
-    stdout: str
-    stderr: str
-
-
-class DomainState(enum.StrEnum):
-    """A domain's power state, named as in libvirt's ``virDomainState``."""
-
-    NOSTATE = "nostate"
-    RUNNING = "running"
-    BLOCKED = "blocked"
-    PAUSED = "paused"
-    SHUTDOWN = "shutdown"  # being shut down
-    SHUTOFF = "shutoff"
-    CRASHED = "crashed"
-    PMSUSPENDED = "pmsuspended"
 
 
 _STATES = {
@@ -146,17 +112,6 @@ _STATES = {
     libvirt.VIR_DOMAIN_CRASHED: DomainState.CRASHED,
     libvirt.VIR_DOMAIN_PMSUSPENDED: DomainState.PMSUSPENDED,
 }
-
-
-@dataclass(frozen=True)
-class DomainSnapshot:
-    """A domain as libvirt described it at one moment: identity, state and live XML."""
-
-    name: str
-    uuid: str
-    state: DomainState
-    persistent: bool
-    xml: str
 
 
 class Hypervisor:
@@ -440,12 +395,29 @@ class Domain:
         count = min(_int_or_none(info.get("user.count")) or 0, 1024)
         return [str(info.get(f"user.{i}.name", "?"))[:64] for i in range(count)]
 
-    def fstrim(self) -> None:
-        """Trim every mounted filesystem in the guest (``guest-fstrim``)."""
+    def agent_info(self, timeout: int = 10) -> AgentInfo:
+        """What the agent will do (``guest-info``) and which OS it runs in (``guest-get-osinfo``).
+
+        Raises:
+            AgentUnavailable: The agent does not answer or its reply is unusable.
+        """
+        return parse_agent_info(self._agent("guest-info", None, timeout), self._os_info(timeout))
+
+    def _os_info(self, timeout: int) -> Any:  # noqa: ANN401 - an untrusted JSON value
         try:
-            self._reconnecting(lambda d: d.fSTrim(None, 0, 0))
-        except libvirt.libvirtError as exc:
-            raise AgentUnavailable(f"fstrim: {_message(exc)}") from exc
+            return self._agent("guest-get-osinfo", None, timeout)
+        except AgentUnavailable:
+            return None  # older or locked-down agents: the OS stays unknown
+
+    def fstrim(self, timeout: float = 600.0) -> list[TrimmedPath]:
+        """Trim every mounted filesystem in the guest (``guest-fstrim``) within ``timeout``.
+
+        Sent as a raw agent command so that it has our deadline, not libvirt's default.
+
+        Raises:
+            AgentUnavailable: The agent refuses, does not answer in time, or replies garbage.
+        """
+        return parse_fstrim(self._agent("guest-fstrim", None, max(1, int(timeout))))
 
     def guest_exec(
         self,
@@ -572,6 +544,58 @@ def parse_guest_filesystems(info: dict[str, Any]) -> list[GuestFilesystem]:
             )
         )
     return result
+
+
+MAX_AGENT_COMMANDS = 512
+
+
+def parse_agent_info(info: object, osinfo: object) -> AgentInfo:
+    """Turn ``guest-info`` and ``guest-get-osinfo`` replies into AgentInfo, bounded and validated.
+
+    Raises:
+        AgentUnavailable: ``guest-info`` is not an object with a command list.
+    """
+    if not isinstance(info, dict) or not isinstance(info.get("supported_commands"), list):
+        raise AgentUnavailable("guest-info: the reply lists no commands")
+    enabled = frozenset(
+        str(c["name"])[:64]
+        for c in info["supported_commands"][:MAX_AGENT_COMMANDS]
+        if isinstance(c, dict) and isinstance(c.get("name"), str) and c.get("enabled") is True
+    )
+    os_id = os_name = None
+    if isinstance(osinfo, dict):
+        os_id = _short_text(osinfo.get("id"))
+        os_name = _short_text(osinfo.get("pretty-name") or osinfo.get("name"))
+    return AgentInfo(str(info.get("version", ""))[:32], enabled, os_id, os_name)
+
+
+def parse_fstrim(reply: object) -> list[TrimmedPath]:
+    """Read a ``guest-fstrim`` reply as Linux and Windows agents write it.
+
+    Linux reports ``trimmed`` and ``minimum`` per mount point; Windows agents report
+    each volume by its drive path, often without ``trimmed``, and an ``error`` text for a
+    volume that could not be retrimmed.
+    """
+    paths = reply.get("paths") if isinstance(reply, dict) else None
+    if not isinstance(paths, list):
+        raise AgentUnavailable("guest-fstrim: the reply has no paths")
+    result = []
+    for entry in paths[:MAX_FILESYSTEMS]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            continue
+        error = entry.get("error")
+        result.append(
+            TrimmedPath(
+                path=entry["path"][:4096],
+                trimmed=_int_or_none(entry.get("trimmed")),
+                error=str(error)[:200] if error is not None else None,
+            )
+        )
+    return result
+
+
+def _short_text(value: object) -> str | None:
+    return value[:64] if isinstance(value, str) and value.isprintable() else None
 
 
 def _int_or_none(value: object) -> int | None:

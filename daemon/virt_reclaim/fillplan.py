@@ -1,0 +1,183 @@
+"""How much a zero-fill may write, worked out before it starts, so that it never fills the host.
+
+A guest writing zeros makes QEMU allocate them (unless the disk turns zeros
+into holes, ``detect_zeroes``): each byte the fill writes may add a byte to the
+image on the host, up to the disk's virtual size. So the fill gets a byte limit
+per guest filesystem, the least of:
+- the host filesystem's room: free bytes, less the reserve (the larger of a share
+  of its size and a fixed amount), less what the rewrite that follows will need
+  there; disks on the same host filesystem share it;
+- the disk's own headroom (virtual size minus what is allocated);
+- the guest filesystem's free space, less a share left to the guest so that its
+  own services never see a full disk while the fill runs.
+While the fill runs, ``HostWatch`` stops it the moment any host filesystem falls
+below its reserve plus the rewrite's need (another guest may be writing too).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+MIB = 1024 * 1024
+# A fill below this frees too little to be worth a guest-exec.
+MIN_FILL_BYTES = 64 * MIB
+# What the rewrite's own preflight asks beyond qemu-img measure.
+REWRITE_MARGIN = 64 * MIB
+
+
+@dataclass(frozen=True)
+class Reserve:
+    """What a fill must leave free: on each host filesystem, and in each guest filesystem."""
+
+    host_percent: float = 5.0
+    host_min_bytes: int = 2 * 1024 * MIB
+    guest_percent: float = 5.0
+
+    def host_bytes(self, filesystem_size: int) -> int:
+        """The reserve of a host filesystem of ``filesystem_size`` bytes."""
+        return max(int(filesystem_size * self.host_percent / 100), self.host_min_bytes)
+
+
+@dataclass(frozen=True)
+class HostFilesystem:
+    """A host filesystem that holds images: its device id, a folder on it, its space."""
+
+    device: int
+    folder: str
+    free: int  # bytes an unprivileged writer may still use
+    size: int
+
+
+def host_filesystem(folder: str) -> HostFilesystem:
+    """The filesystem of ``folder`` as it is now."""
+    st = os.statvfs(folder)
+    return HostFilesystem(
+        device=os.stat(folder).st_dev,
+        folder=folder,
+        free=st.f_bavail * st.f_frsize,
+        size=st.f_blocks * st.f_frsize,
+    )
+
+
+@dataclass(frozen=True)
+class DiskRoom:
+    """A disk being reclaimed, as the fill plan sees it."""
+
+    target: str
+    host: HostFilesystem
+    headroom: int  # virtual size minus allocated: the most the image can still grow
+    zeros_become_holes: bool  # detect_zeroes on the disk: zeros written allocate nothing
+    rewrite_need: int  # bytes the rewrite will need on the same host filesystem
+
+
+@dataclass(frozen=True)
+class GuestVolume:
+    """A guest filesystem on the disks being reclaimed (from guest-get-fsinfo)."""
+
+    mountpoint: str
+    targets: tuple[str, ...]
+    total: int | None  # bytes available to unprivileged users in all (qemu-ga's total-bytes)
+    used: int | None
+
+
+@dataclass(frozen=True)
+class Fill:
+    """What one guest filesystem may receive: ``limit`` bytes of zeros (0: not filled, why)."""
+
+    mountpoint: str
+    limit: int
+    guest_free: int
+    why_not: str | None = None
+
+
+@dataclass
+class FillPlan:
+    """The limits of a zero-fill and the thresholds its watch enforces."""
+
+    fills: list[Fill] = field(default_factory=list)
+    # device -> (folder, bytes that must stay free: reserve + rewrite need)
+    floors: dict[int, tuple[str, int]] = field(default_factory=dict)
+
+    @property
+    def total_limit(self) -> int:
+        """Bytes the fill may write in all."""
+        return sum(f.limit for f in self.fills)
+
+    def reach(self) -> float:
+        """Share of the guests' free space the fill will reach (0-1), for the estimate."""
+        free = sum(f.guest_free for f in self.fills)
+        return min(1.0, self.total_limit / free) if free else 0.0
+
+
+def plan_fill(
+    disks: Sequence[DiskRoom], volumes: Sequence[GuestVolume], reserve: Reserve
+) -> FillPlan:
+    """Work out each guest filesystem's byte limit (see the module docstring)."""
+    plan = FillPlan()
+    room_by_device: dict[int, int] = {}
+    for disk in disks:
+        host = disk.host
+        if host.device not in room_by_device:
+            floor = reserve.host_bytes(host.size)
+            plan.floors[host.device] = (host.folder, floor)
+            room_by_device[host.device] = host.free - floor
+        folder, floor = plan.floors[host.device]
+        need = disk.rewrite_need + REWRITE_MARGIN
+        plan.floors[host.device] = (folder, floor + need)
+        room_by_device[host.device] -= need
+    headroom = {d.target: d for d in disks}
+    for volume in volumes:
+        found = next((headroom[t] for t in volume.targets if t in headroom), None)
+        guest_free = _guest_room(volume, reserve)
+        if found is None:
+            continue
+        disk = found
+        if volume.total is None or volume.used is None:
+            plan.fills.append(Fill(volume.mountpoint, 0, 0, "the agent did not report its size"))
+            continue
+        if disk.zeros_become_holes:
+            limit = guest_free
+        else:
+            limit = min(guest_free, disk.headroom, max(0, room_by_device[disk.host.device]))
+        if limit < MIN_FILL_BYTES:
+            plan.fills.append(Fill(volume.mountpoint, 0, guest_free, _why_not(disk, guest_free)))
+            continue
+        if not disk.zeros_become_holes:
+            room_by_device[disk.host.device] -= limit
+            headroom[disk.target] = DiskRoom(
+                disk.target, disk.host, disk.headroom - limit, False, disk.rewrite_need
+            )
+        plan.fills.append(Fill(volume.mountpoint, limit, guest_free))
+    return plan
+
+
+def _guest_room(volume: GuestVolume, reserve: Reserve) -> int:
+    if volume.total is None or volume.used is None:
+        return 0
+    left = int(volume.total * reserve.guest_percent / 100)
+    return max(0, volume.total - volume.used - left)
+
+
+def _why_not(disk: DiskRoom, guest_free: int) -> str:
+    if guest_free < MIN_FILL_BYTES:
+        return "the guest filesystem has too little free space beyond its share"
+    if disk.headroom < MIN_FILL_BYTES:
+        return "the image is already allocated up to its virtual size"
+    return (
+        f"no room on the host filesystem of {disk.host.folder} above its reserve "
+        "and what the rewrite needs"
+    )
+
+
+def below_floor(plan: FillPlan) -> str | None:
+    """Why the fill must stop now (a host filesystem under its floor), or None."""
+    for folder, floor in plan.floors.values():
+        free = host_filesystem(folder).free
+        if free < floor:
+            return (
+                f"the host filesystem of {folder} has {free} bytes free, below the "
+                f"{floor} the reserve and the rewrite need"
+            )
+    return None

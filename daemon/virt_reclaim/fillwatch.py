@@ -1,0 +1,93 @@
+"""The watch over a running zero-fill: it stops the fill the moment the host is at risk.
+
+The fill's byte limit keeps the host above its reserve when nothing else writes;
+this watch covers what the limit cannot know: another guest writing to the same
+filesystem, or the guest paused by QEMU after an I/O error (ENOSPC on the host).
+"""
+
+from __future__ import annotations
+
+import threading
+from types import TracebackType
+
+import structlog
+
+from virt_reclaim import fillplan
+from virt_reclaim.errors import VirtError
+from virt_reclaim.model import DomainState
+from virt_reclaim.ports import DomainPort
+from virt_reclaim.units import format_bytes
+
+POLL_S = 0.25
+
+
+class FillWatch:
+    """Sets ``stop`` when the job stops, a host filesystem is below its floor, or QEMU pauses.
+
+    ``why`` says which (None when the job itself stopped); ``paused`` tells the last.
+    """
+
+    def __init__(
+        self,
+        plan: fillplan.FillPlan,
+        domain: DomainPort,
+        job_stop: threading.Event | None,
+        poll_s: float = POLL_S,
+    ) -> None:
+        """Watch ``plan``'s host filesystems and ``domain`` once entered."""
+        self.stop = threading.Event()
+        self.why: str | None = None
+        self.paused = False
+        self._plan = plan
+        self._domain = domain
+        self._job_stop = job_stop
+        self._poll_s = poll_s
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="fill-watch", daemon=True)
+        self._log = structlog.get_logger("virt_reclaim.fillwatch")
+
+    def __enter__(self) -> FillWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._done.set()
+        self._thread.join(timeout=10)
+
+    def _watch(self) -> None:
+        while not self._done.wait(self._poll_s):
+            if self._job_stop is not None and self._job_stop.is_set():
+                self.stop.set()
+                return
+            low = fillplan.below_floor(self._plan)
+            if low is not None:
+                self._trip(low)
+                return
+            try:
+                state = self._domain.state()
+            except VirtError:
+                continue  # libvirtd restarting: the floors are still watched
+            if state is DomainState.PAUSED:
+                self.paused = True
+                self._trip(f"QEMU paused it; {self._fullest()}")
+                return
+
+    def _trip(self, why: str) -> None:
+        self.why = why
+        self._log.warning("free_space.watch_tripped", reason=why)
+        self.stop.set()
+
+    def _fullest(self) -> str:
+        parts = []
+        for folder, floor in self._plan.floors.values():
+            free = fillplan.host_filesystem(folder).free
+            parts.append(
+                f"the host filesystem of {folder} has {format_bytes(free)} free "
+                f"(floor {format_bytes(floor)})"
+            )
+        return "; ".join(parts) or "a host filesystem is likely full"
