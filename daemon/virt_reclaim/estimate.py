@@ -214,4 +214,5 @@ def estimate_after(
         live_stored, basis = live * history_ratio, "history"
     after = int(live_stored + garbage_stored * (1.0 - share)) + overhead
     ratio = (live_stored + garbage_stored) / data if data else 1.0
-    return Estimate(min(after, allocated + overhead), basis, data, ratio, share)
+    # A rewrite never makes an image larger than what it holds now (it only drops and packs).
+    return Estimate(min(after, allocated), basis, data, ratio, share)

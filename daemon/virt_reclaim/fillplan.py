@@ -141,6 +141,7 @@ def plan_fill(
             limit = guest_free
         else:
             limit = min(guest_free, disk.headroom, max(0, room_by_device[disk.host.device]))
+        limit = limit // MIB * MIB  # dd writes whole MiB
         if limit < MIN_FILL_BYTES:
             plan.fills.append(Fill(volume.mountpoint, 0, guest_free, _why_not(disk, guest_free)))
             continue

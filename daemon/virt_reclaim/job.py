@@ -163,6 +163,7 @@ class DiskWork:
     bytes_after: int | None = None
     swapped: bool = False
     rewrite_need: int = 0  # qemu-img measure: what the rewrite may write at most
+    zeroed_bytes: int = 0  # zeros our fill wrote into filesystems on this disk
     guest_used: int | None = None  # bytes the guest's filesystems on it use
     estimate: estimating.Estimate | None = None
 
@@ -577,8 +578,13 @@ class ReclaimJob:
     def _rewrite_need(self, disk: DiskWork) -> int:
         if disk.info.backing_filename:
             # Only the top layer is rewritten; it cannot outgrow what it holds now.
-            return disk.bytes_before + MIB
-        return self.images.measure(disk.path, force_share=self.was_running)
+            return imagefile.allocated_bytes(disk.path) + MIB
+        measured = self.images.measure(disk.path, force_share=self.was_running)
+        if disk.zeroed_bytes and disk.rewrite_need:
+            # measure counts the clusters our fill allocated, but convert writes no zero
+            # clusters: they add nothing to what the rewrite needs.
+            return max(disk.rewrite_need, measured - disk.zeroed_bytes)
+        return measured
 
     def _estimate_disk(self, disk: DiskWork, share: float) -> estimating.Estimate:
         cluster = self.settings.cluster_size or disk.info.cluster_size or 65536
@@ -651,6 +657,7 @@ class ReclaimJob:
             self.fill_plan = self._plan_fill()
             result = self._zero_fill(self.fill_plan)
         self._free_space = result.method
+        self._count_zeroed(result)
         if result.problem:
             self.log.warning("free_space.unavailable", method=str(choice.method),
                              reason=result.problem)  # fmt: skip
@@ -659,6 +666,20 @@ class ReclaimJob:
                       fills=result.fills)  # fmt: skip
         if result.method != "none":
             self._recheck_gain(1.0 if result.method == "trim" else self.fill_plan_reach())
+        # The fill may have grown the image, or another guest taken the room: find out
+        # before the guest goes down, not after.
+        self._preflight()
+
+    def _count_zeroed(self, result: FreeSpaceResult) -> None:
+        target_of = {
+            fs.mountpoint: next((t for t in fs.disk_targets), None)
+            for fs in self._guest_filesystems
+        }
+        by_target = {d.target: d for d in self.disks}
+        for fill in result.fills:
+            disk = by_target.get(str(target_of.get(str(fill["mountpoint"]))))
+            if disk is not None:
+                disk.zeroed_bytes += int(str(fill.get("zeroed_bytes") or 0))
 
     def fill_plan_reach(self) -> float:
         """Share of the guest's free space the last zero-fill plan reached."""
@@ -675,7 +696,8 @@ class ReclaimJob:
         for disk in self.disks:
             disk.guest_used = used[disk.target] or disk.guest_used
             again = self._estimate_disk(disk, share)
-            gain += imagefile.allocated_bytes(disk.path) - again.after
+            now = imagefile.allocated_bytes(disk.path)
+            gain += now - min(again.after, now)
             self.log.info("disk.reestimated", target=disk.target, estimated_after=again.after,
                           basis=again.basis)  # fmt: skip
         if gain < self.settings.min_gain:

@@ -1,0 +1,222 @@
+"""A domain for fast job tests: real image files and real qemu-img; libvirt and the guest faked.
+
+The job's logic (which step does what, what is restored on failure, how a fill is
+bounded) is tested in seconds through its ports. What only a real guest can show
+(its agent, its filesystems, its boot) is tested with the real test guests.
+A guest's zero-fill is played by ``qemu-io`` writing zeros into the real image,
+so the host filesystem fills exactly as it would.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import uuid as uuidlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+from virt_reclaim.errors import AgentUnavailable, GuestExecCancelled, VirtError
+from virt_reclaim.model import (
+    AgentInfo,
+    DomainSnapshot,
+    DomainState,
+    GuestExecResult,
+    GuestFilesystem,
+    TrimmedPath,
+)
+
+MIB = 1024 * 1024
+LINUX_AGENT = AgentInfo(
+    "7.2.0",
+    frozenset({"guest-ping", "guest-info", "guest-exec", "guest-exec-status", "guest-fstrim",
+               "guest-get-fsinfo", "guest-shutdown", "guest-get-osinfo"}),
+    "debian", "Debian GNU/Linux 12 (bookworm)",
+)  # fmt: skip
+RHEL_AGENT = AgentInfo(
+    "8.2.0", LINUX_AGENT.enabled - {"guest-exec", "guest-exec-status"}, "rhel", "RHEL 9.4"
+)
+WINDOWS_AGENT = AgentInfo(
+    "107.0.1", LINUX_AGENT.enabled, "mswindows", "Microsoft Windows Server 2022"
+)
+
+
+def sh(*argv: str, timeout: float = 120) -> str:
+    return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=timeout).stdout
+
+
+def make_image(path: Path, size: str = "1G", writes: tuple[str, ...] = ()) -> Path:
+    """A qcow2 image with ``qemu-io`` writes in it (e.g. ``write -P 0xab 0 8M``)."""
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(path), size)
+    for command in writes:
+        sh("qemu-io", "-f", "qcow2", "-c", command, str(path))
+    return path
+
+
+def write_data(image: Path, offset: int, blob: bytes) -> None:
+    """Write ``blob`` at guest offset ``offset`` of ``image``, as a guest would."""
+    source = image.with_name(image.name + ".blob")
+    source.write_bytes(blob)
+    try:
+        sh("qemu-io", "-f", "qcow2", "-c", f"write -s {source} {offset} {len(blob)}", str(image))
+    finally:
+        source.unlink(missing_ok=True)
+
+
+@dataclass
+class FakeDisk:
+    target: str
+    path: Path
+    discard: bool = True
+    detect_zeroes: str | None = None
+    format: str = "qcow2"
+
+    def xml(self) -> str:
+        driver = f"<driver name='qemu' type='{self.format}'"
+        if self.discard:
+            driver += " discard='unmap'"
+        if self.detect_zeroes:
+            driver += f" detect_zeroes='{self.detect_zeroes}'"
+        return (
+            f"<disk type='file' device='disk'>{driver}/>"
+            f"<source file='{escape(str(self.path))}'/>"
+            f"<target dev='{self.target}' bus='virtio'/></disk>"
+        )
+
+
+@dataclass
+class FakeDomain:
+    """Implements the job's DomainPort over real image files (see the module docstring)."""
+
+    disks: list[FakeDisk]
+    name: str = "fake"
+    uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
+    power: DomainState = DomainState.RUNNING
+    persistent: bool = True
+    agent: AgentInfo | None = LINUX_AGENT
+    filesystems: list[GuestFilesystem] = field(default_factory=list)
+    trim_reply: list[TrimmedPath] = field(default_factory=list)
+    # (offset, length) of the guest's deleted data that a trim discards (with discard on).
+    trim_discards: list[tuple[int, int]] = field(default_factory=list)
+    ignores_shutdown: bool = False
+    start_error: str | None = None
+    # Called after each chunk a zero-fill writes, with the bytes written so far.
+    on_fill_chunk: Callable[[int], None] | None = None
+    fill_offset: int = 512 * MIB  # where in the disk the guest's free space lies
+    calls: list[str] = field(default_factory=list)
+    inactive_override: str | None = None
+    after_shutdown: Callable[[], None] | None = None
+
+    def _xml(self) -> str:
+        agent = ""
+        if self.agent is not None:
+            state = "connected" if self.power is DomainState.RUNNING else "disconnected"
+            agent = (
+                "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0' "
+                f"state='{state}'/></channel>"
+            )
+        disks = "".join(d.xml() for d in self.disks)
+        return (
+            f"<domain type='qemu'><name>{self.name}</name><uuid>{self.uuid}</uuid>"
+            f"<devices>{disks}{agent}</devices></domain>"
+        )
+
+    # -- DomainPort ---------------------------------------------------------------------
+    def snapshot(self) -> DomainSnapshot:
+        return DomainSnapshot(self.name, self.uuid, self.power, self.persistent, self._xml())
+
+    def state(self) -> DomainState:
+        return self.power
+
+    def inactive_xml(self) -> str:
+        return self.inactive_override or self._xml()
+
+    def shutdown(self, *, use_agent: bool) -> None:
+        self.calls.append(f"shutdown(agent={use_agent})")
+        if self.power is not DomainState.RUNNING:
+            raise VirtError(f"{self.name}: cannot shut down: domain is not running")
+        if not self.ignores_shutdown:
+            self.power = DomainState.SHUTOFF
+            if self.after_shutdown is not None:
+                self.after_shutdown()
+
+    def force_off(self) -> None:
+        self.calls.append("force_off")
+        self.power = DomainState.SHUTOFF
+
+    def start(self) -> None:
+        self.calls.append("start")
+        if self.start_error is not None:
+            raise VirtError(f"{self.name}: cannot start: {self.start_error}")
+        if self.power is not DomainState.SHUTOFF:
+            raise VirtError(f"{self.name}: cannot start: domain is already running")
+        self.power = DomainState.RUNNING
+
+    def wait_for_state(self, wanted: DomainState, timeout: float) -> bool:
+        return self.power is wanted
+
+    def wait_for_agent(self, timeout: float) -> bool:
+        return self.agent is not None and self.power is DomainState.RUNNING
+
+    def agent_ping(self, timeout: int = 5) -> bool:
+        return self.agent is not None and self.power is DomainState.RUNNING
+
+    def guest_filesystems(self) -> list[GuestFilesystem]:
+        self._need_agent("guest-get-fsinfo")
+        return list(self.filesystems)
+
+    def agent_info(self, timeout: int = 10) -> AgentInfo:
+        self._need_agent("guest-info")
+        assert self.agent is not None
+        return self.agent
+
+    def fstrim(self, timeout: float = 600.0) -> list[TrimmedPath]:
+        self._need_agent("guest-fstrim")
+        self.calls.append("fstrim")
+        for offset, length in self.trim_discards:
+            for disk in self.disks:
+                if disk.discard:
+                    sh("qemu-io", "-f", "qcow2", "-c", f"discard {offset} {length}", str(disk.path))
+        return list(self.trim_reply)
+
+    def guest_exec(
+        self,
+        path: str,
+        args: list[str],
+        timeout: float,
+        cancel: threading.Event | None = None,
+    ) -> GuestExecResult:
+        self._need_agent("guest-exec")
+        assert path == "/bin/sh" and "virt-reclaim-zero" in args[1], args
+        mountpoint, limit = args[3], int(args[5]) * MIB
+        self.calls.append(f"zero-fill({mountpoint}, {limit})")
+        disk = self.disks[0]
+        written = 0
+        chunk = 8 * MIB
+        while written < limit:
+            if cancel is not None and cancel.is_set():
+                raise GuestExecCancelled("guest-exec /bin/sh: stopped on request")
+            if self.power is DomainState.PAUSED:
+                # A paused guest writes nothing; the fill waits, as the real one would.
+                if cancel is not None and cancel.wait(0.05):
+                    raise GuestExecCancelled("guest-exec /bin/sh: stopped on request")
+                continue
+            size = min(chunk, limit - written)
+            command = "write -z" if disk.detect_zeroes else "write -P 0"
+            sh("qemu-io", "-f", "qcow2", "-c",
+               f"{command} {self.fill_offset + written} {size}", str(disk.path))  # fmt: skip
+            written += size
+            if self.on_fill_chunk is not None:
+                self.on_fill_chunk(written)
+        return GuestExecResult(0, None, f"zeroed {written}\n", "")
+
+    def _need_agent(self, command: str) -> None:
+        if self.agent is None or self.power is not DomainState.RUNNING:
+            raise AgentUnavailable(f"{command}: the guest agent is not connected")
+        if command not in self.agent.enabled:
+            raise AgentUnavailable(f"{command}: the command is disabled")
+
+
+def linux_fs(mountpoint: str, target: str, *, total: int, used: int) -> GuestFilesystem:
+    return GuestFilesystem(mountpoint, "ext4", used, total, (target,))

@@ -1,0 +1,120 @@
+"""What the job decides from the guest's agent and the host's space: pure functions."""
+
+from __future__ import annotations
+
+import pytest
+
+from fakes import LINUX_AGENT, MIB, RHEL_AGENT, WINDOWS_AGENT
+from virt_reclaim.errors import AgentUnavailable
+from virt_reclaim.fillplan import DiskRoom, GuestVolume, HostFilesystem, Reserve, plan_fill
+from virt_reclaim.guestfree import FreeSpaceMethod, choose_method
+from virt_reclaim.model import TrimmedPath
+from virt_reclaim.virt import parse_agent_info, parse_fstrim
+
+GIB = 1024 * MIB
+AUTO, TRIM, ZERO, NONE = (FreeSpaceMethod.AUTO, FreeSpaceMethod.TRIM, FreeSpaceMethod.ZERO,
+                          FreeSpaceMethod.NONE)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("requested", "discard", "agent", "method", "why"),
+    [
+        (AUTO, True, LINUX_AGENT, TRIM, "discards"),
+        (AUTO, False, LINUX_AGENT, ZERO, "zero-fill"),
+        (AUTO, False, RHEL_AGENT, NONE, "guest-exec disabled"),
+        (AUTO, True, RHEL_AGENT, TRIM, "discards"),
+        (ZERO, False, RHEL_AGENT, NONE, "guest-exec disabled"),
+        (AUTO, False, WINDOWS_AGENT, TRIM, "Windows"),
+        (ZERO, True, WINDOWS_AGENT, NONE, "Windows"),
+        (AUTO, True, None, NONE, "no guest agent"),
+        (NONE, True, LINUX_AGENT, NONE, "none"),
+        (TRIM, False, LINUX_AGENT, TRIM, "lacks discard"),
+    ],
+)
+def test_the_method_follows_discard_and_what_the_agent_allows(
+    requested: FreeSpaceMethod, discard: bool, agent: object, method: FreeSpaceMethod, why: str
+) -> None:
+    choice = choose_method(requested, all_disks_discard=discard, agent=agent)  # type: ignore[arg-type]
+    assert (choice.method, why in choice.why) == (method, True), choice
+
+
+def test_guest_info_is_read_defensively() -> None:
+    info = {
+        "version": "7.2.0",
+        "supported_commands": [
+            {"name": "guest-exec", "enabled": False, "success-response": True},
+            {"name": "guest-fstrim", "enabled": True},
+            {"name": 42, "enabled": True},
+            "garbage",
+            {"name": "guest-ping", "enabled": "yes"},
+        ]
+        * 300,
+    }
+    osinfo = {"id": "mswindows", "pretty-name": "Windows Server 2022\x1b[31m", "name": "Win"}
+    agent = parse_agent_info(info, osinfo)
+    assert agent.enabled == {"guest-fstrim"}
+    assert agent.is_windows
+    assert agent.os_name is None  # not printable: not trusted
+    with pytest.raises(AgentUnavailable):
+        parse_agent_info({"version": "1"}, None)
+    assert parse_agent_info({"supported_commands": []}, "not an object").os_id is None
+
+
+def test_fstrim_replies_of_linux_and_windows_agents() -> None:
+    linux = {
+        "paths": [{"path": "/", "trimmed": 123, "minimum": 0}, {"path": "/boot", "error": "x"}]
+    }
+    windows = {"paths": [{"path": "C:\\"}, {"path": "D:\\", "error": "The volume is not thin"}]}
+    assert parse_fstrim(linux) == [TrimmedPath("/", 123, None), TrimmedPath("/boot", None, "x")]
+    assert parse_fstrim(windows) == [
+        TrimmedPath("C:\\", None, None),
+        TrimmedPath("D:\\", None, "The volume is not thin"),
+    ]
+    assert parse_fstrim({"paths": [{"path": "/", "trimmed": True}] * 10_000})[0].trimmed is None
+    with pytest.raises(AgentUnavailable):
+        parse_fstrim({"paths": "no"})
+
+
+def host(device: int, free: int, size: int = 100 * GIB) -> HostFilesystem:
+    return HostFilesystem(device, f"/images{device}", free, size)
+
+
+def test_two_disks_on_one_host_filesystem_share_its_room() -> None:
+    shared = host(1, free=14 * GIB)
+    disks = [
+        DiskRoom("vda", shared, headroom=30 * GIB, zeros_become_holes=False, rewrite_need=GIB),
+        DiskRoom("vdb", shared, headroom=30 * GIB, zeros_become_holes=False, rewrite_need=GIB),
+    ]
+    volumes = [
+        GuestVolume("/", ("vda",), total=20 * GIB, used=2 * GIB),
+        GuestVolume("/srv", ("vdb",), total=20 * GIB, used=2 * GIB),
+    ]
+    plan = plan_fill(
+        disks, volumes, Reserve(host_percent=5, host_min_bytes=2 * GIB, guest_percent=5)
+    )
+    # 14 GiB free - 5 GiB reserve (5 % of 100 GiB) - 2 x (1 GiB + 64 MiB) for the rewrites.
+    room = 14 * GIB - 5 * GIB - 2 * (GIB + 64 * MIB)
+    assert plan.total_limit <= room
+    assert plan.total_limit >= room - 2 * MIB
+    [first, second] = plan.fills
+    assert first.limit == room // MIB * MIB  # the first takes what fits...
+    assert second.limit == 0 and "no room on the host" in str(second.why_not)  # ...none is left
+    assert plan.floors == {1: ("/images1", 5 * GIB + 2 * (GIB + 64 * MIB))}
+
+
+def test_a_fill_is_bounded_by_the_guest_share_the_headroom_and_holes() -> None:
+    roomy = host(1, free=500 * GIB, size=1000 * GIB)
+    volume = GuestVolume("/", ("vda",), total=10 * GIB, used=4 * GIB)
+    reserve = Reserve(guest_percent=10)
+    guest_bound = plan_fill([DiskRoom("vda", roomy, 30 * GIB, False, GIB)], [volume], reserve)
+    assert guest_bound.fills[0].limit == 5 * GIB  # 10 - 4 - 1 (10 % left to the guest)
+    tight = plan_fill([DiskRoom("vda", roomy, 3 * GIB, False, GIB)], [volume], reserve)
+    assert tight.fills[0].limit == 3 * GIB  # the image can grow only to its virtual size
+    full = host(2, free=GIB)
+    holes = plan_fill([DiskRoom("vda", full, 30 * GIB, True, GIB)], [volume], reserve)
+    assert holes.fills[0].limit == 5 * GIB  # detect_zeroes: zeros cost the host nothing
+    unknown = plan_fill([DiskRoom("vda", roomy, 30 * GIB, False, GIB)],
+                        [GuestVolume("/", ("vda",), None, None)], reserve)  # fmt: skip
+    assert unknown.fills[0].limit == 0
+    assert unknown.reach() == 0.0
+    assert guest_bound.reach() == 1.0

@@ -1,0 +1,255 @@
+"""The free-space step and the estimate through the job's ports: real images, a faked guest.
+
+A zero-fill here is qemu-io writing zeros into the real image on a real (tmpfs)
+filesystem, so the host fills exactly as it would under a guest.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+
+from fakes import (
+    MIB,
+    RHEL_AGENT,
+    WINDOWS_AGENT,
+    FakeDisk,
+    FakeDomain,
+    linux_fs,
+    make_image,
+    write_data,
+)
+from testbed.data import log_text
+from virt_reclaim import fillplan
+from virt_reclaim.fillplan import Reserve
+from virt_reclaim.guestfree import FreeSpaceMethod
+from virt_reclaim.job import Compression, JobResult, JobSettings, Outcome, ReclaimJob
+from virt_reclaim.journal import Journal
+from virt_reclaim.model import DomainState, TrimmedPath
+from virt_reclaim.qemu_img import QemuImg
+
+GIB = 1024 * MIB
+
+
+def run_job(
+    domain: FakeDomain, state: Path, **settings: Any
+) -> tuple[JobResult, list[dict[str, Any]]]:
+    journal = Journal(state)
+    job = ReclaimJob(
+        domain,
+        QemuImg(priority=None),
+        JobSettings(priority=None, **settings),
+        images_of_other_domains=dict,
+        journal=journal,
+    )
+    with structlog.testing.capture_logs() as events:
+        result = job.run()
+    return result, events
+
+
+def named(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in events if e["event"] == name]
+
+
+def same_guest_content(first: Path, second: Path) -> bool:
+    argv = ["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(first), str(second)]
+    return subprocess.run(argv, capture_output=True, timeout=120, check=False).returncode == 0
+
+
+def dirty_image(path: Path) -> Path:
+    """32 MiB of log text and 8 MiB random live, 64 MiB random deleted (still allocated)."""
+    make_image(path)
+    write_data(path, 0, log_text(32 * MIB))
+    write_data(path, 32 * MIB, os.urandom(8 * MIB))
+    write_data(path, 128 * MIB, os.urandom(64 * MIB))
+    return path
+
+
+@pytest.fixture
+def small_host(make_tmpfs: Callable[[str], Path]) -> Path:
+    return make_tmpfs("600M")
+
+
+def test_zero_fill_stays_within_the_room_the_host_has(small_host: Path, tmp_path: Path) -> None:
+    image = dirty_image(small_host / "disk.qcow2")
+    original = shutil.copy(image, tmp_path / "original.qcow2")
+    free_during: list[int] = []
+    domain = FakeDomain(
+        [FakeDisk("vda", image, discard=False)],
+        filesystems=[linux_fs("/", "vda", total=974 * MIB, used=44 * MIB)],
+        on_fill_chunk=lambda _written: free_during.append(
+            fillplan.host_filesystem(str(small_host)).free
+        ),
+    )
+    reserve = Reserve(host_percent=0, host_min_bytes=100 * MIB)
+
+    result, events = run_job(domain, tmp_path / "state", free_space=FreeSpaceMethod.AUTO,
+                             reserve=reserve, min_gain=0)  # fmt: skip
+
+    assert result.outcome is Outcome.RECLAIMED, result.reason
+    [done] = named(events, "free_space.done")
+    [fill] = done["fills"]
+    # The fill wrote its whole limit, which stopped well short of the guest's free space...
+    assert fill["zeroed_bytes"] == fill["limit_bytes"] > 64 * MIB
+    assert fill["left_bytes"] > 500 * MIB
+    # ...because the host had room for no more: it never went below the reserve plus the
+    # rewrite's need, and never near zero.
+    need = QemuImg().measure(str(original), force_share=False) + fillplan.REWRITE_MARGIN
+    assert min(free_during) >= 100 * MIB + need
+    assert same_guest_content(Path(original), image)
+    assert domain.power is DomainState.RUNNING
+    assert domain.calls[-1] == "start"
+
+
+def test_zero_fill_is_skipped_when_the_host_has_no_room(small_host: Path, tmp_path: Path) -> None:
+    image = dirty_image(small_host / "disk.qcow2")
+    domain = FakeDomain(
+        [FakeDisk("vda", image, discard=False)],
+        filesystems=[linux_fs("/", "vda", total=974 * MIB, used=44 * MIB)],
+    )
+    reserve = Reserve(host_percent=0, host_min_bytes=400 * MIB)
+
+    result, events = run_job(domain, tmp_path / "state", reserve=reserve, min_gain=0)
+
+    assert result.outcome is Outcome.RECLAIMED, result.reason
+    assert not any(c.startswith("zero-fill") for c in domain.calls)
+    [problem] = named(events, "free_space.unavailable")
+    assert f"no room on the host filesystem of {small_host}" in problem["reason"]
+
+
+def test_the_watch_stops_the_fill_when_another_writer_takes_the_room(
+    small_host: Path, tmp_path: Path
+) -> None:
+    image = dirty_image(small_host / "disk.qcow2")
+    original = shutil.copy(image, tmp_path / "original.qcow2")
+    hog = small_host / "other-guest.img"
+
+    def another_guest_writes(written: int) -> None:
+        if written == 8 * MIB:
+            free = fillplan.host_filesystem(str(small_host)).free
+            subprocess.run(["fallocate", "-l", str(free - 150 * MIB), str(hog)], check=True)
+
+    domain = FakeDomain(
+        [FakeDisk("vda", image, discard=False)],
+        filesystems=[linux_fs("/", "vda", total=974 * MIB, used=44 * MIB)],
+        on_fill_chunk=another_guest_writes,
+    )
+    reserve = Reserve(host_percent=0, host_min_bytes=100 * MIB)
+
+    result, events = run_job(domain, tmp_path / "state", reserve=reserve, min_gain=0)
+
+    [stopped] = named(events, "free_space.stopped")
+    assert f"the host filesystem of {small_host}" in stopped["reason"]
+    # With the room gone, the job stops before the guest goes down: nothing changed.
+    assert result.outcome is Outcome.SKIPPED, result.reason
+    assert "not enough free space" in result.reason
+    assert not any(c.startswith("shutdown") for c in domain.calls)
+    assert domain.power is DomainState.RUNNING
+    assert same_guest_content(Path(original), image)
+    assert sorted(p.name for p in small_host.iterdir()) == ["disk.qcow2", hog.name]
+
+
+def test_a_guest_paused_during_the_fill_stops_the_job_and_names_the_filesystem(
+    small_host: Path, tmp_path: Path
+) -> None:
+    image = dirty_image(small_host / "disk.qcow2")
+    domain = FakeDomain(
+        [FakeDisk("vda", image, discard=False)],
+        filesystems=[linux_fs("/", "vda", total=974 * MIB, used=44 * MIB)],
+    )
+
+    def qemu_pauses(_written: int) -> None:
+        domain.power = DomainState.PAUSED
+
+    domain.on_fill_chunk = qemu_pauses
+    reserve = Reserve(host_percent=0, host_min_bytes=100 * MIB)
+
+    result, events = run_job(domain, tmp_path / "state", reserve=reserve, min_gain=0)
+
+    assert result.outcome is Outcome.FAILED
+    assert "paused during the zero-fill" in result.reason
+    assert f"the host filesystem of {small_host}" in result.reason
+    assert "virsh resume fake" in result.reason
+    [error] = named(events, "free_space.guest_paused")
+    assert error["log_level"] == "error"
+    # Nothing was tried on a paused guest: no shutdown, no start.
+    assert not any(c.startswith(("shutdown", "start")) for c in domain.calls)
+    assert [p.name for p in small_host.iterdir()] == ["disk.qcow2"]
+
+
+def test_windows_guests_are_trimmed_and_their_trim_reply_is_read(tmp_path: Path) -> None:
+    image = dirty_image(tmp_path / "disk.qcow2")
+    domain = FakeDomain(
+        [FakeDisk("vda", image, discard=False)],
+        agent=WINDOWS_AGENT,
+        filesystems=[linux_fs("C:\\", "vda", total=974 * MIB, used=44 * MIB)],
+        trim_reply=[TrimmedPath("C:\\", None, None),
+                    TrimmedPath("D:\\", None, "the volume is not thin-provisioned")],
+    )  # fmt: skip
+
+    result, events = run_job(domain, tmp_path / "state", min_gain=0)
+
+    assert result.outcome is Outcome.RECLAIMED, result.reason
+    assert result.free_space == "trim"
+    assert not any(c.startswith("zero-fill") for c in domain.calls)
+    [estimated] = named(events, "disk.estimated")
+    assert "Windows" in estimated["free_space_why"]
+    [problem] = named(events, "free_space.unavailable")
+    assert "D:\\: the volume is not thin-provisioned" in problem["reason"]
+
+
+def test_an_agent_without_guest_exec_frees_nothing_and_the_estimate_knows(tmp_path: Path) -> None:
+    image = dirty_image(tmp_path / "disk.qcow2")
+    domain = FakeDomain(
+        [FakeDisk("vda", image, discard=False)],
+        agent=RHEL_AGENT,
+        filesystems=[linux_fs("/", "vda", total=974 * MIB, used=44 * MIB)],
+    )
+
+    result, events = run_job(domain, tmp_path / "state", min_gain=0)
+
+    assert result.outcome is Outcome.RECLAIMED, result.reason
+    assert result.free_space == "none"
+    [estimated] = named(events, "disk.estimated")
+    assert estimated["freed_share"] == 0
+    assert "guest-exec disabled" in estimated["free_space_why"]
+    [disk] = result.disks
+    # The 64 MiB of deleted random data stays: the estimate says so, within 25 %.
+    assert disk["bytes_after"] > 64 * MIB
+    assert abs(disk["estimated_after"] - disk["bytes_after"]) <= 0.25 * disk["bytes_after"]
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+def test_the_estimate_matches_the_result_on_first_and_repeated_reclaims(
+    tmp_path: Path, compression: str
+) -> None:
+    image = dirty_image(tmp_path / "disk.qcow2")
+    domain = FakeDomain(
+        [FakeDisk("vda", image, discard=True)],
+        filesystems=[linux_fs("/", "vda", total=974 * MIB, used=44 * MIB)],
+        trim_discards=[(128 * MIB, 64 * MIB)],
+    )
+    settings = {"compression": Compression(compression), "min_gain": 0}
+
+    first, _ = run_job(domain, tmp_path / "state", **settings)
+    # The guest writes and deletes another 64 MiB; a trim will discard it.
+    write_data(image, 256 * MIB, os.urandom(64 * MIB))
+    domain.trim_discards = [(256 * MIB, 64 * MIB)]
+    second, events = run_job(domain, tmp_path / "state", **settings)
+
+    for result in (first, second):
+        assert result.outcome is Outcome.RECLAIMED, result.reason
+        [disk] = result.disks
+        error = abs(disk["estimated_after"] - disk["bytes_after"]) / disk["bytes_after"]
+        assert error <= 0.25, (compression, disk)
+    [estimated] = named(events, "disk.estimated")
+    assert estimated["basis"] == "history"
+    [history] = Journal(tmp_path / "state").history()[:1]
+    assert history.estimated_after == second.disks[0]["estimated_after"]
