@@ -20,6 +20,7 @@ from pydantic import ByteSize, TypeAdapter, ValidationError
 from virt_reclaim import (
     __version__,
     config,
+    domxml,
     inventory,
     logs,
     planning,
@@ -40,7 +41,7 @@ from virt_reclaim.job import (
     Step,
 )
 from virt_reclaim.journal import DEFAULT_STATE_DIR, Journal, JournalError
-from virt_reclaim.model import DEFAULT_URI
+from virt_reclaim.model import DEFAULT_URI, AgentInfo, DomainSnapshot, DomainState
 from virt_reclaim.policy import Policy, PolicyFile, job_settings
 from virt_reclaim.process import Priority
 from virt_reclaim.units import format_bytes
@@ -462,9 +463,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _cmd_domains(args: argparse.Namespace) -> int:
-    with Hypervisor(args.connect, read_only=True) as hypervisor:
+    # The agent answers only a read-write connection; without one, list what libvirt shows.
+    try:
+        hypervisor = Hypervisor(args.connect)
+        read_only = False
+    except VirtError:
+        hypervisor = Hypervisor(args.connect, read_only=True)
+        read_only = True
+    with hypervisor:
         reports = [
-            inventory.describe_domain(domain, qemu_img_path=args.qemu_img)
+            inventory.describe_domain(
+                domain,
+                qemu_img_path=args.qemu_img,
+                agent=_agent_of(hypervisor, domain, read_only),
+            )
             for domain in hypervisor.domains()
         ]
     if args.json:
@@ -473,6 +485,22 @@ def _cmd_domains(args: argparse.Namespace) -> int:
     else:
         print_domain_table(reports, sys.stdout)
     return EXIT_OK
+
+
+def _agent_of(
+    hypervisor: Hypervisor, domain: DomainSnapshot, read_only: bool
+) -> AgentInfo | str | None:
+    """What a running domain's agent says of itself, or why it could not be asked."""
+    if domain.state is not DomainState.RUNNING:
+        return None
+    if domxml.parse_domain(domain.xml).agent_state != "connected":
+        return None
+    if read_only:
+        return "read-only connection"
+    try:
+        return hypervisor.domain_by_uuid(domain.uuid).agent_info(timeout=5)
+    except VirtError as exc:
+        return str(exc)[:80]
 
 
 class Terminated(KeyboardInterrupt):
@@ -653,6 +681,8 @@ def print_domain_table(reports: Sequence[inventory.DomainReport], out: TextIO) -
         "STATE",
         "PERSISTENT",
         "AGENT",
+        "OS",
+        "FREE-SPACE",
         "DISK",
         "FORMAT",
         "VIRTUAL",
@@ -668,7 +698,9 @@ def print_domain_table(reports: Sequence[inventory.DomainReport], out: TextIO) -
             if report.has_agent_channel
             else "none"
         )
-        domain_cols = (report.name, str(report.state), "yes" if report.persistent else "no", agent)
+        method, _, why = report.free_space.partition(" ")
+        domain_cols = (report.name, str(report.state), "yes" if report.persistent else "no", agent,
+                       report.os or "-", method)  # fmt: skip
         if not report.disks:
             rows.append((*domain_cols, "-", "-", "-", "-", "-", "(no disks)"))
         for disk in report.disks:
@@ -686,9 +718,11 @@ def print_domain_table(reports: Sequence[inventory.DomainReport], out: TextIO) -
             extra = [f"backing: {b.path} ({b.format or '?'})" for b in disk.backing_chain]
             if disk.error:
                 extra.append(f"error: {disk.error}")
+            if why and domain_cols[0]:
+                extra.append(f"free space: {method} {why}")
             if extra:
                 notes[len(rows) - 1] = extra
-            domain_cols = ("", "", "", "")
+            domain_cols = ("", "", "", "", "", "")
     widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header) - 1)]
     indent = sum(widths) + 2 * len(widths)
     for index, row in enumerate((header, *rows)):

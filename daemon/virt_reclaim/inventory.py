@@ -8,7 +8,8 @@ from dataclasses import dataclass, replace
 
 from virt_reclaim import domxml, qemu_img
 from virt_reclaim.errors import QemuImgError
-from virt_reclaim.model import DomainSnapshot, DomainState
+from virt_reclaim.guestfree import Choice, FreeSpaceMethod, choose_method
+from virt_reclaim.model import AgentInfo, DomainSnapshot, DomainState
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,15 @@ class DomainReport:
     has_agent_channel: bool
     agent_connected: bool
     disks: tuple[DiskReport, ...]
+    os: str | None = None  # what the agent says (guest-get-osinfo), e.g. "debian", "mswindows"
+    free_space: str = "-"  # the method a job could use now, and why not when none
+
+
+def free_space_summary(choice: Choice) -> str:
+    """``trim``, ``zero``, or ``none (why)`` for the ``domains`` table."""
+    if choice.method is FreeSpaceMethod.NONE:
+        return f"none ({choice.why})"
+    return str(choice.method)
 
 
 def images_in_use(domains: Iterable[DomainSnapshot], *, exclude_uuid: str) -> dict[str, str]:
@@ -70,11 +80,33 @@ def images_in_use(domains: Iterable[DomainSnapshot], *, exclude_uuid: str) -> di
     return used
 
 
-def describe_domain(domain: DomainSnapshot, *, qemu_img_path: str) -> DomainReport:
-    """Describe one domain; an unreadable image becomes an ``error`` on its disk, not a failure."""
+def describe_domain(
+    domain: DomainSnapshot,
+    *,
+    qemu_img_path: str,
+    agent: AgentInfo | str | None = None,
+) -> DomainReport:
+    """Describe one domain; an unreadable image becomes an ``error`` on its disk, not a failure.
+
+    ``agent`` is what its agent said of itself, or why it could not be asked; with it the
+    report says which free-space method a job could use (``auto``, as a policy's default).
+    """
     spec = domxml.parse_domain(domain.xml)
     running = domain.state not in (DomainState.SHUTOFF, DomainState.CRASHED)
+    free_space = "-"
+    if isinstance(agent, str):
+        free_space = f"unknown ({agent})"
+    elif running:
+        qcow2 = [d for d in spec.disks if d.is_file_qcow2]
+        choice = choose_method(
+            FreeSpaceMethod.AUTO,
+            all_disks_discard=bool(qcow2) and all(d.discard == "unmap" for d in qcow2),
+            agent=agent,
+        )
+        free_space = free_space_summary(choice)
     return DomainReport(
+        os=agent.os_id if isinstance(agent, AgentInfo) else None,
+        free_space=free_space,
         name=domain.name,
         uuid=domain.uuid,
         state=domain.state,

@@ -52,6 +52,8 @@ def test_running_guest_sizes_and_agent(make_guest: Callable[..., Guest]) -> None
         time.sleep(0.5)
 
     assert (entry["state"], entry["persistent"]) == ("running", True)
+    # Its disk passes discards and its agent allows guest-fstrim: a trim frees the space.
+    assert entry["free_space"] == "trim"
     [disk] = entry["disks"]
     info = qemu_img_info(str(guest.data_image))
     assert disk["source"] == str(guest.data_image)

@@ -120,6 +120,8 @@ def test_domains_table(test_uri: str) -> None:
         "STATE",
         "PERSISTENT",
         "AGENT",
+        "OS",
+        "FREE-SPACE",
         "DISK",
         "FORMAT",
         "VIRTUAL",
@@ -127,10 +129,12 @@ def test_domains_table(test_uri: str) -> None:
         "SNAPSHOTS",
         "SOURCE",
     ]
-    assert lines[1].split()[:8] == [
+    assert lines[1].split()[:10] == [
         "alpha",
         "running",
         "yes",
+        "none",
+        "-",
         "none",
         "vda",
         "qcow2",
@@ -138,5 +142,6 @@ def test_domains_table(test_uri: str) -> None:
         "MiB",
     ]
     assert any("error:" in line and "No such file" in line for line in lines)
+    assert any("free space: none (no guest agent answers)" in line for line in lines)
     assert lines[-1].split()[:2] == ["beta", "running"]
     assert lines[-1].endswith("(no disks)")

@@ -8,7 +8,8 @@ from fakes import LINUX_AGENT, MIB, RHEL_AGENT, WINDOWS_AGENT
 from virt_reclaim.errors import AgentUnavailable
 from virt_reclaim.fillplan import DiskRoom, GuestVolume, HostFilesystem, Reserve, plan_fill
 from virt_reclaim.guestfree import FreeSpaceMethod, choose_method
-from virt_reclaim.model import TrimmedPath
+from virt_reclaim.inventory import describe_domain
+from virt_reclaim.model import DomainSnapshot, DomainState, TrimmedPath
 from virt_reclaim.virt import parse_agent_info, parse_fstrim
 
 GIB = 1024 * MIB
@@ -118,3 +119,24 @@ def test_a_fill_is_bounded_by_the_guest_share_the_headroom_and_holes() -> None:
     assert unknown.fills[0].limit == 0
     assert unknown.reach() == 0.0
     assert guest_bound.reach() == 1.0
+
+
+def test_domains_reports_the_free_space_method_each_guest_allows() -> None:
+    xml = """<domain><name>g</name><uuid>u</uuid><devices>
+      <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+      <source file='/nonexistent/g.qcow2'/><target dev='vda'/></disk>
+      <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'
+       state='connected'/></channel></devices></domain>"""
+    running = DomainSnapshot("g", "u", DomainState.RUNNING, True, xml)
+
+    def free_space(agent: object) -> str:
+        report = describe_domain(running, qemu_img_path="qemu-img", agent=agent)  # type: ignore[arg-type]
+        return report.free_space
+
+    assert free_space(LINUX_AGENT) == "zero"
+    assert free_space(RHEL_AGENT).startswith("none (the agent has guest-exec disabled")
+    assert free_space(WINDOWS_AGENT).startswith("trim")
+    assert free_space("read-only connection") == "unknown (read-only connection)"
+    off = DomainSnapshot("g", "u", DomainState.SHUTOFF, True, xml)
+    assert describe_domain(off, qemu_img_path="qemu-img").free_space == "-"
+    assert describe_domain(running, qemu_img_path="qemu-img", agent=WINDOWS_AGENT).os == "mswindows"
