@@ -373,6 +373,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             when = f", next run {entry.next_run}" if entry.next_run else ""
             print(f"{entry.domain} ({entry.state}): {entry.policy or '-'}{when}: "
                   f"{entry.outcome}{' - ' + entry.reason if entry.reason else ''}")  # fmt: skip
+            if entry.free_space:
+                print(f"  free space first: {entry.free_space}")
             for disk in entry.disks:
                 print(f"  {disk['target']}  {disk['path']}  "
                       f"{format_bytes(disk['bytes_allocated'])} now, "

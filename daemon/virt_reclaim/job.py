@@ -195,6 +195,7 @@ class JobResult:
     disks: list[dict[str, Any]]
     skipped_disks: list[dict[str, str]]
     free_space: str | None
+    free_space_plan: str | None = None  # the method chosen, and why ("none (...)")
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object printed by ``run --json``."""
@@ -208,6 +209,7 @@ class JobResult:
             "disks": self.disks,
             "skipped_disks": self.skipped_disks,
             "free_space": self.free_space,
+            "free_space_plan": self.free_space_plan,
         }
 
 
@@ -333,6 +335,9 @@ class ReclaimJob:
             disks=[d.summary() for d in self.disks],
             skipped_disks=self.skipped_disks,
             free_space=self._free_space,
+            free_space_plan=(
+                f"{self.choice.method} ({self.choice.why})" if self.choice is not None else None
+            ),
         )
         if self._journal is not None:
             self._journal.finish_job(

@@ -28,6 +28,7 @@ class PlanEntry:
     reason: str
     disks: list[dict[str, Any]] = field(default_factory=list)
     skipped_disks: list[dict[str, str]] = field(default_factory=list)
+    free_space: str | None = None  # the method the job would use, and why
 
     def to_json(self) -> dict[str, Any]:
         """The entry of ``plan --json``."""
@@ -40,6 +41,7 @@ class PlanEntry:
             "reason": self.reason,
             "disks": self.disks,
             "skipped_disks": self.skipped_disks,
+            "free_space": self.free_space,
         }
 
 
@@ -94,5 +96,6 @@ def plan(
                 for d in result.disks
             ]  # fmt: skip
             entry.skipped_disks = result.skipped_disks
+            entry.free_space = result.free_space_plan
         entries.append(entry)
     return entries
