@@ -7,7 +7,8 @@ live mode can pass other implementations.
 from __future__ import annotations
 
 import threading
-from typing import Protocol
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Protocol
 
 from virt_reclaim.model import (
     AgentInfo,
@@ -19,6 +20,10 @@ from virt_reclaim.model import (
 )
 from virt_reclaim.process import ProgressCallback
 from virt_reclaim.qemu_img import Extent, ImageInfo
+
+if TYPE_CHECKING:
+    # Only for the annotations: the ports themselves must not import libvirt.
+    from virt_reclaim.virt import BlockJob
 
 
 class GuestAgentPort(Protocol):
@@ -75,3 +80,18 @@ class ImagePort(Protocol):
     def check(self, path: str, *, size_bytes: int) -> None: ...
     def compare(self, first: str, second: str, *, size_bytes: int) -> None: ...
 
+
+class BlockJobsPort(Protocol):
+    """What the live mode needs of snapshots and block jobs (virt.BlockJobs provides it)."""
+
+    def snapshot_disk_only(self, overlays: Mapping[str, str], *, quiesce: bool) -> None: ...
+    def copy_shallow(
+        self, target: str, destination: str, *, destination_format: str = "qcow2"
+    ) -> None: ...
+    def commit_active(self, target: str) -> None: ...
+    def wait_ready(self, target: str, timeout: float) -> bool: ...
+    def pivot(self, target: str, *, timeout: float = ...) -> None: ...
+    def abort(self, target: str, *, timeout: float = ...) -> None: ...
+    def active_job(self, target: str) -> BlockJob | None: ...
+    def disk_source(self, target: str, *, live: bool) -> str | None: ...
+    def close(self) -> None: ...

@@ -1,0 +1,542 @@
+"""BlockJobs on real guests: the live reclaim sequence of live-reclaim.md, by hand.
+
+A witness on its own libvirt connection records the domain's lifecycle and block job
+events and polls its state; a loop in the guest keeps writing (and fsyncing) files while
+the jobs run. What matters: the guest never pauses or stops, it ends on its original
+image in the live and the persistent XML, and every file, also those written during the
+jobs, has the same checksum after a cold restart.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from testbed import data
+from testbed.guests import URI, Guest, GuestError
+from testbed.reclaim import image_info, qemu_img_check_clean
+from virt_reclaim.virt import (
+    BlockJobFailed,
+    BlockJobs,
+    Hypervisor,
+    NoBlockJob,
+    VirtError,
+    start_event_loop,
+)
+
+pytestmark = pytest.mark.guest
+
+MIB = 1024 * 1024
+READY_TIMEOUT_S = 120.0
+
+_BLOCK_JOB_STATUS = {
+    libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED: "completed",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED: "failed",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED: "canceled",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_READY: "ready",
+}
+
+
+class Witness:
+    """The domain as the test bed sees it from its own connection, while a test runs.
+
+    Records lifecycle events, BLOCK_JOB_2 events as (disk, type, status), and every
+    state other than running that a poll every 50 ms finds.
+    """
+
+    def __init__(self, name: str) -> None:
+        start_event_loop()  # before the connection opens, or it gets no events
+        self.conn = libvirt.open(URI)
+        self.dom = self.conn.lookupByName(name)
+        self.lifecycle: list[tuple[int, int]] = []
+        self.block_jobs: list[tuple[str, int, str]] = []
+        self.not_running: list[int] = []
+        self._stop = threading.Event()
+        self._ids = [
+            self.conn.domainEventRegisterAny(
+                self.dom,
+                libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                lambda _c, _d, event, detail, _o: self.lifecycle.append((event, detail)),
+                None,
+            ),
+            self.conn.domainEventRegisterAny(
+                self.dom,
+                libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2,
+                lambda _c, _d, disk, job, status, _o: self.block_jobs.append(
+                    (disk, job, _BLOCK_JOB_STATUS.get(status, str(status)))
+                ),
+                None,
+            ),
+        ]
+        self._poller = threading.Thread(target=self._poll, daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.05):
+            state, _reason = self.dom.state()
+            if state != libvirt.VIR_DOMAIN_RUNNING:
+                self.not_running.append(state)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._poller.join(timeout=10)
+        for callback_id in self._ids:
+            with contextlib.suppress(libvirt.libvirtError):
+                self.conn.domainEventDeregisterAny(callback_id)
+        self.conn.close()
+
+    def assert_never_left_running(self) -> None:
+        assert self.lifecycle == [], f"lifecycle events during the jobs: {self.lifecycle}"
+        assert self.not_running == [], f"states seen during the jobs: {self.not_running}"
+
+    def statuses(self, disk: str, job_type: int) -> list[str]:
+        """The statuses of the BLOCK_JOB_2 events of one job type on one disk, in order."""
+        return [status for d, t, status in self.block_jobs if d == disk and t == job_type]
+
+    def wait_for_status(self, disk: str, job_type: int, status: str, timeout: float) -> None:
+        """Wait for an event (it may trail the call that caused it)."""
+        deadline = time.monotonic() + timeout
+        while status not in self.statuses(disk, job_type):
+            assert time.monotonic() < deadline, f"no {status} event: {self.block_jobs}"
+            time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def witnessed(guest: Guest) -> Iterator[Witness]:
+    witness = Witness(guest.name)
+    try:
+        yield witness
+    finally:
+        witness.close()
+
+
+WRITER = """
+mkdir -p /data/w
+i=0
+while [ ! -e /tmp/stop-writer ]; do
+  dd if=/dev/urandom of=/data/w/f$i bs=64k count=4 conv=fsync 2>/dev/null || exit 1
+  i=$((i+1))
+  sleep 0.1
+done
+echo $i
+"""
+
+
+class GuestWriter:
+    """A loop in the guest writing 256 KiB files with fsync every 0.1 s until stopped."""
+
+    def __init__(self, guest: Guest) -> None:
+        self.guest = guest
+        guest.exec("rm -f /tmp/stop-writer")
+        self.pid = guest.agent("guest-exec", {"path": "/bin/sh", "arg": ["-c", WRITER],
+                                              "capture-output": True})["pid"]  # fmt: skip
+        self.stopped = False
+
+    def files(self) -> int:
+        out = self.guest.exec("ls /data/w 2>/dev/null | wc -l").stdout
+        return int(out.strip() or 0)
+
+    def wait_for_files(self, count: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.files() < count:
+            assert time.monotonic() < deadline, f"the writer wrote fewer than {count} files"
+            time.sleep(0.2)
+
+    def stop(self, timeout: float = 60) -> int:
+        """Stop the loop and return how many files it wrote."""
+        self.stopped = True
+        self.guest.exec("touch /tmp/stop-writer")
+        deadline = time.monotonic() + timeout
+        while not (status := self.guest.agent("guest-exec-status", {"pid": self.pid}))["exited"]:
+            if time.monotonic() > deadline:
+                raise GuestError("the writer in the guest did not stop")
+            time.sleep(0.1)
+        assert status.get("exitcode") == 0, status
+        count = int(base64.b64decode(status.get("out-data", "")).decode().strip())
+        assert count == self.files()
+        return count
+
+
+@contextlib.contextmanager
+def guest_writing(guest: Guest) -> Iterator[GuestWriter]:
+    writer = GuestWriter(guest)
+    try:
+        yield writer
+    finally:
+        if not writer.stopped:
+            with contextlib.suppress(Exception):
+                writer.stop()
+
+
+class Steps:
+    """Wall-clock duration of each named step, printed at the end (run pytest with -s)."""
+
+    def __init__(self) -> None:
+        self.durations: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        yield
+        self.durations[name] = time.monotonic() - start
+
+    def report(self, title: str) -> None:
+        parts = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.durations.items())
+        print(f"\n{title}: {parts}")
+
+
+def qemu_img(*args: str, timeout: float = 300) -> str:
+    return subprocess.run(["qemu-img", *args], check=True, capture_output=True, text=True,
+                          timeout=timeout).stdout  # fmt: skip
+
+
+def create_overlay(path: Path, backing: Path) -> None:
+    qemu_img("create", "-q", "-f", "qcow2", "-b", str(backing), "-F", "qcow2", str(path))
+
+
+def recompress_in_place(original: Path, tmp: Path) -> None:
+    """The rewrite step: convert the read-only base, compare, fsync, rename over it."""
+    qemu_img("convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd",
+             str(original), str(tmp))  # fmt: skip
+    qemu_img("compare", "-f", "qcow2", "-F", "qcow2", str(original), str(tmp))
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, original)
+    folder = os.open(original.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+def assert_on_original(jobs: BlockJobs, guest: Guest) -> None:
+    assert jobs.disk_source("vda", live=True) == str(guest.data_image)
+    assert jobs.disk_source("vda", live=False) == str(guest.data_image)
+    assert jobs.active_job("vda") is None
+    live = guest.dom.XMLDesc(0)
+    assert "<mirror" not in live
+    # A single image again: its backing store is the empty end marker.
+    assert "overlay" not in live, live
+
+
+def assert_same_after_cold_restart(guest: Guest, sums: dict[str, str]) -> None:
+    guest.shutdown()
+    qemu_img("check", str(guest.data_image))  # without -U: nothing may hold the image now
+    qemu_img_check_clean(guest.data_image)
+    guest.start()
+    assert data.checksums(guest) == sums
+    assert guest.dom.XMLDesc(0).count(str(guest.data_image)) == 1
+
+
+def test_live_recompression_ends_on_the_original_image(make_guest: Callable[..., Guest]) -> None:
+    guest = make_guest(data_size="512M", discard=True)
+    data.write_text(guest, "/data/app.log", 64)
+    data.write_random(guest, "/data/blob.bin", 8)
+    before = data.checksums(guest)
+    original = guest.data_image
+    overlay1 = original.with_name("data.overlay1.qcow2")
+    overlay2 = original.with_name("data.overlay2.qcow2")
+    tmp = original.with_name("data.recompressed.qcow2")
+    bytes_before = allocated(original)
+    steps = Steps()
+
+    with (
+        Hypervisor(URI) as hypervisor,
+        BlockJobs(hypervisor.domain(guest.name)) as jobs,
+        witnessed(guest) as witness,
+        guest_writing(guest) as writer,
+    ):
+        writer.wait_for_files(3)
+
+        with steps("snapshot"):
+            jobs.snapshot_disk_only({"vda": str(overlay1)}, quiesce=True)
+        assert jobs.disk_source("vda", live=True) == str(overlay1)
+        assert jobs.disk_source("vda", live=False) == str(overlay1)
+        writer.wait_for_files(writer.files() + 2)  # into overlay1
+
+        with steps("convert+compare+rename"):
+            recompress_in_place(original, tmp)
+
+        with steps("copy+pivot"):
+            create_overlay(overlay2, original)
+            jobs.copy_shallow("vda", str(overlay2))
+            assert jobs.wait_ready("vda", READY_TIMEOUT_S)
+            jobs.pivot("vda")
+        assert jobs.disk_source("vda", live=True) == str(overlay2)
+        assert jobs.active_job("vda") is None
+        writer.wait_for_files(writer.files() + 2)  # into overlay2
+
+        with steps("commit+pivot"):
+            jobs.commit_active("vda")
+            assert jobs.wait_ready("vda", READY_TIMEOUT_S)
+            jobs.pivot("vda")
+
+        assert_on_original(jobs, guest)
+        overlay1.unlink()
+        overlay2.unlink()
+        writer.wait_for_files(writer.files() + 2)  # into the original again
+        written = writer.stop()
+        witness.assert_never_left_running()
+        witness.wait_for_status("vda", libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT,
+                                "completed", timeout=10)  # fmt: skip
+        events = list(witness.block_jobs)
+
+    steps.report(f"live sequence ({written} files written meanwhile; block job events {events})")
+    print(f"image: {bytes_before / MIB:.1f} MiB allocated before, "
+          f"{allocated(original) / MIB:.1f} MiB after")  # fmt: skip
+    assert image_info(original)["format-specific"]["data"]["compression-type"] == "zstd"
+    assert "backing-filename" not in image_info(original)
+    assert not tmp.exists()
+    sums = data.checksums(guest)
+    assert before.items() <= sums.items()
+    assert len(sums) == len(before) + written
+    assert_same_after_cold_restart(guest, sums)
+
+
+def test_aborted_copy_stays_on_the_snapshot_and_commits_back(
+    make_guest: Callable[..., Guest],
+) -> None:
+    guest = make_guest(data_size="256M", discard=True)
+    data.write_text(guest, "/data/app.log", 8)
+    original = guest.data_image
+    overlay1 = original.with_name("data.overlay1.qcow2")
+    overlay2 = original.with_name("data.overlay2.qcow2")
+
+    with (
+        Hypervisor(URI) as hypervisor,
+        BlockJobs(hypervisor.domain(guest.name)) as jobs,
+        witnessed(guest) as witness,
+        guest_writing(guest) as writer,
+    ):
+        jobs.snapshot_disk_only({"vda": str(overlay1)}, quiesce=False)
+        data.write_random(guest, "/data/after-snapshot.bin", 4)
+        create_overlay(overlay2, original)
+
+        jobs.copy_shallow("vda", str(overlay2))
+        assert jobs.wait_ready("vda", READY_TIMEOUT_S)
+        jobs.abort("vda")
+
+        assert jobs.active_job("vda") is None
+        assert jobs.disk_source("vda", live=True) == str(overlay1)
+        assert jobs.disk_source("vda", live=False) == str(overlay1)
+        assert str(overlay2) not in guest.dom.XMLDesc(0)
+        overlay2.unlink()
+        data.write_random(guest, "/data/after-abort.bin", 2)
+
+        jobs.commit_active("vda")
+        assert jobs.wait_ready("vda", READY_TIMEOUT_S)
+        jobs.pivot("vda")
+
+        assert_on_original(jobs, guest)
+        overlay1.unlink()
+        writer.stop()
+        witness.assert_never_left_running()
+        copy_events = witness.statuses("vda", libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY)
+
+    print(f"\nblock job events of the aborted copy: {copy_events}")
+    assert copy_events[0] == "ready"
+    sums = data.checksums(guest)
+    assert {"/data/app.log", "/data/after-snapshot.bin", "/data/after-abort.bin"} <= set(sums)
+    assert_same_after_cold_restart(guest, sums)
+
+
+def wait_until_complete(guest: Guest, disk: str, timeout: float = READY_TIMEOUT_S) -> None:
+    """Poll the job with the test bed's own connection until cur == end."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = guest.dom.blockJobInfo(disk, 0)
+        if info and info["end"] > 0 and info["cur"] == info["end"]:
+            return
+        assert time.monotonic() < deadline, f"the job on {disk} is not complete: {info}"
+        time.sleep(0.1)
+
+
+def test_commit_of_an_overlay_disk_leaves_its_backing_file_alone(
+    make_guest: Callable[..., Guest],
+) -> None:
+    """SHALLOW: the commit goes into the image right below the snapshot, not the bottom.
+
+    Also: a wait that starts after the READY event fired still sees the job ready.
+    """
+    guest = make_guest(data_size="128M", backing=True, discard=True)
+    assert guest.backing_image is not None
+    data.write_random(guest, "/data/blob.bin", 2)
+    base_before = subprocess.run(["sha256sum", str(guest.backing_image)], check=True,
+                                 capture_output=True, text=True).stdout  # fmt: skip
+    overlay1 = guest.data_image.with_name("data.overlay1.qcow2")
+
+    with Hypervisor(URI) as hypervisor, BlockJobs(hypervisor.domain(guest.name)) as jobs:
+        jobs.snapshot_disk_only({"vda": str(overlay1)}, quiesce=False)
+        data.write_random(guest, "/data/after-snapshot.bin", 2)
+        jobs.commit_active("vda")
+        wait_until_complete(guest, "vda")
+        # Its READY event fired before this one listened: only the polling can see it.
+        with BlockJobs(hypervisor.domain(guest.name)) as late:
+            start = time.monotonic()
+            assert late.wait_ready("vda", READY_TIMEOUT_S)
+            assert time.monotonic() - start < 2
+            late.pivot("vda")
+        assert jobs.disk_source("vda", live=True) == str(guest.data_image)
+        assert jobs.active_job("vda") is None
+        overlay1.unlink()
+
+    base_after = subprocess.run(["sha256sum", str(guest.backing_image)], check=True,
+                                capture_output=True, text=True).stdout  # fmt: skip
+    assert base_after == base_before
+    assert image_info(guest.data_image)["backing-filename"] == str(guest.backing_image)
+    assert_same_after_cold_restart(guest, data.checksums(guest))
+
+
+def test_waits_and_ends_without_a_job_fail_at_once_and_say_so(
+    make_guest: Callable[..., Guest],
+) -> None:
+    """Design: waiting on a disk with no job raises NoBlockJob at once, not after the timeout."""
+    guest = make_guest(data_size="64M")
+    name = guest.name
+
+    with Hypervisor(URI) as hypervisor, BlockJobs(hypervisor.domain(name)) as jobs:
+        start = time.monotonic()
+        with pytest.raises(NoBlockJob, match=f"^{name}: no block job on disk vda to wait for$"):
+            jobs.wait_ready("vda", 0.01)
+        with pytest.raises(NoBlockJob, match=f"^{name}: no block job on disk vda to wait for$"):
+            jobs.wait_ready("vda", 600)
+        assert time.monotonic() - start < 5
+        with pytest.raises(NoBlockJob, match=f"^{name}: no block job on disk vda to pivot$"):
+            jobs.pivot("vda")
+        with pytest.raises(NoBlockJob, match=f"^{name}: no block job on disk vda to abort$"):
+            jobs.abort("vda")
+        with pytest.raises(VirtError, match=f"^{name}: cannot read the block job of disk vdz: "):
+            jobs.wait_ready("vdz", 0.01)
+        with pytest.raises(VirtError, match=f"^{name}: cannot snapshot vdz onto /x: no disk"):
+            jobs.snapshot_disk_only({"vdz": "/x"}, quiesce=False)
+        with pytest.raises(
+            VirtError, match=f"^{name}: cannot start an active block commit of disk vda: "
+        ):
+            jobs.commit_active("vda")  # a single image: nothing to commit into
+        assert jobs.active_job("vda") is None
+        assert jobs.disk_source("vda", live=True) == str(guest.data_image)
+        assert jobs.disk_source("vdz", live=True) is None
+    assert guest.is_running()
+
+
+# A process whose connection was opened without libvirt's event loop: no events at all.
+WITHOUT_EVENTS = """
+import sys, libvirt
+from virt_reclaim.virt import BlockJobs, Domain
+uri, name, overlay = sys.argv[1:]
+conn = libvirt.open(uri)
+with BlockJobs(Domain(conn.lookupByName(name))) as jobs:
+    jobs.snapshot_disk_only({"vda": overlay}, quiesce=False)
+    jobs.commit_active("vda")
+    ready = jobs.wait_ready("vda", 60)
+    jobs.pivot("vda")
+    print("RESULT", ready, jobs.active_job("vda"), jobs.disk_source("vda", live=True))
+"""
+
+
+def test_without_an_event_loop_the_waits_poll(make_guest: Callable[..., Guest]) -> None:
+    guest = make_guest(data_size="64M")
+    overlay1 = guest.data_image.with_name("data.overlay1.qcow2")
+
+    proc = subprocess.run(
+        [sys.executable, "-c", WITHOUT_EVENTS, URI, guest.name, str(overlay1)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+    assert proc.returncode == 0, proc.stderr
+    assert "block_jobs.no_events" in proc.stdout + proc.stderr
+    assert f"RESULT True None {guest.data_image}" in proc.stdout, proc.stdout
+    overlay1.unlink()
+    assert guest.is_running()
+
+
+def test_a_job_that_is_not_ready_in_time_is_false_then_aborted(
+    make_guest: Callable[..., Guest],
+) -> None:
+    """A copy started elsewhere (as after a restart of ours) and throttled: not ready in time."""
+    guest = make_guest(data_size="128M")
+    overlay1 = guest.data_image.with_name("data.overlay1.qcow2")
+    overlay2 = guest.data_image.with_name("data.overlay2.qcow2")
+
+    with Hypervisor(URI) as hypervisor, BlockJobs(hypervisor.domain(guest.name)) as jobs:
+        jobs.snapshot_disk_only({"vda": str(overlay1)}, quiesce=False)
+        data.write_random(guest, "/data/after-snapshot.bin", 4)
+        create_overlay(overlay2, guest.data_image)
+        destination = f"<disk type='file'><driver type='qcow2'/><source file='{overlay2}'/></disk>"
+        flags = (libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW | libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT
+                 | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB)  # fmt: skip
+        guest.dom.blockCopy(
+            "vda", destination, {libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH: 64 * 1024}, flags
+        )
+
+        start = time.monotonic()
+        assert jobs.wait_ready("vda", 1.0) is False
+        assert 1.0 <= time.monotonic() - start < 3
+        job = jobs.active_job("vda")
+        assert job is not None
+        assert (job.type, job.bandwidth) == ("copy", 64 * 1024)
+        assert not job.complete
+        with pytest.raises(VirtError, match="cannot pivot the block job of disk vda"):
+            jobs.pivot("vda")  # not ready
+        jobs.abort("vda")
+        assert jobs.active_job("vda") is None
+        assert jobs.disk_source("vda", live=True) == str(overlay1)
+
+        jobs.commit_active("vda")
+        assert jobs.wait_ready("vda", READY_TIMEOUT_S)
+        jobs.pivot("vda")
+        assert_on_original(jobs, guest)
+        overlay1.unlink()
+        overlay2.unlink()
+    assert_same_after_cold_restart(guest, data.checksums(guest))
+
+
+def test_a_copy_that_fails_raises_block_job_failed(
+    make_guest: Callable[..., Guest], make_tmpfs: Callable[[str], Path]
+) -> None:
+    """A destination on a full filesystem: QEMU fails the mirror, wait_ready says so."""
+    # Mounted before the guest starts: QEMU runs in a mount namespace of its own.
+    small = make_tmpfs("1M")
+    guest = make_guest(data_size="128M")
+    overlay1 = guest.data_image.with_name("data.overlay1.qcow2")
+    overlay2 = small / "data.overlay2.qcow2"
+
+    with (
+        Hypervisor(URI) as hypervisor,
+        BlockJobs(hypervisor.domain(guest.name)) as jobs,
+        witnessed(guest) as witness,
+    ):
+        jobs.snapshot_disk_only({"vda": str(overlay1)}, quiesce=False)
+        data.write_random(guest, "/data/after-snapshot.bin", 8)
+        create_overlay(overlay2, guest.data_image)
+
+        jobs.copy_shallow("vda", str(overlay2))
+        with pytest.raises(BlockJobFailed, match=f"^{guest.name}: the copy job on disk vda failed"):
+            jobs.wait_ready("vda", READY_TIMEOUT_S)
+        assert jobs.active_job("vda") is None
+        assert jobs.disk_source("vda", live=True) == str(overlay1)
+        witness.assert_never_left_running()
+
+        jobs.commit_active("vda")
+        assert jobs.wait_ready("vda", READY_TIMEOUT_S)
+        jobs.pivot("vda")
+        assert_on_original(jobs, guest)
+        overlay1.unlink()
+    assert_same_after_cold_restart(guest, data.checksums(guest))
