@@ -23,6 +23,14 @@ class AgentUnavailable(VirtError):
     """The guest agent is not connected, does not answer, or refuses the command."""
 
 
+class BlockJobFailed(VirtError):
+    """A block job failed, was cancelled, or ended without becoming ready."""
+
+
+class NoBlockJob(BlockJobFailed):
+    """There is no block job on the disk: nothing to wait for, pivot or abort."""
+
+
 class GuestExecCancelled(Cancelled):
     """``cancel`` was set while a guest-exec ran; the guest process was asked to end."""
 

@@ -237,21 +237,21 @@ class Journal:
         *,
         state: str | None = None,
         data: dict[str, Any] | None = None,
-        **figures: int | None,
+        bytes_before: int | None = None,
+        bytes_after: int | None = None,
+        estimated_after: int | None = None,
+        guest_used: int | None = None,
     ) -> None:
-        """Record a disk's state, its mode's data, or its figures; what is not given stays.
-
-        ``figures`` are bytes_before, bytes_after, estimated_after and guest_used.
-        """
-        allowed = {"bytes_before", "bytes_after", "estimated_after", "guest_used"}
-        unknown = set(figures) - allowed
-        if unknown:
-            raise ValueError(f"unknown disk figures: {sorted(unknown)}")
-        values: dict[str, Any] = dict(figures)
-        if state is not None:
-            values["state"] = state
-        if data is not None:
-            values["data"] = json.dumps(data)
+        """Record a disk's state, its mode's data, or its figures; what is None stays."""
+        columns = {
+            "state": state,
+            "data": None if data is None else json.dumps(data),
+            "bytes_before": bytes_before,
+            "bytes_after": bytes_after,
+            "estimated_after": estimated_after,
+            "guest_used": guest_used,
+        }
+        values = {k: v for k, v in columns.items() if v is not None}
         if not values:
             return
         assignments = ", ".join(f"{column} = ?" for column in values)

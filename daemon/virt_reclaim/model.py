@@ -86,3 +86,26 @@ class TrimmedPath:
     path: str
     trimmed: int | None
     error: str | None
+
+
+@dataclass(frozen=True)
+class BlockJob:
+    """The block job running on one disk, as ``blockJobInfo`` reports it.
+
+    ``type`` is ``copy``, ``active-commit``, ``commit``, ``pull``, ``backup`` or
+    ``unknown``; ``bandwidth`` is in bytes per second, 0 for unlimited.
+    """
+
+    type: str
+    cur: int
+    end: int
+    bandwidth: int
+
+    @property
+    def complete(self) -> bool:
+        """True when cur == end > 0.
+
+        libvirt 9 holds ``cur`` below ``end`` until QEMU says a copy or an active
+        commit is ready, so for those this means ready to pivot.
+        """
+        return self.end > 0 and self.cur == self.end

@@ -91,11 +91,11 @@ def plan(
             )
             entry.reason = "" if result.outcome is Outcome.DRY_RUN else result.reason
             entry.disks = [
-                {"target": d["target"], "path": d["path"], "bytes_allocated": d["bytes_before"],
-                 "estimated_after": d["estimated_after"]}
+                {"target": d.target, "path": d.path, "bytes_allocated": d.bytes_before,
+                 "estimated_after": d.estimated_after}
                 for d in result.disks
             ]  # fmt: skip
-            entry.skipped_disks = result.skipped_disks
+            entry.skipped_disks = [d.to_json() for d in result.skipped_disks]
             entry.free_space = result.free_space_plan
         entries.append(entry)
     return entries

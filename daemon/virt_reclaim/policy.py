@@ -26,7 +26,7 @@ from pydantic import (
 from virt_reclaim import crontab
 from virt_reclaim.fillplan import Reserve
 from virt_reclaim.guestfree import FreeSpaceMethod
-from virt_reclaim.job import After, Compression, JobSettings, OnShutdownTimeout
+from virt_reclaim.settings import After, Compression, JobSettings, OnShutdownTimeout
 
 # The defaults of `virt-reclaim run` are those of a policy that sets nothing.
 _JOB_DEFAULTS = JobSettings()

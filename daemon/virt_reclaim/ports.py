@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from virt_reclaim.model import (
     AgentInfo,
+    BlockJob,
     DomainSnapshot,
     DomainState,
     GuestExecResult,
@@ -20,10 +21,6 @@ from virt_reclaim.model import (
 )
 from virt_reclaim.process import ProgressCallback
 from virt_reclaim.qemu_img import Extent, ImageInfo
-
-if TYPE_CHECKING:
-    # Only for the annotations: the ports themselves must not import libvirt.
-    from virt_reclaim.virt import BlockJob
 
 
 class GuestAgentPort(Protocol):

@@ -568,8 +568,8 @@ class Daemon:
             log.info("domain.skipped", domain=snap.name, reason=result.reason,
                      outcome=str(result.outcome))  # fmt: skip
             return None
-        before = sum(int(d["bytes_before"]) for d in result.disks)
-        after = sum(int(d["estimated_after"] or d["bytes_before"]) for d in result.disks)
+        before = sum(d.bytes_before for d in result.disks)
+        after = sum(d.estimated_after or d.bytes_before for d in result.disks)
         return scheduler.Candidate(
             name=snap.name,
             uuid=snap.uuid,

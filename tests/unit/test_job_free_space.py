@@ -220,7 +220,7 @@ def test_an_agent_without_guest_exec_frees_nothing_and_the_estimate_knows(tmp_pa
     [estimated] = named(events, "disk.estimated")
     assert estimated["freed_share"] == 0
     assert "guest-exec disabled" in estimated["free_space_why"]
-    [disk] = result.disks
+    [disk] = [d.to_json() for d in result.disks]
     # The 64 MiB of deleted random data stays: the estimate says so, within 25 %.
     assert disk["bytes_after"] > 64 * MIB
     assert abs(disk["estimated_after"] - disk["bytes_after"]) <= 0.25 * disk["bytes_after"]
@@ -246,10 +246,10 @@ def test_the_estimate_matches_the_result_on_first_and_repeated_reclaims(
 
     for result in (first, second):
         assert result.outcome is Outcome.RECLAIMED, result.reason
-        [disk] = result.disks
+        [disk] = [d.to_json() for d in result.disks]
         error = abs(disk["estimated_after"] - disk["bytes_after"]) / disk["bytes_after"]
         assert error <= 0.25, (compression, disk)
     [estimated] = named(events, "disk.estimated")
     assert estimated["basis"] == "history"
     [history] = Journal(tmp_path / "state").history()[:1]
-    assert history.estimated_after == second.disks[0]["estimated_after"]
+    assert history.estimated_after == second.disks[0].estimated_after

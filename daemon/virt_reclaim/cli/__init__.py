@@ -1,0 +1,54 @@
+"""The ``virt-reclaim`` command line: subcommands, output formats and exit statuses.
+
+``parsing`` builds the parser, ``render`` prints for a person, and each command has its handler in
+``run``, ``domains``, ``config_commands`` (check, plan, schema), ``journal_commands`` (recover,
+history) and ``daemon_command``.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Sequence
+
+from virt_reclaim.cli.common import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, UsageError
+from virt_reclaim.cli.parsing import apply_daemon_settings, build_parser
+from virt_reclaim.cli.render import print_domain_table, print_job_result
+from virt_reclaim.cli.run import Terminated
+from virt_reclaim.domainlock import DomainBusy
+from virt_reclaim.errors import VirtError
+from virt_reclaim.journal import JournalError
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_SKIPPED",
+    "EXIT_USAGE",
+    "Terminated",
+    "UsageError",
+    "build_parser",
+    "main",
+    "print_domain_table",
+    "print_job_result",
+]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        apply_daemon_settings(args)
+        result: int = args.handler(args)
+    except UsageError as exc:
+        print(f"virt-reclaim: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (VirtError, JournalError, DomainBusy) as exc:
+        print(f"virt-reclaim: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Terminated:
+        print("virt-reclaim: terminated (SIGTERM); the job restored what it had changed",
+              file=sys.stderr)  # fmt: skip
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        return 130
+    return result

@@ -1,0 +1,92 @@
+"""``check``, ``plan`` and ``schema``: what the configuration says and would do."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import sys
+from typing import Any
+
+from virt_reclaim import config, logs, planning, selection
+from virt_reclaim.cli.common import EXIT_OK, EXIT_USAGE
+from virt_reclaim.errors import VirtError
+from virt_reclaim.policy import PolicyFile
+from virt_reclaim.units import format_bytes
+from virt_reclaim.virt import Hypervisor
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the settings and policies, then list the domains each policy selects."""
+    loaded = config.load(args.config_dir)
+    errors = [str(e) for e in loaded.errors]
+    policies = [policy for _file, policy in loaded.policies]
+    domains: list[Any] | None = None
+    uri = args.connect or loaded.daemon.uri
+    try:
+        with Hypervisor(uri, read_only=True) as hypervisor:
+            domains = hypervisor.domains()
+    except VirtError as exc:
+        print(f"virt-reclaim: cannot list domains ({exc}); the files alone were checked",
+              file=sys.stderr)  # fmt: skip
+    selected: dict[str, list[str]] = {p.name: [] for p in policies}
+    for domain in domains or []:
+        choice = selection.select(policies, domain.name, domain.uuid, domain.xml)
+        if choice.conflict:
+            errors.append(
+                f"domain {domain.name}: policies {', '.join(choice.conflict)} all match with the "
+                "same priority; give one a higher priority or exclude the domain"
+            )
+        elif choice.policy is not None:
+            selected[choice.policy.name].append(domain.name)
+    for file, policy in loaded.policies:
+        state = "" if policy.enabled else " (disabled)"
+        names = ", ".join(selected[policy.name]) or "no domain now"
+        shown = names if domains is not None else "domains not listed"
+        print(f"{policy.name}{state}  [{file}, priority {policy.priority}]: {shown}")
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    if errors:
+        print(f"virt-reclaim: {len(errors)} error(s) in {args.config_dir}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Show for every domain what would be reclaimed, when, and why not."""
+    logs.configure(logs.LogFormat.AUTO, level=logging.WARNING)
+    loaded = config.load(args.config_dir)
+    for error in loaded.errors:
+        print(f"error: {error}", file=sys.stderr)
+    policies = [policy for _file, policy in loaded.policies]
+    # Read-write, though plan only reads: libvirt refuses agent queries on read-only connections.
+    with Hypervisor(args.connect or loaded.daemon.uri) as hypervisor:
+        entries = planning.plan(
+            hypervisor, policies, qemu_img=loaded.daemon.qemu_img,
+            now=datetime.datetime.now(datetime.UTC),
+        )  # fmt: skip
+    if args.json:
+        json.dump([e.to_json() for e in entries], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for entry in entries:
+            when = f", next run {entry.next_run}" if entry.next_run else ""
+            print(f"{entry.domain} ({entry.state}): {entry.policy or '-'}{when}: "
+                  f"{entry.outcome}{' - ' + entry.reason if entry.reason else ''}")  # fmt: skip
+            if entry.free_space:
+                print(f"  free space first: {entry.free_space}")
+            for disk in entry.disks:
+                print(f"  {disk['target']}  {disk['path']}  "
+                      f"{format_bytes(disk['bytes_allocated'])} now, "
+                      f"{format_bytes(disk['estimated_after'])} estimated after")  # fmt: skip
+            for skipped in entry.skipped_disks:
+                print(f"  {skipped['target']}  skipped: {skipped['reason']}")
+    return EXIT_USAGE if loaded.errors else EXIT_OK
+
+
+def cmd_schema(_args: argparse.Namespace) -> int:
+    """Print the JSON Schema of a policy file."""
+    json.dump(PolicyFile.model_json_schema(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return EXIT_OK

@@ -1,0 +1,12 @@
+"""``virt-reclaim daemon``: run the service."""
+
+from __future__ import annotations
+
+import argparse
+
+from virt_reclaim import service
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    """Run the service until a signal stops it."""
+    return service.Daemon(args.config_dir).run()

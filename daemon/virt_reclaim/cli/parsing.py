@@ -1,0 +1,314 @@
+"""The argument parser of every subcommand, its option types, and the defaults from the config."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pydantic import ByteSize, TypeAdapter, ValidationError
+
+from virt_reclaim import __version__, config, logs
+from virt_reclaim.cli.common import UsageError
+from virt_reclaim.cli.config_commands import cmd_check, cmd_plan, cmd_schema
+from virt_reclaim.cli.daemon_command import cmd_daemon
+from virt_reclaim.cli.domains import cmd_domains
+from virt_reclaim.cli.journal_commands import cmd_history, cmd_recover
+from virt_reclaim.cli.run import cmd_run
+from virt_reclaim.guestfree import FreeSpaceMethod
+from virt_reclaim.job import Compression, OnShutdownTimeout
+from virt_reclaim.journal import DEFAULT_STATE_DIR
+from virt_reclaim.model import DEFAULT_URI
+
+_BYTE_SIZE = TypeAdapter(ByteSize)
+
+
+def _size(text: str) -> int:
+    """Parse a size like "64MiB", "1GiB" or "500MB" (argparse type)."""
+    try:
+        return int(_BYTE_SIZE.validate_python(text))
+    except ValidationError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size (examples: 512MiB, 20GiB, 1000000)"
+        ) from None
+
+
+def _cluster_size(text: str) -> int:
+    """Parse a qcow2 cluster size: a power of two from 512 bytes to 2 MiB."""
+    size = _size(text)
+    if size < 512 or size > 2 * 1024 * 1024 or size & (size - 1):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is {size} bytes; a qcow2 cluster size is a power of two from 512 to "
+            "2MiB (write 64KiB, not 64K, which means 64000)"
+        )
+    return size
+
+
+def _seconds(text: str) -> float:
+    """Parse a positive number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="virt-reclaim",
+        description=(
+            "Reclaim the free space of idle KVM guests' qcow2 disks: trim or zero-fill "
+            "inside the guest, then rewrite the image compacted and compressed."
+        ),
+        epilog=(
+            "Exit status: 0 success, 1 failure, 2 usage error. "
+            "Run 'virt-reclaim COMMAND --help' for a command's options."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    domains = commands.add_parser(
+        "domains",
+        help="list every libvirt domain with its state, agent and disks",
+        description=(
+            "List every domain, active and inactive: its state, whether it is persistent, "
+            "whether its guest agent is connected, and each disk with its format, source, "
+            "virtual size, bytes allocated on the host, backing chain and number of "
+            "internal snapshots. Changes nothing."
+        ),
+    )
+    _add_connect(domains)
+    domains.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    domains.add_argument(
+        "--qemu-img",
+        metavar="PATH",
+        help="qemu-img program to read images with (default: the configured qemu_img, else "
+        "qemu-img from PATH)",
+    )
+    _add_config_dir(domains)
+    domains.set_defaults(handler=cmd_domains)
+    _add_run(commands)
+    _add_journal_commands(commands)
+    _add_config_commands(commands)
+    _add_daemon_command(commands)
+    return parser
+
+
+def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers action is private
+    run = commands.add_parser(
+        "run",
+        help="reclaim the disks of one domain now",
+        description=(
+            "Reclaim the qcow2 disks of DOMAIN now: free space inside the guest (trim or "
+            "zero-fill through the guest agent), shut the guest down, rewrite each eligible "
+            "disk compacted and compressed beside the original, verify it (qemu-img check and "
+            "compare), swap it in with an atomic rename and bring the guest back to the state "
+            "it had. Any failure leaves the original images and the guest as they were."
+        ),
+        epilog=(
+            "Exit status: 0 reclaimed, nothing to do, or dry run; 1 failed (everything "
+            "restored); 2 usage error; 3 skipped (the domain or its disks are not eligible). "
+            "Logs: JSON lines on stderr (readable text on a terminal); --json prints the "
+            "result as one JSON object on stdout."
+        ),
+    )
+    run.add_argument("domain", metavar="DOMAIN", help="the libvirt domain name")
+    _add_connect(run)
+    run.add_argument(
+        "--dry-run", action="store_true", help="inspect and estimate only; change nothing"
+    )
+    run.add_argument(
+        "--json", action="store_true", help="print the result as one JSON object on stdout"
+    )
+    run.add_argument(
+        "--free-space", choices=[m.value for m in FreeSpaceMethod],
+        default=None,
+        help="how to free the guest's unused blocks first: trim (frees host space only with "
+        "discard='unmap' on the disk), zero (fill free space with zeros through guest-exec), "
+        "auto (trim where every disk has discard, else zero), none (default: auto)",
+    )  # fmt: skip
+    run.add_argument(
+        "--host-reserve", type=_size, default=None, metavar="SIZE",
+        help="a zero-fill leaves at least SIZE free on each host filesystem beyond what the "
+        "rewrite needs (default: the policy's, else the larger of 5%% and 2GiB)",
+    )  # fmt: skip
+    run.add_argument(
+        "--compression", choices=[m.value for m in Compression], default=None,
+        help="compression of the new image; zstd needs QEMU >= 5.1 to open it (default: zstd)",
+    )  # fmt: skip
+    run.add_argument(
+        "--cluster-size", type=_cluster_size, metavar="SIZE",
+        help="cluster size of the new image, e.g. 64KiB (default: keep each image's own; "
+        "clusters above 64KiB make compressed images slow to read)",
+    )  # fmt: skip
+    run.add_argument(
+        "--shutdown-timeout", type=_seconds, default=None, metavar="SECONDS",
+        help="how long to wait for the guest to be off (default: 120)",
+    )  # fmt: skip
+    run.add_argument(
+        "--on-shutdown-timeout", choices=[m.value for m in OnShutdownTimeout],
+        default=None,
+        help="abort: leave the guest running and change nothing; force: power it off "
+        "(default: abort)",
+    )  # fmt: skip
+    run.add_argument(
+        "--min-gain", type=_size, default=None, metavar="SIZE",
+        help="do nothing when the estimated gain is below this (default: 64MiB); when the "
+        "guest's usage is unknown (shut off, no agent) the estimate counts only what "
+        "compression and dropping zero clusters free",
+    )  # fmt: skip
+    run.add_argument(
+        "--keep-backup", action="store_true", default=None,
+        help="keep each original image beside the new one (NAME.virt-reclaim-backup-TIME)",
+    )  # fmt: skip
+    run.add_argument(
+        "--qemu-img", metavar="PATH",
+        help="qemu-img program (default: the configured qemu_img, else qemu-img from PATH)",
+    )  # fmt: skip
+    run.add_argument(
+        "--log-format", choices=[m.value for m in logs.LogFormat],
+        default=logs.LogFormat.AUTO.value,
+        help="log lines on stderr: json, console, or auto (console on a terminal)",
+    )  # fmt: skip
+    run.add_argument(
+        "--policy", metavar="NAME",
+        help="take the settings from this policy; options given here still win",
+    )  # fmt: skip
+    _add_config_dir(run)
+    _add_state_dir(run)
+    run.set_defaults(handler=cmd_run)
+
+
+def _add_journal_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's private type
+    recover = commands.add_parser(
+        "recover",
+        help="finish or undo jobs whose process died",
+        description=(
+            "For every job the journal records as unfinished whose process is gone: kill a "
+            "qemu-img it left running, delete its temporary files (the originals are intact "
+            "until the swap), and start the guest again if it was running before. A job past "
+            "its swap is finished. run does this by itself before it starts a job; running it "
+            "twice does nothing the second time."
+        ),
+        epilog="Exit status: 0 done (also when nothing needed recovery), 1 failure.",
+    )
+    _add_connect(recover)
+    _add_state_dir(recover)
+    _add_config_dir(recover)
+    recover.add_argument("--json", action="store_true", help="print a JSON list of what was done")
+    recover.set_defaults(handler=cmd_recover)
+
+    history = commands.add_parser(
+        "history",
+        help="show past jobs from the journal",
+        description="Past jobs, newest first, with outcome, reason, sizes, downtime and duration.",
+        epilog="Exit status: 0 success, 1 the journal cannot be read.",
+    )
+    history.add_argument("domain", metavar="DOMAIN", nargs="?", help="only this domain's jobs")
+    _add_state_dir(history)
+    _add_config_dir(history)
+    history.add_argument("--json", action="store_true", help="print a JSON list")
+    history.set_defaults(handler=cmd_history)
+
+
+def _add_config_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's private type
+    check = commands.add_parser(
+        "check",
+        help="validate the daemon settings and the policy files",
+        description=(
+            "Validate CONFIG_DIR/virt-reclaim.toml and every CONFIG_DIR/policies.d/*.toml, "
+            "report every error (file, policy, field, value, why), then list each policy with "
+            "the domains it selects now. Files and folders must belong to root and not be "
+            "writable by group or others."
+        ),
+        epilog="Exit status: 0 valid, 2 errors found (each printed on stderr).",
+    )
+    _add_config_dir(check)
+    _add_connect(check)
+    check.set_defaults(handler=cmd_check)
+    schema = commands.add_parser(
+        "schema",
+        help="print the JSON Schema of a policy file",
+        description="Print the JSON Schema of a policy file, with a description of every field.",
+    )
+    schema.set_defaults(handler=cmd_schema)
+    plan = commands.add_parser(
+        "plan",
+        help="show what would be reclaimed, when, and why not",
+        description=(
+            "For every domain: the policy that selects it, the next start of that policy's "
+            "window, each eligible disk with its bytes allocated now and the estimated bytes "
+            "after, and the reason for each skip. Changes nothing: images are read with "
+            "qemu-img -U, guests only asked read-only questions through their agent."
+        ),
+        epilog="Exit status: 0 success, 1 libvirt unreachable, 2 configuration errors.",
+    )
+    _add_config_dir(plan)
+    _add_connect(plan)
+    plan.add_argument("--json", action="store_true", help="print a JSON list")
+    plan.set_defaults(handler=cmd_plan)
+
+
+def _add_daemon_command(commands: Any) -> None:  # noqa: ANN401 - argparse's private type
+    daemon = commands.add_parser(
+        "daemon",
+        help="run the service: schedules, idle detection, jobs (what systemd starts)",
+        description=(
+            "Watch the libvirt domains, sample their statistics every stats_interval, and when "
+            "a policy's cron fires, reclaim its eligible idle domains, largest estimated gain "
+            "first, one job per domain, at most max_concurrent_jobs at once, only while the "
+            "estimated duration fits in the window. Finishes or undoes interrupted jobs at "
+            "start. SIGHUP reloads the configuration (a broken one is reported and the last "
+            "good one kept); SIGTERM/SIGINT abandon jobs that have not shut their guest down, "
+            "let the others finish or restore, then exit 0. Speaks sd_notify when run by "
+            "systemd (Type=notify, watchdog). Logs JSON lines unless log_format says otherwise "
+            "or stderr is a terminal."
+        ),
+        epilog=(
+            "Exit status: 0 stopped by a signal, 78 configuration errors at start (systemd "
+            "does not restart on it), 1 other failure."
+        ),
+    )
+    _add_config_dir(daemon)
+    daemon.set_defaults(handler=cmd_daemon)
+
+
+def _add_config_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config-dir", default=config.DEFAULT_CONFIG_DIR, metavar="DIR",
+        help="the configuration folder (default: %(default)s)",
+    )  # fmt: skip
+
+
+def _add_state_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state-dir", metavar="DIR",
+        help="where the job journal lives (default: the configured state_dir, else "
+        f"{DEFAULT_STATE_DIR})",
+    )  # fmt: skip
+
+
+def _add_connect(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-c",
+        "--connect",
+        metavar="URI",
+        help=f"libvirt connection URI (default: the configured uri, else {DEFAULT_URI})",
+    )
+
+
+def apply_daemon_settings(args: argparse.Namespace) -> None:
+    """Fill the options not given from CONFIG_DIR/virt-reclaim.toml (then built-in defaults)."""
+    if not hasattr(args, "config_dir") or args.command == "daemon":
+        return  # the daemon reports its configuration errors in its own log
+    daemon, errors = config.load_daemon(args.config_dir)
+    if errors:
+        raise UsageError("\n  ".join(["the daemon settings are not valid:", *map(str, errors)]))
+    args.daemon = daemon
+    for option, value in (("connect", daemon.uri), ("state_dir", daemon.state_dir),
+                          ("qemu_img", daemon.qemu_img)):  # fmt: skip
+        if hasattr(args, option) and getattr(args, option) is None:
+            setattr(args, option, value)

@@ -1,0 +1,134 @@
+"""``virt-reclaim run``: reclaim one domain's disks now."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from virt_reclaim import config, logs, recovery, runner
+from virt_reclaim.cli.common import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, UsageError
+from virt_reclaim.cli.render import ProgressBar, print_job_result
+from virt_reclaim.guestfree import FreeSpaceMethod
+from virt_reclaim.job import Compression, JobSettings, OnShutdownTimeout, Outcome, Step
+from virt_reclaim.journal import Journal
+from virt_reclaim.policy import Policy, job_settings
+from virt_reclaim.process import Priority
+from virt_reclaim.virt import Hypervisor
+
+_EXIT_BY_OUTCOME = {
+    Outcome.RECLAIMED: EXIT_OK,
+    Outcome.NOTHING_TO_DO: EXIT_OK,
+    Outcome.DRY_RUN: EXIT_OK,
+    Outcome.SKIPPED: EXIT_SKIPPED,
+    Outcome.FAILED: EXIT_FAILED,
+    Outcome.ABANDONED: EXIT_FAILED,
+}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived; raised where Ctrl-C would be, so that the job restores first."""
+
+
+def _interrupt_on_sigterm(signum: int, _frame: object) -> None:
+    raise Terminated(f"signal {signum}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Reclaim one domain's disks now; the exit status tells the outcome."""
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    logs.configure(logs.LogFormat(args.log_format))
+    overrides: dict[str, Any] = {
+        "free_space": args.free_space and FreeSpaceMethod(args.free_space),
+        "compression": args.compression and Compression(args.compression),
+        "cluster_size": args.cluster_size,
+        "shutdown_timeout_s": args.shutdown_timeout,
+        "on_shutdown_timeout": args.on_shutdown_timeout
+        and OnShutdownTimeout(args.on_shutdown_timeout),
+        "min_gain": args.min_gain,
+        "keep_backup": args.keep_backup,
+        "dry_run": args.dry_run,
+        "qemu_img": args.qemu_img,
+    }
+    if args.policy:
+        settings = job_settings(_policy_named(args.policy, args.config_dir), **overrides)
+    else:
+        settings = JobSettings(**{k: v for k, v in overrides.items() if v is not None})
+    if args.host_reserve is not None:
+        settings = dataclasses.replace(
+            settings,
+            reserve=dataclasses.replace(
+                settings.reserve, host_percent=0.0, host_min_bytes=args.host_reserve
+            ),
+        )
+    journal = Journal(args.state_dir)
+    with Hypervisor(args.connect) as hypervisor:
+        domain = hypervisor.domain(args.domain)
+        recovery.recover(journal, args.state_dir, hypervisor.domain_by_uuid)
+        bar = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
+        try:
+            result = runner.run_job(
+                hypervisor,
+                domain,
+                settings,
+                journal=journal,
+                state_dir=args.state_dir,
+                priority=Priority(
+                    args.daemon.nice, args.daemon.ionice_class, args.daemon.ionice_level
+                ),
+                on_progress=bar.update if bar else None,
+                before_step=_test_pause_hook(),
+            )
+        finally:
+            if bar:
+                bar.close()
+    if args.json:
+        json.dump(result.to_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print_job_result(result, sys.stdout)
+    return _EXIT_BY_OUTCOME[result.outcome]
+
+
+def _policy_named(name: str, config_dir: str) -> Policy:
+    """The valid policy ``name`` from ``config_dir``; UsageError naming what is wrong."""
+    loaded = config.load(config_dir)
+    for _file, policy in loaded.policies:
+        if policy.name == name:
+            return policy
+    known = ", ".join(p.name for _f, p in loaded.policies) or "none"
+    problems = "".join(f"\n  {e}" for e in loaded.errors)
+    raise UsageError(f"no valid policy named {name!r} in {config_dir} (valid: {known}){problems}")
+
+
+def _test_pause_hook() -> Callable[[Step], None] | None:
+    """For crash tests only: VIRT_RECLAIM_TEST_PAUSE=STEP[:N] stops before the Nth STEP.
+
+    The job writes VIRT_RECLAIM_TEST_PAUSE_FILE and sleeps there until it is killed.
+    """
+    spec = os.environ.get("VIRT_RECLAIM_TEST_PAUSE")
+    marker = os.environ.get("VIRT_RECLAIM_TEST_PAUSE_FILE")
+    if not spec or not marker:
+        return None
+    step_name, _, nth = spec.partition(":")
+    wanted = Step(step_name)
+    count = int(nth or 1)
+    seen = 0
+
+    def pause(step: Step) -> None:
+        nonlocal seen
+        if step is wanted:
+            seen += 1
+            if seen == count:
+                Path(marker).touch()
+                while True:
+                    time.sleep(3600)
+
+    return pause

@@ -1,0 +1,172 @@
+"""What the steps of a job share: the ports, the settings, the disks, and the step machinery.
+
+Each step is taken inside ``JobContext.step``: recorded in the journal before it
+is taken, logged when it starts and ends, refused once the job is asked to stop
+(except the steps that must finish once begun), and a cancelled tool turns into
+an abandoned job.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import structlog
+
+from virt_reclaim import estimate as estimating
+from virt_reclaim import fillplan
+from virt_reclaim.errors import Cancelled
+from virt_reclaim.guard import ImageGuard
+from virt_reclaim.guestfree import Choice
+from virt_reclaim.journal import Journal
+from virt_reclaim.model import AgentInfo, GuestFilesystem
+from virt_reclaim.ports import DomainPort, ImagePort
+from virt_reclaim.qemu_img import ImageInfo
+from virt_reclaim.results import DiskResult, JobAbandoned, JobSkipped, NothingToDo, SkippedDisk
+from virt_reclaim.settings import JobSettings
+
+
+class Step(enum.StrEnum):
+    """The steps of a job, as the journal and the log name them."""
+
+    INSPECT = "inspect"
+    ESTIMATE = "estimate"
+    PREFLIGHT = "preflight"
+    FREE_SPACE = "free-space"
+    SHUTDOWN = "shutdown"
+    GUARD = "guard"
+    REWRITE = "rewrite"
+    VERIFY = "verify"
+    SWAP = "swap"
+    RESTORE = "restore"
+
+
+# Recorded in the journal (not a step of its own) once the guest was asked to stop.
+SHUTDOWN_REQUESTED = "shutdown-requested"
+# Steps that run to their end even when the job is asked to stop: the swap is quick and
+# bringing the guest back is the point of stopping safely.
+FINISH_ONCE_BEGUN = frozenset({Step.SWAP, Step.RESTORE})
+
+
+@dataclass
+class DiskWork:
+    """One disk being reclaimed, and what the job learns of it step by step."""
+
+    target: str
+    path: str
+    discard: bool
+    zeros_become_holes: bool
+    info: ImageInfo
+    temp: str  # planned (and journaled) before anything changes
+    backup: str | None  # where --keep-backup keeps the original
+    bytes_before: int = 0
+    estimated_after: int | None = None
+    bytes_after: int | None = None
+    swapped: bool = False
+    rewrite_need: int = 0  # qemu-img measure: what the rewrite may write at most
+    zeroed_bytes: int = 0  # zeros our fill wrote into filesystems on this disk
+    guest_used: int | None = None  # bytes the guest's filesystems on it use
+    estimate: estimating.Estimate | None = None
+
+    def result(self) -> DiskResult:
+        """The disk's entry in the job's result."""
+        return DiskResult(
+            target=self.target,
+            path=self.path,
+            virtual_size=self.info.virtual_size,
+            bytes_before=self.bytes_before,
+            bytes_after=self.bytes_after,
+            estimated_after=self.estimated_after,
+            estimate_basis=self.estimate.basis if self.estimate else None,
+            guest_used=self.guest_used,
+            backup=self.backup if self.swapped else None,
+        )
+
+
+@dataclass
+class JobContext:
+    """The state of one job that its steps read and fill in."""
+
+    domain: DomainPort
+    images: ImagePort
+    settings: JobSettings
+    job_id: str
+    images_of_other_domains: Callable[[], dict[str, str]]
+    clock: Callable[[], float] = time.monotonic
+    journal: Journal | None = None
+    before_step: Callable[[Step], None] | None = None
+    stop: threading.Event | None = None
+    on_progress: Callable[[str, float], None] | None = None
+    started_wall: float = field(default_factory=time.time)
+    disks: list[DiskWork] = field(default_factory=list)
+    skipped_disks: list[SkippedDisk] = field(default_factory=list)
+    was_running: bool = False
+    agent_connected: bool = False
+    agent: AgentInfo | None = None
+    choice: Choice | None = None
+    guest_filesystems: list[GuestFilesystem] = field(default_factory=list)
+    fill_plan: fillplan.FillPlan | None = None
+    free_space: str | None = None  # what the free-space step did
+    guard: ImageGuard = field(default_factory=ImageGuard)
+    down_since: float | None = None
+    downtime: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.log = structlog.get_logger("virt_reclaim.job").bind(
+            domain=self.domain.name, job_id=self.job_id
+        )
+        if self.settings.dry_run:
+            # Estimates (plan, the daemon's queue) must not look like jobs to log alerts.
+            self.log = self.log.bind(dry_run=True)
+
+    def record_disk(
+        self,
+        disk: DiskWork,
+        *,
+        bytes_before: int | None = None,
+        bytes_after: int | None = None,
+        estimated_after: int | None = None,
+        guest_used: int | None = None,
+    ) -> None:
+        """Journal a disk's figures (a no-op without a journal); None leaves one as it was."""
+        if self.journal is not None:
+            self.journal.record_disk(
+                self.job_id, disk.target, bytes_before=bytes_before, bytes_after=bytes_after,
+                estimated_after=estimated_after, guest_used=guest_used,
+            )  # fmt: skip
+
+    def mark(self, name: str) -> None:
+        """Journal a point inside a step that recovery must know of (no step of its own)."""
+        if self.journal is not None:
+            self.journal.enter_step(self.job_id, name)
+
+    @contextmanager
+    def step(self, step: Step) -> Iterator[None]:
+        """Take ``step``: journaled first, logged, refused once stopping (see module doc)."""
+        if self.stop is not None and self.stop.is_set() and step not in FINISH_ONCE_BEGUN:
+            self.log.info("job.abandoned", step=str(step))
+            raise JobAbandoned(f"stopped before step {step}: the service is stopping")
+        if self.journal is not None:
+            self.journal.enter_step(self.job_id, str(step))
+        if self.before_step is not None:
+            self.before_step(step)
+        began = self.clock()
+        self.log.info("step.started", step=str(step))
+        try:
+            yield
+        except Cancelled as exc:
+            self.log.info("job.abandoned", step=str(step))
+            raise JobAbandoned(f"stopped during step {step}: the service is stopping") from exc
+        except (JobSkipped, NothingToDo, JobAbandoned) as exc:
+            self.log.info("step.finished", step=str(step), result=str(exc),
+                          duration_s=round(self.clock() - began, 3))  # fmt: skip
+            raise
+        except BaseException as exc:
+            self.log.warning("step.failed", step=str(step), error=str(exc) or type(exc).__name__,
+                             duration_s=round(self.clock() - began, 3))  # fmt: skip
+            raise
+        self.log.info("step.finished", step=str(step), duration_s=round(self.clock() - began, 3))

@@ -1,0 +1,40 @@
+"""Modes of a job: what happens after the shared steps (inspect, estimate, preflight, free space).
+
+A mode owns its steps and the recovery of each step it journals; the frame
+(``job.py``) runs it, and restores the guest's power state whatever happens.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from virt_reclaim.jobcontext import JobContext
+from virt_reclaim.journal import JournalJob
+from virt_reclaim.results import Recovered
+
+
+class Mode(Protocol):
+    """A way to reclaim: its steps, and how to finish or undo them after a crash."""
+
+    name: str
+
+    def run(self, job: JobContext) -> None:
+        """Take the mode's steps; on any failure leave the images as they were and raise."""
+
+    def recover(self, journaled: JournalJob, result: Recovered) -> None:
+        """Finish or undo what a dead job of this mode did to its disks; say so in ``result``."""
+
+
+def mode_named(name: str) -> Mode:
+    """The mode a policy or a journal entry names.
+
+    Raises:
+        ValueError: No such mode.
+    """
+    from virt_reclaim.modes.offline import OfflineMode  # noqa: PLC0415 - modes import this module
+
+    modes: dict[str, Mode] = {"offline": OfflineMode()}
+    try:
+        return modes[name]
+    except KeyError:
+        raise ValueError(f"unknown mode {name!r} (known: {', '.join(modes)})") from None

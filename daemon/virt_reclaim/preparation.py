@@ -1,0 +1,248 @@
+"""The steps every mode takes before it changes anything: inspect, estimate, preflight.
+
+Read-only: a dry run (``plan``, the daemon's queue) is exactly these three steps.
+"""
+
+from __future__ import annotations
+
+import os
+
+from virt_reclaim import domxml, fillplan, imagefile
+from virt_reclaim import estimate as estimating
+from virt_reclaim.errors import AgentUnavailable, QemuImgError
+from virt_reclaim.guestfree import FreeSpaceMethod, choose_method, freed_share
+from virt_reclaim.jobcontext import DiskWork, JobContext
+from virt_reclaim.journal import JournalDisk
+from virt_reclaim.model import DomainState
+from virt_reclaim.results import JobSkipped, NothingToDo, SkippedDisk
+from virt_reclaim.settings import Compression
+from virt_reclaim.units import format_bytes
+
+MIB = 1024 * 1024
+DEFAULT_CLUSTER = 64 * 1024
+
+
+def inspect(job: JobContext) -> None:
+    """Find the eligible disks and journal what recovery needs; skip the job if there are none."""
+    snap = job.domain.snapshot()
+    if not snap.persistent:
+        raise JobSkipped("transient domain: it has no definition to restart it from")
+    if snap.state not in (DomainState.RUNNING, DomainState.SHUTOFF):
+        raise JobSkipped(f"domain is {snap.state}; only running or shut off domains qualify")
+    job.was_running = snap.state is DomainState.RUNNING
+    live = domxml.parse_domain(snap.xml)
+    persistent = {d.target: d for d in domxml.parse_domain(job.domain.inactive_xml()).disks}
+    job.agent_connected = job.was_running and live.agent_state == "connected"
+    if job.agent_connected:
+        try:
+            job.agent = job.domain.agent_info()
+        except AgentUnavailable as exc:
+            job.log.info("agent.unavailable", reason=str(exc))
+    others = job.images_of_other_domains()
+    for disk in live.disks:
+        reason = _ineligible(job, disk, persistent.get(disk.target), others)
+        if reason is not None:
+            job.skipped_disks.append(SkippedDisk(disk.target, disk.source or "", reason))
+            job.log.info("disk.skipped", target=disk.target, path=disk.source, reason=reason)
+    if not job.disks:
+        reasons = "; ".join(f"{s.target}: {s.reason}" for s in job.skipped_disks)
+        raise JobSkipped(f"no eligible disk ({reasons or 'the domain has no disks'})")
+    if job.journal is not None:
+        job.journal.record_plan(
+            job.job_id,
+            str(snap.state),
+            [JournalDisk(d.target, d.path, d.temp, d.backup) for d in job.disks],
+        )
+
+
+def _ineligible(  # noqa: PLR0911 - one return per eligibility rule, in order
+    job: JobContext,
+    disk: domxml.DiskSpec,
+    persistent: domxml.DiskSpec | None,
+    others: dict[str, str],
+) -> str | None:
+    """Return why ``disk`` cannot be reclaimed, or None after adding it to the work."""
+    if disk.device != "disk":
+        return f"a {disk.device}, not a disk"
+    if not disk.is_file_qcow2 or disk.source is None:
+        return f"not a file-backed qcow2 disk (type {disk.type}, format {disk.format})"
+    if disk.readonly or disk.shareable:
+        return "read-only or shared disk"
+    if disk.encrypted:
+        return "encrypted disk"
+    if persistent is None or persistent.source != disk.source:
+        return "the running and the persistent definition use different images"
+    user = others.get(os.path.realpath(disk.source))
+    if user is not None:
+        return f"the image is also used by domain {user}"
+    try:
+        chain = job.images.info(disk.source, force_share=job.was_running)
+    except QemuImgError as exc:
+        return f"unreadable image: {exc}"
+    top = chain[0]
+    if top.format != "qcow2":
+        return f"the image is {top.format}, not qcow2"
+    if top.snapshot_count:
+        return f"{top.snapshot_count} internal snapshot(s), which a rewrite would drop"
+    if top.encrypted:
+        return "encrypted image"
+    if top.corrupt:
+        return "the image is marked corrupt; run qemu-img check"
+    backup = (
+        imagefile.backup_path(disk.source, job.started_wall) if job.settings.keep_backup else None
+    )
+    job.disks.append(
+        DiskWork(
+            target=disk.target,
+            path=disk.source,
+            discard=disk.discard == "unmap",
+            zeros_become_holes=disk.zeros_become_holes,
+            info=top,
+            temp=imagefile.temp_path(disk.source, job.job_id),
+            backup=backup,
+        )
+    )
+    return None
+
+
+def estimate(job: JobContext) -> None:
+    """Estimate each disk's size after the reclaim; ``NothingToDo`` below the minimum gain."""
+    read_guest_filesystems(job)
+    used_by_target: dict[str, int] = {}
+    for fs in job.guest_filesystems:
+        for target in fs.disk_targets:
+            used_by_target[target] = used_by_target.get(target, 0) + (fs.used_bytes or 0)
+    all_discard = all(d.discard for d in job.disks)
+    job.choice = choose_method(
+        job.settings.free_space,
+        all_disks_discard=all_discard,
+        agent=job.agent if job.was_running else None,
+    )
+    for disk in job.disks:
+        disk.bytes_before = imagefile.allocated_bytes(disk.path)
+        disk.rewrite_need = rewrite_need(job, disk)
+        disk.guest_used = used_by_target.get(disk.target)
+    reach = 0.0
+    if job.choice.method is FreeSpaceMethod.ZERO:
+        job.fill_plan = plan_fill(job)
+        reach = job.fill_plan.reach()
+    share = freed_share(job.choice, all_disks_discard=all_discard, fill_reach=reach)
+    for disk in job.disks:
+        disk.estimate = estimate_disk(job, disk, share)
+        disk.estimated_after = disk.estimate.after
+        job.log.info("disk.estimated", target=disk.target, bytes_before=disk.bytes_before,
+                     estimated_after=disk.estimated_after, basis=disk.estimate.basis,
+                     guest_used=disk.guest_used,
+                     stored_ratio=round(disk.estimate.stored_ratio, 3),
+                     freed_share=round(share, 3), free_space=str(job.choice.method),
+                     free_space_why=job.choice.why)  # fmt: skip
+        job.record_disk(
+            disk,
+            bytes_before=disk.bytes_before,
+            estimated_after=disk.estimated_after,
+            guest_used=disk.guest_used,
+        )
+    gain = sum(d.bytes_before - (d.estimated_after or d.bytes_before) for d in job.disks)
+    require_gain(job, gain, sum(d.bytes_before for d in job.disks), "")
+
+
+def require_gain(job: JobContext, gain: int, total: int, when: str) -> None:
+    """Raise ``NothingToDo`` when ``gain`` is below the minimum, in bytes or in percent."""
+    if gain < job.settings.min_gain:
+        raise NothingToDo(
+            f"{when}estimated gain {format_bytes(max(0, gain))} is below the minimum of "
+            f"{format_bytes(job.settings.min_gain)}"
+        )
+    percent = 100.0 * gain / total if total else 0.0
+    if percent < job.settings.min_gain_percent:
+        raise NothingToDo(
+            f"{when}estimated gain {percent:.1f} % is below the minimum of "
+            f"{job.settings.min_gain_percent:g} %"
+        )
+
+
+def read_guest_filesystems(job: JobContext) -> None:
+    """Ask the agent which filesystems lie on the disks being reclaimed (if it answers)."""
+    if not job.agent_connected:
+        return
+    targets = {d.target for d in job.disks}
+    try:
+        job.guest_filesystems = [
+            fs for fs in job.domain.guest_filesystems() if targets & set(fs.disk_targets)
+        ]
+    except AgentUnavailable as exc:
+        job.log.info("agent.unavailable", reason=str(exc))
+
+
+def rewrite_need(job: JobContext, disk: DiskWork) -> int:
+    """The most the rewrite of ``disk`` may write (``qemu-img measure``)."""
+    if disk.info.backing_filename:
+        # Only the top layer is rewritten; it cannot outgrow what it holds now.
+        return imagefile.allocated_bytes(disk.path) + MIB
+    measured = job.images.measure(disk.path, force_share=job.was_running)
+    if disk.zeroed_bytes and disk.rewrite_need:
+        # measure counts the clusters our fill allocated, but convert writes no zero
+        # clusters: they add nothing to what the rewrite needs.
+        return max(disk.rewrite_need, measured - disk.zeroed_bytes)
+    return measured
+
+
+def estimate_disk(job: JobContext, disk: DiskWork, share: float) -> estimating.Estimate:
+    """Estimate ``disk``'s size after the reclaim (see ``estimate.estimate_after``)."""
+    cluster = disk.info.cluster_size or DEFAULT_CLUSTER
+    extents = job.images.map(disk.path, force_share=job.was_running)
+    sample = estimating.sample_image(
+        disk.path, estimating.sample_offsets(extents, cluster), cluster
+    )
+    history = None
+    if job.journal is not None and disk.guest_used:
+        history = job.journal.compression_ratio(
+            job.domain.uuid, disk.target, str(job.settings.compression)
+        )
+    return estimating.estimate_after(
+        allocated=disk.bytes_before,
+        virtual_size=disk.info.virtual_size,
+        cluster=job.settings.cluster_size or cluster,
+        content=estimating.content_of(extents),
+        sample=sample,
+        compressed=job.settings.compression is not Compression.NONE,
+        guest_used=disk.guest_used,
+        freed_share=share,
+        history_ratio=history,
+    )
+
+
+def plan_fill(job: JobContext) -> fillplan.FillPlan:
+    """How much a zero-fill may write into each guest filesystem (see ``fillplan``)."""
+    rooms = [
+        fillplan.DiskRoom(
+            target=d.target,
+            host=fillplan.host_filesystem(os.path.dirname(d.path)),
+            headroom=max(0, d.info.virtual_size - imagefile.allocated_bytes(d.path)),
+            zeros_become_holes=d.zeros_become_holes,
+            rewrite_need=d.rewrite_need,
+        )
+        for d in job.disks
+    ]
+    volumes = [
+        fillplan.GuestVolume(fs.mountpoint, fs.disk_targets, fs.total_bytes, fs.used_bytes)
+        for fs in job.guest_filesystems
+    ]
+    return fillplan.plan_fill(rooms, volumes, job.settings.reserve)
+
+
+def preflight(job: JobContext) -> None:
+    """Skip the job unless each image's filesystem has room for its rewrite, with a margin."""
+    need_by_folder: dict[str, int] = {}
+    for disk in job.disks:
+        folder = os.path.dirname(disk.path)
+        need_by_folder[folder] = need_by_folder.get(folder, 0) + rewrite_need(job, disk)
+    for folder, image_bytes in need_by_folder.items():
+        need = image_bytes + max(64 * MIB, image_bytes // 50)
+        have = imagefile.free_bytes(folder)
+        job.log.info("preflight.space", folder=folder, need=need, have=have)
+        if have < need:
+            raise JobSkipped(
+                f"not enough free space in {folder}: the rewrite needs up to "
+                f"{format_bytes(need)}, {format_bytes(have)} are free"
+            )

@@ -1,0 +1,130 @@
+"""How a job ends: its outcome, the exceptions that end it early, and its typed result."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+
+class Outcome(enum.StrEnum):
+    """How a job ended."""
+
+    RECLAIMED = "reclaimed"
+    NOTHING_TO_DO = "nothing-to-do"
+    DRY_RUN = "dry-run"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    ABANDONED = "abandoned"  # stopped (daemon shutting down); everything as it was
+
+
+class JobSkipped(Exception):
+    """The domain or its disks are not eligible; nothing was changed."""
+
+
+class NothingToDo(Exception):
+    """The estimated gain is below the minimum; nothing was changed."""
+
+
+class JobFailed(Exception):
+    """The job could not finish; everything was restored."""
+
+
+class JobAbandoned(Exception):
+    """The job was asked to stop before the swap; everything was restored."""
+
+
+@dataclass(frozen=True)
+class DiskResult:
+    """One disk's figures at the end of a job (``run --json``'s ``disks`` entries)."""
+
+    target: str
+    path: str
+    virtual_size: int
+    bytes_before: int
+    bytes_after: int | None
+    estimated_after: int | None
+    estimate_basis: str | None
+    guest_used: int | None
+    backup: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The disk as ``run --json`` prints it."""
+        return {
+            "target": self.target,
+            "path": self.path,
+            "virtual_size": self.virtual_size,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "estimated_after": self.estimated_after,
+            "estimate_basis": self.estimate_basis,
+            "guest_used": self.guest_used,
+            "backup": self.backup,
+        }
+
+
+@dataclass(frozen=True)
+class SkippedDisk:
+    """A disk the job left alone, and why."""
+
+    target: str
+    path: str
+    reason: str
+
+    def to_json(self) -> dict[str, str]:
+        """The disk as ``run --json`` prints it in ``skipped_disks``."""
+        return {"target": self.target, "path": self.path, "reason": self.reason}
+
+
+@dataclass
+class JobResult:
+    """How the job ended, with figures; ``to_json`` is the documented output."""
+
+    domain: str
+    job_id: str
+    outcome: Outcome
+    reason: str
+    downtime_s: float
+    duration_s: float
+    disks: list[DiskResult]
+    skipped_disks: list[SkippedDisk]
+    free_space: str | None
+    free_space_plan: str | None = None  # the method chosen, and why ("none (...)")
+    mode: str = "offline"
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object printed by ``run --json``."""
+        return {
+            "domain": self.domain,
+            "job_id": self.job_id,
+            "mode": self.mode,
+            "outcome": str(self.outcome),
+            "reason": self.reason,
+            "downtime_s": round(self.downtime_s, 3),
+            "duration_s": round(self.duration_s, 3),
+            "disks": [d.to_json() for d in self.disks],
+            "skipped_disks": [d.to_json() for d in self.skipped_disks],
+            "free_space": self.free_space,
+            "free_space_plan": self.free_space_plan,
+        }
+
+
+@dataclass
+class Recovered:
+    """What recovery did for one job that its process left unfinished."""
+
+    job_id: str
+    domain: str
+    step: str | None
+    outcome: str
+    actions: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry of ``recover --json``."""
+        return {
+            "job_id": self.job_id,
+            "domain": self.domain,
+            "step": self.step,
+            "outcome": self.outcome,
+            "actions": self.actions,
+        }

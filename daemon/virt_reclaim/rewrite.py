@@ -1,0 +1,86 @@
+"""Rewrite, verify and swap one image: the mechanics every mode that rewrites shares.
+
+The original is only read; the new image is written beside it, checked and
+compared, made durable, and renamed over the original (the only way an original
+is ever replaced).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from virt_reclaim import imagefile
+from virt_reclaim.jobcontext import DiskWork, JobContext
+from virt_reclaim.process import ProgressCallback
+from virt_reclaim.settings import Compression
+
+
+def rewrite_disk(job: JobContext, disk: DiskWork, *, lock: bool) -> None:
+    """Convert ``disk`` into its temporary file, flush it and record its size.
+
+    With ``lock`` the new image is locked like the original: locks belong to the inode,
+    so the new image carries the guard across the rename.
+    """
+    compression = (
+        None if job.settings.compression is Compression.NONE else str(job.settings.compression)
+    )
+    imagefile.remove_quietly(disk.temp)
+    job.images.convert(
+        disk.path,
+        disk.temp,
+        compression=compression,
+        cluster_size=job.settings.cluster_size or disk.info.cluster_size,
+        backing=disk.info.backing_recorded,
+        backing_format=disk.info.backing_format,
+        size_bytes=disk.info.virtual_size,
+        on_progress=progress_parser(job.on_progress, disk.target),
+        preallocation=job.settings.preallocation,
+    )
+    if lock:
+        job.guard.lock(disk.temp)
+    # qemu-img convert does not flush; and st_blocks is only final after writeback.
+    imagefile.fsync_file(disk.temp)
+    disk.bytes_after = imagefile.allocated_bytes(disk.temp)
+    job.record_disk(disk, bytes_after=disk.bytes_after)
+    job.log.info("rewrite.done", target=disk.target, bytes_before=disk.bytes_before,
+                 bytes_after=disk.bytes_after)  # fmt: skip
+
+
+def verify_disk(job: JobContext, disk: DiskWork) -> None:
+    """Check the new image and compare what it shows the guest with the original."""
+    job.images.check(disk.temp, size_bytes=disk.info.virtual_size)
+    job.images.compare(disk.path, disk.temp, size_bytes=disk.info.virtual_size)
+
+
+def swap_disk(job: JobContext, disk: DiskWork) -> None:
+    """Give the new image the original's owner, mode and labels, and rename it over it."""
+    imagefile.copy_metadata(disk.path, disk.temp)
+    imagefile.swap_in(disk.temp, disk.path, backup=disk.backup)
+    disk.swapped = True
+    job.log.info("swap.done", target=disk.target, path=disk.path, backup=disk.backup)
+
+
+def remove_temporary_files(job: JobContext) -> None:
+    """Delete the new images that were not swapped in (a failed or stopped job)."""
+    for disk in job.disks:
+        if not disk.swapped and imagefile.remove_quietly(disk.temp):
+            job.log.info("cleanup.removed", path=disk.temp)
+
+
+def progress_parser(
+    report: Callable[[str, float], None] | None, target: str
+) -> ProgressCallback | None:
+    """Turn qemu-img's ``-p`` output into (target, percent) calls of ``report``."""
+    if report is None:
+        return None
+
+    def parse(chunk: str) -> None:
+        # qemu-img -p prints "    (12.34/100%)\r"
+        for piece in chunk.split("\r"):
+            head = piece.strip().lstrip("(").split("/", 1)[0]
+            try:
+                report(target, float(head))
+            except ValueError:
+                continue
+
+    return parse

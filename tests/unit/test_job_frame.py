@@ -1,0 +1,167 @@
+"""The job's frame through its ports: every step's failure, the restore, and the rarer paths.
+
+Real images and real qemu-img; the domain is faked (tests/fakes.py), and so is a
+qemu-img that fails, where a test needs a tool to fail.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fakes import FakeDisk, FakeDomain, linux_fs, make_image
+from virt_reclaim.errors import QemuImgError
+from virt_reclaim.job import After, JobSettings, Outcome, ReclaimJob, Step
+from virt_reclaim.journal import Journal
+from virt_reclaim.model import DomainState
+from virt_reclaim.qemu_img import QemuImg
+
+MIB = 1024 * 1024
+
+
+class FailingConvert(QemuImg):
+    """qemu-img whose convert fails (a full disk, a killed process...)."""
+
+    def convert(self, source: str, target: str, **_options: Any) -> None:  # type: ignore[override]
+        Path(target).write_bytes(b"half an image")
+        raise QemuImgError("qemu-img: error while writing at byte 0: No space left on device")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def domain(tmp_path: Path) -> FakeDomain:
+    image = make_image(tmp_path / "disk.qcow2", "256M", ("write -P 0x61 0 32M",
+                                                        "write -P 0 32M 32M"))  # fmt: skip
+    return FakeDomain(
+        [FakeDisk("vda", image)], filesystems=[linux_fs("/", "vda", total=240 * MIB, used=33 * MIB)]
+    )
+
+
+def run(
+    domain: FakeDomain, state: Path, images: QemuImg | None = None, **settings: Any
+) -> tuple[Any, Journal]:
+    journal = Journal(state)
+    before_step = settings.pop("before_step", None)
+    job = ReclaimJob(
+        domain,
+        images or QemuImg(priority=None),
+        JobSettings(priority=None, **{"min_gain": 0, **settings}),
+        images_of_other_domains=dict,
+        journal=journal,
+        before_step=before_step,
+    )
+    return job.run(), journal
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".virt-reclaim-" in p.name)
+
+
+FAILING_STEPS = ["inspect", "estimate", "preflight", "free-space", "shutdown", "guard",
+                 "preflight#2", "rewrite", "verify", "swap"]  # fmt: skip
+
+
+@pytest.mark.parametrize("failing", FAILING_STEPS)
+def test_a_failure_at_any_step_leaves_image_and_guest_as_they_were(
+    domain: FakeDomain, tmp_path: Path, failing: str
+) -> None:
+    image = domain.disks[0].path
+    original = sha256(image)
+    name, _, nth = failing.partition("#")
+    seen: list[str] = []
+
+    def fail_at(step: Step) -> None:
+        seen.append(str(step))
+        if str(step) == name and seen.count(name) == int(nth or 1):
+            raise OSError(f"injected failure before {failing}")
+
+    result, journal = run(domain, tmp_path / "state", before_step=fail_at)
+
+    assert result.outcome is Outcome.FAILED
+    assert f"injected failure before {failing}" in result.reason
+    assert sha256(image) == original
+    assert leftovers(tmp_path) == []
+    assert domain.power is DomainState.RUNNING
+    [entry] = journal.history()
+    assert entry.outcome == "failed" and entry.finished_at is not None
+
+
+def test_when_the_job_and_the_restore_fail_both_are_reported(
+    domain: FakeDomain, tmp_path: Path
+) -> None:
+    original = sha256(domain.disks[0].path)
+    domain.start_error = "Failed to get 'write' lock"
+
+    result, _ = run(domain, tmp_path / "state", images=FailingConvert(priority=None))
+
+    assert result.outcome is Outcome.FAILED
+    assert result.reason.startswith("qemu-img: error while writing at byte 0: No space left")
+    assert "; then the guest could not be started again: " in result.reason
+    assert "Failed to get 'write' lock" in result.reason
+    assert sha256(domain.disks[0].path) == original
+    assert leftovers(tmp_path) == []
+
+
+def test_a_guest_started_during_the_job_is_left_running_and_nothing_changes(
+    domain: FakeDomain, tmp_path: Path
+) -> None:
+    original = sha256(domain.disks[0].path)
+
+    def someone_starts_it(step: Step) -> None:
+        if step is Step.GUARD:
+            domain.power = DomainState.RUNNING  # virsh start between the stop and the lock
+
+    result, _ = run(domain, tmp_path / "state", before_step=someone_starts_it)
+
+    assert result.outcome is Outcome.FAILED
+    assert "the domain was started during the job (it is running)" in result.reason
+    assert sha256(domain.disks[0].path) == original
+    assert domain.calls.count("start") == 0  # it runs: nothing to bring back
+
+
+def test_a_definition_changed_during_the_job_stops_it(domain: FakeDomain, tmp_path: Path) -> None:
+    original = sha256(domain.disks[0].path)
+
+    def someone_edits_it(step: Step) -> None:
+        if step is Step.GUARD:
+            domain.inactive_override = domain.snapshot().xml.replace("disk.qcow2", "other.qcow2")
+
+    result, _ = run(domain, tmp_path / "state", before_step=someone_edits_it)
+
+    assert result.outcome is Outcome.FAILED
+    assert "vda: the definition changed during the job" in result.reason
+    assert sha256(domain.disks[0].path) == original
+    assert domain.power is DomainState.RUNNING
+
+
+def test_min_gain_percent(domain: FakeDomain, tmp_path: Path) -> None:
+    result, _ = run(domain, tmp_path / "state", min_gain_percent=100.0)
+    assert result.outcome is Outcome.NOTHING_TO_DO
+    assert "below the minimum of 100 %" in result.reason
+    assert domain.calls == []
+
+    result, _ = run(domain, tmp_path / "state2", min_gain_percent=10.0)
+    assert result.outcome is Outcome.RECLAIMED, result.reason
+
+
+def test_after_off_leaves_a_reclaimed_guest_off(domain: FakeDomain, tmp_path: Path) -> None:
+    result, _ = run(domain, tmp_path / "state", after=After.OFF)
+    assert result.outcome is Outcome.RECLAIMED, result.reason
+    assert domain.power is DomainState.SHUTOFF
+    assert "start" not in domain.calls
+    assert result.downtime_s > 0
+
+
+def test_a_failed_job_with_after_off_still_brings_the_guest_back(
+    domain: FakeDomain, tmp_path: Path
+) -> None:
+    result, _ = run(domain, tmp_path / "state", images=FailingConvert(priority=None),
+                    after=After.OFF)  # fmt: skip
+    assert result.outcome is Outcome.FAILED
+    assert domain.power is DomainState.RUNNING
