@@ -1,9 +1,9 @@
-"""When jobs may start: a cron trigger per policy (APScheduler 3), windows, and the queue order.
+"""When policies fire (a cron trigger per policy, APScheduler 3), and what a job is worth.
 
-APScheduler only says "policy P fires now"; the service decides what runs.
-The decisions are pure functions here so that they can be tested without
-waiting for a clock: the queue order, whether a job fits in what is left of
-the window, the minimum interval, the rewrite rate this host achieves.
+APScheduler only says "policy P fires now"; the service decides what runs, with
+the open windows of windows.py. The job-level decisions are pure functions here
+so that they can be tested without waiting for a clock: the queue order, how long
+a job may take, the minimum interval, the rewrite rate this host achieves.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import statistics
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -55,6 +55,33 @@ def estimate_job_seconds(
     return shutdown_timeout_s + 2 * bytes_before / rewrite_rate + RESTART_ALLOWANCE_S
 
 
+def candidate(
+    name: str,
+    uuid: str,
+    policy: Policy,
+    disks: Iterable[tuple[int, int | None]],
+    rewrite_rate: float,
+) -> Candidate:
+    """The candidate a dry run makes of a domain: its disks' bytes and estimates, timed.
+
+    ``disks`` are (bytes before, estimated after) per disk; a disk without an estimate
+    counts as freeing nothing.
+    """
+    rows = list(disks)
+    before = sum(b for b, _ in rows)
+    after = sum(a or b for b, a in rows)
+    return Candidate(
+        name=name,
+        uuid=uuid,
+        policy=policy.name,
+        bytes_before=before,
+        estimated_gain=before - after,
+        estimated_s=estimate_job_seconds(
+            before, rewrite_rate, policy.shutdown.timeout.total_seconds()
+        ),
+    )
+
+
 def typical_rewrite_rate(rates: Sequence[float]) -> float:
     """The median of the rates this host achieved, or DEFAULT_REWRITE_RATE without any."""
     usable = [r for r in rates if r > 0]
@@ -66,27 +93,6 @@ def interval_left(last_reclaimed_at: float | None, now: float, min_interval_s: f
     if last_reclaimed_at is None:
         return 0.0
     return max(0.0, last_reclaimed_at + min_interval_s - now)
-
-
-@dataclass(frozen=True)
-class Window:
-    """An open window of one policy: jobs may start until ``ends_at`` (monotonic seconds).
-
-    ``busy`` holds the domains that were busy when it opened (uuid -> name and the latest
-    reason): they are watched, and queued if they go idle before it closes.
-    """
-
-    policy: str
-    ends_at: float
-    busy: dict[str, tuple[str, str]] = field(default_factory=dict, compare=False)
-
-    def left(self, now: float) -> float:
-        """Seconds left in the window."""
-        return max(0.0, self.ends_at - now)
-
-    def fits(self, estimated_s: float, now: float) -> bool:
-        """True when a job of ``estimated_s`` would end inside the window."""
-        return estimated_s <= self.left(now)
 
 
 FireCallback = Callable[[str], None]

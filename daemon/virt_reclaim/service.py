@@ -5,9 +5,13 @@ Threads and what they may do:
   into the inbox;
 - APScheduler's thread: "policy P fires", put into the inbox;
 - an estimator thread per firing: dry runs of the policy's domains (qemu-img
-  measure can take seconds), results into the inbox;
-- a thread per job: the job itself, on its own libvirt connection.
+  measure can take seconds), results into the inbox (``workers.estimate``);
+- a thread per job: the job itself, on its own libvirt connection (``workers.run_job``).
 Signal handlers only set flags; ``signal.set_wakeup_fd`` wakes the loop.
+
+The decisions about windows (what to estimate, watch, queue, start, and when a
+window closes) are made by ``windows.Windows``, given the time; this module feeds
+it, logs what it decided and does it.
 """
 
 from __future__ import annotations
@@ -18,57 +22,28 @@ import queue
 import selectors
 import signal
 import socket
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 import structlog
 
-from virt_reclaim import config, idle, logs, planning, recovery, runner, scheduler, selection
-from virt_reclaim.domainlock import DomainBusy
-from virt_reclaim.errors import AgentUnavailable, VirtError
-from virt_reclaim.job import Outcome
+from virt_reclaim import config, logs, recovery, scheduler, windows, workers
+from virt_reclaim.hostview import HostView
 from virt_reclaim.journal import Journal, JournalError
-from virt_reclaim.model import DomainSnapshot, DomainState
-from virt_reclaim.policy import Policy, job_settings
-from virt_reclaim.process import Priority
+from virt_reclaim.policy import Policy
+from virt_reclaim.scheduler import Candidate
 from virt_reclaim.sdnotify import Notifier
 from virt_reclaim.units import format_bytes
-from virt_reclaim.virt import Hypervisor, event_loop_alive, start_event_loop
+from virt_reclaim.virt import event_loop_alive, start_event_loop
 
 # sysexits.h EX_CONFIG: the unit does not restart on it (RestartPreventExitStatus=78).
 EXIT_CONFIG = 78
-RECONNECT_MAX_DELAY_S = 60.0
 LOOP_TICK_S = 1.0
-SLOW_SAMPLE_MS = 1000.0
-# The prefix of the reasons that say a domain is not idle (a later sample may say it is).
-BUSY = "busy: "
 
 log = structlog.get_logger("virt_reclaim.service")
-
-
-@dataclass
-class RunningJob:
-    """A job thread and what the main loop knows of it."""
-
-    domain: str
-    policy: str
-    thread: threading.Thread
-    started: float
-
-
-@dataclass
-class Outage:
-    """libvirtd unreachable: since when, and when to try again."""
-
-    since: float
-    reason: str
-    attempts: int = 0
-    next_try: float = 0.0
-    delay: float = 0.5
 
 
 @dataclass
@@ -78,14 +53,6 @@ class Flags:
     reload: bool = False
     stop: bool = False
     signal_name: str = ""
-
-
-@dataclass
-class DomainView:
-    """What the daemon knows of a domain, kept current by lifecycle events."""
-
-    snapshot: DomainSnapshot
-    window: idle.Window = field(default_factory=lambda: idle.Window(0.0))
 
 
 class Daemon:
@@ -106,18 +73,13 @@ class Daemon:
         self.clock = clock
         self.settings = config.DaemonConfig()
         self.policies: tuple[Policy, ...] = ()
-        self.hypervisor: Hypervisor | None = None
-        self.outage: Outage | None = None
-        self.domains: dict[str, DomainView] = {}
-        self.windows: dict[str, scheduler.Window] = {}
-        self.queue: list[scheduler.Candidate] = []
-        self.running: dict[str, RunningJob] = {}
-        self.estimating: set[str] = set()
+        self.host = HostView(clock)
+        self.windows = windows.Windows()
+        self.workers = workers.Workers(self._post)
+        self.running = self.workers.running  # by domain uuid
         self.inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.flags = Flags()
-        self.stop_jobs = threading.Event()
         self.next_sample = 0.0
-        self.sampled_once = False
         self.last_watchdog = float("-inf")
         self.scheduler = scheduler.PolicyScheduler(lambda name: self._post("fired", name))
         self._wake_r, self._wake_w = socket.socketpair()
@@ -140,9 +102,9 @@ class Daemon:
         self._apply(loaded)
         start_event_loop()
         self.notifier.status(f"connecting to {self.settings.uri}")
-        while not self.flags.stop and self.hypervisor is None:
+        while not self.flags.stop and self.host.hypervisor is None:
             self._ensure_connected()
-            if self.hypervisor is None:
+            if self.host.hypervisor is None:
                 self._wait(self._seconds_to_next_event())
                 self._watchdog()  # waiting for libvirtd is healthy; a stuck loop is not
         if self.flags.stop:
@@ -150,7 +112,7 @@ class Daemon:
         self._recover()
         self.scheduler.start()
         self._log_next_runs()
-        log.info("daemon.started", policies=len(self.policies), domains=len(self.domains),
+        log.info("daemon.started", policies=len(self.policies), domains=len(self.host.domains),
                  uri=self.settings.uri, pid=os.getpid())  # fmt: skip
         self.notifier.ready(self._status())
         while not self.flags.stop:
@@ -165,11 +127,11 @@ class Daemon:
         self._drain_inbox()
         self._ensure_connected()
         now = self.clock()
-        if self.hypervisor is not None and now >= self.next_sample:
+        if self.host.hypervisor is not None and now >= self.next_sample:
             self._sample(now)
             self.next_sample = now + self.settings.stats_interval.total_seconds()
-            self._recheck_busy()
-        self._dispatch()
+            self._watch_busy(now)
+        self._dispatch(now)
         self._watchdog()
         self.notifier.status(self._status())
 
@@ -177,17 +139,16 @@ class Daemon:
         self.notifier.stopping(f"stopping ({self.flags.signal_name or 'requested'}); "
                                f"{len(self.running)} job(s) to end")  # fmt: skip
         log.info("daemon.stopping", signal=self.flags.signal_name, running_jobs=len(self.running))
-        for name in list(self.windows):
-            self._close_window(name, "the daemon is stopping")
+        for name in list(self.windows.open):
+            self._log_closed(self.windows.close(name, windows.STOPPING))
         self.scheduler.shutdown()
-        self.stop_jobs.set()
+        self.workers.stop.set()
         while self.running:
             # Jobs past their guest's shutdown finish or restore; keep the watchdog fed meanwhile.
             self._wait(LOOP_TICK_S)
             self._drain_inbox()
             self._watchdog()
-        if self.hypervisor is not None:
-            self.hypervisor.close()
+        self.host.close()
         log.info("daemon.stopped")
         self.notifier.close()
         return 0
@@ -224,8 +185,8 @@ class Daemon:
 
     def _seconds_to_next_event(self) -> float:
         deadlines = [LOOP_TICK_S]
-        if self.outage is not None:
-            deadlines.append(self.outage.next_try - self.clock())
+        if self.host.outage is not None:
+            deadlines.append(self.host.outage.next_try - self.clock())
         if self.notifier.watchdog_s:
             deadlines.append(self.notifier.watchdog_s / 4)
         return max(0.05, min(deadlines))
@@ -246,55 +207,29 @@ class Daemon:
         policy = self._policy(policy_name)
         if policy is None or self.flags.stop:
             return
-        ends_at = self.clock() + policy.schedule.window.total_seconds()
-        # A firing while the window is open reopens it from now; the busy domains it
-        # watches stay watched (and are not reported as skipped again).
-        previous = self.windows.get(policy.name)
-        busy = previous.busy if previous is not None else {}
-        self.windows[policy.name] = scheduler.Window(policy.name, ends_at, busy)
+        self.windows.open_window(policy, self.clock())
         log.info("window.opened", policy=policy.name,
                  window_s=policy.schedule.window.total_seconds())  # fmt: skip
-        if self.hypervisor is None:
+        if self.host.hypervisor is None:
             log.warning("window.waiting", policy=policy.name, reason="libvirtd is unreachable")
             return
         self._select_candidates(policy)
 
     def _on_lifecycle(self, uuid: str, name: str, event: str) -> None:
-        if self.hypervisor is None:
-            return
-        try:
-            snapshot = self.hypervisor.domain_by_uuid(uuid).snapshot()
-        except VirtError:
-            if self.domains.pop(uuid, None) is not None:
-                log.info("domain.gone", domain=name, libvirt_event=event)
-            return
-        view = self.domains.get(uuid)
-        if view is None:
-            self.domains[uuid] = DomainView(snapshot)
-            log.info("domain.added", domain=name, state=str(snapshot.state), libvirt_event=event)
-        else:
-            view.snapshot = snapshot
+        self.host.update(uuid, name, event)
 
     def _on_closed(self, reason: str) -> None:
-        if self.hypervisor is not None and not self.hypervisor.alive():
-            self._lost_connection(reason)
+        self.host.closed(reason)
 
-    def _on_estimated(self, policy_name: str, candidates: list[scheduler.Candidate]) -> None:
-        self.estimating.discard(policy_name)
-        if policy_name not in self.windows:
-            return
-        queued = {c.uuid for c in self.queue}
-        fresh = [c for c in candidates if c.uuid not in queued]
-        self.queue = scheduler.queue_order([*self.queue, *fresh])
-        for candidate in fresh:
+    def _on_estimated(self, policy_name: str, candidates: list[Candidate]) -> None:
+        for candidate in self.windows.estimated(policy_name, candidates):
             log.info("job.queued", domain=candidate.name, policy=policy_name,
                      estimated_gain=candidate.estimated_gain,
                      estimated_s=round(candidate.estimated_s))  # fmt: skip
 
     def _on_job_done(self, uuid: str, outcome: str | None) -> None:
-        job = self.running.pop(uuid, None)
+        job = self.workers.job_done(uuid)
         if job is not None:
-            job.thread.join()
             log.info("job.ended", domain=job.domain, policy=job.policy, outcome=outcome,
                      running_jobs=len(self.running))  # fmt: skip
 
@@ -304,8 +239,7 @@ class Daemon:
         self.settings = loaded.daemon
         self.policies = tuple(policy for _file, policy in loaded.policies)
         self.scheduler.apply(self.policies)
-        self.windows = {n: w for n, w in self.windows.items() if self._policy(n) is not None}
-        self.queue = [c for c in self.queue if c.policy in self.windows]
+        self.windows.apply(self.policies)
 
     def _reload(self) -> None:
         self.notifier.reloading()
@@ -343,109 +277,35 @@ class Daemon:
     # -- libvirt --------------------------------------------------------------------------
 
     def _ensure_connected(self) -> None:
-        if self.hypervisor is not None:
-            if self.hypervisor.alive():
-                return
-            self._lost_connection("the connection is dead")
-        outage = self.outage
-        now = self.clock()
-        if outage is not None and now < outage.next_try:
-            return
-        try:
-            hypervisor = Hypervisor(self.settings.uri)
-            hypervisor.watch(
-                on_lifecycle=lambda uuid, name, event: self._post("lifecycle", uuid, name, event),
-                on_close=lambda reason: self._post("closed", reason),
-            )
-            snapshots = hypervisor.domains()
-        except VirtError as exc:
-            if outage is None:
-                outage = self.outage = Outage(since=now, reason=str(exc))
-                log.warning("libvirt.unreachable", uri=self.settings.uri, error=str(exc))
-            outage.attempts += 1
-            outage.next_try = now + outage.delay
-            outage.delay = min(outage.delay * 2, RECONNECT_MAX_DELAY_S)
-            return
-        self.hypervisor = hypervisor
-        self.domains = {s.uuid: self.domains.get(s.uuid, DomainView(s)) for s in snapshots}
-        for snapshot in snapshots:
-            self.domains[snapshot.uuid].snapshot = snapshot
-        if outage is not None:
-            log.info("libvirt.reconnected", uri=self.settings.uri,
-                     outage_s=round(now - outage.since, 1), attempts=outage.attempts)  # fmt: skip
-            self.outage = None
-            for name in self.windows:
+        came_back = self.host.connect(
+            self.settings.uri,
+            on_lifecycle=lambda uuid, name, event: self._post("lifecycle", uuid, name, event),
+            on_close=lambda reason: self._post("closed", reason),
+        )
+        if came_back:
+            for name in list(self.windows.open):
                 policy = self._policy(name)
                 if policy is not None:
                     self._select_candidates(policy)
-        else:
-            log.info("libvirt.connected", uri=self.settings.uri, domains=len(snapshots))
-
-    def _lost_connection(self, reason: str) -> None:
-        if self.hypervisor is not None:
-            self.hypervisor.close()
-            self.hypervisor = None
-        if self.outage is None:
-            # Logged once per outage; the reconnect logs how long it lasted.
-            log.warning("libvirt.disconnected", uri=self.settings.uri, reason=reason)
-            self.outage = Outage(since=self.clock(), reason=reason)
 
     def _recover(self) -> None:
-        if self.hypervisor is None:
+        if self.host.hypervisor is None:
             return
         try:
             journal = Journal(self.settings.state_dir)
-            recovery.recover(journal, self.settings.state_dir, self.hypervisor.domain_by_uuid)
+            recovery.recover(journal, self.settings.state_dir, self.host.hypervisor.domain_by_uuid)
         except JournalError as exc:
             log.error("recovery.failed", error=str(exc))
 
-    # -- idle detection -------------------------------------------------------------------
-
     def _sample(self, now: float) -> None:
-        if self.hypervisor is None:
-            return
-        began = time.perf_counter()
-        try:
-            records = self.hypervisor.domain_stats()
-        except VirtError as exc:
-            log.warning("stats.failed", error=str(exc))
-            return
         longest = max((p.idle.duration.total_seconds() for p in self.policies), default=0.0)
-        for _name, uuid, record in records:
-            view = self.domains.get(uuid)
-            if view is None:
-                continue
-            view.window.duration_s = longest
-            view.window.add(idle.sample_from_stats(record, now))
-        took_ms = (time.perf_counter() - began) * 1000
-        # The first sample tells the operator what sampling costs on this host; later ones
-        # are logged only when they hold the main loop up.
-        if not self.sampled_once or took_ms > SLOW_SAMPLE_MS:
-            emit = log.warning if took_ms > SLOW_SAMPLE_MS else log.info
-            emit("stats.sampled", domains=len(records), duration_ms=round(took_ms, 1))
-            self.sampled_once = True
+        self.host.sample(now, longest)
 
-    def busy_reason(self, view: DomainView, policy: Policy) -> str | None:
-        """Why the domain is not idle by the policy's measure, or None."""
-        if view.snapshot.state is DomainState.SHUTOFF:
-            return None
-        limits = idle.Thresholds(
-            cpu_percent=policy.idle.cpu_percent,
-            disk_bytes_per_s=float(policy.idle.disk_bytes_per_s),
-            net_bytes_per_s=float(policy.idle.net_bytes_per_s),
-            duration_s=policy.idle.duration.total_seconds(),
-        )
-        return idle.busy_reason(view.window, limits)
-
-    # -- scheduling -----------------------------------------------------------------------
+    # -- windows --------------------------------------------------------------------------
 
     def _select_candidates(self, policy: Policy, only: set[str] | None = None) -> None:
-        """Pick the policy's eligible idle domains (or those of ``only``) and estimate them.
-
-        A domain skipped for being busy is watched by the open window (``_recheck_busy``).
-        """
-        window = self.windows.get(policy.name)
-        if window is None or policy.name in self.estimating:
+        """Estimate the policy's eligible idle domains (or those of ``only``) on a thread."""
+        if not self.windows.may_select(policy.name):
             return
         try:
             journal = Journal(self.settings.state_dir)
@@ -453,219 +313,53 @@ class Daemon:
         except JournalError as exc:
             log.error("window.journal_unusable", policy=policy.name, error=str(exc))
             return
-        wall = time.time()
-        chosen = []
-        for uuid, view in sorted(self.domains.items(), key=lambda kv: kv[1].snapshot.name):
-            snap = view.snapshot
-            if only is not None and uuid not in only:
-                continue
-            choice = selection.select(self.policies, snap.name, snap.uuid, snap.xml)
-            if choice.policy is None or choice.policy.name != policy.name:
-                continue
-            try:
-                reason = self._ineligible(uuid, view, policy, journal, wall)
-            except JournalError as exc:
-                reason = f"the journal cannot be read: {exc}"
-            if reason is None:
-                window.busy.pop(uuid, None)
-                chosen.append(snap)
-                continue
-            watched = uuid in window.busy
-            if reason.startswith(BUSY):
-                window.busy[uuid] = (snap.name, reason)
-            else:
-                window.busy.pop(uuid, None)
-            if not watched:
-                log.info("domain.skipped", domain=snap.name, policy=policy.name, reason=reason)
-        if not chosen:
-            if only is None and not window.busy:
-                log.info("window.nothing_to_do", policy=policy.name)
-            return
-        self.estimating.add(policy.name)
-        thread = threading.Thread(
-            target=self._estimate, args=(policy, chosen, rate),
-            name=f"estimate-{policy.name}", daemon=True,
+        chosen = self.windows.select(
+            policy, self.policies, self.host.domains, running=self.running,
+            last_reclaimed_at=journal.last_reclaimed_at, wall=time.time(), only=only,
         )  # fmt: skip
-        thread.start()
+        for skip in chosen.skipped:
+            log.info("domain.skipped", domain=skip.name, policy=policy.name, reason=skip.reason)
+        if chosen.nothing_to_do:
+            log.info("window.nothing_to_do", policy=policy.name)
+        if chosen.chosen:
+            self.workers.estimate(self.settings, policy, chosen.chosen, rate)
 
-    def _ineligible(
-        self, uuid: str, view: DomainView, policy: Policy, journal: Journal, wall: float
-    ) -> str | None:
-        if uuid in self.running:
-            return "a job for it is running"
-        left = scheduler.interval_left(
-            journal.last_reclaimed_at(uuid), wall, policy.schedule.min_interval.total_seconds()
-        )
-        if left > 0:
-            return f"reclaimed recently: min_interval leaves {left / 3600:.1f} h to wait"
-        busy = self.busy_reason(view, policy)
-        if busy is not None:
-            return f"{BUSY}{busy}"
-        return None
-
-    def _recheck_busy(self) -> None:
+    def _watch_busy(self, now: float) -> None:
         """After each sample: queue the watched domains of open windows that went idle."""
-        for name, window in list(self.windows.items()):
+        for name, idle_now in self.windows.went_idle(self.policies, self.host.domains, now).items():
+            for domain in idle_now:
+                log.info("domain.idle", domain=domain.name, policy=name,
+                         window_left_s=round(domain.window_left_s))  # fmt: skip
             policy = self._policy(name)
-            if policy is None or not window.busy or name in self.estimating:
-                continue
-            went_idle = set()
-            for uuid, (domain, _reason) in list(window.busy.items()):
-                view = self.domains.get(uuid)
-                if view is None:
-                    del window.busy[uuid]
-                    continue
-                busy = self.busy_reason(view, policy)
-                if busy is None:
-                    went_idle.add(uuid)
-                    log.info("domain.idle", domain=domain, policy=name,
-                             window_left_s=round(window.left(self.clock())))  # fmt: skip
-                else:
-                    window.busy[uuid] = (domain, f"{BUSY}{busy}")
-            if went_idle:
-                self._select_candidates(policy, only=went_idle)
+            if policy is not None:
+                self._select_candidates(policy, only={d.uuid for d in idle_now})
 
-    def _estimate(self, policy: Policy, chosen: list[DomainSnapshot], rate: float) -> None:
-        """On its own thread and connection: a dry run of each chosen domain."""
-        structlog.contextvars.bind_contextvars(policy=policy.name)
-        candidates: list[scheduler.Candidate] = []
-        try:
-            with Hypervisor(self.settings.uri) as hypervisor:
-                everyone = hypervisor.domains()
-                for snap in chosen:
-                    candidate = self._estimate_one(hypervisor, everyone, policy, snap, rate)
-                    if candidate is not None:
-                        candidates.append(candidate)
-        except VirtError as exc:
-            log.warning("window.estimate_failed", error=str(exc))
-        self._post("estimated", policy.name, candidates)
-
-    def _estimate_one(
-        self,
-        hypervisor: Hypervisor,
-        everyone: list[DomainSnapshot],
-        policy: Policy,
-        snap: DomainSnapshot,
-        rate: float,
-    ) -> scheduler.Candidate | None:
-        try:
-            domain = hypervisor.domain_by_uuid(snap.uuid)
-            if policy.idle.no_logged_in_users and snap.state is DomainState.RUNNING:
-                users = domain.logged_in_users()
-                if users:
-                    log.info("domain.skipped", domain=snap.name,
-                             reason=f"busy: users logged in ({', '.join(users[:5])})")  # fmt: skip
-                    return None
-            result = planning.estimate(domain, policy, everyone, qemu_img=self.settings.qemu_img)
-        except AgentUnavailable as exc:
-            log.info("domain.skipped", domain=snap.name,
-                     reason=f"busy: cannot tell whether users are logged in ({exc})")  # fmt: skip
-            return None
-        except VirtError as exc:
-            log.info("domain.skipped", domain=snap.name, reason=str(exc))
-            return None
-        if result.outcome is not Outcome.DRY_RUN:
-            log.info("domain.skipped", domain=snap.name, reason=result.reason,
-                     outcome=str(result.outcome))  # fmt: skip
-            return None
-        before = sum(d.bytes_before for d in result.disks)
-        after = sum(d.estimated_after or d.bytes_before for d in result.disks)
-        return scheduler.Candidate(
-            name=snap.name,
-            uuid=snap.uuid,
-            policy=policy.name,
-            bytes_before=before,
-            estimated_gain=before - after,
-            estimated_s=scheduler.estimate_job_seconds(
-                before, rate, policy.shutdown.timeout.total_seconds()
-            ),
-        )
-
-    def _dispatch(self) -> None:
-        now = self.clock()
-        for name, window in list(self.windows.items()):
-            if window.left(now) <= 0 and name not in self.estimating:
-                self._close_window(name, "its time is up")
-        if self.hypervisor is None or self.flags.stop:
+    def _dispatch(self, now: float) -> None:
+        for closed in self.windows.close_due(now):
+            self._log_closed(closed)
+        if self.host.hypervisor is None or self.flags.stop:
             return
-        waiting: list[scheduler.Candidate] = []
-        for candidate in self.queue:
-            if len(self.running) >= self.settings.max_concurrent_jobs:
-                waiting.append(candidate)
-                continue
-            reason = self._start_refusal(candidate, now)
-            if reason == "wait":
-                waiting.append(candidate)
-            elif reason is not None:
+        decided = self.windows.dispatch(
+            self.policies, self.host.domains, running=self.running,
+            max_jobs=self.settings.max_concurrent_jobs, now=now,
+        )  # fmt: skip
+        for candidate, reason in decided:
+            if reason is None:
+                self._start_job(candidate)
+            else:
                 log.info("domain.skipped", domain=candidate.name, policy=candidate.policy,
                          reason=reason)  # fmt: skip
-                watching = self.windows.get(candidate.policy)
-                if watching is not None and reason.startswith(BUSY):
-                    watching.busy[candidate.uuid] = (candidate.name, reason)
-            else:
-                self._start_job(candidate)
-        self.queue = waiting
 
-    def _close_window(self, name: str, why: str) -> None:
-        window = self.windows.pop(name)
-        log.info("window.closed", policy=name, why=why,
-                 not_started=[c.name for c in self.queue if c.policy == name],
-                 stayed_busy=dict(window.busy.values()))  # fmt: skip
-        self.queue = [c for c in self.queue if c.policy != name]
+    def _log_closed(self, closed: windows.Closed) -> None:
+        log.info("window.closed", policy=closed.policy, why=closed.why,
+                 not_started=closed.not_started, stayed_busy=closed.stayed_busy)  # fmt: skip
 
-    def _start_refusal(self, candidate: scheduler.Candidate, now: float) -> str | None:
-        """Why the candidate must not start now (None: start; "wait": later)."""
-        window = self.windows.get(candidate.policy)
+    def _start_job(self, candidate: Candidate) -> None:
         policy = self._policy(candidate.policy)
-        view = self.domains.get(candidate.uuid)
-        if window is None or policy is None or view is None:
-            return "its policy or the domain is gone"
-        if candidate.uuid in self.running:
-            return "wait"
-        if not window.fits(candidate.estimated_s, now):
-            return (f"estimated {candidate.estimated_s / 60:.0f} min does not fit in the "
-                    f"{window.left(now) / 60:.0f} min left of the window")  # fmt: skip
-        busy = self.busy_reason(view, policy)
-        if busy is not None:
-            return f"{BUSY}{busy}"
-        return None
-
-    def _start_job(self, candidate: scheduler.Candidate) -> None:
-        policy = self._policy(candidate.policy)
-        assert policy is not None  # noqa: S101 - checked by _start_refusal
-        thread = threading.Thread(
-            target=self._job_thread, args=(candidate, policy, self.settings),
-            name=f"job-{candidate.name}",
-        )  # fmt: skip
-        self.running[candidate.uuid] = RunningJob(candidate.name, policy.name, thread, self.clock())
+        assert policy is not None  # noqa: S101 - checked by Windows.dispatch
         log.info("job.starting", domain=candidate.name, policy=policy.name,
                  estimated_gain=format_bytes(candidate.estimated_gain))  # fmt: skip
-        thread.start()
-
-    def _job_thread(
-        self, candidate: scheduler.Candidate, policy: Policy, settings: config.DaemonConfig
-    ) -> None:
-        structlog.contextvars.bind_contextvars(policy=policy.name, domain=candidate.name)
-        outcome: str | None = None
-        try:
-            with Hypervisor(settings.uri) as hypervisor:
-                domain = hypervisor.domain_by_uuid(candidate.uuid)
-                result = runner.run_job(
-                    hypervisor,
-                    domain,
-                    job_settings(policy, qemu_img=settings.qemu_img),
-                    journal=Journal(settings.state_dir),
-                    state_dir=settings.state_dir,
-                    priority=Priority(settings.nice, settings.ionice_class, settings.ionice_level),
-                    stop=self.stop_jobs,
-                )
-                outcome = str(result.outcome)
-        except (VirtError, JournalError, DomainBusy) as exc:
-            log.error("job.not_run", error=str(exc))
-        except Exception:  # a bug in one job must not take the daemon down
-            log.exception("job.crashed")
-        finally:
-            self._post("job-done", candidate.uuid, outcome)
+        self.workers.start_job(candidate, policy, self.settings, self.clock())
 
     # -- systemd --------------------------------------------------------------------------
 
@@ -679,19 +373,19 @@ class Daemon:
             self.last_watchdog = now
 
     def _status(self) -> str:
-        if self.outage is not None:
-            return f"libvirtd unreachable for {self.clock() - self.outage.since:.0f} s"
+        if self.host.outage is not None:
+            return f"libvirtd unreachable for {self.clock() - self.host.outage.since:.0f} s"
         parts = []
         if self.running:
             names = ", ".join(sorted(j.domain for j in self.running.values()))
             parts.append(f"reclaiming {names}")
-        if self.queue:
-            parts.append(f"{len(self.queue)} queued")
-        if self.windows:
-            parts.append(f"window open: {', '.join(sorted(self.windows))}")
+        if self.windows.queue:
+            parts.append(f"{len(self.windows.queue)} queued")
+        if self.windows.open:
+            parts.append(f"window open: {', '.join(sorted(self.windows.open))}")
         if not parts:
             parts.append("waiting for the next window")
-        parts.append(f"{len(self.policies)} policies, {len(self.domains)} domains")
+        parts.append(f"{len(self.policies)} policies, {len(self.host.domains)} domains")
         return "; ".join(parts)
 
 

@@ -1,4 +1,7 @@
-"""The scheduler's decisions: queue order, window fit, minimum interval, this host's rate."""
+"""The scheduler's decisions: queue order, a job's duration and gain, minimum interval, rate.
+
+(Whether a job fits in what is left of a window: test_windows.py.)
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from virt_reclaim import scheduler
-from virt_reclaim.scheduler import Candidate, Window
+from virt_reclaim.policy import Policy
+from virt_reclaim.scheduler import Candidate
 
 MIB = 1024 * 1024
 
@@ -31,14 +35,6 @@ def test_queue_order_is_by_gain_whatever_the_input(items: list[tuple[str, int]])
     assert len(queue) == len(items)
 
 
-def test_a_job_starts_only_when_its_estimate_fits_in_what_is_left() -> None:
-    window = Window("p", ends_at=1000.0)
-    assert window.fits(400, now=600)
-    assert not window.fits(401, now=600)
-    assert window.left(now=1200) == 0
-    assert not window.fits(0.1, now=1000.0 - 0.05)
-
-
 def test_estimate_counts_shutdown_rewrite_verify_and_restart() -> None:
     seconds = scheduler.estimate_job_seconds(1000 * MIB, 100 * MIB, shutdown_timeout_s=120)
     assert seconds == 120 + 2 * 10 + scheduler.RESTART_ALLOWANCE_S
@@ -55,3 +51,17 @@ def test_minimum_interval_counts_from_the_last_reclaim() -> None:
     assert scheduler.interval_left(None, now=10 * day, min_interval_s=7 * day) == 0
     assert scheduler.interval_left(5 * day, now=10 * day, min_interval_s=7 * day) == 2 * day
     assert scheduler.interval_left(2 * day, now=10 * day, min_interval_s=7 * day) == 0
+
+
+def test_a_candidate_adds_up_its_disks_and_a_disk_without_an_estimate_frees_nothing() -> None:
+    policy = Policy.model_validate({
+        "name": "p", "match": {"names": ["*"]},
+        "schedule": {"cron": "0 2 * * *"}, "shutdown": {"timeout": "90s"},
+    })  # fmt: skip
+    made = scheduler.candidate(
+        "vm", "uuid-vm", policy, [(1000 * MIB, 400 * MIB), (200 * MIB, None)], 100 * MIB
+    )
+    assert made == Candidate(
+        "vm", "uuid-vm", "p", bytes_before=1200 * MIB, estimated_gain=600 * MIB,
+        estimated_s=90 + 2 * 12 + scheduler.RESTART_ALLOWANCE_S,
+    )  # fmt: skip

@@ -1,0 +1,347 @@
+"""The open windows of the policies: what they queue, watch, start and leave undone.
+
+The daemon's decisions, as a state kept by the main loop and changed only by the
+methods here, each given the time (monotonic seconds) and whatever else it needs:
+the domains the daemon knows, the running jobs, the journal's last reclaim as a
+callable. Nothing here talks to libvirt, starts a thread, reads a clock or logs:
+the methods return what they decided and the service reports and acts on it.
+
+A window opens when its policy fires and lasts ``schedule.window``. Its eligible
+idle domains are estimated (on a thread of the service) and queued, largest
+estimated gain first. A domain that is busy is reported once and watched while
+the window is open; when it goes idle it is estimated and queued too. A job starts
+while its estimate fits in what is left of the window and its domain is still
+idle. A window closes when its time is up (not while its domains are being
+estimated) or when the daemon stops; it says which domains stayed busy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from virt_reclaim import idle, scheduler, selection
+from virt_reclaim.journal import JournalError
+from virt_reclaim.model import DomainSnapshot, DomainState
+from virt_reclaim.policy import Policy
+from virt_reclaim.scheduler import Candidate
+
+# The prefix of the reasons that say a domain is not idle (a later sample may say it is).
+BUSY = "busy: "
+TIME_UP = "its time is up"
+STOPPING = "the daemon is stopping"
+GONE = "its policy or the domain is gone"
+
+
+@dataclass
+class DomainView:
+    """What the daemon knows of a domain: its latest snapshot and its statistics samples."""
+
+    snapshot: DomainSnapshot
+    window: idle.Window = field(default_factory=lambda: idle.Window(0.0))
+
+
+def busy_reason(view: DomainView, policy: Policy) -> str | None:
+    """Why the domain is not idle by the policy's measure, or None (a shut-off one is idle)."""
+    if view.snapshot.state is DomainState.SHUTOFF:
+        return None
+    limits = idle.Thresholds(
+        cpu_percent=policy.idle.cpu_percent,
+        disk_bytes_per_s=float(policy.idle.disk_bytes_per_s),
+        net_bytes_per_s=float(policy.idle.net_bytes_per_s),
+        duration_s=policy.idle.duration.total_seconds(),
+    )
+    return idle.busy_reason(view.window, limits)
+
+
+@dataclass(frozen=True)
+class Window:
+    """An open window of one policy: jobs may start until ``ends_at`` (monotonic seconds).
+
+    ``busy`` holds the domains that were busy when it opened (uuid -> name and the latest
+    reason): they are watched, and queued if they go idle before it closes.
+    """
+
+    policy: str
+    ends_at: float
+    busy: dict[str, tuple[str, str]] = field(default_factory=dict, compare=False)
+
+    def left(self, now: float) -> float:
+        """Seconds left in the window."""
+        return max(0.0, self.ends_at - now)
+
+    def fits(self, estimated_s: float, now: float) -> bool:
+        """True when a job of ``estimated_s`` would end inside the window."""
+        return estimated_s <= self.left(now)
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A domain a window does not reclaim now, and why (to report)."""
+
+    name: str
+    uuid: str
+    reason: str
+
+
+@dataclass
+class Selection:
+    """What one pass over a policy's domains decided.
+
+    ``chosen`` are to be estimated (the policy now counts as being estimated);
+    ``skipped`` are to be reported (a domain already watched is not reported again);
+    ``nothing_to_do``: the window has no domain to estimate and none to watch.
+    """
+
+    chosen: list[DomainSnapshot] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    nothing_to_do: bool = False
+
+
+@dataclass(frozen=True)
+class WentIdle:
+    """A watched domain that is idle now."""
+
+    uuid: str
+    name: str
+    window_left_s: float
+
+
+@dataclass(frozen=True)
+class Closed:
+    """A window that closed: why, the queued jobs it did not start, the domains still busy."""
+
+    policy: str
+    why: str
+    not_started: list[str]
+    stayed_busy: dict[str, str]
+
+
+class Windows:
+    """The open windows, the queue of estimated candidates, the policies being estimated."""
+
+    def __init__(self) -> None:
+        self.open: dict[str, Window] = {}
+        self.queue: list[Candidate] = []
+        self.estimating: set[str] = set()
+
+    def apply(self, policies: Sequence[Policy]) -> None:
+        """After a reload: forget the windows (and their queue) of policies that are gone."""
+        names = {p.name for p in policies}
+        self.open = {n: w for n, w in self.open.items() if n in names}
+        self.queue = [c for c in self.queue if c.policy in self.open]
+
+    def open_window(self, policy: Policy, now: float) -> Window:
+        """The policy fired: open its window from ``now``.
+
+        A firing while the window is open reopens it from now; the busy domains it
+        watches stay watched (and are not reported as skipped again).
+        """
+        previous = self.open.get(policy.name)
+        busy = previous.busy if previous is not None else {}
+        window = Window(policy.name, now + policy.schedule.window.total_seconds(), busy)
+        self.open[policy.name] = window
+        return window
+
+    def may_select(self, policy: str) -> bool:
+        """True when the policy's window is open and its domains are not being estimated."""
+        return policy in self.open and policy not in self.estimating
+
+    def select(
+        self,
+        policy: Policy,
+        policies: Sequence[Policy],
+        domains: Mapping[str, DomainView],
+        *,
+        running: Collection[str],
+        last_reclaimed_at: Callable[[str], float | None],
+        wall: float,
+        only: Collection[str] | None = None,
+    ) -> Selection:
+        """Pick the policy's eligible idle domains (or those among ``only``) to estimate.
+
+        ``policies`` decide which policy governs each domain; ``running`` holds the uuids
+        of running jobs; ``last_reclaimed_at(uuid)`` reads the journal (wall-clock seconds,
+        may raise JournalError) and ``wall`` is the wall-clock time for the min_interval.
+        A busy domain is watched by the window; any other reason ends its watch.
+        """
+        result = Selection()
+        window = self.open.get(policy.name)
+        if window is None or policy.name in self.estimating:
+            return result
+        for uuid, view in sorted(domains.items(), key=lambda kv: kv[1].snapshot.name):
+            snap = view.snapshot
+            if only is not None and uuid not in only:
+                continue
+            choice = selection.select(policies, snap.name, snap.uuid, snap.xml)
+            if choice.policy is None or choice.policy.name != policy.name:
+                continue
+            reason = _ineligible(
+                uuid, view, policy, running=running, last_reclaimed_at=last_reclaimed_at, wall=wall
+            )
+            if reason is None:
+                window.busy.pop(uuid, None)
+                result.chosen.append(snap)
+                continue
+            watched = uuid in window.busy
+            if reason.startswith(BUSY):
+                window.busy[uuid] = (snap.name, reason)
+            else:
+                window.busy.pop(uuid, None)
+            if not watched:
+                result.skipped.append(Skip(snap.name, uuid, reason))
+        if result.chosen:
+            self.estimating.add(policy.name)
+        else:
+            result.nothing_to_do = only is None and not window.busy
+        return result
+
+    def went_idle(
+        self, policies: Iterable[Policy], domains: Mapping[str, DomainView], now: float
+    ) -> dict[str, list[WentIdle]]:
+        """After a sample: the watched domains of each open window that are idle now.
+
+        A watched domain that is gone stops being watched; one still busy keeps its
+        latest reason. Windows whose domains are being estimated wait for the next sample.
+        """
+        by_name = _by_name(policies)
+        found: dict[str, list[WentIdle]] = {}
+        for name, window in self.open.items():
+            policy = by_name.get(name)
+            if policy is None or not window.busy or name in self.estimating:
+                continue
+            for uuid, (domain, _reason) in list(window.busy.items()):
+                view = domains.get(uuid)
+                if view is None:
+                    del window.busy[uuid]
+                    continue
+                busy = busy_reason(view, policy)
+                if busy is None:
+                    found.setdefault(name, []).append(WentIdle(uuid, domain, window.left(now)))
+                else:
+                    window.busy[uuid] = (domain, f"{BUSY}{busy}")
+        return found
+
+    def estimated(self, policy: str, candidates: Iterable[Candidate]) -> list[Candidate]:
+        """The dry runs of a policy's domains are back: queue them; return those new to it.
+
+        Nothing is queued once the window closed, nor a domain already queued.
+        """
+        self.estimating.discard(policy)
+        if policy not in self.open:
+            return []
+        queued = {c.uuid for c in self.queue}
+        fresh = [c for c in candidates if c.uuid not in queued]
+        self.queue = scheduler.queue_order([*self.queue, *fresh])
+        return fresh
+
+    def close_due(self, now: float) -> list[Closed]:
+        """Close the windows whose time is up (not while their domains are being estimated)."""
+        due = [n for n, w in self.open.items() if w.left(now) <= 0 and n not in self.estimating]
+        return [self.close(name, TIME_UP) for name in due]
+
+    def close(self, name: str, why: str) -> Closed:
+        """Close a window; its queued candidates are dropped."""
+        window = self.open.pop(name)
+        closed = Closed(
+            policy=name,
+            why=why,
+            not_started=[c.name for c in self.queue if c.policy == name],
+            stayed_busy=dict(window.busy.values()),
+        )
+        self.queue = [c for c in self.queue if c.policy != name]
+        return closed
+
+    def dispatch(
+        self,
+        policies: Iterable[Policy],
+        domains: Mapping[str, DomainView],
+        *,
+        running: Collection[str],
+        max_jobs: int,
+        now: float,
+    ) -> list[tuple[Candidate, str | None]]:
+        """Go through the queue in order: which candidates start now, which are dropped.
+
+        Returns (candidate, None) for each to start and (candidate, reason) for each
+        dropped, in queue order. The others wait in the queue: over ``max_jobs``
+        running (counting those started here), or a job of their domain still runs.
+        A candidate dropped for being busy is watched by its window again.
+        """
+        by_name = _by_name(policies)
+        decided: list[tuple[Candidate, str | None]] = []
+        running_now = set(running)
+        waiting: list[Candidate] = []
+        for candidate in self.queue:
+            if len(running_now) >= max_jobs:
+                waiting.append(candidate)
+                continue
+            window = self.open.get(candidate.policy)
+            policy = by_name.get(candidate.policy)
+            view = domains.get(candidate.uuid)
+            reason = _start_refusal(candidate, window, policy, view, running=running_now, now=now)
+            if reason == "wait":
+                waiting.append(candidate)
+                continue
+            decided.append((candidate, reason))
+            if reason is None:
+                running_now.add(candidate.uuid)
+            elif window is not None and reason.startswith(BUSY):
+                window.busy[candidate.uuid] = (candidate.name, reason)
+        self.queue = waiting
+        return decided
+
+
+def _by_name(policies: Iterable[Policy]) -> dict[str, Policy]:
+    found: dict[str, Policy] = {}
+    for policy in policies:
+        found.setdefault(policy.name, policy)
+    return found
+
+
+def _ineligible(
+    uuid: str,
+    view: DomainView,
+    policy: Policy,
+    *,
+    running: Collection[str],
+    last_reclaimed_at: Callable[[str], float | None],
+    wall: float,
+) -> str | None:
+    """Why the domain is not to be estimated now, or None."""
+    if uuid in running:
+        return "a job for it is running"
+    try:
+        last = last_reclaimed_at(uuid)
+    except JournalError as exc:
+        return f"the journal cannot be read: {exc}"
+    left = scheduler.interval_left(last, wall, policy.schedule.min_interval.total_seconds())
+    if left > 0:
+        return f"reclaimed recently: min_interval leaves {left / 3600:.1f} h to wait"
+    busy = busy_reason(view, policy)
+    if busy is not None:
+        return f"{BUSY}{busy}"
+    return None
+
+
+def _start_refusal(
+    candidate: Candidate,
+    window: Window | None,
+    policy: Policy | None,
+    view: DomainView | None,
+    *,
+    running: Collection[str],
+    now: float,
+) -> str | None:
+    """Why the candidate must not start now (None: start; "wait": later)."""
+    if window is None or policy is None or view is None:
+        return GONE
+    if candidate.uuid in running:
+        return "wait"
+    if not window.fits(candidate.estimated_s, now):
+        return (f"estimated {candidate.estimated_s / 60:.0f} min does not fit in the "
+                f"{window.left(now) / 60:.0f} min left of the window")  # fmt: skip
+    busy = busy_reason(view, policy)
+    if busy is not None:
+        return f"{BUSY}{busy}"
+    return None

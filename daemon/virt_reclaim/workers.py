@@ -1,0 +1,186 @@
+"""The daemon's worker threads, each on its own libvirt connection.
+
+- an estimator thread per firing (``estimate``): the dry runs of the domains a
+  window chose (qemu-img measure can take seconds), made into queue candidates;
+- a thread per job (``run_job``): one reclaim job, under its domain lock.
+
+``Workers`` starts them and keeps track of the jobs; each thread reports its
+result by posting a message to the main loop (``("estimated", policy, candidates)``,
+``("job-done", uuid, outcome)``), always, even when it failed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from virt_reclaim import config, planning, runner, scheduler
+from virt_reclaim.domainlock import DomainBusy
+from virt_reclaim.errors import AgentUnavailable, VirtError
+from virt_reclaim.job import Outcome
+from virt_reclaim.journal import Journal, JournalError
+from virt_reclaim.model import DomainSnapshot, DomainState
+from virt_reclaim.policy import Policy, job_settings
+from virt_reclaim.process import Priority
+from virt_reclaim.scheduler import Candidate
+from virt_reclaim.virt import Hypervisor
+
+log = structlog.get_logger("virt_reclaim.workers")
+
+Post = Callable[..., None]
+
+
+@dataclass
+class RunningJob:
+    """A job thread and what the main loop knows of it."""
+
+    domain: str
+    policy: str
+    thread: threading.Thread
+    started: float
+
+
+class Workers:
+    """Starts the worker threads; the jobs running, by domain uuid; the event that stops them."""
+
+    def __init__(self, post: Post) -> None:
+        self._post = post
+        self.running: dict[str, RunningJob] = {}
+        self.stop = threading.Event()
+
+    def estimate(
+        self,
+        settings: config.DaemonConfig,
+        policy: Policy,
+        chosen: list[DomainSnapshot],
+        rate: float,
+    ) -> None:
+        """Start the dry runs of ``chosen`` on a thread; it posts ``estimated``."""
+        threading.Thread(
+            target=self._estimate, args=(settings, policy, chosen, rate),
+            name=f"estimate-{policy.name}", daemon=True,
+        ).start()  # fmt: skip
+
+    def _estimate(
+        self,
+        settings: config.DaemonConfig,
+        policy: Policy,
+        chosen: list[DomainSnapshot],
+        rate: float,
+    ) -> None:
+        candidates: list[Candidate] = []
+        try:
+            candidates = estimate(settings.uri, settings.qemu_img, policy, chosen, rate)
+        except Exception:  # a bug must not leave the window waiting for this estimate forever
+            log.exception("window.estimate_failed", policy=policy.name)
+        finally:
+            self._post("estimated", policy.name, candidates)
+
+    def start_job(
+        self, candidate: Candidate, policy: Policy, settings: config.DaemonConfig, now: float
+    ) -> None:
+        """Start the candidate's job on a thread; it posts ``job-done``."""
+        thread = threading.Thread(
+            target=self._job, args=(candidate, policy, settings), name=f"job-{candidate.name}"
+        )
+        self.running[candidate.uuid] = RunningJob(candidate.name, policy.name, thread, now)
+        thread.start()
+
+    def _job(self, candidate: Candidate, policy: Policy, settings: config.DaemonConfig) -> None:
+        outcome: str | None = None
+        try:
+            outcome = run_job(candidate, policy, settings, self.stop)
+        finally:
+            self._post("job-done", candidate.uuid, outcome)
+
+    def job_done(self, uuid: str) -> RunningJob | None:
+        """The job of ``uuid`` posted its end: forget it and join its thread."""
+        job = self.running.pop(uuid, None)
+        if job is not None:
+            job.thread.join()
+        return job
+
+
+def estimate(
+    uri: str, qemu_img: str, policy: Policy, chosen: Sequence[DomainSnapshot], rate: float
+) -> list[Candidate]:
+    """A dry run of each chosen domain; the candidates of those that would be reclaimed.
+
+    ``rate`` is this host's rewrite rate (bytes per second) for the job's duration.
+    """
+    structlog.contextvars.bind_contextvars(policy=policy.name)
+    candidates: list[Candidate] = []
+    try:
+        with Hypervisor(uri) as hypervisor:
+            everyone = hypervisor.domains()
+            for snap in chosen:
+                candidate = _estimate_one(
+                    hypervisor, everyone, policy, snap, qemu_img=qemu_img, rate=rate
+                )
+                if candidate is not None:
+                    candidates.append(candidate)
+    except VirtError as exc:
+        log.warning("window.estimate_failed", error=str(exc))
+    return candidates
+
+
+def _estimate_one(
+    hypervisor: Hypervisor,
+    everyone: list[DomainSnapshot],
+    policy: Policy,
+    snap: DomainSnapshot,
+    *,
+    qemu_img: str,
+    rate: float,
+) -> Candidate | None:
+    try:
+        domain = hypervisor.domain_by_uuid(snap.uuid)
+        if policy.idle.no_logged_in_users and snap.state is DomainState.RUNNING:
+            users = domain.logged_in_users()
+            if users:
+                log.info("domain.skipped", domain=snap.name,
+                         reason=f"busy: users logged in ({', '.join(users[:5])})")  # fmt: skip
+                return None
+        result = planning.estimate(domain, policy, everyone, qemu_img=qemu_img)
+    except AgentUnavailable as exc:
+        log.info("domain.skipped", domain=snap.name,
+                 reason=f"busy: cannot tell whether users are logged in ({exc})")  # fmt: skip
+        return None
+    except VirtError as exc:
+        log.info("domain.skipped", domain=snap.name, reason=str(exc))
+        return None
+    if result.outcome is not Outcome.DRY_RUN:
+        log.info("domain.skipped", domain=snap.name, reason=result.reason,
+                 outcome=str(result.outcome))  # fmt: skip
+        return None
+    disks = [(d.bytes_before, d.estimated_after) for d in result.disks]
+    return scheduler.candidate(snap.name, snap.uuid, policy, disks, rate)
+
+
+def run_job(
+    candidate: Candidate, policy: Policy, settings: config.DaemonConfig, stop: threading.Event
+) -> str | None:
+    """Run the candidate's job; its outcome, or None when it could not run or crashed."""
+    structlog.contextvars.bind_contextvars(policy=policy.name, domain=candidate.name)
+    outcome: str | None = None
+    try:
+        with Hypervisor(settings.uri) as hypervisor:
+            domain = hypervisor.domain_by_uuid(candidate.uuid)
+            result = runner.run_job(
+                hypervisor,
+                domain,
+                job_settings(policy, qemu_img=settings.qemu_img),
+                journal=Journal(settings.state_dir),
+                state_dir=settings.state_dir,
+                priority=Priority(settings.nice, settings.ionice_class, settings.ionice_level),
+                stop=stop,
+            )
+            outcome = str(result.outcome)
+    except (VirtError, JournalError, DomainBusy) as exc:
+        log.error("job.not_run", error=str(exc))
+    except Exception:  # a bug in one job must not take the daemon down
+        log.exception("job.crashed")
+    return outcome

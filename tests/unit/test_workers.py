@@ -1,0 +1,65 @@
+"""The worker threads always report back to the main loop, whatever happens in them."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+import structlog
+
+from virt_reclaim import config, workers
+from virt_reclaim.policy import Policy
+from virt_reclaim.scheduler import Candidate
+
+POLICY = Policy.model_validate(
+    {"name": "p", "match": {"names": ["*"]}, "schedule": {"cron": "0 2 * * *"}}
+)
+SETTINGS = config.DaemonConfig()
+
+
+def test_an_estimate_that_crashes_still_posts_so_the_window_can_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def crash(*_args: Any) -> list[Candidate]:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(workers, "estimate", crash)
+    posted: list[tuple[Any, ...]] = []
+    pool = workers.Workers(lambda *message: posted.append(message))
+    with structlog.testing.capture_logs() as events:
+        pool._estimate(SETTINGS, POLICY, [], 1.0)
+    assert posted == [("estimated", "p", [])]
+    [failed] = events
+    assert failed["event"] == "window.estimate_failed" and failed["log_level"] == "error"
+    assert failed["exc_info"] is True
+
+
+def test_a_job_thread_posts_its_outcome_and_is_forgotten_when_done(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen_stop: list[threading.Event] = []
+
+    def run_job(_c: Candidate, _p: Policy, _s: Any, stop: threading.Event) -> str:
+        seen_stop.append(stop)
+        return "reclaimed"
+
+    monkeypatch.setattr(workers, "run_job", run_job)
+    posted: list[tuple[Any, ...]] = []
+    done = threading.Event()
+
+    def post(*message: Any) -> None:
+        posted.append(message)
+        done.set()
+
+    pool = workers.Workers(post)
+    candidate = Candidate("vm", "uuid-vm", "p", 10, 5, 60.0)
+    pool.start_job(candidate, POLICY, SETTINGS, now=42.0)
+    assert done.wait(10)
+    assert posted == [("job-done", "uuid-vm", "reclaimed")]
+    assert seen_stop == [pool.stop]
+    assert pool.running["uuid-vm"].started == 42.0
+    job = pool.job_done("uuid-vm")
+    assert job is not None and job.domain == "vm" and not job.thread.is_alive()
+    assert pool.running == {}
+    assert pool.job_done("uuid-vm") is None
