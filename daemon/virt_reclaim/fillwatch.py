@@ -7,6 +7,7 @@ filesystem, or the guest paused by QEMU after an I/O error (ENOSPC on the host).
 
 from __future__ import annotations
 
+import contextvars
 import threading
 from types import TracebackType
 
@@ -43,7 +44,11 @@ class FillWatch:
         self._job_stop = job_stop
         self._poll_s = poll_s
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="fill-watch", daemon=True)
+        # A copy of the context, so that its events say which job and domain they are about.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._watch,), name="fill-watch", daemon=True
+        )
         self._log = structlog.get_logger("virt_reclaim.fillwatch")
 
     def __enter__(self) -> FillWatch:

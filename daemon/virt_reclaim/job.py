@@ -31,6 +31,7 @@ from virt_reclaim.results import (
     JobFailed,
     JobResult,
     JobSkipped,
+    JobUnfinished,
     NothingToDo,
     Outcome,
 )
@@ -139,6 +140,9 @@ class ReclaimJob:
             outcome, reason = Outcome.NOTHING_TO_DO, str(exc)
         except JobAbandoned as exc:
             outcome, reason = Outcome.ABANDONED, str(exc)
+        except JobUnfinished as exc:
+            outcome, reason = Outcome.FAILED, str(exc)
+            return self._finish(outcome, reason, job.clock() - started, journal=False)
         except (JobFailed, VirtError, QemuImgError, GuardError, JournalError, OSError) as exc:
             outcome, reason = Outcome.FAILED, str(exc)
         return self._finish(outcome, reason, job.clock() - started)
@@ -146,7 +150,13 @@ class ReclaimJob:
     def _run_steps(self) -> tuple[Outcome, str]:
         job = self.job
         with job.step(Step.INSPECT):
-            preparation.inspect(job)
+            preparation.inspect(job, live=self.mode.name == "live")
+        if self.mode.name == "live" and not job.was_running:
+            # Nothing runs that could be kept running: the offline steps cost no downtime.
+            self.mode = mode_named("offline")
+            job.log.info("job.mode_fallback", mode="offline", reason="the guest is shut off")
+            if job.journal is not None:
+                job.journal.set_mode(job.job_id, self.mode.name)
         with job.step(Step.ESTIMATE):
             preparation.estimate(job)
         with job.step(Step.PREFLIGHT):
@@ -196,8 +206,10 @@ class ReclaimJob:
         if job.agent_connected and not job.domain.wait_for_agent(timeout):
             job.log.warning("restore.agent_missing", timeout_s=timeout)
 
-    def _finish(self, outcome: Outcome, reason: str, duration: float) -> JobResult:
-        """Journal and log how the job ended; return its result."""
+    def _finish(
+        self, outcome: Outcome, reason: str, duration: float, *, journal: bool = True
+    ) -> JobResult:
+        """Journal (unless ``journal`` is False: recovery's to finish) and log how it ended."""
         job = self.job
         bytes_before = sum(d.bytes_before for d in job.disks)
         bytes_after = sum(d.bytes_after or 0 for d in job.disks if d.swapped) or None
@@ -221,7 +233,7 @@ class ReclaimJob:
             free_space_plan=f"{choice.method} ({choice.why})" if choice is not None else None,
             mode=self.mode.name,
         )
-        if job.journal is not None:
+        if job.journal is not None and journal:
             job.journal.finish_job(
                 job.job_id, outcome=str(outcome), reason=reason,
                 bytes_before=bytes_before or None, bytes_after=bytes_after,

@@ -43,13 +43,19 @@ class Step(enum.StrEnum):
     VERIFY = "verify"
     SWAP = "swap"
     RESTORE = "restore"
+    # The live mode's own (after REWRITE, VERIFY and SWAP of the snapshotted base):
+    SNAPSHOT = "snapshot"
+    COPY = "copy"
+    COMMIT = "commit"
+    CLEANUP = "cleanup"
 
 
 # Recorded in the journal (not a step of its own) once the guest was asked to stop.
 SHUTDOWN_REQUESTED = "shutdown-requested"
 # Steps that run to their end even when the job is asked to stop: the swap is quick and
 # bringing the guest back is the point of stopping safely.
-FINISH_ONCE_BEGUN = frozenset({Step.SWAP, Step.RESTORE})
+# In the live mode, once the base is swapped the only safe way is forward.
+FINISH_ONCE_BEGUN = frozenset({Step.SWAP, Step.RESTORE, Step.COPY, Step.COMMIT, Step.CLEANUP})
 
 
 @dataclass

@@ -277,6 +277,11 @@ class Journal:
         )
         return None if row is None else row[0] / row[1]
 
+    def set_mode(self, job_id: str, mode: str) -> None:
+        """Record that the job runs another mode than it began with (live falls back)."""
+        with self._write() as db:
+            db.execute("UPDATE jobs SET mode = ? WHERE id = ?", (mode, job_id))
+
     def record_plan(self, job_id: str, previous_state: str, disks: list[JournalDisk]) -> None:
         """Record what recovery needs before anything is changed: state and every path."""
         with self._write() as db:

@@ -205,6 +205,11 @@ class Rewrite(_Model):
         default=_JOB_DEFAULTS.min_gain_percent, ge=0, le=100,
         description="skip below this estimated gain in percent of the allocated bytes",
     )  # fmt: skip
+    rate_limit: ByteSize | None = Field(
+        default=None,
+        description="bytes per second the rewrite may read (qemu-img convert -r), e.g. "
+        "50MiB: the guest (live) and its neighbours keep their disk bandwidth",
+    )
     keep_backup: Duration | None = Field(
         default=None, description="keep the original this long beside the new image"
     )
@@ -240,7 +245,11 @@ class Policy(_Model):
     priority: int = Field(
         default=0, description="when two policies match a domain, the higher one wins"
     )
-    mode: Mode = Field(default=Mode.OFFLINE, description="offline (live is not available yet)")
+    mode: Mode = Field(
+        default=Mode.OFFLINE,
+        description="offline (shut down, rewrite, start) or live (no downtime: snapshot, "
+        "rewrite the base, block copy and commit with pivots; a shut-off guest is done offline)",
+    )
     match: Match = Field(description="which domains this policy selects")
     schedule: Schedule = Field(description="when it runs")
     idle: Idle = Field(default_factory=Idle, description="when a guest counts as idle")
@@ -250,13 +259,6 @@ class Policy(_Model):
     shutdown: Shutdown = Field(default_factory=Shutdown, description="shutting the guest down")
     rewrite: Rewrite = Field(default_factory=Rewrite, description="the new image")
     after: After = Field(default=After.PREVIOUS, description="previous|start|off")
-
-    @field_validator("mode")
-    @classmethod
-    def _mode(cls, value: Mode) -> Mode:
-        if value is Mode.LIVE:
-            raise ValueError("live mode is not available yet; use offline")
-        return value
 
     @model_validator(mode="after")
     def _window_fits_a_shutdown(self) -> Policy:
@@ -299,7 +301,9 @@ def job_settings(policy: Policy, **overrides: Any) -> JobSettings:  # noqa: ANN4
         "min_gain": int(rewrite.min_gain),
         "min_gain_percent": rewrite.min_gain_percent,
         "keep_backup": rewrite.keep_backup is not None,
+        "rate_limit": None if rewrite.rate_limit is None else int(rewrite.rate_limit),
         "after": policy.after,
+        "mode": str(policy.mode),
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     return JobSettings(**values)

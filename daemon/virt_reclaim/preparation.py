@@ -22,25 +22,32 @@ MIB = 1024 * 1024
 DEFAULT_CLUSTER = 64 * 1024
 
 
-def inspect(job: JobContext) -> None:
-    """Find the eligible disks and journal what recovery needs; skip the job if there are none."""
+def inspect(job: JobContext, *, live: bool = False) -> None:
+    """Find the eligible disks and journal what recovery needs; skip the job if there are none.
+
+    With ``live`` (a running guest to be kept running), disks the live sequence does not
+    cover are skipped too: those with a backing chain.
+    """
     snap = job.domain.snapshot()
     if not snap.persistent:
         raise JobSkipped("transient domain: it has no definition to restart it from")
     if snap.state not in (DomainState.RUNNING, DomainState.SHUTOFF):
         raise JobSkipped(f"domain is {snap.state}; only running or shut off domains qualify")
     job.was_running = snap.state is DomainState.RUNNING
-    live = domxml.parse_domain(snap.xml)
+    running = domxml.parse_domain(snap.xml)
     persistent = {d.target: d for d in domxml.parse_domain(job.domain.inactive_xml()).disks}
-    job.agent_connected = job.was_running and live.agent_state == "connected"
+    job.agent_connected = job.was_running and running.agent_state == "connected"
     if job.agent_connected:
         try:
             job.agent = job.domain.agent_info()
         except AgentUnavailable as exc:
             job.log.info("agent.unavailable", reason=str(exc))
     others = job.images_of_other_domains()
-    for disk in live.disks:
+    for disk in running.disks:
         reason = _ineligible(job, disk, persistent.get(disk.target), others)
+        if reason is None and live and job.was_running and job.disks[-1].info.backing_filename:
+            job.disks.pop()
+            reason = "it has a backing file; live mode covers single-image disks (use offline)"
         if reason is not None:
             job.skipped_disks.append(SkippedDisk(disk.target, disk.source or "", reason))
             job.log.info("disk.skipped", target=disk.target, path=disk.source, reason=reason)

@@ -225,6 +225,7 @@ def convert_argv(
     backing_format: str | None = None,
     coroutines: int = 8,
     preallocation: str = "off",
+    rate_limit: int | None = None,
 ) -> list[str]:
     """Return the argv of the rewrite: ``source`` (qcow2) into a new qcow2 ``target``.
 
@@ -244,9 +245,21 @@ def convert_argv(
         options.append(f"preallocation={preallocation}")
     if backing is not None:
         argv += ["-B", backing, "-F", backing_format or "qcow2"]
+    if rate_limit is not None:
+        argv += ["-r", str(rate_limit)]
     if options:
         argv += ["-o", ",".join(options)]
     return [*argv, source, target]
+
+
+def create_overlay_argv(path: str, *, backing: str, qemu_img: str = DEFAULT_QEMU_IMG) -> list[str]:
+    """Return the argv that creates a qcow2 ``path`` over the qcow2 ``backing`` (format given)."""
+    return [qemu_img, "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", path]
+
+
+def create_overlay(path: str, *, backing: str, qemu_img: str = DEFAULT_QEMU_IMG) -> None:
+    """Create an empty qcow2 overlay at ``path`` over ``backing``."""
+    _run(create_overlay_argv(path, backing=backing, qemu_img=qemu_img), timeout=INFO_TIMEOUT_S)
 
 
 def check_argv(path: str, *, qemu_img: str = DEFAULT_QEMU_IMG) -> list[str]:
@@ -363,12 +376,13 @@ class QemuImg:
         size_bytes: int,
         on_progress: process.ProgressCallback | None,
         preallocation: str = "off",
+        rate_limit: int | None = None,
     ) -> None:
         """Rewrite ``source`` into ``target`` (see ``convert_argv``) at low priority."""
         argv = convert_argv(
             source, target, qemu_img=self.qemu_img, compression=compression,
             cluster_size=cluster_size, backing=backing, backing_format=backing_format,
-            preallocation=preallocation,
+            preallocation=preallocation, rate_limit=rate_limit,
         )  # fmt: skip
         _run(
             argv,

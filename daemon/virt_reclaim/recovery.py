@@ -23,6 +23,11 @@ from virt_reclaim.model import DomainState
 from virt_reclaim.modes import mode_named
 from virt_reclaim.results import Recovered
 
+
+class RecoveryIncomplete(VirtError):
+    """A job could not be finished or undone now; its journal entry stays unfinished."""
+
+
 # After a crash in the middle of a shutdown the guest may still be going down.
 SETTLE_TIMEOUT_S = 60.0
 
@@ -45,7 +50,10 @@ def recover(
             log.info("recovery.job_alive", job_id=job.id, domain=job.domain)
             continue
         try:
-            result = _recover_job(job, lookup_domain, agent_timeout_s, log)
+            try:
+                result = _recover_job(job, lookup_domain, agent_timeout_s, log)
+            except RecoveryIncomplete:
+                continue  # left unfinished: the next recovery tries again
             journal.finish_job(
                 job.id,
                 outcome=result.outcome,
@@ -75,7 +83,12 @@ def _recover_job(
     except ValueError as exc:
         result.actions.append(f"left the disks as they are: {exc}")
     else:
-        mode.recover(job, result)
+        try:
+            mode.recover(job, result, lookup_domain)
+        except VirtError as exc:
+            result.actions.append(f"could not finish: {exc}")
+            log.error("recovery.incomplete", reason=str(exc))
+            raise RecoveryIncomplete(str(exc)) from exc
     if job.previous_state == str(DomainState.RUNNING):
         _bring_back(job, lookup_domain, agent_timeout_s, result)
     for action in result.actions:

@@ -30,6 +30,13 @@ class JobFailed(Exception):
     """The job could not finish; everything was restored."""
 
 
+class JobUnfinished(JobFailed):
+    """The job failed where it cannot be undone at once (a live job after its swap).
+
+    Its journal entry stays unfinished, so that recovery finishes it.
+    """
+
+
 class JobAbandoned(Exception):
     """The job was asked to stop before the swap; everything was restored."""
 

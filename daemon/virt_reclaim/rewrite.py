@@ -35,6 +35,7 @@ def rewrite_disk(job: JobContext, disk: DiskWork, *, lock: bool) -> None:
         size_bytes=disk.info.virtual_size,
         on_progress=progress_parser(job.on_progress, disk.target),
         preallocation=job.settings.preallocation,
+        rate_limit=job.settings.rate_limit,
     )
     if lock:
         job.guard.lock(disk.temp)

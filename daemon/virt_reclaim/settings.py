@@ -55,6 +55,7 @@ class JobSettings:
     dry_run: bool = False
     agent_start_timeout_s: float = 120.0
     qemu_img: str = "qemu-img"
+    rate_limit: int | None = None  # bytes per second the rewrite may read (qemu-img -r)
     priority: Priority | None = field(default_factory=Priority)
 
     def record(self) -> dict[str, object]:
@@ -74,4 +75,5 @@ class JobSettings:
             "after": str(self.after),
             "keep_backup": self.keep_backup,
             "dry_run": self.dry_run,
+            "rate_limit": self.rate_limit,
         }

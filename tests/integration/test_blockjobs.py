@@ -9,12 +9,10 @@ jobs, has the same checksum after a cold restart.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +21,8 @@ import libvirt
 import pytest
 
 from testbed import data
-from testbed.guests import URI, Guest, GuestError
+from testbed.guests import URI, Guest
+from testbed.live import guest_writing, witnessed
 from testbed.reclaim import image_info, qemu_img_check_clean
 from virt_reclaim.virt import (
     BlockJobFailed,
@@ -31,151 +30,12 @@ from virt_reclaim.virt import (
     Hypervisor,
     NoBlockJob,
     VirtError,
-    start_event_loop,
 )
 
 pytestmark = pytest.mark.guest
 
 MIB = 1024 * 1024
 READY_TIMEOUT_S = 120.0
-
-_BLOCK_JOB_STATUS = {
-    libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED: "completed",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED: "failed",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED: "canceled",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_READY: "ready",
-}
-
-
-class Witness:
-    """The domain as the test bed sees it from its own connection, while a test runs.
-
-    Records lifecycle events, BLOCK_JOB_2 events as (disk, type, status), and every
-    state other than running that a poll every 50 ms finds.
-    """
-
-    def __init__(self, name: str) -> None:
-        start_event_loop()  # before the connection opens, or it gets no events
-        self.conn = libvirt.open(URI)
-        self.dom = self.conn.lookupByName(name)
-        self.lifecycle: list[tuple[int, int]] = []
-        self.block_jobs: list[tuple[str, int, str]] = []
-        self.not_running: list[int] = []
-        self._stop = threading.Event()
-        self._ids = [
-            self.conn.domainEventRegisterAny(
-                self.dom,
-                libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                lambda _c, _d, event, detail, _o: self.lifecycle.append((event, detail)),
-                None,
-            ),
-            self.conn.domainEventRegisterAny(
-                self.dom,
-                libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2,
-                lambda _c, _d, disk, job, status, _o: self.block_jobs.append(
-                    (disk, job, _BLOCK_JOB_STATUS.get(status, str(status)))
-                ),
-                None,
-            ),
-        ]
-        self._poller = threading.Thread(target=self._poll, daemon=True)
-        self._poller.start()
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.05):
-            state, _reason = self.dom.state()
-            if state != libvirt.VIR_DOMAIN_RUNNING:
-                self.not_running.append(state)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._poller.join(timeout=10)
-        for callback_id in self._ids:
-            with contextlib.suppress(libvirt.libvirtError):
-                self.conn.domainEventDeregisterAny(callback_id)
-        self.conn.close()
-
-    def assert_never_left_running(self) -> None:
-        assert self.lifecycle == [], f"lifecycle events during the jobs: {self.lifecycle}"
-        assert self.not_running == [], f"states seen during the jobs: {self.not_running}"
-
-    def statuses(self, disk: str, job_type: int) -> list[str]:
-        """The statuses of the BLOCK_JOB_2 events of one job type on one disk, in order."""
-        return [status for d, t, status in self.block_jobs if d == disk and t == job_type]
-
-    def wait_for_status(self, disk: str, job_type: int, status: str, timeout: float) -> None:
-        """Wait for an event (it may trail the call that caused it)."""
-        deadline = time.monotonic() + timeout
-        while status not in self.statuses(disk, job_type):
-            assert time.monotonic() < deadline, f"no {status} event: {self.block_jobs}"
-            time.sleep(0.05)
-
-
-@contextlib.contextmanager
-def witnessed(guest: Guest) -> Iterator[Witness]:
-    witness = Witness(guest.name)
-    try:
-        yield witness
-    finally:
-        witness.close()
-
-
-WRITER = """
-mkdir -p /data/w
-i=0
-while [ ! -e /tmp/stop-writer ]; do
-  dd if=/dev/urandom of=/data/w/f$i bs=64k count=4 conv=fsync 2>/dev/null || exit 1
-  i=$((i+1))
-  sleep 0.1
-done
-echo $i
-"""
-
-
-class GuestWriter:
-    """A loop in the guest writing 256 KiB files with fsync every 0.1 s until stopped."""
-
-    def __init__(self, guest: Guest) -> None:
-        self.guest = guest
-        guest.exec("rm -f /tmp/stop-writer")
-        self.pid = guest.agent("guest-exec", {"path": "/bin/sh", "arg": ["-c", WRITER],
-                                              "capture-output": True})["pid"]  # fmt: skip
-        self.stopped = False
-
-    def files(self) -> int:
-        out = self.guest.exec("ls /data/w 2>/dev/null | wc -l").stdout
-        return int(out.strip() or 0)
-
-    def wait_for_files(self, count: int, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while self.files() < count:
-            assert time.monotonic() < deadline, f"the writer wrote fewer than {count} files"
-            time.sleep(0.2)
-
-    def stop(self, timeout: float = 60) -> int:
-        """Stop the loop and return how many files it wrote."""
-        self.stopped = True
-        self.guest.exec("touch /tmp/stop-writer")
-        deadline = time.monotonic() + timeout
-        while not (status := self.guest.agent("guest-exec-status", {"pid": self.pid}))["exited"]:
-            if time.monotonic() > deadline:
-                raise GuestError("the writer in the guest did not stop")
-            time.sleep(0.1)
-        assert status.get("exitcode") == 0, status
-        count = int(base64.b64decode(status.get("out-data", "")).decode().strip())
-        assert count == self.files()
-        return count
-
-
-@contextlib.contextmanager
-def guest_writing(guest: Guest) -> Iterator[GuestWriter]:
-    writer = GuestWriter(guest)
-    try:
-        yield writer
-    finally:
-        if not writer.stopped:
-            with contextlib.suppress(Exception):
-                writer.stop()
 
 
 class Steps:

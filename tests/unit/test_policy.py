@@ -36,7 +36,7 @@ def with_field(path: str, value: Any) -> dict[str, Any]:
 
 
 VALID = [
-    ("enabled", False), ("priority", -5), ("mode", "offline"), ("after", "start"),
+    ("enabled", False), ("priority", -5), ("mode", "live"), ("after", "start"),
     ("match.uuids", ["4DC0E6C8-12C3-4B2E-9E55-8F0C8B1F4A10"]), ("match.exclude", ["db-*"]),
     ("schedule.timezone", "Europe/Berlin"), ("schedule.window", "90m"), ("schedule.jitter", "30s"),
     ("schedule.min_interval", "7d"), ("idle.cpu_percent", 0), ("idle.disk_bytes_per_s", "1MiB"),
@@ -51,7 +51,6 @@ INVALID = [
     ("name", "has space", "should match pattern"),
     ("enabled", "yes please", "valid boolean"),
     ("priority", "high", "valid integer"),
-    ("mode", "live", "live mode is not available yet"),
     ("mode", "hot", "'offline' or 'live'"),
     ("after", "sometimes", "'previous', 'start' or 'off'"),
     ("match.uuids", ["not-a-uuid"], "not UUIDs: not-a-uuid"),

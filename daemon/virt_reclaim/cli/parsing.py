@@ -124,6 +124,17 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
         "--json", action="store_true", help="print the result as one JSON object on stdout"
     )
     run.add_argument(
+        "--live", action="store_true", default=None,
+        help="keep a running guest running: recompress its disks through an external "
+        "snapshot, block copy and commit (no downtime; single-image disks only). A shut-off "
+        "guest is reclaimed offline",
+    )  # fmt: skip
+    run.add_argument(
+        "--rate-limit", type=_size, default=None, metavar="BYTES_PER_S",
+        help="limit the rewrite's I/O (qemu-img convert -r), e.g. 50MiB, so that the guest "
+        "and its neighbours keep their disk bandwidth (default: the policy's, else none)",
+    )  # fmt: skip
+    run.add_argument(
         "--free-space", choices=[m.value for m in FreeSpaceMethod],
         default=None,
         help="how to free the guest's unused blocks first: trim (frees host space only with "

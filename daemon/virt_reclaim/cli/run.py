@@ -55,6 +55,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         "min_gain": args.min_gain,
         "keep_backup": args.keep_backup,
         "dry_run": args.dry_run,
+        "mode": "live" if args.live else None,
+        "rate_limit": args.rate_limit,
         "qemu_img": args.qemu_img,
     }
     if args.policy:

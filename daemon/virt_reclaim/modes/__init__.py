@@ -6,7 +6,8 @@ A mode owns its steps and the recovery of each step it journals; the frame
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from virt_reclaim.jobcontext import JobContext
 from virt_reclaim.journal import JournalJob
@@ -21,8 +22,13 @@ class Mode(Protocol):
     def run(self, job: JobContext) -> None:
         """Take the mode's steps; on any failure leave the images as they were and raise."""
 
-    def recover(self, journaled: JournalJob, result: Recovered) -> None:
-        """Finish or undo what a dead job of this mode did to its disks; say so in ``result``."""
+    def recover(
+        self, journaled: JournalJob, result: Recovered, lookup_domain: Callable[[str], Any]
+    ) -> None:
+        """Finish or undo what a dead job of this mode did to its disks; say so in ``result``.
+
+        ``lookup_domain`` gives the domain (``virt.Domain``) by UUID.
+        """
 
 
 def mode_named(name: str) -> Mode:
@@ -31,9 +37,10 @@ def mode_named(name: str) -> Mode:
     Raises:
         ValueError: No such mode.
     """
-    from virt_reclaim.modes.offline import OfflineMode  # noqa: PLC0415 - modes import this module
+    from virt_reclaim.modes.live import LiveMode  # noqa: PLC0415 - modes import this module
+    from virt_reclaim.modes.offline import OfflineMode  # noqa: PLC0415
 
-    modes: dict[str, Mode] = {"offline": OfflineMode()}
+    modes: dict[str, Mode] = {"offline": OfflineMode(), "live": LiveMode()}
     try:
         return modes[name]
     except KeyError:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextvars
 import os
 import threading
+from collections.abc import Callable
+from typing import Any
 
 from virt_reclaim import domxml, imagefile, preparation
 from virt_reclaim.errors import VirtError
@@ -52,7 +54,9 @@ class OfflineMode:
         finally:
             job.guard.release()
 
-    def recover(self, journaled: JournalJob, result: Recovered) -> None:
+    def recover(
+        self, journaled: JournalJob, result: Recovered, lookup_domain: Callable[[str], Any]
+    ) -> None:
         """Undo a job that died before its swap, or finish one that died after it.
 
         A qemu-img that still writes the temporary file is killed (it also holds a

@@ -32,6 +32,7 @@ from virt_reclaim.model import (
 from virt_reclaim.virt.common import STATES, error_message, read_snapshot
 
 if TYPE_CHECKING:
+    from virt_reclaim.virt.blockjobs import BlockJobs
     from virt_reclaim.virt.connection import Hypervisor
 
 # How long a guest process may take to clean up after SIGTERM (a zero-fill removes its file).
@@ -60,6 +61,12 @@ class Domain:
     def inactive_xml(self) -> str:
         """The persistent definition: what the next start will use."""
         return str(self._call("read XML", lambda d: d.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
+
+    def block_jobs(self) -> BlockJobs:
+        """Snapshots and block jobs on this domain's disks (close it when done)."""
+        from virt_reclaim.virt.blockjobs import BlockJobs  # noqa: PLC0415 - it imports Domain
+
+        return BlockJobs(self)
 
     def libvirt_snapshot_count(self) -> int:
         """Snapshots libvirt keeps metadata of (internal or external)."""

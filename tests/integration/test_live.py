@@ -1,0 +1,162 @@
+"""Live reclaim on real guests: `virt-reclaim run --live` keeps a writing guest running.
+
+What matters: the domain never leaves `running` (no lifecycle event, no other state
+seen), the guest's largest stall stays small, every file (also those written during
+the job) has the same checksum after a cold restart, both XMLs end on the original
+path, no overlay or temporary file is left, and the space is freed as offline would.
+A SIGKILL of `run` before each journaled live step is finished or undone by `recover`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from testbed import data
+from testbed.guests import URI, Guest
+from testbed.live import Ticker, guest_writing, largest_gap, witnessed
+from testbed.reclaim import (
+    image_info,
+    killed_if_left_running,
+    leftovers,
+    qemu_img_check_clean,
+    reclaim,
+    start_reclaim,
+    wait_for_file,
+)
+
+pytestmark = pytest.mark.guest
+
+MIB = 1024 * 1024
+
+
+def sources(guest: Guest) -> tuple[str, str]:
+    """The disk's source in the live and in the persistent XML."""
+    live = guest.dom.XMLDesc(0)
+    persistent = guest.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+
+    def source(xml: str) -> str:
+        start = xml.index("<source file='") + len("<source file='")
+        return xml[start : xml.index("'", start)]
+
+    return source(live), source(persistent)
+
+
+def offline_size(image: Path, tmp: Path) -> int:
+    """What an offline zstd rewrite makes of the same image now."""
+    out = tmp / "offline.qcow2"
+    argv = ["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", "-c", "-o",
+            "compression_type=zstd", str(image), str(out)]  # fmt: skip
+    subprocess.run(argv, check=True, timeout=300)
+    size = os.stat(out).st_blocks * 512
+    out.unlink()
+    return size
+
+
+def test_live_reclaim_keeps_a_writing_guest_running(
+    make_guest: Callable[..., Guest], tmp_path: Path
+) -> None:
+    guest = make_guest(data_size="1G", discard=True)
+    data.write_text(guest, "/data/app.log", 32)
+    data.write_random(guest, "/data/blob.bin", 8)
+    data.write_deleted_random(guest, 64)
+    image = guest.data_image
+
+    with witnessed(guest) as witness, guest_writing(guest) as writer:
+        writer.wait_for_files(3)
+        ticker = Ticker(guest)
+        run = reclaim(guest.name, "--live", "--min-gain", "0")
+        ticks = ticker.stop()
+        written = writer.stop()
+        witness.assert_never_left_running()
+
+    assert run.exitcode == 0, run.stderr
+    assert run.result["outcome"] == "reclaimed", run.result
+    assert run.result["mode"] == "live"
+    assert run.result["downtime_s"] == 0
+    [disk] = run.result["disks"]
+    assert disk["bytes_before"] - disk["bytes_after"] > 40 * MIB, disk
+    steps = [e["step"] for e in run.events("step.finished")]
+    assert steps == ["inspect", "estimate", "preflight", "free-space", "snapshot", "rewrite",
+                     "verify", "swap", "copy", "commit", "cleanup", "restore"]  # fmt: skip
+    gap = largest_gap(ticks)
+    print(f"\nlive: {len(ticks)} ticks, largest gap {gap:.3f} s; {written} files written")
+    assert gap < 0.5, f"the guest stalled {gap:.2f} s"
+    assert sources(guest) == (str(image), str(image))
+    assert leftovers(image.parent) == []
+    assert image_info(image)["format-specific"]["data"]["compression-type"] == "zstd"
+    # As much freed as an offline rewrite of the same data would (within 5 %).
+    assert os.stat(image).st_blocks * 512 <= 1.05 * offline_size(image, tmp_path)
+    sums = data.checksums(guest)
+    assert len([p for p in sums if p.startswith("/data/w/")]) == written
+    guest.restart()
+    qemu_img_check_clean(image)
+    assert data.checksums(guest) == sums
+
+
+def test_a_shut_off_guest_is_reclaimed_offline(make_guest: Callable[..., Guest]) -> None:
+    guest = make_guest(data_size="256M", discard=True)
+    data.write_text(guest, "/data/app.log", 16)
+    guest.shutdown()
+
+    run = reclaim(guest.name, "--live", "--min-gain", "0")
+
+    assert run.result["outcome"] == "reclaimed", run.result
+    assert run.result["mode"] == "offline"
+    [fallback] = run.events("job.mode_fallback")
+    assert fallback["reason"] == "the guest is shut off"
+    assert guest.is_off()
+
+
+LIVE_CRASH_POINTS = ["snapshot", "rewrite", "verify", "swap", "copy", "commit", "cleanup"]
+
+
+def test_sigkill_before_each_live_step_then_recover(
+    make_guest: Callable[..., Guest], tmp_path: Path
+) -> None:
+    guest = make_guest(data_size="512M", discard=True)
+    data.write_text(guest, "/data/app.log", 16)
+    image = guest.data_image
+    state = tmp_path / "state"
+    for point in LIVE_CRASH_POINTS:
+        data.write_deleted_random(guest, 16)
+        data.write_random(guest, f"/data/before-{point}.bin", 1)
+        sums = data.checksums(guest)
+        marker = tmp_path / f"paused-{point}"
+        env = {"VIRT_RECLAIM_TEST_PAUSE": point, "VIRT_RECLAIM_TEST_PAUSE_FILE": str(marker)}
+        options = ("--live", "--min-gain", "0", "--state-dir", str(state))
+        with killed_if_left_running(start_reclaim(guest.name, *options, env=env)) as job:
+            wait_for_file(marker, 180)
+            job.send_signal(signal.SIGKILL)
+            job.communicate(timeout=60)
+
+        recovered = recover(state)
+
+        assert [r["outcome"] for r in recovered] in (["reclaimed"], ["failed"]), recovered
+        assert guest.is_running(), point
+        assert sources(guest) == (str(image), str(image)), (point, recovered)
+        assert leftovers(image.parent) == [], (point, recovered)
+        assert data.checksums(guest) == sums, point
+        assert recover(state) == [], f"{point}: a second recover found work"
+    guest.restart()
+    qemu_img_check_clean(image)
+    assert data.checksums(guest) == sums
+
+
+def recover(state: Path) -> list[dict[str, object]]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "virt_reclaim", "recover", "--json", "--connect", URI,
+         "--state-dir", str(state)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result: list[dict[str, object]] = json.loads(proc.stdout)
+    return result
