@@ -140,7 +140,9 @@ def describe_disk(disk: domxml.DiskSpec, *, in_use: bool, qemu_img_path: str) ->
     try:
         allocated = os.stat(disk.source).st_blocks * 512
         # A running QEMU holds the image locked; -U reads the header anyway.
-        chain = qemu_img.info(disk.source, qemu_img=qemu_img_path, force_share=in_use)
+        # The format the XML states (libvirt's default is raw): never a probe of guest bytes.
+        chain = qemu_img.info(disk.source, qemu_img=qemu_img_path, force_share=in_use,
+                              image_format=disk.format or "raw")  # fmt: skip
     except OSError as exc:
         return replace(report, error=f"{disk.source}: {exc.strerror}")
     except QemuImgError as exc:

@@ -83,7 +83,8 @@ def _ineligible(  # noqa: PLR0911 - one return per eligibility rule, in order
     if user is not None:
         return f"the image is also used by domain {user}"
     try:
-        chain = job.images.info(disk.source, force_share=job.was_running)
+        # The format the XML states, never a probe of what the guest wrote.
+        chain = job.images.info(disk.source, force_share=job.was_running, image_format=disk.format)
     except QemuImgError as exc:
         return f"unreadable image: {exc}"
     top = chain[0]

@@ -40,14 +40,20 @@ def info_argv(
     qemu_img: str = DEFAULT_QEMU_IMG,
     backing_chain: bool = True,
     force_share: bool = False,
+    image_format: str | None = None,
 ) -> list[str]:
     """Return the argv of ``qemu-img info`` for ``path`` with JSON output.
 
     ``force_share`` (``-U``) is needed to read the header of an image that a
     running QEMU holds locked; what it reads may be stale, which is fine for
-    reporting and never a basis for rewriting.
+    reporting and never a basis for rewriting. ``image_format`` is the format the
+    domain XML states: given, qemu-img never probes the guest-written bytes (a raw
+    disk whose guest wrote a qcow2 header naming a host file would otherwise be
+    read as that qcow2, with the host file as its backing).
     """
     argv = [qemu_img, "info", "--output=json"]
+    if image_format is not None:
+        argv += ["-f", image_format]
     if backing_chain:
         argv.append("--backing-chain")
     if force_share:
@@ -106,13 +112,15 @@ def info(
     backing_chain: bool = True,
     force_share: bool = False,
     timeout: float = INFO_TIMEOUT_S,
+    image_format: str | None = None,
 ) -> list[ImageInfo]:
     """Run ``qemu-img info`` on ``path``; see ``parse_info`` for the result.
 
     Raises:
         QemuImgError: qemu-img failed, timed out, or printed garbage.
     """
-    argv = info_argv(path, qemu_img=qemu_img, backing_chain=backing_chain, force_share=force_share)
+    argv = info_argv(path, qemu_img=qemu_img, backing_chain=backing_chain,
+                     force_share=force_share, image_format=image_format)  # fmt: skip
     try:
         result = process.run(argv, timeout=timeout)
     except process.CommandError as exc:
@@ -130,9 +138,11 @@ _READ_RATE = 20 * 1024 * 1024
 _COMPRESS_RATE = 5 * 1024 * 1024
 
 
-def measure_argv(path: str, *, qemu_img: str = DEFAULT_QEMU_IMG) -> list[str]:
-    """Return the argv of ``qemu-img measure`` of ``path`` converted to qcow2."""
-    return [qemu_img, "measure", "--output=json", "-O", "qcow2", path]
+def measure_argv(
+    path: str, *, qemu_img: str = DEFAULT_QEMU_IMG, image_format: str = "qcow2"
+) -> list[str]:
+    """Return the argv of ``qemu-img measure`` of ``path`` (in ``image_format``) as qcow2."""
+    return [qemu_img, "measure", "--output=json", "-f", image_format, "-O", "qcow2", path]
 
 
 def parse_measure(text: str) -> int:
@@ -143,9 +153,15 @@ def parse_measure(text: str) -> int:
         raise QemuImgError(f"unexpected qemu-img measure output: {text[:200]!r}") from exc
 
 
-def measure(path: str, *, qemu_img: str = DEFAULT_QEMU_IMG, force_share: bool = False) -> int:
+def measure(
+    path: str,
+    *,
+    qemu_img: str = DEFAULT_QEMU_IMG,
+    force_share: bool = False,
+    image_format: str = "qcow2",
+) -> int:
     """Bytes a qcow2 copy of ``path`` (its whole chain) needs at most, uncompressed."""
-    argv = measure_argv(path, qemu_img=qemu_img)
+    argv = measure_argv(path, qemu_img=qemu_img, image_format=image_format)
     if force_share:
         argv.insert(2, "-U")
     return parse_measure(_run(argv, timeout=INFO_TIMEOUT_S * 5).stdout)
@@ -352,13 +368,17 @@ class QemuImg:
         self.priority = priority
         self.cancel = cancel
 
-    def info(self, path: str, *, force_share: bool) -> list[ImageInfo]:
+    def info(
+        self, path: str, *, force_share: bool, image_format: str | None = None
+    ) -> list[ImageInfo]:
         """See ``info``."""
-        return info(path, qemu_img=self.qemu_img, force_share=force_share)
+        return info(path, qemu_img=self.qemu_img, force_share=force_share,
+                    image_format=image_format)  # fmt: skip
 
-    def measure(self, path: str, *, force_share: bool) -> int:
+    def measure(self, path: str, *, force_share: bool, image_format: str = "qcow2") -> int:
         """See ``measure``."""
-        return measure(path, qemu_img=self.qemu_img, force_share=force_share)
+        return measure(path, qemu_img=self.qemu_img, force_share=force_share,
+                       image_format=image_format)  # fmt: skip
 
     def map(self, path: str, *, force_share: bool) -> list[Extent]:
         """See ``image_map``."""

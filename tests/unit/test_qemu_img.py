@@ -152,3 +152,24 @@ def test_check_reports_a_broken_image(tmp_path: Path) -> None:
         f.write((0x8000000000000000 | (1 << 40)).to_bytes(8, "big"))
     with pytest.raises(qemu_img.QemuImgError, match="qemu-img check"):
         qemu_img.QemuImg().check(str(image), size_bytes=16 * MIB)
+
+
+def test_a_raw_disk_whose_guest_wrote_a_qcow2_header_is_read_as_raw(tmp_path: Path) -> None:
+    """The guest's bytes are the guest's: the format comes from the domain XML, never a probe."""
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(b"host data the guest must never see" * 1000)
+    # What a hostile guest can write into its raw disk: a qcow2 header whose backing
+    # file is a host path.
+    raw = tmp_path / "guest.raw"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(raw), "1M")
+    with raw.open("ab") as f:
+        f.truncate(8 * MIB)
+    probed = subprocess.run(["qemu-img", "info", "--output=json", str(raw)], capture_output=True,
+                            text=True, timeout=60, check=True).stdout  # fmt: skip
+    assert str(secret) in probed  # what a probe would have believed
+
+    [layer] = qemu_img.info(str(raw), image_format="raw")
+    assert (layer.format, layer.backing_filename) == ("raw", None)
+    assert qemu_img.measure_argv(str(raw), image_format="raw")[3:5] == ["-f", "raw"]
+    assert qemu_img.measure(str(raw), image_format="raw") > 0
+    assert qemu_img.info_argv("/i", image_format="raw")[3:5] == ["-f", "raw"]
