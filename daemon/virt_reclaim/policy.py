@@ -147,6 +147,11 @@ class Idle(_Model):
     no_logged_in_users: bool = Field(
         default=False, description="also require no logged-in users (guest agent)"
     )
+    required: bool = Field(
+        default=True,
+        description="only idle guests are reclaimed; false (live mode only) reclaims busy "
+        "ones too, throttled by rewrite.rate_limit",
+    )
 
 
 class FreeSpace(_Model):
@@ -259,6 +264,14 @@ class Policy(_Model):
     shutdown: Shutdown = Field(default_factory=Shutdown, description="shutting the guest down")
     rewrite: Rewrite = Field(default_factory=Rewrite, description="the new image")
     after: After = Field(default=After.PREVIOUS, description="previous|start|off")
+
+    @model_validator(mode="after")
+    def _busy_guests_only_live(self) -> Policy:
+        if not self.idle.required and self.mode is not Mode.LIVE:
+            raise ValueError(
+                'idle.required = false needs mode = "live": offline would shut a busy guest down'
+            )
+        return self
 
     @model_validator(mode="after")
     def _window_fits_a_shutdown(self) -> Policy:

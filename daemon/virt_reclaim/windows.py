@@ -45,6 +45,8 @@ def busy_reason(view: DomainView, policy: Policy) -> str | None:
     """Why the domain is not idle by the policy's measure, or None (a shut-off one is idle)."""
     if view.snapshot.state is DomainState.SHUTOFF:
         return None
+    if not policy.idle.required:
+        return None  # a live policy that reclaims busy guests too (no downtime, throttled)
     limits = idle.Thresholds(
         cpu_percent=policy.idle.cpu_percent,
         disk_bytes_per_s=float(policy.idle.disk_bytes_per_s),

@@ -426,3 +426,13 @@ def test_the_core_uses_no_clock_thread_libvirt_or_log() -> None:
     forbidden = {"time", "threading", "libvirt", "structlog", "os", "subprocess",
                  "virt_reclaim.virt", "virt_reclaim.hostview", "virt_reclaim.workers"}  # fmt: skip
     assert not imported & forbidden
+
+
+def test_a_live_policy_may_reclaim_busy_guests_and_an_offline_one_may_not() -> None:
+    p = policy(mode="live", idle={"required": False})
+    book = opened(p)
+    chosen = select(book, p, by_uuid(busy_view("vm-c"), view("vm-new")))
+    assert [s.name for s in chosen.chosen] == ["vm-c", "vm-new"]
+    assert chosen.skipped == []
+    with pytest.raises(ValueError, match=r'idle\.required = false needs mode = "live"'):
+        policy(idle={"required": False})
