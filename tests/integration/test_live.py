@@ -21,7 +21,7 @@ import libvirt
 import pytest
 
 from testbed import data
-from testbed.guests import URI, Guest
+from testbed.guests import URI, Guest, restart_libvirtd
 from testbed.live import Ticker, guest_writing, largest_gap, witnessed
 from testbed.reclaim import (
     image_info,
@@ -160,3 +160,30 @@ def recover(state: Path) -> list[dict[str, object]]:
     assert proc.returncode == 0, proc.stderr
     result: list[dict[str, object]] = json.loads(proc.stdout)
     return result
+
+
+@pytest.mark.serial
+@pytest.mark.parametrize("point", ["rewrite", "copy", "commit"])
+def test_libvirtd_restarted_during_a_live_job(
+    make_guest: Callable[..., Guest], tmp_path: Path, point: str
+) -> None:
+    guest = make_guest(data_size="256M", discard=True)
+    data.write_text(guest, "/data/app.log", 16)
+    data.write_deleted_random(guest, 16)
+    sums = data.checksums(guest)
+    marker, go = tmp_path / "paused", tmp_path / "go"
+    env = {"VIRT_RECLAIM_TEST_PAUSE": point, "VIRT_RECLAIM_TEST_PAUSE_FILE": str(marker),
+           "VIRT_RECLAIM_TEST_GO_FILE": str(go)}  # fmt: skip
+    options = ("--live", "--min-gain", "0", "--state-dir", str(tmp_path / "state"))
+    with killed_if_left_running(start_reclaim(guest.name, *options, env=env)) as job:
+        wait_for_file(marker, 180)
+        restart_libvirtd()
+        go.touch()
+        stdout, stderr = job.communicate(timeout=600)
+
+    assert job.returncode == 0, stderr
+    assert json.loads(stdout)["outcome"] == "reclaimed", stdout
+    assert guest.is_running()
+    assert sources(guest) == (str(guest.data_image), str(guest.data_image))
+    assert leftovers(guest.data_image.parent) == []
+    assert data.checksums(guest) == sums

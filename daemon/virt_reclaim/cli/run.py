@@ -113,10 +113,12 @@ def _policy_named(name: str, config_dir: str) -> Policy:
 def _test_pause_hook() -> Callable[[Step], None] | None:
     """For crash tests only: VIRT_RECLAIM_TEST_PAUSE=STEP[:N] stops before the Nth STEP.
 
-    The job writes VIRT_RECLAIM_TEST_PAUSE_FILE and sleeps there until it is killed.
+    The job writes VIRT_RECLAIM_TEST_PAUSE_FILE and sleeps there until it is killed, or,
+    with VIRT_RECLAIM_TEST_GO_FILE, until that file exists (then it goes on).
     """
     spec = os.environ.get("VIRT_RECLAIM_TEST_PAUSE")
     marker = os.environ.get("VIRT_RECLAIM_TEST_PAUSE_FILE")
+    go = os.environ.get("VIRT_RECLAIM_TEST_GO_FILE")
     if not spec or not marker:
         return None
     step_name, _, nth = spec.partition(":")
@@ -130,7 +132,7 @@ def _test_pause_hook() -> Callable[[Step], None] | None:
             seen += 1
             if seen == count:
                 Path(marker).touch()
-                while True:
-                    time.sleep(3600)
+                while go is None or not Path(go).exists():
+                    time.sleep(0.05)
 
     return pause
