@@ -121,7 +121,11 @@ def main() -> int:
 
     def run_plain(options: list[str]) -> Callable[[], None]:
         argv = ["qemu-img", "convert", "-O", "qcow2", *options, str(source), str(target)]
-        return lambda: subprocess.run(argv, check=True)
+
+        def run() -> None:
+            subprocess.run(argv, check=True)
+
+        return run
 
     contenders: dict[str, Callable[[], None]] = {"ours (virt-reclaim)": run_ours}
     contenders |= {f"hand-tuned: {name}": run_plain(opts) for name, opts in HAND_TUNED.items()}

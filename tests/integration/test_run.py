@@ -14,6 +14,7 @@ import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
@@ -64,10 +65,11 @@ def assert_back_as_before(guest: Guest, sums: dict[str, str], *, running: bool) 
         guest.shutdown()
 
 
-def assert_reclaimed(run: RunResult, guest: Guest, *, backup: bool = False) -> dict[str, object]:
+def assert_reclaimed(run: RunResult, guest: Guest, *, backup: bool = False) -> dict[str, Any]:
     assert run.exitcode == 0, run.stderr
     assert run.result["outcome"] == "reclaimed", run.result
     [disk] = run.result["disks"]
+    assert isinstance(disk, dict)
     assert disk["path"] == str(guest.data_image)
     allocated_now = os.stat(guest.data_image).st_blocks * 512
     if guest.is_off():

@@ -187,11 +187,11 @@ class Guest:
         return self.folder / "console.log"
 
     def is_running(self) -> bool:
-        return self.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        return bool(self.dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING)
 
     def is_off(self) -> bool:
         try:
-            return self.dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
+            return bool(self.dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF)
         except libvirt.libvirtError as exc:
             # A transient domain vanishes when it stops.
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:

@@ -50,7 +50,7 @@ def normalized(conn: Any, xml: str) -> str:
     """Define the XML on the test driver and read back what libvirt writes."""
     dom = conn.defineXML(xml)
     try:
-        return dom.XMLDesc(0)
+        return str(dom.XMLDesc(0))
     finally:
         dom.undefine()
 

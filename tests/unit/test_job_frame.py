@@ -25,7 +25,7 @@ MIB = 1024 * 1024
 class FailingConvert(QemuImg):
     """qemu-img whose convert fails (a full disk, a killed process...)."""
 
-    def convert(self, source: str, target: str, **_options: Any) -> None:  # type: ignore[override]
+    def convert(self, source: str, target: str, **_options: Any) -> None:
         Path(target).write_bytes(b"half an image")
         raise QemuImgError("qemu-img: error while writing at byte 0: No space left on device")
 

@@ -51,7 +51,7 @@ def run_job(
     )
     with structlog.testing.capture_logs() as events:
         result = job.run()
-    return result, events
+    return result, [dict(e) for e in events]
 
 
 def named(events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:

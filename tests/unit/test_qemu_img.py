@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from virt_reclaim import qemu_img
+from virt_reclaim.errors import QemuImgError
 
 MIB = 1024 * 1024
 
@@ -86,18 +87,18 @@ def test_zstd_compression_type_is_read(tmp_path: Path) -> None:
 
 
 def test_missing_image_raises(tmp_path: Path) -> None:
-    with pytest.raises(qemu_img.QemuImgError, match="No such file"):
+    with pytest.raises(QemuImgError, match="No such file"):
         qemu_img.info(str(tmp_path / "missing.qcow2"))
 
 
 def test_missing_program_raises(tmp_path: Path) -> None:
-    with pytest.raises(qemu_img.QemuImgError, match="cannot be started"):
+    with pytest.raises(QemuImgError, match="cannot be started"):
         qemu_img.info(str(tmp_path / "x"), qemu_img=str(tmp_path / "no-qemu-img"))
 
 
 @pytest.mark.parametrize("text", ["", "not json", "{}", '[{"format": "qcow2"}]'])
 def test_unexpected_output_raises(text: str) -> None:
-    with pytest.raises(qemu_img.QemuImgError):
+    with pytest.raises(QemuImgError):
         qemu_img.parse_info(text)
 
 
@@ -135,7 +136,7 @@ def test_rewrite_check_and_compare_on_real_images(tmp_path: Path) -> None:
     assert os.stat(new).st_blocks * 512 < 2 * MIB  # 8 MiB of one byte, and zeros
     sh("qemu-img", "convert", "-O", "qcow2", str(image), str(other))
     sh("qemu-io", "-c", "write -P 0x62 4M 4k", str(other))
-    with pytest.raises(qemu_img.QemuImgError, match="differs"):
+    with pytest.raises(QemuImgError, match="differs"):
         tool.compare(str(image), str(other), size_bytes=32 * MIB)
     assert tool.measure(str(image), force_share=False) >= 8 * MIB
 
@@ -150,7 +151,7 @@ def test_check_reports_a_broken_image(tmp_path: Path) -> None:
         l1_offset = int.from_bytes(f.read(8), "big")
         f.seek(l1_offset)
         f.write((0x8000000000000000 | (1 << 40)).to_bytes(8, "big"))
-    with pytest.raises(qemu_img.QemuImgError, match="qemu-img check"):
+    with pytest.raises(QemuImgError, match="qemu-img check"):
         qemu_img.QemuImg().check(str(image), size_bytes=16 * MIB)
 
 

@@ -50,7 +50,9 @@ def test_no_eligible_disk_is_skipped_with_each_reason(uri: str, tmp_path: Path) 
     code, result, _ = run("netonly", "--json", "--connect", uri, state_dir=tmp_path)
     assert code == 3
     assert result["outcome"] == "skipped"
-    reasons = {d["target"]: d["reason"] for d in result["skipped_disks"]}  # type: ignore[union-attr]
+    skipped = result["skipped_disks"]
+    assert isinstance(skipped, list)
+    reasons = {d["target"]: d["reason"] for d in skipped}
     assert reasons == {
         "vda": "not a file-backed qcow2 disk (type network, format raw)",
         "sda": "a cdrom, not a disk",
