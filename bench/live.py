@@ -35,6 +35,7 @@ STATE_DIR = "/var/lib/virt-reclaim-bench"
 
 def dirty(guest: Guest) -> None:
     """The same work for every run: 64 MiB of deleted random data, 8 MiB of new text."""
+    guest.exec("rm -rf /data/w")  # the writer's files of the run before
     data.write_deleted_random(guest, 64)
     data.write_text(guest, "/data/round.log", 8)
 
@@ -101,6 +102,7 @@ def main() -> None:
         data.write_text(guest, "/data/app.log", 64)
         data.write_random(guest, "/data/blob.bin", 16)
         print(f"baseline: largest stall without a job {baseline_stall(guest):.3f} s", flush=True)
+        guest.exec("rm -rf /data/w")
         rows = []
         for _round in range(args.rounds):
             for mode in ("offline", "live"):
