@@ -1,17 +1,30 @@
-"""The demo: two real guests with dirty qcow2 disks, reclaimed with ``virt-reclaim run``.
+"""The demo: two real guests with dirty qcow2 disks, reclaimed by hand, then by the daemon.
 
 vr-demo-1 runs; vr-demo-2 is shut off. Both hold compressible log text, some
 random data, and random data that was written and deleted (still allocated
-on the host). The demo shows them with ``virt-reclaim domains``, reclaims
-both with ``virt-reclaim run`` (a dry run first), and shows them again.
-Run again to recreate them; ``--remove`` removes them.
+on the host). The demo shows them with ``virt-reclaim domains --estimate``,
+reclaims both with ``virt-reclaim run`` (a dry run first), and shows them again.
+
+Then the daemon at work: vr-demo-1 writes and deletes more and goes quiet, vr-demo-2
+starts and keeps its CPU busy, and ``virt-reclaim daemon`` runs in the foreground
+with a policy whose window opens at the next full minute. It finds vr-demo-1 idle
+and reclaims it (shut down, rewrite, start again), skips the busy vr-demo-2 and
+says why; once the job is done the demo stops the daemon (SIGTERM) and shows
+``virt-reclaim history`` and the metrics file the daemon wrote.
+
+Run again to recreate everything; ``--remove`` removes the guests.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,19 +33,36 @@ sys.path.insert(0, str(ROOT / "tests"))
 import libvirt  # noqa: E402
 
 from testbed import data  # noqa: E402
-from testbed.guests import RUN_DIR, URI, create_guest, remove_domain  # noqa: E402
+from testbed.daemon import write_config  # noqa: E402
+from testbed.guests import RUN_DIR, URI, Guest, create_guest, remove_domain  # noqa: E402
 
 DEMO_GUESTS = ("vr-demo-1", "vr-demo-2")
+DAEMON_DIR = RUN_DIR / "vr-demo-daemon"  # its configuration, journal and metrics file
+CLI = ROOT / ".venv" / "bin" / "virt-reclaim"
+# The window opens within a minute; the job of vr-demo-1 takes well under two.
+DAEMON_LIMIT_S = 240
+POLICY = """\
+[[policy]]
+name = "demo"
+match.names = ["vr-demo-*"]
+schedule.cron = "* * * * *"    # a window at every full minute (a real one: "0 1 * * sun")
+schedule.window = "10m"
+idle.duration = "10s"          # quiet for 10 s counts as idle (a real one: "20m")
+idle.cpu_percent = 30.0        # a TCG guest doing nothing uses a few percent for its timers
+shutdown.timeout = "60s"
+rewrite.min_gain = "32MiB"
+"""
 
 
 def remove_demo(conn: libvirt.virConnect) -> None:
-    """Remove the demo guests and their folders, if there are any."""
+    """Remove the demo guests, their folders and the daemon's folder, if there are any."""
     for name in DEMO_GUESTS:
         remove_domain(conn, name)
-        subprocess.run(["rm", "-rf", str(RUN_DIR / name)], check=True)
+        shutil.rmtree(RUN_DIR / name, ignore_errors=True)
+    shutil.rmtree(DAEMON_DIR, ignore_errors=True)
 
 
-def make_dirty_guest(conn: libvirt.virConnect, name: str, *, leave_running: bool) -> None:
+def make_dirty_guest(conn: libvirt.virConnect, name: str, *, leave_running: bool) -> Guest:
     """Create a guest whose disk holds text, random data and deleted random data."""
     print(
         f"demo: creating {name} and writing 64 MiB text, 16 MiB random, 96 MiB random deleted",
@@ -44,43 +74,127 @@ def make_dirty_guest(conn: libvirt.virConnect, name: str, *, leave_running: bool
     data.write_deleted_random(guest, 96)
     if not leave_running:
         guest.shutdown()
+    return guest
+
+
+def virt_reclaim(*args: str, quiet_log: bool = False) -> int:
+    """Run one command as an operator would, showing it first."""
+    print(f"\ndemo: $ virt-reclaim {' '.join(args)}", flush=True)
+    # For `run`, only the outcome on stdout: its log lines would drown it here.
+    extra = ["--log-format", "json"] if quiet_log else []
+    stderr = subprocess.DEVNULL if quiet_log else None
+    code = subprocess.run([str(CLI), *args, *extra], check=False, stderr=stderr).returncode
+    if code != 0:
+        print(f"demo: 'virt-reclaim {' '.join(args)}' exited {code}", file=sys.stderr)
+    return code
+
+
+def by_hand() -> int:
+    """What the demo always showed: the inventory, a dry run, two reclaims, the inventory."""
+    # The guests are small: below run's default minimum gain (64 MiB) once trimmed.
+    gain = ["--min-gain", "16MiB"]
+    steps = [
+        ["domains", "--estimate", "--connect", URI],
+        ["run", DEMO_GUESTS[0], "--dry-run", "--connect", URI, *gain],
+        ["run", DEMO_GUESTS[0], "--connect", URI, *gain],
+        ["run", DEMO_GUESTS[1], "--connect", URI, *gain],
+        ["domains", "--connect", URI],
+    ]
+    for step in steps:
+        code = virt_reclaim(*step, quiet_log=step[0] == "run")
+        if code != 0:
+            return code
+    return 0
+
+
+def the_daemon(idle: Guest, busy: Guest) -> int:
+    """The daemon finds the idle guest and reclaims it, and skips the busy one."""
+    print("\ndemo: now the daemon. vr-demo-1 writes 96 MiB more log text (a rewrite compresses "
+          "it), deletes 32 MiB and goes quiet; vr-demo-2 starts and keeps its CPU busy.",
+          flush=True)  # fmt: skip
+    data.write_text(idle, "/data/app-2.log", 96)
+    data.write_deleted_random(idle, 32)
+    busy.start()
+    busy.exec("sh -c 'echo $$ >/run/busy.pid; while :; do :; done' >/dev/null 2>&1 &")
+    metrics_file = DAEMON_DIR / "node-exporter" / "virt_reclaim.prom"
+    metrics_file.parent.mkdir(parents=True, mode=0o755)
+    settings = (
+        f'uri = "{URI}"\nstate_dir = "{DAEMON_DIR / "state"}"\nstats_interval = "2s"\n'
+        f'log_format = "console"\nmetrics_file = "{metrics_file}"\n'
+    )
+    config_dir = write_config(DAEMON_DIR / "etc", settings, {"10-demo.toml": POLICY})
+    print(f"\ndemo: {config_dir}/policies.d/10-demo.toml:\n\n{POLICY}", flush=True)
+    try:
+        code = run_daemon(config_dir)
+    finally:
+        busy.exec("kill $(cat /run/busy.pid)", check=False)  # no core left spinning
+    if code != 0:
+        return code
+    code = virt_reclaim("history", "--config-dir", str(config_dir))
+    print(f"\ndemo: $ grep -v '^#' {metrics_file}   (node_exporter's textfile collector reads it)")
+    for line in metrics_file.read_text().splitlines():
+        if not line.startswith("#"):
+            print(line)
+    return code
+
+
+def run_daemon(config_dir: Path) -> int:
+    """``virt-reclaim daemon`` in the foreground until vr-demo-1's job ended, then SIGTERM."""
+    print(f"demo: $ virt-reclaim daemon --config-dir {config_dir}\n"
+          "demo: (its window opens at the next full minute, as policy.scheduled says; the demo "
+          "stops it with SIGTERM once the job ended)\n", flush=True)  # fmt: skip
+    daemon = subprocess.Popen(
+        [str(CLI), "daemon", "--config-dir", str(config_dir)],
+        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    job_ended = threading.Event()
+
+    def echo() -> None:
+        for line in daemon.stderr or ():
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if "job.ended" in line and f"domain={DEMO_GUESTS[0]}" in line:
+                job_ended.set()
+
+    reader = threading.Thread(target=echo, daemon=True)
+    reader.start()
+    try:
+        if job_ended.wait(DAEMON_LIMIT_S):
+            print("\ndemo: the job ended; stopping the daemon (SIGTERM)\n", flush=True)
+        else:
+            print(f"demo: no job ended within {DAEMON_LIMIT_S} s; stopping the daemon",
+                  file=sys.stderr)  # fmt: skip
+        daemon.send_signal(signal.SIGTERM)
+        code = daemon.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the daemon too: it stops safely by itself
+        code = daemon.wait()
+    reader.join(10)
+    if code != 0 or not job_ended.is_set():
+        print(f"demo: the daemon exited {code}", file=sys.stderr)
+        return code or 1
+    return 0
 
 
 def main() -> int:
-    """Recreate (or remove) the demo guests, then show them."""
+    """Recreate (or remove) the demo guests, then show them reclaimed, by hand and by the daemon."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--remove", action="store_true", help="remove the demo guests")
     args = parser.parse_args()
+    began = time.monotonic()
     conn = libvirt.open(URI)
     try:
         remove_demo(conn)
         if args.remove:
             print("demo: removed " + ", ".join(DEMO_GUESTS))
             return 0
-        make_dirty_guest(conn, DEMO_GUESTS[0], leave_running=True)
-        make_dirty_guest(conn, DEMO_GUESTS[1], leave_running=False)
+        first = make_dirty_guest(conn, DEMO_GUESTS[0], leave_running=True)
+        second = make_dirty_guest(conn, DEMO_GUESTS[1], leave_running=False)
+        code = by_hand() or the_daemon(first, second)
     finally:
         conn.close()
-    steps = [
-        ["domains"],
-        ["run", DEMO_GUESTS[0], "--dry-run"],
-        ["run", DEMO_GUESTS[0]],
-        ["run", DEMO_GUESTS[1]],
-        ["domains"],
-    ]
-    cli = ROOT / ".venv" / "bin" / "virt-reclaim"
-    for step in steps:
-        print(f"\ndemo: $ virt-reclaim {' '.join(step)}", flush=True)
-        # Only the outcome on stdout: the JSON log lines would drown it here.
-        code = subprocess.run(
-            [str(cli), *step, "--connect", URI, *(["--log-format", "json"] if step[0] == "run"
-                                                 else [])],
-            check=False, stderr=subprocess.DEVNULL if step[0] == "run" else None,
-        ).returncode  # fmt: skip
-        if code != 0:
-            print(f"demo: 'virt-reclaim {' '.join(step)}' exited {code}", file=sys.stderr)
-            return code
-    return 0
+    print(f"\ndemo: done in {time.monotonic() - began:.0f} s; 'make clean-demo' removes the guests")
+    return code
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape
 
+from virt_reclaim import domxml
 from virt_reclaim.errors import AgentUnavailable, GuestExecCancelled, VirtError
 from virt_reclaim.model import (
     AgentInfo,
@@ -71,6 +72,8 @@ class FakeDisk:
     discard: bool = True
     detect_zeroes: str | None = None
     format: str = "qcow2"
+    type: str = "file"  # or "block" (its path is then a device)
+    extra_xml: str = ""  # more elements inside <disk>: <readonly/>, <shareable/>...
 
     def xml(self) -> str:
         driver = f"<driver name='qemu' type='{self.format}'"
@@ -78,10 +81,11 @@ class FakeDisk:
             driver += " discard='unmap'"
         if self.detect_zeroes:
             driver += f" detect_zeroes='{self.detect_zeroes}'"
+        attribute = "dev" if self.type == "block" else "file"
         return (
-            f"<disk type='file' device='disk'>{driver}/>"
-            f"<source file='{escape(str(self.path))}'/>"
-            f"<target dev='{self.target}' bus='virtio'/></disk>"
+            f"<disk type='{self.type}' device='disk'>{driver}/>"
+            f"<source {attribute}='{escape(str(self.path))}'/>"
+            f"<target dev='{self.target}' bus='virtio'/>{self.extra_xml}</disk>"
         )
 
 
@@ -107,6 +111,9 @@ class FakeDomain:
     calls: list[str] = field(default_factory=list)
     inactive_override: str | None = None
     after_shutdown: Callable[[], None] | None = None
+    # The definitions define_xml was given, in order; set define_error to refuse them.
+    defined: list[str] = field(default_factory=list)
+    define_error: str | None = None
 
     def _xml(self) -> str:
         agent = ""
@@ -131,6 +138,23 @@ class FakeDomain:
 
     def inactive_xml(self) -> str:
         return self.inactive_override or self._xml()
+
+    def define_xml(self, xml: str) -> None:
+        """Take the disks' driver and source from ``xml``, as the next start would."""
+        self.calls.append("define_xml")
+        if self.define_error is not None:
+            raise VirtError(f"{self.name}: cannot define: {self.define_error}")
+        spec = domxml.parse_domain(xml)
+        assert spec.uuid == self.uuid, "a definition of another domain"
+        by_target = {d.target: d for d in spec.disks}
+        for disk in self.disks:
+            new = by_target[disk.target]
+            assert new.source is not None and new.format is not None
+            disk.path, disk.format = Path(new.source), new.format
+            disk.discard = new.discard == "unmap"
+            disk.detect_zeroes = new.detect_zeroes
+        self.defined.append(xml)
+        self.inactive_override = None
 
     def shutdown(self, *, use_agent: bool) -> None:
         self.calls.append(f"shutdown(agent={use_agent})")
@@ -177,7 +201,8 @@ class FakeDomain:
         for offset, length in self.trim_discards:
             for disk in self.disks:
                 if disk.discard:
-                    sh("qemu-io", "-f", "qcow2", "-c", f"discard {offset} {length}", str(disk.path))
+                    sh("qemu-io", "-f", disk.format, "-c", f"discard {offset} {length}",
+                       str(disk.path))  # fmt: skip
         return list(self.trim_reply)
 
     def guest_exec(
@@ -204,7 +229,7 @@ class FakeDomain:
                 continue
             size = min(chunk, limit - written)
             command = "write -z" if disk.detect_zeroes else "write -P 0"
-            sh("qemu-io", "-f", "qcow2", "-c",
+            sh("qemu-io", "-f", disk.format, "-c",
                f"{command} {self.fill_offset + written} {size}", str(disk.path))  # fmt: skip
             written += size
             if self.on_fill_chunk is not None:

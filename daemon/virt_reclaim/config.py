@@ -15,7 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from virt_reclaim.journal import DEFAULT_STATE_DIR
 from virt_reclaim.logs import LogFormat
@@ -46,6 +46,21 @@ class DaemonConfig(_Model):
         default=timedelta(seconds=60), description="how often to sample domain statistics"
     )
     qemu_img: str = Field(default="qemu-img", description="qemu-img program")
+    metrics_file: str = Field(
+        default="",
+        description="metrics for node_exporter's textfile collector, an absolute path ending "
+        "in .prom (empty: none)",
+    )
+
+    @field_validator("metrics_file")
+    @classmethod
+    def _metrics_file(cls, value: str) -> str:
+        if value and not (value.startswith("/") and value.endswith(".prom")):
+            raise ValueError(
+                "an absolute path ending in .prom (node_exporter's textfile collector reads "
+                "only those), e.g. /var/lib/prometheus/node-exporter/virt_reclaim.prom"
+            )
+        return value
 
 
 @dataclass(frozen=True)

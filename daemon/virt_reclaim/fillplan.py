@@ -80,6 +80,7 @@ class GuestVolume:
     targets: tuple[str, ...]
     total: int | None  # bytes available to unprivileged users in all (qemu-ga's total-bytes)
     used: int | None
+    fstype: str = ""
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class Fill:
     limit: int
     guest_free: int
     why_not: str | None = None
+    unreached: int = 0  # free space the fill will not reach: the guest's share, a root reserve
 
 
 @dataclass
@@ -104,6 +106,10 @@ class FillPlan:
     def total_limit(self) -> int:
         """Bytes the fill may write in all."""
         return sum(f.limit for f in self.fills)
+
+    def unreached(self) -> int:
+        """Bytes of the guests' free space the fill will not reach, in all."""
+        return sum(f.unreached for f in self.fills)
 
     def reach(self) -> float:
         """Share of the guests' free space the fill will reach (0-1), for the estimate."""
@@ -131,6 +137,7 @@ def plan_fill(
     for volume in volumes:
         found = next((headroom[t] for t in volume.targets if t in headroom), None)
         guest_free = _guest_room(volume, reserve)
+        unreached = _unreached(volume, guest_free)
         if found is None:
             continue
         disk = found
@@ -143,22 +150,47 @@ def plan_fill(
             limit = min(guest_free, disk.headroom, max(0, room_by_device[disk.host.device]))
         limit = limit // MIB * MIB  # dd writes whole MiB
         if limit < MIN_FILL_BYTES:
-            plan.fills.append(Fill(volume.mountpoint, 0, guest_free, _why_not(disk, guest_free)))
+            plan.fills.append(Fill(volume.mountpoint, 0, guest_free, _why_not(disk, guest_free),
+                                   unreached + guest_free))  # fmt: skip
             continue
         if not disk.zeros_become_holes:
             room_by_device[disk.host.device] -= limit
             headroom[disk.target] = DiskRoom(
                 disk.target, disk.host, disk.headroom - limit, False, disk.rewrite_need
             )
-        plan.fills.append(Fill(volume.mountpoint, limit, guest_free))
+        plan.fills.append(
+            Fill(volume.mountpoint, limit, guest_free, None, unreached + guest_free - limit)
+        )
     return plan
 
 
+# ext2/3/4 keep 5 % for root by default, which qemu-ga's total-bytes already leaves out.
+EXT_ROOT_RESERVE_PERCENT = 5.0
+
+
+def _has_root_reserve(volume: GuestVolume) -> bool:
+    return volume.fstype in ("ext2", "ext3", "ext4")
+
+
 def _guest_room(volume: GuestVolume, reserve: Reserve) -> int:
+    """The guest's free space less its share; on ext* the root reserve counts toward it."""
     if volume.total is None or volume.used is None:
         return 0
-    left = int(volume.total * reserve.guest_percent / 100)
+    percent = reserve.guest_percent
+    if _has_root_reserve(volume):
+        percent = max(0.0, percent - EXT_ROOT_RESERVE_PERCENT)
+    left = int(volume.total * percent / 100)
     return max(0, volume.total - volume.used - left)
+
+
+def _unreached(volume: GuestVolume, guest_free: int) -> int:
+    """Free space no fill of this filesystem reaches: the guest's share and a root reserve."""
+    if volume.total is None or volume.used is None:
+        return 0
+    share = max(0, volume.total - volume.used - guest_free)
+    if _has_root_reserve(volume):
+        share += int(volume.total * EXT_ROOT_RESERVE_PERCENT / (100 - EXT_ROOT_RESERVE_PERCENT))
+    return share
 
 
 def _why_not(disk: DiskRoom, guest_free: int) -> str:

@@ -40,8 +40,10 @@ def free_guest_space(job: JobContext) -> None:
                  trimmed_bytes=result.trimmed_bytes, zeroed_bytes=result.zeroed_bytes,
                  fills=result.fills)  # fmt: skip
     if result.method != "none":
-        reach = job.fill_plan.reach() if job.fill_plan is not None else 0.0
-        _recheck_gain(job, 1.0 if result.method == "trim" else reach)
+        # After a trim, the map of a running image may still show what it freed (stale
+        # metadata): count the deleted data as freed. After a zero-fill the zeros are in
+        # the image: what garbage is still there stays.
+        _recheck_gain(job, 1.0 if result.method == "trim" else 0.0)
     # The fill may have grown the image, or another guest taken the room: find out
     # before the guest goes down, not after.
     preparation.preflight(job)

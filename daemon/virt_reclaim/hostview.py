@@ -53,6 +53,7 @@ class HostView:
         self.outage: Outage | None = None
         self.domains: dict[str, DomainView] = {}
         self.sampled_once = False
+        self.last_sampled_at: float | None = None  # wall clock of the last sample that worked
 
     def connect(
         self,
@@ -138,6 +139,7 @@ class HostView:
         except VirtError as exc:
             log.warning("stats.failed", error=str(exc))
             return
+        self.last_sampled_at = time.time()
         for _name, uuid, record in records:
             view = self.domains.get(uuid)
             if view is None:

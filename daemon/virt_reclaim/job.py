@@ -3,8 +3,9 @@
 INSPECT -> ESTIMATE -> PREFLIGHT (``preparation``; a dry run ends here) ->
 FREE_SPACE (``freestep``, while the guest runs) -> the mode's steps
 (``modes.offline``: SHUTDOWN -> GUARD -> PREFLIGHT -> REWRITE -> VERIFY -> SWAP) ->
-RESTORE. Every step is journaled before it is taken and logged when it starts and
-ends (``jobcontext``). Whatever the mode does, the frame brings the guest back to
+RESTORE, then the mode's steps after it, if it has any (``modes.convert``: CLEANUP).
+Every step is journaled before it is taken and logged when it starts and ends
+(``jobcontext``). Whatever the mode does, the frame brings the guest back to
 the power state it had (or the one the policy asks for after a success), and
 reports both when the job and the restore fail.
 """
@@ -157,6 +158,14 @@ class ReclaimJob:
             job.log.info("job.mode_fallback", mode="offline", reason="the guest is shut off")
             if job.journal is not None:
                 job.journal.set_mode(job.job_id, self.mode.name)
+        converting = [d for d in job.disks if d.converted_path]
+        if converting and self.mode.name == "offline":
+            # A disk to convert (rewrite.convert): the offline steps with its conversion.
+            self.mode = mode_named("convert")
+            reason = "; ".join(f"{d.target}: {d.format} -> {d.converted_path}" for d in converting)
+            job.log.info("job.mode_changed", mode=self.mode.name, reason=reason)
+            if job.journal is not None:
+                job.journal.set_mode(job.job_id, self.mode.name)
         with job.step(Step.ESTIMATE):
             preparation.estimate(job)
         with job.step(Step.PREFLIGHT):
@@ -183,6 +192,9 @@ class ReclaimJob:
                         f"{failure}; then the guest could not be started again: {restore_error}"
                     ) from restore_error
                 raise
+        after_restore = getattr(self.mode, "after_restore", None)
+        if after_restore is not None:
+            after_restore(job)
         freed = sum(d.bytes_before - (d.bytes_after or 0) for d in job.disks)
         return Outcome.RECLAIMED, f"freed {format_bytes(freed)}"
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from virt_reclaim import estimate as estimating
-from virt_reclaim import fillplan
+from virt_reclaim import fillplan, imagefile
 from virt_reclaim.errors import Cancelled
 from virt_reclaim.guard import ImageGuard
 from virt_reclaim.guestfree import Choice
@@ -42,12 +42,15 @@ class Step(enum.StrEnum):
     REWRITE = "rewrite"
     VERIFY = "verify"
     SWAP = "swap"
+    # The persistent definition changed while the guest is off (discard turned on, a
+    # converted disk pointed at its new image):
+    DEFINE = "define"
     RESTORE = "restore"
     # The live mode's own (after REWRITE, VERIFY and SWAP of the snapshotted base):
     SNAPSHOT = "snapshot"
     COPY = "copy"
     COMMIT = "commit"
-    CLEANUP = "cleanup"
+    CLEANUP = "cleanup"  # also the convert mode's: the originals removed once the guest runs
 
 
 # Recorded in the journal (not a step of its own) once the guest was asked to stop.
@@ -55,7 +58,9 @@ SHUTDOWN_REQUESTED = "shutdown-requested"
 # Steps that run to their end even when the job is asked to stop: the swap is quick and
 # bringing the guest back is the point of stopping safely.
 # In the live mode, once the base is swapped the only safe way is forward.
-FINISH_ONCE_BEGUN = frozenset({Step.SWAP, Step.RESTORE, Step.COPY, Step.COMMIT, Step.CLEANUP})
+FINISH_ONCE_BEGUN = frozenset(
+    {Step.SWAP, Step.DEFINE, Step.RESTORE, Step.COPY, Step.COMMIT, Step.CLEANUP}
+)
 
 
 @dataclass
@@ -77,6 +82,16 @@ class DiskWork:
     zeroed_bytes: int = 0  # zeros our fill wrote into filesystems on this disk
     guest_used: int | None = None  # bytes the guest's filesystems on it use
     estimate: estimating.Estimate | None = None
+    format: str = "qcow2"  # the image format the domain XML states (never probed)
+    converted_path: str | None = None  # where a raw or VMDK image is converted to (qcow2)
+    data_file: str | None = None  # a flat VMDK's extent: the file its guest data is in
+    cluster_size: int | None = None  # the new image's
+    discard_enabled: bool = False  # the job turned discard on in the definition
+
+    def allocated(self) -> int:
+        """Bytes the image occupies on the host now (a flat VMDK's extent included)."""
+        extra = imagefile.allocated_bytes(self.data_file) if self.data_file else 0
+        return imagefile.allocated_bytes(self.path) + extra
 
     def result(self) -> DiskResult:
         """The disk's entry in the job's result."""
@@ -90,6 +105,11 @@ class DiskWork:
             estimate_basis=self.estimate.basis if self.estimate else None,
             guest_used=self.guest_used,
             backup=self.backup if self.swapped else None,
+            format=self.format,
+            converted_to=self.converted_path if self.swapped else None,
+            discard=self.discard,
+            discard_enabled=self.discard_enabled,
+            cluster_size=self.cluster_size,
         )
 
 

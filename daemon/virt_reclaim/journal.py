@@ -416,3 +416,102 @@ class Journal:
             duration_s=row["duration_s"], disks=disks, steps=steps, mode=row["mode"],
             estimated_after=row["estimated_after"],
         )  # fmt: skip
+
+    # -- figures for the metrics file (metrics.py) ----------------------------------------
+
+    def outcome_totals(self) -> list[tuple[str, str, int, int, float]]:
+        """Per domain and outcome of the finished jobs: count, bytes freed, seconds down.
+
+        Rows of (domain, outcome, jobs, reclaimed bytes, downtime seconds); a job's
+        reclaimed bytes are its bytes before less after, never below zero.
+        """
+        rows = self._query_all(
+            "SELECT domain, outcome, COUNT(*), "
+            "SUM(CASE WHEN outcome = 'reclaimed' AND bytes_after IS NOT NULL "
+            "AND bytes_before > bytes_after THEN bytes_before - bytes_after ELSE 0 END), "
+            "SUM(COALESCE(downtime_s, 0)) FROM jobs WHERE finished_at IS NOT NULL "
+            "GROUP BY domain, outcome ORDER BY domain, outcome",
+            (),
+        )
+        return [(r[0], r[1], int(r[2]), int(r[3] or 0), float(r[4] or 0.0)) for r in rows]
+
+    def last_jobs(self) -> list[JournalJob]:
+        """Each domain's newest finished job (by name) that is not a dry run."""
+        return self._jobs(
+            "SELECT * FROM (SELECT *, ROW_NUMBER() OVER "
+            "(PARTITION BY domain ORDER BY started_at DESC) AS newest FROM jobs "
+            "WHERE finished_at IS NOT NULL AND outcome != 'dry-run') "
+            "WHERE newest = 1 ORDER BY domain",
+            (),
+        )
+
+    def job_setting(self, job_id: str, name: str) -> Any:  # noqa: ANN401 - a JSON value
+        """One of the settings a job recorded when it began (None when it has none)."""
+        row = self._query_one(
+            "SELECT json_extract(settings, ?) FROM jobs WHERE id = ?", (f"$.{name}", job_id)
+        )
+        return None if row is None else row[0]
+
+    def step_durations(
+        self, ignore: tuple[str, ...] = (), job_id: str | None = None
+    ) -> list[tuple[str, str, float]]:
+        """Seconds each step of the finished jobs took (or of one job): (job id, step, seconds).
+
+        A step lasts from its start to the next step's start, the last one to the job's
+        end. ``ignore`` names journal marks that are points inside a step, not steps.
+        """
+        rows = self._query_all(
+            "WITH s AS (SELECT job_id, seq, step, started_at, LEAD(started_at) OVER "
+            "(PARTITION BY job_id ORDER BY seq) AS next_at FROM steps "
+            "WHERE step NOT IN (SELECT value FROM json_each(?))) "
+            "SELECT s.job_id, s.step, COALESCE(s.next_at, j.finished_at) - s.started_at "
+            "FROM s JOIN jobs j ON j.id = s.job_id "
+            "WHERE j.finished_at IS NOT NULL AND (? IS NULL OR j.id = ?) "
+            "ORDER BY j.started_at, s.seq",
+            (json.dumps(list(ignore)), job_id, job_id),
+        )
+        return [(r[0], r[1], max(0.0, float(r[2]))) for r in rows]
+
+    def disk_figures(self) -> list[dict[str, Any]]:
+        """Per domain and disk target: its newest estimate and its newest reclaim.
+
+        Each row has ``domain``, ``target``, and (None when there is none)
+        ``estimated_at``, ``bytes_before``, ``estimated_after`` (the newest job that
+        estimated it), ``reclaimed_at``, ``bytes_after`` (the newest reclaim that
+        rewrote it).
+        """
+        estimates = self._query_all(
+            "SELECT domain, target, started_at, bytes_before, estimated_after FROM ("
+            "SELECT j.domain, d.target, j.started_at, d.bytes_before, d.estimated_after, "
+            "ROW_NUMBER() OVER (PARTITION BY j.domain, d.target ORDER BY j.started_at DESC) "
+            "AS newest FROM jobs j JOIN job_disks d ON d.job_id = j.id "
+            "WHERE d.estimated_after IS NOT NULL AND d.bytes_before IS NOT NULL) "
+            "WHERE newest = 1",
+            (),
+        )
+        reclaims = self._query_all(
+            "SELECT domain, target, finished_at, bytes_after FROM ("
+            "SELECT j.domain, d.target, j.finished_at, d.bytes_after, "
+            "ROW_NUMBER() OVER (PARTITION BY j.domain, d.target ORDER BY j.started_at DESC) "
+            "AS newest FROM jobs j JOIN job_disks d ON d.job_id = j.id "
+            "WHERE j.outcome = 'reclaimed' AND d.bytes_after IS NOT NULL) "
+            "WHERE newest = 1",
+            (),
+        )
+        found: dict[tuple[str, str], dict[str, Any]] = {}
+        empty = dict.fromkeys(
+            ("estimated_at", "bytes_before", "estimated_after", "reclaimed_at", "bytes_after")
+        )
+        for domain, target, at, before, after in estimates:
+            row = found.setdefault((domain, target), {"domain": domain, "target": target, **empty})
+            row.update(estimated_at=at, bytes_before=before, estimated_after=after)
+        for domain, target, at, after in reclaims:
+            row = found.setdefault((domain, target), {"domain": domain, "target": target, **empty})
+            row.update(reclaimed_at=at, bytes_after=after)
+        return [found[key] for key in sorted(found)]
+
+    def _query_all(self, query: str, args: tuple[Any, ...]) -> list[Any]:
+        try:
+            return self._db.execute(query, args).fetchall()
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal {self.path}: {exc}") from exc

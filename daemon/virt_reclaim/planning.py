@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from virt_reclaim import crontab, inventory, selection
-from virt_reclaim.job import JobResult, Outcome, ReclaimJob
+from virt_reclaim import advice, conversion, crontab, inventory, layout, selection
+from virt_reclaim.job import JobResult, JobSettings, Outcome, ReclaimJob
 from virt_reclaim.model import DomainSnapshot
 from virt_reclaim.policy import Policy, job_settings
 from virt_reclaim.qemu_img import QemuImg
+from virt_reclaim.results import DiskResult
 from virt_reclaim.virt import Domain, Hypervisor
 
 
@@ -29,6 +31,16 @@ class PlanEntry:
     disks: list[dict[str, Any]] = field(default_factory=list)
     skipped_disks: list[dict[str, str]] = field(default_factory=list)
     free_space: str | None = None  # the method the job would use, and why
+    notes: list[str] = field(default_factory=list)  # what a policy setting would change
+
+    @property
+    def estimated_reclaimable(self) -> int | None:
+        """Bytes the estimate says a reclaim frees on the host (None: no estimate)."""
+        gains: list[int | None] = [d["estimated_reclaimable"] for d in self.disks]
+        known = [g for g in gains if g is not None]
+        if not gains or len(known) < len(gains):
+            return None
+        return sum(known)
 
     def to_json(self) -> dict[str, Any]:
         """The entry of ``plan --json``."""
@@ -42,6 +54,8 @@ class PlanEntry:
             "disks": self.disks,
             "skipped_disks": self.skipped_disks,
             "free_space": self.free_space,
+            "notes": self.notes,
+            "estimated_reclaimable": self.estimated_reclaimable,
         }
 
 
@@ -58,15 +72,27 @@ def estimate(
 
     ``snapshots`` are all domains (for the images other domains use), listed once by the caller.
     """
+    return dry_run(domain, job_settings(policy, dry_run=True, qemu_img=qemu_img), snapshots)
+
+
+def dry_run(
+    domain: Domain, settings: JobSettings, snapshots: Sequence[DomainSnapshot]
+) -> JobResult:
+    """A dry run of a job with ``settings`` (``dry_run`` is forced) on ``domain``: read-only."""
     job = ReclaimJob(
         domain,
-        QemuImg(qemu_img),
-        job_settings(policy, dry_run=True, qemu_img=qemu_img),
+        QemuImg(settings.qemu_img),
+        dataclasses.replace(settings, dry_run=True),
         images_of_other_domains=functools.partial(
             inventory.images_in_use, snapshots, exclude_uuid=domain.uuid
         ),
     )
     return job.run()
+
+
+def reclaimable(bytes_before: int, estimated_after: int | None) -> int | None:
+    """What an estimate says a disk's reclaim frees on the host, never below 0."""
+    return None if estimated_after is None else max(0, bytes_before - estimated_after)
 
 
 def plan(
@@ -92,10 +118,25 @@ def plan(
             entry.reason = "" if result.outcome is Outcome.DRY_RUN else result.reason
             entry.disks = [
                 {"target": d.target, "path": d.path, "bytes_allocated": d.bytes_before,
-                 "estimated_after": d.estimated_after}
+                 "estimated_after": d.estimated_after,
+                 "estimated_reclaimable": reclaimable(d.bytes_before, d.estimated_after),
+                 **_layout_of(policy, d)}
                 for d in result.disks
             ]  # fmt: skip
             entry.skipped_disks = [d.to_json() for d in result.skipped_disks]
             entry.free_space = result.free_space_plan
+            entry.notes = advice.disk_notes(policy, snap.xml)
         entries.append(entry)
     return entries
+
+
+def _layout_of(policy: Policy, disk: DiskResult) -> dict[str, Any]:
+    """A disk's format, discard, and the layout its new image gets, with its read cost."""
+    rewrite = policy.rewrite
+    shape = layout.describe(str(rewrite.compression), disk.cluster_size, rewrite.preallocation)
+    return {
+        "format": disk.format,
+        "converted_to": None if disk.format == "qcow2" else conversion.new_path_for(disk.path),
+        "discard": disk.discard,
+        "layout": shape.to_json(),
+    }

@@ -218,6 +218,13 @@ class Rewrite(_Model):
     keep_backup: Duration | None = Field(
         default=None, description="keep the original this long beside the new image"
     )
+    convert: bool = Field(
+        default=False,
+        description="convert raw and VMDK (monolithicSparse, monolithicFlat, streamOptimized) "
+        "file disks to qcow2 beside the original (disk.raw -> disk.qcow2) while the guest is "
+        "off, verify, and point the definition at it; the original is removed once the guest "
+        "runs again (kept with keep_backup). Offline jobs only",
+    )
 
     @field_validator("cluster_size")
     @classmethod
@@ -233,6 +240,17 @@ class Rewrite(_Model):
         if self.compression is not Compression.NONE and self.preallocation != "off":
             raise ValueError("compression and preallocation exclude each other")
         return self
+
+
+class Guest(_Model):
+    """What the job may change in the guest's definition."""
+
+    enable_discard: bool = Field(
+        default=False,
+        description="while the guest is off in an offline job, set discard='unmap' and "
+        "detect_zeroes='unmap' on its reclaimed disks in the persistent definition: from the "
+        "next start a trim frees host space, and later reclaims trim instead of zero-filling",
+    )
 
 
 class Mode(enum.StrEnum):
@@ -263,6 +281,7 @@ class Policy(_Model):
     )
     shutdown: Shutdown = Field(default_factory=Shutdown, description="shutting the guest down")
     rewrite: Rewrite = Field(default_factory=Rewrite, description="the new image")
+    guest: Guest = Field(default_factory=Guest, description="changes to the guest's definition")
     after: After = Field(default=After.PREVIOUS, description="previous|start|off")
 
     @model_validator(mode="after")
@@ -314,6 +333,8 @@ def job_settings(policy: Policy, **overrides: Any) -> JobSettings:  # noqa: ANN4
         "min_gain": int(rewrite.min_gain),
         "min_gain_percent": rewrite.min_gain_percent,
         "keep_backup": rewrite.keep_backup is not None,
+        "convert": rewrite.convert,
+        "enable_discard": policy.guest.enable_discard,
         "rate_limit": None if rewrite.rate_limit is None else int(rewrite.rate_limit),
         "after": policy.after,
         "mode": str(policy.mode),

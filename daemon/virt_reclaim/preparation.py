@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from virt_reclaim import domxml, fillplan, imagefile
+from virt_reclaim import conversion, domxml, fillplan, imagefile
 from virt_reclaim import estimate as estimating
 from virt_reclaim.errors import AgentUnavailable, QemuImgError
 from virt_reclaim.guestfree import FreeSpaceMethod, choose_method, freed_share
@@ -26,7 +26,8 @@ def inspect(job: JobContext, *, live: bool = False) -> None:
     """Find the eligible disks and journal what recovery needs; skip the job if there are none.
 
     With ``live`` (a running guest to be kept running), disks the live sequence does not
-    cover are skipped too: those with a backing chain.
+    cover are skipped too: those with a backing chain. With ``rewrite.convert`` a raw or
+    VMDK disk is eligible for conversion (``conversion.ineligible`` says when it is not).
     """
     snap = job.domain.snapshot()
     if not snap.persistent:
@@ -35,7 +36,9 @@ def inspect(job: JobContext, *, live: bool = False) -> None:
         raise JobSkipped(f"domain is {snap.state}; only running or shut off domains qualify")
     job.was_running = snap.state is DomainState.RUNNING
     running = domxml.parse_domain(snap.xml)
-    persistent = {d.target: d for d in domxml.parse_domain(job.domain.inactive_xml()).disks}
+    persistent_spec = domxml.parse_domain(job.domain.inactive_xml())
+    persistent = {d.target: d for d in persistent_spec.disks}
+    differs = conversion.definitions_differ(running, persistent_spec) if job.was_running else None
     job.agent_connected = job.was_running and running.agent_state == "connected"
     if job.agent_connected:
         try:
@@ -44,7 +47,11 @@ def inspect(job: JobContext, *, live: bool = False) -> None:
             job.log.info("agent.unavailable", reason=str(exc))
     others = job.images_of_other_domains()
     for disk in running.disks:
-        reason = _ineligible(job, disk, persistent.get(disk.target), others)
+        if job.settings.convert and conversion.wants(disk):
+            reason = conversion.ineligible(job, disk, others, live=live and job.was_running,
+                                           differs=differs)  # fmt: skip
+        else:
+            reason = _ineligible(job, disk, persistent.get(disk.target), others)
         if reason is None and live and job.was_running and job.disks[-1].info.backing_filename:
             job.disks.pop()
             reason = "it has a backing file; live mode covers single-image disks (use offline)"
@@ -72,7 +79,12 @@ def _ineligible(  # noqa: PLR0911 - one return per eligibility rule, in order
     if disk.device != "disk":
         return f"a {disk.device}, not a disk"
     if not disk.is_file_qcow2 or disk.source is None:
-        return f"not a file-backed qcow2 disk (type {disk.type}, format {disk.format})"
+        hint = (
+            "; rewrite.convert = true (run --convert) converts it to qcow2"
+            if disk.type == "file" and disk.format in conversion.CONVERTIBLE_FORMATS
+            else ""
+        )
+        return f"not a file-backed qcow2 disk (type {disk.type}, format {disk.format}){hint}"
     if disk.readonly or disk.shareable:
         return "read-only or shared disk"
     if disk.encrypted:
@@ -127,7 +139,8 @@ def estimate(job: JobContext) -> None:
         agent=job.agent if job.was_running else None,
     )
     for disk in job.disks:
-        disk.bytes_before = imagefile.allocated_bytes(disk.path)
+        disk.bytes_before = disk.allocated()
+        disk.cluster_size = job.settings.cluster_size or disk.info.cluster_size or DEFAULT_CLUSTER
         disk.rewrite_need = rewrite_need(job, disk)
         disk.guest_used = used_by_target.get(disk.target)
     reach = 0.0
@@ -135,8 +148,9 @@ def estimate(job: JobContext) -> None:
         job.fill_plan = plan_fill(job)
         reach = job.fill_plan.reach()
     share = freed_share(job.choice, all_disks_discard=all_discard, fill_reach=reach)
+    fills = _fills_by_target(job) if job.fill_plan is not None else {}
     for disk in job.disks:
-        disk.estimate = estimate_disk(job, disk, share)
+        disk.estimate = estimate_disk(job, disk, share, fills.get(disk.target))
         disk.estimated_after = disk.estimate.after
         job.log.info("disk.estimated", target=disk.target, bytes_before=disk.bytes_before,
                      estimated_after=disk.estimated_after, basis=disk.estimate.basis,
@@ -155,7 +169,12 @@ def estimate(job: JobContext) -> None:
 
 
 def require_gain(job: JobContext, gain: int, total: int, when: str) -> None:
-    """Raise ``NothingToDo`` when ``gain`` is below the minimum, in bytes or in percent."""
+    """Raise ``NothingToDo`` when ``gain`` is below the minimum, in bytes or in percent.
+
+    A job that converts a disk is wanted for the conversion itself: no minimum.
+    """
+    if any(d.converted_path for d in job.disks):
+        return
     if gain < job.settings.min_gain:
         raise NothingToDo(
             f"{when}estimated gain {format_bytes(max(0, gain))} is below the minimum of "
@@ -187,7 +206,7 @@ def rewrite_need(job: JobContext, disk: DiskWork) -> int:
     if disk.info.backing_filename:
         # Only the top layer is rewritten; it cannot outgrow what it holds now.
         return imagefile.allocated_bytes(disk.path) + MIB
-    measured = job.images.measure(disk.path, force_share=job.was_running)
+    measured = job.images.measure(disk.path, force_share=job.was_running, image_format=disk.format)
     if disk.zeroed_bytes and disk.rewrite_need:
         # measure counts the clusters our fill allocated, but convert writes no zero
         # clusters: they add nothing to what the rewrite needs.
@@ -195,12 +214,27 @@ def rewrite_need(job: JobContext, disk: DiskWork) -> int:
     return measured
 
 
-def estimate_disk(job: JobContext, disk: DiskWork, share: float) -> estimating.Estimate:
+def _fills_by_target(job: JobContext) -> dict[str, tuple[int, int]]:
+    """Per disk, (bytes the planned zero-fill writes, free bytes it does not reach)."""
+    assert job.fill_plan is not None  # noqa: S101 - called only with a plan
+    targets = {fs.mountpoint: fs.disk_targets for fs in job.guest_filesystems}
+    fills: dict[str, tuple[int, int]] = {}
+    for fill in job.fill_plan.fills:
+        for target in targets.get(fill.mountpoint, ())[:1]:
+            reached, unreached = fills.get(target, (0, 0))
+            fills[target] = (reached + fill.limit, unreached + fill.unreached)
+    return fills
+
+
+def estimate_disk(
+    job: JobContext, disk: DiskWork, share: float, fill: tuple[int, int] | None = None
+) -> estimating.Estimate:
     """Estimate ``disk``'s size after the reclaim (see ``estimate.estimate_after``)."""
     cluster = disk.info.cluster_size or DEFAULT_CLUSTER
-    extents = job.images.map(disk.path, force_share=job.was_running)
+    extents = job.images.map(disk.path, force_share=job.was_running, image_format=disk.format)
+    # A flat VMDK's map gives offsets in its extent file, where the guest's data is.
     sample = estimating.sample_image(
-        disk.path, estimating.sample_offsets(extents, cluster), cluster
+        disk.data_file or disk.path, estimating.sample_offsets(extents, cluster), cluster
     )
     history = None
     if job.journal is not None and disk.guest_used:
@@ -217,6 +251,7 @@ def estimate_disk(job: JobContext, disk: DiskWork, share: float) -> estimating.E
         guest_used=disk.guest_used,
         freed_share=share,
         history_ratio=history,
+        fill=fill,
     )
 
 
@@ -226,14 +261,16 @@ def plan_fill(job: JobContext) -> fillplan.FillPlan:
         fillplan.DiskRoom(
             target=d.target,
             host=fillplan.host_filesystem(os.path.dirname(d.path)),
-            headroom=max(0, d.info.virtual_size - imagefile.allocated_bytes(d.path)),
+            headroom=max(0, d.info.virtual_size - d.allocated()),
             zeros_become_holes=d.zeros_become_holes,
             rewrite_need=d.rewrite_need,
         )
         for d in job.disks
     ]
     volumes = [
-        fillplan.GuestVolume(fs.mountpoint, fs.disk_targets, fs.total_bytes, fs.used_bytes)
+        fillplan.GuestVolume(
+            fs.mountpoint, fs.disk_targets, fs.total_bytes, fs.used_bytes, fs.fstype
+        )
         for fs in job.guest_filesystems
     ]
     return fillplan.plan_fill(rooms, volumes, job.settings.reserve)

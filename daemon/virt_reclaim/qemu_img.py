@@ -32,6 +32,8 @@ class ImageInfo:
     compression_type: str | None
     corrupt: bool
     dirty: bool
+    create_type: str | None = None  # a VMDK's subformat: monolithicSparse, monolithicFlat...
+    extents: tuple[str, ...] = ()  # the files a VMDK keeps its data in (as its header names them)
 
 
 def info_argv(
@@ -98,6 +100,8 @@ def _image_info(layer: dict[str, Any]) -> ImageInfo:
         compression_type=specific.get("compression-type"),
         corrupt=bool(specific.get("corrupt", False)),
         dirty=bool(layer.get("dirty-flag", False)),
+        create_type=specific.get("create-type"),
+        extents=tuple(str(e["filename"]) for e in specific.get("extents", ())),
     )
 
 
@@ -188,10 +192,14 @@ MAX_MAP_EXTENTS = 1_000_000
 
 
 def map_argv(
-    path: str, *, qemu_img: str = DEFAULT_QEMU_IMG, force_share: bool = False
+    path: str,
+    *,
+    qemu_img: str = DEFAULT_QEMU_IMG,
+    force_share: bool = False,
+    image_format: str = "qcow2",
 ) -> list[str]:
-    """Return the argv of ``qemu-img map`` of a qcow2 ``path`` with JSON output (format given)."""
-    argv = [qemu_img, "map", "--output=json", "-f", "qcow2"]
+    """Return the argv of ``qemu-img map`` of ``path`` with JSON output (format given)."""
+    argv = [qemu_img, "map", "--output=json", "-f", image_format]
     if force_share:
         argv.append("-U")
     return [*argv, path]
@@ -223,10 +231,14 @@ def parse_map(text: str) -> list[Extent]:
 
 
 def image_map(
-    path: str, *, qemu_img: str = DEFAULT_QEMU_IMG, force_share: bool = False
+    path: str,
+    *,
+    qemu_img: str = DEFAULT_QEMU_IMG,
+    force_share: bool = False,
+    image_format: str = "qcow2",
 ) -> list[Extent]:
     """Where the guest's data of ``path`` lies: see ``parse_map``."""
-    argv = map_argv(path, qemu_img=qemu_img, force_share=force_share)
+    argv = map_argv(path, qemu_img=qemu_img, force_share=force_share, image_format=image_format)
     return parse_map(_run(argv, timeout=INFO_TIMEOUT_S * 5).stdout)
 
 
@@ -242,15 +254,20 @@ def convert_argv(
     coroutines: int = 8,
     preallocation: str = "off",
     rate_limit: int | None = None,
+    source_format: str = "qcow2",
 ) -> list[str]:
     """Return the argv of the rewrite: ``source`` (qcow2) into a new qcow2 ``target``.
+
+    ``source_format`` is the format the domain XML states (``raw``, ``vmdk`` for a
+    conversion): given, qemu-img never probes what a guest wrote into a raw disk.
 
     ``-W`` (out-of-order writes) made compression 1.6-1.7x faster at the same
     size in our measurements; qcow2 runs at most 4 compression jobs at once, and
     more than 8 coroutines changed nothing. With ``backing`` the target is an
     overlay over that file and only the source's top layer is copied (``-B``).
     """
-    argv = [qemu_img, "convert", "-p", "-f", "qcow2", "-O", "qcow2", "-W", "-m", str(coroutines)]
+    argv = [qemu_img, "convert", "-p", "-f", source_format, "-O", "qcow2", "-W", "-m",
+            str(coroutines)]  # fmt: skip
     options = []
     if compression is not None:
         argv.append("-c")
@@ -310,9 +327,14 @@ def check(
         )
 
 
-def compare_argv(first: str, second: str, *, qemu_img: str = DEFAULT_QEMU_IMG) -> list[str]:
-    """Return the argv of ``qemu-img compare`` of two qcow2 images' guest-visible content."""
-    return [qemu_img, "compare", "-f", "qcow2", "-F", "qcow2", first, second]
+def compare_argv(
+    first: str, second: str, *, qemu_img: str = DEFAULT_QEMU_IMG, first_format: str = "qcow2"
+) -> list[str]:
+    """Return the argv of ``qemu-img compare`` of two images' guest-visible content.
+
+    ``first`` is in ``first_format`` (the format its domain XML states), ``second`` a qcow2.
+    """
+    return [qemu_img, "compare", "-f", first_format, "-F", "qcow2", first, second]
 
 
 def compare(
@@ -322,9 +344,10 @@ def compare(
     qemu_img: str = DEFAULT_QEMU_IMG,
     size_bytes: int = 0,
     cancel: threading.Event | None = None,
+    first_format: str = "qcow2",
 ) -> None:
     """Raise QemuImgError unless both images show the guest the same bytes."""
-    argv = compare_argv(first, second, qemu_img=qemu_img)
+    argv = compare_argv(first, second, qemu_img=qemu_img, first_format=first_format)
     result = _run(
         argv, timeout=_timeout_for(size_bytes, _READ_RATE), ok_codes=(0, 1), cancel=cancel
     )
@@ -380,9 +403,10 @@ class QemuImg:
         return measure(path, qemu_img=self.qemu_img, force_share=force_share,
                        image_format=image_format)  # fmt: skip
 
-    def map(self, path: str, *, force_share: bool) -> list[Extent]:
+    def map(self, path: str, *, force_share: bool, image_format: str = "qcow2") -> list[Extent]:
         """See ``image_map``."""
-        return image_map(path, qemu_img=self.qemu_img, force_share=force_share)
+        return image_map(path, qemu_img=self.qemu_img, force_share=force_share,
+                         image_format=image_format)  # fmt: skip
 
     def convert(
         self,
@@ -397,12 +421,13 @@ class QemuImg:
         on_progress: process.ProgressCallback | None,
         preallocation: str = "off",
         rate_limit: int | None = None,
+        source_format: str = "qcow2",
     ) -> None:
         """Rewrite ``source`` into ``target`` (see ``convert_argv``) at low priority."""
         argv = convert_argv(
             source, target, qemu_img=self.qemu_img, compression=compression,
             cluster_size=cluster_size, backing=backing, backing_format=backing_format,
-            preallocation=preallocation, rate_limit=rate_limit,
+            preallocation=preallocation, rate_limit=rate_limit, source_format=source_format,
         )  # fmt: skip
         _run(
             argv,
@@ -416,6 +441,9 @@ class QemuImg:
         """See ``check``."""
         check(path, qemu_img=self.qemu_img, size_bytes=size_bytes, cancel=self.cancel)
 
-    def compare(self, first: str, second: str, *, size_bytes: int) -> None:
+    def compare(
+        self, first: str, second: str, *, size_bytes: int, first_format: str = "qcow2"
+    ) -> None:
         """See ``compare``."""
-        compare(first, second, qemu_img=self.qemu_img, size_bytes=size_bytes, cancel=self.cancel)
+        compare(first, second, qemu_img=self.qemu_img, size_bytes=size_bytes, cancel=self.cancel,
+                first_format=first_format)  # fmt: skip

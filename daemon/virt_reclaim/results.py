@@ -54,6 +54,11 @@ class DiskResult:
     estimate_basis: str | None
     guest_used: int | None
     backup: str | None
+    format: str = "qcow2"  # the image's format before the job
+    converted_to: str | None = None  # the qcow2 image a raw or VMDK disk was converted to
+    discard: bool = True  # the definition had discard='unmap' when the job began
+    discard_enabled: bool = False  # the job turned discard on (guest.enable_discard)
+    cluster_size: int | None = None  # the new image's cluster size
 
     def to_json(self) -> dict[str, Any]:
         """The disk as ``run --json`` prints it."""
@@ -67,6 +72,11 @@ class DiskResult:
             "estimate_basis": self.estimate_basis,
             "guest_used": self.guest_used,
             "backup": self.backup,
+            "format": self.format,
+            "converted_to": self.converted_to,
+            "discard": self.discard,
+            "discard_enabled": self.discard_enabled,
+            "cluster_size": self.cluster_size,
         }
 
 

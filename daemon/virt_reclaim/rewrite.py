@@ -36,6 +36,8 @@ def rewrite_disk(job: JobContext, disk: DiskWork, *, lock: bool) -> None:
         on_progress=progress_parser(job.on_progress, disk.target),
         preallocation=job.settings.preallocation,
         rate_limit=job.settings.rate_limit,
+        # The format the domain XML states (raw, vmdk for a conversion): never probed.
+        source_format=disk.format,
     )
     if lock:
         job.guard.lock(disk.temp)
@@ -50,7 +52,9 @@ def rewrite_disk(job: JobContext, disk: DiskWork, *, lock: bool) -> None:
 def verify_disk(job: JobContext, disk: DiskWork) -> None:
     """Check the new image and compare what it shows the guest with the original."""
     job.images.check(disk.temp, size_bytes=disk.info.virtual_size)
-    job.images.compare(disk.path, disk.temp, size_bytes=disk.info.virtual_size)
+    job.images.compare(
+        disk.path, disk.temp, size_bytes=disk.info.virtual_size, first_format=disk.format
+    )
 
 
 def swap_disk(job: JobContext, disk: DiskWork) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import structlog
 
-from virt_reclaim import config, logs, recovery, scheduler, windows, workers
+from virt_reclaim import config, logs, metrics, recovery, scheduler, windows, workers
 from virt_reclaim.hostview import HostView
 from virt_reclaim.journal import Journal, JournalError
 from virt_reclaim.policy import Policy
@@ -75,7 +75,8 @@ class Daemon:
         self.policies: tuple[Policy, ...] = ()
         self.host = HostView(clock)
         self.windows = windows.Windows()
-        self.workers = workers.Workers(self._post)
+        self.metrics = metrics.DaemonMetrics()
+        self.workers = workers.Workers(self._post, self.metrics.observations)
         self.running = self.workers.running  # by domain uuid
         self.inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.flags = Flags()
@@ -115,6 +116,7 @@ class Daemon:
         log.info("daemon.started", policies=len(self.policies), domains=len(self.host.domains),
                  uri=self.settings.uri, pid=os.getpid())  # fmt: skip
         self.notifier.ready(self._status())
+        self._write_metrics()
         while not self.flags.stop:
             self._wait(self._seconds_to_next_event())
             self._tick()
@@ -131,6 +133,7 @@ class Daemon:
             self._sample(now)
             self.next_sample = now + self.settings.stats_interval.total_seconds()
             self._watch_busy(now)
+            self._write_metrics(periodic=True)
         self._dispatch(now)
         self._watchdog()
         self.notifier.status(self._status())
@@ -148,6 +151,8 @@ class Daemon:
             self._wait(LOOP_TICK_S)
             self._drain_inbox()
             self._watchdog()
+        self._write_metrics()
+        self.metrics.close()
         self.host.close()
         log.info("daemon.stopped")
         self.notifier.close()
@@ -210,6 +215,8 @@ class Daemon:
         self.windows.open_window(policy, self.clock())
         log.info("window.opened", policy=policy.name,
                  window_s=policy.schedule.window.total_seconds())  # fmt: skip
+        self.metrics.observations.window_opened(policy.name)
+        self._write_metrics()
         if self.host.hypervisor is None:
             log.warning("window.waiting", policy=policy.name, reason="libvirtd is unreachable")
             return
@@ -226,12 +233,14 @@ class Daemon:
             log.info("job.queued", domain=candidate.name, policy=policy_name,
                      estimated_gain=candidate.estimated_gain,
                      estimated_s=round(candidate.estimated_s))  # fmt: skip
+        self._write_metrics()  # the dry runs' estimates
 
     def _on_job_done(self, uuid: str, outcome: str | None) -> None:
         job = self.workers.job_done(uuid)
         if job is not None:
             log.info("job.ended", domain=job.domain, policy=job.policy, outcome=outcome,
                      running_jobs=len(self.running))  # fmt: skip
+        self._write_metrics()
 
     # -- configuration --------------------------------------------------------------------
 
@@ -319,6 +328,7 @@ class Daemon:
         )  # fmt: skip
         for skip in chosen.skipped:
             log.info("domain.skipped", domain=skip.name, policy=policy.name, reason=skip.reason)
+            self.metrics.observations.skipped(skip.name, skip.reason)
         if chosen.nothing_to_do:
             log.info("window.nothing_to_do", policy=policy.name)
         if chosen.chosen:
@@ -349,10 +359,12 @@ class Daemon:
             else:
                 log.info("domain.skipped", domain=candidate.name, policy=candidate.policy,
                          reason=reason)  # fmt: skip
+                self.metrics.observations.skipped(candidate.name, reason)
 
     def _log_closed(self, closed: windows.Closed) -> None:
         log.info("window.closed", policy=closed.policy, why=closed.why,
                  not_started=closed.not_started, stayed_busy=closed.stayed_busy)  # fmt: skip
+        self._write_metrics()
 
     def _start_job(self, candidate: Candidate) -> None:
         policy = self._policy(candidate.policy)
@@ -360,6 +372,13 @@ class Daemon:
         log.info("job.starting", domain=candidate.name, policy=policy.name,
                  estimated_gain=format_bytes(candidate.estimated_gain))  # fmt: skip
         self.workers.start_job(candidate, policy, self.settings, self.clock())
+
+    def _write_metrics(self, *, periodic: bool = False) -> None:
+        """Have the metrics file written (on its thread), if one is configured."""
+        self.metrics.request(
+            self.settings, [view.snapshot for view in self.host.domains.values()],
+            sampled_at=self.host.last_sampled_at, periodic=periodic,
+        )  # fmt: skip
 
     # -- systemd --------------------------------------------------------------------------
 

@@ -52,6 +52,10 @@ class JobSettings:
     min_gain_percent: float = 0.0
     after: After = After.PREVIOUS
     keep_backup: bool = False
+    # Turn discard='unmap' and detect_zeroes='unmap' on in the definition while the guest is off.
+    enable_discard: bool = False
+    # Convert raw and VMDK file disks to qcow2 (the convert mode; offline only).
+    convert: bool = False
     dry_run: bool = False
     agent_start_timeout_s: float = 120.0
     qemu_img: str = "qemu-img"
@@ -74,6 +78,8 @@ class JobSettings:
             "min_gain_percent": self.min_gain_percent,
             "after": str(self.after),
             "keep_backup": self.keep_backup,
+            "enable_discard": self.enable_discard,
+            "convert": self.convert,
             "dry_run": self.dry_run,
             "rate_limit": self.rate_limit,
         }

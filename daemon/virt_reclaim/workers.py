@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from virt_reclaim import config, planning, runner, scheduler
+from virt_reclaim import config, metrics, planning, runner, scheduler
 from virt_reclaim.domainlock import DomainBusy
 from virt_reclaim.errors import AgentUnavailable, VirtError
 from virt_reclaim.job import Outcome
@@ -46,8 +46,9 @@ class RunningJob:
 class Workers:
     """Starts the worker threads; the jobs running, by domain uuid; the event that stops them."""
 
-    def __init__(self, post: Post) -> None:
+    def __init__(self, post: Post, observer: metrics.Observations | None = None) -> None:
         self._post = post
+        self.observer = observer  # told of the dry runs' estimates and skips (the metrics)
         self.running: dict[str, RunningJob] = {}
         self.stop = threading.Event()
 
@@ -73,7 +74,9 @@ class Workers:
     ) -> None:
         candidates: list[Candidate] = []
         try:
-            candidates = estimate(settings.uri, settings.qemu_img, policy, chosen, rate)
+            candidates = estimate(
+                settings.uri, settings.qemu_img, policy, chosen, rate, observer=self.observer
+            )
         except Exception:  # a bug must not leave the window waiting for this estimate forever
             log.exception("window.estimate_failed", policy=policy.name)
         finally:
@@ -105,7 +108,13 @@ class Workers:
 
 
 def estimate(
-    uri: str, qemu_img: str, policy: Policy, chosen: Sequence[DomainSnapshot], rate: float
+    uri: str,
+    qemu_img: str,
+    policy: Policy,
+    chosen: Sequence[DomainSnapshot],
+    rate: float,
+    *,
+    observer: metrics.Observations | None = None,
 ) -> list[Candidate]:
     """A dry run of each chosen domain; the candidates of those that would be reclaimed.
 
@@ -118,8 +127,9 @@ def estimate(
             everyone = hypervisor.domains()
             for snap in chosen:
                 candidate = _estimate_one(
-                    hypervisor, everyone, policy, snap, qemu_img=qemu_img, rate=rate
-                )
+                    hypervisor, everyone, policy, snap, qemu_img=qemu_img, rate=rate,
+                    observer=observer,
+                )  # fmt: skip
                 if candidate is not None:
                     candidates.append(candidate)
     except VirtError as exc:
@@ -135,6 +145,7 @@ def _estimate_one(
     *,
     qemu_img: str,
     rate: float,
+    observer: metrics.Observations | None = None,
 ) -> Candidate | None:
     try:
         domain = hypervisor.domain_by_uuid(snap.uuid)
@@ -143,15 +154,23 @@ def _estimate_one(
             if users:
                 log.info("domain.skipped", domain=snap.name,
                          reason=f"busy: users logged in ({', '.join(users[:5])})")  # fmt: skip
+                if observer is not None:
+                    observer.skipped(snap.name, "busy: users logged in")
                 return None
         result = planning.estimate(domain, policy, everyone, qemu_img=qemu_img)
     except AgentUnavailable as exc:
         log.info("domain.skipped", domain=snap.name,
                  reason=f"busy: cannot tell whether users are logged in ({exc})")  # fmt: skip
+        if observer is not None:
+            observer.skipped(snap.name, "busy: users unknown")
         return None
     except VirtError as exc:
         log.info("domain.skipped", domain=snap.name, reason=str(exc))
+        if observer is not None:
+            observer.skipped(snap.name, str(exc), "error")
         return None
+    if observer is not None:
+        observer.estimated(snap.name, result)  # its disks' estimates; a skip unless DRY_RUN
     if result.outcome is not Outcome.DRY_RUN:
         log.info("domain.skipped", domain=snap.name, reason=result.reason,
                  outcome=str(result.outcome))  # fmt: skip

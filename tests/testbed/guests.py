@@ -105,15 +105,21 @@ def run_host(*argv: str, timeout: float = 120) -> str:
 
 
 def make_data_image(
-    path: Path, size: str, *, backing: Path | None = None, files: Path | None = None
+    path: Path,
+    size: str,
+    *,
+    backing: Path | None = None,
+    files: Path | None = None,
+    disk_format: str = "qcow2",
 ) -> None:
     """Create a qcow2 data disk holding an empty ext4 filesystem.
 
     With ``backing`` the filesystem goes into a base image at that path and
     ``path`` becomes an empty overlay over it. ``files`` is a folder whose
-    contents are copied into the new filesystem (``mkfs.ext4 -d``).
+    contents are copied into the new filesystem (``mkfs.ext4 -d``). ``disk_format``
+    ``raw`` or ``vmdk`` (monolithicSparse) makes an imported guest's disk instead.
     """
-    raw = path.with_suffix(".raw")
+    raw = path.with_suffix(".raw") if disk_format != "raw" else path.with_suffix(".mkfs")
     run_host("truncate", "-s", size, str(raw))
     # No lazy init: ext4lazyinit would write the image in the background and make
     # "byte-identical" assertions flaky.
@@ -121,6 +127,15 @@ def make_data_image(
     if files is not None:
         mkfs += ["-d", str(files)]
     run_host(*mkfs, str(raw))
+    if disk_format != "qcow2":
+        assert backing is None, "the raw and VMDK test disks have no backing file"
+        if disk_format == "raw":
+            raw.rename(path)
+            return
+        run_host("qemu-img", "convert", "-f", "raw", "-O", disk_format, "-o",
+                 "subformat=monolithicSparse", str(raw), str(path))  # fmt: skip
+        raw.unlink()
+        return
     bottom = backing or path
     run_host("qemu-img", "convert", "-O", "qcow2", str(raw), str(bottom))
     raw.unlink()
@@ -130,7 +145,9 @@ def make_data_image(
         )
 
 
-def domain_xml(name: str, data_image: Path, *, discard: bool, console_log: Path) -> str:
+def domain_xml(
+    name: str, data_image: Path, *, discard: bool, console_log: Path, disk_format: str = "qcow2"
+) -> str:
     """The XML of a test guest: TCG, direct kernel boot, one virtio data disk, an agent channel."""
     discard_attr = " discard='unmap'" if discard else ""
     return f"""<domain type='qemu'>
@@ -149,7 +166,7 @@ def domain_xml(name: str, data_image: Path, *, discard: bool, console_log: Path)
   <on_crash>destroy</on_crash>
   <devices>
     <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'{discard_attr}/>
+      <driver name='qemu' type='{disk_format}'{discard_attr}/>
       <source file='{escape(str(data_image))}'/>
       <target dev='vda' bus='virtio'/>
     </disk>
@@ -316,6 +333,7 @@ def create_guest(
     persistent: bool = True,
     files: Path | None = None,
     image_dir: Path | None = None,
+    disk_format: str = "qcow2",
 ) -> Guest:
     """Create a test guest with an ext4 data disk of ``data_size``, optionally started.
 
@@ -329,6 +347,8 @@ def create_guest(
         persistent: Define the domain; otherwise create it transient (started at once).
         files: A host folder copied into the new filesystem.
         image_dir: Where the data image goes (a small tmpfs, say); the guest's folder by default.
+        disk_format: ``qcow2``, or ``raw`` or ``vmdk`` for a guest as an import leaves it
+            (``data.raw``, ``data.vmdk``).
     """
     name = name or unique_name()
     folder = RUN_DIR / name
@@ -336,10 +356,12 @@ def create_guest(
     # QEMU runs as libvirt-qemu and must reach every folder above the image.
     for path in (TESTBED_DIR, RUN_DIR, folder):
         path.chmod(0o755)
-    data_image = (image_dir or folder) / "data.qcow2"
+    data_image = (image_dir or folder) / f"data.{disk_format}"
     backing_image = (image_dir or folder) / "base.qcow2" if backing else None
-    make_data_image(data_image, data_size, backing=backing_image, files=files)
-    xml = domain_xml(name, data_image, discard=discard, console_log=folder / "console.log")
+    make_data_image(data_image, data_size, backing=backing_image, files=files,
+                    disk_format=disk_format)  # fmt: skip
+    xml = domain_xml(name, data_image, discard=discard, console_log=folder / "console.log",
+                     disk_format=disk_format)  # fmt: skip
     guest = Guest(conn, name, folder, data_image, backing_image, persistent)
     try:
         if persistent:

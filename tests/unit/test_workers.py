@@ -21,7 +21,7 @@ SETTINGS = config.DaemonConfig()
 def test_an_estimate_that_crashes_still_posts_so_the_window_can_close(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def crash(*_args: Any) -> list[Candidate]:
+    def crash(*_args: Any, **_kwargs: Any) -> list[Candidate]:
         raise KeyError("a bug")
 
     monkeypatch.setattr(workers, "estimate", crash)

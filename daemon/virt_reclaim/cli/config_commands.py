@@ -9,11 +9,11 @@ import logging
 import sys
 from typing import Any
 
-from virt_reclaim import config, logs, planning, selection
+from virt_reclaim import advice, config, logs, planning, selection
 from virt_reclaim.cli.common import EXIT_OK, EXIT_USAGE
+from virt_reclaim.cli.render import print_plan
 from virt_reclaim.errors import VirtError
 from virt_reclaim.policy import PolicyFile
-from virt_reclaim.units import format_bytes
 from virt_reclaim.virt import Hypervisor
 
 
@@ -31,6 +31,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"virt-reclaim: cannot list domains ({exc}); the files alone were checked",
               file=sys.stderr)  # fmt: skip
     selected: dict[str, list[str]] = {p.name: [] for p in policies}
+    notes: dict[str, list[str]] = {p.name: [] for p in policies}
     for domain in domains or []:
         choice = selection.select(policies, domain.name, domain.uuid, domain.xml)
         if choice.conflict:
@@ -40,11 +41,19 @@ def cmd_check(args: argparse.Namespace) -> int:
             )
         elif choice.policy is not None:
             selected[choice.policy.name].append(domain.name)
+            notes[choice.policy.name] += [
+                f"{domain.name} {note}" for note in advice.disk_notes(choice.policy, domain.xml)
+            ]
     for file, policy in loaded.policies:
         state = "" if policy.enabled else " (disabled)"
         names = ", ".join(selected[policy.name]) or "no domain now"
         shown = names if domains is not None else "domains not listed"
         print(f"{policy.name}{state}  [{file}, priority {policy.priority}]: {shown}")
+        for note in notes[policy.name]:
+            print(f"  note: {note}")
+        for warning in advice.policy_warnings(policy):
+            # Valid, so not an error: the exit status stays 0.
+            print(f"warning: {file}: policy {policy.name!r}: {warning}", file=sys.stderr)
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     if errors:
@@ -70,18 +79,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         json.dump([e.to_json() for e in entries], sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        for entry in entries:
-            when = f", next run {entry.next_run}" if entry.next_run else ""
-            print(f"{entry.domain} ({entry.state}): {entry.policy or '-'}{when}: "
-                  f"{entry.outcome}{' - ' + entry.reason if entry.reason else ''}")  # fmt: skip
-            if entry.free_space:
-                print(f"  free space first: {entry.free_space}")
-            for disk in entry.disks:
-                print(f"  {disk['target']}  {disk['path']}  "
-                      f"{format_bytes(disk['bytes_allocated'])} now, "
-                      f"{format_bytes(disk['estimated_after'])} estimated after")  # fmt: skip
-            for skipped in entry.skipped_disks:
-                print(f"  {skipped['target']}  skipped: {skipped['reason']}")
+        print_plan(entries, sys.stdout)
     return EXIT_USAGE if loaded.errors else EXIT_OK
 
 

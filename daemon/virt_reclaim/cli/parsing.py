@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_connect(domains)
     domains.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     domains.add_argument(
+        "--estimate", action="store_true",
+        help="add each disk's estimated reclaimable bytes: a dry run of the job (read-only), "
+        "with the settings of the policy that selects the domain, else run's defaults",
+    )  # fmt: skip
+    domains.add_argument(
         "--qemu-img",
         metavar="PATH",
         help="qemu-img program to read images with (default: the configured qemu_img, else "
@@ -174,6 +179,19 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
     run.add_argument(
         "--keep-backup", action="store_true", default=None,
         help="keep each original image beside the new one (NAME.virt-reclaim-backup-TIME)",
+    )  # fmt: skip
+    run.add_argument(
+        "--enable-discard", action="store_true", default=None,
+        help="while the guest is off, set discard='unmap' and detect_zeroes='unmap' on its "
+        "reclaimed disks in the persistent definition, so that later reclaims trim instead "
+        "of zero-filling (default: the policy's guest.enable_discard)",
+    )  # fmt: skip
+    run.add_argument(
+        "--convert", action="store_true", default=None,
+        help="convert raw and VMDK file disks to qcow2 beside the original (disk.raw -> "
+        "disk.qcow2), verify with qemu-img compare and point the definition at it while the "
+        "guest is off; the original is removed once the guest runs again (kept with "
+        "--keep-backup). Offline only (default: the policy's rewrite.convert)",
     )  # fmt: skip
     run.add_argument(
         "--qemu-img", metavar="PATH",

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TextIO
 
 from virt_reclaim import inventory
 from virt_reclaim.job import JobResult
 from virt_reclaim.journal import JournalJob
+from virt_reclaim.planning import PlanEntry
 from virt_reclaim.units import format_bytes
 
 
@@ -69,8 +70,16 @@ def print_history_table(jobs: Sequence[JournalJob], out: TextIO) -> None:
         out.write(line + ("  REASON" if job is None else f"  {job.reason or ''}") + "\n")
 
 
-def print_domain_table(reports: Sequence[inventory.DomainReport], out: TextIO) -> None:
-    """Print one row per disk (one per domain without disks), backing files indented below."""
+def print_domain_table(
+    reports: Sequence[inventory.DomainReport],
+    out: TextIO,
+    *,
+    reclaimable: Mapping[tuple[str, str], int | None] | None = None,
+) -> None:
+    """Print one row per disk (one per domain without disks), backing files indented below.
+
+    With ``reclaimable`` ((domain, target) -> estimated bytes), a RECLAIMABLE column too.
+    """
     header = (
         "DOMAIN",
         "STATE",
@@ -118,10 +127,81 @@ def print_domain_table(reports: Sequence[inventory.DomainReport], out: TextIO) -
             if extra:
                 notes[len(rows) - 1] = extra
             domain_cols = ("", "", "", "", "", "")
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header) - 1)]
+    columns: tuple[str, ...] = header
+    if reclaimable is not None:
+        columns, rows = _with_reclaimable(header, rows, reports, reclaimable)
+    widths = [max(len(r[i]) for r in (columns, *rows)) for i in range(len(columns) - 1)]
     indent = sum(widths) + 2 * len(widths)
-    for index, row in enumerate((header, *rows)):
+    for index, row in enumerate((columns, *rows)):
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         out.write("  ".join([*cells, row[-1]]).rstrip() + "\n")
         for note in notes.get(index - 1, []):
             out.write(" " * indent + "└ " + note + "\n")
+
+
+def _with_reclaimable(
+    header: tuple[str, ...],
+    rows: list[tuple[str, ...]],
+    reports: Sequence[inventory.DomainReport],
+    reclaimable: Mapping[tuple[str, str], int | None],
+) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """Add the RECLAIMABLE column before SOURCE, row by row in the table's order."""
+    keys: list[tuple[str, str] | None] = []
+    for report in reports:
+        keys += [(report.name, disk.target) for disk in report.disks] if report.disks else [None]
+    cells = [
+        "-" if key is None or reclaimable.get(key) is None else format_bytes(reclaimable[key])
+        for key in keys
+    ]
+    with_column = [(*row[:-1], cell, row[-1]) for row, cell in zip(rows, cells, strict=True)]
+    return (*header[:-1], "RECLAIMABLE", header[-1]), with_column
+
+
+def print_plan(entries: Sequence[PlanEntry], out: TextIO) -> None:
+    """Print the plan for a person: each domain, its disks, then each policy's total."""
+    for entry in entries:
+        when = f", next run {entry.next_run}" if entry.next_run else ""
+        out.write(f"{entry.domain} ({entry.state}): {entry.policy or '-'}{when}: "
+                  f"{entry.outcome}{' - ' + entry.reason if entry.reason else ''}\n")  # fmt: skip
+        if entry.free_space:
+            out.write(f"  free space first: {entry.free_space}\n")
+        for disk in entry.disks:
+            gain = disk.get("estimated_reclaimable")
+            freed = "" if gain is None else f" ({format_bytes(gain)} reclaimable)"
+            out.write(f"  {disk['target']}  {disk['path']}  "
+                      f"{format_bytes(disk['bytes_allocated'])} now, "
+                      f"{format_bytes(disk['estimated_after'])} estimated after"
+                      f"{freed}\n")  # fmt: skip
+            if disk.get("converted_to"):
+                out.write(f"      converted: {disk['format']} -> {disk['converted_to']}\n")
+            if disk.get("layout"):
+                out.write(f"      new image: {disk['layout']['read_cost']}\n")
+        for skipped in entry.skipped_disks:
+            out.write(f"  {skipped['target']}  skipped: {skipped['reason']}\n")
+        for note in entry.notes:
+            out.write(f"  note: {note}\n")
+    print_plan_totals(entries, out)
+
+
+def print_plan_totals(entries: Sequence[PlanEntry], out: TextIO) -> None:
+    """Per policy: what its next window would reclaim (the domains it would reclaim), a total.
+
+    Domains below the minimum gain or not eligible are counted apart.
+    """
+    by_policy: dict[str, list[PlanEntry]] = {}
+    for entry in entries:
+        if entry.policy is not None:
+            by_policy.setdefault(entry.policy, []).append(entry)
+    if not by_policy:
+        return
+    out.write("\nestimated reclaimable, by policy:\n")
+    total = 0
+    for name, group in sorted(by_policy.items()):
+        would = [e for e in group if e.outcome == "would-reclaim"]
+        gain = sum(e.estimated_reclaimable or 0 for e in would)
+        total += gain
+        below = sum(e.estimated_reclaimable or 0 for e in group if e.outcome == "nothing-to-do")
+        extra = f"; {format_bytes(below)} more below its minimum gain" if below else ""
+        out.write(f"  {name}: {format_bytes(gain)} in {len(would)} of {len(group)} "
+                  f"domain(s){extra}\n")  # fmt: skip
+    out.write(f"  total: {format_bytes(total)}\n")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from virt_reclaim import config, logs, recovery, runner
+from virt_reclaim import config, logs, metrics, recovery, runner
 from virt_reclaim.cli.common import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, UsageError
 from virt_reclaim.cli.render import ProgressBar, print_job_result
 from virt_reclaim.guestfree import FreeSpaceMethod
@@ -54,6 +54,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         and OnShutdownTimeout(args.on_shutdown_timeout),
         "min_gain": args.min_gain,
         "keep_backup": args.keep_backup,
+        "enable_discard": args.enable_discard,
+        "convert": args.convert,
         "dry_run": args.dry_run,
         "mode": "live" if args.live else None,
         "rate_limit": args.rate_limit,
@@ -91,6 +93,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             if bar:
                 bar.close()
+        if args.daemon.metrics_file:
+            metrics.write_for_run(args.daemon.metrics_file, journal, hypervisor.domains,
+                                  args.qemu_img)  # fmt: skip
     if args.json:
         json.dump(result.to_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -37,10 +37,15 @@ def mode_named(name: str) -> Mode:
     Raises:
         ValueError: No such mode.
     """
-    from virt_reclaim.modes.live import LiveMode  # noqa: PLC0415 - modes import this module
+    from virt_reclaim.modes.convert import ConvertMode  # noqa: PLC0415 - modes import this module
+    from virt_reclaim.modes.live import LiveMode  # noqa: PLC0415
     from virt_reclaim.modes.offline import OfflineMode  # noqa: PLC0415
 
-    modes: dict[str, Mode] = {"offline": OfflineMode(), "live": LiveMode()}
+    modes: dict[str, Mode] = {
+        "offline": OfflineMode(),
+        "live": LiveMode(),
+        "convert": ConvertMode(),
+    }
     try:
         return modes[name]
     except KeyError:

@@ -1,9 +1,11 @@
 """The offline mode: shut the guest down, guard its images, rewrite, verify, swap.
 
-SHUTDOWN -> GUARD -> PREFLIGHT -> REWRITE -> VERIFY -> SWAP, after the shared
-steps; the frame then brings the guest back (RESTORE). From SHUTDOWN on, any
-failure (or interrupt) deletes the temporary files and releases the guard; the
-original image is only ever replaced by a rename after check and compare.
+SHUTDOWN -> GUARD -> PREFLIGHT -> REWRITE -> VERIFY -> SWAP (-> DEFINE, with
+``guest.enable_discard``: discard turned on in the definition while the guest is
+off), after the shared steps; the frame then brings the guest back (RESTORE).
+From SHUTDOWN on, any failure (or interrupt) deletes the temporary files and
+releases the guard; the original image is only ever replaced by a rename after
+check and compare.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from virt_reclaim import domxml, imagefile, preparation
+from virt_reclaim import definition, domxml, imagefile, preparation
 from virt_reclaim.errors import VirtError
 from virt_reclaim.jobcontext import SHUTDOWN_REQUESTED, JobContext, Step
-from virt_reclaim.journal import JournalJob
+from virt_reclaim.journal import JournalDisk, JournalJob
 from virt_reclaim.model import DomainState
 from virt_reclaim.process import kill_writers_of
 from virt_reclaim.results import JobFailed, Recovered
@@ -48,6 +50,10 @@ class OfflineMode:
             with job.step(Step.SWAP):
                 for disk in job.disks:
                     swap_disk(job, disk)
+            if definition.wanted(job):
+                with job.step(Step.DEFINE):
+                    # The reclaim is done: a definition left as it was is only a warning.
+                    definition.define_or_warn(job)
         except BaseException:
             remove_temporary_files(job)
             raise
@@ -64,21 +70,29 @@ class OfflineMode:
         was never swapped in, so the original is intact and it is deleted; a backup
         hard link made just before a rename that never happened is removed.
         """
+        past_swap = journaled.step in (Step.SWAP, Step.DEFINE, Step.RESTORE)
         swapped = 0
         for disk in journaled.disks:
-            killed = kill_writers_of(disk.temp_path)
-            if killed:
-                result.actions.append(f"killed qemu-img {killed} still writing {disk.temp_path}")
-            if imagefile.remove_quietly(disk.temp_path):
-                result.actions.append(f"removed {disk.temp_path}; {disk.path} is the original")
-            elif journaled.step in (Step.SWAP, Step.RESTORE):
-                swapped += 1
-            if disk.backup_path and _same_file(disk.backup_path, disk.path):
-                # The link was made but the rename never came: the "backup" is the image itself.
-                os.unlink(disk.backup_path)
-                result.actions.append(f"removed {disk.backup_path} (the swap never happened)")
+            swapped += recover_rewritten_disk(disk, past_swap=past_swap, result=result)
         if journaled.disks and swapped == len(journaled.disks):
             result.outcome = "reclaimed"
+
+
+def recover_rewritten_disk(disk: JournalDisk, *, past_swap: bool, result: Recovered) -> bool:
+    """Undo (or find finished) the rewrite of one disk in place; True when it was swapped."""
+    swapped = False
+    killed = kill_writers_of(disk.temp_path)
+    if killed:
+        result.actions.append(f"killed qemu-img {killed} still writing {disk.temp_path}")
+    if imagefile.remove_quietly(disk.temp_path):
+        result.actions.append(f"removed {disk.temp_path}; {disk.path} is the original")
+    elif past_swap:
+        swapped = True
+    if disk.backup_path and _same_file(disk.backup_path, disk.path):
+        # The link was made but the rename never came: the "backup" is the image itself.
+        os.unlink(disk.backup_path)
+        result.actions.append(f"removed {disk.backup_path} (the swap never happened)")
+    return swapped
 
 
 def shut_down(job: JobContext) -> None:

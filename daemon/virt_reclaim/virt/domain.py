@@ -12,6 +12,7 @@ import libvirt
 import libvirt_qemu
 import structlog
 
+from virt_reclaim import domxml
 from virt_reclaim.agentreplies import (
     MAX_EXEC_OUTPUT,
     decode_b64,
@@ -61,6 +62,27 @@ class Domain:
     def inactive_xml(self) -> str:
         """The persistent definition: what the next start will use."""
         return str(self._call("read XML", lambda d: d.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
+
+    def define_xml(self, xml: str) -> None:
+        """Replace the persistent definition with ``xml`` (of this domain), validated by libvirt.
+
+        libvirt writes the new definition to a temporary file and renames it over the old
+        one: after a crash the definition is the old or the new one, never half of either.
+        A running domain keeps its live definition until it is shut down.
+
+        Raises:
+            VirtError: libvirt refused the document, or it names another domain.
+        """
+        try:
+            uuid = domxml.parse_domain(xml).uuid
+        except domxml.DomainXMLError as exc:
+            raise VirtError(f"{self.name}: cannot define: {exc}") from exc
+        if uuid.lower() != self.uuid.lower():
+            raise VirtError(f"{self.name}: refusing to define a document of domain {uuid!r}")
+        self._call(
+            "define",
+            lambda d: d.connect().defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE),
+        )
 
     def block_jobs(self) -> BlockJobs:
         """Snapshots and block jobs on this domain's disks (close it when done)."""
