@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One idempotent setup for `make test` and `make demo` on Debian 12 as root:
 # Debian packages, the .venv with the package and its test extras, a running
-# libvirtd, and the cached test guest. Each step is skipped when already done.
+# libvirtd, and the cached test guests (busybox, then Debian 12). Each step is
+# skipped when already done.
 #
 # usage: scripts/setup.sh [--venv-only]
 set -euo pipefail
@@ -16,6 +17,7 @@ packages=(
     python3 python3-venv python3-dev gcc make pkg-config
     libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
     qemu-system-x86 qemu-utils e2fsprogs cpio kmod
+    debootstrap  # builds the Debian test guest
     systemd  # systemd-analyze checks the unit
 )
 
@@ -91,4 +93,5 @@ make_venv
 fix_kvm_device
 start_libvirtd
 bash tests/testbed/build-guest.sh
+bash tests/testbed/build-debian-guest.sh
 log "ready"

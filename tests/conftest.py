@@ -11,6 +11,7 @@ from typing import Any
 import libvirt
 import pytest
 
+from testbed.debian import DebianGuest, create_debian_guest, ensure_debian_built
 from testbed.guests import (
     RUN_DIR,
     URI,
@@ -43,6 +44,29 @@ def make_guest(libvirt_conn: Any) -> Iterator[Callable[..., Guest]]:
 
     def factory(**options: Any) -> Guest:
         guest = create_guest(libvirt_conn, **options)
+        created.append(guest)
+        return guest
+
+    yield factory
+    for guest in created:
+        guest.remove()
+
+
+@pytest.fixture(scope="session")
+def debian_built(libvirt_conn: Any) -> None:
+    """The cached Debian guest (testbed/build-debian-guest.sh): built here if setup did not."""
+    ensure_debian_built()
+
+
+@pytest.fixture
+def make_debian_guest(
+    libvirt_conn: Any, debian_built: None
+) -> Iterator[Callable[..., DebianGuest]]:
+    """A factory of Debian guests (see testbed.debian.create_debian_guest); removed after."""
+    created: list[DebianGuest] = []
+
+    def factory(**options: Any) -> DebianGuest:
+        guest = create_debian_guest(libvirt_conn, **options)
         created.append(guest)
         return guest
 
