@@ -16,16 +16,10 @@ it, logs what it decided and does it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
-import selectors
-import signal
-import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 import structlog
@@ -38,21 +32,13 @@ from virt_reclaim.scheduler import Candidate
 from virt_reclaim.sdnotify import Notifier
 from virt_reclaim.units import format_bytes
 from virt_reclaim.virt import event_loop_alive, start_event_loop
+from virt_reclaim.wakeup import Flags, Wakeup
 
 # sysexits.h EX_CONFIG: the unit does not restart on it (RestartPreventExitStatus=78).
 EXIT_CONFIG = 78
 LOOP_TICK_S = 1.0
 
 log = structlog.get_logger("virt_reclaim.service")
-
-
-@dataclass
-class Flags:
-    """What the signal handlers ask for."""
-
-    reload: bool = False
-    stop: bool = False
-    signal_name: str = ""
 
 
 class Daemon:
@@ -83,9 +69,7 @@ class Daemon:
         self.next_sample = 0.0
         self.last_watchdog = float("-inf")
         self.scheduler = scheduler.PolicyScheduler(lambda name: self._post("fired", name))
-        self._wake_r, self._wake_w = socket.socketpair()
-        for end in (self._wake_r, self._wake_w):
-            end.setblocking(False)
+        self.wakeup = Wakeup()
 
     # -- start and stop -----------------------------------------------------------------
 
@@ -99,14 +83,14 @@ class Daemon:
             log.error("daemon.not_started", reason="the configuration has errors",
                       errors=len(loaded.errors))  # fmt: skip
             return EXIT_CONFIG
-        self._install_signal_handlers()
+        self.wakeup.install_signal_handlers(self.flags)
         self._apply(loaded)
         start_event_loop()
         self.notifier.status(f"connecting to {self.settings.uri}")
         while not self.flags.stop and self.host.hypervisor is None:
             self._ensure_connected()
             if self.host.hypervisor is None:
-                self._wait(self._seconds_to_next_event())
+                self.wakeup.wait(self._seconds_to_next_event())
                 self._watchdog()  # waiting for libvirtd is healthy; a stuck loop is not
         if self.flags.stop:
             return self._shutdown()
@@ -118,7 +102,7 @@ class Daemon:
         self.notifier.ready(self._status())
         self._write_metrics()
         while not self.flags.stop:
-            self._wait(self._seconds_to_next_event())
+            self.wakeup.wait(self._seconds_to_next_event())
             self._tick()
         return self._shutdown()
 
@@ -148,7 +132,7 @@ class Daemon:
         self.workers.stop.set()
         while self.running:
             # Jobs past their guest's shutdown finish or restore; keep the watchdog fed meanwhile.
-            self._wait(LOOP_TICK_S)
+            self.wakeup.wait(LOOP_TICK_S)
             self._drain_inbox()
             self._watchdog()
         self._write_metrics()
@@ -158,35 +142,12 @@ class Daemon:
         self.notifier.close()
         return 0
 
-    def _install_signal_handlers(self) -> None:
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-
-        def on_stop(signum: int, _frame: FrameType | None) -> None:
-            self.flags.stop = True
-            self.flags.signal_name = signal.Signals(signum).name
-
-        def on_reload(_signum: int, _frame: FrameType | None) -> None:
-            self.flags.reload = True
-
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGHUP, on_reload)
-
     # -- the inbox ------------------------------------------------------------------------
 
     def _post(self, *message: Any) -> None:  # noqa: ANN401 - messages are tuples of any kind
         """Hand a message to the main loop (from any thread) and wake it."""
         self.inbox.put(message)
-        with contextlib.suppress(BlockingIOError):
-            self._wake_w.send(b"\0")
-
-    def _wait(self, timeout: float) -> None:
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._wake_r, selectors.EVENT_READ)
-            if selector.select(max(0.0, timeout)):
-                with contextlib.suppress(BlockingIOError):
-                    while self._wake_r.recv(4096):
-                        pass
+        self.wakeup.wake()
 
     def _seconds_to_next_event(self) -> float:
         deadlines = [LOOP_TICK_S]
