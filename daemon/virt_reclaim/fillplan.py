@@ -144,19 +144,23 @@ def plan_fill(
         if volume.total is None or volume.used is None:
             plan.fills.append(Fill(volume.mountpoint, 0, 0, "the agent did not report its size"))
             continue
-        if disk.zeros_become_holes:
+        room = max(0, room_by_device[disk.host.device])
+        if disk.zeros_become_holes or disk.headroom <= room:
+            # The image cannot grow past its virtual size: zeros written over clusters it
+            # already holds (the deleted data, typically) cost the host nothing.
             limit = guest_free
         else:
-            limit = min(guest_free, disk.headroom, max(0, room_by_device[disk.host.device]))
+            limit = min(guest_free, room)
         limit = limit // MIB * MIB  # dd writes whole MiB
         if limit < MIN_FILL_BYTES:
             plan.fills.append(Fill(volume.mountpoint, 0, guest_free, _why_not(disk, guest_free),
                                    unreached + guest_free))  # fmt: skip
             continue
         if not disk.zeros_become_holes:
-            room_by_device[disk.host.device] -= limit
+            growth = min(limit, disk.headroom)
+            room_by_device[disk.host.device] -= growth
             headroom[disk.target] = DiskRoom(
-                disk.target, disk.host, disk.headroom - limit, False, disk.rewrite_need
+                disk.target, disk.host, disk.headroom - growth, False, disk.rewrite_need
             )
         plan.fills.append(
             Fill(volume.mountpoint, limit, guest_free, None, unreached + guest_free - limit)

@@ -12,7 +12,8 @@ from virt_reclaim.errors import GuestExecCancelled
 from virt_reclaim.fillwatch import FillWatch
 from virt_reclaim.guestfree import FreeSpaceMethod, FreeSpaceResult, trim, zero_fill
 from virt_reclaim.jobcontext import JobContext
-from virt_reclaim.results import JobFailed
+from virt_reclaim.results import FreedInPlace, JobFailed, NothingToDo
+from virt_reclaim.units import format_bytes
 
 
 def free_guest_space(job: JobContext) -> None:
@@ -86,13 +87,26 @@ def _recheck_gain(job: JobContext, share: float) -> None:
     for fs in job.guest_filesystems:
         for target in set(fs.disk_targets) & set(used):
             used[target] += fs.used_bytes or 0
-    gain = total = 0
+    gain = total = freed = 0
     for disk in job.disks:
         disk.guest_used = used[disk.target] or disk.guest_used
         again = preparation.estimate_disk(job, disk, share)
         now = imagefile.allocated_bytes(disk.path)
         gain += now - min(again.after, now)
         total += now
+        freed += max(0, disk.bytes_before - now)
         job.log.info("disk.reestimated", target=disk.target, estimated_after=again.after,
                      basis=again.basis)  # fmt: skip
-    preparation.require_gain(job, gain, total, "after freeing the guest's space, the ")
+    try:
+        preparation.require_gain(job, gain, total, "after freeing the guest's space, the ")
+    except NothingToDo as exc:
+        if freed < max(job.settings.min_gain, 1):
+            raise
+        # The trim did the work: the space is back on the host, and a rewrite is not worth
+        # the guest's downtime. Say so as a reclaim, with the figures.
+        for disk in job.disks:
+            disk.bytes_after = imagefile.allocated_bytes(disk.path)
+            disk.freed_in_place = True
+        raise FreedInPlace(
+            f"the {job.free_space} freed {format_bytes(freed)} in place; {exc}: no rewrite"
+        ) from None

@@ -28,6 +28,7 @@ from virt_reclaim.model import DomainState
 from virt_reclaim.modes import Mode, mode_named
 from virt_reclaim.ports import DomainPort, ImagePort
 from virt_reclaim.results import (
+    FreedInPlace,
     JobAbandoned,
     JobFailed,
     JobResult,
@@ -76,6 +77,7 @@ class ReclaimJob:
         before_step: Callable[[Step], None] | None = None,
         stop: threading.Event | None = None,
         mode: Mode | None = None,
+        history: Callable[[str, str, str], float | None] | None = None,
     ) -> None:
         """Prepare a job; nothing happens until ``run``.
 
@@ -94,6 +96,8 @@ class ReclaimJob:
                 verification under way is killed if ``images`` shares the event), restores
                 the guest and ends ``abandoned``; from the swap on it finishes.
             mode: The mode's steps; the one ``settings.mode`` names by default.
+            history: What this domain's past reclaims reached (``Journal.compression_ratio``),
+                for a dry run that has no journal of its own.
         """
         self.mode = mode or mode_named(settings.mode)
         self.job = JobContext(
@@ -107,6 +111,7 @@ class ReclaimJob:
             before_step=before_step,
             stop=stop,
             on_progress=on_progress,
+            history=history,
         )
         self.job_id = self.job.job_id
         self.log = self.job.log
@@ -137,6 +142,8 @@ class ReclaimJob:
             outcome, reason = self._run_steps()
         except JobSkipped as exc:
             outcome, reason = Outcome.SKIPPED, str(exc)
+        except FreedInPlace as exc:
+            outcome, reason = Outcome.RECLAIMED, str(exc)
         except NothingToDo as exc:
             outcome, reason = Outcome.NOTHING_TO_DO, str(exc)
         except JobAbandoned as exc:
@@ -224,7 +231,8 @@ class ReclaimJob:
         """Journal (unless ``journal`` is False: recovery's to finish) and log how it ended."""
         job = self.job
         bytes_before = sum(d.bytes_before for d in job.disks)
-        bytes_after = sum(d.bytes_after or 0 for d in job.disks if d.swapped) or None
+        done = [d for d in job.disks if d.swapped or d.freed_in_place]
+        bytes_after = sum(d.bytes_after or 0 for d in done) or None
         estimates = [d.estimated_after for d in job.disks]
         estimated_after = (
             sum(e for e in estimates if e is not None)

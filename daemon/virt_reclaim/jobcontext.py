@@ -78,6 +78,7 @@ class DiskWork:
     estimated_after: int | None = None
     bytes_after: int | None = None
     swapped: bool = False
+    freed_in_place: bool = False  # the free-space step alone freed it (no rewrite)
     rewrite_need: int = 0  # qemu-img measure: what the rewrite may write at most
     zeroed_bytes: int = 0  # zeros our fill wrote into filesystems on this disk
     guest_used: int | None = None  # bytes the guest's filesystems on it use
@@ -127,6 +128,9 @@ class JobContext:
     before_step: Callable[[Step], None] | None = None
     stop: threading.Event | None = None
     on_progress: Callable[[str, float], None] | None = None
+    # (domain uuid, target, compression) -> bytes after per used byte of its last reclaim;
+    # the journal's by default, given separately to dry runs, which journal nothing.
+    history: Callable[[str, str, str], float | None] | None = None
     started_wall: float = field(default_factory=time.time)
     disks: list[DiskWork] = field(default_factory=list)
     skipped_disks: list[SkippedDisk] = field(default_factory=list)

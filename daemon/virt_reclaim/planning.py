@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,17 +66,27 @@ def next_run(policy: Policy, now: dt.datetime) -> str | None:
 
 
 def estimate(
-    domain: Domain, policy: Policy, snapshots: Sequence[DomainSnapshot], *, qemu_img: str
+    domain: Domain,
+    policy: Policy,
+    snapshots: Sequence[DomainSnapshot],
+    *,
+    qemu_img: str,
+    history: Callable[[str, str, str], float | None] | None = None,
 ) -> JobResult:
     """A dry run of ``policy``'s job on ``domain``: read-only, with an estimate per disk.
 
     ``snapshots`` are all domains (for the images other domains use), listed once by the caller.
     """
-    return dry_run(domain, job_settings(policy, dry_run=True, qemu_img=qemu_img), snapshots)
+    settings = job_settings(policy, dry_run=True, qemu_img=qemu_img)
+    return dry_run(domain, settings, snapshots, history=history)
 
 
 def dry_run(
-    domain: Domain, settings: JobSettings, snapshots: Sequence[DomainSnapshot]
+    domain: Domain,
+    settings: JobSettings,
+    snapshots: Sequence[DomainSnapshot],
+    *,
+    history: Callable[[str, str, str], float | None] | None = None,
 ) -> JobResult:
     """A dry run of a job with ``settings`` (``dry_run`` is forced) on ``domain``: read-only."""
     job = ReclaimJob(
@@ -86,6 +96,7 @@ def dry_run(
         images_of_other_domains=functools.partial(
             inventory.images_in_use, snapshots, exclude_uuid=domain.uuid
         ),
+        history=history,
     )
     return job.run()
 

@@ -237,10 +237,9 @@ def estimate_disk(
         disk.data_file or disk.path, estimating.sample_offsets(extents, cluster), cluster
     )
     history = None
-    if job.journal is not None and disk.guest_used:
-        history = job.journal.compression_ratio(
-            job.domain.uuid, disk.target, str(job.settings.compression)
-        )
+    learn = job.history or (job.journal.compression_ratio if job.journal is not None else None)
+    if learn is not None and disk.guest_used:
+        history = learn(job.domain.uuid, disk.target, str(job.settings.compression))
     return estimating.estimate_after(
         allocated=disk.bytes_before,
         virtual_size=disk.info.virtual_size,

@@ -26,6 +26,14 @@ class NothingToDo(Exception):
     """The estimated gain is below the minimum; nothing was changed."""
 
 
+class FreedInPlace(NothingToDo):
+    """The free-space step alone freed the space (a trim through discard): no rewrite needed.
+
+    The job ends ``reclaimed`` with no downtime; the disks' ``bytes_after`` are what they
+    occupy now.
+    """
+
+
 class JobFailed(Exception):
     """The job could not finish; everything was restored."""
 

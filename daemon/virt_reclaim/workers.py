@@ -75,8 +75,9 @@ class Workers:
         candidates: list[Candidate] = []
         try:
             candidates = estimate(
-                settings.uri, settings.qemu_img, policy, chosen, rate, observer=self.observer
-            )
+                settings.uri, settings.qemu_img, policy, chosen, rate, observer=self.observer,
+                state_dir=settings.state_dir,
+            )  # fmt: skip
         except Exception:  # a bug must not leave the window waiting for this estimate forever
             log.exception("window.estimate_failed", policy=policy.name)
         finally:
@@ -115,11 +116,15 @@ def estimate(
     rate: float,
     *,
     observer: metrics.Observations | None = None,
+    state_dir: str | None = None,
 ) -> list[Candidate]:
     """A dry run of each chosen domain; the candidates of those that would be reclaimed.
 
-    ``rate`` is this host's rewrite rate (bytes per second) for the job's duration.
+    ``rate`` is this host's rewrite rate (bytes per second) for the job's duration. With
+    ``state_dir`` the estimates learn from each domain's past reclaims in the journal, as
+    the job itself will.
     """
+    history = _history(state_dir)
     structlog.contextvars.bind_contextvars(policy=policy.name)
     candidates: list[Candidate] = []
     try:
@@ -128,13 +133,23 @@ def estimate(
             for snap in chosen:
                 candidate = _estimate_one(
                     hypervisor, everyone, policy, snap, qemu_img=qemu_img, rate=rate,
-                    observer=observer,
+                    observer=observer, history=history,
                 )  # fmt: skip
                 if candidate is not None:
                     candidates.append(candidate)
     except VirtError as exc:
         log.warning("window.estimate_failed", error=str(exc))
     return candidates
+
+
+def _history(state_dir: str | None) -> Callable[[str, str, str], float | None] | None:
+    """The journal's record of past reclaims, or None when it cannot be read (no learning)."""
+    if state_dir is None:
+        return None
+    try:
+        return Journal(state_dir).compression_ratio
+    except JournalError:
+        return None
 
 
 def _estimate_one(
@@ -146,6 +161,7 @@ def _estimate_one(
     qemu_img: str,
     rate: float,
     observer: metrics.Observations | None = None,
+    history: Callable[[str, str, str], float | None] | None = None,
 ) -> Candidate | None:
     try:
         domain = hypervisor.domain_by_uuid(snap.uuid)
@@ -157,7 +173,7 @@ def _estimate_one(
                 if observer is not None:
                     observer.skipped(snap.name, "busy: users logged in")
                 return None
-        result = planning.estimate(domain, policy, everyone, qemu_img=qemu_img)
+        result = planning.estimate(domain, policy, everyone, qemu_img=qemu_img, history=history)
     except AgentUnavailable as exc:
         log.info("domain.skipped", domain=snap.name,
                  reason=f"busy: cannot tell whether users are logged in ({exc})")  # fmt: skip

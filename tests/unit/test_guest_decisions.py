@@ -109,8 +109,10 @@ def test_a_fill_is_bounded_by_the_guest_share_the_headroom_and_holes() -> None:
     reserve = Reserve(guest_percent=10)
     guest_bound = plan_fill([DiskRoom("vda", roomy, 30 * GIB, False, GIB)], [volume], reserve)
     assert guest_bound.fills[0].limit == 5 * GIB  # 10 - 4 - 1 (10 % left to the guest)
-    tight = plan_fill([DiskRoom("vda", roomy, 3 * GIB, False, GIB)], [volume], reserve)
-    assert tight.fills[0].limit == 3 * GIB  # the image can grow only to its virtual size
+    # The image could grow by 30 GiB, the host has room for 2 GiB more: the fill gets 2 GiB.
+    small = host(3, free=50 * GIB + 2 * GIB + GIB + 64 * MIB, size=1000 * GIB)
+    tight = plan_fill([DiskRoom("vda", small, 30 * GIB, False, GIB)], [volume], reserve)
+    assert tight.fills[0].limit == 2 * GIB
     full = host(2, free=GIB)
     holes = plan_fill([DiskRoom("vda", full, 30 * GIB, True, GIB)], [volume], reserve)
     assert holes.fills[0].limit == 5 * GIB  # detect_zeroes: zeros cost the host nothing
@@ -140,3 +142,12 @@ def test_domains_reports_the_free_space_method_each_guest_allows() -> None:
     off = DomainSnapshot("g", "u", DomainState.SHUTOFF, True, xml)
     assert describe_domain(off, qemu_img_path="qemu-img").free_space == "-"
     assert describe_domain(running, qemu_img_path="qemu-img", agent=WINDOWS_AGENT).os == "mswindows"
+
+
+def test_zeros_over_what_the_image_already_holds_cost_the_host_nothing() -> None:
+    # 3 GiB of room on the host, but the image can grow by 1 GiB at most: the fill may write
+    # all the guest's free space (most of it lands on clusters the image already holds).
+    roomy = host(1, free=2 * GIB + 3 * GIB + 2 * GIB, size=40 * GIB)
+    volume = GuestVolume("/", ("vda",), total=20 * GIB, used=4 * GIB)
+    plan = plan_fill([DiskRoom("vda", roomy, GIB, False, GIB)], [volume], Reserve(guest_percent=0))
+    assert plan.fills[0].limit == 16 * GIB

@@ -260,3 +260,28 @@ def test_the_estimate_matches_the_result_on_first_and_repeated_reclaims(
     assert estimated["basis"] == "history"
     [history] = Journal(tmp_path / "state").history()[:1]
     assert history.estimated_after == second.disks[0].estimated_after
+
+
+def test_a_trim_that_frees_the_space_in_place_is_a_reclaim_without_downtime(
+    tmp_path: Path,
+) -> None:
+    image = dirty_image(tmp_path / "disk.qcow2")
+    domain = FakeDomain(
+        [FakeDisk("vda", image, discard=True)],
+        filesystems=[linux_fs("/", "vda", total=974 * MIB, used=44 * MIB)],
+        trim_discards=[(128 * MIB, 64 * MIB)],
+    )
+
+    result, _ = run_job(domain, tmp_path / "state", min_gain=50 * MIB)
+
+    # The trim gave back the 64 MiB deleted; compressing the rest would gain less than the
+    # minimum: no shutdown, and the job says what it freed.
+    assert result.outcome is Outcome.RECLAIMED, result.reason
+    assert "freed" in result.reason and "in place" in result.reason
+    assert not any(c.startswith("shutdown") for c in domain.calls)
+    assert result.downtime_s == 0
+    [disk] = result.disks
+    assert disk.bytes_after is not None
+    assert disk.bytes_before - disk.bytes_after >= 60 * MIB
+    [entry] = Journal(tmp_path / "state").history()
+    assert (entry.outcome, entry.bytes_after) == ("reclaimed", disk.bytes_after)
