@@ -163,7 +163,9 @@ def recover(state: Path) -> list[dict[str, object]]:
 
 
 @pytest.mark.serial
-@pytest.mark.parametrize("point", ["rewrite", "copy", "commit"])
+# Before the copy: after the swap, where the only way is forward (the restart before the
+# rewrite is the offline crash test's case; before the commit was measured alike, 14 s).
+@pytest.mark.parametrize("point", ["copy"])
 def test_libvirtd_restarted_during_a_live_job(
     make_guest: Callable[..., Guest], tmp_path: Path, point: str
 ) -> None:
