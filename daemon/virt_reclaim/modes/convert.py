@@ -29,13 +29,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from virt_reclaim import conversion, definition, domxml, imagefile, preparation
+from virt_reclaim import conversion, definition, domxml, imagefile
 from virt_reclaim.errors import VirtError
 from virt_reclaim.jobcontext import JobContext, Step
 from virt_reclaim.journal import JournalJob
 from virt_reclaim.modes import offline
 from virt_reclaim.results import JobUnfinished, Recovered
-from virt_reclaim.rewrite import remove_temporary_files, rewrite_disk, swap_disk, verify_disk
+from virt_reclaim.rewrite import remove_temporary_files, swap_disk
 
 # Steps after which each qcow2 disk of the job was renamed over its original.
 _PAST_SWAP = frozenset({Step.SWAP, Step.DEFINE, Step.RESTORE, Step.CLEANUP})
@@ -53,18 +53,7 @@ class ConvertMode:
             conversion.plan(job, disk)
         placed: list[str] = []
         try:
-            with job.step(Step.SHUTDOWN):
-                offline.shut_down(job)
-            with job.step(Step.GUARD):
-                offline.guard(job)
-            with job.step(Step.PREFLIGHT):
-                preparation.preflight(job)
-            with job.step(Step.REWRITE):
-                for disk in job.disks:
-                    rewrite_disk(job, disk, lock=True)
-            with job.step(Step.VERIFY):
-                for disk in job.disks:
-                    verify_disk(job, disk)
+            offline.rewrite_while_down(job)
             with job.step(Step.SWAP):
                 for disk in job.disks:
                     if disk.converted_path:

@@ -35,18 +35,7 @@ class OfflineMode:
     def run(self, job: JobContext) -> None:
         """Take the offline steps; on failure remove the new images and release the guard."""
         try:
-            with job.step(Step.SHUTDOWN):
-                shut_down(job)
-            with job.step(Step.GUARD):
-                guard(job)
-            with job.step(Step.PREFLIGHT):
-                preparation.preflight(job)
-            with job.step(Step.REWRITE):
-                for disk in job.disks:
-                    rewrite_disk(job, disk, lock=True)
-            with job.step(Step.VERIFY):
-                for disk in job.disks:
-                    verify_disk(job, disk)
+            rewrite_while_down(job)
             with job.step(Step.SWAP):
                 for disk in job.disks:
                     swap_disk(job, disk)
@@ -93,6 +82,25 @@ def recover_rewritten_disk(disk: JournalDisk, *, past_swap: bool, result: Recove
         os.unlink(disk.backup_path)
         result.actions.append(f"removed {disk.backup_path} (the swap never happened)")
     return swapped
+
+
+def rewrite_while_down(job: JobContext) -> None:
+    """SHUTDOWN -> GUARD -> PREFLIGHT -> REWRITE -> VERIFY: every mode that stops the guest.
+
+    The caller removes the new images and releases the guard when this raises.
+    """
+    with job.step(Step.SHUTDOWN):
+        shut_down(job)
+    with job.step(Step.GUARD):
+        guard(job)
+    with job.step(Step.PREFLIGHT):
+        preparation.preflight(job)
+    with job.step(Step.REWRITE):
+        for disk in job.disks:
+            rewrite_disk(job, disk, lock=True)
+    with job.step(Step.VERIFY):
+        for disk in job.disks:
+            verify_disk(job, disk)
 
 
 def shut_down(job: JobContext) -> None:
