@@ -16,9 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from xml.sax.saxutils import escape
 
-from testbed.guests import RUN_DIR, TESTBED_DIR, Guest, unique_name
+from testbed.guests import RUN_DIR, TESTBED_DIR, Guest, domain_xml, unique_name
 
 DEBIAN_DIR = TESTBED_DIR / "debian"
 BUILD_SCRIPT = Path(__file__).with_name("build-debian-guest.sh")
@@ -42,38 +41,10 @@ def ensure_debian_built() -> None:
 
 def debian_domain_xml(name: str, disk: Path, *, discard: bool, console_log: Path) -> str:
     """TCG, 512 MiB, one vCPU, direct kernel boot from vda1, an agent channel, serial to a file."""
-    discard_attr = " discard='unmap'" if discard else ""
-    return f"""<domain type='qemu'>
-  <name>{escape(name)}</name>
-  <memory unit='MiB'>512</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{DEBIAN_DIR}/vmlinuz</kernel>
-    <initrd>{DEBIAN_DIR}/initrd.img</initrd>
-    <cmdline>root=/dev/vda1 console=ttyS0</cmdline>
-  </os>
-  <features><acpi/></features>
-  <on_poweroff>destroy</on_poweroff>
-  <on_reboot>restart</on_reboot>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'{discard_attr}/>
-      <source file='{escape(str(disk))}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <channel type='unix'>
-      <target type='virtio' name='org.qemu.guest_agent.0'/>
-    </channel>
-    <serial type='file'>
-      <source path='{escape(str(console_log))}'/>
-      <target port='0'/>
-    </serial>
-    <memballoon model='none'/>
-  </devices>
-</domain>
-"""
+    return domain_xml(
+        name, disk, discard=discard, console_log=console_log, boot_dir=DEBIAN_DIR,
+        cmdline="root=/dev/vda1 console=ttyS0", memory_mib=512,
+    )  # fmt: skip
 
 
 @dataclass

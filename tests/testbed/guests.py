@@ -146,19 +146,30 @@ def make_data_image(
 
 
 def domain_xml(
-    name: str, data_image: Path, *, discard: bool, console_log: Path, disk_format: str = "qcow2"
+    name: str,
+    data_image: Path,
+    *,
+    discard: bool,
+    console_log: Path,
+    disk_format: str = "qcow2",
+    boot_dir: Path = GUEST_DIR,
+    cmdline: str = "console=ttyS0 panic=-1",
+    memory_mib: int = 256,
 ) -> str:
-    """The XML of a test guest: TCG, direct kernel boot, one virtio data disk, an agent channel."""
+    """The XML of a test guest: TCG, direct kernel boot, one virtio disk, an agent channel.
+
+    ``boot_dir`` holds the kernel and initrd (the busybox guest's by default).
+    """
     discard_attr = " discard='unmap'" if discard else ""
     return f"""<domain type='qemu'>
   <name>{escape(name)}</name>
-  <memory unit='MiB'>256</memory>
+  <memory unit='MiB'>{memory_mib}</memory>
   <vcpu>1</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{GUEST_DIR}/vmlinuz</kernel>
-    <initrd>{GUEST_DIR}/initrd.img</initrd>
-    <cmdline>console=ttyS0 panic=-1</cmdline>
+    <kernel>{boot_dir}/vmlinuz</kernel>
+    <initrd>{boot_dir}/initrd.img</initrd>
+    <cmdline>{escape(cmdline)}</cmdline>
   </os>
   <features><acpi/></features>
   <on_poweroff>destroy</on_poweroff>
