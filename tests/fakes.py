@@ -21,10 +21,12 @@ from virt_reclaim import domxml
 from virt_reclaim.errors import AgentUnavailable, GuestExecCancelled, VirtError
 from virt_reclaim.model import (
     AgentInfo,
+    BlockJob,
     DomainSnapshot,
     DomainState,
     GuestExecResult,
     GuestFilesystem,
+    HostVersions,
     TrimmedPath,
 )
 
@@ -114,6 +116,10 @@ class FakeDomain:
     # The definitions define_xml was given, in order; set define_error to refuse them.
     defined: list[str] = field(default_factory=list)
     define_error: str | None = None
+    # What libvirt and QEMU report (the live mode's floor is checked against them), and
+    # the block jobs someone else runs on disks, by target.
+    host_versions: HostVersions = field(default_factory=lambda: HostVersions(9_000_000, 7_002_000))
+    foreign_block_jobs: dict[str, BlockJob] = field(default_factory=dict)
 
     def _xml(self) -> str:
         agent = ""
@@ -155,6 +161,13 @@ class FakeDomain:
             disk.detect_zeroes = new.detect_zeroes
         self.defined.append(xml)
         self.inactive_override = None
+
+    # -- what the live mode asks before it starts (LiveDomainPort) --------------------------
+    def versions(self) -> HostVersions:
+        return self.host_versions
+
+    def block_job(self, target: str) -> BlockJob | None:
+        return self.foreign_block_jobs.get(target)
 
     def shutdown(self, *, use_agent: bool) -> None:
         self.calls.append(f"shutdown(agent={use_agent})")

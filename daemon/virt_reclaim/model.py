@@ -89,6 +89,19 @@ class TrimmedPath:
 
 
 @dataclass(frozen=True)
+class HostVersions:
+    """libvirt's and QEMU's versions as libvirt encodes them: major * 1e6 + minor * 1e3 + micro."""
+
+    libvirt: int
+    qemu: int
+
+
+def version_text(encoded: int) -> str:
+    """``9000000`` as ``9.0.0``."""
+    return f"{encoded // 1_000_000}.{encoded // 1_000 % 1_000}.{encoded % 1_000}"
+
+
+@dataclass(frozen=True)
 class BlockJob:
     """The block job running on one disk, as ``blockJobInfo`` reports it.
 

@@ -17,6 +17,7 @@ from virt_reclaim.model import (
     DomainState,
     GuestExecResult,
     GuestFilesystem,
+    HostVersions,
     TrimmedPath,
 )
 from virt_reclaim.process import ProgressCallback
@@ -105,3 +106,5 @@ class LiveDomainPort(DomainPort, Protocol):
     """A domain the live mode can work on: one whose disks take snapshots and block jobs."""
 
     def block_jobs(self) -> BlockJobsPort: ...
+    def versions(self) -> HostVersions: ...
+    def block_job(self, target: str) -> BlockJob | None: ...

@@ -6,14 +6,16 @@ Read-only: a dry run (``plan``, the daemon's queue) is exactly these three steps
 from __future__ import annotations
 
 import os
+from typing import cast
 
-from virt_reclaim import conversion, domxml, fillplan, imagefile
+from virt_reclaim import conversion, domxml, fillplan, imagefile, livecheck
 from virt_reclaim import estimate as estimating
 from virt_reclaim.errors import AgentUnavailable, QemuImgError
 from virt_reclaim.guestfree import FreeSpaceMethod, choose_method, freed_share
 from virt_reclaim.jobcontext import DiskWork, JobContext
 from virt_reclaim.journal import JournalDisk
 from virt_reclaim.model import DomainState
+from virt_reclaim.ports import LiveDomainPort
 from virt_reclaim.results import JobSkipped, NothingToDo, SkippedDisk
 from virt_reclaim.settings import Compression
 from virt_reclaim.units import format_bytes
@@ -25,9 +27,10 @@ DEFAULT_CLUSTER = 64 * 1024
 def inspect(job: JobContext, *, live: bool = False) -> None:
     """Find the eligible disks and journal what recovery needs; skip the job if there are none.
 
-    With ``live`` (a running guest to be kept running), disks the live sequence does not
-    cover are skipped too: those with a backing chain. With ``rewrite.convert`` a raw or
-    VMDK disk is eligible for conversion (``conversion.ineligible`` says when it is not).
+    With ``live`` (a running guest to be kept running), the job is skipped on a host
+    too old for the live sequence, and disks it does not cover are skipped too: those
+    with a backing chain or a block job running (``livecheck``). With ``rewrite.convert``
+    a raw or VMDK disk is eligible for conversion (``conversion.ineligible`` says when not).
     """
     snap = job.domain.snapshot()
     if not snap.persistent:
@@ -39,12 +42,10 @@ def inspect(job: JobContext, *, live: bool = False) -> None:
     persistent_spec = domxml.parse_domain(job.domain.inactive_xml())
     persistent = {d.target: d for d in persistent_spec.disks}
     differs = conversion.definitions_differ(running, persistent_spec) if job.was_running else None
-    job.agent_connected = job.was_running and running.agent_state == "connected"
-    if job.agent_connected:
-        try:
-            job.agent = job.domain.agent_info()
-        except AgentUnavailable as exc:
-            job.log.info("agent.unavailable", reason=str(exc))
+    _read_agent(job, running)
+    live_domain = cast(LiveDomainPort, job.domain) if live and job.was_running else None
+    if live_domain is not None and (refusal := livecheck.host_refusal(live_domain.versions())):
+        raise JobSkipped(refusal)
     others = job.images_of_other_domains()
     for disk in running.disks:
         if job.settings.convert and conversion.wants(disk):
@@ -52,9 +53,10 @@ def inspect(job: JobContext, *, live: bool = False) -> None:
                                            differs=differs)  # fmt: skip
         else:
             reason = _ineligible(job, disk, persistent.get(disk.target), others)
-        if reason is None and live and job.was_running and job.disks[-1].info.backing_filename:
-            job.disks.pop()
-            reason = "it has a backing file; live mode covers single-image disks (use offline)"
+        if reason is None and live_domain is not None:
+            reason = livecheck.disk_refusal(live_domain, job.disks[-1])
+            if reason is not None:
+                job.disks.pop()
         if reason is not None:
             job.skipped_disks.append(SkippedDisk(disk.target, disk.source or "", reason))
             job.log.info("disk.skipped", target=disk.target, path=disk.source, reason=reason)
@@ -67,6 +69,16 @@ def inspect(job: JobContext, *, live: bool = False) -> None:
             str(snap.state),
             [JournalDisk(d.target, d.path, d.temp, d.backup) for d in job.disks],
         )
+
+
+def _read_agent(job: JobContext, running: domxml.DomainSpec) -> None:
+    """What the guest's agent says of the guest, when one is connected."""
+    job.agent_connected = job.was_running and running.agent_state == "connected"
+    if job.agent_connected:
+        try:
+            job.agent = job.domain.agent_info()
+        except AgentUnavailable as exc:
+            job.log.info("agent.unavailable", reason=str(exc))
 
 
 def _ineligible(  # noqa: PLR0911 - one return per eligibility rule, in order

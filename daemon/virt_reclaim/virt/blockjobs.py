@@ -16,7 +16,7 @@ from virt_reclaim.domxml import parse_domain
 from virt_reclaim.errors import BlockJobFailed, NoBlockJob, VirtError
 from virt_reclaim.model import BlockJob
 from virt_reclaim.virt.common import error_message
-from virt_reclaim.virt.domain import Domain
+from virt_reclaim.virt.domain import BLOCK_JOB_TYPES, Domain
 from virt_reclaim.virt.events import subscribe_block_jobs, unsubscribe_block_jobs
 
 # A pivot or an abort normally leaves no job behind within a second; this bounds a stuck one.
@@ -27,13 +27,6 @@ BLOCK_JOB_POLL_S = 0.5
 # How long to wait for a vanished job's final event, to be able to say how it ended.
 _FINAL_EVENT_GRACE_S = 2.0
 
-_BLOCK_JOB_TYPES = {
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL: "pull",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY: "copy",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT: "commit",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT: "active-commit",
-    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP: "backup",
-}
 _BLOCK_JOB_ENDINGS = {
     libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED: "completed without becoming ready",
     libvirt.VIR_DOMAIN_BLOCK_JOB_FAILED: "failed",
@@ -228,18 +221,7 @@ class BlockJobs:
         Raises:
             VirtError: libvirt cannot tell (no such disk, the domain is not running).
         """
-        info = self._domain._call(
-            f"read the block job of disk {target}",
-            lambda d: d.blockJobInfo(target, libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES),
-        )
-        if not info:
-            return None
-        return BlockJob(
-            type=_BLOCK_JOB_TYPES.get(info.get("type"), "unknown"),
-            cur=int(info.get("cur", 0)),
-            end=int(info.get("end", 0)),
-            bandwidth=int(info.get("bandwidth", 0)),
-        )
+        return self._domain.block_job(target)
 
     def disk_source(self, target: str, *, live: bool) -> str | None:
         """The path of the disk's top image in the live or the persistent XML.
@@ -313,7 +295,7 @@ class BlockJobs:
         if heard is not None and heard[1] in _BLOCK_JOB_ENDINGS:
             job_type, status = heard
             raise BlockJobFailed(
-                f"{self._domain.name}: the {_BLOCK_JOB_TYPES.get(job_type, 'block')} job on "
+                f"{self._domain.name}: the {BLOCK_JOB_TYPES.get(job_type, 'block')} job on "
                 f"disk {target} {_BLOCK_JOB_ENDINGS[status]}"
             )
 

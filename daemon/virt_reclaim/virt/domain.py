@@ -24,10 +24,12 @@ from virt_reclaim.agentreplies import (
 from virt_reclaim.errors import AgentUnavailable, GuestExecCancelled, VirtError
 from virt_reclaim.model import (
     AgentInfo,
+    BlockJob,
     DomainSnapshot,
     DomainState,
     GuestExecResult,
     GuestFilesystem,
+    HostVersions,
     TrimmedPath,
 )
 from virt_reclaim.virt.common import STATES, error_message, read_snapshot
@@ -36,6 +38,13 @@ if TYPE_CHECKING:
     from virt_reclaim.virt.blockjobs import BlockJobs
     from virt_reclaim.virt.connection import Hypervisor
 
+BLOCK_JOB_TYPES = {
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_PULL: "pull",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY: "copy",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COMMIT: "commit",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_ACTIVE_COMMIT: "active-commit",
+    libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_BACKUP: "backup",
+}
 # How long a guest process may take to clean up after SIGTERM (a zero-fill removes its file).
 GUEST_PROCESS_END_S = 60.0
 
@@ -89,6 +98,31 @@ class Domain:
         from virt_reclaim.virt.blockjobs import BlockJobs  # noqa: PLC0415 - it imports Domain
 
         return BlockJobs(self)
+
+    def versions(self) -> HostVersions:
+        """The versions of the libvirt daemon and of the hypervisor (QEMU) this domain runs on."""
+        libvirtd = self._call("read libvirt's version", lambda d: d.connect().getLibVersion())
+        qemu = self._call("read QEMU's version", lambda d: d.connect().getVersion())
+        return HostVersions(libvirt=int(libvirtd), qemu=int(qemu))
+
+    def block_job(self, target: str) -> BlockJob | None:
+        """The block job on disk ``target`` now, or None.
+
+        Raises:
+            VirtError: libvirt cannot tell (no such disk, the domain is not running).
+        """
+        info = self._call(
+            f"read the block job of disk {target}",
+            lambda d: d.blockJobInfo(target, libvirt.VIR_DOMAIN_BLOCK_JOB_INFO_BANDWIDTH_BYTES),
+        )
+        if not info:
+            return None
+        return BlockJob(
+            type=BLOCK_JOB_TYPES.get(info.get("type"), "unknown"),
+            cur=int(info.get("cur", 0)),
+            end=int(info.get("end", 0)),
+            bandwidth=int(info.get("bandwidth", 0)),
+        )
 
     def libvirt_snapshot_count(self) -> int:
         """Snapshots libvirt keeps metadata of (internal or external)."""

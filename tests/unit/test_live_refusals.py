@@ -1,0 +1,107 @@
+"""What live mode refuses before anything changes: a host too old, a disk with a block job.
+
+Through the job's ports: real images and real qemu-img, the domain faked
+(tests/fakes.py) with the versions and block jobs libvirt would report. A refusal
+must come before the guest is touched: no trim, no shutdown, the image as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fakes import FakeDisk, FakeDomain, linux_fs, make_image
+from virt_reclaim.job import JobSettings, Outcome, ReclaimJob
+from virt_reclaim.journal import Journal
+from virt_reclaim.livecheck import host_refusal
+from virt_reclaim.model import BlockJob, DomainState, HostVersions, version_text
+from virt_reclaim.qemu_img import QemuImg
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def domain(tmp_path: Path) -> FakeDomain:
+    image = make_image(tmp_path / "disk.qcow2", "128M", ("write -P 0x61 0 16M",))
+    return FakeDomain(
+        [FakeDisk("vda", image)], filesystems=[linux_fs("/", "vda", total=120 * MIB, used=17 * MIB)]
+    )
+
+
+def run_live(domain: FakeDomain, state: Path) -> Any:
+    job = ReclaimJob(
+        domain,
+        QemuImg(priority=None),
+        JobSettings(priority=None, min_gain=0, mode="live"),
+        images_of_other_domains=dict,
+        journal=Journal(state),
+    )
+    return job.run()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("versions", "why"),
+    [
+        (HostVersions(5_010_000, 7_002_000), "libvirt 5.10.0 (needs 6.0.0) too old"),
+        (HostVersions(9_000_000, 4_002_001), "QEMU 4.2.1 (needs 5.1.0) too old"),
+        (HostVersions(4_000_000, 2_011_000),
+         "libvirt 4.0.0 (needs 6.0.0) and QEMU 2.11.0 (needs 5.1.0) too old"),
+    ],
+)  # fmt: skip
+def test_a_host_too_old_for_the_live_sequence_is_refused_before_anything_changes(
+    domain: FakeDomain, tmp_path: Path, versions: HostVersions, why: str
+) -> None:
+    domain.host_versions = versions
+    image = domain.disks[0].path
+    before = sha256(image)
+
+    result = run_live(domain, tmp_path / "state")
+
+    assert result.outcome is Outcome.SKIPPED
+    assert why in result.reason
+    assert 'use mode = "offline"' in result.reason
+    assert domain.calls == [], "the guest was touched"
+    assert domain.power is DomainState.RUNNING
+    assert sha256(image) == before
+
+
+def test_a_disk_with_a_block_job_running_is_skipped_with_the_job_named(
+    domain: FakeDomain, tmp_path: Path
+) -> None:
+    domain.foreign_block_jobs["vda"] = BlockJob(type="copy", cur=10, end=100, bandwidth=0)
+
+    result = run_live(domain, tmp_path / "state")
+
+    assert result.outcome is Outcome.SKIPPED
+    [skipped] = result.skipped_disks
+    assert skipped.target == "vda"
+    assert skipped.reason == (
+        "a copy block job is already running on it; live mode waits for it to end"
+    )
+    assert domain.calls == []
+
+
+def test_a_shut_off_guest_on_an_old_host_is_reclaimed_offline(
+    domain: FakeDomain, tmp_path: Path
+) -> None:
+    # Live mode's floor is the live sequence's: offline needs none of it.
+    domain.power = DomainState.SHUTOFF
+    domain.host_versions = HostVersions(4_000_000, 2_011_000)
+
+    result = run_live(domain, tmp_path / "state")
+
+    assert result.outcome is Outcome.RECLAIMED, result.reason
+    assert result.mode == "offline"
+
+
+def test_the_floor_itself_is_enough() -> None:
+    assert host_refusal(HostVersions(6_000_000, 5_001_000)) is None
+    assert version_text(9_000_000) == "9.0.0"
+    assert version_text(7_002_010) == "7.2.10"
