@@ -79,3 +79,23 @@ def next_fire(expression: str, timezone: str, after: dt.datetime) -> dt.datetime
     """The first time the expression fires after ``after`` (without jitter)."""
     fire: dt.datetime | None = trigger(expression, timezone).get_next_fire_time(None, after)
     return fire
+
+
+def last_fire(
+    expression: str, timezone: str, now: dt.datetime, within: dt.timedelta
+) -> dt.datetime | None:
+    """The latest time in (``now`` - ``within``, ``now``] the expression fired at, or None.
+
+    Without jitter: the time the crontab line names. A daemon that starts or reloads
+    inside a window asks this to learn that the window is open and since when.
+    """
+    cron = trigger(expression, timezone)
+    latest = None
+    fire: dt.datetime | None = cron.get_next_fire_time(None, now - within + _SECOND)
+    while fire is not None and fire <= now:
+        latest = fire
+        fire = cron.get_next_fire_time(fire, fire + _SECOND)
+    return latest
+
+
+_SECOND = dt.timedelta(seconds=1)

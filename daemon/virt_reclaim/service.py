@@ -16,6 +16,7 @@ it, logs what it decided and does it.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import queue
 import time
@@ -101,6 +102,7 @@ class Daemon:
                  uri=self.settings.uri, pid=os.getpid())  # fmt: skip
         self.notifier.ready(self._status())
         self._write_metrics()
+        self._find_late_windows()
         while not self.flags.stop:
             self.wakeup.wait(self._seconds_to_next_event())
             self._tick()
@@ -118,6 +120,9 @@ class Daemon:
             self.next_sample = now + self.settings.stats_interval.total_seconds()
             self._watch_busy(now)
             self._write_metrics(periodic=True)
+        for late in self.windows.due_late(now):
+            if (policy := self._policy(late.policy)) is not None:
+                self._open_window(policy, late)
         self._dispatch(now)
         self._watchdog()
         self.notifier.status(self._status())
@@ -155,6 +160,7 @@ class Daemon:
             deadlines.append(self.host.outage.next_try - self.clock())
         if self.notifier.watchdog_s:
             deadlines.append(self.notifier.watchdog_s / 4)
+        deadlines += [late.opens_at - self.clock() for late in self.windows.late.values()]
         return max(0.05, min(deadlines))
 
     def _drain_inbox(self) -> None:
@@ -173,9 +179,13 @@ class Daemon:
         policy = self._policy(policy_name)
         if policy is None or self.flags.stop:
             return
-        self.windows.open_window(policy, self.clock())
-        log.info("window.opened", policy=policy.name,
-                 window_s=policy.schedule.window.total_seconds())  # fmt: skip
+        self._open_window(policy)
+
+    def _open_window(self, policy: Policy, late: windows.LateWindow | None = None) -> None:
+        now = self.clock()
+        window = self.windows.open_window(policy, now, late.ends_at if late else None)
+        extra = {"late_s": round(late.late_s)} if late else {}
+        log.info("window.opened", policy=policy.name, window_s=round(window.left(now)), **extra)
         self.metrics.observations.window_opened(policy.name)
         self._write_metrics()
         if self.host.hypervisor is None:
@@ -232,7 +242,15 @@ class Daemon:
             self._apply(config.LoadedConfig(kept, loaded.policies, ()))
             log.info("config.reloaded", policies=[p.name for p in self.policies])
             self._log_next_runs()
+            self._find_late_windows()
         self.notifier.ready(self._status())
+
+    def _find_late_windows(self) -> None:
+        """Windows open now that the daemon was not running (or not configured) to open."""
+        now = self.clock()
+        for late in self.windows.find_late(self.policies, now, dt.datetime.now(dt.UTC)):
+            log.info("window.found_open", policy=late.policy, late_s=round(late.late_s),
+                     opens_in_s=round(late.opens_at - now, 1))  # fmt: skip
 
     def _policy(self, name: str) -> Policy | None:
         return next((p for p in self.policies if p.name == name), None)

@@ -13,14 +13,20 @@ the window is open; when it goes idle it is estimated and queued too. A job star
 while its estimate fits in what is left of the window and its domain is still
 idle. A window closes when its time is up (not while its domains are being
 estimated) or when the daemon stops; it says which domains stayed busy.
+
+A daemon that starts or reloads inside a policy's window (its cron time passed less
+than ``schedule.window`` ago) opens that window too, for the time it has left, once
+``idle.duration`` of samples can tell idle domains from busy ones: a restart at
+02:30 still reclaims in the 02:00 window.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from virt_reclaim import idle, scheduler, selection
+from virt_reclaim import crontab, idle, scheduler, selection
 from virt_reclaim.journal import JournalError
 from virt_reclaim.model import DomainSnapshot, DomainState
 from virt_reclaim.policy import Policy
@@ -54,6 +60,16 @@ def busy_reason(view: DomainView, policy: Policy) -> str | None:
         duration_s=policy.idle.duration.total_seconds(),
     )
     return idle.busy_reason(view.window, limits)
+
+
+@dataclass(frozen=True)
+class LateWindow:
+    """A window whose cron time passed before the daemon knew of it (at start or reload)."""
+
+    policy: str
+    opens_at: float  # monotonic: when idleness can be judged (idle.duration after)
+    ends_at: float  # monotonic: its cron time + schedule.window
+    late_s: float  # how long after its cron time the daemon found it open
 
 
 @dataclass(frozen=True)
@@ -126,22 +142,62 @@ class Windows:
         self.open: dict[str, Window] = {}
         self.queue: list[Candidate] = []
         self.estimating: set[str] = set()
+        self.late: dict[str, LateWindow] = {}
 
     def apply(self, policies: Sequence[Policy]) -> None:
-        """After a reload: forget the windows (and their queue) of policies that are gone."""
+        """After a reload: forget the windows (and their queue) of policies that are gone.
+
+        Windows found open at the last start or reload are looked for again
+        (``find_late``): a changed schedule may have moved them.
+        """
         names = {p.name for p in policies}
         self.open = {n: w for n, w in self.open.items() if n in names}
         self.queue = [c for c in self.queue if c.policy in self.open]
+        self.late = {}
 
-    def open_window(self, policy: Policy, now: float) -> Window:
-        """The policy fired: open its window from ``now``.
+    def find_late(
+        self, policies: Iterable[Policy], now: float, wall: dt.datetime
+    ) -> list[LateWindow]:
+        """At start or reload: the enabled policies' windows open now that no firing opened.
+
+        ``wall`` is the time of day (aware) that ``now`` is. Each opens once
+        ``idle.duration`` has passed (see ``due_late``), unless its policy fires first.
+        """
+        found = []
+        for policy in policies:
+            schedule = policy.schedule
+            if not policy.enabled or policy.name in self.open or policy.name in self.late:
+                continue
+            fired = crontab.last_fire(schedule.cron, schedule.timezone, wall, schedule.window)
+            if fired is None:
+                continue
+            late_s = (wall - fired).total_seconds()
+            ends_at = now + schedule.window.total_seconds() - late_s
+            opens_at = min(now + policy.idle.duration.total_seconds(), ends_at)
+            late = LateWindow(policy.name, opens_at, ends_at, late_s)
+            self.late[policy.name] = late
+            found.append(late)
+        return found
+
+    def due_late(self, now: float) -> list[LateWindow]:
+        """The windows found late whose time to open has come (they are no longer pending)."""
+        due = [late for late in self.late.values() if late.opens_at <= now]
+        for late in due:
+            del self.late[late.policy]
+        return due
+
+    def open_window(self, policy: Policy, now: float, ends_at: float | None = None) -> Window:
+        """The policy fired: open its window from ``now`` (until ``ends_at`` for a late one).
 
         A firing while the window is open reopens it from now; the busy domains it
         watches stay watched (and are not reported as skipped again).
         """
+        self.late.pop(policy.name, None)  # its own firing came first
         previous = self.open.get(policy.name)
         busy = previous.busy if previous is not None else {}
-        window = Window(policy.name, now + policy.schedule.window.total_seconds(), busy)
+        if ends_at is None:
+            ends_at = now + policy.schedule.window.total_seconds()
+        window = Window(policy.name, ends_at, busy)
         self.open[policy.name] = window
         return window
 

@@ -1,7 +1,8 @@
 """`virt-reclaim daemon` as a real subprocess against the real libvirtd and real guests.
 
-The policies fire with cron "* * * * *": a window opens at the next full minute,
-so a test waits up to a minute for it (by the daemon's log, never by sleeping).
+The policies fire with cron "* * * * *" and a 10 min window: a daemon started at any
+moment is inside a window, which it opens once idle.duration (5 s) of samples can tell
+idle from busy, and a test waits for that by the daemon's log, never by sleeping.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from testbed.reclaim import fake_qemu_img, leftovers, qemu_img_check_clean, wait
 
 pytestmark = pytest.mark.guest
 
-# A window opens within 60 s; the job of a small guest takes 10-30 s under TCG.
-WINDOW_WAIT_S = 75
+# The window found open at the start opens after idle.duration (5 s): well within 30 s,
+# and not always within 30 s if only the next full minute opened it. The job of a small
+# guest takes 10-30 s under TCG.
+WINDOW_WAIT_S = 30
 JOB_S = 180
 
 
@@ -254,7 +257,10 @@ def test_libvirtd_restarted_while_the_daemon_runs_then_the_next_job_runs(
     daemon.signal(signal.SIGTERM)
 
     assert daemon.wait_exit() == 0
-    assert len(daemon.events("libvirt.disconnected")) == 1, daemon.tail()
+    # The daemon's own connection went once. (A job the window started just before the
+    # restart reports its own connection's loss too, with its domain, and carries on.)
+    ours = [e for e in daemon.events("libvirt.disconnected") if "domain" not in e]
+    assert len(ours) == 1, daemon.tail()
     assert finished["outcome"] == "reclaimed", finished
     guest.wait_agent()
     assert data.checksums(guest) == sums

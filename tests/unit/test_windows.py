@@ -7,6 +7,7 @@ ten minutes; domains are idle or busy by the samples the test gives them.
 from __future__ import annotations
 
 import ast
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from virt_reclaim.journal import JournalError
 from virt_reclaim.model import DomainSnapshot, DomainState
 from virt_reclaim.policy import Policy
 from virt_reclaim.scheduler import Candidate
-from virt_reclaim.windows import DomainView, Window, Windows
+from virt_reclaim.windows import DomainView, LateWindow, Window, Windows
 
 OPEN = 1000.0  # when the window opens
 LENGTH = 600.0  # schedule.window = 10m
@@ -115,6 +116,53 @@ def test_a_firing_opens_the_window_for_the_policys_length() -> None:
     assert window.left(OPEN + 100) == LENGTH - 100
     assert book.may_select("p")
     assert not book.may_select("other")
+
+
+# The wall clock when the daemon starts: 35 minutes after a "0 2 * * *" policy's cron time.
+LATE_WALL = dt.datetime(2026, 11, 24, 2, 35, tzinfo=dt.UTC)
+
+
+def test_a_window_open_when_the_daemon_starts_opens_once_idleness_can_be_judged() -> None:
+    nightly = policy(schedule={"cron": "0 2 * * *", "window": "4h"})
+    book = Windows()
+
+    [late] = book.find_late([nightly], OPEN, LATE_WALL)
+
+    assert late == LateWindow("p", opens_at=OPEN + IDLE_S, ends_at=OPEN + 4 * 3600 - 35 * 60,
+                              late_s=35 * 60)  # fmt: skip
+    assert book.find_late([nightly], OPEN, LATE_WALL) == []  # found once
+    assert book.due_late(OPEN + IDLE_S - 1) == []
+    assert book.due_late(OPEN + IDLE_S) == [late]
+    assert book.due_late(OPEN + IDLE_S) == []  # handed over once
+    window = book.open_window(nightly, OPEN + IDLE_S, late.ends_at)
+    assert window.left(OPEN + IDLE_S) == 4 * 3600 - 35 * 60 - IDLE_S
+
+
+def test_a_closed_window_a_disabled_policy_or_an_open_one_is_not_found_late() -> None:
+    closed = policy("closed", schedule={"cron": "0 2 * * *", "window": "10m"})
+    disabled = policy("off", enabled=False, schedule={"cron": "0 2 * * *", "window": "4h"})
+    already = policy("open", schedule={"cron": "0 2 * * *", "window": "4h"})
+    book = opened(already)
+
+    assert book.find_late([closed, disabled, already], OPEN, LATE_WALL) == []
+
+
+def test_a_firing_before_the_late_window_opens_replaces_it() -> None:
+    nightly = policy(schedule={"cron": "* * * * *", "window": "10m"})
+    book = Windows()
+    book.find_late([nightly], OPEN, LATE_WALL)
+
+    book.open_window(nightly, OPEN + 10)
+
+    assert book.due_late(OPEN + IDLE_S) == []
+    assert book.open["p"].ends_at == OPEN + 10 + LENGTH
+
+
+def test_a_late_window_shorter_than_idle_duration_opens_for_what_is_left() -> None:
+    # 02:09:30 in a 10 min window: 30 s left, less than the 60 s of idle.duration.
+    nightly = policy(schedule={"cron": "0 2 * * *", "window": "10m"})
+    [late] = Windows().find_late([nightly], OPEN, LATE_WALL.replace(minute=9, second=30))
+    assert late.opens_at == late.ends_at == OPEN + 30
 
 
 def test_a_job_starts_only_when_its_estimate_fits_in_what_is_left() -> None:
