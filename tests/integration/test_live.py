@@ -27,8 +27,10 @@ from testbed.reclaim import (
     image_info,
     killed_if_left_running,
     leftovers,
+    offline_size,
     qemu_img_check_clean,
     reclaim,
+    sources,
     start_reclaim,
     wait_for_file,
 )
@@ -36,29 +38,6 @@ from testbed.reclaim import (
 pytestmark = pytest.mark.guest
 
 MIB = 1024 * 1024
-
-
-def sources(guest: Guest) -> tuple[str, str]:
-    """The disk's source in the live and in the persistent XML."""
-    live = guest.dom.XMLDesc(0)
-    persistent = guest.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-
-    def source(xml: str) -> str:
-        start = xml.index("<source file='") + len("<source file='")
-        return xml[start : xml.index("'", start)]
-
-    return source(live), source(persistent)
-
-
-def offline_size(image: Path, tmp: Path) -> int:
-    """What an offline zstd rewrite makes of the same image now."""
-    out = tmp / "offline.qcow2"
-    argv = ["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", "-c", "-o",
-            "compression_type=zstd", str(image), str(out)]  # fmt: skip
-    subprocess.run(argv, check=True, timeout=300)
-    size = os.stat(out).st_blocks * 512
-    out.unlink()
-    return size
 
 
 def test_live_reclaim_keeps_a_writing_guest_running(
@@ -114,6 +93,31 @@ def test_a_shut_off_guest_is_reclaimed_offline(make_guest: Callable[..., Guest])
     [fallback] = run.events("job.mode_fallback")
     assert fallback["reason"] == "the guest is shut off"
     assert guest.is_off()
+
+
+def test_a_disk_with_someone_elses_block_job_is_left_alone(
+    make_guest: Callable[..., Guest],
+) -> None:
+    guest = make_guest(data_size="128M", discard=True)
+    data.write_deleted_random(guest, 16)
+    image = guest.data_image
+    mirror = image.with_name("someone-elses-mirror.qcow2")
+    destination = f"<disk type='file'><driver type='qcow2'/><source file='{mirror}'/></disk>"
+    guest.dom.blockCopy("vda", destination, None, libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB)
+    try:
+        run = reclaim(guest.name, "--live", "--min-gain", "0")
+
+        assert run.exitcode == 3, run.stderr
+        assert run.result["outcome"] == "skipped", run.result
+        assert "vda: a copy block job is already running on it" in run.result["reason"]
+        assert [e["step"] for e in run.events("step.finished")] == ["inspect"]
+        # Its job, not ours: still running, on the same disk.
+        assert guest.dom.blockJobInfo("vda", 0)["type"] == libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY
+        assert guest.is_running()
+    finally:
+        guest.dom.blockJobAbort("vda", 0)
+        mirror.unlink(missing_ok=True)
+    assert sources(guest) == (str(image), str(image))
 
 
 LIVE_CRASH_POINTS = ["snapshot", "rewrite", "verify", "swap", "copy", "commit", "cleanup"]

@@ -100,11 +100,12 @@ def witnessed(guest: Guest) -> Iterator[Witness]:
         witness.close()
 
 
+# $1 is the folder: the files go into $1/w.
 WRITER = """
-mkdir -p /data/w
+mkdir -p "$1/w"
 i=0
 while [ ! -e /tmp/stop-writer ]; do
-  dd if=/dev/urandom of=/data/w/f$i bs=64k count=4 conv=fsync 2>/dev/null || exit 1
+  dd if=/dev/urandom of="$1/w/f$i" bs=64k count=4 conv=fsync 2>/dev/null || exit 1
   i=$((i+1))
   sleep 0.1
 done
@@ -113,17 +114,19 @@ echo $i
 
 
 class GuestWriter:
-    """A loop in the guest writing 256 KiB files with fsync every 0.1 s until stopped."""
+    """A loop in the guest writing 256 KiB files with fsync every 0.1 s, into FOLDER/w."""
 
-    def __init__(self, guest: Guest) -> None:
+    def __init__(self, guest: Guest, folder: str = "/data") -> None:
         self.guest = guest
+        self.folder = f"{folder}/w"
         guest.exec("rm -f /tmp/stop-writer")
-        self.pid = guest.agent("guest-exec", {"path": "/bin/sh", "arg": ["-c", WRITER],
+        argv = ["-c", WRITER, "sh", folder]
+        self.pid = guest.agent("guest-exec", {"path": "/bin/sh", "arg": argv,
                                               "capture-output": True})["pid"]  # fmt: skip
         self.stopped = False
 
     def files(self) -> int:
-        out = self.guest.exec("ls /data/w 2>/dev/null | wc -l").stdout
+        out = self.guest.exec(f"ls '{self.folder}' 2>/dev/null | wc -l").stdout
         return int(out.strip() or 0)
 
     def wait_for_files(self, count: int, timeout: float = 60) -> None:
@@ -148,8 +151,8 @@ class GuestWriter:
 
 
 @contextlib.contextmanager
-def guest_writing(guest: Guest) -> Iterator[GuestWriter]:
-    writer = GuestWriter(guest)
+def guest_writing(guest: Guest, folder: str = "/data") -> Iterator[GuestWriter]:
+    writer = GuestWriter(guest, folder)
     try:
         yield writer
     finally:
@@ -158,21 +161,37 @@ def guest_writing(guest: Guest) -> Iterator[GuestWriter]:
                 writer.stop()
 
 
-TICKER = """
+# Debian has no usleep, and a sleep forked per tick takes 0.15-0.3 s under TCG on a busy
+# host; Perl, always there on Debian, ticks without forking.
+PERL_TICKER = r"""
+open(my $out, ">", $ARGV[0]) or die "$ARGV[0]: $!";
+select $out; $| = 1;
+until (-e "/tmp/stop-ticker") {
+  open(my $up, "<", "/proc/uptime") or die "/proc/uptime: $!";
+  print((split " ", <$up>)[0], "\n");
+  close $up;
+  select(undef, undef, undef, 0.02);
+}
+"""
+# $1 is the file.
+TICKER = f"""
+if ! command -v usleep >/dev/null; then exec perl -e '{PERL_TICKER}' "$1"; fi
 while [ ! -e /tmp/stop-ticker ]; do
   cut -d' ' -f1 /proc/uptime
   usleep 20000
-done > /data/ticks
+done > "$1"
 """
 
 
 class Ticker:
-    """The guest's uptime every 20 ms into /data/ticks, until stopped: its stalls, measured."""
+    """The guest's uptime every 20 ms into FOLDER/ticks, until stopped: its stalls, measured."""
 
-    def __init__(self, guest: Guest) -> None:
+    def __init__(self, guest: Guest, folder: str = "/data") -> None:
         self.guest = guest
-        guest.exec("rm -f /tmp/stop-ticker /data/ticks")
-        self.pid = guest.agent("guest-exec", {"path": "/bin/sh", "arg": ["-c", TICKER]})["pid"]
+        self.path = f"{folder}/ticks"
+        guest.exec(f"rm -f /tmp/stop-ticker '{self.path}'")
+        argv = ["-c", TICKER, "sh", self.path]
+        self.pid = guest.agent("guest-exec", {"path": "/bin/sh", "arg": argv})["pid"]
 
     def stop(self, timeout: float = 30) -> list[float]:
         """Stop it and return the ticks (seconds of guest uptime)."""
@@ -182,7 +201,7 @@ class Ticker:
             if time.monotonic() > deadline:
                 raise GuestError("the ticker in the guest did not stop")
             time.sleep(0.1)
-        out = self.guest.exec("cat /data/ticks; rm -f /data/ticks").stdout
+        out = self.guest.exec(f"cat '{self.path}'; rm -f '{self.path}'").stdout
         return [float(t) for t in out.split()]
 
 

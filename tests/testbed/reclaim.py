@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from testbed.guests import TESTBED_DIR, URI
+import libvirt
+
+from testbed.guests import TESTBED_DIR, URI, Guest
 
 # One journal for the test bed's jobs; a test that needs its own passes --state-dir.
 STATE_DIR = TESTBED_DIR / "state"
@@ -103,6 +105,29 @@ def image_info(path: Path) -> dict[str, Any]:
                          capture_output=True, text=True, timeout=60, check=True).stdout  # fmt: skip
     info: dict[str, Any] = json.loads(out)
     return info
+
+
+def sources(guest: Guest) -> tuple[str, str]:
+    """The disk's source in the live and in the persistent XML."""
+    live = guest.dom.XMLDesc(0)
+    persistent = guest.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+
+    def source(xml: str) -> str:
+        start = xml.index("<source file='") + len("<source file='")
+        return xml[start : xml.index("'", start)]
+
+    return source(live), source(persistent)
+
+
+def offline_size(image: Path, tmp: Path) -> int:
+    """What an offline zstd rewrite makes of the same image now."""
+    out = tmp / "offline.qcow2"
+    argv = ["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", "-c", "-o",
+            "compression_type=zstd", str(image), str(out)]  # fmt: skip
+    subprocess.run(argv, check=True, timeout=300)
+    size = os.stat(out).st_blocks * 512
+    out.unlink()
+    return size
 
 
 def leftovers(folder: Path) -> list[str]:

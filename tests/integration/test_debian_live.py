@@ -1,0 +1,108 @@
+"""Live reclaim of the real Debian 12 guest, its root filesystem on the disk being rewritten.
+
+Issue 12's bar: `virt-reclaim run --live` frees as much as an offline rewrite of the
+same image would (within 5 %), the domain never leaves `running` (no lifecycle event,
+no other state polled), the guest's largest stall during the job is at most 0.3 s
+above its own stall under the same write load before the job (measured the same way),
+and every file, also those written during the job, has the same checksum after a cold
+restart. Both XMLs end on the original path, nothing is left beside the image, the
+image is clean once off, and the guest is healthy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from testbed import data
+from testbed.debian import DATA_DIR, DebianGuest
+from testbed.live import Ticker, guest_writing, largest_gap, witnessed
+from testbed.reclaim import leftovers, offline_size, qemu_img_check_clean, reclaim, sources
+
+# Alone (serial): the bar is the job's own effect on the guest. With two busybox live
+# tests beside it, the stall reached 0.29 s over a 0.03 s baseline (the bar: 0.33 s);
+# 0.09-0.25 s without them. Other guests' load is not the job's.
+pytestmark = [pytest.mark.guest, pytest.mark.serial]
+
+MIB = 1024 * 1024
+GARBAGE_MIB = 200
+# How long the guest's own stall is measured before the job: a measurement window.
+IDLE_WINDOW_S = 10.0
+# The most the job may add to the guest's own largest stall.
+STALL_MARGIN_S = 0.3
+
+
+def around_largest_gap(ticks: list[float], width: int = 3) -> list[float]:
+    """The ticks either side of the largest gap, to tell a stall from a slow ticker."""
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
+    at = gaps.index(max(gaps)) if gaps else 0
+    return ticks[max(0, at - width) : at + width + 2]
+
+
+def test_live_reclaim_of_a_writing_debian_guest_frees_as_offline_would_without_a_stall(
+    make_debian_guest: Callable[..., DebianGuest], tmp_path: Path
+) -> None:
+    guest = make_debian_guest(discard=True)
+    guest.exec(f"mkdir -p {DATA_DIR}")
+    data.write_text(guest, f"{DATA_DIR}/app.log", 30)
+    data.write_random(guest, f"{DATA_DIR}/blob.bin", 20)
+    data.write_deleted_random(guest, GARBAGE_MIB, "/var/tmp/garbage.bin")
+    image = guest.data_image
+
+    with witnessed(guest) as witness, guest_writing(guest, DATA_DIR) as writer:
+        writer.wait_for_files(3)
+        # The guest's own largest stall under the same load, measured the same way.
+        ticker = Ticker(guest, DATA_DIR)
+        time.sleep(IDLE_WINDOW_S)
+        idle_ticks = ticker.stop()
+        ticker = Ticker(guest, DATA_DIR)
+        began = time.monotonic()
+        run = reclaim(guest.name, "--live", "--min-gain", "0")
+        job_s = time.monotonic() - began
+        ticks = ticker.stop()
+        written = writer.stop()
+        witness.assert_never_left_running()
+
+    assert run.exitcode == 0, run.stderr
+    assert run.result["outcome"] == "reclaimed", run.result
+    assert run.result["mode"] == "live"
+    assert run.result["downtime_s"] == 0
+    steps = [e["step"] for e in run.events("step.finished")]
+    assert steps == ["inspect", "estimate", "preflight", "free-space", "snapshot", "rewrite",
+                     "verify", "swap", "copy", "commit", "cleanup", "restore"]  # fmt: skip
+    [disk] = run.result["disks"]
+    offline = offline_size(image, tmp_path)
+    now = os.stat(image).st_blocks * 512
+    idle, stall = largest_gap(idle_ticks), largest_gap(ticks)
+    step_s = {e["step"]: e["duration_s"] for e in run.events("step.finished")}
+    print(
+        f"\ndebian live: idle stall {idle:.3f} s ({len(idle_ticks)} ticks), job stall "
+        f"{stall:.3f} s ({len(ticks)} ticks); {disk['bytes_before'] / MIB:.0f} -> "
+        f"{disk['bytes_after'] / MIB:.0f} MiB, {now / MIB:.0f} MiB now, offline "
+        f"{offline / MIB:.0f} MiB; job {run.result['duration_s']:.1f} s ({job_s:.1f} s with "
+        f"the process); {written} files written\nsteps: {step_s}"
+    )
+    assert stall <= idle + STALL_MARGIN_S, (
+        f"the guest stalled {stall:.2f} s during the job, {idle:.2f} s before it: "
+        f"{around_largest_gap(ticks)}"
+    )
+    assert disk["bytes_before"] - disk["bytes_after"] > (GARBAGE_MIB - 50) * MIB, disk
+    # As much freed as an offline rewrite of the same data would (within 5 %).
+    assert now <= 1.05 * offline, (now, offline)
+    assert sources(guest) == (str(image), str(image))
+    assert leftovers(image.parent) == []
+    # Before the restart: the kernel log of the guest that lived through the job.
+    assert guest.health_problems() == []
+
+    sums = data.checksums(guest, DATA_DIR)
+    assert len([p for p in sums if p.startswith(f"{DATA_DIR}/w/")]) == written
+    guest.shutdown()
+    qemu_img_check_clean(image)
+    guest.start()
+    assert data.checksums(guest, DATA_DIR) == sums
+    assert guest.health_problems() == []
