@@ -7,7 +7,8 @@ reclaims both with ``virt-reclaim run`` (a dry run first), and shows them again.
 
 Then the daemon at work: vr-demo-1 writes and deletes more and goes quiet, vr-demo-2
 starts and keeps its CPU busy, and ``virt-reclaim daemon`` runs in the foreground
-with a policy whose window opens at the next full minute. It finds vr-demo-1 idle
+with a policy whose window opened at the last full minute: a daemon started inside a
+window opens it once it has 10 s of samples to judge idleness. It finds vr-demo-1 idle
 and reclaims it (shut down, rewrite, start again), skips the busy vr-demo-2 and
 says why; once the job is done the demo stops the daemon (SIGTERM) and shows
 ``virt-reclaim history`` and the metrics file the daemon wrote.
@@ -39,13 +40,14 @@ from testbed.guests import RUN_DIR, URI, Guest, create_guest, remove_domain  # n
 DEMO_GUESTS = ("vr-demo-1", "vr-demo-2")
 DAEMON_DIR = RUN_DIR / "vr-demo-daemon"  # its configuration, journal and metrics file
 CLI = ROOT / ".venv" / "bin" / "virt-reclaim"
-# The window opens within a minute; the job of vr-demo-1 takes well under two.
+# The window found open at the start opens after 10 s; the job of vr-demo-1 takes well
+# under two minutes.
 DAEMON_LIMIT_S = 240
 POLICY = """\
 [[policy]]
 name = "demo"
 match.names = ["vr-demo-*"]
-schedule.cron = "* * * * *"    # a window at every full minute (a real one: "0 1 * * sun")
+schedule.cron = "* * * * *"    # a window every minute, open now (a real one: "0 1 * * sun")
 schedule.window = "10m"
 idle.duration = "10s"          # quiet for 10 s counts as idle (a real one: "20m")
 idle.cpu_percent = 30.0        # a TCG guest doing nothing uses a few percent for its timers
@@ -141,7 +143,8 @@ def the_daemon(idle: Guest, busy: Guest) -> int:
 def run_daemon(config_dir: Path) -> int:
     """``virt-reclaim daemon`` in the foreground until vr-demo-1's job ended, then SIGTERM."""
     print(f"demo: $ virt-reclaim daemon --config-dir {config_dir}\n"
-          "demo: (its window opens at the next full minute, as policy.scheduled says; the demo "
+          "demo: (it is inside the window that opened at the last full minute: window.found_open, "
+          "then window.opened once idle.duration of samples are in; the demo "
           "stops it with SIGTERM once the job ended)\n", flush=True)  # fmt: skip
     daemon = subprocess.Popen(
         [str(CLI), "daemon", "--config-dir", str(config_dir)],
