@@ -97,7 +97,9 @@ def test_zero_fill_of_the_root_filesystem_frees_the_deleted_data_and_the_guest_i
     # survive, and is within 25 % of the result either way.
     still = data_share(guest.data_image, garbage)
     error = abs(disk["estimated_after"] - disk["bytes_after"]) / disk["bytes_after"]
-    print(f"\nzero-fill: {still:.0%} of the deleted data kept; estimate off by {error:.0%}")
+    steps = {e["step"]: e["duration_s"] for e in run.events("step.finished")}
+    print(f"\nzero-fill: {still:.0%} of the deleted data kept; estimate off by {error:.0%}; "
+          f"steps {steps}")  # fmt: skip
     assert error <= 0.25, disk
     assert_healthy_with_data(guest, sums)
 

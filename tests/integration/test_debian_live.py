@@ -30,7 +30,7 @@ from testbed.reclaim import leftovers, offline_size, qemu_img_check_clean, recla
 pytestmark = [pytest.mark.guest, pytest.mark.serial]
 
 MIB = 1024 * 1024
-GARBAGE_MIB = 200
+GARBAGE_MIB = 120
 # How long the guest's own stall is measured before the job: a measurement window.
 IDLE_WINDOW_S = 10.0
 # The most the job may add to the guest's own largest stall.

@@ -21,6 +21,8 @@ from xml.sax.saxutils import escape
 import libvirt
 import libvirt_qemu
 
+from testbed.kernel import bootable_kernel
+
 TESTBED_DIR = Path(os.environ.get("VR_TESTBED_DIR", "/var/lib/virt-reclaim-testbed"))
 GUEST_DIR = TESTBED_DIR / "guest"
 RUN_DIR = TESTBED_DIR / "run"
@@ -167,7 +169,7 @@ def domain_xml(
   <vcpu>1</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{boot_dir}/vmlinuz</kernel>
+    <kernel>{bootable_kernel(boot_dir)}</kernel>
     <initrd>{boot_dir}/initrd.img</initrd>
     <cmdline>{escape(cmdline)}</cmdline>
   </os>
