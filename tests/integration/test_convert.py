@@ -155,7 +155,7 @@ def kill_at(guest: Guest, point: str, state: Path, marker: Path) -> None:
                         str(state), env={"VIRT_RECLAIM_TEST_PAUSE": point,
                                          "VIRT_RECLAIM_TEST_PAUSE_FILE": str(marker)})  # fmt: skip
     try:
-        wait_for_file(marker, 120)
+        wait_for_file(marker, 120, job)
     finally:
         job.send_signal(signal.SIGKILL)
         job.communicate(timeout=60)

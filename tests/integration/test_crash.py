@@ -101,7 +101,7 @@ def test_sigkill_before_each_step_then_recover(bed: CrashBed, point: str, tmp_pa
     job = bed.start_job(env={"VIRT_RECLAIM_TEST_PAUSE": point,
                              "VIRT_RECLAIM_TEST_PAUSE_FILE": str(marker)})  # fmt: skip
     try:
-        wait_for_file(marker, 120)
+        wait_for_file(marker, 120, job)
     finally:
         kill_job(job)
 

@@ -138,7 +138,7 @@ def test_sigkill_before_each_live_step_then_recover(
         env = {"VIRT_RECLAIM_TEST_PAUSE": point, "VIRT_RECLAIM_TEST_PAUSE_FILE": str(marker)}
         options = ("--live", "--min-gain", "0", "--state-dir", str(state))
         with killed_if_left_running(start_reclaim(guest.name, *options, env=env)) as job:
-            wait_for_file(marker, 180)
+            wait_for_file(marker, 180, job)
             job.send_signal(signal.SIGKILL)
             job.communicate(timeout=60)
 
@@ -182,7 +182,7 @@ def test_libvirtd_restarted_during_a_live_job(
            "VIRT_RECLAIM_TEST_GO_FILE": str(go)}  # fmt: skip
     options = ("--live", "--min-gain", "0", "--state-dir", str(tmp_path / "state"))
     with killed_if_left_running(start_reclaim(guest.name, *options, env=env)) as job:
-        wait_for_file(marker, 180)
+        wait_for_file(marker, 180, job)
         restart_libvirtd()
         go.touch()
         stdout, stderr = job.communicate(timeout=600)

@@ -135,11 +135,22 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".virt-reclaim-" in p.name)
 
 
-def wait_for_file(path: Path, timeout: float) -> None:
-    """Poll for ``path`` with a deadline (a wrapper or the pause hook creates it)."""
+def wait_for_file(path: Path, timeout: float, job: subprocess.Popen[str] | None = None) -> None:
+    """Poll for ``path`` with a deadline (a wrapper or the pause hook creates it).
+
+    With ``job`` (the process that is to create it), fail at once if it ends first (it
+    will never come), and kill it at the deadline: either way, with what it logged.
+    """
     deadline = time.monotonic() + timeout
     while not path.exists():
-        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
+        late = time.monotonic() >= deadline
+        if job is not None and (late or job.poll() is not None):
+            if late:
+                job.kill()
+            stdout, stderr = job.communicate(timeout=60)
+            why = f"did not appear within {timeout} s" if late else "never came: the job ended"
+            raise AssertionError(f"{path} {why} ({job.returncode})\n{stdout}\n{stderr[-5000:]}")
+        assert not late, f"{path} did not appear within {timeout} s"
         time.sleep(0.05)
 
 
