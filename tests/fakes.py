@@ -106,6 +106,8 @@ class FakeDomain:
     # (offset, length) of the guest's deleted data that a trim discards (with discard on).
     trim_discards: list[tuple[int, int]] = field(default_factory=list)
     ignores_shutdown: bool = False
+    # What libvirt says of an agent shutdown that worked but lost the agent's socket.
+    agent_shutdown_error: str | None = None
     start_error: str | None = None
     # Called after each chunk a zero-fill writes, with the bytes written so far.
     on_fill_chunk: Callable[[int], None] | None = None
@@ -177,6 +179,8 @@ class FakeDomain:
             self.power = DomainState.SHUTOFF
             if self.after_shutdown is not None:
                 self.after_shutdown()
+        if use_agent and self.agent_shutdown_error is not None:
+            raise VirtError(f"{self.name}: cannot shut down: {self.agent_shutdown_error}")
 
     def force_off(self) -> None:
         self.calls.append("force_off")

@@ -150,6 +150,20 @@ def test_min_gain_percent(domain: FakeDomain, tmp_path: Path) -> None:
     assert result.outcome is Outcome.RECLAIMED, result.reason
 
 
+def test_an_agent_shutdown_that_loses_the_agent_socket_as_the_guest_goes_is_a_shutdown(
+    domain: FakeDomain, tmp_path: Path
+) -> None:
+    # Seen under load: libvirt reports the guest powering off under its pending agent
+    # call as an error; the job then asked ACPI, and failed on "domain is not running".
+    domain.agent_shutdown_error = "internal error: End of file from agent socket"
+
+    result, _ = run(domain, tmp_path / "state")
+
+    assert result.outcome is Outcome.RECLAIMED, result.reason
+    assert "shutdown(agent=False)" not in domain.calls
+    assert domain.power is DomainState.RUNNING
+
+
 def test_after_off_leaves_a_reclaimed_guest_off(domain: FakeDomain, tmp_path: Path) -> None:
     result, _ = run(domain, tmp_path / "state", after=After.OFF)
     assert result.outcome is Outcome.RECLAIMED, result.reason

@@ -153,8 +153,16 @@ def _request_shutdown(job: JobContext, use_agent: bool, timeout: float) -> None:
         return
     if not use_agent:
         raise failures[0]
+    if job.domain.state() is not DomainState.RUNNING:
+        # It worked: the guest went down while libvirt still waited on the agent's socket,
+        # which it reports as an error ("End of file from agent socket").
+        return
     job.log.info("shutdown.agent_failed", reason=str(failures[0]))
-    job.domain.shutdown(use_agent=False)
+    try:
+        job.domain.shutdown(use_agent=False)
+    except VirtError:
+        if job.domain.state() is DomainState.RUNNING:
+            raise
 
 
 def guard(job: JobContext) -> None:
