@@ -21,7 +21,7 @@ import pytest
 
 from testbed import data
 from testbed.debian import DATA_DIR, DebianGuest
-from testbed.live import Ticker, guest_writing, largest_gap, witnessed
+from testbed.live import Ticker, assert_reclaimed_live, guest_writing, largest_gap, witnessed
 from testbed.reclaim import leftovers, offline_size, qemu_img_check_clean, reclaim, sources
 
 # Alone (serial): the bar is the job's own effect on the guest. With two busybox live
@@ -68,13 +68,7 @@ def test_live_reclaim_of_a_writing_debian_guest_frees_as_offline_would_without_a
         written = writer.stop()
         witness.assert_never_left_running()
 
-    assert run.exitcode == 0, run.stderr
-    assert run.result["outcome"] == "reclaimed", run.result
-    assert run.result["mode"] == "live"
-    assert run.result["downtime_s"] == 0
-    steps = [e["step"] for e in run.events("step.finished")]
-    assert steps == ["inspect", "estimate", "preflight", "free-space", "snapshot", "rewrite",
-                     "verify", "swap", "copy", "commit", "cleanup", "restore"]  # fmt: skip
+    assert_reclaimed_live(run)
     [disk] = run.result["disks"]
     offline = offline_size(image, tmp_path)
     now = os.stat(image).st_blocks * 512

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import libvirt
 
 from testbed.guests import URI, Guest, GuestError
+from testbed.reclaim import RunResult
 from virt_reclaim.virt import start_event_loop
 
 _BLOCK_JOB_STATUS = {
@@ -208,3 +209,16 @@ class Ticker:
 def largest_gap(ticks: list[float]) -> float:
     """The longest time between two consecutive ticks."""
     return max((b - a for a, b in itertools.pairwise(ticks)), default=0.0)
+
+
+LIVE_STEPS = ["inspect", "estimate", "preflight", "free-space", "snapshot", "rewrite", "verify",
+              "swap", "copy", "commit", "cleanup", "restore"]  # fmt: skip
+
+
+def assert_reclaimed_live(run: RunResult) -> None:
+    """``run --live`` reclaimed with no downtime, through every live step in order."""
+    assert run.exitcode == 0, run.stderr
+    assert run.result["outcome"] == "reclaimed", run.result
+    assert run.result["mode"] == "live"
+    assert run.result["downtime_s"] == 0
+    assert [e["step"] for e in run.events("step.finished")] == LIVE_STEPS
