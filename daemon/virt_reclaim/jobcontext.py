@@ -22,7 +22,7 @@ from virt_reclaim import fillplan, imagefile
 from virt_reclaim.errors import Cancelled
 from virt_reclaim.guard import ImageGuard
 from virt_reclaim.guestfree import Choice
-from virt_reclaim.journal import Journal
+from virt_reclaim.journal import Journal, JournalError
 from virt_reclaim.model import AgentInfo, GuestFilesystem
 from virt_reclaim.ports import DomainPort, ImagePort
 from virt_reclaim.qemu_img import ImageInfo
@@ -181,7 +181,13 @@ class JobContext:
             self.log.info("job.abandoned", step=str(step))
             raise JobAbandoned(f"stopped before step {step}: the service is stopping")
         if self.journal is not None:
-            self.journal.enter_step(self.job_id, str(step))
+            try:
+                self.journal.enter_step(self.job_id, str(step))
+            except JournalError as exc:
+                if step is not Step.RESTORE:
+                    raise
+                # The guest's power matters more than the record of bringing it back.
+                self.log.error("step.not_journaled", step=str(step), error=str(exc))
         if self.before_step is not None:
             self.before_step(step)
         began = self.clock()

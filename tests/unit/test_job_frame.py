@@ -15,7 +15,7 @@ import pytest
 from fakes import FakeDisk, FakeDomain, linux_fs, make_image
 from virt_reclaim.errors import QemuImgError
 from virt_reclaim.job import After, JobSettings, Outcome, ReclaimJob, Step
-from virt_reclaim.journal import Journal
+from virt_reclaim.journal import Journal, JournalError
 from virt_reclaim.model import DomainState
 from virt_reclaim.qemu_img import QemuImg
 
@@ -162,6 +162,30 @@ def test_an_agent_shutdown_that_loses_the_agent_socket_as_the_guest_goes_is_a_sh
     assert result.outcome is Outcome.RECLAIMED, result.reason
     assert "shutdown(agent=False)" not in domain.calls
     assert domain.power is DomainState.RUNNING
+
+
+class JournalRefusingRestore(Journal):
+    """A journal whose disk fills just as the job would record bringing the guest back."""
+
+    def enter_step(self, job_id: str, step: str) -> None:
+        if step == "restore":
+            raise JournalError("database or disk is full")
+        super().enter_step(job_id, step)
+
+
+def test_a_journal_that_cannot_record_the_restore_still_gets_the_guest_back(
+    domain: FakeDomain, tmp_path: Path
+) -> None:
+    job = ReclaimJob(
+        domain, QemuImg(priority=None), JobSettings(priority=None, min_gain=0),
+        images_of_other_domains=dict, journal=JournalRefusingRestore(tmp_path / "state"),
+    )  # fmt: skip
+
+    result = job.run()
+
+    assert domain.power is DomainState.RUNNING
+    assert "start" in domain.calls
+    assert result.outcome is Outcome.RECLAIMED, result.reason
 
 
 def test_after_off_leaves_a_reclaimed_guest_off(domain: FakeDomain, tmp_path: Path) -> None:
