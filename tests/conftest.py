@@ -11,6 +11,7 @@ from typing import Any
 import libvirt
 import pytest
 
+from testbed.daemon import DaemonProcess
 from testbed.debian import DebianGuest, create_debian_guest, ensure_debian_built
 from testbed.guests import (
     RUN_DIR,
@@ -50,6 +51,15 @@ def make_guest(libvirt_conn: Any) -> Iterator[Callable[..., Guest]]:
     yield factory
     for guest in created:
         guest.remove()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    """The daemons a test starts (append them): each stopped after the test."""
+    started: list[DaemonProcess] = []
+    yield started
+    for daemon in started:
+        daemon.stop()
 
 
 @pytest.fixture(scope="session")

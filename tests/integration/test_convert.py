@@ -13,24 +13,22 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import signal
 import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import libvirt
 import pytest
 
 from testbed import data
-from testbed.guests import URI, Guest
+from testbed.guests import Guest
 from testbed.reclaim import (
     leftovers,
     qemu_img_check_clean,
     reclaim,
+    recover_json,
     start_reclaim,
     wait_for_file,
 )
@@ -74,17 +72,6 @@ def guest_sha256(image: Path, fmt: str) -> str:
 
 def image_files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("data."))
-
-
-def recover(state_dir: Path) -> list[dict[str, Any]]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "virt_reclaim", "recover", "--json", "--connect", URI,
-         "--state-dir", str(state_dir)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    result: list[dict[str, Any]] = json.loads(proc.stdout)
-    return result
 
 
 @pytest.mark.parametrize("disk_format", ["raw", "vmdk"])
@@ -171,7 +158,7 @@ def test_sigkill_at_each_conversion_step_then_recover(
     state = tmp_path / "state"
 
     kill_at(guest, point, state, tmp_path / "paused")
-    [recovered] = recover(state)
+    [recovered] = recover_json(state)
 
     finished = point in FINISHED_AT
     assert recovered["step"] == point.split(":", maxsplit=1)[0]
@@ -182,7 +169,7 @@ def test_sigkill_at_each_conversion_step_then_recover(
     assert guest_sha256(Path(source), fmt) == seen
     assert leftovers(guest.folder) == []
     assert guest.is_off()
-    assert recover(state) == [], "a second recover found work"
+    assert recover_json(state) == [], "a second recover found work"
 
 
 def test_sigkill_of_a_running_guests_conversion_then_recover_starts_it_on_qcow2(
@@ -196,7 +183,7 @@ def test_sigkill_of_a_running_guests_conversion_then_recover_starts_it_on_qcow2(
     # Killed once the definition names the new image, with the guest still off.
     kill_at(guest, "restore", state, tmp_path / "paused")
     assert guest.is_off()
-    [recovered] = recover(state)
+    [recovered] = recover_json(state)
 
     assert recovered["outcome"] == "reclaimed", recovered
     assert any("started the guest again" in a for a in recovered["actions"])

@@ -18,13 +18,14 @@ from typing import Any
 import pytest
 
 from testbed import data
-from testbed.guests import URI, Guest, create_guest, restart_libvirtd
+from testbed.guests import Guest, create_guest, restart_libvirtd
 from testbed.reclaim import (
     fake_qemu_img,
     killed_if_left_running,
     leftovers,
     qemu_img_check_clean,
     reclaim,
+    recover_json,
     sha256_file,
     start_reclaim,
     wait_for_file,
@@ -57,14 +58,7 @@ class CrashBed:
                              "--min-gain", "0", *options, env=env)  # fmt: skip
 
     def recover(self) -> list[dict[str, Any]]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "virt_reclaim", "recover", "--json", "--connect", URI,
-             "--state-dir", str(self.state_dir)],
-            capture_output=True, text=True, timeout=300, check=False,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-        result: list[dict[str, Any]] = json.loads(proc.stdout)
-        return result
+        return recover_json(self.state_dir)
 
     def history(self) -> list[dict[str, Any]]:
         return history_json("--state-dir", str(self.state_dir))

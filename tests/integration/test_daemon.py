@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -54,14 +54,6 @@ def every_minute(name: str, domains: list[str], **extra: str) -> str:
         **extra,
     }
     return "[[policy]]\n" + "".join(f"{key} = {value}\n" for key, value in lines.items())
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for daemon in started:
-        daemon.stop()
 
 
 def dirty(guest: Guest, deleted_mib: int) -> dict[str, str]:

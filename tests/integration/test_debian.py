@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +102,6 @@ def test_zero_fill_of_the_root_filesystem_frees_the_deleted_data_and_the_guest_i
           f"steps {steps}")  # fmt: skip
     assert error <= 0.25, disk
     assert_healthy_with_data(guest, sums)
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for daemon in started:
-        daemon.stop()
 
 
 def daemon_config(folder: Path, domain: str) -> Path:

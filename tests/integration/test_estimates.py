@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +70,6 @@ def policy(name: str, domain: str) -> str:
         # A TCG guest doing nothing uses a few percent of a core for its timers.
         'idle.duration = "5s"\nidle.cpu_percent = 30\nshutdown.timeout = "60s"\n'
     )
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[DaemonProcess]]:
-    started: list[DaemonProcess] = []
-    yield started
-    for daemon in started:
-        daemon.stop()
 
 
 def history(state: Path, domain: str) -> list[dict[str, Any]]:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import libvirt
 import pytest
 
 from testbed import data
-from testbed.guests import URI, Guest, restart_libvirtd
+from testbed.guests import Guest, restart_libvirtd
 from testbed.live import Ticker, assert_reclaimed_live, guest_writing, largest_gap, witnessed
 from testbed.reclaim import (
     image_info,
@@ -30,6 +28,7 @@ from testbed.reclaim import (
     offline_size,
     qemu_img_check_clean,
     reclaim,
+    recover_json,
     sources,
     start_reclaim,
     wait_for_file,
@@ -136,28 +135,17 @@ def test_sigkill_before_each_live_step_then_recover(
             job.send_signal(signal.SIGKILL)
             job.communicate(timeout=60)
 
-        recovered = recover(state)
+        recovered = recover_json(state, timeout=600)
 
         assert [r["outcome"] for r in recovered] in (["reclaimed"], ["failed"]), recovered
         assert guest.is_running(), point
         assert sources(guest) == (str(image), str(image)), (point, recovered)
         assert leftovers(image.parent) == [], (point, recovered)
         assert data.checksums(guest) == sums, point
-        assert recover(state) == [], f"{point}: a second recover found work"
+        assert recover_json(state, timeout=600) == [], f"{point}: a second recover found work"
     guest.restart()
     qemu_img_check_clean(image)
     assert data.checksums(guest) == sums
-
-
-def recover(state: Path) -> list[dict[str, object]]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "virt_reclaim", "recover", "--json", "--connect", URI,
-         "--state-dir", str(state)],
-        capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    result: list[dict[str, object]] = json.loads(proc.stdout)
-    return result
 
 
 @pytest.mark.serial

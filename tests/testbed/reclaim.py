@@ -130,6 +130,18 @@ def offline_size(image: Path, tmp: Path) -> int:
     return size
 
 
+def recover_json(state_dir: Path, timeout: float = 300) -> list[dict[str, Any]]:
+    """``virt-reclaim recover --json`` on the journal in ``state_dir``; it must exit 0."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "virt_reclaim", "recover", "--json", "--connect", URI,
+         "--state-dir", str(state_dir)],
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result: list[dict[str, Any]] = json.loads(proc.stdout)
+    return result
+
+
 def leftovers(folder: Path) -> list[str]:
     """Temporary or backup files a job left beside its images."""
     return sorted(p.name for p in folder.iterdir() if ".virt-reclaim-" in p.name)
