@@ -95,6 +95,32 @@ def interval_left(last_reclaimed_at: float | None, now: float, min_interval_s: f
     return max(0.0, last_reclaimed_at + min_interval_s - now)
 
 
+@dataclass(frozen=True)
+class LateWindow:
+    """A window whose cron time passed before the daemon knew of it (at start or reload)."""
+
+    policy: str
+    opens_at: float  # monotonic: when idleness can be judged (idle.duration after)
+    ends_at: float  # monotonic: its cron time + schedule.window
+    late_s: float  # how long after its cron time the daemon found it open
+
+
+def late_window(policy: Policy, now: float, wall: dt.datetime) -> LateWindow | None:
+    """The policy's window open at ``now`` (monotonic; ``wall`` the aware time it is), or None.
+
+    It opens once ``idle.duration`` of samples can tell idle domains from busy ones (or
+    at its end, if that comes first) and ends at its cron time + ``schedule.window``.
+    """
+    schedule = policy.schedule
+    fired = crontab.last_fire(schedule.cron, schedule.timezone, wall, schedule.window)
+    if fired is None:
+        return None
+    late_s = (wall - fired).total_seconds()
+    ends_at = now + schedule.window.total_seconds() - late_s
+    opens_at = min(now + policy.idle.duration.total_seconds(), ends_at)
+    return LateWindow(policy.name, opens_at, ends_at, late_s)
+
+
 FireCallback = Callable[[str], None]
 
 

@@ -181,7 +181,7 @@ class Daemon:
             return
         self._open_window(policy)
 
-    def _open_window(self, policy: Policy, late: windows.LateWindow | None = None) -> None:
+    def _open_window(self, policy: Policy, late: scheduler.LateWindow | None = None) -> None:
         now = self.clock()
         window = self.windows.open_window(policy, now, late.ends_at if late else None)
         extra = {"late_s": round(late.late_s)} if late else {}

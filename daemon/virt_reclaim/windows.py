@@ -26,11 +26,11 @@ import datetime as dt
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from virt_reclaim import crontab, idle, scheduler, selection
+from virt_reclaim import idle, scheduler, selection
 from virt_reclaim.journal import JournalError
 from virt_reclaim.model import DomainSnapshot, DomainState
 from virt_reclaim.policy import Policy
-from virt_reclaim.scheduler import Candidate
+from virt_reclaim.scheduler import Candidate, LateWindow
 
 # The prefix of the reasons that say a domain is not idle (a later sample may say it is).
 BUSY = "busy: "
@@ -60,16 +60,6 @@ def busy_reason(view: DomainView, policy: Policy) -> str | None:
         duration_s=policy.idle.duration.total_seconds(),
     )
     return idle.busy_reason(view.window, limits)
-
-
-@dataclass(frozen=True)
-class LateWindow:
-    """A window whose cron time passed before the daemon knew of it (at start or reload)."""
-
-    policy: str
-    opens_at: float  # monotonic: when idleness can be judged (idle.duration after)
-    ends_at: float  # monotonic: its cron time + schedule.window
-    late_s: float  # how long after its cron time the daemon found it open
 
 
 @dataclass(frozen=True)
@@ -165,18 +155,11 @@ class Windows:
         """
         found = []
         for policy in policies:
-            schedule = policy.schedule
             if not policy.enabled or policy.name in self.open or policy.name in self.late:
                 continue
-            fired = crontab.last_fire(schedule.cron, schedule.timezone, wall, schedule.window)
-            if fired is None:
-                continue
-            late_s = (wall - fired).total_seconds()
-            ends_at = now + schedule.window.total_seconds() - late_s
-            opens_at = min(now + policy.idle.duration.total_seconds(), ends_at)
-            late = LateWindow(policy.name, opens_at, ends_at, late_s)
-            self.late[policy.name] = late
-            found.append(late)
+            if (late := scheduler.late_window(policy, now, wall)) is not None:
+                self.late[policy.name] = late
+                found.append(late)
         return found
 
     def due_late(self, now: float) -> list[LateWindow]:

@@ -18,8 +18,8 @@ from virt_reclaim.idle import Sample
 from virt_reclaim.journal import JournalError
 from virt_reclaim.model import DomainSnapshot, DomainState
 from virt_reclaim.policy import Policy
-from virt_reclaim.scheduler import Candidate
-from virt_reclaim.windows import DomainView, LateWindow, Window, Windows
+from virt_reclaim.scheduler import Candidate, LateWindow
+from virt_reclaim.windows import DomainView, Window, Windows
 
 OPEN = 1000.0  # when the window opens
 LENGTH = 600.0  # schedule.window = 10m
