@@ -62,6 +62,8 @@ class LiveMode:
             jobs.close()
 
     def _run(self, job: JobContext, jobs: BlockJobsPort) -> None:
+        # Inspect refused disks with a block job (livecheck); one may have started since,
+        # during a free-space step of minutes. Before anything is journaled: not ours to end.
         for disk in job.disks:
             busy = jobs.active_job(disk.target)
             if busy is not None:
