@@ -20,6 +20,7 @@ from testbed.guests import (
     Guest,
     create_guest,
     ensure_guest_built,
+    ensure_guest_saved,
     sweep_leftovers,
 )
 from testbed.reclaim import fake_qemu_img
@@ -34,6 +35,7 @@ def libvirt_conn() -> Iterator[Any]:
         pytest.fail(f"libvirtd at {URI} does not answer ({exc}); run 'make setup' first")
     ensure_guest_built()
     sweep_leftovers(conn)
+    ensure_guest_saved(conn)
     yield conn
     conn.close()
 

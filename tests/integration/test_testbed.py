@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import time
 import zlib
 from collections.abc import Callable
 
+import libvirt
 import pytest
 
 from testbed import data
@@ -35,6 +37,28 @@ def test_guest_boots_agent_answers_and_data_survives_a_restart(
     guest.restart()
 
     assert data.checksums(guest) == before
+
+
+def test_two_guests_restored_from_one_saved_state_are_each_their_own(
+    make_guest: Callable[..., Guest],
+) -> None:
+    """Each restored guest has its own name, UUID, disk size and data; a cold start boots it."""
+    small = make_guest(data_size="64M")
+    large = make_guest(data_size="1G", backing=True)
+    assert small.dom.UUIDString() != large.dom.UUIDString()
+    for guest, size in ((small, 64 * MIB), (large, 1024 * MIB)):
+        assert guest.dom.state()[1] == libvirt.VIR_DOMAIN_RUNNING_RESTORED
+        assert int(guest.exec("cat /sys/class/block/vda/size").stdout) * 512 == size
+        assert abs(float(guest.exec("date +%s").stdout) - time.time()) < 30
+        assert str(guest.data_image) in guest.dom.XMLDesc(0)
+    data.write_text(small, "/data/small.txt", 1)
+    assert large.exec("ls /data").stdout.split() == ["lost+found"]
+
+    small.restart()
+
+    assert small.dom.state()[1] == libvirt.VIR_DOMAIN_RUNNING_BOOTED
+    assert "vr.defer_disk" not in small.exec("cat /proc/cmdline").stdout
+    assert set(data.checksums(small)) == {"/data/small.txt"}
 
 
 def test_deleted_random_data_stays_allocated_until_trimmed(

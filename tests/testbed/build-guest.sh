@@ -17,7 +17,7 @@ if [ -z "$kernel_pkg" ]; then
     apt-get update -qq
     kernel_pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')
 fi
-stamp=$( { echo "$kernel_pkg"; cat "$0" "$here/guest-init" "$here/guest-shutdown"; } | sha256sum | cut -c1-16)
+stamp=$( { echo "$kernel_pkg"; cat "$0" "$here/guest-init" "$here/guest-shutdown" "$here/guest-attach-disk"; } | sha256sum | cut -c1-16)
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ]; then
     echo "test guest: cached in $out"
     exit 0
@@ -47,6 +47,7 @@ ldd "$root/usr/sbin/qemu-ga" | awk '/=>/ {print $3} /^\t\/lib64/ {print $1}' | w
 done
 install -m 755 "$here/guest-init" "$root/init"
 install -m 755 "$here/guest-shutdown" "$root/sbin/shutdown"
+install -m 755 "$here/guest-attach-disk" "$root/sbin/attach-disk"
 echo "root:x:0:0:root:/:/bin/sh" > "$root/etc/passwd"
 
 mkdir -p "$work/guest"

@@ -17,7 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from testbed.guests import RUN_DIR, TESTBED_DIR, Guest, domain_xml, unique_name
+from testbed.guests import (
+    RUN_DIR,
+    SAVED_DIR,
+    TESTBED_DIR,
+    Guest,
+    domain_xml,
+    remove_domain,
+    unique_name,
+)
+from testbed.saved import SavedState, ensure_saved, save_running
 
 DEBIAN_DIR = TESTBED_DIR / "debian"
 BUILD_SCRIPT = Path(__file__).with_name("build-debian-guest.sh")
@@ -61,6 +70,9 @@ class DebianGuest(Guest):
 
     def wait_agent(self, timeout: float = AGENT_BOOT_TIMEOUT_S) -> None:
         super().wait_agent(timeout)
+
+    def attach_disk(self) -> None:
+        """Nothing to do: the saved guest runs from its disk (a copy of the saved one)."""
 
     def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
         super().shutdown(timeout)
@@ -160,6 +172,28 @@ def data_share(image: Path, extents: list[tuple[int, int]]) -> float:
     return overlap / total if total else 0.0
 
 
+def ensure_debian_saved(conn: Any) -> SavedState:
+    """The Debian guest saved once fully booted, with the disk as it was at the save.
+
+    Made once per build of the guest (one boot, about a minute); each started test
+    guest is restored from it on a copy of that disk (see testbed.saved).
+    """
+
+    def save(saved: SavedState) -> None:
+        guest = create_debian_guest(conn, start=False)
+        try:
+            guest.start()
+            state = guest.system_state()
+            assert state == "running", f"{guest.name}: the guest to save is {state}"
+            save_running(guest.dom, saved)
+            shutil.move(guest.data_image, saved.disk)
+        finally:
+            remove_domain(conn, guest.name)
+            guest.remove()
+
+    return ensure_saved(SAVED_DIR / "debian", DEBIAN_DIR / "stamp", save)
+
+
 def create_debian_guest(
     conn: Any, *, name: str | None = None, discard: bool = False, start: bool = True
 ) -> DebianGuest:
@@ -169,7 +203,8 @@ def create_debian_guest(
         conn: An open libvirt connection.
         name: The domain name; a unique ``vrt-<pid>-<n>`` by default (swept if left over).
         discard: Give the disk ``discard='unmap'`` so that a trim frees host space.
-        start: Start the guest and wait until its agent answers (about a minute under TCG).
+        start: Start the guest, restored from a saved state (testbed.saved) on a copy of
+            the disk saved with it; otherwise the disk is a copy of the build's.
     """
     name = name or unique_name()
     folder = RUN_DIR / name
@@ -180,11 +215,12 @@ def create_debian_guest(
     disk = folder / "disk.qcow2"
     guest = DebianGuest(conn, name, folder, disk, None, persistent=True)
     try:
-        shutil.copyfile(DEBIAN_DIR / "disk.qcow2", disk)
+        saved = ensure_debian_saved(conn) if start else None
+        shutil.copyfile(saved.disk if saved else DEBIAN_DIR / "disk.qcow2", disk)
         console_log = folder / "console.log"
         conn.defineXML(debian_domain_xml(name, disk, discard=discard, console_log=console_log))
-        if start:
-            guest.start()
+        if saved:
+            guest.resume_saved(saved)
     except BaseException:
         guest.remove()
         raise

@@ -22,10 +22,20 @@ import libvirt
 import libvirt_qemu
 
 from testbed.kernel import bootable_kernel
+from testbed.saved import (
+    DEFER_DISK,
+    SavedState,
+    ensure_saved,
+    restore_as,
+    save_running,
+    set_guest_clock,
+)
 
 TESTBED_DIR = Path(os.environ.get("VR_TESTBED_DIR", "/var/lib/virt-reclaim-testbed"))
 GUEST_DIR = TESTBED_DIR / "guest"
 RUN_DIR = TESTBED_DIR / "run"
+SAVED_DIR = TESTBED_DIR / "saved"
+DEFAULT_CMDLINE = "console=ttyS0 panic=-1"
 BUILD_SCRIPT = Path(__file__).with_name("build-guest.sh")
 NAME_PREFIX = "vrt-"
 URI = os.environ.get("VR_TEST_URI", "qemu:///system")
@@ -96,6 +106,35 @@ def ensure_guest_built() -> None:
     subprocess.run(["bash", str(BUILD_SCRIPT), str(TESTBED_DIR)], check=True, timeout=600)
 
 
+def ensure_guest_saved(conn: Any) -> SavedState:
+    """The busybox guest saved running with its agent up and its disk not yet probed.
+
+    Made once per build of the guest (about 10 s); each started test guest is
+    restored from it (see testbed.saved).
+    """
+
+    def save(saved: SavedState) -> None:
+        name = unique_name()
+        folder = RUN_DIR / name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for path in (TESTBED_DIR, RUN_DIR, folder):
+                path.chmod(0o755)
+            image = folder / "data.qcow2"
+            make_data_image(image, "16M")
+            xml = domain_xml(name, image, discard=True, console_log=folder / "console.log",
+                             cmdline=f"{DEFAULT_CMDLINE} {DEFER_DISK}")  # fmt: skip
+            conn.defineXML(xml)
+            guest = Guest(conn, name, folder, image, None, persistent=True)
+            guest.start()
+            save_running(guest.dom, saved)
+        finally:
+            remove_domain(conn, name)
+            shutil.rmtree(folder, ignore_errors=True)
+
+    return ensure_saved(SAVED_DIR / "busybox", GUEST_DIR / "stamp", save)
+
+
 def unique_name(prefix: str = NAME_PREFIX) -> str:
     """A domain name that carries this process's pid, so that a sweep can tell leftovers."""
     return f"{prefix}{os.getpid()}-{next(_counter)}"
@@ -155,7 +194,7 @@ def domain_xml(
     console_log: Path,
     disk_format: str = "qcow2",
     boot_dir: Path = GUEST_DIR,
-    cmdline: str = "console=ttyS0 panic=-1",
+    cmdline: str = DEFAULT_CMDLINE,
     memory_mib: int = 256,
 ) -> str:
     """The XML of a test guest: TCG, direct kernel boot, one virtio disk, an agent channel.
@@ -232,6 +271,17 @@ class Guest:
         self.dom.create()
         if wait_agent:
             self.wait_agent()
+
+    def resume_saved(self, saved: SavedState) -> None:
+        """Start the guest from ``saved`` instead of booting it (see testbed.saved)."""
+        restore_as(self.conn, self.dom, saved, self.folder / "state.restore")
+        self.wait_agent()
+        set_guest_clock(self.agent)
+        self.attach_disk()
+
+    def attach_disk(self) -> None:
+        """Probe the data disk and mount it at /data in a guest restored before either."""
+        self.exec("/sbin/attach-disk", timeout=60)
 
     def wait_agent(self, timeout: float = AGENT_BOOT_TIMEOUT_S) -> None:
         """Poll guest-ping until the agent answers, with a deadline."""
@@ -377,13 +427,12 @@ def create_guest(
                      disk_format=disk_format)  # fmt: skip
     guest = Guest(conn, name, folder, data_image, backing_image, persistent)
     try:
-        if persistent:
-            conn.defineXML(xml)
-            if start:
-                guest.start()
-        else:
-            conn.createXML(xml, 0)
-            guest.wait_agent()
+        conn.defineXML(xml)
+        if start or not persistent:
+            guest.resume_saved(ensure_guest_saved(conn))
+        if not persistent:
+            # Undefined while it runs, the domain is transient: gone when it stops.
+            guest.dom.undefineFlags(0)
     except BaseException:
         guest.remove()
         raise
