@@ -126,3 +126,38 @@ def paused_qemu_img(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
     )
     yield wrapper, paused, go
     go.touch()
+
+
+# A test slower than this says why in its docstring (a guest boot, a window, a job).
+SLOW_TEST_S = 60.0
+_durations: dict[str, float] = {}
+_reasons: dict[str, str] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item) -> Iterator[None]:
+    """Carry the first line of the test's docstring in its report (to the xdist controller)."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    doc = (getattr(getattr(item, "function", None), "__doc__", None) or "").strip()
+    why = ("why", doc.splitlines()[0] if doc else "")
+    if why not in report.user_properties:
+        report.user_properties.append(why)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Add up each test's setup, call and teardown, with the reason it gives."""
+    _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+    _reasons.update((report.nodeid, str(v)) for k, v in report.user_properties if k == "why")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """List the tests over SLOW_TEST_S with the reason their docstring gives, or none."""
+    slow = sorted(((s, n) for n, s in _durations.items() if s > SLOW_TEST_S), reverse=True)
+    if not slow:
+        return
+    terminalreporter.write_sep("=", f"tests over {SLOW_TEST_S:g} s, and why")
+    for seconds, nodeid in slow:
+        why = _reasons.get(nodeid) or "NO REASON: say why in the test's docstring"
+        terminalreporter.write_line(f"{seconds:6.1f} s  {nodeid}")
+        terminalreporter.write_line(f"          {why}")
