@@ -82,6 +82,16 @@ class ConfigError:
         value = "" if self.value is None else f" (value: {self.value!r})"
         return f"{where}: {self.message}{value}"
 
+    def log_fields(self) -> dict[str, Any]:
+        """The error as the fields of a ``config.error`` log event."""
+        return {
+            "file": self.file,
+            "policy": self.policy,
+            "field": self.field,
+            "value": None if self.value is None else str(self.value),
+            "reason": self.message,
+        }
+
 
 @dataclass(frozen=True)
 class LoadedConfig:

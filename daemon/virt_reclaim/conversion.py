@@ -161,7 +161,7 @@ def plan(job: JobContext, disk: DiskWork) -> None:
     """Journal what recovery needs of a disk to convert, before anything is changed."""
     record(job, disk, "planned", {
         "convert": True, "format": disk.format, "new_path": disk.converted_path,
-        "data_file": disk.data_file, "keep_original": job.settings.keep_backup,
+        "data_file": disk.data_file, "keep_original": job.settings.keep_backup is not None,
     })  # fmt: skip
 
 
@@ -185,8 +185,9 @@ def place(job: JobContext, disk: DiskWork) -> None:
 
 def remove_original(job: JobContext, disk: DiskWork) -> None:
     """Once the guest runs on the new image: remove the original (or keep it: keep_backup)."""
-    if job.settings.keep_backup:
+    if job.settings.keep_backup is not None:
         disk.backup = disk.path
+        job.keep_backup(disk, disk.path)
         job.log.info("convert.original_kept", target=disk.target, path=disk.path,
                      reason="keep_backup")  # fmt: skip
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 TEMP_MARK = ".virt-reclaim-"
@@ -76,14 +77,24 @@ def fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def swap_in(new: str, original: str, *, backup: str | None) -> None:
+def swap_in(
+    new: str,
+    original: str,
+    *,
+    backup: str | None,
+    kept: Callable[[str], None] | None = None,
+) -> None:
     """Replace ``original`` with ``new`` in one ``rename()``; keep the original at ``backup``.
 
     The new file is flushed first and the folder after, so that after a crash
-    the path holds either the whole old image or the whole new one.
+    the path holds either the whole old image or the whole new one. ``kept`` is
+    told of the backup once it exists and before the rename: a backup is journaled
+    before it can hold the only copy of the old image.
     """
     fsync_file(new)
     if backup is not None:
         os.link(original, backup)
+        if kept is not None:
+            kept(backup)
     os.rename(new, original)
     fsync_folder(os.path.dirname(original) or ".")

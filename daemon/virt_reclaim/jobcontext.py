@@ -17,17 +17,18 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from virt_reclaim import backups, fillplan, imagefile
 from virt_reclaim import estimate as estimating
-from virt_reclaim import fillplan, imagefile
 from virt_reclaim.errors import Cancelled
 from virt_reclaim.guard import ImageGuard
 from virt_reclaim.guestfree import Choice
-from virt_reclaim.journal import Journal, JournalError
+from virt_reclaim.journal import BackupRecord, Journal, JournalError
 from virt_reclaim.model import AgentInfo, GuestFilesystem
 from virt_reclaim.ports import DomainPort, ImagePort
 from virt_reclaim.qemu_img import ImageInfo
 from virt_reclaim.results import DiskResult, JobAbandoned, JobSkipped, NothingToDo, SkippedDisk
 from virt_reclaim.settings import JobSettings
+from virt_reclaim.units import iso_time
 
 
 class Step(enum.StrEnum):
@@ -88,6 +89,7 @@ class DiskWork:
     data_file: str | None = None  # a flat VMDK's extent: the file its guest data is in
     cluster_size: int | None = None  # the new image's
     discard_enabled: bool = False  # the job turned discard on in the definition
+    kept: BackupRecord | None = None  # the original, kept as a backup until it expires
 
     def allocated(self) -> int:
         """Bytes the image occupies on the host now (a flat VMDK's extent included)."""
@@ -106,6 +108,8 @@ class DiskWork:
             estimate_basis=self.estimate.basis if self.estimate else None,
             guest_used=self.guest_used,
             backup=self.backup if self.swapped else None,
+            backup_bytes=self.kept.bytes if self.kept else None,
+            backup_expires_at=self.kept.expires_at if self.kept else None,
             format=self.format,
             converted_to=self.converted_path if self.swapped else None,
             discard=self.discard,
@@ -168,6 +172,15 @@ class JobContext:
                 self.job_id, disk.target, bytes_before=bytes_before, bytes_after=bytes_after,
                 estimated_after=estimated_after, guest_used=guest_used,
             )  # fmt: skip
+
+    def keep_backup(self, disk: DiskWork, path: str) -> None:
+        """Journal ``path``, the disk's original, as a backup that expires per the settings."""
+        disk.kept = backups.keep(
+            self.journal, path=path, job_id=self.job_id, domain=self.domain.name,
+            target=disk.target, keep_s=self.settings.keep_backup or 0.0,
+        )  # fmt: skip
+        self.log.info("backup.kept", target=disk.target, path=path, bytes=disk.kept.bytes,
+                      expires_at=iso_time(disk.kept.expires_at))  # fmt: skip
 
     def mark(self, name: str) -> None:
         """Journal a point inside a step that recovery must know of (no step of its own)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from virt_reclaim.journal_queries import JournalQueries
-from virt_reclaim.journal_records import JournalDisk, JournalError, JournalJob
+from virt_reclaim.journal_records import BackupRecord, JournalDisk, JournalError, JournalJob
 
 # The records and the error live in journal_records.py (the queries return them too);
 # the rest of virt-reclaim imports them from here.
@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_STATE_DIR",
     "JOURNAL_NAME",
     "SCHEMA_VERSION",
+    "BackupRecord",
     "Journal",
     "JournalDisk",
     "JournalError",
@@ -34,7 +35,7 @@ __all__ = [
 
 DEFAULT_STATE_DIR = "/var/lib/virt-reclaim"
 JOURNAL_NAME = "journal.sqlite3"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -70,6 +71,19 @@ CREATE TABLE IF NOT EXISTS job_disks (
     data TEXT,
     PRIMARY KEY (job_id, target)
 );
+CREATE TABLE IF NOT EXISTS backups (
+    path TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    domain TEXT NOT NULL,
+    target TEXT NOT NULL,
+    device INTEGER NOT NULL,
+    inode INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    removed_at REAL,
+    removed_why TEXT
+);
 CREATE TABLE IF NOT EXISTS steps (
     job_id TEXT NOT NULL REFERENCES jobs (id),
     seq INTEGER NOT NULL,
@@ -80,7 +94,8 @@ CREATE TABLE IF NOT EXISTS steps (
 """
 
 
-# Version 1 journals gain what version 2 added; their jobs were all offline jobs.
+# Version 1 journals gain what version 2 added; their jobs were all offline jobs. Version 3
+# added the backups table only (created with the schema): version 2 journals take it as is.
 _MIGRATE_1_TO_2 = (
     "ALTER TABLE jobs ADD COLUMN mode TEXT NOT NULL DEFAULT 'offline'",
     "ALTER TABLE jobs ADD COLUMN estimated_after INTEGER",
@@ -116,8 +131,8 @@ class Journal(JournalQueries):
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version == 1:
                 self._migrate_from_1()
-                version = SCHEMA_VERSION
-            if version not in (0, SCHEMA_VERSION):
+                version = 2
+            if version not in (0, 2, SCHEMA_VERSION):
                 raise JournalError(
                     f"journal {self.path} has schema version {version}; this virt-reclaim "
                     f"knows {SCHEMA_VERSION}"
@@ -138,7 +153,7 @@ class Journal(JournalQueries):
         try:
             for statement in _MIGRATE_1_TO_2:
                 self._db.execute(statement)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._db.execute("PRAGMA user_version=2")
             self._db.execute("COMMIT")
         except sqlite3.Error:
             self._db.execute("ROLLBACK")
@@ -219,6 +234,24 @@ class Journal(JournalQueries):
                 "INSERT OR REPLACE INTO job_disks (job_id, target, path, temp_path, backup_path) "
                 "VALUES (?, ?, ?, ?, ?)",
                 [(job_id, d.target, d.path, d.temp_path, d.backup_path) for d in disks],
+            )
+
+    def record_backup(self, backup: BackupRecord) -> None:
+        """Record an original kept as a backup: it is deleted once it expires."""
+        with self._write() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO backups (path, job_id, domain, target, device, inode, "
+                "bytes, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (backup.path, backup.job_id, backup.domain, backup.target, backup.device,
+                 backup.inode, backup.bytes, backup.created_at, backup.expires_at),
+            )  # fmt: skip
+
+    def backup_removed(self, path: str, why: str) -> None:
+        """Record that a backup is gone (deleted at expiry, or found missing)."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE backups SET removed_at = ?, removed_why = ? WHERE path = ?",
+                (time.time(), why, path),
             )
 
     def enter_step(self, job_id: str, step: str) -> None:

@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from virt_reclaim.journal_records import JournalDisk, JournalError, JournalJob
+from virt_reclaim.journal_records import BackupRecord, JournalDisk, JournalError, JournalJob
 
 
 class JournalQueries:
@@ -36,6 +36,14 @@ class JournalQueries:
             query += " WHERE domain = ?"
             args = (domain,)
         return self._jobs(query + " ORDER BY started_at DESC LIMIT ?", (*args, limit))
+
+    def backups(self, *, removed: bool = False) -> list[BackupRecord]:
+        """Backups still kept, soonest to expire first (with ``removed``, those gone too)."""
+        query = "SELECT * FROM backups"
+        if not removed:
+            query += " WHERE removed_at IS NULL"
+        rows = self._query_all(query + " ORDER BY expires_at, path", ())
+        return [BackupRecord(**dict(row)) for row in rows]
 
     def last_reclaimed_at(self, domain_uuid: str) -> float | None:
         """When the domain's last reclaimed job ended (epoch seconds), or None."""
@@ -132,12 +140,15 @@ class JournalQueries:
         """Per domain and outcome of the finished jobs: count, bytes freed, seconds down.
 
         Rows of (domain, outcome, jobs, reclaimed bytes, downtime seconds); a job's
-        reclaimed bytes are its bytes before less after, never below zero.
+        reclaimed bytes are its bytes before less after, never below zero, and count
+        only once no backup of the job holds the old image any more.
         """
         rows = self._query_all(
             "SELECT domain, outcome, COUNT(*), "
             "SUM(CASE WHEN outcome = 'reclaimed' AND bytes_after IS NOT NULL "
-            "AND bytes_before > bytes_after THEN bytes_before - bytes_after ELSE 0 END), "
+            "AND bytes_before > bytes_after AND NOT EXISTS (SELECT 1 FROM backups "
+            "WHERE backups.job_id = jobs.id AND removed_at IS NULL) "
+            "THEN bytes_before - bytes_after ELSE 0 END), "
             "SUM(COALESCE(downtime_s, 0)) FROM jobs WHERE finished_at IS NOT NULL "
             "GROUP BY domain, outcome ORDER BY domain, outcome",
             (),

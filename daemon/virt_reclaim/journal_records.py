@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from virt_reclaim.errors import VirtReclaimError
+from virt_reclaim.units import iso_time
 
 
 class JournalError(VirtReclaimError):
@@ -27,6 +27,41 @@ class JournalDisk:
     estimated_after: int | None = None
     guest_used: int | None = None
     data: dict[str, Any] | None = None  # what the mode needs to recover this disk
+
+
+@dataclass(frozen=True)
+class BackupRecord:
+    """An original image kept beside the new one until ``expires_at`` (epoch seconds).
+
+    ``device`` and ``inode`` are the file's when it was kept: a path that holds
+    another file at expiry is not ours to delete.
+    """
+
+    path: str
+    job_id: str
+    domain: str
+    target: str
+    device: int
+    inode: int
+    bytes: int  # what it held on the host when kept
+    created_at: float
+    expires_at: float
+    removed_at: float | None = None
+    removed_why: str | None = None
+
+    def to_json(self, held_bytes: int | None = None) -> dict[str, Any]:
+        """The backup as ``backups --json`` prints it; ``held_bytes`` as measured now."""
+        return {
+            "domain": self.domain,
+            "target": self.target,
+            "path": self.path,
+            "job_id": self.job_id,
+            "bytes": self.bytes if held_bytes is None else held_bytes,
+            "kept_at": iso_time(self.created_at),
+            "expires_at": iso_time(self.expires_at),
+            "removed_at": iso_time(self.removed_at),
+            "removed_why": self.removed_why,
+        }
 
 
 @dataclass(frozen=True)
@@ -56,8 +91,8 @@ class JournalJob:
         return {
             "job_id": self.id,
             "domain": self.domain,
-            "started_at": _iso(self.started_at),
-            "finished_at": _iso(self.finished_at),
+            "started_at": iso_time(self.started_at),
+            "finished_at": iso_time(self.finished_at),
             "outcome": self.outcome,
             "reason": self.reason,
             "bytes_before": self.bytes_before,
@@ -68,9 +103,3 @@ class JournalJob:
             "duration_s": self.duration_s,
             "steps": list(self.steps),
         }
-
-
-def _iso(stamp: float | None) -> str | None:
-    if stamp is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))

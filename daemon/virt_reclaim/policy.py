@@ -216,7 +216,9 @@ class Rewrite(_Model):
         "50MiB: the guest (live) and its neighbours keep their disk bandwidth",
     )
     keep_backup: Duration | None = Field(
-        default=None, description="keep the original this long beside the new image"
+        default=None,
+        description="keep the original this long beside the new image (e.g. 2d), then "
+        "delete it: its space comes back only then. Not set: no backup",
     )
     convert: bool = Field(
         default=False,
@@ -332,7 +334,7 @@ def job_settings(policy: Policy, **overrides: Any) -> JobSettings:  # noqa: ANN4
         "on_shutdown_timeout": shutdown.on_timeout,
         "min_gain": int(rewrite.min_gain),
         "min_gain_percent": rewrite.min_gain_percent,
-        "keep_backup": rewrite.keep_backup is not None,
+        "keep_backup": None if rewrite.keep_backup is None else rewrite.keep_backup.total_seconds(),
         "convert": rewrite.convert,
         "enable_discard": policy.guest.enable_discard,
         "rate_limit": None if rewrite.rate_limit is None else int(rewrite.rate_limit),

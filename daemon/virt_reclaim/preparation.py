@@ -121,7 +121,9 @@ def _ineligible(  # noqa: PLR0911 - one return per eligibility rule, in order
     if top.corrupt:
         return "the image is marked corrupt; run qemu-img check"
     backup = (
-        imagefile.backup_path(disk.source, job.started_wall) if job.settings.keep_backup else None
+        imagefile.backup_path(disk.source, job.started_wall)
+        if job.settings.keep_backup is not None
+        else None
     )
     job.disks.append(
         DiskWork(

@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
+from virt_reclaim.units import iso_time
+
 
 class Outcome(enum.StrEnum):
     """How a job ended."""
@@ -62,6 +64,8 @@ class DiskResult:
     estimate_basis: str | None
     guest_used: int | None
     backup: str | None
+    backup_bytes: int | None = None  # what the backup holds on the host until it expires
+    backup_expires_at: float | None = None  # epoch seconds
     format: str = "qcow2"  # the image's format before the job
     converted_to: str | None = None  # the qcow2 image a raw or VMDK disk was converted to
     discard: bool = True  # the definition had discard='unmap' when the job began
@@ -80,6 +84,8 @@ class DiskResult:
             "estimate_basis": self.estimate_basis,
             "guest_used": self.guest_used,
             "backup": self.backup,
+            "backup_bytes": self.backup_bytes,
+            "backup_expires_at": iso_time(self.backup_expires_at),
             "format": self.format,
             "converted_to": self.converted_to,
             "discard": self.discard,

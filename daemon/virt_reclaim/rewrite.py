@@ -60,7 +60,10 @@ def verify_disk(job: JobContext, disk: DiskWork) -> None:
 def swap_disk(job: JobContext, disk: DiskWork) -> None:
     """Give the new image the original's owner, mode and labels, and rename it over it."""
     imagefile.copy_metadata(disk.path, disk.temp)
-    imagefile.swap_in(disk.temp, disk.path, backup=disk.backup)
+    imagefile.swap_in(
+        disk.temp, disk.path, backup=disk.backup,
+        kept=lambda path: job.keep_backup(disk, path),
+    )  # fmt: skip
     disk.swapped = True
     job.log.info("swap.done", target=disk.target, path=disk.path, backup=disk.backup)
 

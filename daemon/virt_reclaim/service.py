@@ -25,7 +25,7 @@ from typing import Any
 
 import structlog
 
-from virt_reclaim import config, logs, metrics, recovery, scheduler, windows, workers
+from virt_reclaim import backups, config, logs, metrics, recovery, scheduler, windows, workers
 from virt_reclaim.hostview import HostView
 from virt_reclaim.journal import Journal, JournalError
 from virt_reclaim.policy import Policy
@@ -68,6 +68,7 @@ class Daemon:
         self.inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
         self.flags = Flags()
         self.next_sample = 0.0
+        self.next_prune = 0.0  # expired backups: deleted at the start, then every hour
         self.last_watchdog = float("-inf")
         self.scheduler = scheduler.PolicyScheduler(lambda name: self._post("fired", name))
         self.wakeup = Wakeup()
@@ -80,7 +81,7 @@ class Daemon:
         logs.configure(loaded.daemon.log_format)
         if loaded.errors:
             for error in loaded.errors:
-                log.error("config.error", **_error_fields(error))
+                log.error("config.error", **error.log_fields())
             log.error("daemon.not_started", reason="the configuration has errors",
                       errors=len(loaded.errors))  # fmt: skip
             return EXIT_CONFIG
@@ -120,6 +121,10 @@ class Daemon:
             self.next_sample = now + self.settings.stats_interval.total_seconds()
             self._watch_busy(now)
             self._write_metrics(periodic=True)
+        if now >= self.next_prune:
+            self.next_prune = now + backups.PRUNE_INTERVAL_S
+            if backups.prune_in(self.settings.state_dir):
+                self._write_metrics()
         for late in self.windows.due_late(now):
             if (policy := self._policy(late.policy)) is not None:
                 self._open_window(policy, late)
@@ -227,7 +232,7 @@ class Daemon:
         loaded = config.load(self.config_dir, strict_modes=self.strict_modes)
         if loaded.errors:
             for error in loaded.errors:
-                log.error("config.error", **_error_fields(error))
+                log.error("config.error", **error.log_fields())
             log.error("config.reload_failed", errors=len(loaded.errors),
                       kept="the last good configuration stays in force")  # fmt: skip
         else:
@@ -385,13 +390,3 @@ class Daemon:
             parts.append("waiting for the next window")
         parts.append(f"{len(self.policies)} policies, {len(self.host.domains)} domains")
         return "; ".join(parts)
-
-
-def _error_fields(error: config.ConfigError) -> dict[str, Any]:
-    return {
-        "file": error.file,
-        "policy": error.policy,
-        "field": error.field,
-        "value": None if error.value is None else str(error.value),
-        "reason": error.message,
-    }

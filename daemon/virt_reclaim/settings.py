@@ -51,7 +51,7 @@ class JobSettings:
     min_gain: int = 64 * MIB
     min_gain_percent: float = 0.0
     after: After = After.PREVIOUS
-    keep_backup: bool = False
+    keep_backup: float | None = None  # seconds the original is kept; None: not kept
     # Turn discard='unmap' and detect_zeroes='unmap' on in the definition while the guest is off.
     enable_discard: bool = False
     # Convert raw and VMDK file disks to qcow2 (the convert mode; offline only).

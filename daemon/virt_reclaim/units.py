@@ -1,6 +1,8 @@
-"""Human-readable sizes for operator-facing output."""
+"""Human-readable sizes and times for operator-facing output."""
 
 from __future__ import annotations
+
+import time
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -15,3 +17,10 @@ def format_bytes(size: int | None) -> str:
             return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def iso_time(stamp: float | None) -> str | None:
+    """Epoch seconds as an ISO 8601 UTC time (``2026-12-03T08:00:00Z``); None stays None."""
+    if stamp is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))

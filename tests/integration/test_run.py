@@ -7,8 +7,11 @@ previous power state, and the image keeps its owner and mode.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -84,6 +87,13 @@ def assert_reclaimed(run: RunResult, guest: Guest, *, backup: bool = False) -> d
     return disk
 
 
+def backups_json(state: Path, *options: str) -> dict[str, Any]:
+    """``virt-reclaim backups --json`` on the journal in ``state``."""
+    argv = [sys.executable, "-m", "virt_reclaim", "backups", "--json", "--state-dir", str(state)]
+    out = subprocess.run([*argv, *options], capture_output=True, text=True, timeout=60, check=True)
+    return dict(json.loads(out.stdout))
+
+
 def dirty_guest(make_guest: Callable[..., Guest], **options: object) -> tuple[Guest, int]:
     """A running guest with 32 MiB of text, 8 MiB random kept and 64 MiB random deleted.
 
@@ -122,17 +132,37 @@ def test_running_guest_is_reclaimed_and_compressed(make_guest: Callable[..., Gue
     assert_back_as_before(guest, sums, running=True)
 
 
-def test_guest_that_is_off_is_rewritten_and_stays_off(make_guest: Callable[..., Guest]) -> None:
-    guest, _ = dirty_guest(make_guest, discard=False)
+def test_guest_that_is_off_is_rewritten_and_stays_off_and_its_backup_expires(
+    make_guest: Callable[..., Guest], make_tmpfs: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """The backup holds the old image's bytes until it expires; pruned, the host gets them."""
+    folder = make_tmpfs("1500M")  # a filesystem of its own: its free space is the job's alone
+    guest, _ = dirty_guest(make_guest, discard=False, image_dir=folder)
     sums = data.checksums(guest)
     guest.shutdown()
     owner = owner_and_mode(guest.data_image)
     original_hash = sha256_file(guest.data_image)
+    state = tmp_path / "state"
 
-    run = reclaim(guest.name, "--compression", "zlib", "--keep-backup", "--min-gain", "0")
+    run = reclaim(guest.name, "--compression", "zlib", "--keep-backup", "4s", "--min-gain", "0",
+                  "--state-dir", str(state))  # fmt: skip
 
     disk = assert_reclaimed(run, guest, backup=True)
-    assert sha256_file(Path(str(disk["backup"]))) == original_hash
+    backup = Path(str(disk["backup"]))
+    assert sha256_file(backup) == original_hash
+    assert disk["backup_bytes"] == disk["bytes_before"] == backup.stat().st_blocks * 512
+    [listed] = backups_json(state)["backups"]
+    assert (listed["path"], listed["bytes"]) == (str(backup), disk["backup_bytes"])
+    assert listed["expires_at"] == disk["backup_expires_at"]
+    free_before = shutil.disk_usage(folder).free
+    # Not yet expired: --prune leaves it.
+    deadline = time.time() + 60
+    while backups_json(state, "--prune")["backups"]:
+        assert backup.exists()
+        assert time.time() < deadline, "the backup did not expire"
+        time.sleep(0.5)
+    assert not backup.exists()
+    assert shutil.disk_usage(folder).free - free_before == disk["backup_bytes"]
     assert run.result["free_space"] is None
     assert run.result["downtime_s"] == 0
     # No free-space step: the deleted random data survives; the text is compressed.

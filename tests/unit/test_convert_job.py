@@ -122,11 +122,14 @@ def test_keep_backup_keeps_the_original_where_it_was(
     raw = raw_domain.disks[0].path
     before = raw.read_bytes()
 
-    result, _ = run(raw_domain, tmp_path / "state", keep_backup=True,
-                    free_space=FreeSpaceMethod.NONE)  # fmt: skip
+    result, journal = run(raw_domain, tmp_path / "state", keep_backup=3600.0,
+                          free_space=FreeSpaceMethod.NONE)  # fmt: skip
 
     assert result.outcome is Outcome.RECLAIMED, result.reason
     assert result.disks[0].backup == str(raw)
+    [kept] = journal.backups()
+    assert (kept.path, kept.inode) == (str(raw), raw.stat().st_ino)
+    assert kept.expires_at - kept.created_at == 3600.0
     assert raw.read_bytes() == before
     assert raw_domain.disks[0].path == tmp_path / "disk.qcow2"
 

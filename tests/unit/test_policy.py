@@ -122,13 +122,14 @@ def test_job_settings_follow_the_policy_and_explicit_options_win() -> None:
         2 * 1024**3,
     )
     assert (settings.keep_backup, settings.after, settings.shutdown_timeout_s) == (
-        True,
+        86400.0,
         After.OFF,
         45.0,
     )
     assert job_settings(policy, shutdown_timeout_s=10.0, min_gain=None).shutdown_timeout_s == 10
     defaults = job_settings(Policy.model_validate(MINIMAL))
-    assert defaults == JobSettings(keep_backup=False)
+    assert defaults == JobSettings()
+    assert defaults.keep_backup is None
 
 
 def test_a_policy_must_select_something() -> None:

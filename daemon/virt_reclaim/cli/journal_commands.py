@@ -1,15 +1,17 @@
-"""``recover`` and ``history``: the job journal."""
+"""``recover``, ``history`` and ``backups``: the job journal."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 
-from virt_reclaim import logs, recovery
+from virt_reclaim import backups, logs, recovery
 from virt_reclaim.cli.common import EXIT_OK
 from virt_reclaim.cli.render import print_history_table
 from virt_reclaim.journal import Journal
+from virt_reclaim.units import format_bytes
 from virt_reclaim.virt import Hypervisor
 
 
@@ -39,4 +41,40 @@ def cmd_history(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return EXIT_OK
     print_history_table(jobs, sys.stdout)
+    return EXIT_OK
+
+
+def cmd_backups(args: argparse.Namespace) -> int:
+    """List the kept originals (domain, disk, path, bytes held, expiry); prune the expired."""
+    logs.configure(logs.LogFormat.AUTO)
+    journal = Journal(args.state_dir)
+    pruned = backups.prune(journal) if args.prune else []
+    kept = journal.backups()
+    if args.json:
+        listing = {
+            "backups": [b.to_json(backups.held_bytes(b)) for b in kept],
+            "pruned": [
+                {**p.record.to_json(), "action": p.action, "freed": p.freed} for p in pruned
+            ],
+        }
+        json.dump(listing, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return EXIT_OK
+    for item in pruned:
+        freed = f" ({format_bytes(item.freed)} freed)" if item.action == "removed" else ""
+        print(f"{item.action}: {item.record.path}{freed}")
+    if not kept:
+        print("no backups kept")
+        return EXIT_OK
+    now = time.time()
+    print(f"{'DOMAIN':<20} {'DISK':<6} {'HELD':>10}  {'EXPIRES':<22} PATH")
+    for backup in kept:
+        held = backups.held_bytes(backup)
+        expiry = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(backup.expires_at))
+        if backup.expires_at <= now:
+            expiry = "expired"
+        shown = "missing" if held is None else format_bytes(held)
+        print(f"{backup.domain:<20} {backup.target:<6} {shown:>10}  {expiry:<22} {backup.path}")
+    total = sum(held or 0 for held in map(backups.held_bytes, kept))
+    print(f"{len(kept)} backup(s) hold {format_bytes(total)}; the space comes back at expiry")
     return EXIT_OK

@@ -12,12 +12,13 @@ from virt_reclaim.cli.common import UsageError
 from virt_reclaim.cli.config_commands import cmd_check, cmd_plan, cmd_schema
 from virt_reclaim.cli.daemon_command import cmd_daemon
 from virt_reclaim.cli.domains import cmd_domains
-from virt_reclaim.cli.journal_commands import cmd_history, cmd_recover
+from virt_reclaim.cli.journal_commands import cmd_backups, cmd_history, cmd_recover
 from virt_reclaim.cli.run import cmd_run
 from virt_reclaim.guestfree import FreeSpaceMethod
 from virt_reclaim.job import Compression, OnShutdownTimeout
 from virt_reclaim.journal import DEFAULT_STATE_DIR
 from virt_reclaim.model import DEFAULT_URI
+from virt_reclaim.policy import parse_duration
 
 _BYTE_SIZE = TypeAdapter(ByteSize)
 
@@ -41,6 +42,16 @@ def _cluster_size(text: str) -> int:
             "2MiB (write 64KiB, not 64K, which means 64000)"
         )
     return size
+
+
+def _duration(text: str) -> float:
+    """Parse a duration like "30s", "15m", "2h", "7d" into seconds (argparse type)."""
+    try:
+        return float(parse_duration(text).total_seconds())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration (examples: 30s, 15m, 2h, 7d)"
+        ) from None
 
 
 def _seconds(text: str) -> float:
@@ -177,8 +188,10 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
         "compression and dropping zero clusters free",
     )  # fmt: skip
     run.add_argument(
-        "--keep-backup", action="store_true", default=None,
-        help="keep each original image beside the new one (NAME.virt-reclaim-backup-TIME)",
+        "--keep-backup", type=_duration, default=None, metavar="DURATION",
+        help="keep each original image beside the new one (NAME.virt-reclaim-backup-TIME) "
+        "this long, e.g. 2d; its space comes back when it is deleted at expiry (by the "
+        "daemon, or `virt-reclaim backups --prune`)",
     )  # fmt: skip
     run.add_argument(
         "--enable-discard", action="store_true", default=None,
@@ -241,6 +254,24 @@ def _add_journal_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's p
     _add_config_dir(history)
     history.add_argument("--json", action="store_true", help="print a JSON list")
     history.set_defaults(handler=cmd_history)
+
+    kept = commands.add_parser(
+        "backups",
+        help="list the originals kept as backups; delete the expired ones with --prune",
+        description=(
+            "Every original image a job kept (policy rewrite.keep_backup, run --keep-backup), "
+            "also of domains since removed: domain, disk, the bytes it holds on the host, when "
+            "it expires, its path. A backup holds the old image's space until it is deleted; "
+            "the daemon deletes expired ones at its start and every hour. Only a path that "
+            "still holds the very file that was kept (same device and inode) is deleted."
+        ),
+        epilog="Exit status: 0 success, 1 the journal cannot be read.",
+    )
+    kept.add_argument("--prune", action="store_true", help="delete the expired backups first")
+    kept.add_argument("--json", action="store_true", help="print JSON: backups, pruned")
+    _add_state_dir(kept)
+    _add_config_dir(kept)
+    kept.set_defaults(handler=cmd_backups)
 
 
 def _add_config_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's private type

@@ -18,7 +18,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from virt_reclaim import __version__, domxml, qemu_img
+from virt_reclaim import __version__, backups, domxml, qemu_img
 from virt_reclaim.errors import QemuImgError
 from virt_reclaim.jobcontext import SHUTDOWN_REQUESTED
 from virt_reclaim.journal import Journal
@@ -111,6 +111,7 @@ def build(
     families += _domain_families(domains, sizes)
     families += _job_families(journal, names)
     families += _disk_figures(journal, observed)
+    families += _backup_families(journal)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(families))
     return registry
@@ -310,3 +311,20 @@ def _disk_figures(journal: Journal, observed: Observations) -> list[Metric]:
         reclaimable.add_metric(list(key), estimate.reclaimable)
         estimated_at.add_metric(list(key), estimate.at)
     return [reclaimable, estimated_at, reclaimed]
+
+
+def _backup_families(journal: Journal) -> list[Metric]:
+    held = _gauge(
+        "virt_reclaim_backup_bytes", "Bytes held on the host by originals kept as backups "
+        "(not reclaimed until they expire and are deleted).", ["domain"],
+    )  # fmt: skip
+    count = _gauge("virt_reclaim_backups", "Originals kept as backups.", ["domain"])
+    by_domain: dict[str, list[int]] = {}
+    for backup in journal.backups():
+        figures = by_domain.setdefault(backup.domain, [0, 0])
+        figures[0] += backups.held_bytes(backup) or 0
+        figures[1] += 1
+    for domain, (size, number) in sorted(by_domain.items()):
+        held.add_metric([domain], size)
+        count.add_metric([domain], number)
+    return [held, count]
