@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from fakes import FakeDisk, FakeDomain, linux_fs, make_image
+from testbed.daemon import DaemonProcess, write_config
 from virt_reclaim import backups
 from virt_reclaim.job import JobSettings, Outcome, ReclaimJob
 from virt_reclaim.journal import BackupRecord, Journal
@@ -116,3 +118,26 @@ def test_a_backup_already_gone_is_journaled_as_gone(tmp_path: Path) -> None:
     assert pruned.action == "gone"
     [gone] = journal.backups(removed=True)
     assert gone.removed_why == "gone before it expired"
+
+
+def test_the_daemon_deletes_expired_backups_at_its_start(tmp_path: Path) -> None:
+    """On libvirt's test driver: the daemon's first pass needs no guest, only the journal."""
+    _domain, journal, _result = reclaim_keeping_backup(tmp_path, keep_s=0)
+    [kept] = journal.backups()
+    state = tmp_path / "state"
+    config_dir = write_config(
+        tmp_path / "etc",
+        f'uri = "test:///default"\nstate_dir = "{state}"\nlog_format = "json"\n',
+        {},
+    )
+    daemon = DaemonProcess(config_dir)
+    try:
+        removed = daemon.wait_event("backup.removed", 60, path=kept.path)
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait_exit(60) == 0, daemon.tail()
+    finally:
+        daemon.stop()
+
+    assert removed["bytes"] == kept.bytes
+    assert not Path(kept.path).exists()
+    assert journal.backups() == []
