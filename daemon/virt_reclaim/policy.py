@@ -166,12 +166,15 @@ class FreeSpace(_Model):
     )
     host_reserve: ByteSize = Field(
         default=ByteSize(_JOB_DEFAULTS.reserve.host_min_bytes),
-        description="a zero-fill leaves at least this free on each host filesystem (and "
-        "host_reserve_percent, whichever is larger), beyond what the rewrite needs",
+        description="each host filesystem keeps at least this free (or host_reserve_percent, "
+        "whichever is larger) through the job's writes: a rewrite that would go below it "
+        "is skipped before the guest is shut down, and a zero-fill leaves it free beyond "
+        "what the rewrite needs",
     )
     host_reserve_percent: float = Field(
         default=_JOB_DEFAULTS.reserve.host_percent, ge=0, le=90,
-        description="a zero-fill leaves at least this share of each host filesystem free",
+        description="each host filesystem keeps at least this share free through the "
+        "job's writes (see host_reserve)",
     )  # fmt: skip
     guest_reserve_percent: float = Field(
         default=_JOB_DEFAULTS.reserve.guest_percent, ge=0, le=90,

@@ -290,17 +290,26 @@ def plan_fill(job: JobContext) -> fillplan.FillPlan:
 
 
 def preflight(job: JobContext) -> None:
-    """Skip the job unless each image's filesystem has room for its rewrite, with a margin."""
-    need_by_folder: dict[str, int] = {}
+    """Skip the job unless each host filesystem keeps its reserve through the rewrite.
+
+    The rewrites of every disk on one filesystem (by device: two folders on it share
+    its free space) add up, with a margin; what is left free must stay above the
+    filesystem's reserve (``free_space.host_reserve``), or the guests writing there
+    would pause when it fills.
+    """
+    need_by_device: dict[int, tuple[fillplan.HostFilesystem, int]] = {}
     for disk in job.disks:
-        folder = os.path.dirname(disk.path)
-        need_by_folder[folder] = need_by_folder.get(folder, 0) + rewrite_need(job, disk)
-    for folder, image_bytes in need_by_folder.items():
-        need = image_bytes + max(64 * MIB, image_bytes // 50)
-        have = imagefile.free_bytes(folder)
-        job.log.info("preflight.space", folder=folder, need=need, have=have)
-        if have < need:
+        filesystem = fillplan.host_filesystem(os.path.dirname(disk.path) or ".")
+        _, image_bytes = need_by_device.get(filesystem.device, (filesystem, 0))
+        need_by_device[filesystem.device] = (filesystem, image_bytes + rewrite_need(job, disk))
+    for filesystem, image_bytes in need_by_device.values():
+        need = image_bytes + max(fillplan.REWRITE_MARGIN, image_bytes // 50)
+        reserve = job.settings.reserve.host_bytes(filesystem.size)
+        job.log.info("preflight.space", folder=filesystem.folder, need=need,
+                     have=filesystem.free, reserve=reserve)  # fmt: skip
+        if filesystem.free - need < reserve:
             raise JobSkipped(
-                f"not enough free space in {folder}: the rewrite needs up to "
-                f"{format_bytes(need)}, {format_bytes(have)} are free"
+                f"not enough free space on the filesystem of {filesystem.folder}: the rewrite "
+                f"needs up to {format_bytes(need)}, {format_bytes(filesystem.free)} are free "
+                f"and {format_bytes(reserve)} must stay free (free_space.host_reserve)"
             )

@@ -460,24 +460,27 @@ def test_a_stopping_service_cancels_the_zero_fill_in_the_guest(
     assert_zero_fill_gone(guest, used)
 
 
-@pytest.fixture
-def small_tmpfs(make_tmpfs: Callable[[str], Path]) -> Path:
-    return make_tmpfs("100M")
-
-
-def test_not_enough_free_space_skips_and_keeps_everything(
-    make_guest: Callable[..., Guest], small_tmpfs: Path
+def test_a_rewrite_that_would_go_below_the_reserve_is_skipped_before_the_shutdown(
+    make_guest: Callable[..., Guest], make_tmpfs: Callable[[str], Path]
 ) -> None:
-    guest = make_guest(data_size="1G", image_dir=small_tmpfs)
+    folder = make_tmpfs("400M")
+    guest = make_guest(data_size="1G", image_dir=folder)
     data.write_random(guest, "/data/blob.bin", 56)
     sums = data.checksums(guest)
+    uptime = float(guest.exec("cut -d' ' -f1 /proc/uptime").stdout)
 
-    run = reclaim(guest.name, "--min-gain", "0")
+    # About 120 MiB needed of about 340 free: it fits, but not beside a 300 MiB reserve.
+    run = reclaim(guest.name, "--min-gain", "0", "--host-reserve", "300MiB",
+                  "--free-space", "none")  # fmt: skip
 
     assert run.exitcode == 3, run.stderr
     assert run.result["outcome"] == "skipped"
-    assert f"not enough free space in {small_tmpfs}" in run.result["reason"]
-    assert leftovers(small_tmpfs) == []
+    reason = run.result["reason"]
+    assert f"not enough free space on the filesystem of {folder}" in reason, reason
+    assert "300.0 MiB must stay free (free_space.host_reserve)" in reason, reason
+    assert [e["step"] for e in run.events("step.started")][-1] == "preflight"
+    assert float(guest.exec("cut -d' ' -f1 /proc/uptime").stdout) > uptime  # never down
+    assert leftovers(folder) == []
     assert_back_as_before(guest, sums, running=True)
 
 

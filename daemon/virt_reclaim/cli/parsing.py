@@ -159,8 +159,10 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
     )  # fmt: skip
     run.add_argument(
         "--host-reserve", type=_size, default=None, metavar="SIZE",
-        help="a zero-fill leaves at least SIZE free on each host filesystem beyond what the "
-        "rewrite needs (default: the policy's, else the larger of 5%% and 2GiB)",
+        help="each host filesystem keeps at least SIZE free through the job: a rewrite that "
+        "would go below it is skipped before the guest is shut down, and a zero-fill leaves "
+        "it free beyond what the rewrite needs (default: the policy's, else the larger of "
+        "5%% and 2GiB)",
     )  # fmt: skip
     run.add_argument(
         "--compression", choices=[m.value for m in Compression], default=None,
