@@ -31,10 +31,21 @@ def allocated_bytes(path: str) -> int:
     return os.stat(path).st_blocks * 512
 
 
-def free_bytes(folder: str) -> int:
-    """Bytes an unprivileged writer may still use on the filesystem of ``folder``."""
-    st = os.statvfs(folder)
-    return st.f_bavail * st.f_frsize
+def probe_create(path: str) -> str | None:
+    """Create ``path`` as the job would (exclusively, not through a link), then remove it.
+
+    Returns None when that works, else why not (a read-only filesystem, a folder the
+    service may not write, a file already there): found before the guest is stopped,
+    not after.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)  # fmt: skip
+    except OSError as exc:
+        return f"cannot create {path}: {exc.strerror}"
+    os.close(fd)
+    os.unlink(path)
+    return None
 
 
 def remove_quietly(path: str) -> bool:

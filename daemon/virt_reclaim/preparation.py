@@ -290,13 +290,17 @@ def plan_fill(job: JobContext) -> fillplan.FillPlan:
 
 
 def preflight(job: JobContext) -> None:
-    """Skip the job unless each host filesystem keeps its reserve through the rewrite.
+    """Skip the job unless it can write beside each image and keep each host's reserve.
 
-    The rewrites of every disk on one filesystem (by device: two folders on it share
-    its free space) add up, with a margin; what is left free must stay above the
-    filesystem's reserve (``free_space.host_reserve``), or the guests writing there
-    would pause when it fills.
+    A temporary file is created and removed beside each image (a read-only folder is
+    found while the guest still runs). The rewrites of every disk on one filesystem
+    (by device: two folders on it share its free space) add up, with a margin; what
+    is left free must stay above the filesystem's reserve (``free_space.host_reserve``),
+    or the guests writing there would pause when it fills.
     """
+    for disk in job.disks:
+        if problem := imagefile.probe_create(disk.temp):
+            raise JobSkipped(f"{disk.target}: {problem}")
     need_by_device: dict[int, tuple[fillplan.HostFilesystem, int]] = {}
     for disk in job.disks:
         filesystem = fillplan.host_filesystem(os.path.dirname(disk.path) or ".")

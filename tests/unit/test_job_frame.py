@@ -7,6 +7,7 @@ qemu-img that fails, where a test needs a tool to fail.
 from __future__ import annotations
 
 import hashlib
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +204,23 @@ def test_a_failed_job_with_after_off_still_brings_the_guest_back(
                     after=After.OFF)  # fmt: skip
     assert result.outcome is Outcome.FAILED
     assert domain.power is DomainState.RUNNING
+
+
+def test_a_folder_the_job_cannot_write_is_found_before_the_guest_is_stopped(
+    domain: FakeDomain, tmp_path: Path
+) -> None:
+    """A read-only image folder (the unit's ReadWritePaths) skips the job, guest untouched."""
+    image = domain.disks[0].path
+    before = sha256(image)
+    folder = image.parent
+    subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)], check=True)
+    try:
+        result, _journal = run(domain, tmp_path.parent / f"{tmp_path.name}-state")
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+    assert result.outcome is Outcome.SKIPPED, result.reason
+    assert "cannot create" in result.reason and "Read-only file system" in result.reason
+    assert not any(c.startswith("shutdown") for c in domain.calls)
+    assert domain.power is DomainState.RUNNING
+    assert sha256(image) == before
