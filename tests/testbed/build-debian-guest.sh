@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build a small real Debian 12 guest from Debian packages alone, once, into a
-# cache folder outside the repository: a 4 GiB qcow2 disk (MBR: vda1 ext4 root,
+# cache folder outside the repository: a 2 GiB qcow2 disk (MBR: vda1 ext4 root,
 # vda2 256 MiB swap) and the kernel and initramfs for direct kernel boot.
 # No loop mount: mkfs.ext4 -d fills the root partition inside the raw file.
 # A stamp of the inputs decides whether a cached build is still good; the build
@@ -13,7 +13,7 @@ cache=${1:-${VR_TESTBED_DIR:-/var/lib/virt-reclaim-testbed}}
 out=$cache/debian
 suite=bookworm
 include=systemd-sysv,udev,dbus,qemu-guest-agent,linux-image-amd64,initramfs-tools,e2fsprogs,util-linux,procps,kmod
-disk_mib=4096
+disk_mib=2048
 swap_mib=256
 root_start_mib=1
 root_mib=$((disk_mib - root_start_mib - swap_mib))
