@@ -41,6 +41,25 @@ ZERO_FILL_SCRIPT = (
 )
 ZERO_FILE_GLOB = ".virt-reclaim-zero.*"
 
+# Runs in the guest, when a job died during its zero-fill (recovery): TERM to every
+# process whose command line names a fill file (the fill script, its timeout and dd;
+# the script's trap removes its file), up to 10 s for them to go, then KILL, then the
+# files left on any mounted filesystem are removed. The marker is put together at run
+# time so that this script's own command line does not match it. Prints "stopped N".
+STOP_FILLS_SCRIPT = (
+    'm=".virt-reclaim-"; m="${m}zero."; '
+    'fills() { for d in /proc/[0-9]*; do p=${d#/proc/}; [ "$p" = "$$" ] && continue; '
+    'case "$(tr "\\0" " " < "$d/cmdline" 2>/dev/null)" in *"/$m"*) echo "$p";; esac; '
+    "done; }; "
+    "n=$(fills | wc -l); "
+    "for p in $(fills); do kill -TERM $p 2>/dev/null; done; "
+    'i=0; while [ $i -lt 100 ] && [ -n "$(fills)" ]; do sleep 0.1; i=$((i+1)); done; '
+    "for p in $(fills); do kill -KILL $p 2>/dev/null; done; "
+    "for mp in $(cut -d' ' -f2 /proc/mounts); do rm -f \"$mp\"/$m*; done; "
+    "sync; "
+    'echo "stopped $n"'
+)
+
 
 @dataclass(frozen=True)
 class Choice:
@@ -184,6 +203,20 @@ def zero_fill(
             or "no filesystem to fill"
         )
     return result
+
+
+def stop_fills(agent: GuestAgentPort) -> int:
+    """End a zero-fill a dead job left running in the guest; how many processes it had.
+
+    Raises:
+        AgentUnavailable: The agent did not answer or refused guest-exec.
+    """
+    ran = agent.guest_exec("/bin/sh", ["-c", STOP_FILLS_SCRIPT], timeout=60)
+    for line in ran.stdout.splitlines()[-3:]:
+        word, _, number = line.strip().partition(" ")
+        if word == "stopped" and number.isdigit():
+            return min(int(number), 1000)
+    return 0
 
 
 def _zeroed_bytes(stdout: str) -> int:

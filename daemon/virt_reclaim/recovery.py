@@ -15,9 +15,10 @@ from typing import Any
 
 import structlog
 
+from virt_reclaim import guestfree
 from virt_reclaim.domainlock import DomainBusy, DomainLock
 from virt_reclaim.errors import VirtError
-from virt_reclaim.jobcontext import SHUTDOWN_REQUESTED
+from virt_reclaim.jobcontext import SHUTDOWN_REQUESTED, Step
 from virt_reclaim.journal import Journal, JournalJob
 from virt_reclaim.model import DomainState
 from virt_reclaim.modes import mode_named
@@ -28,6 +29,7 @@ class RecoveryIncomplete(VirtError):
     """A job could not be finished or undone now; its journal entry stays unfinished."""
 
 
+FREE_SPACE_STEP = str(Step.FREE_SPACE)
 # After a crash in the middle of a shutdown the guest may still be going down.
 SETTLE_TIMEOUT_S = 60.0
 
@@ -78,6 +80,8 @@ def _recover_job(
 ) -> Recovered:
     log = log.bind(job_id=job.id, domain=job.domain)
     result = Recovered(job.id, job.domain, job.step, "failed", [])
+    if job.step == FREE_SPACE_STEP:
+        _stop_fills(job, lookup_domain, result)
     try:
         mode = mode_named(job.mode)
     except ValueError as exc:
@@ -95,6 +99,23 @@ def _recover_job(
         log.info("recovery.action", action=action)
     log.info("recovery.done", step=job.step, outcome=result.outcome)
     return result
+
+
+def _stop_fills(job: JournalJob, lookup_domain: Callable[[str], Any], result: Recovered) -> None:
+    """End a zero-fill the dead job left running: it would fill the guest unwatched."""
+    try:
+        domain = lookup_domain(job.domain_uuid)
+        if domain.state() is not DomainState.RUNNING:
+            return
+        stopped = guestfree.stop_fills(domain)
+    except VirtError as exc:  # the agent gone or refusing guest-exec among them
+        result.actions.append(f"could not look for a zero-fill left running in the guest: {exc}")
+        return
+    if stopped:
+        result.actions.append(
+            f"stopped the zero-fill left running in the guest ({stopped} process(es)) and "
+            "removed its files"
+        )
 
 
 def _bring_back(

@@ -34,6 +34,7 @@ from testbed.reclaim import (
     parse_run,
     qemu_img_check_clean,
     reclaim,
+    recover_json,
     sha256_file,
     start_reclaim,
     wait_for_file,
@@ -424,6 +425,33 @@ def test_sigterm_during_the_zero_fill_stops_it_and_removes_its_file(
         _stdout, stderr = job.communicate(timeout=120)
 
     assert job.returncode == 143, stderr
+    assert_zero_fill_gone(guest, used)
+    assert_back_as_before(guest, sums, running=True)
+
+
+def test_sigkill_during_the_zero_fill_then_recover_ends_the_fill_in_the_guest(
+    make_guest: Callable[..., Guest], tmp_path: Path
+) -> None:
+    """A killed job cannot end its fill: recovery must, or it fills the guest unwatched."""
+    guest = slow_disk_guest(make_guest)
+    data.write_text(guest, "/data/app.log", 8)
+    sums = data.checksums(guest)
+    used = data.used_bytes(guest)
+    state = tmp_path / "state"
+
+    job = start_reclaim(guest.name, "--free-space", "zero", "--min-gain", "0",
+                        "--state-dir", str(state))  # fmt: skip
+    with killed_if_left_running(job):
+        wait_for_zero_fill(guest)
+        job.kill()
+        job.communicate(timeout=60)
+    assert ZERO_FILE in guest.exec("ls -a /data").stdout  # the fill outlived the job
+    ended_at = time.monotonic()
+    [recovered] = recover_json(state)
+
+    assert time.monotonic() - ended_at < 10
+    assert recovered["step"] == "free-space", recovered
+    assert any("stopped the zero-fill" in a for a in recovered["actions"]), recovered
     assert_zero_fill_gone(guest, used)
     assert_back_as_before(guest, sums, running=True)
 
