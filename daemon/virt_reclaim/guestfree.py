@@ -186,7 +186,9 @@ def zero_fill(
         except AgentUnavailable as exc:
             result.problem = f"zero-fill of {fill.mountpoint}: {exc}"
             break
-        zeroed = _zeroed_bytes(ran.stdout)
+        # The guest's own figure: a guest that claims more than the fill may write would
+        # make the job count host space it never had.
+        zeroed = min(_zeroed_bytes(ran.stdout), fill.limit)
         entry["zeroed_bytes"] = zeroed
         entry["left_bytes"] = max(0, fill.guest_free - zeroed)
         if ran.exitcode != 0:

@@ -6,10 +6,16 @@ import pytest
 
 from fakes import LINUX_AGENT, MIB, RHEL_AGENT, WINDOWS_AGENT
 from virt_reclaim.errors import AgentUnavailable
-from virt_reclaim.fillplan import DiskRoom, GuestVolume, HostFilesystem, Reserve, plan_fill
-from virt_reclaim.guestfree import FreeSpaceMethod, choose_method
+from virt_reclaim.fillplan import DiskRoom, Fill, GuestVolume, HostFilesystem, Reserve, plan_fill
+from virt_reclaim.guestfree import (
+    STOP_FILLS_SCRIPT,
+    ZERO_FILE_GLOB,
+    FreeSpaceMethod,
+    choose_method,
+    zero_fill,
+)
 from virt_reclaim.inventory import describe_domain
-from virt_reclaim.model import DomainSnapshot, DomainState, TrimmedPath
+from virt_reclaim.model import DomainSnapshot, DomainState, GuestExecResult, TrimmedPath
 from virt_reclaim.virt import parse_agent_info, parse_fstrim
 
 GIB = 1024 * MIB
@@ -151,3 +157,34 @@ def test_zeros_over_what_the_image_already_holds_cost_the_host_nothing() -> None
     volume = GuestVolume("/", ("vda",), total=20 * GIB, used=4 * GIB)
     plan = plan_fill([DiskRoom("vda", roomy, GIB, False, GIB)], [volume], Reserve(guest_percent=0))
     assert plan.fills[0].limit == 16 * GIB
+
+
+class _LyingAgent:
+    """An agent whose fill says it zeroed a petabyte (a guest chooses its own output)."""
+
+    def __init__(self) -> None:
+        self.scripts: list[list[str]] = []
+
+    def guest_exec(
+        self, path: str, args: list[str], timeout: float, cancel: object = None
+    ) -> GuestExecResult:
+        self.scripts.append(args)
+        return GuestExecResult(0, None, f"zeroed {1 << 50}\n", "")
+
+    def fstrim(self, timeout: float = 600.0) -> list[TrimmedPath]:
+        raise AssertionError("a zero-fill does not trim")
+
+
+def test_a_guest_claiming_more_zeros_than_the_fill_may_write_is_capped_at_the_plan() -> None:
+    agent = _LyingAgent()
+
+    result = zero_fill(agent, [Fill("/data", 64 * MIB, 900 * MIB)], timeout=60)
+
+    [fill] = result.fills
+    assert fill["zeroed_bytes"] == 64 * MIB
+    assert agent.scripts[0][-1] == "64"  # dd's count: the plan's limit in MiB
+
+
+def test_the_script_that_ends_a_dead_jobs_fill_does_not_match_itself() -> None:
+    """It finds fills by the marker in command lines: its own must not carry it."""
+    assert ZERO_FILE_GLOB.rstrip("*") not in STOP_FILLS_SCRIPT

@@ -364,3 +364,18 @@ def test_the_readme_names_only_metrics_that_are_written(built: Built, tmp_path: 
     named = set(re.findall(r"\bvirt_reclaim_[a-z0-9_]+", section))
     assert len(named) > 20
     assert named <= written, named - written
+
+
+def test_disk_sizes_name_the_format_so_qemu_img_never_probes(tmp_path: Path) -> None:
+    """The image's format comes from the definition; a guest's bytes never choose it."""
+    calls = tmp_path / "argv"
+    wrapper = tmp_path / "qemu-img"
+    wrapper.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexec qemu-img "$@"\n')
+    wrapper.chmod(0o755)
+    image = make_image(tmp_path / "disk.qcow2", "64M")
+
+    used, size = metrics.DiskSizes(str(wrapper)).measure(str(image), "qcow2")
+
+    assert (used, size) == (image.stat().st_blocks * 512, 64 * MIB)
+    [call] = calls.read_text().splitlines()
+    assert call.startswith("info") and " -f qcow2 " in f" {call} ", call

@@ -52,8 +52,11 @@ class DiskSizes:
         self._virtual: dict[tuple[str, int, int], tuple[float, int | None]] = {}
         self._seen: set[tuple[str, int, int]] = set()
 
-    def measure(self, path: str) -> tuple[int | None, int | None]:
-        """(allocated bytes, virtual bytes) of the image at ``path``; None for what is unknown."""
+    def measure(self, path: str, image_format: str) -> tuple[int | None, int | None]:
+        """(allocated bytes, virtual bytes) of the image at ``path``; None for what is unknown.
+
+        ``image_format`` is the definition's: a guest's bytes never choose it (no probe).
+        """
         try:
             st = os.stat(path)
         except OSError:
@@ -65,7 +68,7 @@ class DiskSizes:
         if cached is None or now - cached[0] > self.ttl_s:
             try:
                 top = qemu_img.info(path, qemu_img=self.qemu_img, backing_chain=False,
-                                    force_share=True)[0]  # fmt: skip
+                                    force_share=True, image_format=image_format)[0]  # fmt: skip
                 cached = (now, top.virtual_size)
             except QemuImgError:
                 cached = (now, None)
@@ -170,7 +173,7 @@ def _domain_families(domains: Sequence[DomainSnapshot], sizes: DiskSizes) -> lis
         for disk in disks:
             if not disk.is_file_qcow2 or disk.source is None:
                 continue
-            used, size = sizes.measure(disk.source)
+            used, size = sizes.measure(disk.source, "qcow2")  # is_file_qcow2: the XML says so
             if used is not None:
                 allocated.add_metric([snap.name, disk.target], used)
             if size is not None:
