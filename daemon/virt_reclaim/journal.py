@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -120,6 +121,9 @@ class Journal(JournalQueries):
         self.path = Path(state_dir) / JOURNAL_NAME
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _check_private(self.path.parent, directory=True)
+            if self.path.exists() or self.path.is_symlink():
+                _check_private(self.path, directory=False)
             self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -287,3 +291,27 @@ class Journal(JournalQueries):
                 (time.time(), outcome, reason, bytes_before, bytes_after, downtime_s,
                  duration_s, estimated_after, job_id),
             )  # fmt: skip
+
+
+def _check_private(path: Path, *, directory: bool) -> None:
+    """Refuse a state folder or journal that someone else could have written.
+
+    Recovery deletes the files the journal names, as root: whoever can write the
+    journal chooses what it deletes.
+    """
+    st = os.lstat(path)
+    kind = "folder" if directory else "file"
+    if (directory and not stat.S_ISDIR(st.st_mode)) or (
+        not directory and not stat.S_ISREG(st.st_mode)
+    ):
+        raise JournalError(f"journal {kind} {path} is not a plain {kind} (a symlink?)")
+    if st.st_uid != os.geteuid():
+        raise JournalError(
+            f"journal {kind} {path} belongs to uid {st.st_uid}, not to this service "
+            f"(uid {os.geteuid()}): whoever writes the journal chooses what recovery deletes"
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise JournalError(
+            f"journal {kind} {path} is writable by group or others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); make it {'0700' if directory else '0600'}"
+        )
