@@ -5,9 +5,12 @@ from __future__ import annotations
 import enum
 import logging
 import sys
-from typing import TextIO
+from collections.abc import MutableMapping
+from typing import Any, TextIO
 
 import structlog
+
+from virt_reclaim.units import printable
 
 
 class LogFormat(enum.StrEnum):
@@ -25,7 +28,7 @@ def configure(
     stream = stream or sys.stderr
     use_console = fmt is LogFormat.CONSOLE or (fmt is LogFormat.AUTO and stream.isatty())
     renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer(colors=False)
+        _ConsoleSafe(structlog.dev.ConsoleRenderer(colors=False))
         if use_console
         else structlog.processors.JSONRenderer(sort_keys=False)
     )
@@ -57,3 +60,20 @@ def _shared_processors() -> list[structlog.typing.Processor]:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.format_exc_info,
     ]
+
+
+class _ConsoleSafe:
+    """The console renderer, fed with control characters escaped (see units.printable).
+
+    JSON lines escape them by themselves; a terminal would act on them.
+    """
+
+    def __init__(self, renderer: structlog.typing.Processor) -> None:
+        self._renderer = renderer
+
+    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> Any:  # noqa: ANN401
+        safe = {
+            key: printable(value) if isinstance(value, str) and key != "exception" else value
+            for key, value in event.items()
+        }
+        return self._renderer(logger, name, safe)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
@@ -24,3 +25,16 @@ def iso_time(stamp: float | None) -> str | None:
     if stamp is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
+
+
+# C0 controls but tab, DEL and C1 controls: what a terminal acts on instead of showing.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    r"""``text`` with its control characters shown as ``\xNN`` escapes.
+
+    Guests name their own filesystems, mountpoints and OS: printed to an operator's
+    terminal as they are, an escape sequence in them would act on that terminal.
+    """
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)

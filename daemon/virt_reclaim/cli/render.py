@@ -9,7 +9,7 @@ from virt_reclaim import inventory
 from virt_reclaim.job import JobResult
 from virt_reclaim.journal import JournalJob
 from virt_reclaim.planning import PlanEntry
-from virt_reclaim.units import format_bytes
+from virt_reclaim.units import format_bytes, printable
 
 
 class ProgressBar:
@@ -130,13 +130,14 @@ def print_domain_table(
     columns: tuple[str, ...] = header
     if reclaimable is not None:
         columns, rows = _with_reclaimable(header, rows, reports, reclaimable)
+    rows = [tuple(printable(cell) for cell in row) for row in rows]
     widths = [max(len(r[i]) for r in (columns, *rows)) for i in range(len(columns) - 1)]
     indent = sum(widths) + 2 * len(widths)
     for index, row in enumerate((columns, *rows)):
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        out.write("  ".join([*cells, row[-1]]).rstrip() + "\n")
+        out.write("  ".join([*cells, printable(row[-1])]).rstrip() + "\n")
         for note in notes.get(index - 1, []):
-            out.write(" " * indent + "└ " + note + "\n")
+            out.write(" " * indent + "└ " + printable(note) + "\n")
 
 
 def _with_reclaimable(
