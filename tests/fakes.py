@@ -9,6 +9,8 @@ so the host filesystem fills exactly as it would.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import subprocess
 import threading
 import uuid as uuidlib
@@ -262,3 +264,31 @@ class FakeDomain:
 
 def linux_fs(mountpoint: str, target: str, *, total: int, used: int) -> GuestFilesystem:
     return GuestFilesystem(mountpoint, "ext4", used, total, (target,))
+
+
+class OpenWatch:
+    """Whether anyone opened a file, from inotify's IN_OPEN (a canary the tests plant).
+
+    QEMU's file driver refuses a FIFO before opening it, so only a regular file
+    watched this way proves that nothing read it.
+    """
+
+    _IN_OPEN = 0x20
+    _IN_NONBLOCK = 0o4000
+
+    def __init__(self, path: Path) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._fd = self._libc.inotify_init1(self._IN_NONBLOCK)
+        assert self._fd >= 0, os.strerror(ctypes.get_errno())
+        watch = self._libc.inotify_add_watch(self._fd, str(path).encode(), self._IN_OPEN)
+        assert watch >= 0, os.strerror(ctypes.get_errno())
+
+    def opened(self) -> bool:
+        """True once the file was opened since the watch began."""
+        try:
+            return bool(os.read(self._fd, 4096))
+        except BlockingIOError:
+            return False
+
+    def close(self) -> None:
+        os.close(self._fd)

@@ -22,6 +22,8 @@ the guest's data: the original until ``defined``, the verified new image after.
 from __future__ import annotations
 
 import os
+import re
+import stat
 from typing import Any
 
 from virt_reclaim import domxml, imagefile, process
@@ -105,6 +107,9 @@ def ineligible(  # noqa: PLR0911, PLR0912 - one return per rule, in order
     user = others.get(os.path.realpath(source))
     if user is not None:
         return f"the image is also used by domain {user}"
+    if disk.format == "vmdk" and (outside := vmdk_extent_outside(source)) is not None:
+        # Checked before qemu-img opens the descriptor: it would open what it names.
+        return outside
     try:
         # The format the XML states, never a probe of what the guest wrote.
         chain = job.images.info(source, force_share=job.was_running, image_format=disk.format)
@@ -200,6 +205,53 @@ def remove_original(job: JobContext, disk: DiskWork) -> None:
             job.log.warning("convert.original_kept", target=disk.target, path=disk.path,
                             reason=f"cannot remove it: {exc.strerror}")  # fmt: skip
     record(job, disk, "clean")
+
+
+# An extent line of a VMDK text descriptor: access, sectors, type, "file name"[, offset].
+_EXTENT_LINE = re.compile(rb'^\s*(?:RW|RDONLY|NOACCESS)\s+\d+\s+\w+\s+"([^"]*)"', re.MULTILINE)
+_VMDK4_MAGIC = b"KDMV"  # a sparse VMDK: its embedded descriptor's extent is the file itself
+_DESCRIPTOR_MAX = 64 * 1024
+
+
+def vmdk_extent_outside(descriptor: str) -> str | None:
+    """Why the files a VMDK descriptor names are not its own, or None when they are.
+
+    An imported descriptor is not ours to trust: each extent must be a bare file
+    name, a regular file (not a symlink) in the descriptor's own folder, owned by the
+    descriptor's owner. Otherwise ``../x`` or ``/etc/shadow`` would be read into the
+    guest's new disk and deleted with the original.
+    """
+    try:
+        with open(descriptor, "rb") as file:
+            head = file.read(_DESCRIPTOR_MAX)
+    except OSError as exc:
+        return f"unreadable image: {exc.strerror}"
+    if head.startswith(_VMDK4_MAGIC):
+        return None
+    folder = os.path.dirname(descriptor) or "."
+    owner = os.stat(descriptor).st_uid
+    for raw in _EXTENT_LINE.findall(head):
+        if (problem := _extent_problem(folder, raw.decode("utf-8", "replace"), owner)) is not None:
+            return problem
+    return None
+
+
+def _extent_problem(folder: str, name: str, owner: int) -> str | None:
+    if not name or "/" in name or name in (".", ".."):
+        return f"its extent {name!r} is not a file in its own folder: not converted"
+    path = os.path.join(folder, name)
+    try:
+        st = os.lstat(path)
+    except OSError as exc:
+        return f"its extent {path}: {exc.strerror}: not converted"
+    if not stat.S_ISREG(st.st_mode):
+        return f"its extent {path} is not a regular file (a symlink?): not converted"
+    if st.st_uid != owner:
+        return (
+            f"its extent {path} belongs to uid {st.st_uid}, the descriptor to uid "
+            f"{owner}: not converted"
+        )
+    return None
 
 
 def is_conversion(disk: JournalDisk) -> bool:

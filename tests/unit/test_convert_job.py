@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import structlog
 
-from fakes import FakeDisk, FakeDomain, make_image, sh
+from fakes import FakeDisk, FakeDomain, OpenWatch, make_image, sh
 from virt_reclaim import conversion
 from virt_reclaim.guestfree import FreeSpaceMethod
 from virt_reclaim.job import JobSettings, Outcome, ReclaimJob, Step
@@ -456,3 +456,47 @@ def test_the_policy_and_the_run_options_reach_the_job(tmp_path: Path) -> None:
     assert proc.returncode == 3, proc.stderr
     [skipped] = json.loads(proc.stdout)["skipped_disks"]
     assert skipped["reason"].startswith("a network disk: only image files are converted")
+
+
+def flat_vmdk_naming(folder: Path, extent: str) -> Path:
+    """A monolithicFlat descriptor whose extent line names ``extent`` (an imported appliance)."""
+    made = folder / "made.vmdk"
+    sh("qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", str(made), "1M")
+    descriptor = folder / "disk.vmdk"
+    text = made.read_text().replace('"made-flat.vmdk"', f'"{extent}"')
+    assert extent in text
+    descriptor.write_text(text)
+    return descriptor
+
+
+@pytest.mark.parametrize("where", ["relative", "absolute", "symlink"])
+def test_a_vmdk_whose_extent_lies_outside_its_folder_is_refused_unread(
+    tmp_path: Path, where: str
+) -> None:
+    """A host file the descriptor names is never opened, copied into the guest, or removed."""
+    images = tmp_path / "images"
+    images.mkdir()
+    canary = tmp_path / "outside"
+    canary.write_bytes(b"host secret\n" * 87382)  # 1 MiB: the size the extent line says
+    extent = {"relative": "../outside", "absolute": str(canary), "symlink": "link-flat.vmdk"}[where]
+    if where == "symlink":
+        (images / "link-flat.vmdk").symlink_to(canary)
+    vmdk = flat_vmdk_naming(images, extent)
+    domain = FakeDomain([FakeDisk("vda", vmdk, format="vmdk")], power=DomainState.SHUTOFF)
+    watch = OpenWatch(canary)
+    try:
+        result, _journal = run(domain, tmp_path / "state", free_space=FreeSpaceMethod.NONE)
+        opened = watch.opened()
+    finally:
+        watch.close()
+
+    assert result.outcome is not Outcome.RECLAIMED, result.reason
+    [skipped] = result.skipped_disks
+    assert "not converted" in skipped.reason and "extent" in skipped.reason, skipped.reason
+    assert not opened, "the host file the descriptor names was opened"
+    assert canary.read_bytes() == b"host secret\n" * 87382
+    assert sorted(p.name for p in images.iterdir()) == sorted(
+        ["disk.vmdk", "made.vmdk", "made-flat.vmdk"]
+        + (["link-flat.vmdk"] if where == "symlink" else [])
+    )
+    assert domain.disks[0].path == vmdk
