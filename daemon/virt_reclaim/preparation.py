@@ -16,6 +16,7 @@ from virt_reclaim.jobcontext import DiskWork, JobContext
 from virt_reclaim.journal import JournalDisk
 from virt_reclaim.model import DomainState
 from virt_reclaim.ports import LiveDomainPort
+from virt_reclaim.qemu_img import ImageInfo
 from virt_reclaim.results import JobSkipped, NothingToDo, SkippedDisk
 from virt_reclaim.settings import Compression
 from virt_reclaim.units import format_bytes
@@ -112,14 +113,8 @@ def _ineligible(  # noqa: PLR0911 - one return per eligibility rule, in order
     except QemuImgError as exc:
         return f"unreadable image: {exc}"
     top = chain[0]
-    if top.format != "qcow2":
-        return f"the image is {top.format}, not qcow2"
-    if top.snapshot_count:
-        return f"{top.snapshot_count} internal snapshot(s), which a rewrite would drop"
-    if top.encrypted:
-        return "encrypted image"
-    if top.corrupt:
-        return "the image is marked corrupt; run qemu-img check"
+    if (problem := _image_problem(chain, disk.backing)) is not None:
+        return problem
     backup = (
         imagefile.backup_path(disk.source, job.started_wall)
         if job.settings.keep_backup is not None
@@ -213,6 +208,26 @@ def read_guest_filesystems(job: JobContext) -> None:
         ]
     except AgentUnavailable as exc:
         job.log.info("agent.unavailable", reason=str(exc))
+
+
+def _image_problem(chain: list[ImageInfo], backing: tuple[domxml.BackingLayer, ...]) -> str | None:
+    """Why the image's headers rule out a rewrite, or None (see ``_ineligible``)."""
+    top = chain[0]
+    if top.format != "qcow2":
+        return f"the image is {top.format}, not qcow2"
+    for layer, defined in zip(chain, backing, strict=False):
+        if defined.format is not None and defined.format != layer.backing_format:
+            return (
+                f"the definition says {defined.format} for the backing file "
+                f"{layer.backing_filename}, the image's header {layer.backing_format}"
+            )
+    if top.snapshot_count:
+        return f"{top.snapshot_count} internal snapshot(s), which a rewrite would drop"
+    if top.encrypted:
+        return "encrypted image"
+    if top.corrupt:
+        return "the image is marked corrupt; run qemu-img check"
+    return None
 
 
 def rewrite_need(job: JobContext, disk: DiskWork) -> int:

@@ -52,6 +52,8 @@ __all__ = [
 
 # Reading a header never takes long; a hung NFS mount must not hang us.
 INFO_TIMEOUT_S = 60.0
+# More layers than any chain libvirt or a management tool builds; a loop ends here.
+MAX_CHAIN = 64
 
 
 def info(
@@ -63,18 +65,39 @@ def info(
     timeout: float = INFO_TIMEOUT_S,
     image_format: str | None = None,
 ) -> list[ImageInfo]:
-    """Run ``qemu-img info`` on ``path``; see ``parse_info`` for the result.
+    """Run ``qemu-img info`` on ``path``; the image first, then its backing files.
+
+    The chain is read one layer at a time, each with the format the layer above
+    records for it (``qemu-img info --backing-chain`` would probe a backing file whose
+    format the header does not record: a guest's bytes would choose it). A layer that
+    names a backing file without its format is refused.
 
     Raises:
-        QemuImgError: qemu-img failed, timed out, or printed garbage.
+        QemuImgError: qemu-img failed, timed out, or printed garbage; a layer names a
+            backing file but not its format; the chain is deeper than MAX_CHAIN.
     """
-    argv = info_argv(path, qemu_img=qemu_img, backing_chain=backing_chain,
-                     force_share=force_share, image_format=image_format)  # fmt: skip
-    try:
-        result = process.run(argv, timeout=timeout)
-    except process.CommandError as exc:
-        raise QemuImgError(str(exc)) from exc
-    return parse_info(result.stdout)
+    layers: list[ImageInfo] = []
+    layer_path, layer_format = path, image_format
+    while True:
+        argv = info_argv(layer_path, qemu_img=qemu_img, backing_chain=False,
+                         force_share=force_share, image_format=layer_format)  # fmt: skip
+        try:
+            result = process.run(argv, timeout=timeout)
+        except process.CommandError as exc:
+            raise QemuImgError(str(exc)) from exc
+        layer = parse_info(result.stdout)[0]
+        layers.append(layer)
+        if not backing_chain or not layer.backing_filename:
+            return layers
+        if layer.backing_format is None:
+            raise QemuImgError(
+                f"{layer_path} names the backing file {layer.backing_filename} but not its "
+                "format, which qemu would guess from the file's bytes; record it with "
+                f"'qemu-img rebase -u -F FORMAT -b {layer.backing_recorded} {layer_path}'"
+            )
+        if len(layers) > MAX_CHAIN:
+            raise QemuImgError(f"{path}: a backing chain deeper than {MAX_CHAIN} layers")
+        layer_path, layer_format = layer.backing_filename, layer.backing_format
 
 
 def _timeout_for(size_bytes: int, bytes_per_second: float) -> float:

@@ -218,7 +218,10 @@ def convert_argv(
     if preallocation != "off":
         options.append(f"preallocation={preallocation}")
     if backing is not None:
-        argv += ["-B", backing, "-F", backing_format or "qcow2"]
+        if backing_format is None:
+            # A default would be pinned into the new header, and libvirt follows it.
+            raise ValueError(f"{source}: a backing file without its format is never rewritten")
+        argv += ["-B", backing, "-F", backing_format]
     if rate_limit is not None:
         argv += ["-r", str(rate_limit)]
     if options:

@@ -1,0 +1,99 @@
+"""Images built as an attacker would: no guest byte chooses a format or a host file.
+
+A guest owns what its disk holds, and an overlay made by older tools may not record
+its backing file's format. qemu would then guess that format from the backing
+file's bytes: a raw base into which the guest wrote a qcow2 header naming a host
+file would be read as that qcow2, and the host file opened as its backing. The
+canary is a regular file watched with inotify (QEMU refuses a FIFO before opening
+it, so a FIFO would prove nothing).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fakes import FakeDisk, FakeDomain, OpenWatch, sh
+from virt_reclaim.job import JobSettings, Outcome, ReclaimJob
+from virt_reclaim.journal import Journal
+from virt_reclaim.model import DomainState
+from virt_reclaim.qemu_img import QemuImg
+
+MIB = 1024 * 1024
+_BACKING_FORMAT_EXTENSION = bytes.fromhex("e2792aca")  # the qcow2 header extension's magic
+_UNKNOWN_EXTENSION = bytes.fromhex("7672a0a0")  # qemu keeps unknown ones and ignores them
+
+
+def guest_written_qcow2_header(raw: Path, names: Path) -> None:
+    """A raw disk whose guest wrote, at its start, a qcow2 header with ``names`` as backing."""
+    evil = raw.with_name("evil.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(names), "-F", "raw", str(evil), "64M")
+    sh("truncate", "-s", "64M", str(raw))
+    with raw.open("r+b") as disk:
+        disk.write(evil.read_bytes())
+    evil.unlink()
+
+
+def legacy_overlay(overlay: Path, base: Path) -> None:
+    """An overlay over ``base`` whose header records no backing format (as old tools made)."""
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(overlay))
+    header = overlay.read_bytes()
+    assert header.count(_BACKING_FORMAT_EXTENSION) == 1
+    overlay.write_bytes(header.replace(_BACKING_FORMAT_EXTENSION, _UNKNOWN_EXTENSION))
+    info = sh("qemu-img", "info", "-f", "qcow2", str(overlay))
+    assert "backing file format" not in info, info
+
+
+def run(domain: FakeDomain, state: Path) -> object:
+    job = ReclaimJob(
+        domain, QemuImg(priority=None), JobSettings(priority=None, min_gain=0),
+        images_of_other_domains=dict, journal=Journal(state),
+    )  # fmt: skip
+    return job.run()
+
+
+def test_a_legacy_overlay_over_a_guest_written_header_never_opens_the_host_file(
+    tmp_path: Path,
+) -> None:
+    canary = tmp_path / "host-canary"
+    canary.write_bytes(b"host data\n" * 1000)
+    base = tmp_path / "base.raw"
+    guest_written_qcow2_header(base, canary)
+    overlay = tmp_path / "disk.qcow2"
+    legacy_overlay(overlay, base)
+    before = overlay.read_bytes(), base.read_bytes()
+    domain = FakeDomain([FakeDisk("vda", overlay)], power=DomainState.SHUTOFF)
+    watch = OpenWatch(canary)
+    try:
+        result = run(domain, tmp_path / "state")
+        opened = watch.opened()
+    finally:
+        watch.close()
+
+    assert not opened, "the host file a guest's bytes named was opened"
+    assert result.outcome is Outcome.SKIPPED, result.reason  # type: ignore[attr-defined]
+    [skipped] = result.skipped_disks  # type: ignore[attr-defined]
+    assert "but not its format" in skipped.reason, skipped.reason
+    assert f"qemu-img rebase -u -F FORMAT -b {base} {overlay}" in skipped.reason
+    assert (overlay.read_bytes(), base.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["host-canary", "base.raw", "disk.qcow2", "state"]
+    )
+
+
+def test_a_backing_format_that_differs_from_the_definition_is_refused(tmp_path: Path) -> None:
+    base = tmp_path / "base.raw"
+    sh("truncate", "-s", "64M", str(base))
+    overlay = tmp_path / "disk.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw", str(overlay))
+    backing_xml = (
+        f"<backingStore type='file'><format type='qcow2'/><source file='{base}'/>"
+        "<backingStore/></backingStore>"
+    )
+    domain = FakeDomain([FakeDisk("vda", overlay, extra_xml=backing_xml)],
+                        power=DomainState.SHUTOFF)  # fmt: skip
+
+    result = run(domain, tmp_path / "state")
+
+    assert result.outcome is Outcome.SKIPPED, result.reason  # type: ignore[attr-defined]
+    [skipped] = result.skipped_disks  # type: ignore[attr-defined]
+    assert "the definition says qcow2 for the backing file" in skipped.reason, skipped.reason
