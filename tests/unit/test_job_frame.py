@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from fakes import FakeDisk, FakeDomain, linux_fs, make_image
+from fakes import FakeDisk, FakeDomain, linux_fs, make_image, sh
 from virt_reclaim.errors import QemuImgError
 from virt_reclaim.job import After, JobSettings, Outcome, ReclaimJob, Step
 from virt_reclaim.journal import Journal, JournalError
@@ -139,6 +139,35 @@ def test_a_definition_changed_during_the_job_stops_it(domain: FakeDomain, tmp_pa
     assert "vda: the definition changed during the job" in result.reason
     assert sha256(domain.disks[0].path) == original
     assert domain.power is DomainState.RUNNING
+
+
+@pytest.mark.parametrize("change", ["snapshot", "format"])
+def test_an_image_changed_while_the_guest_ran_stops_the_job_at_the_guard(
+    domain: FakeDomain, tmp_path: Path, change: str
+) -> None:
+    """What a convert would silently drop: a snapshot taken, a format changed since inspect."""
+    image = domain.disks[0].path
+
+    def someone_changes_it(step: Step) -> None:
+        if step is not Step.GUARD:
+            return
+        if change == "snapshot":
+            sh("qemu-img", "snapshot", "-c", "taken-meanwhile", str(image))
+        else:
+            domain.inactive_override = domain.snapshot().xml.replace("type='qcow2'", "type='raw'")
+
+    result, _ = run(domain, tmp_path / "state", before_step=someone_changes_it)
+
+    assert result.outcome is Outcome.FAILED, result.reason
+    expected = {
+        "snapshot": "vda: the image changed during the job: snapshot_count 0 -> 1",
+        "format": "vda: the definition changed during the job",
+    }[change]
+    assert expected in result.reason, result.reason
+    if change == "snapshot":
+        assert "taken-meanwhile" in sh("qemu-img", "snapshot", "-l", str(image))
+    assert domain.power is DomainState.RUNNING
+    assert sorted(p.name for p in image.parent.iterdir() if ".virt-reclaim-" in p.name) == []
 
 
 def test_min_gain_percent(domain: FakeDomain, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from virt_reclaim.jobcontext import SHUTDOWN_REQUESTED, JobContext, Step
 from virt_reclaim.journal import JournalDisk, JournalJob
 from virt_reclaim.model import DomainState
 from virt_reclaim.process import kill_writers_of
+from virt_reclaim.qemu_img import ImageInfo
 from virt_reclaim.results import JobFailed, Recovered
 from virt_reclaim.rewrite import remove_temporary_files, rewrite_disk, swap_disk, verify_disk
 from virt_reclaim.settings import OnShutdownTimeout
@@ -166,20 +167,42 @@ def _request_shutdown(job: JobContext, use_agent: bool, timeout: float) -> None:
 
 
 def guard(job: JobContext) -> None:
-    """Lock every image against a start, then make sure nothing started or changed meanwhile."""
+    """Lock every image against a start, then make sure nothing started or changed meanwhile.
+
+    Changed since inspect means: the definition's path or format of a disk, or the
+    image's header (its format, size, backing file and its format, internal
+    snapshots: a snapshot taken during the free-space step would be dropped by the
+    convert).
+    """
     for disk in job.disks:
         job.guard.lock(disk.path)
     # A start could have come between the stop and the lock: now it can no longer.
     state = job.domain.state()
     if state is not DomainState.SHUTOFF:
         raise JobFailed(f"the domain was started during the job (it is {state})")
-    current = {d.target: d.source for d in domxml.parse_domain(job.domain.inactive_xml()).disks}
+    current = {d.target: d for d in domxml.parse_domain(job.domain.inactive_xml()).disks}
     for disk in job.disks:
-        if current.get(disk.target) != disk.path:
+        spec = current.get(disk.target)
+        if spec is None or spec.source != disk.path or spec.format != disk.format:
+            now = "no disk" if spec is None else f"{spec.source} ({spec.format})"
             raise JobFailed(
                 f"{disk.target}: the definition changed during the job "
-                f"({disk.path} -> {current.get(disk.target)})"
+                f"({disk.path} ({disk.format}) -> {now})"
             )
+        # Our own guard holds the image: -U reads the header past our lock.
+        header = job.images.info(disk.path, force_share=True, image_format=disk.format)[0]
+        if changes := _header_changes(disk.info, header):
+            raise JobFailed(f"{disk.target}: the image changed during the job: {changes}")
+
+
+def _header_changes(before: ImageInfo, now: ImageInfo) -> str:
+    """What differs between two readings of one image's header, or ``""``."""
+    fields = ("format", "virtual_size", "backing_filename", "backing_format", "snapshot_count")
+    return "; ".join(
+        f"{name} {getattr(before, name)} -> {getattr(now, name)}"
+        for name in fields
+        if getattr(before, name) != getattr(now, name)
+    )
 
 
 def _same_file(first: str, second: str) -> bool:
