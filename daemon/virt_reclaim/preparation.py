@@ -107,6 +107,12 @@ def _ineligible(  # noqa: PLR0911 - one return per eligibility rule, in order
     user = others.get(os.path.realpath(disk.source))
     if user is not None:
         return f"the image is also used by domain {user}"
+    if os.path.islink(disk.source):
+        # The rename would replace the link with a file and never free its target.
+        return (
+            f"the source is a symlink to {os.path.realpath(disk.source)}: point the "
+            "definition at the file itself to reclaim it"
+        )
     try:
         # The format the XML states, never a probe of what the guest wrote.
         chain = job.images.info(disk.source, force_share=job.was_running, image_format=disk.format)

@@ -97,3 +97,21 @@ def test_a_backing_format_that_differs_from_the_definition_is_refused(tmp_path: 
     assert result.outcome is Outcome.SKIPPED, result.reason  # type: ignore[attr-defined]
     [skipped] = result.skipped_disks  # type: ignore[attr-defined]
     assert "the definition says qcow2 for the backing file" in skipped.reason, skipped.reason
+
+
+def test_a_disk_whose_source_is_a_symlink_is_left_as_it_is(tmp_path: Path) -> None:
+    """A rename over the link would replace it with a file and never free its target."""
+    target = tmp_path / "elsewhere.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(target), "64M")
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 8M", str(target))
+    link = tmp_path / "disk.qcow2"
+    link.symlink_to(target)
+    before = target.read_bytes()
+    domain = FakeDomain([FakeDisk("vda", link)], power=DomainState.SHUTOFF)
+
+    result = run(domain, tmp_path / "state")
+
+    assert result.outcome is Outcome.SKIPPED, result.reason  # type: ignore[attr-defined]
+    [skipped] = result.skipped_disks  # type: ignore[attr-defined]
+    assert f"the source is a symlink to {target}" in skipped.reason, skipped.reason
+    assert link.is_symlink() and target.read_bytes() == before
