@@ -1,8 +1,9 @@
-"""The watch over a running zero-fill: it stops the fill the moment the host is at risk.
+"""The watches over what a job writes: they stop it the moment the host is at risk.
 
-The fill's byte limit keeps the host above its reserve when nothing else writes;
-this watch covers what the limit cannot know: another guest writing to the same
-filesystem, or the guest paused by QEMU after an I/O error (ENOSPC on the host).
+The fill's byte limit, and the preflight's bound of a rewrite, keep the host above
+its reserve when nothing else writes; the watches cover what a bound cannot know:
+another guest or program writing to the same filesystem, or (during a fill) the
+guest paused by QEMU after an I/O error (ENOSPC on the host).
 """
 
 from __future__ import annotations
@@ -96,3 +97,56 @@ class FillWatch:
                 f"(floor {format_bytes(floor)})"
             )
         return "; ".join(parts) or "a host filesystem is likely full"
+
+
+class RewriteWatch:
+    """Sets ``stop`` when the job stops or the image's host filesystem is below its reserve.
+
+    The rewrite passes ``stop`` to qemu-img convert, which is then killed; ``why`` says
+    what tripped it (None when the job itself stopped).
+    """
+
+    def __init__(
+        self, folder: str, reserve: int, job_stop: threading.Event | None, poll_s: float = POLL_S
+    ) -> None:
+        """Watch the filesystem of ``folder`` against ``reserve`` bytes once entered."""
+        self.stop = threading.Event()
+        self.why: str | None = None
+        self._folder = folder
+        self._reserve = reserve
+        self._job_stop = job_stop
+        self._poll_s = poll_s
+        self._done = threading.Event()
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._watch,), name="rewrite-watch", daemon=True
+        )
+        self._log = structlog.get_logger("virt_reclaim.fillwatch")
+
+    def __enter__(self) -> RewriteWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._done.set()
+        self._thread.join(timeout=10)
+
+    def _watch(self) -> None:
+        while not self._done.wait(self._poll_s):
+            if self._job_stop is not None and self._job_stop.is_set():
+                self.stop.set()
+                return
+            free = fillplan.host_filesystem(self._folder).free
+            if free < self._reserve:
+                self.why = (
+                    f"the host filesystem of {self._folder} fell to {format_bytes(free)} free, "
+                    f"below its reserve of {format_bytes(self._reserve)}"
+                )
+                self._log.warning("rewrite.watch_tripped", reason=self.why)
+                self.stop.set()
+                return

@@ -79,6 +79,7 @@ class ImagePort(Protocol):
         preallocation: str = "off",
         rate_limit: int | None = None,
         source_format: str = "qcow2",
+        cancel: threading.Event | None = None,
     ) -> None: ...
     def check(self, path: str, *, size_bytes: int) -> None: ...
     def compare(

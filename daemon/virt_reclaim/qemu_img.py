@@ -253,8 +253,12 @@ class QemuImg:
         preallocation: str = "off",
         rate_limit: int | None = None,
         source_format: str = "qcow2",
+        cancel: threading.Event | None = None,
     ) -> None:
-        """Rewrite ``source`` into ``target`` (see ``convert_argv``) at low priority."""
+        """Rewrite ``source`` into ``target`` (see ``convert_argv``) at low priority.
+
+        ``cancel`` (a watch's) ends it instead of the job's own stop event.
+        """
         argv = convert_argv(
             source, target, qemu_img=self.qemu_img, compression=compression,
             cluster_size=cluster_size, backing=backing, backing_format=backing_format,
@@ -265,7 +269,7 @@ class QemuImg:
             timeout=_timeout_for(size_bytes, _COMPRESS_RATE),
             on_output=on_progress,
             priority=self.priority,
-            cancel=self.cancel,
+            cancel=cancel or self.cancel,
         )
 
     def check(self, path: str, *, size_bytes: int) -> None:

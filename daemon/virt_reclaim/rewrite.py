@@ -7,11 +7,16 @@ is ever replaced).
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
 
-from virt_reclaim import imagefile
+from virt_reclaim import fillplan, imagefile
+from virt_reclaim.errors import QemuImgCancelled
+from virt_reclaim.fillwatch import RewriteWatch
 from virt_reclaim.jobcontext import DiskWork, JobContext
 from virt_reclaim.process import ProgressCallback
+from virt_reclaim.results import JobFailed
 from virt_reclaim.settings import Compression
 
 
@@ -25,6 +30,29 @@ def rewrite_disk(job: JobContext, disk: DiskWork, *, lock: bool) -> None:
         None if job.settings.compression is Compression.NONE else str(job.settings.compression)
     )
     imagefile.remove_quietly(disk.temp)
+    folder = os.path.dirname(disk.temp) or "."
+    reserve = job.settings.reserve.host_bytes(fillplan.host_filesystem(folder).size)
+    with RewriteWatch(folder, reserve, job.stop) as watch:
+        try:
+            _convert(job, disk, compression, watch.stop)
+        except QemuImgCancelled as exc:
+            if watch.why is None:
+                raise  # the job is stopping: abandoned, as any cancelled step
+            imagefile.remove_quietly(disk.temp)
+            raise JobFailed(f"{disk.target}: stopped the rewrite: {watch.why}") from exc
+    if lock:
+        job.guard.lock(disk.temp)
+    # qemu-img convert does not flush; and st_blocks is only final after writeback.
+    imagefile.fsync_file(disk.temp)
+    disk.bytes_after = imagefile.allocated_bytes(disk.temp)
+    job.record_disk(disk, bytes_after=disk.bytes_after)
+    job.log.info("rewrite.done", target=disk.target, bytes_before=disk.bytes_before,
+                 bytes_after=disk.bytes_after)  # fmt: skip
+
+
+def _convert(
+    job: JobContext, disk: DiskWork, compression: str | None, cancel: threading.Event
+) -> None:
     job.images.convert(
         disk.path,
         disk.temp,
@@ -38,15 +66,8 @@ def rewrite_disk(job: JobContext, disk: DiskWork, *, lock: bool) -> None:
         rate_limit=job.settings.rate_limit,
         # The format the domain XML states (raw, vmdk for a conversion): never probed.
         source_format=disk.format,
+        cancel=cancel,
     )
-    if lock:
-        job.guard.lock(disk.temp)
-    # qemu-img convert does not flush; and st_blocks is only final after writeback.
-    imagefile.fsync_file(disk.temp)
-    disk.bytes_after = imagefile.allocated_bytes(disk.temp)
-    job.record_disk(disk, bytes_after=disk.bytes_after)
-    job.log.info("rewrite.done", target=disk.target, bytes_before=disk.bytes_before,
-                 bytes_after=disk.bytes_after)  # fmt: skip
 
 
 def verify_disk(job: JobContext, disk: DiskWork) -> None:

@@ -6,9 +6,12 @@ filesystem, so the host fills exactly as it would under a guest.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -286,3 +289,65 @@ def test_a_trim_that_frees_the_space_in_place_is_a_reclaim_without_downtime(
     assert disk.bytes_before - disk.bytes_after >= 60 * MIB
     [entry] = Journal(tmp_path / "state").history()
     assert (entry.outcome, entry.bytes_after) == ("reclaimed", disk.bytes_after)
+
+
+class HoggedConvert(QemuImg):
+    """Another program takes the room as the rewrite starts, down to ``leave`` bytes free."""
+
+    def __init__(self, host: Path, leave: int, free_seen: list[int]) -> None:
+        super().__init__(priority=None)
+        self._host, self._leave, self._free_seen = host, leave, free_seen
+
+    def convert(self, source: str, target: str, **options: Any) -> None:
+        free = fillplan.host_filesystem(str(self._host)).free
+        subprocess.run(["fallocate", "-l", str(free - self._leave), str(self._host / "hog")],
+                       check=True)  # fmt: skip
+        watcher = threading.Thread(target=self._watch, args=(target,), daemon=True)
+        watcher.start()
+        super().convert(source, target, **options)
+
+    def _watch(self, target: str) -> None:
+        while Path(target).exists() or not self._free_seen:
+            self._free_seen.append(fillplan.host_filesystem(str(self._host)).free)
+            time.sleep(0.05)
+
+
+def test_the_rewrite_stops_when_another_writer_takes_the_host_below_its_reserve(
+    small_host: Path, tmp_path: Path
+) -> None:
+    """Its own writes stopped and removed, the original untouched, the guest as it was."""
+    image = dirty_image(small_host / "disk.qcow2")
+    original = sha256(image)
+    domain = FakeDomain(
+        [FakeDisk("vda", image, discard=False)],
+        filesystems=[linux_fs("/", "vda", total=974 * MIB, used=44 * MIB)],
+    )
+    reserve = 100 * MIB
+    free_seen: list[int] = []
+    job = ReclaimJob(
+        domain,
+        HoggedConvert(small_host, leave=reserve - 20 * MIB, free_seen=free_seen),
+        JobSettings(
+            priority=None,
+            min_gain=0,
+            free_space=FreeSpaceMethod.NONE,
+            reserve=Reserve(host_percent=0, host_min_bytes=reserve),
+            rate_limit=4 * MIB,  # the rewrite takes seconds: the watch sees it under way
+        ),
+        images_of_other_domains=dict,
+        journal=Journal(tmp_path / "state"),
+    )
+
+    result = job.run()
+
+    assert result.outcome is Outcome.FAILED, result.reason
+    assert "vda: stopped the rewrite: the host filesystem of" in result.reason, result.reason
+    assert "below its reserve of 100.0 MiB" in result.reason
+    assert min(free_seen) >= reserve // 2, (min(free_seen), reserve)
+    assert sha256(image) == original
+    assert sorted(p.name for p in small_host.iterdir()) == ["disk.qcow2", "hog"]
+    assert domain.power is DomainState.RUNNING
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
