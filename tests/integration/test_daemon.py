@@ -65,6 +65,7 @@ def dirty(guest: Guest, deleted_mib: int) -> dict[str, str]:
 def test_window_reclaims_idle_guests_by_gain_skips_the_busy_one_and_stops_safely(
     make_guest: Callable[..., Guest], daemons: list[DaemonProcess], tmp_path: Path
 ) -> None:
+    """Slow (about a minute): a window, two jobs one after the other, each booting its guest."""
     idle_big = make_guest(data_size="256M", discard=True)
     idle_small = make_guest(data_size="256M", discard=True)
     busy = make_guest(data_size="64M")

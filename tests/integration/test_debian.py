@@ -78,6 +78,7 @@ def assert_garbage_gone(guest: DebianGuest, garbage: list[tuple[int, int]]) -> N
 def test_zero_fill_of_the_root_filesystem_frees_the_deleted_data_and_the_guest_is_healthy(
     make_debian_guest: Callable[..., DebianGuest],
 ) -> None:
+    """Slow (2-3 min): Debian zero-fills 1.5 GB under TCG and the job boots it (35-50 s)."""
     guest = make_debian_guest(discard=False)
     sums, garbage = dirty(guest)
     before = guest.allocated_bytes()
@@ -145,6 +146,7 @@ def test_the_daemon_trims_and_reclaims_an_idle_debian_guest_in_its_window(
     daemons: list[DaemonProcess],
     tmp_path: Path,
 ) -> None:
+    """Slow (1.5-2 min): a daemon window, a trim, and the job boots Debian (35-50 s)."""
     guest = make_debian_guest(discard=True)
     sums, garbage = dirty(guest)
     before = guest.allocated_bytes()

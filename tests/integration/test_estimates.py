@@ -85,6 +85,11 @@ def history(state: Path, domain: str) -> list[dict[str, Any]]:
 def test_second_reclaim_of_a_compressed_guest_is_estimated_from_history_and_done_by_the_daemon(
     make_guest: Callable[..., Guest], daemons: list[DaemonProcess], tmp_path: Path
 ) -> None:
+    """Slow (2-3 min): two reclaims with a zero-fill each, the second by a daemon's window.
+
+    The live data must be large (192 MiB of text) for the estimate's error to be measurable
+    within 25 % (see below).
+    """
     # No discard, so a zero-fill: the rewrite is what frees the new garbage. (A trim through
     # discard='unmap' frees it on the host at once, and the rewrite that follows gains too
     # little for the default min_gain: the job ends nothing-to-do.)

@@ -119,6 +119,7 @@ LIVE_CRASH_POINTS = ["snapshot", "rewrite", "verify", "swap", "copy", "commit", 
 def test_sigkill_before_each_live_step_then_recover(
     make_guest: Callable[..., Guest], tmp_path: Path
 ) -> None:
+    """Slow (1-2 min): seven live jobs, each killed at one step and recovered, on one guest."""
     guest = make_guest(data_size="512M", discard=True)
     data.write_text(guest, "/data/app.log", 16)
     image = guest.data_image
