@@ -47,6 +47,7 @@ def around_largest_gap(ticks: list[float], width: int = 3) -> list[float]:
 def test_live_reclaim_of_a_writing_debian_guest_frees_as_offline_would_without_a_stall(
     make_debian_guest: Callable[..., DebianGuest], tmp_path: Path
 ) -> None:
+    """Slow (about 75 s): an offline reference rewrite, the live job, and a cold Debian boot."""
     guest = make_debian_guest(discard=True)
     guest.exec(f"mkdir -p {DATA_DIR}")
     data.write_text(guest, f"{DATA_DIR}/app.log", 30)
