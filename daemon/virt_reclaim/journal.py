@@ -13,7 +13,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,13 @@ CREATE TABLE IF NOT EXISTS backups (
     removed_at REAL,
     removed_why TEXT
 );
+CREATE TABLE IF NOT EXISTS reservations (
+    job_id TEXT NOT NULL REFERENCES jobs (id),
+    device INTEGER NOT NULL,
+    folder TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (job_id, device)
+);
 CREATE TABLE IF NOT EXISTS steps (
     job_id TEXT NOT NULL REFERENCES jobs (id),
     seq INTEGER NOT NULL,
@@ -96,7 +103,8 @@ CREATE TABLE IF NOT EXISTS steps (
 
 
 # Version 1 journals gain what version 2 added; their jobs were all offline jobs. Version 3
-# added the backups table only (created with the schema): version 2 journals take it as is.
+# added the backups and reservations tables only (created with the schema): version 2
+# journals take them as they are.
 _MIGRATE_1_TO_2 = (
     "ALTER TABLE jobs ADD COLUMN mode TEXT NOT NULL DEFAULT 'offline'",
     "ALTER TABLE jobs ADD COLUMN estimated_after INTEGER",
@@ -177,6 +185,11 @@ class Journal(JournalQueries):
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise JournalError(f"journal {self.path}: {exc}") from exc
+        except BaseException:
+            # A reader inside the transaction failed (JournalError, a check that raised).
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     def begin_job(
         self,
@@ -240,6 +253,32 @@ class Journal(JournalQueries):
                 [(job_id, d.target, d.path, d.temp_path, d.backup_path) for d in disks],
             )
 
+    def reserve(
+        self,
+        job_id: str,
+        device: int,
+        folder: str,
+        need: int,
+        fits: Callable[[int], str | None],
+    ) -> str | None:
+        """Reserve ``need`` bytes on the host filesystem ``device`` for the job, if they fit.
+
+        ``fits`` is told the bytes the other unfinished jobs hold reserved there and
+        returns why the need does not fit beside them, or None. Read and written in
+        one transaction under the journal's lock: every job on the host (the daemon's
+        workers, a ``run`` beside it) sees the others. A job's reservations go when it
+        is finished (``finish_job``, recovery included).
+        """
+        with self._write() as db:
+            problem = fits(self.reserved_elsewhere(job_id, device))
+            if problem is None:
+                db.execute(
+                    "INSERT OR REPLACE INTO reservations (job_id, device, folder, bytes) "
+                    "VALUES (?, ?, ?, ?)",
+                    (job_id, device, folder, need),
+                )
+            return problem
+
     def record_backup(self, backup: BackupRecord) -> None:
         """Record an original kept as a backup: it is deleted once it expires."""
         with self._write() as db:
@@ -291,6 +330,7 @@ class Journal(JournalQueries):
                 (time.time(), outcome, reason, bytes_before, bytes_after, downtime_s,
                  duration_s, estimated_after, job_id),
             )  # fmt: skip
+            db.execute("DELETE FROM reservations WHERE job_id = ?", (job_id,))
 
 
 def _check_private(path: Path, *, directory: bool) -> None:

@@ -45,6 +45,15 @@ class JournalQueries:
         rows = self._query_all(query + " ORDER BY expires_at, path", ())
         return [BackupRecord(**dict(row)) for row in rows]
 
+    def reserved_elsewhere(self, job_id: str, device: int) -> int:
+        """Bytes the unfinished jobs other than ``job_id`` hold reserved on ``device``."""
+        value = self._query_one(
+            "SELECT COALESCE(SUM(r.bytes), 0) FROM reservations r JOIN jobs j ON j.id = r.job_id "
+            "WHERE r.device = ? AND r.job_id != ? AND j.finished_at IS NULL",
+            (device, job_id),
+        )
+        return int(value[0]) if value is not None else 0
+
     def last_reclaimed_at(self, domain_uuid: str) -> float | None:
         """When the domain's last reclaimed job ended (epoch seconds), or None."""
         row = self._query_one(

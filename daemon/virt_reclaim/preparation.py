@@ -317,7 +317,9 @@ def preflight(job: JobContext) -> None:
     found while the guest still runs). The rewrites of every disk on one filesystem
     (by device: two folders on it share its free space) add up, with a margin; what
     is left free must stay above the filesystem's reserve (``free_space.host_reserve``),
-    or the guests writing there would pause when it fills.
+    or the guests writing there would pause when it fills. The need is reserved in
+    the journal, beside what the other jobs on the host hold reserved there (counted
+    whole: part of it may be written already, so the bound errs on the safe side).
     """
     for disk in job.disks:
         if problem := imagefile.probe_create(disk.temp):
@@ -330,11 +332,31 @@ def preflight(job: JobContext) -> None:
     for filesystem, image_bytes in need_by_device.values():
         need = image_bytes + max(fillplan.REWRITE_MARGIN, image_bytes // 50)
         reserve = job.settings.reserve.host_bytes(filesystem.size)
-        job.log.info("preflight.space", folder=filesystem.folder, need=need,
-                     have=filesystem.free, reserve=reserve)  # fmt: skip
-        if filesystem.free - need < reserve:
-            raise JobSkipped(
-                f"not enough free space on the filesystem of {filesystem.folder}: the rewrite "
-                f"needs up to {format_bytes(need)}, {format_bytes(filesystem.free)} are free "
-                f"and {format_bytes(reserve)} must stay free (free_space.host_reserve)"
+
+        def fits(
+            others: int,
+            fs: fillplan.HostFilesystem = filesystem,
+            need: int = need,
+            reserve: int = reserve,
+        ) -> str | None:
+            job.log.info("preflight.space", folder=fs.folder, need=need, have=fs.free,
+                         reserve=reserve, reserved_by_others=others)  # fmt: skip
+            if fs.free - others - need >= reserve:
+                return None
+            held = f", {format_bytes(others)} are reserved by other jobs" if others else ""
+            return (
+                f"not enough free space on the filesystem of {fs.folder}: the rewrite needs "
+                f"up to {format_bytes(need)}, {format_bytes(fs.free)} are free{held} and "
+                f"{format_bytes(reserve)} must stay free (free_space.host_reserve)"
             )
+
+        if job.journal is None:
+            problem = fits(0)
+        elif job.settings.dry_run:  # an estimate: it looks, it reserves nothing
+            problem = fits(job.journal.reserved_elsewhere(job.job_id, filesystem.device))
+        else:
+            problem = job.journal.reserve(
+                job.job_id, filesystem.device, filesystem.folder, need, fits
+            )
+        if problem is not None:
+            raise JobSkipped(problem)

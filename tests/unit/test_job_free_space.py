@@ -33,7 +33,7 @@ from testbed.data import log_text
 from virt_reclaim import fillplan
 from virt_reclaim.fillplan import Reserve
 from virt_reclaim.guestfree import FreeSpaceMethod
-from virt_reclaim.job import Compression, JobResult, JobSettings, Outcome, ReclaimJob
+from virt_reclaim.job import Compression, JobResult, JobSettings, Outcome, ReclaimJob, Step
 from virt_reclaim.journal import Journal
 from virt_reclaim.model import DomainState, TrimmedPath
 from virt_reclaim.qemu_img import QemuImg
@@ -351,3 +351,38 @@ def test_the_rewrite_stops_when_another_writer_takes_the_host_below_its_reserve(
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_two_jobs_on_one_filesystem_share_its_reserve_through_the_journal(
+    small_host: Path, tmp_path: Path
+) -> None:
+    """The second job sees what the first holds reserved; once the first is done, it fits."""
+    images = [dirty_image(small_host / f"disk{i}.qcow2") for i in (1, 2)]
+    domains = [
+        FakeDomain([FakeDisk("vda", image, discard=False)], name=f"web-{i}",
+                   filesystems=[linux_fs("/", "vda", total=974 * MIB, used=44 * MIB)])
+        for i, image in enumerate(images)
+    ]  # fmt: skip
+    settings = JobSettings(priority=None, min_gain=0, free_space=FreeSpaceMethod.NONE,
+                           reserve=Reserve(host_percent=0, host_min_bytes=150 * MIB))  # fmt: skip
+    state = tmp_path / "state"
+    seen: list[JobResult] = []
+
+    def job(domain: FakeDomain, before_step: Callable[[Step], None] | None = None) -> JobResult:
+        return ReclaimJob(domain, QemuImg(priority=None), settings, images_of_other_domains=dict,
+                          journal=Journal(state), before_step=before_step).run()  # fmt: skip
+
+    def second_job_meanwhile(step: Step) -> None:
+        if step is Step.REWRITE and not seen:
+            seen.append(job(domains[1]))
+
+    first = job(domains[0], before_step=second_job_meanwhile)
+    again = job(domains[1])
+
+    [meanwhile] = seen
+    assert meanwhile.outcome is Outcome.SKIPPED, meanwhile.reason
+    assert "MiB are reserved by other jobs" in meanwhile.reason, meanwhile.reason
+    assert "150.0 MiB must stay free" in meanwhile.reason
+    assert first.outcome is Outcome.RECLAIMED, first.reason
+    assert again.outcome is Outcome.RECLAIMED, again.reason
+    assert Journal(state).reserved_elsewhere("nobody", os.stat(small_host).st_dev) == 0
