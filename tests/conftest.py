@@ -162,23 +162,3 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(f"{seconds:6.1f} s  {nodeid}")
         terminalreporter.write_line(f"          {why}")
 
-
-def _docstring(item: pytest.Item) -> str:
-    return (getattr(getattr(item, "function", None), "__doc__", None) or "").strip()
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Hand the workers the long work first, then the other guest tests, then the rest.
-
-    Long work: a test whose docstring says it is "Slow", and an xdist group (its tests
-    run one after another on one worker). The suite is CPU-bound on two cores: a
-    minute-long unit handed out last keeps one worker busy after the others are done.
-    Every worker sorts the same items the same way, as xdist requires.
-    """
-
-    def rank(item: pytest.Item) -> int:
-        if _docstring(item).startswith("Slow") or item.get_closest_marker("xdist_group"):
-            return 0
-        return 1 if item.get_closest_marker("guest") else 2
-
-    items.sort(key=rank)  # stable: the file order stays within each rank
