@@ -161,4 +161,3 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         why = _reasons.get(nodeid) or "NO REASON: say why in the test's docstring"
         terminalreporter.write_line(f"{seconds:6.1f} s  {nodeid}")
         terminalreporter.write_line(f"          {why}")
-
