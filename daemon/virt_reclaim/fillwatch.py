@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import threading
 from types import TracebackType
+from typing import Self
 
 import structlog
 
@@ -23,7 +24,59 @@ from virt_reclaim.units import format_bytes
 POLL_S = 0.25
 
 
-class FillWatch:
+class _Watch:
+    """A thread that, once entered, checks every ``poll_s`` until the block ends.
+
+    It sets ``stop`` when the job stops (``why`` stays None) or when ``_check`` names a
+    reason (``why``, which ``_tripped`` logs).
+    """
+
+    def __init__(self, job_stop: threading.Event | None, poll_s: float, name: str) -> None:
+        self.stop = threading.Event()
+        self.why: str | None = None
+        self._job_stop = job_stop
+        self._poll_s = poll_s
+        self._done = threading.Event()
+        # A copy of the context, so that its events say which job and domain they are about.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._watch,), name=name, daemon=True
+        )
+        self._log = structlog.get_logger("virt_reclaim.fillwatch")
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._done.set()
+        self._thread.join(timeout=10)
+
+    def _check(self) -> str | None:
+        raise NotImplementedError
+
+    def _tripped(self, why: str) -> None:
+        raise NotImplementedError
+
+    def _watch(self) -> None:
+        while not self._done.wait(self._poll_s):
+            if self._job_stop is not None and self._job_stop.is_set():
+                self.stop.set()
+                return
+            why = self._check()
+            if why is not None:
+                self.why = why
+                self._tripped(why)
+                self.stop.set()
+                return
+
+
+class FillWatch(_Watch):
     """Sets ``stop`` when the job stops, a host filesystem is below its floor, or QEMU pauses.
 
     ``why`` says which (None when the job itself stopped); ``paused`` tells the last.
@@ -37,56 +90,26 @@ class FillWatch:
         poll_s: float = POLL_S,
     ) -> None:
         """Watch ``plan``'s host filesystems and ``domain`` once entered."""
-        self.stop = threading.Event()
-        self.why: str | None = None
+        super().__init__(job_stop, poll_s, "fill-watch")
         self.paused = False
         self._plan = plan
         self._domain = domain
-        self._job_stop = job_stop
-        self._poll_s = poll_s
-        self._done = threading.Event()
-        # A copy of the context, so that its events say which job and domain they are about.
-        context = contextvars.copy_context()
-        self._thread = threading.Thread(
-            target=context.run, args=(self._watch,), name="fill-watch", daemon=True
-        )
-        self._log = structlog.get_logger("virt_reclaim.fillwatch")
 
-    def __enter__(self) -> FillWatch:
-        self._thread.start()
-        return self
+    def _check(self) -> str | None:
+        low = fillplan.below_floor(self._plan)
+        if low is not None:
+            return low
+        try:
+            state = self._domain.state()
+        except VirtError:
+            return None  # libvirtd restarting: the floors are still watched
+        if state is DomainState.PAUSED:
+            self.paused = True
+            return f"QEMU paused it; {self._fullest()}"
+        return None
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._done.set()
-        self._thread.join(timeout=10)
-
-    def _watch(self) -> None:
-        while not self._done.wait(self._poll_s):
-            if self._job_stop is not None and self._job_stop.is_set():
-                self.stop.set()
-                return
-            low = fillplan.below_floor(self._plan)
-            if low is not None:
-                self._trip(low)
-                return
-            try:
-                state = self._domain.state()
-            except VirtError:
-                continue  # libvirtd restarting: the floors are still watched
-            if state is DomainState.PAUSED:
-                self.paused = True
-                self._trip(f"QEMU paused it; {self._fullest()}")
-                return
-
-    def _trip(self, why: str) -> None:
-        self.why = why
+    def _tripped(self, why: str) -> None:
         self._log.warning("free_space.watch_tripped", reason=why)
-        self.stop.set()
 
     def _fullest(self) -> str:
         parts = []
@@ -99,7 +122,7 @@ class FillWatch:
         return "; ".join(parts) or "a host filesystem is likely full"
 
 
-class RewriteWatch:
+class RewriteWatch(_Watch):
     """Sets ``stop`` when the job stops or the image's host filesystem is below its reserve.
 
     The rewrite passes ``stop`` to qemu-img convert, which is then killed; ``why`` says
@@ -110,43 +133,18 @@ class RewriteWatch:
         self, folder: str, reserve: int, job_stop: threading.Event | None, poll_s: float = POLL_S
     ) -> None:
         """Watch the filesystem of ``folder`` against ``reserve`` bytes once entered."""
-        self.stop = threading.Event()
-        self.why: str | None = None
+        super().__init__(job_stop, poll_s, "rewrite-watch")
         self._folder = folder
         self._reserve = reserve
-        self._job_stop = job_stop
-        self._poll_s = poll_s
-        self._done = threading.Event()
-        context = contextvars.copy_context()
-        self._thread = threading.Thread(
-            target=context.run, args=(self._watch,), name="rewrite-watch", daemon=True
+
+    def _check(self) -> str | None:
+        free = fillplan.host_filesystem(self._folder).free
+        if free >= self._reserve:
+            return None
+        return (
+            f"the host filesystem of {self._folder} fell to {format_bytes(free)} free, "
+            f"below its reserve of {format_bytes(self._reserve)}"
         )
-        self._log = structlog.get_logger("virt_reclaim.fillwatch")
 
-    def __enter__(self) -> RewriteWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._done.set()
-        self._thread.join(timeout=10)
-
-    def _watch(self) -> None:
-        while not self._done.wait(self._poll_s):
-            if self._job_stop is not None and self._job_stop.is_set():
-                self.stop.set()
-                return
-            free = fillplan.host_filesystem(self._folder).free
-            if free < self._reserve:
-                self.why = (
-                    f"the host filesystem of {self._folder} fell to {format_bytes(free)} free, "
-                    f"below its reserve of {format_bytes(self._reserve)}"
-                )
-                self._log.warning("rewrite.watch_tripped", reason=self.why)
-                self.stop.set()
-                return
+    def _tripped(self, why: str) -> None:
+        self._log.warning("rewrite.watch_tripped", reason=why)
