@@ -192,7 +192,9 @@ def remove_original(job: JobContext, disk: DiskWork) -> None:
     """Once the guest runs on the new image: remove the original (or keep it: keep_backup)."""
     if job.settings.keep_backup is not None:
         disk.backup = disk.path
-        job.keep_backup(disk, disk.path)
+        for path in (disk.path, disk.data_file):
+            if path is not None:
+                job.keep_backup(disk, path)
         job.log.info("convert.original_kept", target=disk.target, path=disk.path,
                      reason="keep_backup")  # fmt: skip
     else:

@@ -89,7 +89,8 @@ class DiskWork:
     data_file: str | None = None  # a flat VMDK's extent: the file its guest data is in
     cluster_size: int | None = None  # the new image's
     discard_enabled: bool = False  # the job turned discard on in the definition
-    kept: BackupRecord | None = None  # the original, kept as a backup until it expires
+    # The original (and a flat VMDK's extent), kept as backups until they expire.
+    kept: list[BackupRecord] = field(default_factory=list)
 
     def allocated(self) -> int:
         """Bytes the image occupies on the host now (a flat VMDK's extent included)."""
@@ -108,8 +109,8 @@ class DiskWork:
             estimate_basis=self.estimate.basis if self.estimate else None,
             guest_used=self.guest_used,
             backup=self.backup if self.swapped else None,
-            backup_bytes=self.kept.bytes if self.kept else None,
-            backup_expires_at=self.kept.expires_at if self.kept else None,
+            backup_bytes=sum(k.bytes for k in self.kept) if self.kept else None,
+            backup_expires_at=self.kept[0].expires_at if self.kept else None,
             format=self.format,
             converted_to=self.converted_path if self.swapped else None,
             discard=self.discard,
@@ -175,12 +176,13 @@ class JobContext:
 
     def keep_backup(self, disk: DiskWork, path: str) -> None:
         """Journal ``path``, the disk's original, as a backup that expires per the settings."""
-        disk.kept = backups.keep(
+        kept = backups.keep(
             self.journal, path=path, job_id=self.job_id, domain=self.domain.name,
             target=disk.target, keep_s=self.settings.keep_backup or 0.0,
         )  # fmt: skip
-        self.log.info("backup.kept", target=disk.target, path=path, bytes=disk.kept.bytes,
-                      expires_at=iso_time(disk.kept.expires_at))  # fmt: skip
+        disk.kept.append(kept)
+        self.log.info("backup.kept", target=disk.target, path=path, bytes=kept.bytes,
+                      expires_at=iso_time(kept.expires_at))  # fmt: skip
 
     def mark(self, name: str) -> None:
         """Journal a point inside a step that recovery must know of (no step of its own)."""

@@ -19,7 +19,7 @@ import pytest
 import structlog
 
 from fakes import FakeDisk, FakeDomain, OpenWatch, make_image, sh
-from virt_reclaim import conversion
+from virt_reclaim import backups, conversion
 from virt_reclaim.guestfree import FreeSpaceMethod
 from virt_reclaim.job import JobSettings, Outcome, ReclaimJob, Step
 from virt_reclaim.journal import Journal, JournalDisk
@@ -155,6 +155,25 @@ def test_a_vmdk_disk_is_converted(tmp_path: Path, subformat: str) -> None:
     assert found["cluster-size"] == 128 * 1024
     assert guest_bytes(new, "qcow2") == seen
     # The descriptor and, for a flat VMDK, its extent are gone.
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
+        "disk.qcow2", "source.raw"]  # fmt: skip
+
+
+def test_a_kept_flat_vmdk_is_kept_with_its_extent_and_both_expire(tmp_path: Path) -> None:
+    """The extent holds the guest's data: kept and deleted at expiry with its descriptor."""
+    raw = make_raw(tmp_path / "source.raw")
+    vmdk = tmp_path / "disk.vmdk"
+    sh("qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicFlat",
+       str(raw), str(vmdk))  # fmt: skip
+    domain = FakeDomain([FakeDisk("vda", vmdk, format="vmdk")], power=DomainState.SHUTOFF)
+
+    result, journal = run(domain, tmp_path / "state", keep_backup=0.0)
+
+    assert result.outcome is Outcome.RECLAIMED, result.reason
+    kept = sorted(Path(b.path).name for b in journal.backups())
+    assert kept == ["disk-flat.vmdk", "disk.vmdk"]
+    assert result.disks[0].backup_bytes == sum(b.bytes for b in journal.backups())
+    assert [p.action for p in backups.prune(journal)] == ["removed", "removed"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
         "disk.qcow2", "source.raw"]  # fmt: skip
 
