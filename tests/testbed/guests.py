@@ -341,7 +341,7 @@ class Guest:
         )["pid"]
         deadline = time.monotonic() + timeout
         # Each poll is a libvirt call and an agent command the guest answers under TCG:
-        # quick at first (most scripts end in well under a second), then backing off.
+        # quick at first (most scripts end in well under a second), then backing off to 0.25 s.
         pause = 0.02
         while True:
             status = self.agent("guest-exec-status", {"pid": pid})
@@ -350,7 +350,7 @@ class Guest:
             if time.monotonic() > deadline:
                 raise GuestError(f"{self.name}: {script!r} still running after {timeout:g} s")
             time.sleep(pause)
-            pause = min(pause * 1.5, 0.5)
+            pause = min(pause * 1.5, 0.25)
         result = ExecResult(
             exitcode=int(status.get("exitcode", -1)),
             stdout=base64.b64decode(status.get("out-data", "")).decode(errors="replace"),
