@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +31,33 @@ def backup_path(image: str, now: float | None = None) -> str:
 def allocated_bytes(path: str) -> int:
     """Bytes the file occupies on its filesystem."""
     return os.stat(path).st_blocks * 512
+
+
+# The users QEMU runs as under libvirt (Debian, RHEL): they may own an image folder.
+QEMU_USERS = ("libvirt-qemu", "qemu")
+
+
+def folder_problem(folder: str) -> str | None:
+    """Why another user could plant a file or a link in ``folder``, or None.
+
+    The job creates, renames and deletes files there as root: only root and the user
+    QEMU runs as may write the folder.
+    """
+    st = os.stat(folder)
+    trusted_uids, trusted_gids = {0}, {0}
+    for name in QEMU_USERS:
+        with contextlib.suppress(KeyError):
+            entry = pwd.getpwnam(name)
+            trusted_uids.add(entry.pw_uid)
+            trusted_gids.add(entry.pw_gid)
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & stat.S_IWOTH:
+        return f"the image folder {folder} is writable by every user (mode {mode:04o})"
+    if mode & stat.S_IWGRP and st.st_gid not in trusted_gids:
+        return f"the image folder {folder} is writable by group {st.st_gid} (mode {mode:04o})"
+    if mode & stat.S_IWUSR and st.st_uid not in trusted_uids:
+        return f"the image folder {folder} belongs to uid {st.st_uid}, who may write it"
+    return None
 
 
 def probe_create(path: str) -> str | None:

@@ -322,7 +322,8 @@ def preflight(job: JobContext) -> None:
     whole: part of it may be written already, so the bound errs on the safe side).
     """
     for disk in job.disks:
-        if problem := imagefile.probe_create(disk.temp):
+        folder = os.path.dirname(disk.temp) or "."
+        if problem := imagefile.folder_problem(folder) or imagefile.probe_create(disk.temp):
             raise JobSkipped(f"{disk.target}: {problem}")
     need_by_device: dict[int, tuple[fillplan.HostFilesystem, int]] = {}
     for disk in job.disks:

@@ -78,7 +78,7 @@ def assert_garbage_gone(guest: DebianGuest, garbage: list[tuple[int, int]]) -> N
 def test_zero_fill_of_the_root_filesystem_frees_the_deleted_data_and_the_guest_is_healthy(
     make_debian_guest: Callable[..., DebianGuest],
 ) -> None:
-    """Slow (2-3 min): Debian zero-fills 1.5 GB under TCG and the job boots it (35-50 s)."""
+    """Slow (2-3 min): Debian zero-fills about 1 GB under TCG and the job boots it (35-50 s)."""
     guest = make_debian_guest(discard=False)
     sums, garbage = dirty(guest)
     before = guest.allocated_bytes()

@@ -10,7 +10,10 @@ it, so a FIFO would prove nothing).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import pytest
 
 from fakes import FakeDisk, FakeDomain, OpenWatch, sh
 from virt_reclaim.job import JobSettings, Outcome, ReclaimJob
@@ -115,3 +118,31 @@ def test_a_disk_whose_source_is_a_symlink_is_left_as_it_is(tmp_path: Path) -> No
     [skipped] = result.skipped_disks  # type: ignore[attr-defined]
     assert f"the source is a symlink to {target}" in skipped.reason, skipped.reason
     assert link.is_symlink() and target.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("mode", "owner", "reason"),
+    [
+        (0o777, 0, "is writable by every user (mode 0777)"),
+        (0o775, 0, "is writable by group 65534"),
+        (0o755, 65534, "belongs to uid 65534, who may write it"),
+    ],
+)
+def test_an_image_folder_another_user_may_write_is_refused_before_the_shutdown(
+    tmp_path: Path, mode: int, owner: int, reason: str
+) -> None:
+    """The job creates, renames and deletes there as root: someone could plant a link."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    image = folder / "disk.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M")
+    os.chown(folder, owner, 65534 if mode & 0o020 else 0)
+    folder.chmod(mode)
+    domain = FakeDomain([FakeDisk("vda", image)])
+
+    result = run(domain, tmp_path / "state")
+
+    assert result.outcome is Outcome.SKIPPED, result.reason  # type: ignore[attr-defined]
+    assert reason in result.reason, result.reason  # type: ignore[attr-defined]
+    assert not any(c.startswith("shutdown") for c in domain.calls)
+    assert sorted(p.name for p in folder.iterdir()) == ["disk.qcow2"]
