@@ -188,7 +188,7 @@ def zero_fill(
             break
         # The guest's own figure: a guest that claims more than the fill may write would
         # make the job count host space it never had.
-        zeroed = min(_zeroed_bytes(ran.stdout), fill.limit)
+        zeroed = _reported(ran.stdout, "zeroed", fill.limit)
         entry["zeroed_bytes"] = zeroed
         entry["left_bytes"] = max(0, fill.guest_free - zeroed)
         if ran.exitcode != 0:
@@ -214,16 +214,16 @@ def stop_fills(agent: GuestAgentPort) -> int:
         AgentUnavailable: The agent did not answer or refused guest-exec.
     """
     ran = agent.guest_exec("/bin/sh", ["-c", STOP_FILLS_SCRIPT], timeout=60)
-    for line in ran.stdout.splitlines()[-3:]:
-        word, _, number = line.strip().partition(" ")
-        if word == "stopped" and number.isdigit():
-            return min(int(number), 1000)
-    return 0
+    return _reported(ran.stdout, "stopped", 1000)
 
 
-def _zeroed_bytes(stdout: str) -> int:
+def _reported(stdout: str, word: str, cap: int) -> int:
+    """The number a guest script printed last as ``WORD N`` (0 if none), at most ``cap``.
+
+    The guest writes its own output: only the last lines are read, and the figure bounded.
+    """
     for line in stdout.splitlines()[-5:]:
-        word, _, number = line.strip().partition(" ")
-        if word == "zeroed" and number.isdigit():
-            return min(int(number), 1 << 50)
+        first, _, number = line.strip().partition(" ")
+        if first == word and number.isdigit():
+            return min(int(number), cap)
     return 0
