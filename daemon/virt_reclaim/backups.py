@@ -58,7 +58,7 @@ def held_bytes(record: BackupRecord) -> int | None:
         return None
     if not _is_kept_file(st, record):
         return None
-    return st.st_blocks * 512 if st.st_nlink == 1 else 0
+    return _sole_bytes(st)
 
 
 @dataclass(frozen=True)
@@ -107,11 +107,16 @@ def _remove(journal: Journal, record: BackupRecord) -> Pruned:
         journal.backup_removed(record.path, "the path holds another file: left alone")
         log.warning("backup.changed", **fields)
         return Pruned(record, "changed")
-    freed = st.st_blocks * 512 if st.st_nlink == 1 else 0
+    freed = _sole_bytes(st)
     os.unlink(record.path)
     journal.backup_removed(record.path, "expired")
     log.info("backup.removed", bytes=freed, **fields)
     return Pruned(record, "removed", freed)
+
+
+def _sole_bytes(st: os.stat_result) -> int:
+    """What deleting this name gives back: its blocks, unless another name holds them."""
+    return st.st_blocks * 512 if st.st_nlink == 1 else 0
 
 
 def _is_kept_file(st: os.stat_result, record: BackupRecord) -> bool:

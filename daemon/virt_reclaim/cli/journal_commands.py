@@ -50,9 +50,10 @@ def cmd_backups(args: argparse.Namespace) -> int:
     journal = Journal(args.state_dir)
     pruned = backups.prune(journal) if args.prune else []
     kept = journal.backups()
+    held = [backups.held_bytes(b) for b in kept]  # each file read once
     if args.json:
         listing = {
-            "backups": [b.to_json(backups.held_bytes(b)) for b in kept],
+            "backups": [b.to_json(h) for b, h in zip(kept, held, strict=True)],
             "pruned": [
                 {**p.record.to_json(), "action": p.action, "freed": p.freed} for p in pruned
             ],
@@ -68,13 +69,12 @@ def cmd_backups(args: argparse.Namespace) -> int:
         return EXIT_OK
     now = time.time()
     print(f"{'DOMAIN':<20} {'DISK':<6} {'HELD':>10}  {'EXPIRES':<22} PATH")
-    for backup in kept:
-        held = backups.held_bytes(backup)
+    for backup, bytes_held in zip(kept, held, strict=True):
         expiry = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(backup.expires_at))
         if backup.expires_at <= now:
             expiry = "expired"
-        shown = "missing" if held is None else format_bytes(held)
+        shown = "missing" if bytes_held is None else format_bytes(bytes_held)
         print(f"{backup.domain:<20} {backup.target:<6} {shown:>10}  {expiry:<22} {backup.path}")
-    total = sum(held or 0 for held in map(backups.held_bytes, kept))
+    total = sum(h or 0 for h in held)
     print(f"{len(kept)} backup(s) hold {format_bytes(total)}; the space comes back at expiry")
     return EXIT_OK

@@ -135,7 +135,7 @@ def print_domain_table(
     indent = sum(widths) + 2 * len(widths)
     for index, row in enumerate((columns, *rows)):
         cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        out.write("  ".join([*cells, printable(row[-1])]).rstrip() + "\n")
+        out.write("  ".join([*cells, row[-1]]).rstrip() + "\n")
         for note in notes.get(index - 1, []):
             out.write(" " * indent + "└ " + printable(note) + "\n")
 
