@@ -7,11 +7,9 @@ previous power state, and the image keeps its owner and mode.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -26,6 +24,7 @@ from testbed import data
 from testbed.guests import URI, Guest
 from testbed.reclaim import (
     RunResult,
+    backups_json,
     fake_qemu_img,
     image_info,
     killed_if_left_running,
@@ -86,13 +85,6 @@ def assert_reclaimed(run: RunResult, guest: Guest, *, backup: bool = False) -> d
     assert (disk["backup"] is not None) == backup
     assert leftovers(guest.data_image.parent) == kept
     return disk
-
-
-def backups_json(state: Path, *options: str) -> dict[str, Any]:
-    """``virt-reclaim backups --json`` on the journal in ``state``."""
-    argv = [sys.executable, "-m", "virt_reclaim", "backups", "--json", "--state-dir", str(state)]
-    out = subprocess.run([*argv, *options], capture_output=True, text=True, timeout=60, check=True)
-    return dict(json.loads(out.stdout))
 
 
 def dirty_guest(make_guest: Callable[..., Guest], **options: object) -> tuple[Guest, int]:

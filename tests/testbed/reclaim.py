@@ -142,6 +142,18 @@ def recover_json(state_dir: Path, timeout: float = 300) -> list[dict[str, Any]]:
     return result
 
 
+def backups_json(state_dir: Path, *options: str) -> dict[str, Any]:
+    """``virt-reclaim backups --json`` (with ``options``) on the journal in ``state_dir``."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "virt_reclaim", "backups", "--json", "--state-dir",
+         str(state_dir), *options],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
 def leftovers(folder: Path) -> list[str]:
     """Temporary or backup files a job left beside its images."""
     return sorted(p.name for p in folder.iterdir() if ".virt-reclaim-" in p.name)

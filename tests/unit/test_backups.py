@@ -5,15 +5,13 @@ Real images and real qemu-img; the domain is faked (tests/fakes.py).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 from fakes import FakeDisk, FakeDomain, linux_fs, make_image
 from testbed.daemon import DaemonProcess, write_config
+from testbed.reclaim import backups_json
 from virt_reclaim import backups
 from virt_reclaim.job import JobSettings, Outcome, ReclaimJob
 from virt_reclaim.journal import BackupRecord, Journal
@@ -37,12 +35,6 @@ def reclaim_keeping_backup(tmp_path: Path, keep_s: float) -> tuple[FakeDomain, J
     return domain, journal, job.run()
 
 
-def backups_cli(state: Path, *options: str) -> dict[str, list[dict[str, object]]]:
-    argv = [sys.executable, "-m", "virt_reclaim", "backups", "--json", "--state-dir", str(state)]
-    out = subprocess.run([*argv, *options], capture_output=True, text=True, timeout=60, check=True)
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
-
-
 def test_a_kept_original_is_journaled_held_and_not_counted_as_reclaimed(tmp_path: Path) -> None:
     _domain, journal, result = reclaim_keeping_backup(tmp_path, keep_s=3600)
 
@@ -59,7 +51,7 @@ def test_a_kept_original_is_journaled_held_and_not_counted_as_reclaimed(tmp_path
     # Not reclaimed while held: the gain counts once the backup is gone.
     [(_domain_name, outcome, _count, gain, _down)] = journal.outcome_totals()
     assert (outcome, gain) == ("reclaimed", 0)
-    listed = backups_cli(tmp_path / "state")
+    listed = backups_json(tmp_path / "state")
     assert [(b["path"], b["bytes"]) for b in listed["backups"]] == [(kept.path, kept.bytes)]
 
 
@@ -73,7 +65,7 @@ def test_prune_deletes_only_expired_backups_and_then_the_gain_counts(tmp_path: P
                             "device": st.st_dev, "expires_at": kept.created_at + 3600})  # fmt: skip
     journal.record_backup(later)
 
-    listed = backups_cli(tmp_path / "state", "--prune")
+    listed = backups_json(tmp_path / "state", "--prune")
 
     [pruned] = listed["pruned"]
     assert (pruned["path"], pruned["action"], pruned["freed"]) == (kept.path, "removed", held)
