@@ -3,7 +3,7 @@
 ``plan`` shows it per disk beside the estimated size; ``check`` warns of compression
 with clusters above 64 KiB. The figures were measured on the reference host
 (qemu-img 7.2, 2 cores, reads of log-like text at queue depth 1; see
-``/work/shared/rewrite-facts.md``): a compressed cluster is read and inflated
+``docs/rewrite-facts.md``): a compressed cluster is read and inflated
 whole, so with 2 MiB clusters each 4 KiB read inflates 2 MiB. Clusters the guest
 writes again are stored uncompressed, so the cost fades where the guest rewrites.
 """
