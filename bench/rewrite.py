@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from testbed.data import log_text  # noqa: E402
+from virt_reclaim.imagefile import NewImage  # noqa: E402
 from virt_reclaim.process import Priority  # noqa: E402
 from virt_reclaim.qemu_img import QemuImg  # noqa: E402
 
@@ -114,10 +115,14 @@ def main() -> int:
     ours = QemuImg(priority=Priority())
 
     def run_ours() -> None:
-        ours.convert(
-            str(source), str(target), compression="zstd", cluster_size=65536, backing=None,
-            backing_format=None, size_bytes=VIRTUAL, on_progress=None,
-        )  # fmt: skip
+        new = NewImage(str(target))  # as the job makes it: exclusively, then through its fd
+        try:
+            ours.convert(
+                str(source), new, compression="zstd", cluster_size=65536, backing=None,
+                backing_format=None, size_bytes=VIRTUAL, on_progress=None,
+            )  # fmt: skip
+        finally:
+            new.close()
 
     def run_plain(options: list[str]) -> Callable[[], None]:
         argv = ["qemu-img", "convert", "-O", "qcow2", *options, str(source), str(target)]

@@ -177,14 +177,17 @@ def place(job: JobContext, disk: DiskWork) -> None:
         JobFailed: Something else is at the new path now.
     """
     new_path = str(disk.converted_path)
-    imagefile.copy_metadata(disk.path, disk.temp)
-    imagefile.fsync_file(disk.temp)
+    new = disk.new_image()
+    new.take_metadata_of(disk.path)
+    new.fsync()
     try:
-        os.link(disk.temp, new_path)
+        new.link_to(new_path)
     except FileExistsError:
         raise JobFailed(f"{new_path} appeared during the job: not converted") from None
+    except imagefile.NotOurs as exc:
+        raise JobFailed(f"{disk.target}: {exc}: not converted") from exc
     record(job, disk, "placed")
-    os.unlink(disk.temp)
+    new.remove()
     imagefile.fsync_folder(os.path.dirname(new_path) or ".")
 
 
@@ -271,7 +274,7 @@ def recover_disk(disk: JournalDisk, source_now: str | None, result: Recovered) -
     temp = disk.temp_path
     # The link from the temporary name to the new one may have been made just before the crash.
     ours = disk.state in ("placed", "defined", "clean") or _same_file(temp, new_path)
-    killed = process.kill_writers_of(temp)
+    killed = process.kill_qemu_img_holding(temp)
     if killed:
         result.actions.append(f"killed qemu-img {killed} still writing {temp}")
     if imagefile.remove_quietly(temp):

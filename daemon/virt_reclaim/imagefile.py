@@ -77,6 +77,99 @@ def probe_create(path: str) -> str | None:
     return None
 
 
+class NotOurs(OSError):
+    """The name of a file the job created now names another file (or none)."""
+
+
+class NewImage:
+    """A file the job creates itself, exclusively, and holds open while it writes and checks it.
+
+    The name is created with O_EXCL|O_NOFOLLOW: a file or link planted there beforehand
+    makes the creation fail instead of being written through. qemu-img reaches the file
+    as ``/dev/fd/N`` (``fd_path``), which reopens this inode whatever the name points
+    to meanwhile; owner, mode and labels are set through the descriptor; the name is
+    renamed or removed only while it still names this inode.
+    """
+
+    def __init__(self, path: str) -> None:
+        """Create ``path`` (mode 0600) and keep it open.
+
+        Raises:
+            OSError: It exists (also as a link), or cannot be created.
+        """
+        self.path = path
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        self.fd = os.open(path, flags, 0o600)
+        st = os.fstat(self.fd)
+        self._identity = (st.st_dev, st.st_ino)
+
+    @property
+    def fd_path(self) -> str:
+        """The name a child process given ``fd`` (``pass_fds``) opens this file by."""
+        return f"/dev/fd/{self.fd}"
+
+    def is_named(self) -> bool:
+        """Whether ``path`` still names this file (not a link, not a replacement)."""
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino) == self._identity
+
+    def ensure_named(self) -> None:
+        """Raise NotOurs unless ``path`` still names this file."""
+        if not self.is_named():
+            raise NotOurs(f"{self.path} is no longer the file this job created")
+
+    def link_to(self, other: str) -> None:
+        """Give this file a second name, ``other``, which must not exist.
+
+        Raises:
+            FileExistsError: Something is at ``other``.
+            NotOurs: ``path`` no longer named this file; nothing is left at ``other``.
+        """
+        os.link(self.path, other, follow_symlinks=False)
+        st = os.lstat(other)
+        if (st.st_dev, st.st_ino) != self._identity:
+            os.unlink(other)
+            raise NotOurs(f"{self.path} is no longer the file this job created")
+
+    def allocated_bytes(self) -> int:
+        """Bytes the file occupies on its filesystem."""
+        return os.fstat(self.fd).st_blocks * 512
+
+    def fsync(self) -> None:
+        """Flush the file's data to stable storage (qemu-img convert does not)."""
+        os.fsync(self.fd)
+
+    def take_metadata_of(self, source: str) -> None:
+        """Give this file the owner, mode and xattrs (SELinux label...) of ``source``."""
+        st = os.stat(source)
+        os.fchown(self.fd, st.st_uid, st.st_gid)
+        os.fchmod(self.fd, st.st_mode & 0o7777)
+        with contextlib.suppress(OSError):
+            for name in os.listxattr(source):
+                if name.startswith(_SKIPPED_XATTR_PREFIX):
+                    continue
+                with contextlib.suppress(OSError):
+                    os.setxattr(self.fd, name, os.getxattr(source, name))
+
+    def remove(self) -> bool:
+        """Delete ``path`` if it still names this file, and close it; True if deleted."""
+        removed = False
+        if self.is_named():
+            os.unlink(self.path)
+            removed = True
+        self.close()
+        return removed
+
+    def close(self) -> None:
+        """Close the descriptor; safe to call twice."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 def remove_quietly(path: str) -> bool:
     """Delete ``path`` if it exists; True if it did."""
     try:
@@ -84,28 +177,6 @@ def remove_quietly(path: str) -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-def copy_metadata(source: str, target: str) -> None:
-    """Give ``target`` the owner, mode and extended attributes (SELinux label...) of ``source``."""
-    st = os.stat(source)
-    os.chown(target, st.st_uid, st.st_gid)
-    os.chmod(target, st.st_mode & 0o7777)
-    with contextlib.suppress(OSError):
-        for name in os.listxattr(source):
-            if name.startswith(_SKIPPED_XATTR_PREFIX):
-                continue
-            with contextlib.suppress(OSError):
-                os.setxattr(target, name, os.getxattr(source, name))
-
-
-def fsync_file(path: str) -> None:
-    """Flush the file's data to stable storage (qemu-img convert does not)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_folder(folder: str) -> None:
@@ -118,7 +189,7 @@ def fsync_folder(folder: str) -> None:
 
 
 def swap_in(
-    new: str,
+    new: NewImage,
     original: str,
     *,
     backup: str | None,
@@ -129,12 +200,17 @@ def swap_in(
     The new file is flushed first and the folder after, so that after a crash
     the path holds either the whole old image or the whole new one. ``kept`` is
     told of the backup once it exists and before the rename: a backup is journaled
-    before it can hold the only copy of the old image.
+    before it can hold the only copy of the old image. The new file is closed after.
+
+    Raises:
+        NotOurs: ``new``'s name no longer names the file the job made.
     """
-    fsync_file(new)
+    new.fsync()
     if backup is not None:
         os.link(original, backup)
         if kept is not None:
             kept(backup)
-    os.rename(new, original)
+    new.ensure_named()
+    os.rename(new.path, original)
+    new.close()
     fsync_folder(os.path.dirname(original) or ".")

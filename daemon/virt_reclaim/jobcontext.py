@@ -79,6 +79,7 @@ class DiskWork:
     estimated_after: int | None = None
     bytes_after: int | None = None
     swapped: bool = False
+    new: imagefile.NewImage | None = None  # the file at ``temp``, once the rewrite made it
     freed_in_place: bool = False  # the free-space step alone freed it (no rewrite)
     rewrite_need: int = 0  # qemu-img measure: what the rewrite may write at most
     zeroed_bytes: int = 0  # zeros our fill wrote into filesystems on this disk
@@ -91,6 +92,12 @@ class DiskWork:
     discard_enabled: bool = False  # the job turned discard on in the definition
     # The original (and a flat VMDK's extent), kept as backups until they expire.
     kept: list[BackupRecord] = field(default_factory=list)
+
+    def new_image(self) -> imagefile.NewImage:
+        """The file the rewrite made for this disk (the rewrite came first)."""
+        if self.new is None:
+            raise RuntimeError(f"{self.target}: no new image: the rewrite did not run")
+        return self.new
 
     def allocated(self) -> int:
         """Bytes the image occupies on the host now (a flat VMDK's extent included)."""

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Mapping
 from typing import Protocol
 
+from virt_reclaim.imagefile import NewImage
 from virt_reclaim.model import (
     AgentInfo,
     BlockJob,
@@ -68,7 +69,7 @@ class ImagePort(Protocol):
     def convert(
         self,
         source: str,
-        target: str,
+        target: NewImage,
         *,
         compression: str | None,
         cluster_size: int | None,
@@ -81,9 +82,16 @@ class ImagePort(Protocol):
         source_format: str = "qcow2",
         cancel: threading.Event | None = None,
     ) -> None: ...
-    def check(self, path: str, *, size_bytes: int) -> None: ...
+    def check(self, image: NewImage, *, size_bytes: int) -> None: ...
     def compare(
-        self, first: str, second: str, *, size_bytes: int, first_format: str = "qcow2"
+        self,
+        first: str,
+        second: NewImage,
+        *,
+        size_bytes: int,
+        first_format: str = "qcow2",
+        second_backing: str | None = None,
+        second_backing_format: str | None = None,
     ) -> None: ...
 
 

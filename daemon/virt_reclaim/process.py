@@ -72,6 +72,7 @@ def run(
     on_output: ProgressCallback | None = None,
     priority: Priority | None = None,
     cancel: threading.Event | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> Completed:
     """Run ``argv`` without a shell and return its output.
 
@@ -86,6 +87,7 @@ def run(
         on_output: Called with each piece of stdout as it arrives (for progress).
         priority: Run under ``nice``/``ionice`` at this priority.
         cancel: When set, the command is killed (checked at least every half second).
+        pass_fds: Descriptors the command inherits (it opens them as ``/dev/fd/N``).
 
     Returns:
         The exit status and the decoded output.
@@ -103,6 +105,7 @@ def run(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            pass_fds=tuple(pass_fds),
         )
     except OSError as exc:
         raise CommandError(argv, f"cannot be started ({exc.strerror})") from exc
@@ -166,29 +169,53 @@ def _decode(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def kill_writers_of(path: str, timeout: float = 10.0) -> list[int]:
-    """SIGKILL every process whose command line names ``path`` (a dead job's qemu-img)."""
-    wanted = os.fsencode(path)
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        if wanted in args:
-            pids.append(int(entry))
+def kill_qemu_img_holding(path: str, timeout: float = 10.0) -> list[int]:
+    """SIGKILL every qemu-img that holds the file at ``path`` open (a dead job's).
+
+    Found by the open file, not by name: the job hands qemu-img its files as
+    ``/dev/fd/N``. Only qemu-img is killed: never QEMU, nor anything else.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return []
+    wanted = (st.st_dev, st.st_ino)
+    pids = [pid for pid in _pids() if _comm(pid).startswith("qemu-img") and
+            wanted in _open_files(pid)]  # fmt: skip
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            continue
     deadline = time.monotonic() + timeout
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     return pids
+
+
+def _pids() -> list[int]:
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()
+            and int(entry) != os.getpid()]  # fmt: skip
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _open_files(pid: int) -> set[tuple[int, int]]:
+    """(device, inode) of every file ``pid`` has open."""
+    found: set[tuple[int, int]] = set()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return found
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+            found.add((st.st_dev, st.st_ino))
+    return found
 
 
 def _alive(pid: int) -> bool:

@@ -7,6 +7,7 @@ import threading
 
 from virt_reclaim import process
 from virt_reclaim.errors import QemuImgCancelled, QemuImgError
+from virt_reclaim.imagefile import NewImage
 from virt_reclaim.qemu_img_argv import (
     DEFAULT_QEMU_IMG,
     MAX_MAP_EXTENTS,
@@ -15,6 +16,7 @@ from virt_reclaim.qemu_img_argv import (
     check_argv,
     compare_argv,
     convert_argv,
+    create_argv,
     create_overlay_argv,
     info_argv,
     map_argv,
@@ -22,6 +24,7 @@ from virt_reclaim.qemu_img_argv import (
     parse_info,
     parse_map,
     parse_measure,
+    target_spec,
 )
 
 # The pure half is imported from here too, as it was when both were one module.
@@ -37,6 +40,7 @@ __all__ = [
     "compare",
     "compare_argv",
     "convert_argv",
+    "create_argv",
     "create_overlay",
     "create_overlay_argv",
     "image_map",
@@ -48,6 +52,7 @@ __all__ = [
     "parse_info",
     "parse_map",
     "parse_measure",
+    "target_spec",
 ]
 
 # Reading a header never takes long; a hung NFS mount must not hang us.
@@ -136,9 +141,10 @@ def image_map(
     return parse_map(_run(argv, timeout=INFO_TIMEOUT_S * 5).stdout)
 
 
-def create_overlay(path: str, *, backing: str, qemu_img: str = DEFAULT_QEMU_IMG) -> None:
-    """Create an empty qcow2 overlay at ``path`` over ``backing``."""
-    _run(create_overlay_argv(path, backing=backing, qemu_img=qemu_img), timeout=INFO_TIMEOUT_S)
+def create_overlay(image: NewImage, *, backing: str, qemu_img: str = DEFAULT_QEMU_IMG) -> None:
+    """Make the job's new file ``image`` an empty qcow2 overlay over the qcow2 ``backing``."""
+    argv = create_overlay_argv(image.fd_path, backing=backing, qemu_img=qemu_img)
+    _run(argv, timeout=INFO_TIMEOUT_S, pass_fds=(image.fd,))
 
 
 def check(
@@ -147,12 +153,18 @@ def check(
     qemu_img: str = DEFAULT_QEMU_IMG,
     size_bytes: int = 0,
     cancel: threading.Event | None = None,
+    pass_fds: tuple[int, ...] = (),
+    name: str | None = None,
 ) -> None:
-    """Check ``path``; raise QemuImgError unless it has no errors, corruptions or leaks."""
+    """Check ``path``; raise QemuImgError unless it has no errors, corruptions or leaks.
+
+    ``name`` is what the error calls the image (``path`` may be a ``target_spec``).
+    """
     argv = check_argv(path, qemu_img=qemu_img)
     result = _run(
-        argv, timeout=_timeout_for(size_bytes, _READ_RATE), ok_codes=(0, 1, 2, 3), cancel=cancel
-    )
+        argv, timeout=_timeout_for(size_bytes, _READ_RATE), ok_codes=(0, 1, 2, 3), cancel=cancel,
+        pass_fds=pass_fds,
+    )  # fmt: skip
     try:
         report = json.loads(result.stdout)
     except ValueError:
@@ -164,7 +176,8 @@ def check(
     }
     if result.returncode != 0 or problems:
         raise QemuImgError(
-            f"qemu-img check {path}: status {result.returncode}, {problems or result.stderr}"
+            f"qemu-img check {name or path}: status {result.returncode}, "
+            f"{problems or result.stderr}"
         )
 
 
@@ -176,14 +189,21 @@ def compare(
     size_bytes: int = 0,
     cancel: threading.Event | None = None,
     first_format: str = "qcow2",
+    pass_fds: tuple[int, ...] = (),
+    second_name: str | None = None,
 ) -> None:
-    """Raise QemuImgError unless both images show the guest the same bytes."""
+    """Raise QemuImgError unless both images show the guest the same bytes.
+
+    ``second_name`` is what the error calls ``second`` (which may be a ``target_spec``).
+    """
     argv = compare_argv(first, second, qemu_img=qemu_img, first_format=first_format)
     result = _run(
-        argv, timeout=_timeout_for(size_bytes, _READ_RATE), ok_codes=(0, 1), cancel=cancel
-    )
+        argv, timeout=_timeout_for(size_bytes, _READ_RATE), ok_codes=(0, 1), cancel=cancel,
+        pass_fds=pass_fds,
+    )  # fmt: skip
     if result.returncode == 1:
-        raise QemuImgError(f"{second} differs from {first}: {result.stdout.strip()}")
+        raise QemuImgError(f"{second_name or second} differs from {first}: "
+                           f"{result.stdout.strip()}")  # fmt: skip
 
 
 def _run(
@@ -194,11 +214,12 @@ def _run(
     on_output: process.ProgressCallback | None = None,
     priority: process.Priority | None = None,
     cancel: threading.Event | None = None,
+    pass_fds: tuple[int, ...] = (),
 ) -> process.Completed:
     try:
         return process.run(
             argv, timeout=timeout, ok_codes=ok_codes, on_output=on_output, priority=priority,
-            cancel=cancel,
+            cancel=cancel, pass_fds=pass_fds,
         )  # fmt: skip
     except process.CommandCancelled as exc:
         raise QemuImgCancelled(str(exc)) from exc
@@ -242,7 +263,7 @@ class QemuImg:
     def convert(
         self,
         source: str,
-        target: str,
+        target: NewImage,
         *,
         compression: str | None,
         cluster_size: int | None,
@@ -255,14 +276,25 @@ class QemuImg:
         source_format: str = "qcow2",
         cancel: threading.Event | None = None,
     ) -> None:
-        """Rewrite ``source`` into ``target`` (see ``convert_argv``) at low priority.
+        """Rewrite ``source`` into the job's new file ``target`` at low priority.
 
-        ``cancel`` (a watch's) ends it instead of the job's own stop event.
+        qemu-img writes only through the descriptor: ``create_argv`` makes the empty
+        qcow2 in it, ``convert_argv`` fills it. ``backing`` is the name as the source's
+        header records it. ``cancel`` (a watch's) ends it instead of the job's own stop
+        event.
         """
+        fds = (target.fd,)
+        create = create_argv(
+            target.fd_path, size_bytes=size_bytes, qemu_img=self.qemu_img,
+            compression=compression, cluster_size=cluster_size, backing=backing,
+            backing_format=backing_format, preallocation=preallocation,
+        )  # fmt: skip
+        # Preallocation writes the metadata of the whole size: a hung disk must not hang us.
+        _run(create, timeout=_timeout_for(size_bytes, _READ_RATE), pass_fds=fds)
         argv = convert_argv(
-            source, target, qemu_img=self.qemu_img, compression=compression,
-            cluster_size=cluster_size, backing=backing, backing_format=backing_format,
-            preallocation=preallocation, rate_limit=rate_limit, source_format=source_format,
+            source, target_spec(target.fd_path), qemu_img=self.qemu_img, compression=compression,
+            backing=backing, backing_format=backing_format, rate_limit=rate_limit,
+            source_format=source_format,
         )  # fmt: skip
         _run(
             argv,
@@ -270,15 +302,30 @@ class QemuImg:
             on_output=on_progress,
             priority=self.priority,
             cancel=cancel or self.cancel,
+            pass_fds=fds,
         )
 
-    def check(self, path: str, *, size_bytes: int) -> None:
-        """See ``check``."""
-        check(path, qemu_img=self.qemu_img, size_bytes=size_bytes, cancel=self.cancel)
+    def check(self, image: NewImage, *, size_bytes: int) -> None:
+        """See ``check``: the job's new image, through its descriptor."""
+        check(target_spec(image.fd_path), qemu_img=self.qemu_img, size_bytes=size_bytes,
+              cancel=self.cancel, pass_fds=(image.fd,), name=image.path)  # fmt: skip
 
     def compare(
-        self, first: str, second: str, *, size_bytes: int, first_format: str = "qcow2"
+        self,
+        first: str,
+        second: NewImage,
+        *,
+        size_bytes: int,
+        first_format: str = "qcow2",
+        second_backing: str | None = None,
+        second_backing_format: str | None = None,
     ) -> None:
-        """See ``compare``."""
-        compare(first, second, qemu_img=self.qemu_img, size_bytes=size_bytes, cancel=self.cancel,
-                first_format=first_format)  # fmt: skip
+        """See ``compare``: ``second`` is the job's new image, through its descriptor.
+
+        ``second_backing`` is its backing file's absolute path (the original's).
+        """
+        spec = target_spec(second.fd_path, backing=second_backing,
+                           backing_format=second_backing_format)  # fmt: skip
+        compare(first, spec, qemu_img=self.qemu_img, size_bytes=size_bytes, cancel=self.cancel,
+                first_format=first_format, pass_fds=(second.fd,),
+                second_name=second.path)  # fmt: skip

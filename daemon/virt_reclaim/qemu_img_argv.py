@@ -183,35 +183,47 @@ def parse_map(text: str) -> list[Extent]:
         raise QemuImgError(f"unexpected qemu-img map output: {exc!r}") from exc
 
 
-def convert_argv(
-    source: str,
-    target: str,
+def target_spec(name: str, *, backing: str | None = None, backing_format: str | None = None) -> str:
+    """The qcow2 image at ``name`` (a ``/dev/fd/N``) as qemu-img is to open it, format given.
+
+    Its backing file, if any, is the absolute ``backing`` in ``backing_format``, or none
+    at all: a relative name in its header would be looked up beside ``/dev/fd``, and a
+    format left out would be probed.
+    """
+    spec: dict[str, Any] = {"driver": "qcow2", "file": {"driver": "file", "filename": name}}
+    if backing is not None:
+        if backing_format is None:
+            raise ValueError(f"{name}: a backing file without its format is never opened")
+        spec["backing"] = {
+            "driver": backing_format,
+            "file": {"driver": "file", "filename": backing},
+        }
+    else:
+        spec["backing"] = None
+    return "json:" + json.dumps(spec, separators=(",", ":"))
+
+
+def create_argv(
+    name: str,
     *,
+    size_bytes: int,
     qemu_img: str = DEFAULT_QEMU_IMG,
     compression: str | None,
     cluster_size: int | None,
     backing: str | None = None,
     backing_format: str | None = None,
-    coroutines: int = 8,
     preallocation: str = "off",
-    rate_limit: int | None = None,
-    source_format: str = "qcow2",
 ) -> list[str]:
-    """Return the argv of the rewrite: ``source`` (qcow2) into a new qcow2 ``target``.
+    """Return the argv that makes the empty qcow2 the rewrite fills, in a file that exists.
 
-    ``source_format`` is the format the domain XML states (``raw``, ``vmdk`` for a
-    conversion): given, qemu-img never probes what a guest wrote into a raw disk.
-
-    ``-W`` (out-of-order writes) made compression 1.6-1.7x faster at the same
-    size in our measurements; qcow2 runs at most 4 compression jobs at once, and
-    more than 8 coroutines changed nothing. With ``backing`` the target is an
-    overlay over that file and only the source's top layer is copied (``-B``).
+    ``name`` is the ``/dev/fd/N`` of the file the job created exclusively. With
+    ``backing`` (the name as the original's header records it) the new image is an
+    overlay over the same file; ``-u`` because the name is relative to the image's
+    folder, not to ``/dev/fd``.
     """
-    argv = [qemu_img, "convert", "-p", "-f", source_format, "-O", "qcow2", "-W", "-m",
-            str(coroutines)]  # fmt: skip
+    argv = [qemu_img, "create", "-q", "-f", "qcow2"]
     options = []
     if compression is not None:
-        argv.append("-c")
         options.append(f"compression_type={compression}")
     if cluster_size is not None:
         options.append(f"cluster_size={cluster_size}")
@@ -220,18 +232,59 @@ def convert_argv(
     if backing is not None:
         if backing_format is None:
             # A default would be pinned into the new header, and libvirt follows it.
-            raise ValueError(f"{source}: a backing file without its format is never rewritten")
-        argv += ["-B", backing, "-F", backing_format]
-    if rate_limit is not None:
-        argv += ["-r", str(rate_limit)]
+            raise ValueError(f"{name}: a backing file without its format is never rewritten")
+        argv += ["-u", "-b", backing, "-F", backing_format]
     if options:
         argv += ["-o", ",".join(options)]
+    return [*argv, name, str(size_bytes)]
+
+
+def convert_argv(
+    source: str,
+    target: str,
+    *,
+    qemu_img: str = DEFAULT_QEMU_IMG,
+    compression: str | None,
+    backing: str | None = None,
+    backing_format: str | None = None,
+    coroutines: int = 8,
+    rate_limit: int | None = None,
+    source_format: str = "qcow2",
+) -> list[str]:
+    """Return the argv of the rewrite: ``source`` into the new, empty qcow2 ``target``.
+
+    ``target`` is a ``target_spec``: the image ``create_argv`` made (``-n``: qemu-img
+    never creates a file itself). ``source_format`` is the format the domain XML states
+    (``raw``, ``vmdk`` for a conversion): given, qemu-img never probes what a guest
+    wrote into a raw disk.
+
+    ``-W`` (out-of-order writes) made compression 1.6-1.7x faster at the same
+    size in our measurements; qcow2 runs at most 4 compression jobs at once, and
+    more than 8 coroutines changed nothing. With ``backing`` the target is an
+    overlay over that file and only the source's top layer is copied (``-B``);
+    without one the new image reads as zeros, which saves writing them.
+    """
+    argv = [qemu_img, "convert", "-p", "-n", "-f", source_format, "-O", "qcow2", "-W", "-m",
+            str(coroutines)]  # fmt: skip
+    if compression is not None:
+        argv.append("-c")
+    if backing is not None:
+        if backing_format is None:
+            raise ValueError(f"{source}: a backing file without its format is never rewritten")
+        argv += ["-B", backing, "-F", backing_format]
+    else:
+        argv.append("--target-is-zero")
+    if rate_limit is not None:
+        argv += ["-r", str(rate_limit)]
     return [*argv, source, target]
 
 
 def create_overlay_argv(path: str, *, backing: str, qemu_img: str = DEFAULT_QEMU_IMG) -> list[str]:
-    """Return the argv that creates a qcow2 ``path`` over the qcow2 ``backing`` (format given)."""
-    return [qemu_img, "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", path]
+    """Return the argv that makes ``path`` a qcow2 over the qcow2 ``backing`` (format given).
+
+    ``-u``: ``path`` is a ``/dev/fd/N``, and ``backing`` is not opened to be checked.
+    """
+    return [qemu_img, "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "qcow2", path]
 
 
 def check_argv(path: str, *, qemu_img: str = DEFAULT_QEMU_IMG) -> list[str]:

@@ -21,41 +21,53 @@ from virt_reclaim.settings import Compression
 
 
 def rewrite_disk(job: JobContext, disk: DiskWork, *, lock: bool) -> None:
-    """Convert ``disk`` into its temporary file, flush it and record its size.
+    """Convert ``disk`` into its new file, made here exclusively; flush it, record its size.
 
     With ``lock`` the new image is locked like the original: locks belong to the inode,
     so the new image carries the guard across the rename.
+
+    Raises:
+        JobFailed: The new file cannot be created (something is at its name), the watch
+            stopped the rewrite, or the name was taken over while qemu-img wrote.
     """
     compression = (
         None if job.settings.compression is Compression.NONE else str(job.settings.compression)
     )
-    imagefile.remove_quietly(disk.temp)
     folder = os.path.dirname(disk.temp) or "."
     reserve = job.settings.reserve.host_bytes(fillplan.host_filesystem(folder).size)
+    try:
+        new = disk.new = imagefile.NewImage(disk.temp)
+    except OSError as exc:
+        raise JobFailed(f"{disk.target}: cannot create {disk.temp}: {exc.strerror}") from exc
     with RewriteWatch(folder, reserve, job.stop) as watch:
         try:
-            _convert(job, disk, compression, watch.stop)
+            _convert(job, disk, new, compression, watch.stop)
         except QemuImgCancelled as exc:
             if watch.why is None:
                 raise  # the job is stopping: abandoned, as any cancelled step
-            imagefile.remove_quietly(disk.temp)
+            new.remove()
             raise JobFailed(f"{disk.target}: stopped the rewrite: {watch.why}") from exc
     if lock:
         job.guard.lock(disk.temp)
+    _ensure_ours(disk, new)
     # qemu-img convert does not flush; and st_blocks is only final after writeback.
-    imagefile.fsync_file(disk.temp)
-    disk.bytes_after = imagefile.allocated_bytes(disk.temp)
+    new.fsync()
+    disk.bytes_after = new.allocated_bytes()
     job.record_disk(disk, bytes_after=disk.bytes_after)
     job.log.info("rewrite.done", target=disk.target, bytes_before=disk.bytes_before,
                  bytes_after=disk.bytes_after)  # fmt: skip
 
 
 def _convert(
-    job: JobContext, disk: DiskWork, compression: str | None, cancel: threading.Event
+    job: JobContext,
+    disk: DiskWork,
+    new: imagefile.NewImage,
+    compression: str | None,
+    cancel: threading.Event,
 ) -> None:
     job.images.convert(
         disk.path,
-        disk.temp,
+        new,
         compression=compression,
         cluster_size=job.settings.cluster_size or disk.info.cluster_size,
         backing=disk.info.backing_recorded,
@@ -70,19 +82,32 @@ def _convert(
     )
 
 
+def _ensure_ours(disk: DiskWork, new: imagefile.NewImage) -> None:
+    """Raise JobFailed unless the temporary name still names the file the job made."""
+    if not new.is_named():
+        raise JobFailed(
+            f"{disk.target}: {disk.temp} was replaced while the job wrote it: the job's "
+            "image is dropped and whatever is at that name is left alone"
+        )
+
+
 def verify_disk(job: JobContext, disk: DiskWork) -> None:
     """Check the new image and compare what it shows the guest with the original."""
-    job.images.check(disk.temp, size_bytes=disk.info.virtual_size)
+    new = disk.new_image()
+    job.images.check(new, size_bytes=disk.info.virtual_size)
     job.images.compare(
-        disk.path, disk.temp, size_bytes=disk.info.virtual_size, first_format=disk.format
-    )
+        disk.path, new, size_bytes=disk.info.virtual_size, first_format=disk.format,
+        second_backing=disk.info.backing_filename, second_backing_format=disk.info.backing_format,
+    )  # fmt: skip
 
 
 def swap_disk(job: JobContext, disk: DiskWork) -> None:
     """Give the new image the original's owner, mode and labels, and rename it over it."""
-    imagefile.copy_metadata(disk.path, disk.temp)
+    new = disk.new_image()
+    new.take_metadata_of(disk.path)
+    _ensure_ours(disk, new)
     imagefile.swap_in(
-        disk.temp, disk.path, backup=disk.backup,
+        new, disk.path, backup=disk.backup,
         kept=lambda path: job.keep_backup(disk, path),
     )  # fmt: skip
     disk.swapped = True
@@ -90,9 +115,14 @@ def swap_disk(job: JobContext, disk: DiskWork) -> None:
 
 
 def remove_temporary_files(job: JobContext) -> None:
-    """Delete the new images that were not swapped in (a failed or stopped job)."""
+    """Delete the new images that were not swapped in (a failed or stopped job).
+
+    Only a name that still names the file the job made: what replaced it is not ours.
+    """
     for disk in job.disks:
-        if not disk.swapped and imagefile.remove_quietly(disk.temp):
+        if disk.swapped or disk.new is None:
+            continue
+        if disk.new.remove():
             job.log.info("cleanup.removed", path=disk.temp)
 
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fakes import FakeDisk, FakeDomain, OpenWatch, sh
-from virt_reclaim.job import JobSettings, Outcome, ReclaimJob
+from virt_reclaim.imagefile import NewImage
+from virt_reclaim.job import JobSettings, Outcome, ReclaimJob, Step
 from virt_reclaim.journal import Journal
 from virt_reclaim.model import DomainState
 from virt_reclaim.qemu_img import QemuImg
@@ -146,3 +148,76 @@ def test_an_image_folder_another_user_may_write_is_refused_before_the_shutdown(
     assert reason in result.reason, result.reason  # type: ignore[attr-defined]
     assert not any(c.startswith("shutdown") for c in domain.calls)
     assert sorted(p.name for p in folder.iterdir()) == ["disk.qcow2"]
+
+
+class TakenOverConvert(QemuImg):
+    """qemu-img writes the job's new file; then someone puts a link to a host file at its name."""
+
+    def __init__(self, victim: Path) -> None:
+        super().__init__(priority=None)
+        self.victim = victim
+
+    def convert(self, source: str, target: NewImage, **options: Any) -> None:
+        super().convert(source, target, **options)
+        os.unlink(target.path)
+        os.symlink(self.victim, target.path)
+
+
+def written_image(path: Path) -> Path:
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(path), "64M")
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 8M", "-c", "write -P 0 8M 8M", str(path))
+    return path
+
+
+def test_a_link_put_at_the_new_image_s_name_while_qemu_img_writes_is_never_followed(
+    tmp_path: Path,
+) -> None:
+    """Neither renamed over the original, nor given its owner and mode, nor removed."""
+    image = written_image(tmp_path / "disk.qcow2")
+    victim = tmp_path / "host-file"
+    victim.write_bytes(b"host data")
+    victim.chmod(0o600)
+    before = image.read_bytes()
+    domain = FakeDomain([FakeDisk("vda", image)])
+    job = ReclaimJob(
+        domain, TakenOverConvert(victim), JobSettings(priority=None, min_gain=0),
+        images_of_other_domains=dict, journal=Journal(tmp_path / "state"),
+    )  # fmt: skip
+
+    result = job.run()
+
+    assert result.outcome is Outcome.FAILED, result.reason
+    assert "was replaced while the job wrote it" in result.reason, result.reason
+    assert image.read_bytes() == before
+    assert victim.read_bytes() == b"host data" and victim.stat().st_mode & 0o777 == 0o600
+    [link] = [p for p in tmp_path.iterdir() if p.is_symlink()]
+    assert link.resolve() == victim  # not ours to delete
+    assert domain.power is DomainState.RUNNING
+
+
+def test_a_link_planted_at_the_new_image_s_name_is_never_written_through(tmp_path: Path) -> None:
+    """The name is known once the journal has it; the creation fails instead of following it."""
+    image = written_image(tmp_path / "disk.qcow2")
+    victim = tmp_path / "host-file"
+    victim.write_bytes(b"host data")
+    before = image.read_bytes()
+    domain = FakeDomain([FakeDisk("vda", image)])
+    state = tmp_path / "state"
+
+    def plant(step: Step) -> None:
+        if step is Step.REWRITE:
+            [journaled] = Journal(state).unfinished()
+            os.symlink(victim, journaled.disks[0].temp_path)
+
+    job = ReclaimJob(
+        domain, QemuImg(priority=None), JobSettings(priority=None, min_gain=0),
+        images_of_other_domains=dict, journal=Journal(state), before_step=plant,
+    )  # fmt: skip
+
+    result = job.run()
+
+    assert result.outcome is Outcome.FAILED, result.reason
+    assert "cannot create" in result.reason and "File exists" in result.reason, result.reason
+    assert image.read_bytes() == before
+    assert victim.read_bytes() == b"host data"
+    assert domain.power is DomainState.RUNNING

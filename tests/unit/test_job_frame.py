@@ -7,6 +7,7 @@ qemu-img that fails, where a test needs a tool to fail.
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 
 from fakes import FakeDisk, FakeDomain, linux_fs, make_image, sh
 from virt_reclaim.errors import QemuImgError
+from virt_reclaim.imagefile import NewImage
 from virt_reclaim.job import After, JobSettings, Outcome, ReclaimJob, Step
 from virt_reclaim.journal import Journal, JournalError
 from virt_reclaim.model import DomainState
@@ -26,8 +28,8 @@ MIB = 1024 * 1024
 class FailingConvert(QemuImg):
     """qemu-img whose convert fails (a full disk, a killed process...)."""
 
-    def convert(self, source: str, target: str, **_options: Any) -> None:
-        Path(target).write_bytes(b"half an image")
+    def convert(self, source: str, target: NewImage, **_options: Any) -> None:
+        os.write(target.fd, b"half an image")
         raise QemuImgError("qemu-img: error while writing at byte 0: No space left on device")
 
 

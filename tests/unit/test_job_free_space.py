@@ -33,6 +33,7 @@ from testbed.data import log_text
 from virt_reclaim import fillplan
 from virt_reclaim.fillplan import Reserve
 from virt_reclaim.guestfree import FreeSpaceMethod
+from virt_reclaim.imagefile import NewImage
 from virt_reclaim.job import Compression, JobResult, JobSettings, Outcome, ReclaimJob, Step
 from virt_reclaim.journal import Journal
 from virt_reclaim.model import DomainState, TrimmedPath
@@ -298,11 +299,11 @@ class HoggedConvert(QemuImg):
         super().__init__(priority=None)
         self._host, self._leave, self._free_seen = host, leave, free_seen
 
-    def convert(self, source: str, target: str, **options: Any) -> None:
+    def convert(self, source: str, target: NewImage, **options: Any) -> None:
         free = fillplan.host_filesystem(str(self._host)).free
         subprocess.run(["fallocate", "-l", str(free - self._leave), str(self._host / "hog")],
                        check=True)  # fmt: skip
-        watcher = threading.Thread(target=self._watch, args=(target,), daemon=True)
+        watcher = threading.Thread(target=self._watch, args=(target.path,), daemon=True)
         watcher.start()
         super().convert(source, target, **options)
 

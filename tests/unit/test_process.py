@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from virt_reclaim import process
+from virt_reclaim.imagefile import NewImage
 
 
 def test_output_and_status() -> None:
@@ -70,3 +73,35 @@ def test_priority_runs_the_command_niced() -> None:
                          priority=process.Priority(nice=7, io_class=2, io_level=6))  # fmt: skip
     assert result.stdout.split("\n")[:2] == ["7", "best-effort: prio 6"]
     assert result.argv == ("sh", "-c", "nice; ionice")
+
+
+def test_a_dead_job_s_qemu_img_is_found_by_the_file_it_holds_and_nothing_else_is_killed(
+    tmp_path: Path,
+) -> None:
+    """The job hands qemu-img its file as /dev/fd/N: the command line does not name it."""
+    source, temp = tmp_path / "disk.qcow2", tmp_path / ".disk.tmp"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(source), "64M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 32M", str(source)],
+                   check=True, capture_output=True)  # fmt: skip
+    new = NewImage(str(temp))
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", new.fd_path, "64M"],
+                   check=True, pass_fds=(new.fd,))  # fmt: skip
+    # 32 MiB at 1 MiB/s: it runs until killed.
+    slow = subprocess.Popen(
+        ["qemu-img", "convert", "-n", "-r", "1M", "-f", "qcow2", "-O", "qcow2", str(source),
+         new.fd_path], pass_fds=(new.fd,),
+    )  # fmt: skip
+    bystander = subprocess.Popen(["sleep", "60"], stdin=open(temp, "rb"))  # noqa: SIM115
+    new.close()
+    try:
+        assert str(temp) not in " ".join(Path(f"/proc/{slow.pid}/cmdline").read_text().split("\0"))
+        assert process.kill_qemu_img_holding(str(temp)) == [slow.pid]
+        assert slow.wait(timeout=10) == -signal.SIGKILL
+        assert bystander.poll() is None
+    finally:
+        for proc in (slow, bystander):
+            proc.kill()
+            proc.wait()
+            if proc.stdin:
+                proc.stdin.close()
+    assert process.kill_qemu_img_holding(str(tmp_path / "gone")) == []

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from virt_reclaim import qemu_img
 from virt_reclaim.errors import QemuImgError
+from virt_reclaim.imagefile import NewImage
 
 MIB = 1024 * 1024
 
 
 def sh(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True, timeout=60)
+
+
+def image_json(path: str) -> Any:
+    out = subprocess.run(["qemu-img", "info", "-f", "qcow2", "--output=json", path],
+                         check=True, capture_output=True, text=True, timeout=60).stdout  # fmt: skip
+    return json.loads(out)
 
 
 def test_info_argv_is_exact() -> None:
@@ -102,43 +111,83 @@ def test_unexpected_output_raises(text: str) -> None:
         qemu_img.parse_info(text)
 
 
-def test_convert_argv_is_exact() -> None:
-    assert qemu_img.convert_argv("/a.qcow2", "/t", compression="zstd", cluster_size=65536) == [
-        "qemu-img", "convert", "-p", "-f", "qcow2", "-O", "qcow2", "-W", "-m", "8", "-c",
-        "-o", "compression_type=zstd,cluster_size=65536", "/a.qcow2", "/t",
+def test_create_and_convert_argv_are_exact() -> None:
+    """The file exists (the job made it): qemu-img creates the qcow2 in it and never the file."""
+    assert qemu_img.create_argv(
+        "/dev/fd/5", size_bytes=1024, compression="zstd", cluster_size=65536
+    ) == [
+        "qemu-img", "create", "-q", "-f", "qcow2",
+        "-o", "compression_type=zstd,cluster_size=65536", "/dev/fd/5", "1024",
+    ]  # fmt: skip
+    assert qemu_img.create_argv(
+        "/dev/fd/5", size_bytes=1024, compression=None, cluster_size=None, backing="base.qcow2",
+        backing_format="raw", preallocation="metadata",
+    ) == [
+        "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "base.qcow2", "-F", "raw",
+        "-o", "preallocation=metadata", "/dev/fd/5", "1024",
+    ]  # fmt: skip
+    assert qemu_img.convert_argv("/a.qcow2", "/t", compression="zstd") == [
+        "qemu-img", "convert", "-p", "-n", "-f", "qcow2", "-O", "qcow2", "-W", "-m", "8", "-c",
+        "--target-is-zero", "/a.qcow2", "/t",
     ]  # fmt: skip
     assert qemu_img.convert_argv(
-        "/a.qcow2", "/t", compression=None, cluster_size=None, backing="base.qcow2",
-        backing_format="raw",
+        "/a.qcow2", "/t", compression=None, backing="base.qcow2", backing_format="raw"
     ) == [
-        "qemu-img", "convert", "-p", "-f", "qcow2", "-O", "qcow2", "-W", "-m", "8",
+        "qemu-img", "convert", "-p", "-n", "-f", "qcow2", "-O", "qcow2", "-W", "-m", "8",
         "-B", "base.qcow2", "-F", "raw", "/a.qcow2", "/t",
     ]  # fmt: skip
 
 
-def test_convert_argv_with_preallocation() -> None:
-    argv = qemu_img.convert_argv("/a", "/t", compression=None, cluster_size=None,
-                                 preallocation="metadata")  # fmt: skip
-    assert argv[-4:] == ["-o", "preallocation=metadata", "/a", "/t"]
+def test_a_target_spec_names_every_format_and_never_a_relative_backing() -> None:
+    assert qemu_img.target_spec("/dev/fd/5") == (
+        'json:{"driver":"qcow2","file":{"driver":"file","filename":"/dev/fd/5"},"backing":null}'
+    )
+    spec = json.loads(qemu_img.target_spec("/dev/fd/5", backing="/v/b", backing_format="raw")[5:])
+    assert spec["backing"] == {"driver": "raw", "file": {"driver": "file", "filename": "/v/b"}}
+    with pytest.raises(ValueError, match="without its format"):
+        qemu_img.target_spec("/dev/fd/5", backing="/v/b")
 
 
 def test_rewrite_check_and_compare_on_real_images(tmp_path: Path) -> None:
-    image, new, other = tmp_path / "a.qcow2", tmp_path / "b.qcow2", tmp_path / "c.qcow2"
+    image, other = tmp_path / "a.qcow2", tmp_path / "c.qcow2"
     sh("qemu-img", "create", "-q", "-f", "qcow2", str(image), "32M")
     sh("qemu-io", "-c", "write -P 0x61 0 8M", "-c", "write -P 0 8M 8M", str(image))
     tool = qemu_img.QemuImg()
     progress: list[str] = []
-    tool.convert(str(image), str(new), compression="zstd", cluster_size=None, backing=None,
+    new = NewImage(str(tmp_path / "b.qcow2"))
+    tool.convert(str(image), new, compression="zstd", cluster_size=None, backing=None,
                  backing_format=None, size_bytes=32 * MIB, on_progress=progress.append)  # fmt: skip
     assert "100.00/100%" in "".join(progress)
-    tool.check(str(new), size_bytes=32 * MIB)
-    tool.compare(str(image), str(new), size_bytes=32 * MIB)
-    assert os.stat(new).st_blocks * 512 < 2 * MIB  # 8 MiB of one byte, and zeros
+    tool.check(new, size_bytes=32 * MIB)
+    tool.compare(str(image), new, size_bytes=32 * MIB)
+    assert new.allocated_bytes() < 2 * MIB  # 8 MiB of one byte, and zeros
+    assert image_json(new.path)["format-specific"]["data"]["compression-type"] == "zstd"
     sh("qemu-img", "convert", "-O", "qcow2", str(image), str(other))
     sh("qemu-io", "-c", "write -P 0x62 4M 4k", str(other))
     with pytest.raises(QemuImgError, match="differs"):
-        tool.compare(str(image), str(other), size_bytes=32 * MIB)
+        qemu_img.compare(str(image), str(other), size_bytes=32 * MIB)
     assert tool.measure(str(image), force_share=False) >= 8 * MIB
+
+
+def test_an_overlay_is_rewritten_over_its_own_backing_file_named_as_before(tmp_path: Path) -> None:
+    """The header keeps the relative name; check and compare open the base by absolute path."""
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(base), "16M")
+    sh("qemu-io", "-c", "write -P 0x61 0 8M", str(base))
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", str(top))
+    sh("qemu-io", "-c", "write -P 0x62 0 1M", str(top))
+    tool = qemu_img.QemuImg()
+    new = NewImage(str(tmp_path / ".top.tmp"))
+    tool.convert(str(top), new, compression=None, cluster_size=None, backing="base.qcow2",
+                 backing_format="qcow2", size_bytes=16 * MIB, on_progress=None)  # fmt: skip
+    tool.check(new, size_bytes=16 * MIB)
+    tool.compare(str(top), new, size_bytes=16 * MIB, second_backing=str(base),
+                 second_backing_format="qcow2")  # fmt: skip
+    header = image_json(new.path)
+    assert (header["backing-filename"], header["backing-filename-format"]) == (
+        "base.qcow2", "qcow2",
+    )  # fmt: skip
+    assert new.allocated_bytes() < 4 * MIB  # the top layer only
 
 
 def test_check_reports_a_broken_image(tmp_path: Path) -> None:
@@ -152,7 +201,7 @@ def test_check_reports_a_broken_image(tmp_path: Path) -> None:
         f.seek(l1_offset)
         f.write((0x8000000000000000 | (1 << 40)).to_bytes(8, "big"))
     with pytest.raises(QemuImgError, match="qemu-img check"):
-        qemu_img.QemuImg().check(str(image), size_bytes=16 * MIB)
+        qemu_img.check(str(image), size_bytes=16 * MIB)
 
 
 def test_a_raw_disk_whose_guest_wrote_a_qcow2_header_is_read_as_raw(tmp_path: Path) -> None:

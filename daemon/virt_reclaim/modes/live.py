@@ -153,9 +153,20 @@ def _undo_snapshot(job: JobContext, jobs: BlockJobsPort) -> None:
 
 
 def _copy_onto_new_base(base: str, overlay: str, target: str, jobs: BlockJobsPort) -> None:
-    imagefile.remove_quietly(overlay)
-    qemu_img.create_overlay(overlay, backing=base)
-    imagefile.copy_metadata(base, overlay)
+    imagefile.remove_quietly(overlay)  # an earlier attempt's: the name carries the job's id
+    try:
+        new = imagefile.NewImage(overlay)
+    except OSError as exc:
+        raise JobFailed(f"{target}: cannot create {overlay}: {exc.strerror}") from exc
+    try:
+        qemu_img.create_overlay(new, backing=base)
+        new.take_metadata_of(base)
+        new.fsync()
+        new.ensure_named()
+    except BaseException:
+        new.remove()
+        raise
+    new.close()
     jobs.copy_shallow(target, overlay)
     _pivot_when_ready(target, jobs, "copy")
 
@@ -193,7 +204,7 @@ def recover_disk(job_id: str, disk: JournalDisk, jobs: BlockJobsPort, result: Re
         disk.state == "swapping" and not temp_left
     )
     if temp_left:
-        killed = process.kill_writers_of(disk.temp_path)
+        killed = process.kill_qemu_img_holding(disk.temp_path)
         imagefile.remove_quietly(disk.temp_path)
         result.actions.append(f"{disk.target}: removed {disk.temp_path}" + (
             f" (killed qemu-img {killed})" if killed else ""))  # fmt: skip

@@ -21,7 +21,7 @@ from virt_reclaim.errors import VirtError
 from virt_reclaim.jobcontext import SHUTDOWN_REQUESTED, JobContext, Step
 from virt_reclaim.journal import JournalDisk, JournalJob
 from virt_reclaim.model import DomainState
-from virt_reclaim.process import kill_writers_of
+from virt_reclaim.process import kill_qemu_img_holding
 from virt_reclaim.qemu_img import ImageInfo
 from virt_reclaim.results import JobFailed, Recovered
 from virt_reclaim.rewrite import remove_temporary_files, rewrite_disk, swap_disk, verify_disk
@@ -71,7 +71,7 @@ class OfflineMode:
 def recover_rewritten_disk(disk: JournalDisk, *, past_swap: bool, result: Recovered) -> bool:
     """Undo (or find finished) the rewrite of one disk in place; True when it was swapped."""
     swapped = False
-    killed = kill_writers_of(disk.temp_path)
+    killed = kill_qemu_img_holding(disk.temp_path)
     if killed:
         result.actions.append(f"killed qemu-img {killed} still writing {disk.temp_path}")
     if imagefile.remove_quietly(disk.temp_path):
