@@ -59,7 +59,9 @@ def dirty(guest: Guest, text_mib: int = 16) -> None:
 
 
 def settings(state: Path) -> str:
-    return f'uri = "{URI}"\nstate_dir = "{state}"\nlog_format = "json"\n'
+    # A sample a second: idle.duration is judged on samples, and the default interval
+    # kept the guest "not yet idle" for a minute.
+    return f'uri = "{URI}"\nstate_dir = "{state}"\nlog_format = "json"\nstats_interval = "1s"\n'
 
 
 def policy(name: str, domain: str) -> str:

@@ -47,6 +47,10 @@ libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 _counter = itertools.count(1)
 
 
+# How long an agent command waits for the agent to connect again (see Guest.agent).
+AGENT_RECONNECT_S = 15.0
+
+
 class GuestError(AssertionError):
     """The test bed could not get a guest into the state a test needs."""
 
@@ -322,11 +326,25 @@ class Guest:
     def agent(
         self, command: str, arguments: dict[str, Any] | None = None, *, timeout: int = 10
     ) -> Any:
-        """Send one guest agent command and return its ``return`` value."""
+        """Send one guest agent command and return its ``return`` value.
+
+        While libvirt says the agent is not connected (the guest's side of the channel
+        closed and not yet reopened: seen once right after a job started the guest again)
+        the command was never sent: it is sent again, for AGENT_RECONNECT_S at most.
+        """
         request: dict[str, Any] = {"execute": command}
         if arguments is not None:
             request["arguments"] = arguments
-        reply = libvirt_qemu.qemuAgentCommand(self.dom, json.dumps(request), timeout, 0)
+        deadline = time.monotonic() + AGENT_RECONNECT_S
+        while True:
+            try:
+                reply = libvirt_qemu.qemuAgentCommand(self.dom, json.dumps(request), timeout, 0)
+                break
+            except libvirt.libvirtError as exc:
+                not_connected = "agent is not connected" in str(exc)
+                if not not_connected or time.monotonic() > deadline or not self.is_running():
+                    raise
+                time.sleep(0.2)
         return json.loads(reply)["return"]
 
     def exec(self, script: str, *, timeout: float = 120, check: bool = True) -> ExecResult:
