@@ -1,5 +1,5 @@
 # The two commands that work on a fresh Debian 12 machine as root: `make demo` and `make test`.
-.PHONY: setup lint test test-fast demo clean-demo bench bench-footprint
+.PHONY: setup lint test test-slow test-fast demo clean-demo bench bench-footprint
 
 PY := .venv/bin
 
@@ -18,6 +18,10 @@ lint:
 test: setup lint
 	$(PY)/pytest -n 3 --dist loadgroup -m "not serial"
 	$(PY)/pytest -m serial
+
+# The random-kill test of live recovery with 20 kills instead of 5 (a few minutes).
+test-slow: setup
+	VR_RANDOM_KILLS=20 $(PY)/pytest -m guest tests/integration/test_live.py -k random_moments
 
 # Everything but the tests that boot guests: seconds, not minutes.
 test-fast: lint

@@ -175,13 +175,7 @@ def kill_qemu_img_holding(path: str, timeout: float = 10.0) -> list[int]:
     Found by the open file, not by name: the job hands qemu-img its files as
     ``/dev/fd/N``. Only qemu-img is killed: never QEMU, nor anything else.
     """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return []
-    wanted = (st.st_dev, st.st_ino)
-    pids = [pid for pid in _pids() if _comm(pid).startswith("qemu-img") and
-            wanted in _open_files(pid)]  # fmt: skip
+    pids = [pid for pid, comm in holders_of(path) if comm.startswith("qemu-img")]
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -189,6 +183,20 @@ def kill_qemu_img_holding(path: str, timeout: float = 10.0) -> list[int]:
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     return pids
+
+
+def holders_of(path: str) -> list[tuple[int, str]]:
+    """(pid, command name) of every other process that holds the file at ``path`` open.
+
+    The file, not the name: a process that opened the file before it was renamed
+    holds it still; one that holds an older file of that name does not count.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return []
+    wanted = (st.st_dev, st.st_ino)
+    return [(pid, _comm(pid)) for pid in _pids() if wanted in _open_files(pid)]
 
 
 def _pids() -> list[int]:

@@ -282,9 +282,10 @@ def convert_argv(
 def create_overlay_argv(path: str, *, backing: str, qemu_img: str = DEFAULT_QEMU_IMG) -> list[str]:
     """Return the argv that makes ``path`` a qcow2 over the qcow2 ``backing`` (format given).
 
-    ``-u``: ``path`` is a ``/dev/fd/N``, and ``backing`` is not opened to be checked.
+    ``backing`` is an absolute path (a relative one would be looked up beside a
+    ``/dev/fd/N`` ``path``); qemu-img opens it, as the format says, for its size.
     """
-    return [qemu_img, "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "qcow2", path]
+    return [qemu_img, "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", path]
 
 
 def check_argv(path: str, *, qemu_img: str = DEFAULT_QEMU_IMG) -> list[str]:

@@ -28,6 +28,10 @@ from virt_reclaim.results import Recovered
 class RecoveryIncomplete(VirtError):
     """A job could not be finished or undone now; its journal entry stays unfinished."""
 
+    def __init__(self, message: str, result: Recovered) -> None:
+        super().__init__(message)
+        self.result = result
+
 
 FREE_SPACE_STEP = str(Step.FREE_SPACE)
 # After a crash in the middle of a shutdown the guest may still be going down.
@@ -41,7 +45,11 @@ def recover(
     *,
     agent_timeout_s: float = 120.0,
 ) -> list[Recovered]:
-    """Recover every unfinished job whose process is gone; return what was done."""
+    """Recover every unfinished job whose process is gone; return what was found and done.
+
+    A job that cannot be ended now is returned with the outcome ``unfinished`` and stays
+    unfinished in the journal, for the next recovery (the daemon's, at its start).
+    """
     log = structlog.get_logger("virt_reclaim.recovery")
     done = []
     for job in journal.unfinished():
@@ -54,8 +62,11 @@ def recover(
         try:
             try:
                 result = _recover_job(job, lookup_domain, agent_timeout_s, log)
-            except RecoveryIncomplete:
-                continue  # left unfinished: the next recovery tries again
+            except RecoveryIncomplete as exc:
+                # Left unfinished, every file in place: the next recovery tries again.
+                exc.result.outcome = "unfinished"
+                done.append(exc.result)
+                continue
             journal.finish_job(
                 job.id,
                 outcome=result.outcome,
@@ -92,7 +103,7 @@ def _recover_job(
         except VirtError as exc:
             result.actions.append(f"could not finish: {exc}")
             log.error("recovery.incomplete", reason=str(exc))
-            raise RecoveryIncomplete(str(exc)) from exc
+            raise RecoveryIncomplete(str(exc), result) from exc
     if job.previous_state == str(DomainState.RUNNING):
         _bring_back(job, lookup_domain, agent_timeout_s, result)
     for action in result.actions:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from virt_reclaim.units import iso_time
@@ -140,15 +140,49 @@ class JobResult:
         }
 
 
+@dataclass(frozen=True)
+class DiskFound:
+    """What recovery saw of one disk of a live job before it acted (``recover --json``).
+
+    The chains are the disk's images top first, as the live and the persistent
+    definition name them; ``files`` are the job's files that exist beside the image;
+    ``swapped`` whether the image's path holds another file than the one QEMU reads
+    (the new image was renamed over it), None when QEMU reads none of it.
+    """
+
+    target: str
+    live_chain: tuple[str | None, ...]
+    persistent_chain: tuple[str | None, ...]
+    block_job: str | None
+    files: tuple[str, ...]
+    swapped: bool | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The disk's entry under ``found`` in ``recover --json``."""
+        return {
+            "target": self.target,
+            "live_chain": list(self.live_chain),
+            "persistent_chain": list(self.persistent_chain),
+            "block_job": self.block_job,
+            "files": list(self.files),
+            "swapped": self.swapped,
+        }
+
+
 @dataclass
 class Recovered:
-    """What recovery did for one job that its process left unfinished."""
+    """What recovery found and did for one job that its process left unfinished.
+
+    ``outcome`` is ``reclaimed`` or ``failed`` once the job is finished, ``unfinished``
+    when recovery could not end it now (it is tried again at the next recovery).
+    """
 
     job_id: str
     domain: str
     step: str | None
     outcome: str
     actions: list[str]
+    found: list[DiskFound] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """The entry of ``recover --json``."""
@@ -158,4 +192,5 @@ class Recovered:
             "step": self.step,
             "outcome": self.outcome,
             "actions": self.actions,
+            "found": [disk.to_json() for disk in self.found],
         }

@@ -17,6 +17,7 @@ from typing import Any
 import libvirt
 
 from testbed.guests import TESTBED_DIR, URI, Guest
+from virt_reclaim.domxml import parse_domain
 
 # One journal for the test bed's jobs; a test that needs its own passes --state-dir.
 STATE_DIR = TESTBED_DIR / "state"
@@ -117,6 +118,15 @@ def sources(guest: Guest) -> tuple[str, str]:
         return xml[start : xml.index("'", start)]
 
     return source(live), source(persistent)
+
+
+def chains(guest: Guest, target: str = "vda") -> tuple[tuple[str | None, ...], ...]:
+    """The disk's images, top first with its backing stores, in the live and the persistent XML."""
+    found = []
+    for flags in (0, libvirt.VIR_DOMAIN_XML_INACTIVE):
+        [disk] = [d for d in parse_domain(guest.dom.XMLDesc(flags)).disks if d.target == target]
+        found.append((disk.source, *(layer.source for layer in disk.backing)))
+    return tuple(found)
 
 
 def offline_size(image: Path, tmp: Path) -> int:

@@ -8,7 +8,7 @@ import sys
 import time
 
 from virt_reclaim import backups, logs, recovery
-from virt_reclaim.cli.common import EXIT_OK
+from virt_reclaim.cli.common import EXIT_FAILED, EXIT_OK
 from virt_reclaim.cli.render import print_history_table
 from virt_reclaim.journal import Journal
 from virt_reclaim.units import format_bytes
@@ -28,9 +28,14 @@ def cmd_recover(args: argparse.Namespace) -> int:
         print("nothing to recover")
     for item in done if not args.json else []:
         print(f"{item.domain}: job {item.job_id} (interrupted at {item.step}): {item.outcome}")
+        for disk in item.found:
+            print(f"  {disk.target}: found {' -> '.join(map(str, disk.live_chain))}"
+                  + (f", a {disk.block_job} block job" if disk.block_job else "")
+                  + (f", files {', '.join(disk.files)}" if disk.files else ""))  # fmt: skip
         for action in item.actions:
             print(f"  {action}")
-    return EXIT_OK
+    # An operator's script must see that something is left to do.
+    return EXIT_FAILED if any(item.outcome == "unfinished" for item in done) else EXIT_OK
 
 
 def cmd_history(args: argparse.Namespace) -> int:

@@ -27,11 +27,11 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from virt_reclaim import imagefile, process, qemu_img
-from virt_reclaim.errors import VirtError
+from virt_reclaim.errors import NoBlockJob, VirtError
 from virt_reclaim.jobcontext import DiskWork, JobContext, Step
 from virt_reclaim.journal import JournalDisk, JournalJob
 from virt_reclaim.ports import BlockJobsPort, LiveDomainPort
-from virt_reclaim.results import JobFailed, JobUnfinished, Recovered
+from virt_reclaim.results import DiskFound, JobFailed, JobUnfinished, Recovered
 from virt_reclaim.rewrite import remove_temporary_files, rewrite_disk, swap_disk, verify_disk
 
 READY_TIMEOUT_S = 600.0
@@ -112,11 +112,10 @@ class LiveMode:
         domain = lookup_domain(journaled.domain_uuid)
         jobs = domain.block_jobs()
         try:
-            for disk in journaled.disks:
-                recover_disk(journaled.id, disk, jobs, result)
+            on_new = [recover_disk(journaled.id, disk, jobs, result) for disk in journaled.disks]
         finally:
             jobs.close()
-        if all(d.state in ("swapped", "copied", "committed", "clean") for d in journaled.disks):
+        if all(on_new):
             result.outcome = "reclaimed"
 
 
@@ -129,7 +128,7 @@ def _forward(job: JobContext, jobs: BlockJobsPort) -> None:
             job.log.info("live.pivoted", target=disk.target, to="new base")
     with job.step(Step.COMMIT):
         for disk in job.disks:
-            _commit(disk.target, jobs)
+            _commit(disk.target, disk.path, jobs)
             _record(job, disk, "committed")
             job.log.info("live.pivoted", target=disk.target, to=disk.path)
     with job.step(Step.CLEANUP):
@@ -142,7 +141,7 @@ def _undo_snapshot(job: JobContext, jobs: BlockJobsPort) -> None:
     """Commit overlay 1 back into the untouched base; the guest runs on its image again."""
     for disk in job.disks:
         try:
-            _commit(disk.target, jobs)
+            _commit(disk.target, disk.path, jobs)
         except VirtError as exc:
             raise JobUnfinished(
                 f"{disk.target}: could not commit the snapshot back: {exc}"
@@ -168,19 +167,31 @@ def _copy_onto_new_base(base: str, overlay: str, target: str, jobs: BlockJobsPor
         raise
     new.close()
     jobs.copy_shallow(target, overlay)
-    _pivot_when_ready(target, jobs, "copy")
+    _pivot_when_ready(target, jobs, "copy", overlay)
 
 
-def _commit(target: str, jobs: BlockJobsPort) -> None:
+def _commit(target: str, into: str, jobs: BlockJobsPort) -> None:
     jobs.commit_active(target)
-    _pivot_when_ready(target, jobs, "commit")
+    _pivot_when_ready(target, jobs, "commit", into)
 
 
-def _pivot_when_ready(target: str, jobs: BlockJobsPort, what: str) -> None:
+def _pivot_when_ready(target: str, jobs: BlockJobsPort, what: str, top: str) -> None:
+    """Pivot once ready, then read the chain back: a pivot libvirt accepted may not take.
+
+    Raises:
+        JobFailed: The job was not ready in time (it is aborted).
+        VirtError: After the pivot the disk does not run on ``top``.
+    """
     if not jobs.wait_ready(target, READY_TIMEOUT_S):
         jobs.abort(target)
         raise JobFailed(f"{target}: the {what} was not ready within {READY_TIMEOUT_S:g} s")
     jobs.pivot(target)
+    now = jobs.disk_source(target, live=True)
+    if now != top:
+        raise VirtError(
+            f"{target}: after the pivot of the {what} the disk runs on {now}, not {top}; "
+            f"every file is left in place (see 'virsh domblklist' and 'virsh blockjob')"
+        )
 
 
 def _remove_overlays(image: str, job_id: str) -> None:
@@ -193,60 +204,143 @@ def _record(job: JobContext, disk: DiskWork, state: str) -> None:
         job.journal.record_disk(job.job_id, disk.target, state=state)
 
 
-def recover_disk(job_id: str, disk: JournalDisk, jobs: BlockJobsPort, result: Recovered) -> None:
-    """Bring one disk of a dead live job to a clean chain on its original path."""
-    overlay1, overlay2 = (overlay_path(disk.path, job_id, n) for n in (1, 2))
-    _end_left_job(disk.target, jobs, result)
-    source = jobs.disk_source(disk.target, live=True)
-    temp_left = os.path.exists(disk.temp_path)
-    # The rename is the only step that changes the base: done once "swapping" left no temp.
-    swapped = disk.state in ("swapped", "copied", "committed", "clean") or (
-        disk.state == "swapping" and not temp_left
-    )
-    if temp_left:
+def recover_disk(job_id: str, disk: JournalDisk, jobs: BlockJobsPort, result: Recovered) -> bool:
+    """Bring one disk of a dead live job to a clean chain on its original path.
+
+    What is done follows what is seen (both definitions, the block job, the files and
+    which file QEMU reads), not the journaled step alone: a kill can land in the middle
+    of any step. A block job left running is ended where it was going and waited for;
+    the chain is then finished (the new image was renamed over the base) or undone
+    (it was not); the result is read back; only then are the job's files removed, and
+    never one a definition names or a process holds open.
+
+    Returns:
+        True when the disk ends on its new image, False when on the original.
+
+    Raises:
+        VirtError: The chain could not be brought back to the image alone (a pivot
+            refused or not taken): every file is left in place, and the message says
+            what an operator can run.
+    """
+    ours = _our_files(disk, job_id)
+    found = _observe(disk, jobs, ours)
+    result.found.append(found)
+    if found.block_job is not None:
+        _end_left_job(disk.target, jobs, result)
+        found = _observe(disk, jobs, ours)
+    if os.path.exists(disk.temp_path):
         killed = process.kill_qemu_img_holding(disk.temp_path)
-        imagefile.remove_quietly(disk.temp_path)
-        result.actions.append(f"{disk.target}: removed {disk.temp_path}" + (
-            f" (killed qemu-img {killed})" if killed else ""))  # fmt: skip
-    if source == overlay1:
-        if not swapped:
-            # Not swapped: the base is the untouched original; commit back into it.
-            _commit(disk.target, jobs)
+        if killed:
+            result.actions.append(f"{disk.target}: killed qemu-img {killed} still using "
+                                  f"{disk.temp_path}")  # fmt: skip
+    overlay1, overlay2 = ours[1], ours[2]
+    chain = found.live_chain
+    # At the start, a chain of the image alone is either untouched or already committed.
+    on_new = disk.state in _REWRITE_VERIFIED and not os.path.exists(disk.temp_path)
+    if chain == (overlay1, disk.path):
+        if not found.swapped:
+            # The base is the untouched original: undo.
+            _commit(disk.target, disk.path, jobs)
+            on_new = False
             result.actions.append(f"{disk.target}: committed the snapshot back into {disk.path}")
-        else:
+        elif disk.state in _REWRITE_VERIFIED:
             _copy_onto_new_base(disk.path, overlay2, disk.target, jobs)
-            _commit(disk.target, jobs)
+            _commit(disk.target, disk.path, jobs)
+            on_new = True
             result.actions.append(f"{disk.target}: finished the swap onto the new image")
-    elif source == overlay2:
-        _commit(disk.target, jobs)
+        else:
+            raise VirtError(
+                f"{disk.target}: {disk.path} is no longer the file the guest reads, but the "
+                f"job never got to swap it (state {disk.state}): left as it is"
+            )
+    elif chain == (overlay2, disk.path):
+        _commit(disk.target, disk.path, jobs)
+        on_new = True
         result.actions.append(f"{disk.target}: committed overlay 2 into {disk.path}")
-    elif source != disk.path:
-        result.actions.append(f"{disk.target}: left as it is, on {source} (not ours)")
-        return
-    for path in (overlay1, overlay2):
-        if imagefile.remove_quietly(path):
+    elif chain != (disk.path,):
+        result.actions.append(f"{disk.target}: left as it is, on {' -> '.join(map(str, chain))} "
+                              "(not a chain this job made)")  # fmt: skip
+        return False
+    _wait_for_persistent(disk, jobs, result)
+    for path in ours:
+        if _remove_unused(path, disk, jobs):
             result.actions.append(f"{disk.target}: removed {path}")
-    _wait_for_persistent_source(disk, jobs, result)
+    return on_new
+
+
+# The journaled states at which the new image was checked and compared: only then may
+# the chain go forward onto it.
+_REWRITE_VERIFIED = frozenset({"swapping", "swapped", "copied", "committed", "clean"})
+# How long libvirt may take to write the persistent definition back after a pivot.
+PERSISTENT_TIMEOUT_S = 10.0
+
+
+def _our_files(disk: JournalDisk, job_id: str) -> tuple[str, str, str]:
+    """The temporary image and overlays 1 and 2 the job made (or would have) beside the image."""
+    return disk.temp_path, overlay_path(disk.path, job_id, 1), overlay_path(disk.path, job_id, 2)
+
+
+def _observe(disk: JournalDisk, jobs: BlockJobsPort, ours: tuple[str, ...]) -> DiskFound:
+    live = jobs.disk_chain(disk.target, live=True)
+    running = jobs.active_job(disk.target)
+    return DiskFound(
+        target=disk.target,
+        live_chain=live,
+        persistent_chain=jobs.disk_chain(disk.target, live=False),
+        block_job=running.type if running is not None else None,
+        files=tuple(p for p in ours if os.path.lexists(p)),
+        swapped=_swapped(disk.path) if disk.path in live else None,
+    )
+
+
+def _swapped(path: str) -> bool:
+    """Whether ``path`` now holds another file than the one QEMU reads through that name.
+
+    QEMU keeps its images open: while the original is in the chain, a QEMU holds the
+    very file at ``path``; once the new image was renamed over it, none does.
+    """
+    return not any(comm.startswith(_QEMU) for _, comm in process.holders_of(path))
+
+
+_QEMU = ("qemu-system", "qemu-kvm")
+
+
+def _remove_unused(path: str, disk: JournalDisk, jobs: BlockJobsPort) -> bool:
+    """Delete ``path`` unless a definition names it or a process holds it open."""
+    if not os.path.lexists(path):
+        return False
+    named = set(jobs.disk_chain(disk.target, live=True)) | set(
+        jobs.disk_chain(disk.target, live=False)
+    )
+    if path in named or process.holders_of(path):
+        return False
+    return imagefile.remove_quietly(path)
 
 
 def _end_left_job(target: str, jobs: BlockJobsPort, result: Recovered) -> None:
-    """A copy or commit the dead job started: let it end where it was going."""
+    """A copy or commit the dead job started: let it end where it was going, then see."""
     running = jobs.active_job(target)
     if running is None:
         return
-    if jobs.wait_ready(target, READY_TIMEOUT_S):
-        jobs.pivot(target)
-        result.actions.append(f"{target}: pivoted the {running.type} left running")
-    else:
+    if not jobs.wait_ready(target, READY_TIMEOUT_S):
         jobs.abort(target)
         result.actions.append(f"{target}: aborted the {running.type} left running")
+        return
+    try:
+        jobs.pivot(target)
+    except NoBlockJob:
+        # The dead job's own pivot was under way and ended first.
+        result.actions.append(f"{target}: the {running.type} left running ended by itself")
+        return
+    result.actions.append(f"{target}: pivoted the {running.type} left running")
 
 
-def _wait_for_persistent_source(disk: JournalDisk, jobs: BlockJobsPort, result: Recovered) -> None:
-    """Libvirt writes the persistent XML back after a pivot; say so if it does not."""
-    deadline = time.monotonic() + 10
-    while jobs.disk_source(disk.target, live=False) not in (disk.path, None):
+def _wait_for_persistent(disk: JournalDisk, jobs: BlockJobsPort, result: Recovered) -> None:
+    """Libvirt writes the persistent definition back after a pivot; wait for it, bounded."""
+    deadline = time.monotonic() + PERSISTENT_TIMEOUT_S
+    while (chain := jobs.disk_chain(disk.target, live=False)) not in ((disk.path,), ()):
         if time.monotonic() > deadline:
-            result.actions.append(f"{disk.target}: the persistent XML still names another image")
+            result.actions.append(f"{disk.target}: the persistent definition still names "
+                                  f"{' -> '.join(map(str, chain))}")  # fmt: skip
             return
         time.sleep(0.1)

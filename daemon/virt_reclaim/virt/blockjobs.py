@@ -232,13 +232,25 @@ class BlockJobs:
         Raises:
             VirtError: The XML cannot be read.
         """
+        chain = self.disk_chain(target, live=live)
+        return chain[0] if chain else None
+
+    def disk_chain(self, target: str, *, live: bool) -> tuple[str | None, ...]:
+        """The disk's images in the live or the persistent XML, top first, then its backing stores.
+
+        Returns:
+            The paths (None for a layer without one); empty when there is no such disk.
+
+        Raises:
+            VirtError: The XML cannot be read.
+        """
         flags = 0 if live else libvirt.VIR_DOMAIN_XML_INACTIVE
         which = "live" if live else "persistent"
         xml = self._domain._call(f"read the {which} XML", lambda d: d.XMLDesc(flags))
         for disk in parse_domain(xml).disks:
             if disk.target == target:
-                return disk.source
-        return None
+                return (disk.source, *(layer.source for layer in disk.backing))
+        return ()
 
     def _start(self, target: str, job_type: int, what: str, fn: Callable[[Any], Any]) -> None:
         # Expect the job before starting it: its READY can arrive before the call returns.
