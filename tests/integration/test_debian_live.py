@@ -21,7 +21,14 @@ import pytest
 
 from testbed import data
 from testbed.debian import DATA_DIR, DebianGuest
-from testbed.live import Ticker, assert_reclaimed_live, guest_writing, largest_gap, witnessed
+from testbed.live import (
+    Ticker,
+    assert_reclaimed_live,
+    guest_writing,
+    kill_live_jobs_at_random,
+    largest_gap,
+    witnessed,
+)
 from testbed.reclaim import leftovers, offline_size, qemu_img_check_clean, reclaim, sources
 
 # Alone (serial): the bar is the job's own effect on the guest. With two busybox live
@@ -94,6 +101,37 @@ def test_live_reclaim_of_a_writing_debian_guest_frees_as_offline_would_without_a
     # Before the restart: the kernel log of the guest that lived through the job.
     assert guest.health_problems() == []
 
+    sums = data.checksums(guest, DATA_DIR)
+    assert len([p for p in sums if p.startswith(f"{DATA_DIR}/w/")]) == written
+    guest.shutdown()
+    qemu_img_check_clean(image)
+    guest.start()
+    assert data.checksums(guest, DATA_DIR) == sums
+    assert guest.health_problems() == []
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_of_live_jobs_on_debian_then_recover(
+    make_debian_guest: Callable[..., DebianGuest], tmp_path: Path
+) -> None:
+    """Slow tier (3-5 min): five live jobs on Debian killed at random moments, then recover.
+
+    The same as the busybox guest's (testbed.live.kill_live_jobs_at_random), with
+    Debian's own agent, systemd and a partitioned root disk; healthy and with every file
+    the same after a cold restart.
+    """
+    guest = make_debian_guest(discard=True)
+    guest.exec(f"mkdir -p {DATA_DIR}")
+    data.write_text(guest, f"{DATA_DIR}/app.log", 30)
+    image = guest.data_image
+    with guest_writing(guest, DATA_DIR) as writer:
+        writer.wait_for_files(2)
+        kill_live_jobs_at_random(
+            guest, tmp_path / "state",
+            lambda: data.write_deleted_random(guest, 32, "/var/tmp/garbage.bin"),
+        )  # fmt: skip
+        written = writer.stop()
+    assert guest.health_problems() == []
     sums = data.checksums(guest, DATA_DIR)
     assert len([p for p in sums if p.startswith(f"{DATA_DIR}/w/")]) == written
     guest.shutdown()

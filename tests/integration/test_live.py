@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,9 +20,15 @@ import pytest
 
 from testbed import data
 from testbed.guests import Guest, restart_libvirtd
-from testbed.live import Ticker, assert_reclaimed_live, guest_writing, largest_gap, witnessed
+from testbed.live import (
+    Ticker,
+    assert_reclaimed_live,
+    guest_writing,
+    kill_live_jobs_at_random,
+    largest_gap,
+    witnessed,
+)
 from testbed.reclaim import (
-    chains,
     image_info,
     killed_if_left_running,
     leftovers,
@@ -157,60 +160,23 @@ def test_sigkill_before_each_live_step_then_recover(
     assert data.checksums(guest) == sums
 
 
-# Kills at random moments: `make test` takes 5, `make test-slow` 20 (VR_RANDOM_KILLS); the
-# seed makes a failure reproducible (VR_RANDOM_KILL_SEED, printed with each delay).
-RANDOM_KILLS = int(os.environ.get("VR_RANDOM_KILLS", "5"))
-RANDOM_KILL_SEED = int(os.environ.get("VR_RANDOM_KILL_SEED", "20261203"))
-
-
 def test_sigkill_at_random_moments_of_live_jobs_then_recover(
     make_guest: Callable[..., Guest], tmp_path: Path
 ) -> None:
     """Slow (1-2 min): a live job, then VR_RANDOM_KILLS more, each killed at a random moment.
 
-    The moment is uniform over twice the first job's measured duration, so kills land inside
-    steps (a convert or compare reading, a block job running, a pivot asked for), not
-    at their starts. The guest writes fsync'ed files throughout.
+    See testbed.live.kill_live_jobs_at_random. The guest writes fsync'ed files throughout;
+    every file is the same after a final cold restart.
     """
-    rng = random.Random(RANDOM_KILL_SEED)
     guest = make_guest(data_size="256M", discard=True)
     data.write_text(guest, "/data/app.log", 48)
     image = guest.data_image
-    state = tmp_path / "state"
-    options = ("--live", "--min-gain", "0", "--state-dir", str(state))
-    outcomes = []
     with guest_writing(guest) as writer:
         writer.wait_for_files(2)
-        data.write_deleted_random(guest, 16)
-        began = time.monotonic()
-        first = reclaim(guest.name, *options)
-        assert_reclaimed_live(first)
-        # The process starts (Python, libvirt) before the job does: kills are drawn over the
-        # job. The next jobs, into an image the guest keeps writing, took up to twice as long.
-        startup = time.monotonic() - began - first.result["duration_s"]
-        duration = 2 * first.result["duration_s"]
-        for attempt in range(RANDOM_KILLS):
-            data.write_deleted_random(guest, 16)
-            delay = startup + rng.uniform(0, duration)
-            with killed_if_left_running(start_reclaim(guest.name, *options)) as job:
-                try:
-                    job.wait(timeout=delay)
-                except subprocess.TimeoutExpired:
-                    job.send_signal(signal.SIGKILL)
-                job.communicate(timeout=60)
-            recovered = recover_json(state, timeout=600)
-            where = (
-                f"attempt {attempt}, killed {delay:.2f} s in (seed {RANDOM_KILL_SEED}): {recovered}"
-            )
-            outcomes.append((round(delay, 2), [(r["step"], r["outcome"]) for r in recovered]))
-            assert [r["outcome"] for r in recovered] in ([], ["reclaimed"], ["failed"]), where
-            assert guest.is_running(), where
-            assert chains(guest) == ((str(image),), (str(image),)), where
-            assert guest.dom.blockJobInfo("vda", 0) == {}, where
-            assert leftovers(image.parent) == [], where
-            assert recover_json(state, timeout=600) == [], f"{where}: a second recover found work"
+        kill_live_jobs_at_random(
+            guest, tmp_path / "state", lambda: data.write_deleted_random(guest, 16)
+        )
         written = writer.stop()
-    print(f"\nrandom kills over a {duration:.1f} s job: {outcomes}; {written} files written")
     sums = data.checksums(guest)
     assert len([p for p in sums if p.startswith("/data/w/")]) == written
     guest.restart()

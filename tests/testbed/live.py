@@ -10,14 +10,27 @@ from __future__ import annotations
 import base64
 import contextlib
 import itertools
+import os
+import random
+import signal
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import libvirt
 
 from testbed.guests import URI, Guest, GuestError
-from testbed.reclaim import RunResult
+from testbed.reclaim import (
+    RunResult,
+    chains,
+    killed_if_left_running,
+    leftovers,
+    reclaim,
+    recover_json,
+    start_reclaim,
+)
 from virt_reclaim.virt import start_event_loop
 
 _BLOCK_JOB_STATUS = {
@@ -222,3 +235,57 @@ def assert_reclaimed_live(run: RunResult) -> None:
     assert run.result["mode"] == "live"
     assert run.result["downtime_s"] == 0
     assert [e["step"] for e in run.events("step.finished")] == LIVE_STEPS
+
+
+# Kills at random moments: `make test` takes 5 on the busybox guest, `make test-slow` 20 on
+# it and 5 on Debian (VR_RANDOM_KILLS); the seed makes a failure reproducible
+# (VR_RANDOM_KILL_SEED, printed with each delay).
+RANDOM_KILLS = int(os.environ.get("VR_RANDOM_KILLS", "5"))
+RANDOM_KILL_SEED = int(os.environ.get("VR_RANDOM_KILL_SEED", "20261203"))
+
+
+def kill_live_jobs_at_random(
+    guest: Guest, state: Path, dirty: Callable[[], None], kills: int = RANDOM_KILLS
+) -> list[tuple[float, list[tuple[str, str]]]]:
+    """One live job, measured, then ``kills`` more, each SIGKILLed at a random moment.
+
+    The moment is uniform over twice the first job's duration (later jobs, into an image
+    the guest keeps writing, took up to twice as long), after the process's own start:
+    kills land inside steps (a convert or compare reading, a block job running, a pivot
+    asked for), not at their starts. ``dirty`` gives each job garbage to free. After each
+    kill ``recover`` must end the job: the domain running, both definitions naming the
+    image alone, no block job, none of the job's files, and a second recover idle.
+
+    Returns:
+        Per kill: its delay and the (step, outcome) of each job recovered.
+    """
+    rng = random.Random(RANDOM_KILL_SEED)
+    image = guest.data_image
+    options = ("--live", "--min-gain", "0", "--state-dir", str(state))
+    dirty()
+    began = time.monotonic()
+    first = reclaim(guest.name, *options)
+    assert_reclaimed_live(first)
+    startup = time.monotonic() - began - first.result["duration_s"]
+    window = 2 * first.result["duration_s"]
+    outcomes = []
+    for attempt in range(kills):
+        dirty()
+        delay = startup + rng.uniform(0, window)
+        with killed_if_left_running(start_reclaim(guest.name, *options)) as job:
+            try:
+                job.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                job.send_signal(signal.SIGKILL)
+            job.communicate(timeout=60)
+        recovered = recover_json(state, timeout=600)
+        where = f"kill {attempt}, {delay:.2f} s in (seed {RANDOM_KILL_SEED}): {recovered}"
+        outcomes.append((round(delay, 2), [(r["step"], r["outcome"]) for r in recovered]))
+        assert [r["outcome"] for r in recovered] in ([], ["reclaimed"], ["failed"]), where
+        assert guest.is_running(), where
+        assert chains(guest) == ((str(image),), (str(image),)), where
+        assert guest.dom.blockJobInfo("vda", 0) == {}, where
+        assert leftovers(image.parent) == [], where
+        assert recover_json(state, timeout=600) == [], f"{where}: a second recover found work"
+    print(f"\nrandom kills over a {window:.1f} s window: {outcomes}")
+    return outcomes
