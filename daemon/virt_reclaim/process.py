@@ -199,6 +199,14 @@ def holders_of(path: str) -> list[tuple[int, str]]:
     return [(pid, _comm(pid)) for pid in _pids() if wanted in _open_files(pid)]
 
 
+def any_named(prefixes: tuple[str, ...]) -> bool:
+    """Whether a process whose command name starts with one of ``prefixes`` can be seen.
+
+    Under the unit's ProtectProc=invisible, other users' processes (QEMU's) are not.
+    """
+    return any(_comm(pid).startswith(prefixes) for pid in _pids())
+
+
 def _pids() -> list[int]:
     return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()
             and int(entry) != os.getpid()]  # fmt: skip

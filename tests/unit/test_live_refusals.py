@@ -14,10 +14,12 @@ from typing import Any
 import pytest
 
 from fakes import FakeDisk, FakeDomain, linux_fs, make_image
+from virt_reclaim import process
 from virt_reclaim.job import JobSettings, Outcome, ReclaimJob
-from virt_reclaim.journal import Journal
+from virt_reclaim.journal import Journal, JournalDisk
 from virt_reclaim.livecheck import host_refusal
 from virt_reclaim.model import BlockJob, DomainState, HostVersions, version_text
+from virt_reclaim.modes import live
 from virt_reclaim.qemu_img import QemuImg
 
 MIB = 1024 * 1024
@@ -105,3 +107,33 @@ def test_the_floor_itself_is_enough() -> None:
     assert host_refusal(HostVersions(6_000_000, 5_001_000)) is None
     assert version_text(9_000_000) == "9.0.0"
     assert version_text(7_002_010) == "7.2.10"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("qemu-system-x86", True, "swapped", False, False),  # QEMU reads the very file
+        (None, True, "snapshotted", True, True),  # QEMU holds another: the rename came
+        (None, False, "swapping", False, True),  # QEMU hidden: the journal's word
+        (None, False, "swapping", True, False),
+        (None, False, "snapshotted", False, False),
+    ],
+)
+def test_live_recovery_sees_the_swap_in_what_qemu_holds_or_else_in_the_journal(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    case: tuple[str | None, bool, str, bool, bool],
+) -> None:
+    """Under ProtectProc=invisible the service cannot see QEMU's open files.
+
+    A case: who holds the image's file, whether QEMU's processes can be seen, the
+    journaled state, whether the temporary image is left, and the swap seen.
+    """
+    held_by, qemu_visible, state, temp_left, swapped = case
+    temp = tmp_path / ".disk.tmp"
+    if temp_left:
+        temp.write_bytes(b"")
+    disk = JournalDisk("vda", str(tmp_path / "disk.qcow2"), str(temp), None, state)
+    monkeypatch.setattr(process, "holders_of", lambda _p: [(1, held_by)] if held_by else [])
+    monkeypatch.setattr(process, "any_named", lambda _prefixes: qemu_visible)
+    assert live._swapped(disk) is swapped

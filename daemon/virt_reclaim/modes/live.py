@@ -289,17 +289,24 @@ def _observe(disk: JournalDisk, jobs: BlockJobsPort, ours: tuple[str, ...]) -> D
         persistent_chain=jobs.disk_chain(disk.target, live=False),
         block_job=running.type if running is not None else None,
         files=tuple(p for p in ours if os.path.lexists(p)),
-        swapped=_swapped(disk.path) if disk.path in live else None,
+        swapped=_swapped(disk) if disk.path in live else None,
     )
 
 
-def _swapped(path: str) -> bool:
-    """Whether ``path`` now holds another file than the one QEMU reads through that name.
+def _swapped(disk: JournalDisk) -> bool:
+    """Whether the image's path now holds another file than the one QEMU reads through it.
 
     QEMU keeps its images open: while the original is in the chain, a QEMU holds the
-    very file at ``path``; once the new image was renamed over it, none does.
+    very file at the path; once the new image was renamed over it, none does. Where
+    QEMU's processes cannot be seen (the service's ProtectProc=invisible hides other
+    users' processes), the journal decides: the rename came once "swapping" was
+    recorded and the temporary image is gone.
     """
-    return not any(comm.startswith(_QEMU) for _, comm in process.holders_of(path))
+    if any(comm.startswith(_QEMU) for _, comm in process.holders_of(disk.path)):
+        return False
+    if process.any_named(_QEMU):
+        return True
+    return disk.state in _REWRITE_VERIFIED and not os.path.exists(disk.temp_path)
 
 
 _QEMU = ("qemu-system", "qemu-kvm")
