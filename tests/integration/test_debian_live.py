@@ -51,6 +51,22 @@ def around_largest_gap(ticks: list[float], width: int = 3) -> list[float]:
     return ticks[max(0, at - width) : at + width + 2]
 
 
+def assert_healthy_and_intact_after_a_cold_restart(guest: DebianGuest, written: int) -> None:
+    """Healthy now and after a cold restart, with every file the same after it.
+
+    Checked first on the guest that lived through the jobs (its kernel log); ``written``
+    is how many files the writer made meanwhile.
+    """
+    assert guest.health_problems() == []
+    sums = data.checksums(guest, DATA_DIR)
+    assert len([p for p in sums if p.startswith(f"{DATA_DIR}/w/")]) == written
+    guest.shutdown()
+    qemu_img_check_clean(guest.data_image)
+    guest.start()
+    assert data.checksums(guest, DATA_DIR) == sums
+    assert guest.health_problems() == []
+
+
 def test_live_reclaim_of_a_writing_debian_guest_frees_as_offline_would_without_a_stall(
     make_debian_guest: Callable[..., DebianGuest], tmp_path: Path
 ) -> None:
@@ -98,16 +114,7 @@ def test_live_reclaim_of_a_writing_debian_guest_frees_as_offline_would_without_a
     assert now <= 1.05 * offline, (now, offline)
     assert sources(guest) == (str(image), str(image))
     assert leftovers(image.parent) == []
-    # Before the restart: the kernel log of the guest that lived through the job.
-    assert guest.health_problems() == []
-
-    sums = data.checksums(guest, DATA_DIR)
-    assert len([p for p in sums if p.startswith(f"{DATA_DIR}/w/")]) == written
-    guest.shutdown()
-    qemu_img_check_clean(image)
-    guest.start()
-    assert data.checksums(guest, DATA_DIR) == sums
-    assert guest.health_problems() == []
+    assert_healthy_and_intact_after_a_cold_restart(guest, written)
 
 
 @pytest.mark.slow
@@ -123,7 +130,6 @@ def test_sigkill_at_random_moments_of_live_jobs_on_debian_then_recover(
     guest = make_debian_guest(discard=True)
     guest.exec(f"mkdir -p {DATA_DIR}")
     data.write_text(guest, f"{DATA_DIR}/app.log", 30)
-    image = guest.data_image
     with guest_writing(guest, DATA_DIR) as writer:
         writer.wait_for_files(2)
         kill_live_jobs_at_random(
@@ -131,11 +137,4 @@ def test_sigkill_at_random_moments_of_live_jobs_on_debian_then_recover(
             lambda: data.write_deleted_random(guest, 32, "/var/tmp/garbage.bin"),
         )  # fmt: skip
         written = writer.stop()
-    assert guest.health_problems() == []
-    sums = data.checksums(guest, DATA_DIR)
-    assert len([p for p in sums if p.startswith(f"{DATA_DIR}/w/")]) == written
-    guest.shutdown()
-    qemu_img_check_clean(image)
-    guest.start()
-    assert data.checksums(guest, DATA_DIR) == sums
-    assert guest.health_problems() == []
+    assert_healthy_and_intact_after_a_cold_restart(guest, written)
