@@ -106,6 +106,7 @@ def assert_same_after_cold_restart(guest: Guest, sums: dict[str, str]) -> None:
 
 
 def test_live_recompression_ends_on_the_original_image(make_guest: Callable[..., Guest]) -> None:
+    """Slow (30-60 s): the whole live sequence by hand, a writer in the guest, a cold restart."""
     guest = make_guest(data_size="512M", discard=True)
     data.write_text(guest, "/data/app.log", 64)
     data.write_random(guest, "/data/blob.bin", 8)
