@@ -252,7 +252,8 @@ def test_commit_of_an_overlay_disk_leaves_its_backing_file_alone(
         with BlockJobs(hypervisor.domain(guest.name)) as late:
             start = time.monotonic()
             assert late.wait_ready("vda", READY_TIMEOUT_S)
-            assert time.monotonic() - start < 2
+            # Seconds (a poll every BLOCK_JOB_POLL_S, on a loaded host), not READY_TIMEOUT_S.
+            assert time.monotonic() - start < 10
             late.pivot("vda")
         assert jobs.disk_source("vda", live=True) == str(guest.data_image)
         assert jobs.active_job("vda") is None
@@ -349,7 +350,8 @@ def test_a_job_that_is_not_ready_in_time_is_false_then_aborted(
 
         start = time.monotonic()
         assert jobs.wait_ready("vda", 1.0) is False
-        assert 1.0 <= time.monotonic() - start < 3
+        # Its own timeout, give or take a loaded host's scheduling.
+        assert 1.0 <= time.monotonic() - start < 10
         job = jobs.active_job("vda")
         assert job is not None
         assert (job.type, job.bandwidth) == ("copy", 64 * 1024)
