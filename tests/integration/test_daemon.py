@@ -47,9 +47,9 @@ def every_minute(name: str, domains: list[str], **extra: str) -> str:
         "schedule.cron": '"* * * * *"',
         "schedule.window": '"10m"',
         "idle.duration": '"5s"',
-        # A TCG guest doing nothing uses a few percent of a core for its timers.
-        # An idle TCG guest uses a few percent of a core; the spinning one at least a third
-        # even when four test workers share two cores (at 30 % it once passed for idle).
+        # An idle TCG guest uses a few percent of a core for its timers; the spinning one
+        # at least a third even when four test workers share two cores (at 30 % it once
+        # passed for idle).
         "idle.cpu_percent": "15",
         "shutdown.timeout": '"60s"',
         "rewrite.min_gain": '"0"',
