@@ -46,6 +46,11 @@ class DiskSpec:
     detect_zeroes: str | None = None
 
     @property
+    def chain(self) -> tuple[str | None, ...]:
+        """The disk's images, top first, then its backing stores (None for one without a path)."""
+        return (self.source, *(layer.source for layer in self.backing))
+
+    @property
     def zeros_become_holes(self) -> bool:
         """True when QEMU turns zeros the guest writes into holes (no host space used)."""
         return self.detect_zeroes in ("on", "unmap")

@@ -110,8 +110,11 @@ class NewImage:
 
     def is_named(self) -> bool:
         """Whether ``path`` still names this file (not a link, not a replacement)."""
+        return self._names_this(self.path)
+
+    def _names_this(self, name: str) -> bool:
         try:
-            st = os.lstat(self.path)
+            st = os.lstat(name)
         except FileNotFoundError:
             return False
         return (st.st_dev, st.st_ino) == self._identity
@@ -129,8 +132,7 @@ class NewImage:
             NotOurs: ``path`` no longer named this file; nothing is left at ``other``.
         """
         os.link(self.path, other, follow_symlinks=False)
-        st = os.lstat(other)
-        if (st.st_dev, st.st_ino) != self._identity:
+        if not self._names_this(other):
             os.unlink(other)
             raise NotOurs(f"{self.path} is no longer the file this job created")
 

@@ -108,16 +108,10 @@ def image_info(path: Path) -> dict[str, Any]:
     return info
 
 
-def sources(guest: Guest) -> tuple[str, str]:
+def sources(guest: Guest) -> tuple[str | None, str | None]:
     """The disk's source in the live and in the persistent XML."""
-    live = guest.dom.XMLDesc(0)
-    persistent = guest.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-
-    def source(xml: str) -> str:
-        start = xml.index("<source file='") + len("<source file='")
-        return xml[start : xml.index("'", start)]
-
-    return source(live), source(persistent)
+    live, persistent = chains(guest)
+    return live[0], persistent[0]
 
 
 def chains(guest: Guest, target: str = "vda") -> tuple[tuple[str | None, ...], ...]:
@@ -125,7 +119,7 @@ def chains(guest: Guest, target: str = "vda") -> tuple[tuple[str | None, ...], .
     found = []
     for flags in (0, libvirt.VIR_DOMAIN_XML_INACTIVE):
         [disk] = [d for d in parse_domain(guest.dom.XMLDesc(flags)).disks if d.target == target]
-        found.append((disk.source, *(layer.source for layer in disk.backing)))
+        found.append(disk.chain)
     return tuple(found)
 
 

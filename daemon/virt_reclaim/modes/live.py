@@ -236,7 +236,7 @@ def recover_disk(job_id: str, disk: JournalDisk, jobs: BlockJobsPort, result: Re
     overlay1, overlay2 = ours[1], ours[2]
     chain = found.live_chain
     # At the start, a chain of the image alone is either untouched or already committed.
-    on_new = disk.state in _REWRITE_VERIFIED and not os.path.exists(disk.temp_path)
+    on_new = _journal_says_swapped(disk)
     if chain == (overlay1, disk.path):
         if not found.swapped:
             # The base is the untouched original: undo.
@@ -262,8 +262,9 @@ def recover_disk(job_id: str, disk: JournalDisk, jobs: BlockJobsPort, result: Re
                               "(not a chain this job made)")  # fmt: skip
         return False
     _wait_for_persistent(disk, jobs, result)
+    named = set(jobs.disk_chain(disk.target, live=True) + jobs.disk_chain(disk.target, live=False))
     for path in ours:
-        if _remove_unused(path, disk, jobs):
+        if _remove_unused(path, named):
             result.actions.append(f"{disk.target}: removed {path}")
     return on_new
 
@@ -306,20 +307,20 @@ def _swapped(disk: JournalDisk) -> bool:
         return False
     if process.any_named(_QEMU):
         return True
+    return _journal_says_swapped(disk)
+
+
+def _journal_says_swapped(disk: JournalDisk) -> bool:
+    """The journal's account of the rename: "swapping" (or later) recorded, the temp gone."""
     return disk.state in _REWRITE_VERIFIED and not os.path.exists(disk.temp_path)
 
 
 _QEMU = ("qemu-system", "qemu-kvm")
 
 
-def _remove_unused(path: str, disk: JournalDisk, jobs: BlockJobsPort) -> bool:
-    """Delete ``path`` unless a definition names it or a process holds it open."""
-    if not os.path.lexists(path):
-        return False
-    named = set(jobs.disk_chain(disk.target, live=True)) | set(
-        jobs.disk_chain(disk.target, live=False)
-    )
-    if path in named or process.holders_of(path):
+def _remove_unused(path: str, named: set[str | None]) -> bool:
+    """Delete ``path`` unless a definition names it (``named``) or a process holds it open."""
+    if not os.path.lexists(path) or path in named or process.holders_of(path):
         return False
     return imagefile.remove_quietly(path)
 

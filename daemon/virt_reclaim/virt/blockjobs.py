@@ -249,7 +249,7 @@ class BlockJobs:
         xml = self._domain._call(f"read the {which} XML", lambda d: d.XMLDesc(flags))
         for disk in parse_domain(xml).disks:
             if disk.target == target:
-                return (disk.source, *(layer.source for layer in disk.backing))
+                return disk.chain
         return ()
 
     def _start(self, target: str, job_type: int, what: str, fn: Callable[[Any], Any]) -> None:
