@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from testbed.guests import (
+    FAST_BOOT,
     RUN_DIR,
     SAVED_DIR,
     TESTBED_DIR,
@@ -52,7 +53,7 @@ def debian_domain_xml(name: str, disk: Path, *, discard: bool, console_log: Path
     """TCG, 512 MiB, one vCPU, direct kernel boot from vda1, an agent channel, serial to a file."""
     return domain_xml(
         name, disk, discard=discard, console_log=console_log, boot_dir=DEBIAN_DIR,
-        cmdline="root=/dev/vda1 console=ttyS0", memory_mib=512,
+        cmdline=f"root=/dev/vda1 console=ttyS0 {FAST_BOOT}", memory_mib=512,
     )  # fmt: skip
 
 

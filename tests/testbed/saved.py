@@ -44,7 +44,7 @@ _XML_FLAGS = (
     | libvirt.VIR_DOMAIN_XML_MIGRATABLE
 )  # fmt: skip
 # Bumped when what a saved state holds changes, so that older ones are made again.
-_FORMAT = "1"
+_FORMAT = "2"
 DEFER_DISK = "vr.defer_disk"
 
 
