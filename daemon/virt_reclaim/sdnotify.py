@@ -67,6 +67,14 @@ class Notifier:
         """The service is stopping."""
         self.send("STOPPING=1", f"STATUS={status}")
 
+    def extend_timeout(self, seconds: float) -> None:
+        """Ask for ``seconds`` more before systemd's start or stop timeout kills the service.
+
+        systemd (>= 236) counts from this message: a service that keeps sending it while
+        it makes progress is given the time it needs, one that goes silent is not.
+        """
+        self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
+
     def watchdog(self) -> None:
         """Tell the watchdog the main loop is alive."""
         self.send("WATCHDOG=1")

@@ -38,6 +38,12 @@ from virt_reclaim.wakeup import Flags, Wakeup
 # sysexits.h EX_CONFIG: the unit does not restart on it (RestartPreventExitStatus=78).
 EXIT_CONFIG = 78
 LOOP_TICK_S = 1.0
+# While jobs restore their guests at a stop, systemd's stop timeout (TimeoutStopSec) is
+# pushed this far ahead, again every third of it: a policy's shutdown timeout plus the
+# guest's restart can be longer than any fixed TimeoutStopSec. Past STOP_EXTEND_MAX_S the
+# daemon stops asking, and the unit's own timeout decides.
+STOP_EXTEND_S = 60.0
+STOP_EXTEND_MAX_S = 3600.0
 
 log = structlog.get_logger("virt_reclaim.service")
 
@@ -140,8 +146,14 @@ class Daemon:
             self._log_closed(self.windows.close(name, windows.STOPPING))
         self.scheduler.shutdown()
         self.workers.stop.set()
+        began = self.clock()
+        next_extend = began
         while self.running:
             # Jobs past their guest's shutdown finish or restore; keep the watchdog fed meanwhile.
+            now = self.clock()
+            if now >= next_extend and now - began < STOP_EXTEND_MAX_S:
+                self.notifier.extend_timeout(STOP_EXTEND_S)
+                next_extend = now + STOP_EXTEND_S / 3
             self.wakeup.wait(LOOP_TICK_S)
             self._drain_inbox()
             self._watchdog()

@@ -18,6 +18,7 @@ from testbed import data
 from testbed.daemon import DaemonProcess, NotifyListener, write_config
 from testbed.guests import URI, Guest, restart_libvirtd
 from testbed.reclaim import fake_qemu_img, leftovers, qemu_img_check_clean, wait_for_file
+from virt_reclaim.service import STOP_EXTEND_S
 
 pytestmark = pytest.mark.guest
 
@@ -132,6 +133,9 @@ def test_window_reclaims_idle_guests_by_gain_skips_the_busy_one_and_stops_safely
     keys = notify.keys()
     stopping = notify.wait_for("STOPPING", "1", after=ready)
     assert keys[ready:stopping].count("WATCHDOG") >= 2
+    # The job restoring its guest at the stop asked systemd for time beyond TimeoutStopSec.
+    notify.wait_for("EXTEND_TIMEOUT_USEC", str(int(STOP_EXTEND_S * 1_000_000)),
+                             after=stopping)  # fmt: skip
     assert any("reclaiming" in f.get("STATUS", "") for _at, f in notify.messages)
     notify.close()
 

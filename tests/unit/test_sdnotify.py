@@ -26,12 +26,14 @@ def test_messages_reach_the_socket(tmp_path: Path) -> None:
         notifier.reloading()
         notifier.watchdog()
         notifier.stopping("bye")
-        messages = [receive(sock) for _ in range(5)]
+        notifier.extend_timeout(60)
+        messages = [receive(sock) for _ in range(6)]
     assert messages[0] == {"READY": "1", "STATUS": "up", "MAINPID": str(os.getpid())}
     assert messages[1] == {"STATUS": "busy"}
     assert messages[2]["RELOADING"] == "1" and int(messages[2]["MONOTONIC_USEC"]) > 0
     assert messages[3] == {"WATCHDOG": "1"}
     assert messages[4] == {"STOPPING": "1", "STATUS": "bye"}
+    assert messages[5] == {"EXTEND_TIMEOUT_USEC": "60000000"}
     assert notifier.watchdog_s == 30.0
 
 
