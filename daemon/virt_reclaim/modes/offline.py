@@ -74,6 +74,14 @@ def recover_rewritten_disk(disk: JournalDisk, *, past_swap: bool, result: Recove
     killed = kill_qemu_img_holding(disk.temp_path)
     if killed:
         result.actions.append(f"killed qemu-img {killed} still writing {disk.temp_path}")
+    if imagefile.lock_held(disk.temp_path):
+        # A writer this process cannot see: under the unit's ProtectProc=invisible, a
+        # qemu-img that `run` started from a root shell. Its lock would also stop the guest.
+        raise VirtError(
+            f"{disk.temp_path} is still locked by a process this recovery cannot see or end "
+            "(a qemu-img started from a shell is hidden from the service): end it, or run "
+            "`virt-reclaim recover` as root from a shell"
+        )
     if imagefile.remove_quietly(disk.temp_path):
         result.actions.append(f"removed {disk.temp_path}; {disk.path} is the original")
     elif past_swap:
