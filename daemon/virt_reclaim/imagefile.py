@@ -203,7 +203,8 @@ def lock_held(path: str) -> bool:
         answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe)
     finally:
         os.close(fd)
-    return _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK
+    lock_type: int = _FLOCK.unpack(answer)[0]
+    return lock_type != fcntl.F_UNLCK
 
 
 def fsync_folder(folder: str) -> None:
