@@ -36,6 +36,7 @@ from virt_reclaim.results import (
     JobUnfinished,
     NothingToDo,
     Outcome,
+    SpaceTaken,
 )
 from virt_reclaim.settings import After, Compression, JobSettings, OnShutdownTimeout
 from virt_reclaim.units import format_bytes
@@ -138,8 +139,11 @@ class ReclaimJob:
         if job.journal is not None:
             job.journal.begin_job(job.job_id, job.domain.name, job.domain.uuid,
                                   settings.record(), mode=self.mode.name)  # fmt: skip
+        waits_for_space = False
         try:
             outcome, reason = self._run_steps()
+        except SpaceTaken as exc:
+            outcome, reason, waits_for_space = Outcome.SKIPPED, str(exc), True
         except JobSkipped as exc:
             outcome, reason = Outcome.SKIPPED, str(exc)
         except FreedInPlace as exc:
@@ -153,7 +157,9 @@ class ReclaimJob:
             return self._finish(outcome, reason, job.clock() - started, journal=False)
         except (JobFailed, VirtError, QemuImgError, GuardError, JournalError, OSError) as exc:
             outcome, reason = Outcome.FAILED, str(exc)
-        return self._finish(outcome, reason, job.clock() - started)
+        result = self._finish(outcome, reason, job.clock() - started)
+        result.waits_for_space = waits_for_space
+        return result
 
     def _run_steps(self) -> tuple[Outcome, str]:
         job = self.job

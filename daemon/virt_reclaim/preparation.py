@@ -17,7 +17,7 @@ from virt_reclaim.journal import JournalDisk
 from virt_reclaim.model import DomainState
 from virt_reclaim.ports import LiveDomainPort
 from virt_reclaim.qemu_img import ImageInfo
-from virt_reclaim.results import JobSkipped, NothingToDo, SkippedDisk
+from virt_reclaim.results import JobSkipped, NothingToDo, SkippedDisk, SpaceTaken
 from virt_reclaim.settings import Compression
 from virt_reclaim.units import format_bytes
 
@@ -360,4 +360,6 @@ def preflight(job: JobContext) -> None:
                 job.job_id, filesystem.device, filesystem.folder, need, fits
             )
         if problem is not None:
+            if fits(0) is None:  # it fits alone: the other jobs' reservations are in the way
+                raise SpaceTaken(problem)
             raise JobSkipped(problem)

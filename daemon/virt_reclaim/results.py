@@ -24,6 +24,13 @@ class JobSkipped(Exception):
     """The domain or its disks are not eligible; nothing was changed."""
 
 
+class SpaceTaken(JobSkipped):
+    """The job's writes fit on the host filesystem, but not beside other jobs' reservations.
+
+    Nothing was changed; the daemon queues the domain again for when those jobs end.
+    """
+
+
 class NothingToDo(Exception):
     """The estimated gain is below the minimum; nothing was changed."""
 
@@ -122,6 +129,8 @@ class JobResult:
     free_space: str | None
     free_space_plan: str | None = None  # the method chosen, and why ("none (...)")
     mode: str = "offline"
+    # Skipped only because other jobs hold the host's space reserved: worth another try.
+    waits_for_space: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object printed by ``run --json``."""

@@ -223,11 +223,15 @@ class Daemon:
                      estimated_s=round(candidate.estimated_s))  # fmt: skip
         self._write_metrics()  # the dry runs' estimates
 
-    def _on_job_done(self, uuid: str, outcome: str | None) -> None:
+    def _on_job_done(self, uuid: str, ended: workers.JobEnd) -> None:
         job = self.workers.job_done(uuid)
+        self.windows.job_ended()
         if job is not None:
-            log.info("job.ended", domain=job.domain, policy=job.policy, outcome=outcome,
+            log.info("job.ended", domain=job.domain, policy=job.policy, outcome=ended.outcome,
                      running_jobs=len(self.running))  # fmt: skip
+            if ended.waits_for_space and self.windows.wait_for_space(job.candidate, self.clock()):
+                log.info("job.waiting_for_space", domain=job.domain, policy=job.policy,
+                         retry_s=windows.SPACE_RETRY_S)  # fmt: skip
         self._write_metrics()
 
     # -- configuration --------------------------------------------------------------------

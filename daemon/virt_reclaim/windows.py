@@ -37,6 +37,9 @@ BUSY = "busy: "
 TIME_UP = "its time is up"
 STOPPING = "the daemon is stopping"
 GONE = "its policy or the domain is gone"
+# A candidate skipped because other jobs held the host's space reserved is tried again
+# when a job ends, or after this long (the space may be held by a `run` beside the daemon).
+SPACE_RETRY_S = 60.0
 
 
 @dataclass
@@ -133,6 +136,8 @@ class Windows:
         self.queue: list[Candidate] = []
         self.estimating: set[str] = set()
         self.late: dict[str, LateWindow] = {}
+        # Queued candidates waiting for the host's space, by uuid: not before this time.
+        self.held: dict[str, float] = {}
 
     def apply(self, policies: Sequence[Policy]) -> None:
         """After a reload: forget the windows (and their queue) of policies that are gone.
@@ -276,6 +281,23 @@ class Windows:
         self.queue = scheduler.queue_order([*self.queue, *fresh])
         return fresh
 
+    def wait_for_space(self, candidate: Candidate, now: float) -> bool:
+        """Queue ``candidate`` again, held until a job ends or SPACE_RETRY_S pass.
+
+        Its job was skipped only because other jobs held the host's space reserved.
+        False when its window has closed meanwhile (it is then not queued).
+        """
+        if candidate.policy not in self.open:
+            return False
+        if all(c.uuid != candidate.uuid for c in self.queue):
+            self.queue = scheduler.queue_order([*self.queue, candidate])
+        self.held[candidate.uuid] = now + SPACE_RETRY_S
+        return True
+
+    def job_ended(self) -> None:
+        """A job ended and gave back its reservations: those waiting for space may try."""
+        self.held.clear()
+
     def close_due(self, now: float) -> list[Closed]:
         """Close the windows whose time is up (not while their domains are being estimated)."""
         due = [n for n, w in self.open.items() if w.left(now) <= 0 and n not in self.estimating]
@@ -321,10 +343,13 @@ class Windows:
             policy = by_name.get(candidate.policy)
             view = domains.get(candidate.uuid)
             reason = _start_refusal(candidate, window, policy, view, running=running_now, now=now)
+            if reason is None and self.held.get(candidate.uuid, now) > now:
+                reason = "wait"
             if reason == "wait":
                 waiting.append(candidate)
                 continue
             decided.append((candidate, reason))
+            self.held.pop(candidate.uuid, None)
             if reason is None:
                 running_now.add(candidate.uuid)
             elif window is not None and reason.startswith(BUSY):

@@ -6,7 +6,7 @@
 
 ``Workers`` starts them and keeps track of the jobs; each thread reports its
 result by posting a message to the main loop (``("estimated", policy, candidates)``,
-``("job-done", uuid, outcome)``), always, even when it failed.
+``("job-done", uuid, JobEnd)``), always, even when it failed.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ class RunningJob:
     policy: str
     thread: threading.Thread
     started: float
+    candidate: Candidate
 
 
 class Workers:
@@ -90,15 +91,17 @@ class Workers:
         thread = threading.Thread(
             target=self._job, args=(candidate, policy, settings), name=f"job-{candidate.name}"
         )
-        self.running[candidate.uuid] = RunningJob(candidate.name, policy.name, thread, now)
+        self.running[candidate.uuid] = RunningJob(
+            candidate.name, policy.name, thread, now, candidate
+        )
         thread.start()
 
     def _job(self, candidate: Candidate, policy: Policy, settings: config.DaemonConfig) -> None:
-        outcome: str | None = None
+        ended = JobEnd(None, waits_for_space=False)
         try:
-            outcome = run_job(candidate, policy, settings, self.stop)
+            ended = run_job(candidate, policy, settings, self.stop)
         finally:
-            self._post("job-done", candidate.uuid, outcome)
+            self._post("job-done", candidate.uuid, ended)
 
     def job_done(self, uuid: str) -> RunningJob | None:
         """The job of ``uuid`` posted its end: forget it and join its thread."""
@@ -195,12 +198,21 @@ def _estimate_one(
     return scheduler.candidate(snap.name, snap.uuid, policy, disks, rate)
 
 
+@dataclass(frozen=True)
+class JobEnd:
+    """What the main loop hears of a job's end."""
+
+    outcome: str | None  # None: it could not run, or crashed
+    waits_for_space: bool  # skipped while other jobs hold the host's space reserved
+
+
 def run_job(
     candidate: Candidate, policy: Policy, settings: config.DaemonConfig, stop: threading.Event
-) -> str | None:
-    """Run the candidate's job; its outcome, or None when it could not run or crashed."""
+) -> JobEnd:
+    """Run the candidate's job; how it ended."""
     structlog.contextvars.bind_contextvars(policy=policy.name, domain=candidate.name)
     outcome: str | None = None
+    waits_for_space = False
     try:
         with Hypervisor(settings.uri) as hypervisor:
             domain = hypervisor.domain_by_uuid(candidate.uuid)
@@ -214,8 +226,9 @@ def run_job(
                 stop=stop,
             )
             outcome = str(result.outcome)
+            waits_for_space = result.waits_for_space
     except (VirtError, JournalError, DomainBusy) as exc:
         log.error("job.not_run", error=str(exc))
     except Exception:  # a bug in one job must not take the daemon down
         log.exception("job.crashed")
-    return outcome
+    return JobEnd(outcome, waits_for_space)

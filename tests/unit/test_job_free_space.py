@@ -162,6 +162,7 @@ def test_the_watch_stops_the_fill_when_another_writer_takes_the_room(
     # With the room gone, the job stops before the guest goes down: nothing changed.
     assert result.outcome is Outcome.SKIPPED, result.reason
     assert "not enough free space" in result.reason
+    assert not result.waits_for_space, "no other job holds the space: waiting would not help"
     assert not any(c.startswith("shutdown") for c in domain.calls)
     assert domain.power is DomainState.RUNNING
     assert same_guest_content(Path(original), image)
@@ -384,6 +385,7 @@ def test_two_jobs_on_one_filesystem_share_its_reserve_through_the_journal(
     assert meanwhile.outcome is Outcome.SKIPPED, meanwhile.reason
     assert "MiB are reserved by other jobs" in meanwhile.reason, meanwhile.reason
     assert "150.0 MiB must stay free" in meanwhile.reason
+    assert meanwhile.waits_for_space, "it fits once the first job is done: the daemon retries"
     assert first.outcome is Outcome.RECLAIMED, first.reason
     assert again.outcome is Outcome.RECLAIMED, again.reason
     assert Journal(state).reserved_elsewhere("nobody", os.stat(small_host).st_dev) == 0

@@ -286,6 +286,31 @@ def test_a_busy_domain_is_watched_and_queued_once_it_goes_idle_within_the_window
     assert book.queue == []
 
 
+def test_a_job_skipped_for_space_others_hold_waits_for_a_job_to_end_or_the_retry_time() -> None:
+    p = policy()
+    book = opened(p)
+    domains = by_uuid(idle_view("vm-a"), idle_view("vm-b"))
+    first = candidate("vm-a", 100)
+    assert book.estimated("p", [first]) == [first]
+    assert book.dispatch([p], domains, running=set(), max_jobs=2, now=OPEN + 10) == [(first, None)]
+
+    # vm-a's job found its space held by another job's reservation: queued again, held.
+    assert book.wait_for_space(first, now=OPEN + 20)
+    assert book.dispatch([p], domains, running=set(), max_jobs=2, now=OPEN + 21) == []
+    assert book.queue == [first]
+    # Another job ended, its reservation gone: vm-a may try again at once.
+    book.job_ended()
+    assert book.dispatch([p], domains, running=set(), max_jobs=2, now=OPEN + 22) == [(first, None)]
+    # Held again; with no job ending (the space held by a `run`), it tries after the retry time.
+    assert book.wait_for_space(first, now=OPEN + 30)
+    assert book.dispatch([p], domains, running=set(), max_jobs=2, now=OPEN + 89) == []
+    assert book.dispatch([p], domains, running=set(), max_jobs=2, now=OPEN + 90) == [(first, None)]
+    # Once the window is closed, nothing is queued again.
+    book.close("p", windows.TIME_UP)
+    assert not book.wait_for_space(first, now=OPEN + 100)
+    assert book.queue == []
+
+
 def test_a_watched_domain_that_is_gone_is_no_longer_watched() -> None:
     p = policy()
     book = opened(p)

@@ -40,9 +40,9 @@ def test_a_job_thread_posts_its_outcome_and_is_forgotten_when_done(
 ) -> None:
     seen_stop: list[threading.Event] = []
 
-    def run_job(_c: Candidate, _p: Policy, _s: Any, stop: threading.Event) -> str:
+    def run_job(_c: Candidate, _p: Policy, _s: Any, stop: threading.Event) -> workers.JobEnd:
         seen_stop.append(stop)
-        return "reclaimed"
+        return workers.JobEnd("reclaimed", waits_for_space=False)
 
     monkeypatch.setattr(workers, "run_job", run_job)
     posted: list[tuple[Any, ...]] = []
@@ -56,7 +56,7 @@ def test_a_job_thread_posts_its_outcome_and_is_forgotten_when_done(
     candidate = Candidate("vm", "uuid-vm", "p", 10, 5, 60.0)
     pool.start_job(candidate, POLICY, SETTINGS, now=42.0)
     assert done.wait(10)
-    assert posted == [("job-done", "uuid-vm", "reclaimed")]
+    assert posted == [("job-done", "uuid-vm", workers.JobEnd("reclaimed", waits_for_space=False))]
     assert seen_stop == [pool.stop]
     assert pool.running["uuid-vm"].started == 42.0
     job = pool.job_done("uuid-vm")
