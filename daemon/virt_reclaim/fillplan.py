@@ -135,33 +135,44 @@ def plan_fill(
         room_by_device[host.device] -= need
     headroom = {d.target: d for d in disks}
     for volume in volumes:
-        found = next((headroom[t] for t in volume.targets if t in headroom), None)
+        mine = [headroom[t] for t in volume.targets if t in headroom]
         guest_free = _guest_room(volume, reserve)
         unreached = _unreached(volume, guest_free)
-        if found is None:
+        if not mine:
             continue
-        disk = found
+        others = [t for t in volume.targets if t not in headroom]
+        if others:
+            # LVM, md or btrfs over a disk this job leaves alone: zeros would grow its image
+            # with no plan and no watch.
+            why = (f"it spans {', '.join(others)} too, which this job does not rewrite: the "
+                   "zeros would grow that image unplanned")  # fmt: skip
+            plan.fills.append(Fill(volume.mountpoint, 0, guest_free, why, unreached + guest_free))
+            continue
         if volume.total is None or volume.used is None:
             plan.fills.append(Fill(volume.mountpoint, 0, 0, "the agent did not report its size"))
             continue
-        room = max(0, room_by_device[disk.host.device])
-        if disk.zeros_become_holes or disk.headroom <= room:
-            # The image cannot grow past its virtual size: zeros written over clusters it
-            # already holds (the deleted data, typically) cost the host nothing.
-            limit = guest_free
-        else:
-            limit = min(guest_free, room)
+        # The guest decides which of its disks the zeros land on: all of them may land on
+        # any one, so the limit must fit beside each disk that can grow.
+        limit, bound_by = guest_free, mine[0]
+        for disk in mine:
+            room = max(0, room_by_device[disk.host.device])
+            if not disk.zeros_become_holes and disk.headroom > room and room < limit:
+                # The image cannot grow past its virtual size: zeros written over clusters
+                # it already holds (the deleted data, typically) cost the host nothing.
+                limit, bound_by = room, disk
         limit = limit // MIB * MIB  # dd writes whole MiB
         if limit < MIN_FILL_BYTES:
-            plan.fills.append(Fill(volume.mountpoint, 0, guest_free, _why_not(disk, guest_free),
+            plan.fills.append(Fill(volume.mountpoint, 0, guest_free, _why_not(bound_by, guest_free),
                                    unreached + guest_free))  # fmt: skip
             continue
-        if not disk.zeros_become_holes:
-            growth = min(limit, disk.headroom)
-            room_by_device[disk.host.device] -= growth
-            headroom[disk.target] = DiskRoom(
-                disk.target, disk.host, disk.headroom - growth, False, disk.rewrite_need
-            )
+        growing = [d for d in mine if not d.zeros_become_holes]
+        for device in {d.host.device for d in growing}:
+            on_device = [d for d in growing if d.host.device == device]
+            room_by_device[device] -= min(limit, sum(d.headroom for d in on_device))
+        for disk in growing:
+            headroom[disk.target] = DiskRoom(disk.target, disk.host,
+                                             max(0, disk.headroom - limit), False,
+                                             disk.rewrite_need)  # fmt: skip
         plan.fills.append(
             Fill(volume.mountpoint, limit, guest_free, None, unreached + guest_free - limit)
         )

@@ -109,6 +109,40 @@ def test_two_disks_on_one_host_filesystem_share_its_room() -> None:
     assert plan.floors == {1: ("/images1", 5 * GIB + 2 * (GIB + 64 * MIB))}
 
 
+def test_a_filesystem_over_several_disks_is_filled_only_within_the_room_beside_each() -> None:
+    """LVM, md or btrfs: the guest chooses which disk the zeros land on, all may land on one."""
+    roomy = host(1, free=500 * GIB, size=1000 * GIB)
+    tight = host(2, free=50 * GIB + 3 * GIB + GIB + 64 * MIB, size=1000 * GIB)
+    disks = [
+        DiskRoom("vda", roomy, headroom=30 * GIB, zeros_become_holes=False, rewrite_need=GIB),
+        DiskRoom("vdb", tight, headroom=30 * GIB, zeros_become_holes=False, rewrite_need=GIB),
+    ]
+    lvm = GuestVolume("/", ("vda", "vdb"), total=20 * GIB, used=2 * GIB)
+
+    plan = plan_fill(disks, [lvm], Reserve(guest_percent=0))
+
+    # vdb's host has 3 GiB above its reserve and rewrite: the whole fill may land there.
+    [fill] = plan.fills
+    assert fill.limit == 3 * GIB
+    # Both hosts count it as theirs: the watch floors stay, the next plan sees it spent.
+    again = plan_fill(disks, [lvm, GuestVolume("/srv", ("vdb",), 20 * GIB, 2 * GIB)],
+                      Reserve(guest_percent=0))  # fmt: skip
+    assert [f.limit for f in again.fills] == [3 * GIB, 0]
+    assert set(plan.floors) == {1, 2}
+
+
+def test_a_filesystem_that_spans_a_disk_the_job_leaves_alone_is_not_filled() -> None:
+    disks = [DiskRoom("vda", host(1, free=500 * GIB, size=1000 * GIB), 30 * GIB, False, GIB)]
+    spanning = GuestVolume("/", ("vda", "vdc"), total=20 * GIB, used=2 * GIB)
+
+    plan = plan_fill(disks, [spanning], Reserve(guest_percent=0))
+
+    [fill] = plan.fills
+    assert fill.limit == 0
+    assert "spans vdc too, which this job does not rewrite" in str(fill.why_not)
+    assert plan.reach() == 0.0
+
+
 def test_a_fill_is_bounded_by_the_guest_share_the_headroom_and_holes() -> None:
     roomy = host(1, free=500 * GIB, size=1000 * GIB)
     volume = GuestVolume("/", ("vda",), total=10 * GIB, used=4 * GIB)
