@@ -22,13 +22,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import libvirt
 import pytest
 
 from testbed import data
 from testbed.daemon import DaemonProcess, write_config
 from testbed.debian import DATA_DIR, DebianGuest, data_share
 from testbed.guests import URI
-from testbed.reclaim import leftovers, qemu_img_check_clean, reclaim
+from testbed.reclaim import (
+    killed_if_left_running,
+    leftovers,
+    qemu_img_check_clean,
+    reclaim,
+    recover_json,
+    start_reclaim,
+)
 
 pytestmark = [pytest.mark.guest, pytest.mark.xdist_group("debian")]
 
@@ -164,3 +172,44 @@ def test_the_daemon_trims_and_reclaims_an_idle_debian_guest_in_its_window(
     assert guest.allocated_bytes() < before - 150 * MIB, (before, finished)
     assert_healthy_with_data(guest, sums)
     assert_garbage_gone(guest, garbage)
+
+
+@pytest.mark.slow
+def test_sigkill_during_the_zero_fill_then_recover_ends_debians_fill(
+    make_debian_guest: Callable[..., DebianGuest], tmp_path: Path
+) -> None:
+    """Slow tier (about 1 min): a killed job leaves Debian's dd filling /; recovery ends it.
+
+    The busybox test shows the mechanics; here the fill runs under systemd's agent, on the
+    root filesystem the guest itself lives on. QEMU throttles the disk to 16 MiB/s so the
+    fill is still under way when the job is killed.
+    """
+    guest = make_debian_guest(discard=False)
+    guest.dom.setBlockIoTune("vda", {"write_bytes_sec": 16 * MIB}, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    guest.exec(f"mkdir -p {DATA_DIR}")
+    data.write_text(guest, f"{DATA_DIR}/app.log", 8)
+    sums = data.checksums(guest, DATA_DIR)
+    state = tmp_path / "state"
+
+    job = start_reclaim(guest.name, "--free-space", "zero", "--min-gain", "0",
+                        "--state-dir", str(state))  # fmt: skip
+    with killed_if_left_running(job):
+        deadline = time.monotonic() + 120
+        while not guest.zero_files("/"):
+            assert time.monotonic() < deadline, "the zero-fill did not start"
+            time.sleep(0.2)
+        job.kill()
+        job.communicate(timeout=60)
+    assert guest.zero_files("/"), "the fill should outlive the killed job"
+    began = time.monotonic()
+    [recovered] = recover_json(state)
+    took = time.monotonic() - began
+
+    print(f"\ndebian fill kill: recovery took {took:.1f} s; {recovered['actions']}")
+    assert recovered["step"] == "free-space", recovered
+    assert any("stopped the zero-fill" in a for a in recovered["actions"]), recovered
+    assert guest.zero_files("/") == []
+    assert guest.exec("pidof dd", check=False).exitcode != 0
+    assert guest.is_running()
+    assert guest.health_problems() == []
+    assert data.checksums(guest, DATA_DIR) == sums
