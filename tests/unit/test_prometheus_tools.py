@@ -1,16 +1,19 @@
 """Prometheus' own tools read what virt-reclaim ships and writes: no VM, real consumers.
 
 Debian's ``promtool`` checks the alert rules of ``examples/prometheus/`` and runs their
-unit tests (every alert firing and staying quiet) and lints the metrics file; Debian's
-``node_exporter`` serves the metrics file the project's own writer makes, as it does on
-a host. The tools are unpacked into the
+unit tests (every alert firing and staying quiet), lints the metrics file and parses each
+expression of the Grafana dashboard; Debian's ``node_exporter`` serves the metrics file
+the project's own writer makes, as it does on a host. The tools are unpacked into the
 test bed by ``scripts/setup.sh`` (see ``testbed.prometheus``).
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -23,6 +26,7 @@ from virt_reclaim import metrics
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "examples" / "prometheus" / "virt-reclaim.rules.yml"
 RULE_TESTS = ROOT / "examples" / "prometheus" / "virt-reclaim.rules.test.yml"
+DASHBOARD = ROOT / "examples" / "grafana" / "virt-reclaim.json"
 METRIC_NAME = re.compile(r"\bvirt_reclaim_[a-z0-9_]+")
 Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -55,6 +59,25 @@ def series(text: str, prefix: str = "virt_reclaim_") -> Series:
 def alerts() -> list[str]:
     rules = yaml.safe_load(RULES.read_text())
     return [rule["alert"] for group in rules["groups"] for rule in group["rules"]]
+
+
+def dashboard_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Every panel, those inside collapsed rows too."""
+    for panel in panels:
+        yield panel
+        yield from dashboard_panels(panel.get("panels", []))
+
+
+def dashboard_expressions() -> list[str]:
+    board = json.loads(DASHBOARD.read_text())
+    return [target["expr"] for panel in dashboard_panels(board["panels"])
+            for target in panel.get("targets", [])]  # fmt: skip
+
+
+def as_promql(expr: str) -> str:
+    """A dashboard expression with Grafana's variables replaced, as Prometheus gets it."""
+    expr = expr.replace("$__range", "7d").replace("$__rate_interval", "5m")
+    return re.sub(r"\$\{?[A-Za-z_]\w*\}?", ".*", expr)
 
 
 def test_promtool_accepts_the_alert_rules() -> None:
@@ -115,3 +138,50 @@ def test_node_exporter_reports_a_file_it_cannot_parse(tmp_path: Path) -> None:
         ("node_textfile_scrape_error", frozenset()): 1.0
     }
     assert not series(text)
+
+
+def test_the_dashboard_names_only_metrics_that_are_written(built: Built, tmp_path: Path) -> None:
+    path = tmp_path / "virt_reclaim.prom"
+    samples = write_and_read(built, path)
+    families = {f.name for f in text_string_to_metric_families(path.read_text())}
+    written = {name for name, _labels in samples} | families
+    expressions = dashboard_expressions()
+    assert len(expressions) > 20
+    used: set[str] = set()
+    for expr in expressions:
+        named = set(METRIC_NAME.findall(expr))
+        assert named, expr
+        assert named <= written, (expr, named - written)
+        used |= named
+    # The dashboard shows every family the daemon writes (a summary through _sum and _count).
+    shown = {re.sub(r"_(sum|count)$", "", name) for name in used}
+    assert {re.sub(r"_total$", "", name) for name in shown} >= families
+
+
+def test_the_dashboard_is_importable_anywhere() -> None:
+    """Unique panel ids, and every query through the data source variable (no fixed uid)."""
+    board = json.loads(DASHBOARD.read_text())
+    panels = list(dashboard_panels(board["panels"]))
+    ids = [panel["id"] for panel in panels]
+    assert len(ids) == len(set(ids))
+    variables = {variable["name"]: variable for variable in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    for panel in panels:
+        for target in [panel, *panel.get("targets", [])]:
+            if "datasource" in target:
+                assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+
+
+def test_promtool_parses_every_dashboard_expression(tmp_path: Path) -> None:
+    """Each expression, its Grafana variables replaced, as a recording rule promtool checks."""
+    expressions = dashboard_expressions()
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"virt_reclaim_dashboard:expr_{n}", "expr": as_promql(expr)}
+        for n, expr in enumerate(expressions)
+    ]}]}  # fmt: skip
+    path = tmp_path / "dashboard.rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    result = promtool("check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(expressions)} rules found" in result.stdout
