@@ -49,21 +49,25 @@ make_venv() {
     echo "$want" > "$stamp"
 }
 
-# promtool and node_exporter, which the tests run against examples/prometheus/ and the
-# metrics file. Installing the packages would start a Prometheus server and an exporter
-# as services on the host: they are downloaded and unpacked into the test bed instead,
-# once (the stamp names the packages; its content, the versions unpacked).
+# promtool, node_exporter and Prometheus itself, which the tests run against
+# examples/prometheus/, examples/grafana/ and the metrics file. Installing the packages
+# would start a Prometheus server and an exporter as services on the host: they are
+# downloaded and unpacked into the test bed instead, once (the stamp's first line names
+# the packages, the others the versions unpacked).
 tools_dir=${VR_TESTBED_DIR:-/var/lib/virt-reclaim-testbed}/tools
 tool_packages=(prometheus prometheus-node-exporter)
+tool_binaries=(promtool prometheus prometheus-node-exporter)
 
 fetch_prometheus_tools() {
-    local stamp=$tools_dir/stamp want work deb
+    local stamp=$tools_dir/stamp want work deb binary done=true
     want="${tool_packages[*]}"
-    if [ -f "$stamp" ] && [ "$(head -n1 "$stamp")" = "$want" ] \
-        && [ -x "$tools_dir/bin/promtool" ] && [ -x "$tools_dir/bin/prometheus-node-exporter" ]; then
+    for binary in "${tool_binaries[@]}"; do
+        [ -x "$tools_dir/bin/$binary" ] || done=false
+    done
+    if $done && [ -f "$stamp" ] && [ "$(head -n1 "$stamp")" = "$want" ]; then
         return
     fi
-    log "unpacking promtool and node_exporter into $tools_dir (not installed as services)"
+    log "unpacking ${tool_binaries[*]} into $tools_dir (not installed as services)"
     work=$(mktemp -d)
     # apt-get download fetches as root here: _apt cannot write to the temporary folder.
     if ! (cd "$work" && apt-get download -qq -o APT::Sandbox::User=root \
@@ -75,8 +79,9 @@ fetch_prometheus_tools() {
         dpkg-deb -x "$deb" "$work/root"
     done
     install -d "$tools_dir/bin"
-    install -m 0755 "$work/root/usr/bin/promtool" "$work/root/usr/bin/prometheus-node-exporter" \
-        "$tools_dir/bin/"
+    for binary in "${tool_binaries[@]}"; do
+        install -m 0755 "$work/root/usr/bin/$binary" "$tools_dir/bin/"
+    done
     {
         echo "$want"
         for deb in "$work"/*.deb; do dpkg-deb -f "$deb" Package Version | paste -sd' '; done

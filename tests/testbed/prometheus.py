@@ -1,21 +1,25 @@
-"""Prometheus' own tools as the tests' witnesses: promtool and node_exporter, from Debian.
+"""Prometheus' own tools as the tests' witnesses: promtool, node_exporter, Prometheus.
 
 ``scripts/setup.sh`` downloads Debian's ``prometheus`` and ``prometheus-node-exporter``
 packages and unpacks their binaries into the test bed (``TOOLS_DIR``); they are never
-installed, so no Prometheus server or exporter runs as a service on the host.
+installed, so no Prometheus server or exporter runs as a service on the host: the tests
+start them on free loopback ports, with their data in the test's own folder.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,8 +28,10 @@ from testbed.guests import TESTBED_DIR
 TOOLS_DIR = TESTBED_DIR / "tools" / "bin"
 PROMTOOL = "promtool"
 NODE_EXPORTER = "prometheus-node-exporter"
-# How long node_exporter may take to answer its first scrape (it does in a few ms).
-EXPORTER_START_S = 15.0
+PROMETHEUS = "prometheus"
+# How long a tool may take to answer first (node_exporter does in a few ms, Prometheus in
+# about a second).
+START_S = 20.0
 
 
 def tool(name: str) -> Path:
@@ -65,25 +71,69 @@ def free_port() -> int:
 def node_exporter(textfile_dir: Path) -> Iterator[str]:
     """node_exporter with only its textfile collector on ``textfile_dir``: its /metrics URL.
 
-    It listens on a free loopback port; the URL is given once it answers. A port taken
-    between ``free_port`` and the exporter's start is retried with another.
+    It listens on a free loopback port; the URL is given once it answers.
+    """
+    with _serve(NODE_EXPORTER, lambda address: [
+        "--collector.disable-defaults", "--collector.textfile",
+        f"--collector.textfile.directory={textfile_dir}",
+        f"--web.listen-address={address}", "--log.level=warn",
+    ], "/metrics") as base:  # fmt: skip
+        yield f"{base}/metrics"
+
+
+@contextmanager
+def prometheus(scrape_url: str, folder: Path) -> Iterator[str]:
+    """A Prometheus server scraping ``scrape_url`` every second: its base URL, once ready.
+
+    Its configuration and data go into ``folder``. Its first scrape comes about 5 s after
+    it is ready (its discovery hands targets over at most every 5 s).
+    """
+    target = urllib.parse.urlsplit(scrape_url)
+    config = folder / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        "scrape_configs:\n"
+        f"  - job_name: node\n    metrics_path: {target.path}\n"
+        f"    static_configs: [{{targets: ['{target.netloc}']}}]\n"
+    )
+    with _serve(PROMETHEUS, lambda address: [
+        f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
+        f"--web.listen-address={address}", "--log.level=warn",
+    ], "/-/ready") as base:  # fmt: skip
+        yield base
+
+
+def query(base: str, expr: str) -> list[dict[str, Any]]:
+    """The result of an instant query of ``expr`` (an error of Prometheus fails the test)."""
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:  # noqa: S310 - our loopback URL
+            answer = json.load(reply)
+    except urllib.error.HTTPError as exc:
+        raise AssertionError(f"{expr}: {exc.read().decode()}") from exc
+    assert answer["status"] == "success", (expr, answer)
+    result: list[dict[str, Any]] = answer["data"]["result"]
+    return result
+
+
+@contextmanager
+def _serve(name: str, argv: Callable[[str], list[str]], ready: str) -> Iterator[str]:
+    """Run tool ``name`` listening on a free loopback port; its base URL once ``ready`` answers.
+
+    A port taken between ``free_port`` and the tool's start is retried with another.
     """
     for _attempt in range(3):
-        port = free_port()
-        url = f"http://127.0.0.1:{port}/metrics"
-        proc = subprocess.Popen(
-            [str(tool(NODE_EXPORTER)), "--collector.disable-defaults", "--collector.textfile",
-             f"--collector.textfile.directory={textfile_dir}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        address = f"127.0.0.1:{free_port()}"
+        base = f"http://{address}"
+        proc = subprocess.Popen([str(tool(name)), *argv(address)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
         try:
-            if _answers(proc, url):
-                yield url
+            if _answers(proc, base + ready, name):
+                yield base
                 return
             _out, err = proc.communicate(timeout=10)
             if "address already in use" not in err:
-                raise AssertionError(f"node_exporter exited {proc.returncode}: {err}")
+                raise AssertionError(f"{name} exited {proc.returncode}: {err}")
         finally:
             if proc.poll() is None:
                 proc.terminate()
@@ -94,18 +144,18 @@ def node_exporter(textfile_dir: Path) -> Iterator[str]:
                     proc.wait(timeout=10)
             if proc.stderr is not None:
                 proc.stderr.close()
-    raise AssertionError("node_exporter found no free port in 3 attempts")
+    raise AssertionError(f"{name} found no free port in 3 attempts")
 
 
-def _answers(proc: subprocess.Popen[str], url: str) -> bool:
+def _answers(proc: subprocess.Popen[str], url: str, name: str) -> bool:
     """Poll ``url`` until it answers (True) or the process exits (False), with a deadline."""
-    deadline = time.monotonic() + EXPORTER_START_S
+    deadline = time.monotonic() + START_S
     while proc.poll() is None:
         try:
             with urllib.request.urlopen(url, timeout=2):  # noqa: S310 - our loopback URL
                 return True
         except (urllib.error.URLError, ConnectionError):
-            assert time.monotonic() < deadline, f"node_exporter did not answer on {url}"
+            assert time.monotonic() < deadline, f"{name} did not answer on {url}"
             time.sleep(0.05)
     return False
 

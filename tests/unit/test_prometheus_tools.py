@@ -3,14 +3,16 @@
 Debian's ``promtool`` checks the alert rules of ``examples/prometheus/`` and runs their
 unit tests (every alert firing and staying quiet), lints the metrics file and parses each
 expression of the Grafana dashboard; Debian's ``node_exporter`` serves the metrics file
-the project's own writer makes, as it does on a host. The tools are unpacked into the
-test bed by ``scripts/setup.sh`` (see ``testbed.prometheus``).
+the project's own writer makes, as it does on a host, and Debian's Prometheus scrapes it
+and answers each query of the dashboard. The tools are unpacked into the test bed by
+``scripts/setup.sh`` (see ``testbed.prometheus``).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from test_metrics import Built, write_and_read
 
-from testbed.prometheus import node_exporter, promtool, scrape
+from testbed.prometheus import node_exporter, prometheus, promtool, query, scrape
 from virt_reclaim import metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -185,3 +187,24 @@ def test_promtool_parses_every_dashboard_expression(tmp_path: Path) -> None:
     result = promtool("check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(expressions)} rules found" in result.stdout
+
+
+def test_every_dashboard_query_finds_the_daemons_series_in_a_real_prometheus(
+    metrics_file: Path, tmp_path: Path
+) -> None:
+    """Prometheus scrapes node_exporter serving the file; each panel's query finds its data.
+
+    A query whose metrics all have samples in the file must return series: a label matcher
+    or a join that matches nothing would leave its panel empty on every host.
+    """
+    with_samples = {name for name, _labels in series(metrics_file.read_text())}
+    with node_exporter(metrics_file.parent) as url, prometheus(url, tmp_path) as server:
+        # Two scrapes at least, so that increase() over the range has samples to compare.
+        deadline = time.monotonic() + 30
+        while not query(server, "count_over_time(virt_reclaim_build_info[1h]) >= 2"):
+            assert time.monotonic() < deadline, "Prometheus scraped node_exporter too few times"
+            time.sleep(0.2)
+        empty = [expr for expr in dashboard_expressions()
+                 if set(METRIC_NAME.findall(expr)) <= with_samples
+                 and not query(server, as_promql(expr))]  # fmt: skip
+    assert not empty, empty
