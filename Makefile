@@ -27,7 +27,7 @@ test-slow: setup
 	VR_RANDOM_KILLS=20 $(PY)/pytest tests/integration/test_live.py -k random_moments
 	$(PY)/pytest -m slow
 
-# Everything but the tests that boot guests: seconds, not minutes.
+# Everything but the tests that boot guests (a few minutes; about 2.5 with -n 2).
 test-fast: lint
 	$(PY)/pytest -m "not guest"
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One idempotent setup for `make test` and `make demo` on Debian 12 as root:
-# Debian packages, the .venv with the package and its test extras, a running
-# libvirtd, and the cached test guests (busybox, then Debian 12). Each step is
-# skipped when already done.
+# Debian packages, the .venv with the package and its test extras, Prometheus'
+# own tools for the tests (unpacked, not installed), a running libvirtd, and the
+# cached test guests (busybox, then Debian 12). Each step is skipped when already done.
 #
 # usage: scripts/setup.sh [--venv-only]
 set -euo pipefail
@@ -49,6 +49,46 @@ make_venv() {
     echo "$want" > "$stamp"
 }
 
+# promtool, node_exporter and Prometheus itself, which the tests run against
+# examples/prometheus/, examples/grafana/ and the metrics file. Installing the packages
+# would start a Prometheus server and an exporter as services on the host: they are
+# downloaded and unpacked into the test bed instead, once (the stamp's first line names
+# the packages, the others the versions unpacked).
+tools_dir=${VR_TESTBED_DIR:-/var/lib/virt-reclaim-testbed}/tools
+tool_packages=(prometheus prometheus-node-exporter)
+tool_binaries=(promtool prometheus prometheus-node-exporter)
+
+fetch_prometheus_tools() {
+    local stamp=$tools_dir/stamp want work deb binary done=true
+    want="${tool_packages[*]}"
+    for binary in "${tool_binaries[@]}"; do
+        [ -x "$tools_dir/bin/$binary" ] || done=false
+    done
+    if $done && [ -f "$stamp" ] && [ "$(head -n1 "$stamp")" = "$want" ]; then
+        return
+    fi
+    log "unpacking ${tool_binaries[*]} into $tools_dir (not installed as services)"
+    work=$(mktemp -d)
+    # apt-get download fetches as root here: _apt cannot write to the temporary folder.
+    if ! (cd "$work" && apt-get download -qq -o APT::Sandbox::User=root \
+            "${tool_packages[@]}" >/dev/null 2>&1); then
+        apt-get update -qq
+        (cd "$work" && apt-get download -qq -o APT::Sandbox::User=root "${tool_packages[@]}" >/dev/null)
+    fi
+    for deb in "$work"/*.deb; do
+        dpkg-deb -x "$deb" "$work/root"
+    done
+    install -d "$tools_dir/bin"
+    for binary in "${tool_binaries[@]}"; do
+        install -m 0755 "$work/root/usr/bin/$binary" "$tools_dir/bin/"
+    done
+    {
+        echo "$want"
+        for deb in "$work"/*.deb; do dpkg-deb -f "$deb" Package Version | paste -sd' '; done
+    } > "$stamp"
+    rm -rf "$work"
+}
+
 fix_kvm_device() {
     # Without udev /dev/kvm stays root-only. libvirt probes QEMU as root (KVM
     # works) but checks its capability cache as libvirt-qemu (KVM missing), so
@@ -86,10 +126,12 @@ fi
 if $venv_only; then
     install_packages
     make_venv
+    fetch_prometheus_tools
     exit 0
 fi
 install_packages
 make_venv
+fetch_prometheus_tools
 fix_kvm_device
 start_libvirtd
 bash tests/testbed/build-guest.sh
