@@ -5,8 +5,9 @@ Warnings and notes, never errors: the configuration is valid either way.
 
 from __future__ import annotations
 
-from virt_reclaim import conversion, defxml, domxml, layout
-from virt_reclaim.policy import Policy
+from virt_reclaim import conversion, layout
+from virt_reclaim.config.policy import Policy
+from virt_reclaim.domxml import edit, read
 
 
 def policy_warnings(policy: Policy) -> list[str]:
@@ -22,8 +23,8 @@ def policy_warnings(policy: Policy) -> list[str]:
 def disk_notes(policy: Policy, xml: str) -> list[str]:
     """For each disk of a domain ``policy`` selects: what a setting would change for it."""
     try:
-        spec = domxml.parse_domain(xml)
-    except domxml.DomainXMLError:
+        spec = read.parse_domain(xml)
+    except read.DomainXMLError:
         return []
     notes = []
     for disk in spec.disks:
@@ -36,19 +37,19 @@ def disk_notes(policy: Policy, xml: str) -> list[str]:
                 else f"{disk.target}: a {disk.format} image, skipped; rewrite.convert = true "
                 "converts it to qcow2"
             )
-        elif disk.format == "qcow2" and defxml.lacks_discard(disk.discard, disk.detect_zeroes):
+        elif disk.format == "qcow2" and edit.lacks_discard(disk.discard, disk.detect_zeroes):
             notes.append(discard_note(disk, enabled=policy.guest.enable_discard))
     return notes
 
 
-def discard_note(disk: domxml.DiskSpec, *, enabled: bool) -> str:
+def discard_note(disk: read.DiskSpec, *, enabled: bool) -> str:
     """Why discard would help ``disk``, and whether the policy turns it on."""
     lacking = " and ".join(
         f"{name}='unmap'"
         for name, value in (("discard", disk.discard), ("detect_zeroes", disk.detect_zeroes))
-        if value != defxml.UNMAP
+        if value != edit.UNMAP
     )
-    if disk.discard == defxml.UNMAP:
+    if disk.discard == edit.UNMAP:
         why = "zeros the guest writes take host space"
     else:
         why = "a trim frees nothing on the host: every reclaim zero-fills (slower, grows it first)"

@@ -26,8 +26,10 @@ import re
 import stat
 from typing import Any
 
-from virt_reclaim import domxml, imagefile, process
+from virt_reclaim import process
+from virt_reclaim.domxml import read
 from virt_reclaim.errors import QemuImgError
+from virt_reclaim.image import imagefile
 from virt_reclaim.jobcontext import DiskWork, JobContext
 from virt_reclaim.journal import JournalDisk
 from virt_reclaim.results import JobFailed, Recovered
@@ -46,18 +48,18 @@ def new_path_for(source: str) -> str:
     return source + ".qcow2"
 
 
-def wants(disk: domxml.DiskSpec) -> bool:
+def wants(disk: read.DiskSpec) -> bool:
     """True for a disk a conversion is about (a disk, not a cdrom, that is not qcow2)."""
     return disk.device == "disk" and disk.format != "qcow2"
 
 
-def definitions_differ(running: domxml.DomainSpec, persistent: domxml.DomainSpec) -> str | None:
+def definitions_differ(running: read.DomainSpec, persistent: read.DomainSpec) -> str | None:
     """Why a running guest's disks are not converted: its next start would change them anyway.
 
     Returns None when the running and the persistent definition have the same disks.
     """
 
-    def key(d: domxml.DiskSpec) -> tuple[Any, ...]:
+    def key(d: read.DiskSpec) -> tuple[Any, ...]:
         return (d.device, d.type, d.format, d.source, d.readonly, d.shareable)
 
     live = {d.target: key(d) for d in running.disks}
@@ -73,7 +75,7 @@ def definitions_differ(running: domxml.DomainSpec, persistent: domxml.DomainSpec
 
 def ineligible(  # noqa: PLR0911, PLR0912 - one return per rule, in order
     job: JobContext,
-    disk: domxml.DiskSpec,
+    disk: read.DiskSpec,
     others: dict[str, str],
     *,
     live: bool,

@@ -13,8 +13,8 @@ step is kept, and one that touched our disks stops the step.
 
 from __future__ import annotations
 
-from virt_reclaim import defxml, domxml
-from virt_reclaim.domxml import DomainXMLError
+from virt_reclaim.domxml import edit, read
+from virt_reclaim.domxml.read import DomainXMLError
 from virt_reclaim.errors import VirtError
 from virt_reclaim.jobcontext import JobContext
 from virt_reclaim.results import JobFailed
@@ -27,11 +27,11 @@ def wanted(job: JobContext) -> bool:
     if not job.settings.enable_discard:
         return False
     try:
-        now = {d.target: d for d in domxml.parse_domain(job.domain.inactive_xml()).disks}
+        now = {d.target: d for d in read.parse_domain(job.domain.inactive_xml()).disks}
     except (VirtError, DomainXMLError):
         return True  # the step itself says what is wrong
     return any(
-        defxml.lacks_discard(now[d.target].discard, now[d.target].detect_zeroes)
+        edit.lacks_discard(now[d.target].discard, now[d.target].detect_zeroes)
         for d in job.disks
         if d.target in now
     )
@@ -46,17 +46,17 @@ def define(job: JobContext) -> None:
     """
     try:
         old = job.domain.inactive_xml()
-        new = defxml.with_new_sources(old, [
-            defxml.NewSource(d.target, d.path, d.converted_path)
+        new = edit.with_new_sources(old, [
+            edit.NewSource(d.target, d.path, d.converted_path)
             for d in job.disks if d.converted_path
         ])  # fmt: skip
         discard_on: list[str] = []
         if job.settings.enable_discard:
-            new, discard_on = defxml.with_discard(new, [d.target for d in job.disks])
+            new, discard_on = edit.with_discard(new, [d.target for d in job.disks])
         if new == old:
             return
         job.domain.define_xml(new)
-    except (VirtError, defxml.DefinitionChanged, DomainXMLError) as exc:
+    except (VirtError, edit.DefinitionChanged, DomainXMLError) as exc:
         raise JobFailed(f"the definition was not changed: {exc}") from exc
     converted = {d.target: d.converted_path for d in job.disks if d.converted_path}
     for disk in job.disks:

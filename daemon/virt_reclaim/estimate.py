@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from virt_reclaim.qemu_img import Extent
+from virt_reclaim.image.qemu_img import Extent
 
 SECTOR = 512
 # Enough clusters for a ratio within a few percent, few enough to stay well under a second.

@@ -7,10 +7,11 @@ stops before the guest goes down.
 
 from __future__ import annotations
 
-from virt_reclaim import fillplan, imagefile, preparation
+from virt_reclaim import fillplan, preparation
 from virt_reclaim.errors import GuestExecCancelled
 from virt_reclaim.fillwatch import FillWatch
 from virt_reclaim.guestfree import FreeSpaceMethod, FreeSpaceResult, trim, zero_fill
+from virt_reclaim.image import imagefile
 from virt_reclaim.jobcontext import JobContext
 from virt_reclaim.results import FreedInPlace, JobFailed, NothingToDo
 from virt_reclaim.units import format_bytes

@@ -6,9 +6,10 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from virt_reclaim import domxml, qemu_img
+from virt_reclaim.domxml import read
 from virt_reclaim.errors import QemuImgError
 from virt_reclaim.guestfree import Choice, FreeSpaceMethod, choose_method
+from virt_reclaim.image import qemu_img
 from virt_reclaim.model import AgentInfo, DomainSnapshot, DomainState
 
 
@@ -71,7 +72,7 @@ def images_in_use(domains: Iterable[DomainSnapshot], *, exclude_uuid: str) -> di
     for domain in domains:
         if domain.uuid == exclude_uuid:
             continue
-        for disk in domxml.parse_domain(domain.xml).disks:
+        for disk in read.parse_domain(domain.xml).disks:
             paths = [disk.source] if disk.type == "file" else []
             paths += [layer.source for layer in disk.backing if layer.type == "file"]
             for path in paths:
@@ -91,7 +92,7 @@ def describe_domain(
     ``agent`` is what its agent said of itself, or why it could not be asked; with it the
     report says which free-space method a job could use (``auto``, as a policy's default).
     """
-    spec = domxml.parse_domain(domain.xml)
+    spec = read.parse_domain(domain.xml)
     running = domain.state not in (DomainState.SHUTOFF, DomainState.CRASHED)
     free_space = "-"
     if isinstance(agent, str):
@@ -119,7 +120,7 @@ def describe_domain(
     )
 
 
-def describe_disk(disk: domxml.DiskSpec, *, in_use: bool, qemu_img_path: str) -> DiskReport:
+def describe_disk(disk: read.DiskSpec, *, in_use: bool, qemu_img_path: str) -> DiskReport:
     """Describe one disk; only file-backed disks are measured."""
     report = DiskReport(
         target=disk.target,

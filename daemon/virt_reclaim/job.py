@@ -21,7 +21,7 @@ import structlog
 
 from virt_reclaim import freestep, preparation
 from virt_reclaim.errors import QemuImgError, VirtError
-from virt_reclaim.guard import GuardError
+from virt_reclaim.image.guard import GuardError
 from virt_reclaim.jobcontext import SHUTDOWN_REQUESTED, JobContext, Step
 from virt_reclaim.journal import Journal, JournalError
 from virt_reclaim.model import DomainState

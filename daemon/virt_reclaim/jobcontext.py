@@ -17,15 +17,16 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from virt_reclaim import backups, fillplan, imagefile
+from virt_reclaim import backups, fillplan
 from virt_reclaim import estimate as estimating
 from virt_reclaim.errors import Cancelled
-from virt_reclaim.guard import ImageGuard
 from virt_reclaim.guestfree import Choice
+from virt_reclaim.image import imagefile
+from virt_reclaim.image.guard import ImageGuard
+from virt_reclaim.image.qemu_img import ImageInfo
 from virt_reclaim.journal import BackupRecord, Journal, JournalError
 from virt_reclaim.model import AgentInfo, GuestFilesystem
 from virt_reclaim.ports import DomainPort, ImagePort
-from virt_reclaim.qemu_img import ImageInfo
 from virt_reclaim.results import DiskResult, JobAbandoned, JobSkipped, NothingToDo, SkippedDisk
 from virt_reclaim.settings import JobSettings
 from virt_reclaim.units import iso_time

@@ -10,7 +10,8 @@ import threading
 from collections.abc import Mapping
 from typing import Protocol
 
-from virt_reclaim.imagefile import NewImage
+from virt_reclaim.image.imagefile import NewImage
+from virt_reclaim.image.qemu_img import Extent, ImageInfo
 from virt_reclaim.model import (
     AgentInfo,
     BlockJob,
@@ -22,7 +23,6 @@ from virt_reclaim.model import (
     TrimmedPath,
 )
 from virt_reclaim.process import ProgressCallback
-from virt_reclaim.qemu_img import Extent, ImageInfo
 
 
 class GuestAgentPort(Protocol):

@@ -8,15 +8,17 @@ from __future__ import annotations
 import os
 from typing import cast
 
-from virt_reclaim import conversion, domxml, fillplan, imagefile, livecheck
+from virt_reclaim import conversion, fillplan, livecheck
 from virt_reclaim import estimate as estimating
+from virt_reclaim.domxml import read
 from virt_reclaim.errors import AgentUnavailable, QemuImgError
 from virt_reclaim.guestfree import FreeSpaceMethod, choose_method, freed_share
+from virt_reclaim.image import imagefile
+from virt_reclaim.image.qemu_img import ImageInfo
 from virt_reclaim.jobcontext import DiskWork, JobContext
 from virt_reclaim.journal import JournalDisk
 from virt_reclaim.model import DomainState
 from virt_reclaim.ports import LiveDomainPort
-from virt_reclaim.qemu_img import ImageInfo
 from virt_reclaim.results import JobSkipped, NothingToDo, SkippedDisk
 from virt_reclaim.settings import Compression
 from virt_reclaim.units import format_bytes
@@ -39,8 +41,8 @@ def inspect(job: JobContext, *, live: bool = False) -> None:
     if snap.state not in (DomainState.RUNNING, DomainState.SHUTOFF):
         raise JobSkipped(f"domain is {snap.state}; only running or shut off domains qualify")
     job.was_running = snap.state is DomainState.RUNNING
-    running = domxml.parse_domain(snap.xml)
-    persistent_spec = domxml.parse_domain(job.domain.inactive_xml())
+    running = read.parse_domain(snap.xml)
+    persistent_spec = read.parse_domain(job.domain.inactive_xml())
     persistent = {d.target: d for d in persistent_spec.disks}
     differs = conversion.definitions_differ(running, persistent_spec) if job.was_running else None
     _read_agent(job, running)
@@ -72,7 +74,7 @@ def inspect(job: JobContext, *, live: bool = False) -> None:
         )
 
 
-def _read_agent(job: JobContext, running: domxml.DomainSpec) -> None:
+def _read_agent(job: JobContext, running: read.DomainSpec) -> None:
     """What the guest's agent says of the guest, when one is connected."""
     job.agent_connected = job.was_running and running.agent_state == "connected"
     if job.agent_connected:
@@ -84,8 +86,8 @@ def _read_agent(job: JobContext, running: domxml.DomainSpec) -> None:
 
 def _ineligible(  # noqa: PLR0911 - one return per eligibility rule, in order
     job: JobContext,
-    disk: domxml.DiskSpec,
-    persistent: domxml.DiskSpec | None,
+    disk: read.DiskSpec,
+    persistent: read.DiskSpec | None,
     others: dict[str, str],
 ) -> str | None:
     """Return why ``disk`` cannot be reclaimed, or None after adding it to the work."""
@@ -216,7 +218,7 @@ def read_guest_filesystems(job: JobContext) -> None:
         job.log.info("agent.unavailable", reason=str(exc))
 
 
-def _image_problem(chain: list[ImageInfo], backing: tuple[domxml.BackingLayer, ...]) -> str | None:
+def _image_problem(chain: list[ImageInfo], backing: tuple[read.BackingLayer, ...]) -> str | None:
     """Why the image's headers rule out a rewrite, or None (see ``_ineligible``)."""
     top = chain[0]
     if top.format != "qcow2":

@@ -11,9 +11,10 @@ import os
 import threading
 from collections.abc import Callable
 
-from virt_reclaim import fillplan, imagefile
+from virt_reclaim import fillplan
 from virt_reclaim.errors import QemuImgCancelled
 from virt_reclaim.fillwatch import RewriteWatch
+from virt_reclaim.image import imagefile
 from virt_reclaim.jobcontext import DiskWork, JobContext
 from virt_reclaim.process import ProgressCallback
 from virt_reclaim.results import JobFailed

@@ -12,10 +12,10 @@ from collections.abc import Callable
 
 from virt_reclaim import inventory
 from virt_reclaim.domainlock import DomainLock
+from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job import JobResult, JobSettings, ReclaimJob, Step
 from virt_reclaim.journal import Journal, JournalError
 from virt_reclaim.process import Priority
-from virt_reclaim.qemu_img import QemuImg
 from virt_reclaim.virt import Domain, Hypervisor
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from virt_reclaim import crontab
-from virt_reclaim.policy import Policy
+from virt_reclaim.config import crontab
+from virt_reclaim.config.policy import Policy
 
 MIB = 1024 * 1024
 # Until this host has reclaimed something: well below the 241-267 MiB/s that

@@ -25,10 +25,11 @@ from typing import Any
 
 import structlog
 
-from virt_reclaim import backups, config, logs, metrics, recovery, scheduler, windows, workers
+from virt_reclaim import backups, logs, metrics, recovery, scheduler, windows, workers
+from virt_reclaim.config import loading
+from virt_reclaim.config.policy import Policy
 from virt_reclaim.hostview import HostView
 from virt_reclaim.journal import Journal, JournalError
-from virt_reclaim.policy import Policy
 from virt_reclaim.scheduler import Candidate
 from virt_reclaim.sdnotify import Notifier
 from virt_reclaim.units import format_bytes
@@ -58,7 +59,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.strict_modes = strict_modes
         self.clock = clock
-        self.settings = config.DaemonConfig()
+        self.settings = loading.DaemonConfig()
         self.policies: tuple[Policy, ...] = ()
         self.host = HostView(clock)
         self.windows = windows.Windows()
@@ -77,7 +78,7 @@ class Daemon:
 
     def run(self) -> int:
         """Run until SIGTERM or SIGINT; return the exit status."""
-        loaded = config.load(self.config_dir, strict_modes=self.strict_modes)
+        loaded = loading.load(self.config_dir, strict_modes=self.strict_modes)
         logs.configure(loaded.daemon.log_format)
         if loaded.errors:
             for error in loaded.errors:
@@ -220,7 +221,7 @@ class Daemon:
 
     # -- configuration --------------------------------------------------------------------
 
-    def _apply(self, loaded: config.LoadedConfig) -> None:
+    def _apply(self, loaded: loading.LoadedConfig) -> None:
         self.settings = loaded.daemon
         self.policies = tuple(policy for _file, policy in loaded.policies)
         self.scheduler.apply(self.policies)
@@ -229,7 +230,7 @@ class Daemon:
     def _reload(self) -> None:
         self.notifier.reloading()
         log.info("config.reloading", config_dir=self.config_dir)
-        loaded = config.load(self.config_dir, strict_modes=self.strict_modes)
+        loaded = loading.load(self.config_dir, strict_modes=self.strict_modes)
         if loaded.errors:
             for error in loaded.errors:
                 log.error("config.error", **error.log_fields())
@@ -244,7 +245,7 @@ class Daemon:
             kept = loaded.daemon.model_copy(
                 update={"uri": self.settings.uri, "state_dir": self.settings.state_dir}
             )
-            self._apply(config.LoadedConfig(kept, loaded.policies, ()))
+            self._apply(loading.LoadedConfig(kept, loaded.policies, ()))
             log.info("config.reloaded", policies=[p.name for p in self.policies])
             self._log_next_runs()
             self._find_late_windows()
@@ -263,7 +264,7 @@ class Daemon:
     def _log_next_runs(self) -> None:
         if not self.policies:
             log.warning("daemon.no_policies", policy_dir=self.settings.policy_dir
-                        or os.path.join(self.config_dir, config.POLICY_FOLDER))  # fmt: skip
+                        or os.path.join(self.config_dir, loading.POLICY_FOLDER))  # fmt: skip
         for name, when in self.scheduler.next_runs().items():
             log.info("policy.scheduled", policy=name, next_run=when.isoformat() if when else None)
 

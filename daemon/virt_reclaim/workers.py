@@ -17,13 +17,14 @@ from dataclasses import dataclass
 
 import structlog
 
-from virt_reclaim import config, metrics, planning, runner, scheduler
+from virt_reclaim import metrics, planning, runner, scheduler
+from virt_reclaim.config import loading
+from virt_reclaim.config.policy import Policy, job_settings
 from virt_reclaim.domainlock import DomainBusy
 from virt_reclaim.errors import AgentUnavailable, VirtError
 from virt_reclaim.job import Outcome
 from virt_reclaim.journal import Journal, JournalError
 from virt_reclaim.model import DomainSnapshot, DomainState
-from virt_reclaim.policy import Policy, job_settings
 from virt_reclaim.process import Priority
 from virt_reclaim.scheduler import Candidate
 from virt_reclaim.virt import Hypervisor
@@ -54,7 +55,7 @@ class Workers:
 
     def estimate(
         self,
-        settings: config.DaemonConfig,
+        settings: loading.DaemonConfig,
         policy: Policy,
         chosen: list[DomainSnapshot],
         rate: float,
@@ -67,7 +68,7 @@ class Workers:
 
     def _estimate(
         self,
-        settings: config.DaemonConfig,
+        settings: loading.DaemonConfig,
         policy: Policy,
         chosen: list[DomainSnapshot],
         rate: float,
@@ -84,7 +85,7 @@ class Workers:
             self._post("estimated", policy.name, candidates)
 
     def start_job(
-        self, candidate: Candidate, policy: Policy, settings: config.DaemonConfig, now: float
+        self, candidate: Candidate, policy: Policy, settings: loading.DaemonConfig, now: float
     ) -> None:
         """Start the candidate's job on a thread; it posts ``job-done``."""
         thread = threading.Thread(
@@ -93,7 +94,7 @@ class Workers:
         self.running[candidate.uuid] = RunningJob(candidate.name, policy.name, thread, now)
         thread.start()
 
-    def _job(self, candidate: Candidate, policy: Policy, settings: config.DaemonConfig) -> None:
+    def _job(self, candidate: Candidate, policy: Policy, settings: loading.DaemonConfig) -> None:
         outcome: str | None = None
         try:
             outcome = run_job(candidate, policy, settings, self.stop)
@@ -196,7 +197,7 @@ def _estimate_one(
 
 
 def run_job(
-    candidate: Candidate, policy: Policy, settings: config.DaemonConfig, stop: threading.Event
+    candidate: Candidate, policy: Policy, settings: loading.DaemonConfig, stop: threading.Event
 ) -> str | None:
     """Run the candidate's job; its outcome, or None when it could not run or crashed."""
     structlog.contextvars.bind_contextvars(policy=policy.name, domain=candidate.name)

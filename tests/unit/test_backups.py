@@ -13,9 +13,9 @@ from fakes import FakeDisk, FakeDomain, linux_fs, make_image
 from testbed.daemon import DaemonProcess, write_config
 from testbed.reclaim import backups_json
 from virt_reclaim import backups
+from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job import JobSettings, Outcome, ReclaimJob
 from virt_reclaim.journal import BackupRecord, Journal
-from virt_reclaim.qemu_img import QemuImg
 
 MIB = 1024 * 1024
 

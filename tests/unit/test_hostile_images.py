@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from fakes import FakeDisk, FakeDomain, OpenWatch, sh
-from virt_reclaim.imagefile import NewImage
+from virt_reclaim.image.imagefile import NewImage
+from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job import JobSettings, Outcome, ReclaimJob, Step
 from virt_reclaim.journal import Journal
 from virt_reclaim.model import DomainState
-from virt_reclaim.qemu_img import QemuImg
 
 MIB = 1024 * 1024
 _BACKING_FORMAT_EXTENSION = bytes.fromhex("e2792aca")  # the qcow2 header extension's magic

@@ -16,11 +16,11 @@ import pytest
 
 from fakes import FakeDisk, FakeDomain, linux_fs, make_image, sh
 from virt_reclaim.errors import QemuImgError
-from virt_reclaim.imagefile import NewImage
+from virt_reclaim.image.imagefile import NewImage
+from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job import After, JobSettings, Outcome, ReclaimJob, Step
 from virt_reclaim.journal import Journal, JournalError
 from virt_reclaim.model import DomainState
-from virt_reclaim.qemu_img import QemuImg
 
 MIB = 1024 * 1024
 

@@ -33,11 +33,11 @@ from testbed.data import log_text
 from virt_reclaim import fillplan
 from virt_reclaim.fillplan import Reserve
 from virt_reclaim.guestfree import FreeSpaceMethod
-from virt_reclaim.imagefile import NewImage
+from virt_reclaim.image.imagefile import NewImage
+from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job import Compression, JobResult, JobSettings, Outcome, ReclaimJob, Step
 from virt_reclaim.journal import Journal
 from virt_reclaim.model import DomainState, TrimmedPath
-from virt_reclaim.qemu_img import QemuImg
 
 GIB = 1024 * MIB
 

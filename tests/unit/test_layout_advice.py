@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from virt_reclaim import advice, layout
-from virt_reclaim.policy import Policy
+from virt_reclaim.config.policy import Policy
 
 KIB = 1024
 

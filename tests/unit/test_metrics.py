@@ -23,11 +23,11 @@ from pydantic import ValidationError
 
 from fakes import MIB, FakeDisk, FakeDomain, make_image
 from virt_reclaim import __version__, metrics
-from virt_reclaim.config import DaemonConfig
+from virt_reclaim.config.loading import DaemonConfig
 from virt_reclaim.guestfree import FreeSpaceMethod
+from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job import JobResult, JobSettings, Outcome, ReclaimJob
 from virt_reclaim.journal import Journal
-from virt_reclaim.qemu_img import QemuImg
 from virt_reclaim.results import DiskResult
 from virt_reclaim.settings import After
 

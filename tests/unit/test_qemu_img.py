@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from virt_reclaim import qemu_img
 from virt_reclaim.errors import QemuImgError
-from virt_reclaim.imagefile import NewImage
+from virt_reclaim.image import qemu_img
+from virt_reclaim.image.imagefile import NewImage
 
 MIB = 1024 * 1024
 

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from virt_reclaim import windows
+from virt_reclaim.config.policy import Policy
 from virt_reclaim.idle import Sample
 from virt_reclaim.journal import JournalError
 from virt_reclaim.model import DomainSnapshot, DomainState
-from virt_reclaim.policy import Policy
 from virt_reclaim.scheduler import Candidate, LateWindow
 from virt_reclaim.windows import DomainView, Window, Windows
 

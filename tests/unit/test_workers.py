@@ -8,14 +8,15 @@ from typing import Any
 import pytest
 import structlog
 
-from virt_reclaim import config, workers
-from virt_reclaim.policy import Policy
+from virt_reclaim import workers
+from virt_reclaim.config import loading
+from virt_reclaim.config.policy import Policy
 from virt_reclaim.scheduler import Candidate
 
 POLICY = Policy.model_validate(
     {"name": "p", "match": {"names": ["*"]}, "schedule": {"cron": "0 2 * * *"}}
 )
-SETTINGS = config.DaemonConfig()
+SETTINGS = loading.DaemonConfig()
 
 
 def test_an_estimate_that_crashes_still_posts_so_the_window_can_close(

@@ -10,13 +10,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from virt_reclaim import config, domxml, inventory, logs, planning, selection
+from virt_reclaim import inventory, logs, planning
 from virt_reclaim.cli.common import EXIT_OK
 from virt_reclaim.cli.render import print_domain_table
+from virt_reclaim.config import loading, selection
+from virt_reclaim.config.policy import job_settings
+from virt_reclaim.domxml import read
 from virt_reclaim.errors import VirtError
 from virt_reclaim.job import JobSettings
 from virt_reclaim.model import AgentInfo, DomainSnapshot, DomainState
-from virt_reclaim.policy import job_settings
 from virt_reclaim.virt import Hypervisor
 
 
@@ -79,7 +81,7 @@ def _estimates(
     hypervisor: Hypervisor, snapshots: Sequence[DomainSnapshot], args: argparse.Namespace
 ) -> dict[str, DomainEstimate]:
     """A dry run of each domain's job: its policy's settings, else those ``run`` defaults to."""
-    policies = [policy for _file, policy in config.load(args.config_dir).policies]
+    policies = [policy for _file, policy in loading.load(args.config_dir).policies]
     found: dict[str, DomainEstimate] = {}
     for snap in snapshots:
         choice = selection.select(policies, snap.name, snap.uuid, snap.xml)
@@ -111,7 +113,7 @@ def _agent_of(
     """What a running domain's agent says of itself, or why it could not be asked."""
     if domain.state is not DomainState.RUNNING:
         return None
-    if domxml.parse_domain(domain.xml).agent_state != "connected":
+    if read.parse_domain(domain.xml).agent_state != "connected":
         return None
     if read_only:
         return "read-only connection"

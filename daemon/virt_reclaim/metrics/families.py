@@ -18,8 +18,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from virt_reclaim import __version__, backups, domxml, qemu_img
+from virt_reclaim import __version__, backups
+from virt_reclaim.domxml import read
 from virt_reclaim.errors import QemuImgError
+from virt_reclaim.image import qemu_img
 from virt_reclaim.jobcontext import SHUTDOWN_REQUESTED
 from virt_reclaim.journal import Journal
 from virt_reclaim.metrics.observations import (
@@ -167,8 +169,8 @@ def _domain_families(domains: Sequence[DomainSnapshot], sizes: DiskSizes) -> lis
     for snap in sorted(domains, key=lambda s: s.name):
         running.add_metric([snap.name], 1 if snap.state in RUNNING_STATES else 0)
         try:
-            disks = domxml.parse_domain(snap.xml).disks
-        except domxml.DomainXMLError:
+            disks = read.parse_domain(snap.xml).disks
+        except read.DomainXMLError:
             continue
         for disk in disks:
             if not disk.is_file_qcow2 or disk.source is None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import structlog
 from prometheus_client import CollectorRegistry, write_to_textfile
 
-from virt_reclaim.config import DaemonConfig
+from virt_reclaim.config.loading import DaemonConfig
 from virt_reclaim.errors import VirtError
 from virt_reclaim.journal import Journal, JournalError
 from virt_reclaim.metrics.families import DiskSizes, build

@@ -29,8 +29,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from virt_reclaim import conversion, definition, domxml, imagefile
+from virt_reclaim import conversion, definition
+from virt_reclaim.domxml import read
 from virt_reclaim.errors import VirtError
+from virt_reclaim.image import imagefile
 from virt_reclaim.jobcontext import JobContext, Step
 from virt_reclaim.journal import JournalJob
 from virt_reclaim.modes import offline
@@ -90,7 +92,7 @@ class ConvertMode:
         sources: dict[str, str | None] = {}
         if any(conversion.is_conversion(d) for d in journaled.disks):
             domain = lookup_domain(journaled.domain_uuid)
-            spec = domxml.parse_domain(domain.inactive_xml())
+            spec = read.parse_domain(domain.inactive_xml())
             sources = {d.target: d.source for d in spec.disks}
         done = 0
         for disk in journaled.disks:
@@ -111,7 +113,7 @@ def _remove_placed(job: JobContext, placed: list[str]) -> None:
     if not placed:
         return
     try:
-        sources = {d.target: d.source for d in domxml.parse_domain(job.domain.inactive_xml()).disks}
+        sources = {d.target: d.source for d in read.parse_domain(job.domain.inactive_xml()).disks}
     except VirtError as exc:
         raise JobUnfinished(
             f"cannot tell which image the definition names ({exc}); 'virt-reclaim recover' "

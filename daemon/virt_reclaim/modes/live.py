@@ -26,8 +26,9 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from virt_reclaim import imagefile, process, qemu_img
+from virt_reclaim import process
 from virt_reclaim.errors import NoBlockJob, VirtError
+from virt_reclaim.image import imagefile, qemu_img
 from virt_reclaim.jobcontext import DiskWork, JobContext, Step
 from virt_reclaim.journal import JournalDisk, JournalJob
 from virt_reclaim.ports import BlockJobsPort, LiveDomainPort

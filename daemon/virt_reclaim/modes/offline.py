@@ -16,13 +16,15 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from virt_reclaim import definition, domxml, imagefile, preparation
+from virt_reclaim import definition, preparation
+from virt_reclaim.domxml import read
 from virt_reclaim.errors import VirtError
+from virt_reclaim.image import imagefile
+from virt_reclaim.image.qemu_img import ImageInfo
 from virt_reclaim.jobcontext import SHUTDOWN_REQUESTED, JobContext, Step
 from virt_reclaim.journal import JournalDisk, JournalJob
 from virt_reclaim.model import DomainState
 from virt_reclaim.process import kill_qemu_img_holding
-from virt_reclaim.qemu_img import ImageInfo
 from virt_reclaim.results import JobFailed, Recovered
 from virt_reclaim.rewrite import remove_temporary_files, rewrite_disk, swap_disk, verify_disk
 from virt_reclaim.settings import OnShutdownTimeout
@@ -180,7 +182,7 @@ def guard(job: JobContext) -> None:
     state = job.domain.state()
     if state is not DomainState.SHUTOFF:
         raise JobFailed(f"the domain was started during the job (it is {state})")
-    current = {d.target: d for d in domxml.parse_domain(job.domain.inactive_xml()).disks}
+    current = {d.target: d for d in read.parse_domain(job.domain.inactive_xml()).disks}
     for disk in job.disks:
         spec = current.get(disk.target)
         if spec is None or spec.source != disk.path or spec.format != disk.format:

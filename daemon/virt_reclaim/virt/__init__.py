@@ -11,15 +11,7 @@ the errors (``errors``); the names are re-exported here for the code that import
 
 from __future__ import annotations
 
-from virt_reclaim.agentreplies import (
-    MAX_AGENT_COMMANDS,
-    MAX_EXEC_OUTPUT,
-    MAX_FILESYSTEMS,
-    parse_agent_info,
-    parse_fstrim,
-    parse_guest_filesystems,
-)
-from virt_reclaim.blockxml import copy_destination_xml, mirror_ready, snapshot_xml
+from virt_reclaim.domxml.blockjob import copy_destination_xml, mirror_ready, snapshot_xml
 from virt_reclaim.errors import (
     AgentUnavailable,
     BlockJobFailed,
@@ -28,6 +20,14 @@ from virt_reclaim.errors import (
     VirtError,
 )
 from virt_reclaim.model import BlockJob
+from virt_reclaim.virt.agentreplies import (
+    MAX_AGENT_COMMANDS,
+    MAX_EXEC_OUTPUT,
+    MAX_FILESYSTEMS,
+    parse_agent_info,
+    parse_fstrim,
+    parse_guest_filesystems,
+)
 from virt_reclaim.virt.blockjobs import BLOCK_JOB_END_TIMEOUT_S, BLOCK_JOB_POLL_S, BlockJobs
 from virt_reclaim.virt.connection import RECONNECT_TIMEOUT_S, Hypervisor, LifecycleCallback
 from virt_reclaim.virt.domain import GUEST_PROCESS_END_S, Domain

@@ -12,15 +12,7 @@ import libvirt
 import libvirt_qemu
 import structlog
 
-from virt_reclaim import domxml
-from virt_reclaim.agentreplies import (
-    MAX_EXEC_OUTPUT,
-    decode_b64,
-    int_or_none,
-    parse_agent_info,
-    parse_fstrim,
-    parse_guest_filesystems,
-)
+from virt_reclaim.domxml import read
 from virt_reclaim.errors import AgentUnavailable, GuestExecCancelled, VirtError
 from virt_reclaim.model import (
     AgentInfo,
@@ -31,6 +23,14 @@ from virt_reclaim.model import (
     GuestFilesystem,
     HostVersions,
     TrimmedPath,
+)
+from virt_reclaim.virt.agentreplies import (
+    MAX_EXEC_OUTPUT,
+    decode_b64,
+    int_or_none,
+    parse_agent_info,
+    parse_fstrim,
+    parse_guest_filesystems,
 )
 from virt_reclaim.virt.common import STATES, error_message, read_snapshot
 
@@ -83,8 +83,8 @@ class Domain:
             VirtError: libvirt refused the document, or it names another domain.
         """
         try:
-            uuid = domxml.parse_domain(xml).uuid
-        except domxml.DomainXMLError as exc:
+            uuid = read.parse_domain(xml).uuid
+        except read.DomainXMLError as exc:
             raise VirtError(f"{self.name}: cannot define: {exc}") from exc
         if uuid.lower() != self.uuid.lower():
             raise VirtError(f"{self.name}: refusing to define a document of domain {uuid!r}")

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from virt_reclaim import crontab
+from virt_reclaim.config import crontab
 from virt_reclaim.fillplan import Reserve
 from virt_reclaim.guestfree import FreeSpaceMethod
 from virt_reclaim.settings import After, Compression, JobSettings, OnShutdownTimeout

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from xml.dom import minidom
 from xml.parsers.expat import ExpatError
 
-from virt_reclaim.domxml import DomainXMLError
+from virt_reclaim.domxml.read import DomainXMLError
 
 UNMAP = "unmap"
 

@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from virt_reclaim.policy import Match, Policy
+from virt_reclaim.config.policy import Match, Policy
 
 
 def matches(match: Match, name: str, uuid: str, xml: str) -> bool:

@@ -7,8 +7,8 @@ import threading
 
 from virt_reclaim import process
 from virt_reclaim.errors import QemuImgCancelled, QemuImgError
-from virt_reclaim.imagefile import NewImage
-from virt_reclaim.qemu_img_argv import (
+from virt_reclaim.image.imagefile import NewImage
+from virt_reclaim.image.qemu_img_argv import (
     DEFAULT_QEMU_IMG,
     MAX_MAP_EXTENTS,
     Extent,
