@@ -5,9 +5,10 @@ Warnings and notes, never errors: the configuration is valid either way.
 
 from __future__ import annotations
 
-from virt_reclaim import conversion, layout
+from virt_reclaim import layout
 from virt_reclaim.config.policy import Policy
 from virt_reclaim.domxml import edit, read
+from virt_reclaim.job.modes import conversion
 
 
 def policy_warnings(policy: Policy) -> list[str]:

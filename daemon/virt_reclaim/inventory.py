@@ -8,8 +8,8 @@ from dataclasses import dataclass, replace
 
 from virt_reclaim.domxml import read
 from virt_reclaim.errors import QemuImgError
-from virt_reclaim.guestfree import Choice, FreeSpaceMethod, choose_method
 from virt_reclaim.image import qemu_img
+from virt_reclaim.job.freespace.agent import Choice, FreeSpaceMethod, choose_method
 from virt_reclaim.model import AgentInfo, DomainSnapshot, DomainState
 
 

@@ -15,14 +15,14 @@ from typing import Any
 
 import structlog
 
-from virt_reclaim import guestfree
-from virt_reclaim.domainlock import DomainBusy, DomainLock
 from virt_reclaim.errors import VirtError
-from virt_reclaim.jobcontext import SHUTDOWN_REQUESTED, Step
+from virt_reclaim.job.context import SHUTDOWN_REQUESTED, Step
+from virt_reclaim.job.freespace import agent
+from virt_reclaim.job.lock import DomainBusy, DomainLock
+from virt_reclaim.job.modes import mode_named
+from virt_reclaim.job.results import Recovered
 from virt_reclaim.journal import Journal, JournalJob
 from virt_reclaim.model import DomainState
-from virt_reclaim.modes import mode_named
-from virt_reclaim.results import Recovered
 
 
 class RecoveryIncomplete(VirtError):
@@ -118,7 +118,7 @@ def _stop_fills(job: JournalJob, lookup_domain: Callable[[str], Any], result: Re
         domain = lookup_domain(job.domain_uuid)
         if domain.state() is not DomainState.RUNNING:
             return
-        stopped = guestfree.stop_fills(domain)
+        stopped = agent.stop_fills(domain)
     except VirtError as exc:  # the agent gone or refusing guest-exec among them
         result.actions.append(f"could not look for a zero-fill left running in the guest: {exc}")
         return

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 
 import structlog
 
-from virt_reclaim import metrics, planning, runner, scheduler
+from virt_reclaim import metrics, planning, scheduler
 from virt_reclaim.config import loading
 from virt_reclaim.config.policy import Policy, job_settings
-from virt_reclaim.domainlock import DomainBusy
 from virt_reclaim.errors import AgentUnavailable, VirtError
-from virt_reclaim.job import Outcome
+from virt_reclaim.job import runner
+from virt_reclaim.job.frame import Outcome
+from virt_reclaim.job.lock import DomainBusy
 from virt_reclaim.journal import Journal, JournalError
 from virt_reclaim.model import DomainSnapshot, DomainState
 from virt_reclaim.process import Priority

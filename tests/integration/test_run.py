@@ -39,8 +39,8 @@ from testbed.reclaim import (
     wait_for_file,
 )
 from virt_reclaim.errors import GuestExecCancelled
-from virt_reclaim.fillplan import Fill
-from virt_reclaim.guestfree import FreeSpaceResult, zero_fill
+from virt_reclaim.job.freespace.agent import FreeSpaceResult, zero_fill
+from virt_reclaim.job.freespace.budget import Fill
 from virt_reclaim.virt import Hypervisor
 
 pytestmark = pytest.mark.guest

@@ -14,7 +14,7 @@ from testbed.daemon import DaemonProcess, write_config
 from testbed.reclaim import backups_json
 from virt_reclaim import backups
 from virt_reclaim.image.qemu_img import QemuImg
-from virt_reclaim.job import JobSettings, Outcome, ReclaimJob
+from virt_reclaim.job.frame import JobSettings, Outcome, ReclaimJob
 from virt_reclaim.journal import BackupRecord, Journal
 
 MIB = 1024 * 1024

@@ -19,15 +19,15 @@ import pytest
 import structlog
 
 from fakes import FakeDisk, FakeDomain, OpenWatch, make_image, sh
-from virt_reclaim import backups, conversion
+from virt_reclaim import backups
 from virt_reclaim.config.policy import Policy, job_settings
-from virt_reclaim.guestfree import FreeSpaceMethod
 from virt_reclaim.image.qemu_img import QemuImg
-from virt_reclaim.job import JobSettings, Outcome, ReclaimJob, Step
+from virt_reclaim.job.frame import JobSettings, Outcome, ReclaimJob, Step
+from virt_reclaim.job.freespace.agent import FreeSpaceMethod
+from virt_reclaim.job.modes import conversion, mode_named
+from virt_reclaim.job.results import Recovered
 from virt_reclaim.journal import Journal, JournalDisk
 from virt_reclaim.model import DomainState
-from virt_reclaim.modes import mode_named
-from virt_reclaim.results import Recovered
 
 MIB = 1024 * 1024
 

@@ -14,11 +14,11 @@ import structlog
 
 from fakes import FakeDisk, FakeDomain, linux_fs, make_image
 from virt_reclaim.image.qemu_img import QemuImg
-from virt_reclaim.job import JobSettings, Outcome, ReclaimJob, Step
+from virt_reclaim.job.frame import JobSettings, Outcome, ReclaimJob, Step
+from virt_reclaim.job.modes import mode_named
+from virt_reclaim.job.results import Recovered
 from virt_reclaim.journal import Journal, JournalDisk
 from virt_reclaim.model import DomainState
-from virt_reclaim.modes import mode_named
-from virt_reclaim.results import Recovered
 
 MIB = 1024 * 1024
 

@@ -6,15 +6,22 @@ import pytest
 
 from fakes import LINUX_AGENT, MIB, RHEL_AGENT, WINDOWS_AGENT
 from virt_reclaim.errors import AgentUnavailable
-from virt_reclaim.fillplan import DiskRoom, Fill, GuestVolume, HostFilesystem, Reserve, plan_fill
-from virt_reclaim.guestfree import (
+from virt_reclaim.inventory import describe_domain
+from virt_reclaim.job.freespace.agent import (
     STOP_FILLS_SCRIPT,
     ZERO_FILE_GLOB,
     FreeSpaceMethod,
     choose_method,
     zero_fill,
 )
-from virt_reclaim.inventory import describe_domain
+from virt_reclaim.job.freespace.budget import (
+    DiskRoom,
+    Fill,
+    GuestVolume,
+    HostFilesystem,
+    Reserve,
+    plan_fill,
+)
 from virt_reclaim.model import DomainSnapshot, DomainState, GuestExecResult, TrimmedPath
 from virt_reclaim.virt import parse_agent_info, parse_fstrim
 

@@ -30,12 +30,12 @@ from fakes import (
     write_data,
 )
 from testbed.data import log_text
-from virt_reclaim import fillplan
-from virt_reclaim.fillplan import Reserve
-from virt_reclaim.guestfree import FreeSpaceMethod
 from virt_reclaim.image.imagefile import NewImage
 from virt_reclaim.image.qemu_img import QemuImg
-from virt_reclaim.job import Compression, JobResult, JobSettings, Outcome, ReclaimJob, Step
+from virt_reclaim.job.frame import Compression, JobResult, JobSettings, Outcome, ReclaimJob, Step
+from virt_reclaim.job.freespace import budget
+from virt_reclaim.job.freespace.agent import FreeSpaceMethod
+from virt_reclaim.job.freespace.budget import Reserve
 from virt_reclaim.journal import Journal
 from virt_reclaim.model import DomainState, TrimmedPath
 
@@ -89,7 +89,7 @@ def test_zero_fill_stays_within_the_room_the_host_has(small_host: Path, tmp_path
         [FakeDisk("vda", image, discard=False)],
         filesystems=[linux_fs("/", "vda", total=974 * MIB, used=44 * MIB)],
         on_fill_chunk=lambda _written: free_during.append(
-            fillplan.host_filesystem(str(small_host)).free
+            budget.host_filesystem(str(small_host)).free
         ),
     )
     reserve = Reserve(host_percent=0, host_min_bytes=100 * MIB)
@@ -105,7 +105,7 @@ def test_zero_fill_stays_within_the_room_the_host_has(small_host: Path, tmp_path
     assert fill["left_bytes"] > 500 * MIB
     # ...because the host had room for no more: it never went below the reserve plus the
     # rewrite's need, and never near zero.
-    need = QemuImg().measure(str(original), force_share=False) + fillplan.REWRITE_MARGIN
+    need = QemuImg().measure(str(original), force_share=False) + budget.REWRITE_MARGIN
     assert min(free_during) >= 100 * MIB + need
     assert same_guest_content(Path(original), image)
     assert domain.power is DomainState.RUNNING
@@ -145,7 +145,7 @@ def test_the_watch_stops_the_fill_when_another_writer_takes_the_room(
 
     def another_guest_writes(written: int) -> None:
         if written == 8 * MIB:
-            free = fillplan.host_filesystem(str(small_host)).free
+            free = budget.host_filesystem(str(small_host)).free
             subprocess.run(["fallocate", "-l", str(free - 150 * MIB), str(hog)], check=True)
 
     domain = FakeDomain(
@@ -300,7 +300,7 @@ class HoggedConvert(QemuImg):
         self._host, self._leave, self._free_seen = host, leave, free_seen
 
     def convert(self, source: str, target: NewImage, **options: Any) -> None:
-        free = fillplan.host_filesystem(str(self._host)).free
+        free = budget.host_filesystem(str(self._host)).free
         subprocess.run(["fallocate", "-l", str(free - self._leave), str(self._host / "hog")],
                        check=True)  # fmt: skip
         watcher = threading.Thread(target=self._watch, args=(target.path,), daemon=True)
@@ -309,7 +309,7 @@ class HoggedConvert(QemuImg):
 
     def _watch(self, target: str) -> None:
         while Path(target).exists() or not self._free_seen:
-            self._free_seen.append(fillplan.host_filesystem(str(self._host)).free)
+            self._free_seen.append(budget.host_filesystem(str(self._host)).free)
             time.sleep(0.05)
 
 

@@ -16,11 +16,11 @@ import pytest
 from fakes import FakeDisk, FakeDomain, linux_fs, make_image
 from virt_reclaim import process
 from virt_reclaim.image.qemu_img import QemuImg
-from virt_reclaim.job import JobSettings, Outcome, ReclaimJob
+from virt_reclaim.job.frame import JobSettings, Outcome, ReclaimJob
+from virt_reclaim.job.modes import live
+from virt_reclaim.job.modes.livecheck import host_refusal
 from virt_reclaim.journal import Journal, JournalDisk
-from virt_reclaim.livecheck import host_refusal
 from virt_reclaim.model import BlockJob, DomainState, HostVersions, version_text
-from virt_reclaim.modes import live
 
 MIB = 1024 * 1024
 

@@ -24,12 +24,12 @@ from pydantic import ValidationError
 from fakes import MIB, FakeDisk, FakeDomain, make_image
 from virt_reclaim import __version__, metrics
 from virt_reclaim.config.loading import DaemonConfig
-from virt_reclaim.guestfree import FreeSpaceMethod
 from virt_reclaim.image.qemu_img import QemuImg
-from virt_reclaim.job import JobResult, JobSettings, Outcome, ReclaimJob
+from virt_reclaim.job.frame import JobResult, JobSettings, Outcome, ReclaimJob
+from virt_reclaim.job.freespace.agent import FreeSpaceMethod
+from virt_reclaim.job.results import DiskResult
+from virt_reclaim.job.settings import After
 from virt_reclaim.journal import Journal
-from virt_reclaim.results import DiskResult
-from virt_reclaim.settings import After
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "examples" / "prometheus" / "virt-reclaim.rules.yml"

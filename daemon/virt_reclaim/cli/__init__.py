@@ -15,8 +15,8 @@ from virt_reclaim.cli.common import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, EXIT_USA
 from virt_reclaim.cli.parsing import apply_daemon_settings, build_parser
 from virt_reclaim.cli.render import print_domain_table, print_job_result
 from virt_reclaim.cli.run import Terminated
-from virt_reclaim.domainlock import DomainBusy
 from virt_reclaim.errors import VirtError
+from virt_reclaim.job.lock import DomainBusy
 from virt_reclaim.journal import JournalError
 
 __all__ = [

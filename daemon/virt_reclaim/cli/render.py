@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import TextIO
 
 from virt_reclaim import inventory
-from virt_reclaim.job import JobResult
+from virt_reclaim.job.frame import JobResult
 from virt_reclaim.journal import JournalJob
 from virt_reclaim.planning import PlanEntry
 from virt_reclaim.units import format_bytes, printable

@@ -22,7 +22,8 @@ from virt_reclaim import __version__, backups
 from virt_reclaim.domxml import read
 from virt_reclaim.errors import QemuImgError
 from virt_reclaim.image import qemu_img
-from virt_reclaim.jobcontext import SHUTDOWN_REQUESTED
+from virt_reclaim.job.context import SHUTDOWN_REQUESTED
+from virt_reclaim.job.results import Outcome
 from virt_reclaim.journal import Journal
 from virt_reclaim.metrics.observations import (
     DAEMON_START,
@@ -35,7 +36,6 @@ from virt_reclaim.metrics.observations import (
     Observations,
 )
 from virt_reclaim.model import DomainSnapshot, DomainState
-from virt_reclaim.results import Outcome
 
 # A disk's virtual size is read again after this long (or when its image file is replaced).
 VIRTUAL_SIZE_TTL_S = 3600.0

@@ -30,9 +30,9 @@ from virt_reclaim import process
 from virt_reclaim.domxml import read
 from virt_reclaim.errors import QemuImgError
 from virt_reclaim.image import imagefile
-from virt_reclaim.jobcontext import DiskWork, JobContext
+from virt_reclaim.job.context import DiskWork, JobContext
+from virt_reclaim.job.results import JobFailed, Recovered
 from virt_reclaim.journal import JournalDisk
-from virt_reclaim.results import JobFailed, Recovered
 
 CONVERTIBLE_FORMATS = ("raw", "vmdk")
 VMDK_CREATE_TYPES = ("monolithicSparse", "monolithicFlat", "streamOptimized")

@@ -16,18 +16,23 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from virt_reclaim import definition, preparation
 from virt_reclaim.domxml import read
 from virt_reclaim.errors import VirtError
 from virt_reclaim.image import imagefile
 from virt_reclaim.image.qemu_img import ImageInfo
-from virt_reclaim.jobcontext import SHUTDOWN_REQUESTED, JobContext, Step
+from virt_reclaim.job.context import SHUTDOWN_REQUESTED, JobContext, Step
+from virt_reclaim.job.results import JobFailed, Recovered
+from virt_reclaim.job.settings import OnShutdownTimeout
+from virt_reclaim.job.steps import define, prepare
+from virt_reclaim.job.steps.rewrite import (
+    remove_temporary_files,
+    rewrite_disk,
+    swap_disk,
+    verify_disk,
+)
 from virt_reclaim.journal import JournalDisk, JournalJob
 from virt_reclaim.model import DomainState
 from virt_reclaim.process import kill_qemu_img_holding
-from virt_reclaim.results import JobFailed, Recovered
-from virt_reclaim.rewrite import remove_temporary_files, rewrite_disk, swap_disk, verify_disk
-from virt_reclaim.settings import OnShutdownTimeout
 
 
 class OfflineMode:
@@ -42,10 +47,10 @@ class OfflineMode:
             with job.step(Step.SWAP):
                 for disk in job.disks:
                     swap_disk(job, disk)
-            if definition.wanted(job):
+            if define.wanted(job):
                 with job.step(Step.DEFINE):
                     # The reclaim is done: a definition left as it was is only a warning.
-                    definition.define_or_warn(job)
+                    define.define_or_warn(job)
         except BaseException:
             remove_temporary_files(job)
             raise
@@ -97,7 +102,7 @@ def rewrite_while_down(job: JobContext) -> None:
     with job.step(Step.GUARD):
         guard(job)
     with job.step(Step.PREFLIGHT):
-        preparation.preflight(job)
+        prepare.preflight(job)
     with job.step(Step.REWRITE):
         for disk in job.disks:
             rewrite_disk(job, disk, lock=True)

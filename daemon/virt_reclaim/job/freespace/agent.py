@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from virt_reclaim.errors import AgentUnavailable, GuestExecCancelled
-from virt_reclaim.fillplan import Fill
+from virt_reclaim.job.freespace.budget import Fill
+from virt_reclaim.job.ports import GuestAgentPort
 from virt_reclaim.model import AgentInfo
-from virt_reclaim.ports import GuestAgentPort
 
 MIB = 1024 * 1024
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 from virt_reclaim.domxml import edit, read
 from virt_reclaim.domxml.read import DomainXMLError
 from virt_reclaim.errors import VirtError
-from virt_reclaim.jobcontext import JobContext
-from virt_reclaim.results import JobFailed
+from virt_reclaim.job.context import JobContext
+from virt_reclaim.job.results import JobFailed
 
 
 def wanted(job: JobContext) -> bool:

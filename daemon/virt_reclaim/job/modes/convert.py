@@ -29,15 +29,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from virt_reclaim import conversion, definition
 from virt_reclaim.domxml import read
 from virt_reclaim.errors import VirtError
 from virt_reclaim.image import imagefile
-from virt_reclaim.jobcontext import JobContext, Step
+from virt_reclaim.job.context import JobContext, Step
+from virt_reclaim.job.modes import conversion, offline
+from virt_reclaim.job.results import JobUnfinished, Recovered
+from virt_reclaim.job.steps import define
+from virt_reclaim.job.steps.rewrite import remove_temporary_files, swap_disk
 from virt_reclaim.journal import JournalJob
-from virt_reclaim.modes import offline
-from virt_reclaim.results import JobUnfinished, Recovered
-from virt_reclaim.rewrite import remove_temporary_files, swap_disk
 
 # Steps after which each qcow2 disk of the job was renamed over its original.
 _PAST_SWAP = frozenset({Step.SWAP, Step.DEFINE, Step.RESTORE, Step.CLEANUP})
@@ -64,7 +64,7 @@ class ConvertMode:
                     else:
                         swap_disk(job, disk)
             with job.step(Step.DEFINE):
-                definition.define(job)
+                define.define(job)
                 for disk in converting:
                     disk.swapped = True
                     conversion.record(job, disk, "defined")

@@ -7,13 +7,14 @@ stops before the guest goes down.
 
 from __future__ import annotations
 
-from virt_reclaim import fillplan, preparation
 from virt_reclaim.errors import GuestExecCancelled
-from virt_reclaim.fillwatch import FillWatch
-from virt_reclaim.guestfree import FreeSpaceMethod, FreeSpaceResult, trim, zero_fill
 from virt_reclaim.image import imagefile
-from virt_reclaim.jobcontext import JobContext
-from virt_reclaim.results import FreedInPlace, JobFailed, NothingToDo
+from virt_reclaim.job.context import JobContext
+from virt_reclaim.job.freespace import budget
+from virt_reclaim.job.freespace.agent import FreeSpaceMethod, FreeSpaceResult, trim, zero_fill
+from virt_reclaim.job.freespace.watch import FillWatch
+from virt_reclaim.job.results import FreedInPlace, JobFailed, NothingToDo
+from virt_reclaim.job.steps import prepare
 from virt_reclaim.units import format_bytes
 
 
@@ -31,7 +32,7 @@ def free_guest_space(job: JobContext) -> None:
         result = trim(job.domain, mountpoints, timeout=job.settings.free_space_timeout_s)
     else:
         # Planned again now: the host's free space may have changed since the estimate.
-        job.fill_plan = preparation.plan_fill(job)
+        job.fill_plan = prepare.plan_fill(job)
         result = _zero_fill(job, job.fill_plan)
     job.free_space = result.method
     _count_zeroed(job, result)
@@ -48,10 +49,10 @@ def free_guest_space(job: JobContext) -> None:
         _recheck_gain(job, 1.0 if result.method == "trim" else 0.0)
     # The fill may have grown the image, or another guest taken the room: find out
     # before the guest goes down, not after.
-    preparation.preflight(job)
+    prepare.preflight(job)
 
 
-def _zero_fill(job: JobContext, plan: fillplan.FillPlan) -> FreeSpaceResult:
+def _zero_fill(job: JobContext, plan: budget.FillPlan) -> FreeSpaceResult:
     """Run the fill under a watch of the host's filesystems and of the guest's state."""
     watch = FillWatch(plan, job.domain, job.stop)
     with watch:
@@ -83,7 +84,7 @@ def _count_zeroed(job: JobContext, result: FreeSpaceResult) -> None:
 
 def _recheck_gain(job: JobContext, share: float) -> None:
     """Estimate again now that the guest's space is free, before any downtime."""
-    preparation.read_guest_filesystems(job)
+    prepare.read_guest_filesystems(job)
     used = {d.target: 0 for d in job.disks}
     for fs in job.guest_filesystems:
         for target in set(fs.disk_targets) & set(used):
@@ -91,7 +92,7 @@ def _recheck_gain(job: JobContext, share: float) -> None:
     gain = total = freed = 0
     for disk in job.disks:
         disk.guest_used = used[disk.target] or disk.guest_used
-        again = preparation.estimate_disk(job, disk, share)
+        again = prepare.estimate_disk(job, disk, share)
         now = imagefile.allocated_bytes(disk.path)
         gain += now - min(again.after, now)
         total += now
@@ -99,7 +100,7 @@ def _recheck_gain(job: JobContext, share: float) -> None:
         job.log.info("disk.reestimated", target=disk.target, estimated_after=again.after,
                      basis=again.basis)  # fmt: skip
     try:
-        preparation.require_gain(job, gain, total, "after freeing the guest's space, the ")
+        prepare.require_gain(job, gain, total, "after freeing the guest's space, the ")
     except NothingToDo as exc:
         if freed < max(job.settings.min_gain, 1):
             raise

@@ -10,9 +10,9 @@ so the job is refused rather than tried on a running guest.
 
 from __future__ import annotations
 
-from virt_reclaim.jobcontext import DiskWork
+from virt_reclaim.job.context import DiskWork
+from virt_reclaim.job.ports import LiveDomainPort
 from virt_reclaim.model import HostVersions, version_text
-from virt_reclaim.ports import LiveDomainPort
 
 MIN_LIBVIRT = 6_000_000
 MIN_QEMU = 5_001_000

@@ -17,18 +17,19 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from virt_reclaim import backups, fillplan
-from virt_reclaim import estimate as estimating
+from virt_reclaim import backups
 from virt_reclaim.errors import Cancelled
-from virt_reclaim.guestfree import Choice
 from virt_reclaim.image import imagefile
 from virt_reclaim.image.guard import ImageGuard
 from virt_reclaim.image.qemu_img import ImageInfo
+from virt_reclaim.job.freespace import budget
+from virt_reclaim.job.freespace.agent import Choice
+from virt_reclaim.job.ports import DomainPort, ImagePort
+from virt_reclaim.job.results import DiskResult, JobAbandoned, JobSkipped, NothingToDo, SkippedDisk
+from virt_reclaim.job.settings import JobSettings
+from virt_reclaim.job.steps import estimate as estimating
 from virt_reclaim.journal import BackupRecord, Journal, JournalError
 from virt_reclaim.model import AgentInfo, GuestFilesystem
-from virt_reclaim.ports import DomainPort, ImagePort
-from virt_reclaim.results import DiskResult, JobAbandoned, JobSkipped, NothingToDo, SkippedDisk
-from virt_reclaim.settings import JobSettings
 from virt_reclaim.units import iso_time
 
 
@@ -152,7 +153,7 @@ class JobContext:
     agent: AgentInfo | None = None
     choice: Choice | None = None
     guest_filesystems: list[GuestFilesystem] = field(default_factory=list)
-    fill_plan: fillplan.FillPlan | None = None
+    fill_plan: budget.FillPlan | None = None
     free_space: str | None = None  # what the free-space step did
     guard: ImageGuard = field(default_factory=ImageGuard)
     down_since: float | None = None

@@ -1,7 +1,7 @@
 """The frame of a reclaim job: the steps every mode shares, the mode's own, and the restore.
 
-INSPECT -> ESTIMATE -> PREFLIGHT (``preparation``; a dry run ends here) ->
-FREE_SPACE (``freestep``, while the guest runs) -> the mode's steps
+INSPECT -> ESTIMATE -> PREFLIGHT (``steps.prepare``; a dry run ends here) ->
+FREE_SPACE (``freespace.step``, while the guest runs) -> the mode's steps
 (``modes.offline``: SHUTDOWN -> GUARD -> PREFLIGHT -> REWRITE -> VERIFY -> SWAP) ->
 RESTORE, then the mode's steps after it, if it has any (``modes.convert``: CLEANUP).
 Every step is journaled before it is taken and logged when it starts and ends
@@ -19,15 +19,13 @@ from collections.abc import Callable
 
 import structlog
 
-from virt_reclaim import freestep, preparation
 from virt_reclaim.errors import QemuImgError, VirtError
 from virt_reclaim.image.guard import GuardError
-from virt_reclaim.jobcontext import SHUTDOWN_REQUESTED, JobContext, Step
-from virt_reclaim.journal import Journal, JournalError
-from virt_reclaim.model import DomainState
-from virt_reclaim.modes import Mode, mode_named
-from virt_reclaim.ports import DomainPort, ImagePort
-from virt_reclaim.results import (
+from virt_reclaim.job.context import SHUTDOWN_REQUESTED, JobContext, Step
+from virt_reclaim.job.freespace import step
+from virt_reclaim.job.modes import Mode, mode_named
+from virt_reclaim.job.ports import DomainPort, ImagePort
+from virt_reclaim.job.results import (
     FreedInPlace,
     JobAbandoned,
     JobFailed,
@@ -37,7 +35,10 @@ from virt_reclaim.results import (
     NothingToDo,
     Outcome,
 )
-from virt_reclaim.settings import After, Compression, JobSettings, OnShutdownTimeout
+from virt_reclaim.job.settings import After, Compression, JobSettings, OnShutdownTimeout
+from virt_reclaim.job.steps import prepare
+from virt_reclaim.journal import Journal, JournalError
+from virt_reclaim.model import DomainState
 from virt_reclaim.units import format_bytes
 
 # The job's public face: what runs a job needs, wherever it is defined.
@@ -158,7 +159,7 @@ class ReclaimJob:
     def _run_steps(self) -> tuple[Outcome, str]:
         job = self.job
         with job.step(Step.INSPECT):
-            preparation.inspect(job, live=self.mode.name == "live")
+            prepare.inspect(job, live=self.mode.name == "live")
         if self.mode.name == "live" and not job.was_running:
             # Nothing runs that could be kept running: the offline steps cost no downtime.
             self.mode = mode_named("offline")
@@ -174,14 +175,14 @@ class ReclaimJob:
             if job.journal is not None:
                 job.journal.set_mode(job.job_id, self.mode.name)
         with job.step(Step.ESTIMATE):
-            preparation.estimate(job)
+            prepare.estimate(job)
         with job.step(Step.PREFLIGHT):
-            preparation.preflight(job)
+            prepare.preflight(job)
         if job.settings.dry_run:
             return Outcome.DRY_RUN, "dry run: nothing was changed"
         if job.was_running:
             with job.step(Step.FREE_SPACE):
-                freestep.free_guest_space(job)
+                step.free_guest_space(job)
         failure: BaseException | None = None
         try:
             self.mode.run(job)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from virt_reclaim.jobcontext import JobContext
+from virt_reclaim.job.context import JobContext
+from virt_reclaim.job.results import Recovered
 from virt_reclaim.journal import JournalJob
-from virt_reclaim.results import Recovered
 
 
 class Mode(Protocol):
@@ -37,9 +37,9 @@ def mode_named(name: str) -> Mode:
     Raises:
         ValueError: No such mode.
     """
-    from virt_reclaim.modes.convert import ConvertMode  # noqa: PLC0415 - modes import this module
-    from virt_reclaim.modes.live import LiveMode  # noqa: PLC0415
-    from virt_reclaim.modes.offline import OfflineMode  # noqa: PLC0415
+    from virt_reclaim.job.modes.convert import ConvertMode  # noqa: PLC0415 - modes import this module
+    from virt_reclaim.job.modes.live import LiveMode  # noqa: PLC0415
+    from virt_reclaim.job.modes.offline import OfflineMode  # noqa: PLC0415
 
     modes: dict[str, Mode] = {
         "offline": OfflineMode(),

@@ -8,19 +8,20 @@ from __future__ import annotations
 import os
 from typing import cast
 
-from virt_reclaim import conversion, fillplan, livecheck
-from virt_reclaim import estimate as estimating
 from virt_reclaim.domxml import read
 from virt_reclaim.errors import AgentUnavailable, QemuImgError
-from virt_reclaim.guestfree import FreeSpaceMethod, choose_method, freed_share
 from virt_reclaim.image import imagefile
 from virt_reclaim.image.qemu_img import ImageInfo
-from virt_reclaim.jobcontext import DiskWork, JobContext
+from virt_reclaim.job.context import DiskWork, JobContext
+from virt_reclaim.job.freespace import budget
+from virt_reclaim.job.freespace.agent import FreeSpaceMethod, choose_method, freed_share
+from virt_reclaim.job.modes import conversion, livecheck
+from virt_reclaim.job.ports import LiveDomainPort
+from virt_reclaim.job.results import JobSkipped, NothingToDo, SkippedDisk
+from virt_reclaim.job.settings import Compression
+from virt_reclaim.job.steps import estimate as estimating
 from virt_reclaim.journal import JournalDisk
 from virt_reclaim.model import DomainState
-from virt_reclaim.ports import LiveDomainPort
-from virt_reclaim.results import JobSkipped, NothingToDo, SkippedDisk
-from virt_reclaim.settings import Compression
 from virt_reclaim.units import format_bytes
 
 MIB = 1024 * 1024
@@ -291,12 +292,12 @@ def estimate_disk(
     )
 
 
-def plan_fill(job: JobContext) -> fillplan.FillPlan:
-    """How much a zero-fill may write into each guest filesystem (see ``fillplan``)."""
+def plan_fill(job: JobContext) -> budget.FillPlan:
+    """How much a zero-fill may write into each guest filesystem (see ``freespace.budget``)."""
     rooms = [
-        fillplan.DiskRoom(
+        budget.DiskRoom(
             target=d.target,
-            host=fillplan.host_filesystem(os.path.dirname(d.path)),
+            host=budget.host_filesystem(os.path.dirname(d.path)),
             headroom=max(0, d.info.virtual_size - d.allocated()),
             zeros_become_holes=d.zeros_become_holes,
             rewrite_need=d.rewrite_need,
@@ -304,12 +305,10 @@ def plan_fill(job: JobContext) -> fillplan.FillPlan:
         for d in job.disks
     ]
     volumes = [
-        fillplan.GuestVolume(
-            fs.mountpoint, fs.disk_targets, fs.total_bytes, fs.used_bytes, fs.fstype
-        )
+        budget.GuestVolume(fs.mountpoint, fs.disk_targets, fs.total_bytes, fs.used_bytes, fs.fstype)
         for fs in job.guest_filesystems
     ]
-    return fillplan.plan_fill(rooms, volumes, job.settings.reserve)
+    return budget.plan_fill(rooms, volumes, job.settings.reserve)
 
 
 def preflight(job: JobContext) -> None:
@@ -327,18 +326,18 @@ def preflight(job: JobContext) -> None:
         folder = os.path.dirname(disk.temp) or "."
         if problem := imagefile.folder_problem(folder) or imagefile.probe_create(disk.temp):
             raise JobSkipped(f"{disk.target}: {problem}")
-    need_by_device: dict[int, tuple[fillplan.HostFilesystem, int]] = {}
+    need_by_device: dict[int, tuple[budget.HostFilesystem, int]] = {}
     for disk in job.disks:
-        filesystem = fillplan.host_filesystem(os.path.dirname(disk.path) or ".")
+        filesystem = budget.host_filesystem(os.path.dirname(disk.path) or ".")
         _, image_bytes = need_by_device.get(filesystem.device, (filesystem, 0))
         need_by_device[filesystem.device] = (filesystem, image_bytes + rewrite_need(job, disk))
     for filesystem, image_bytes in need_by_device.values():
-        need = image_bytes + max(fillplan.REWRITE_MARGIN, image_bytes // 50)
+        need = image_bytes + max(budget.REWRITE_MARGIN, image_bytes // 50)
         reserve = job.settings.reserve.host_bytes(filesystem.size)
 
         def fits(
             others: int,
-            fs: fillplan.HostFilesystem = filesystem,
+            fs: budget.HostFilesystem = filesystem,
             need: int = need,
             reserve: int = reserve,
         ) -> str | None:

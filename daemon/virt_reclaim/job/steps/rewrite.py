@@ -11,14 +11,14 @@ import os
 import threading
 from collections.abc import Callable
 
-from virt_reclaim import fillplan
 from virt_reclaim.errors import QemuImgCancelled
-from virt_reclaim.fillwatch import RewriteWatch
 from virt_reclaim.image import imagefile
-from virt_reclaim.jobcontext import DiskWork, JobContext
+from virt_reclaim.job.context import DiskWork, JobContext
+from virt_reclaim.job.freespace import budget
+from virt_reclaim.job.freespace.watch import RewriteWatch
+from virt_reclaim.job.results import JobFailed
+from virt_reclaim.job.settings import Compression
 from virt_reclaim.process import ProgressCallback
-from virt_reclaim.results import JobFailed
-from virt_reclaim.settings import Compression
 
 
 def rewrite_disk(job: JobContext, disk: DiskWork, *, lock: bool) -> None:
@@ -35,7 +35,7 @@ def rewrite_disk(job: JobContext, disk: DiskWork, *, lock: bool) -> None:
         None if job.settings.compression is Compression.NONE else str(job.settings.compression)
     )
     folder = os.path.dirname(disk.temp) or "."
-    reserve = job.settings.reserve.host_bytes(fillplan.host_filesystem(folder).size)
+    reserve = job.settings.reserve.host_bytes(budget.host_filesystem(folder).size)
     try:
         new = disk.new = imagefile.NewImage(disk.temp)
     except OSError as exc:

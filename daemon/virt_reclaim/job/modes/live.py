@@ -29,11 +29,16 @@ from typing import Any, cast
 from virt_reclaim import process
 from virt_reclaim.errors import NoBlockJob, VirtError
 from virt_reclaim.image import imagefile, qemu_img
-from virt_reclaim.jobcontext import DiskWork, JobContext, Step
+from virt_reclaim.job.context import DiskWork, JobContext, Step
+from virt_reclaim.job.ports import BlockJobsPort, LiveDomainPort
+from virt_reclaim.job.results import DiskFound, JobFailed, JobUnfinished, Recovered
+from virt_reclaim.job.steps.rewrite import (
+    remove_temporary_files,
+    rewrite_disk,
+    swap_disk,
+    verify_disk,
+)
 from virt_reclaim.journal import JournalDisk, JournalJob
-from virt_reclaim.ports import BlockJobsPort, LiveDomainPort
-from virt_reclaim.results import DiskFound, JobFailed, JobUnfinished, Recovered
-from virt_reclaim.rewrite import remove_temporary_files, rewrite_disk, swap_disk, verify_disk
 
 READY_TIMEOUT_S = 600.0
 

@@ -15,10 +15,10 @@ from typing import Self
 
 import structlog
 
-from virt_reclaim import fillplan
 from virt_reclaim.errors import VirtError
+from virt_reclaim.job.freespace import budget
+from virt_reclaim.job.ports import DomainPort
 from virt_reclaim.model import DomainState
-from virt_reclaim.ports import DomainPort
 from virt_reclaim.units import format_bytes
 
 POLL_S = 0.25
@@ -84,7 +84,7 @@ class FillWatch(_Watch):
 
     def __init__(
         self,
-        plan: fillplan.FillPlan,
+        plan: budget.FillPlan,
         domain: DomainPort,
         job_stop: threading.Event | None,
         poll_s: float = POLL_S,
@@ -96,7 +96,7 @@ class FillWatch(_Watch):
         self._domain = domain
 
     def _check(self) -> str | None:
-        low = fillplan.below_floor(self._plan)
+        low = budget.below_floor(self._plan)
         if low is not None:
             return low
         try:
@@ -114,7 +114,7 @@ class FillWatch(_Watch):
     def _fullest(self) -> str:
         parts = []
         for folder, floor in self._plan.floors.values():
-            free = fillplan.host_filesystem(folder).free
+            free = budget.host_filesystem(folder).free
             parts.append(
                 f"the host filesystem of {folder} has {format_bytes(free)} free "
                 f"(floor {format_bytes(floor)})"
@@ -138,7 +138,7 @@ class RewriteWatch(_Watch):
         self._reserve = reserve
 
     def _check(self) -> str | None:
-        free = fillplan.host_filesystem(self._folder).free
+        free = budget.host_filesystem(self._folder).free
         if free >= self._reserve:
             return None
         return (

@@ -5,8 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from virt_reclaim.fillplan import Reserve
-from virt_reclaim.guestfree import FreeSpaceMethod
+from virt_reclaim.job.freespace.agent import FreeSpaceMethod
+from virt_reclaim.job.freespace.budget import Reserve
 from virt_reclaim.process import Priority
 
 MIB = 1024 * 1024
