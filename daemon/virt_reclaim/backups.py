@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from virt_reclaim.journal import BackupRecord, Journal, JournalError
+from virt_reclaim.journal.store import BackupRecord, Journal, JournalError
 
 log = structlog.get_logger("virt_reclaim.backups")
 

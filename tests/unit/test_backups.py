@@ -15,7 +15,7 @@ from testbed.reclaim import backups_json
 from virt_reclaim import backups
 from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job.frame import JobSettings, Outcome, ReclaimJob
-from virt_reclaim.journal import BackupRecord, Journal
+from virt_reclaim.journal.store import BackupRecord, Journal
 
 MIB = 1024 * 1024
 

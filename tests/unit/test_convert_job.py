@@ -26,7 +26,7 @@ from virt_reclaim.job.frame import JobSettings, Outcome, ReclaimJob, Step
 from virt_reclaim.job.freespace.agent import FreeSpaceMethod
 from virt_reclaim.job.modes import conversion, mode_named
 from virt_reclaim.job.results import Recovered
-from virt_reclaim.journal import Journal, JournalDisk
+from virt_reclaim.journal.store import Journal, JournalDisk
 from virt_reclaim.model import DomainState
 
 MIB = 1024 * 1024

@@ -17,7 +17,7 @@ from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job.frame import JobSettings, Outcome, ReclaimJob, Step
 from virt_reclaim.job.modes import mode_named
 from virt_reclaim.job.results import Recovered
-from virt_reclaim.journal import Journal, JournalDisk
+from virt_reclaim.journal.store import Journal, JournalDisk
 from virt_reclaim.model import DomainState
 
 MIB = 1024 * 1024

@@ -6,7 +6,6 @@ import pytest
 
 from fakes import LINUX_AGENT, MIB, RHEL_AGENT, WINDOWS_AGENT
 from virt_reclaim.errors import AgentUnavailable
-from virt_reclaim.inventory import describe_domain
 from virt_reclaim.job.freespace.agent import (
     STOP_FILLS_SCRIPT,
     ZERO_FILE_GLOB,
@@ -23,6 +22,7 @@ from virt_reclaim.job.freespace.budget import (
     plan_fill,
 )
 from virt_reclaim.model import DomainSnapshot, DomainState, GuestExecResult, TrimmedPath
+from virt_reclaim.reports.inventory import describe_domain
 from virt_reclaim.virt import parse_agent_info, parse_fstrim
 
 GIB = 1024 * MIB

@@ -20,7 +20,7 @@ from fakes import FakeDisk, FakeDomain, OpenWatch, sh
 from virt_reclaim.image.imagefile import NewImage
 from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job.frame import JobSettings, Outcome, ReclaimJob, Step
-from virt_reclaim.journal import Journal
+from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState
 
 MIB = 1024 * 1024

@@ -7,10 +7,10 @@ from typing import Any, ClassVar
 import pytest
 import structlog
 
-from virt_reclaim import hostview
 from virt_reclaim.errors import VirtError
-from virt_reclaim.hostview import RECONNECT_MAX_DELAY_S, HostView, Outage
 from virt_reclaim.model import DomainSnapshot, DomainState
+from virt_reclaim.service import hostview
+from virt_reclaim.service.hostview import RECONNECT_MAX_DELAY_S, HostView, Outage
 
 
 class Clock:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from virt_reclaim.idle import Sample, Thresholds, Window, busy_reason, sample_from_stats
+from virt_reclaim.service.idle import Sample, Thresholds, Window, busy_reason, sample_from_stats
 
 LIMITS = Thresholds(cpu_percent=5.0, disk_bytes_per_s=1_000_000, net_bytes_per_s=100_000,
                     duration_s=600)  # fmt: skip

@@ -19,7 +19,7 @@ from virt_reclaim.errors import QemuImgError
 from virt_reclaim.image.imagefile import NewImage
 from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job.frame import After, JobSettings, Outcome, ReclaimJob, Step
-from virt_reclaim.journal import Journal, JournalError
+from virt_reclaim.journal.store import Journal, JournalError
 from virt_reclaim.model import DomainState
 
 MIB = 1024 * 1024

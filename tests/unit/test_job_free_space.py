@@ -36,7 +36,7 @@ from virt_reclaim.job.frame import Compression, JobResult, JobSettings, Outcome,
 from virt_reclaim.job.freespace import budget
 from virt_reclaim.job.freespace.agent import FreeSpaceMethod
 from virt_reclaim.job.freespace.budget import Reserve
-from virt_reclaim.journal import Journal
+from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState, TrimmedPath
 
 GIB = 1024 * MIB

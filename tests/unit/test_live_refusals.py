@@ -19,7 +19,7 @@ from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job.frame import JobSettings, Outcome, ReclaimJob
 from virt_reclaim.job.modes import live
 from virt_reclaim.job.modes.livecheck import host_refusal
-from virt_reclaim.journal import Journal, JournalDisk
+from virt_reclaim.journal.store import Journal, JournalDisk
 from virt_reclaim.model import BlockJob, DomainState, HostVersions, version_text
 
 MIB = 1024 * 1024

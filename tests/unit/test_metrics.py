@@ -29,7 +29,7 @@ from virt_reclaim.job.frame import JobResult, JobSettings, Outcome, ReclaimJob
 from virt_reclaim.job.freespace.agent import FreeSpaceMethod
 from virt_reclaim.job.results import DiskResult
 from virt_reclaim.job.settings import After
-from virt_reclaim.journal import Journal
+from virt_reclaim.journal.store import Journal
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "examples" / "prometheus" / "virt-reclaim.rules.yml"

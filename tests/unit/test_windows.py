@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-from virt_reclaim import windows
 from virt_reclaim.config.policy import Policy
-from virt_reclaim.idle import Sample
-from virt_reclaim.journal import JournalError
+from virt_reclaim.journal.store import JournalError
 from virt_reclaim.model import DomainSnapshot, DomainState
-from virt_reclaim.scheduler import Candidate, LateWindow
-from virt_reclaim.windows import DomainView, Window, Windows
+from virt_reclaim.service import windows
+from virt_reclaim.service.idle import Sample
+from virt_reclaim.service.scheduler import Candidate, LateWindow
+from virt_reclaim.service.windows import DomainView, Window, Windows
 
 OPEN = 1000.0  # when the window opens
 LENGTH = 600.0  # schedule.window = 10m
@@ -472,7 +472,8 @@ def test_the_core_uses_no_clock_thread_libvirt_or_log() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module)
     forbidden = {"time", "threading", "libvirt", "structlog", "os", "subprocess",
-                 "virt_reclaim.virt", "virt_reclaim.hostview", "virt_reclaim.workers"}  # fmt: skip
+                 "virt_reclaim.virt", "virt_reclaim.service.hostview",
+                 "virt_reclaim.service.workers"}  # fmt: skip
     assert not imported & forbidden
 
 

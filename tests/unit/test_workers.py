@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import structlog
 
-from virt_reclaim import workers
 from virt_reclaim.config import loading
 from virt_reclaim.config.policy import Policy
-from virt_reclaim.scheduler import Candidate
+from virt_reclaim.service import workers
+from virt_reclaim.service.scheduler import Candidate
 
 POLICY = Policy.model_validate(
     {"name": "p", "match": {"names": ["*"]}, "schedule": {"cron": "0 2 * * *"}}

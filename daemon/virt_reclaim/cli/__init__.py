@@ -17,7 +17,7 @@ from virt_reclaim.cli.render import print_domain_table, print_job_result
 from virt_reclaim.cli.run import Terminated
 from virt_reclaim.errors import VirtError
 from virt_reclaim.job.lock import DomainBusy
-from virt_reclaim.journal import JournalError
+from virt_reclaim.journal.store import JournalError
 
 __all__ = [
     "EXIT_FAILED",

@@ -9,12 +9,13 @@ import logging
 import sys
 from typing import Any
 
-from virt_reclaim import advice, logs, planning
+from virt_reclaim import logs
 from virt_reclaim.cli.common import EXIT_OK, EXIT_USAGE
 from virt_reclaim.cli.render import print_plan
 from virt_reclaim.config import loading, selection
 from virt_reclaim.config.policy import PolicyFile
 from virt_reclaim.errors import VirtError
+from virt_reclaim.reports import advice, plan
 from virt_reclaim.virt import Hypervisor
 
 
@@ -72,7 +73,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     policies = [policy for _file, policy in loaded.policies]
     # Read-write, though plan only reads: libvirt refuses agent queries on read-only connections.
     with Hypervisor(args.connect or loaded.daemon.uri) as hypervisor:
-        entries = planning.plan(
+        entries = plan.plan(
             hypervisor, policies, qemu_img=loaded.daemon.qemu_img,
             now=datetime.datetime.now(datetime.UTC),
         )  # fmt: skip

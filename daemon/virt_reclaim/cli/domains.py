@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from virt_reclaim import inventory, logs, planning
+from virt_reclaim import logs
 from virt_reclaim.cli.common import EXIT_OK
 from virt_reclaim.cli.render import print_domain_table
 from virt_reclaim.config import loading, selection
@@ -19,6 +19,7 @@ from virt_reclaim.domxml import read
 from virt_reclaim.errors import VirtError
 from virt_reclaim.job.frame import JobSettings
 from virt_reclaim.model import AgentInfo, DomainSnapshot, DomainState
+from virt_reclaim.reports import inventory, plan
 from virt_reclaim.virt import Hypervisor
 
 
@@ -92,14 +93,14 @@ def _estimates(
             else JobSettings(qemu_img=args.qemu_img)
         )
         try:
-            result = planning.dry_run(hypervisor.domain_by_uuid(snap.uuid), settings, snapshots)
+            result = plan.dry_run(hypervisor.domain_by_uuid(snap.uuid), settings, snapshots)
         except VirtError as exc:
             found[snap.uuid] = DomainEstimate(
                 policy.name if policy else None, "failed", str(exc), {}
             )
             continue
         gains = {
-            d.target: planning.reclaimable(d.bytes_before, d.estimated_after) for d in result.disks
+            d.target: plan.reclaimable(d.bytes_before, d.estimated_after) for d in result.disks
         }
         found[snap.uuid] = DomainEstimate(
             policy.name if policy else None, str(result.outcome), result.reason, gains

@@ -18,7 +18,7 @@ from virt_reclaim.config import loading
 from virt_reclaim.config.policy import parse_duration
 from virt_reclaim.job.frame import Compression, OnShutdownTimeout
 from virt_reclaim.job.freespace.agent import FreeSpaceMethod
-from virt_reclaim.journal import DEFAULT_STATE_DIR
+from virt_reclaim.journal.store import DEFAULT_STATE_DIR
 from virt_reclaim.model import DEFAULT_URI
 
 _BYTE_SIZE = TypeAdapter(ByteSize)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from virt_reclaim import logs, metrics, recovery
+from virt_reclaim import logs, metrics
 from virt_reclaim.cli.common import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, UsageError
 from virt_reclaim.cli.render import ProgressBar, print_job_result
 from virt_reclaim.config import loading
@@ -21,7 +21,8 @@ from virt_reclaim.config.policy import Policy, job_settings
 from virt_reclaim.job import runner
 from virt_reclaim.job.frame import Compression, JobSettings, OnShutdownTimeout, Outcome, Step
 from virt_reclaim.job.freespace.agent import FreeSpaceMethod
-from virt_reclaim.journal import Journal
+from virt_reclaim.journal import recovery
+from virt_reclaim.journal.store import Journal
 from virt_reclaim.process import Priority
 from virt_reclaim.virt import Hypervisor
 

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 
 from virt_reclaim.config.policy import Duration, Policy, PolicyFile, _Model
-from virt_reclaim.journal import DEFAULT_STATE_DIR
+from virt_reclaim.journal.store import DEFAULT_STATE_DIR
 from virt_reclaim.logs import LogFormat
 from virt_reclaim.model import DEFAULT_URI
 

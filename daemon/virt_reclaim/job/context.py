@@ -28,7 +28,7 @@ from virt_reclaim.job.ports import DomainPort, ImagePort
 from virt_reclaim.job.results import DiskResult, JobAbandoned, JobSkipped, NothingToDo, SkippedDisk
 from virt_reclaim.job.settings import JobSettings
 from virt_reclaim.job.steps import estimate as estimating
-from virt_reclaim.journal import BackupRecord, Journal, JournalError
+from virt_reclaim.journal.store import BackupRecord, Journal, JournalError
 from virt_reclaim.model import AgentInfo, GuestFilesystem
 from virt_reclaim.units import iso_time
 

@@ -37,7 +37,7 @@ from virt_reclaim.job.results import (
 )
 from virt_reclaim.job.settings import After, Compression, JobSettings, OnShutdownTimeout
 from virt_reclaim.job.steps import prepare
-from virt_reclaim.journal import Journal, JournalError
+from virt_reclaim.journal.store import Journal, JournalError
 from virt_reclaim.model import DomainState
 from virt_reclaim.units import format_bytes
 

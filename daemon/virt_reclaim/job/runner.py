@@ -10,12 +10,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from virt_reclaim import inventory
 from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job.frame import JobResult, JobSettings, ReclaimJob, Step
 from virt_reclaim.job.lock import DomainLock
-from virt_reclaim.journal import Journal, JournalError
+from virt_reclaim.journal.store import Journal, JournalError
 from virt_reclaim.process import Priority
+from virt_reclaim.reports import inventory
 from virt_reclaim.virt import Domain, Hypervisor
 
 

@@ -24,7 +24,7 @@ from virt_reclaim.errors import QemuImgError
 from virt_reclaim.image import qemu_img
 from virt_reclaim.job.context import SHUTDOWN_REQUESTED
 from virt_reclaim.job.results import Outcome
-from virt_reclaim.journal import Journal
+from virt_reclaim.journal.store import Journal
 from virt_reclaim.metrics.observations import (
     DAEMON_START,
     DOMAIN_SKIPS,

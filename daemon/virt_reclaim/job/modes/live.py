@@ -38,7 +38,7 @@ from virt_reclaim.job.steps.rewrite import (
     swap_disk,
     verify_disk,
 )
-from virt_reclaim.journal import JournalDisk, JournalJob
+from virt_reclaim.journal.store import JournalDisk, JournalJob
 
 READY_TIMEOUT_S = 600.0
 

@@ -30,7 +30,7 @@ from virt_reclaim.job.steps.rewrite import (
     swap_disk,
     verify_disk,
 )
-from virt_reclaim.journal import JournalDisk, JournalJob
+from virt_reclaim.journal.store import JournalDisk, JournalJob
 from virt_reclaim.model import DomainState
 from virt_reclaim.process import kill_qemu_img_holding
 

@@ -20,7 +20,7 @@ from virt_reclaim.job.ports import LiveDomainPort
 from virt_reclaim.job.results import JobSkipped, NothingToDo, SkippedDisk
 from virt_reclaim.job.settings import Compression
 from virt_reclaim.job.steps import estimate as estimating
-from virt_reclaim.journal import JournalDisk
+from virt_reclaim.journal.store import JournalDisk
 from virt_reclaim.model import DomainState
 from virt_reclaim.units import format_bytes
 

@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from virt_reclaim import advice, inventory, layout
 from virt_reclaim.config import crontab, selection
 from virt_reclaim.config.policy import Policy, job_settings
 from virt_reclaim.image.qemu_img import QemuImg
@@ -17,6 +16,7 @@ from virt_reclaim.job.frame import JobResult, JobSettings, Outcome, ReclaimJob
 from virt_reclaim.job.modes import conversion
 from virt_reclaim.job.results import DiskResult
 from virt_reclaim.model import DomainSnapshot
+from virt_reclaim.reports import advice, inventory, layout
 from virt_reclaim.virt import Domain, Hypervisor
 
 

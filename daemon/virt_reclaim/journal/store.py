@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from virt_reclaim.journal_queries import JournalQueries
-from virt_reclaim.journal_records import BackupRecord, JournalDisk, JournalError, JournalJob
+from virt_reclaim.journal.queries import JournalQueries
+from virt_reclaim.journal.records import BackupRecord, JournalDisk, JournalError, JournalJob
 
 # The records and the error live in journal_records.py (the queries return them too);
 # the rest of virt-reclaim imports them from here.

@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from virt_reclaim.journal_records import BackupRecord, JournalDisk, JournalError, JournalJob
+from virt_reclaim.journal.records import BackupRecord, JournalDisk, JournalError, JournalJob
 
 
 class JournalQueries:

@@ -17,17 +17,19 @@ from dataclasses import dataclass
 
 import structlog
 
-from virt_reclaim import metrics, planning, scheduler
+from virt_reclaim import metrics
 from virt_reclaim.config import loading
 from virt_reclaim.config.policy import Policy, job_settings
 from virt_reclaim.errors import AgentUnavailable, VirtError
 from virt_reclaim.job import runner
 from virt_reclaim.job.frame import Outcome
 from virt_reclaim.job.lock import DomainBusy
-from virt_reclaim.journal import Journal, JournalError
+from virt_reclaim.journal.store import Journal, JournalError
 from virt_reclaim.model import DomainSnapshot, DomainState
 from virt_reclaim.process import Priority
-from virt_reclaim.scheduler import Candidate
+from virt_reclaim.reports import plan
+from virt_reclaim.service import scheduler
+from virt_reclaim.service.scheduler import Candidate
 from virt_reclaim.virt import Hypervisor
 
 log = structlog.get_logger("virt_reclaim.workers")
@@ -175,7 +177,7 @@ def _estimate_one(
                 if observer is not None:
                     observer.skipped(snap.name, "busy: users logged in")
                 return None
-        result = planning.estimate(domain, policy, everyone, qemu_img=qemu_img, history=history)
+        result = plan.estimate(domain, policy, everyone, qemu_img=qemu_img, history=history)
     except AgentUnavailable as exc:
         log.info("domain.skipped", domain=snap.name,
                  reason=f"busy: cannot tell whether users are logged in ({exc})")  # fmt: skip

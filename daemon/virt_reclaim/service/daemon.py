@@ -25,16 +25,18 @@ from typing import Any
 
 import structlog
 
-from virt_reclaim import backups, logs, metrics, recovery, scheduler, windows, workers
+from virt_reclaim import backups, logs, metrics
 from virt_reclaim.config import loading
 from virt_reclaim.config.policy import Policy
-from virt_reclaim.hostview import HostView
-from virt_reclaim.journal import Journal, JournalError
-from virt_reclaim.scheduler import Candidate
-from virt_reclaim.sdnotify import Notifier
+from virt_reclaim.journal import recovery
+from virt_reclaim.journal.store import Journal, JournalError
+from virt_reclaim.service import scheduler, windows, workers
+from virt_reclaim.service.hostview import HostView
+from virt_reclaim.service.scheduler import Candidate
+from virt_reclaim.service.sdnotify import Notifier
+from virt_reclaim.service.wakeup import Flags, Wakeup
 from virt_reclaim.units import format_bytes
 from virt_reclaim.virt import event_loop_alive, start_event_loop
-from virt_reclaim.wakeup import Flags, Wakeup
 
 # sysexits.h EX_CONFIG: the unit does not restart on it (RestartPreventExitStatus=78).
 EXIT_CONFIG = 78

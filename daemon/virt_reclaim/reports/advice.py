@@ -5,10 +5,10 @@ Warnings and notes, never errors: the configuration is valid either way.
 
 from __future__ import annotations
 
-from virt_reclaim import layout
 from virt_reclaim.config.policy import Policy
 from virt_reclaim.domxml import edit, read
 from virt_reclaim.job.modes import conversion
+from virt_reclaim.reports import layout
 
 
 def policy_warnings(policy: Policy) -> list[str]:

@@ -26,12 +26,12 @@ import datetime as dt
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from virt_reclaim import idle, scheduler
 from virt_reclaim.config import selection
 from virt_reclaim.config.policy import Policy
-from virt_reclaim.journal import JournalError
+from virt_reclaim.journal.store import JournalError
 from virt_reclaim.model import DomainSnapshot, DomainState
-from virt_reclaim.scheduler import Candidate, LateWindow
+from virt_reclaim.service import idle, scheduler
+from virt_reclaim.service.scheduler import Candidate, LateWindow
 
 # The prefix of the reasons that say a domain is not idle (a later sample may say it is).
 BUSY = "busy: "
