@@ -140,7 +140,7 @@ class FakeDomain:
         )
 
     # -- DomainPort ---------------------------------------------------------------------
-    def snapshot(self) -> DomainSnapshot:
+    def observe(self) -> DomainSnapshot:
         return DomainSnapshot(self.name, self.uuid, self.power, self.persistent, self._xml())
 
     def state(self) -> DomainState:

@@ -133,7 +133,7 @@ def test_a_definition_changed_during_the_job_stops_it(domain: FakeDomain, tmp_pa
 
     def someone_edits_it(step: Step) -> None:
         if step is Step.GUARD:
-            domain.inactive_override = domain.snapshot().xml.replace("disk.qcow2", "other.qcow2")
+            domain.inactive_override = domain.observe().xml.replace("disk.qcow2", "other.qcow2")
 
     result, _ = run(domain, tmp_path / "state", before_step=someone_edits_it)
 
@@ -156,7 +156,7 @@ def test_an_image_changed_while_the_guest_ran_stops_the_job_at_the_guard(
         if change == "snapshot":
             sh("qemu-img", "snapshot", "-c", "taken-meanwhile", str(image))
         else:
-            domain.inactive_override = domain.snapshot().xml.replace("type='qcow2'", "type='raw'")
+            domain.inactive_override = domain.observe().xml.replace("type='qcow2'", "type='raw'")
 
     result, _ = run(domain, tmp_path / "state", before_step=someone_changes_it)
 

@@ -64,7 +64,7 @@ class Built:
         self.dry_run = run(self.web, self.journal, dry_run=True)
         self.failed = run(self.db, self.journal, shutdown_timeout_s=0.1)
         self.left_off = run(self.off, self.journal, after=After.OFF)
-        self.domains = [d.snapshot() for d in (self.web, self.db, self.off)]
+        self.domains = [d.observe() for d in (self.web, self.db, self.off)]
 
 
 @pytest.fixture(scope="module")

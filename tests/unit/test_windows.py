@@ -87,7 +87,7 @@ def select(
     last_reclaimed_at: Any = never_reclaimed,
     only: set[str] | None = None,
     policies: list[Policy] | None = None,
-) -> windows.Selection:
+) -> windows.PassDecision:
     return book.select(
         p, policies or [p], domains, running=running or set(),
         last_reclaimed_at=last_reclaimed_at, wall=WALL, only=only,
@@ -191,7 +191,7 @@ def test_idle_domains_are_chosen_and_a_busy_one_is_reported_and_watched() -> Non
     # Being estimated: no second selection until the estimates are back.
     assert book.estimating == {"p"}
     assert not book.may_select("p")
-    assert select(book, p, domains) == windows.Selection()
+    assert select(book, p, domains) == windows.PassDecision()
 
 
 def test_a_domain_never_observed_counts_as_busy() -> None:

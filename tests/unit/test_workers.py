@@ -41,11 +41,11 @@ def test_a_job_thread_posts_its_outcome_and_is_forgotten_when_done(
 ) -> None:
     seen_stop: list[threading.Event] = []
 
-    def run_job(_c: Candidate, _p: Policy, _s: Any, stop: threading.Event) -> str:
+    def run_candidate(_c: Candidate, _p: Policy, _s: Any, stop: threading.Event) -> str:
         seen_stop.append(stop)
         return "reclaimed"
 
-    monkeypatch.setattr(workers, "run_job", run_job)
+    monkeypatch.setattr(workers, "run_candidate", run_candidate)
     posted: list[tuple[Any, ...]] = []
     done = threading.Event()
 

@@ -23,7 +23,7 @@ from virt_reclaim.errors import QemuImgError, VirtError
 from virt_reclaim.image.guard import GuardError
 from virt_reclaim.job.context import SHUTDOWN_REQUESTED, JobContext, Step
 from virt_reclaim.job.freespace import step
-from virt_reclaim.job.modes import Mode, mode_named
+from virt_reclaim.job.modes import JobMode, mode_named
 from virt_reclaim.job.ports import DomainPort, ImagePort
 from virt_reclaim.job.results import (
     FreedInPlace,
@@ -77,7 +77,7 @@ class ReclaimJob:
         journal: Journal | None = None,
         before_step: Callable[[Step], None] | None = None,
         stop: threading.Event | None = None,
-        mode: Mode | None = None,
+        mode: JobMode | None = None,
         history: Callable[[str, str, str], float | None] | None = None,
     ) -> None:
         """Prepare a job; nothing happens until ``run``.

@@ -6,7 +6,7 @@ Threads and what they may do:
 - APScheduler's thread: "policy P fires", put into the inbox;
 - an estimator thread per firing: dry runs of the policy's domains (qemu-img
   measure can take seconds), results into the inbox (``workers.estimate``);
-- a thread per job: the job itself, on its own libvirt connection (``workers.run_job``).
+- a thread per job: the job itself, on its own libvirt connection (``workers.run_candidate``).
 Signal handlers only set flags; ``signal.set_wakeup_fd`` wakes the loop.
 
 The decisions about windows (what to estimate, watch, queue, start, and when a

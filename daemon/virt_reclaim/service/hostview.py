@@ -117,7 +117,7 @@ class HostView:
         if self.hypervisor is None:
             return
         try:
-            snapshot = self.hypervisor.domain_by_uuid(uuid).snapshot()
+            snapshot = self.hypervisor.domain_by_uuid(uuid).observe()
         except VirtError:
             if self.domains.pop(uuid, None) is not None:
                 log.info("domain.gone", domain=name, libvirt_event=event)

@@ -63,7 +63,7 @@ def _sum(record: dict[str, Any], group: str, fields: tuple[str, ...]) -> int | N
     return total
 
 
-class Window:
+class SampleWindow:
     """The samples of one domain that cover the last ``duration_s`` (and one before)."""
 
     def __init__(self, duration_s: float) -> None:
@@ -79,7 +79,7 @@ class Window:
             self.samples.popleft()
 
 
-def busy_reason(window: Window, limits: Thresholds) -> str | None:
+def window_busy_reason(window: SampleWindow, limits: Thresholds) -> str | None:
     """Why the guest counts as busy over the window, or None if it was idle throughout."""
     samples = list(window.samples)
     if samples:

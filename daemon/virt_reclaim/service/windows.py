@@ -45,7 +45,7 @@ class DomainView:
     """What the daemon knows of a domain: its latest snapshot and its statistics samples."""
 
     snapshot: DomainSnapshot
-    window: idle.Window = field(default_factory=lambda: idle.Window(0.0))
+    window: idle.SampleWindow = field(default_factory=lambda: idle.SampleWindow(0.0))
 
 
 def busy_reason(view: DomainView, policy: Policy) -> str | None:
@@ -60,7 +60,7 @@ def busy_reason(view: DomainView, policy: Policy) -> str | None:
         net_bytes_per_s=float(policy.idle.net_bytes_per_s),
         duration_s=policy.idle.duration.total_seconds(),
     )
-    return idle.busy_reason(view.window, limits)
+    return idle.window_busy_reason(view.window, limits)
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class Skip:
 
 
 @dataclass
-class Selection:
+class PassDecision:
     """What one pass over a policy's domains decided.
 
     ``chosen`` are to be estimated (the policy now counts as being estimated);
@@ -199,7 +199,7 @@ class Windows:
         last_reclaimed_at: Callable[[str], float | None],
         wall: float,
         only: Collection[str] | None = None,
-    ) -> Selection:
+    ) -> PassDecision:
         """Pick the policy's eligible idle domains (or those among ``only``) to estimate.
 
         ``policies`` decide which policy governs each domain; ``running`` holds the uuids
@@ -207,7 +207,7 @@ class Windows:
         may raise JournalError) and ``wall`` is the wall-clock time for the min_interval.
         A busy domain is watched by the window; any other reason ends its watch.
         """
-        result = Selection()
+        result = PassDecision()
         window = self.open.get(policy.name)
         if window is None or policy.name in self.estimating:
             return result

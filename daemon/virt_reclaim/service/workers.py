@@ -2,7 +2,7 @@
 
 - an estimator thread per firing (``estimate``): the dry runs of the domains a
   window chose (qemu-img measure can take seconds), made into queue candidates;
-- a thread per job (``run_job``): one reclaim job, under its domain lock.
+- a thread per job (``run_candidate``): one reclaim job, under its domain lock.
 
 ``Workers`` starts them and keeps track of the jobs; each thread reports its
 result by posting a message to the main loop (``("estimated", policy, candidates)``,
@@ -100,7 +100,7 @@ class Workers:
     def _job(self, candidate: Candidate, policy: Policy, settings: loading.DaemonConfig) -> None:
         outcome: str | None = None
         try:
-            outcome = run_job(candidate, policy, settings, self.stop)
+            outcome = run_candidate(candidate, policy, settings, self.stop)
         finally:
             self._post("job-done", candidate.uuid, outcome)
 
@@ -199,7 +199,7 @@ def _estimate_one(
     return scheduler.candidate(snap.name, snap.uuid, policy, disks, rate)
 
 
-def run_job(
+def run_candidate(
     candidate: Candidate, policy: Policy, settings: loading.DaemonConfig, stop: threading.Event
 ) -> str | None:
     """Run the candidate's job; its outcome, or None when it could not run or crashed."""

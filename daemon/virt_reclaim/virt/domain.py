@@ -58,7 +58,7 @@ class Domain:
         self.name: str = dom.name()
         self.uuid: str = dom.UUIDString()
 
-    def snapshot(self) -> DomainSnapshot:
+    def observe(self) -> DomainSnapshot:
         """The domain's identity, state and live XML now."""
         snap: DomainSnapshot = self._call("read domain", read_snapshot)
         return snap

@@ -14,7 +14,7 @@ from virt_reclaim.job.results import Recovered
 from virt_reclaim.journal.store import JournalJob
 
 
-class Mode(Protocol):
+class JobMode(Protocol):
     """A way to reclaim: its steps, and how to finish or undo them after a crash."""
 
     name: str
@@ -31,7 +31,7 @@ class Mode(Protocol):
         """
 
 
-def mode_named(name: str) -> Mode:
+def mode_named(name: str) -> JobMode:
     """The mode a policy or a journal entry names.
 
     Raises:
@@ -41,7 +41,7 @@ def mode_named(name: str) -> Mode:
     from virt_reclaim.job.modes.live import LiveMode  # noqa: PLC0415
     from virt_reclaim.job.modes.offline import OfflineMode  # noqa: PLC0415
 
-    modes: dict[str, Mode] = {
+    modes: dict[str, JobMode] = {
         "offline": OfflineMode(),
         "live": LiveMode(),
         "convert": ConvertMode(),

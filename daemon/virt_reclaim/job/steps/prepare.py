@@ -36,7 +36,7 @@ def inspect(job: JobContext, *, live: bool = False) -> None:
     with a backing chain or a block job running (``livecheck``). With ``rewrite.convert``
     a raw or VMDK disk is eligible for conversion (``conversion.ineligible`` says when not).
     """
-    snap = job.domain.snapshot()
+    snap = job.domain.observe()
     if not snap.persistent:
         raise JobSkipped("transient domain: it has no definition to restart it from")
     if snap.state not in (DomainState.RUNNING, DomainState.SHUTOFF):
