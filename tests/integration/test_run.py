@@ -41,7 +41,7 @@ from testbed.reclaim import (
 from virt_reclaim.errors import GuestExecCancelled
 from virt_reclaim.job.freespace.agent import FreeSpaceResult, zero_fill
 from virt_reclaim.job.freespace.budget import Fill
-from virt_reclaim.virt import Hypervisor
+from virt_reclaim.virt.connection import Hypervisor
 
 pytestmark = pytest.mark.guest
 

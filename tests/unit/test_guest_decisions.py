@@ -8,7 +8,6 @@ from fakes import LINUX_AGENT, MIB, RHEL_AGENT, WINDOWS_AGENT
 from virt_reclaim.errors import AgentUnavailable
 from virt_reclaim.job.freespace.agent import (
     STOP_FILLS_SCRIPT,
-    ZERO_FILE_GLOB,
     FreeSpaceMethod,
     choose_method,
     zero_fill,
@@ -23,7 +22,7 @@ from virt_reclaim.job.freespace.budget import (
 )
 from virt_reclaim.model import DomainSnapshot, DomainState, GuestExecResult, TrimmedPath
 from virt_reclaim.reports.inventory import describe_domain
-from virt_reclaim.virt import parse_agent_info, parse_fstrim
+from virt_reclaim.virt.agentreplies import parse_agent_info, parse_fstrim
 
 GIB = 1024 * MIB
 AUTO, TRIM, ZERO, NONE = (FreeSpaceMethod.AUTO, FreeSpaceMethod.TRIM, FreeSpaceMethod.ZERO,
@@ -194,4 +193,4 @@ def test_a_guest_claiming_more_zeros_than_the_fill_may_write_is_capped_at_the_pl
 
 def test_the_script_that_ends_a_dead_jobs_fill_does_not_match_itself() -> None:
     """It finds fills by the marker in command lines: its own must not carry it."""
-    assert ZERO_FILE_GLOB.rstrip("*") not in STOP_FILLS_SCRIPT
+    assert ".virt-reclaim-zero." not in STOP_FILLS_SCRIPT

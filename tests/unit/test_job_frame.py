@@ -18,8 +18,12 @@ from fakes import FakeDisk, FakeDomain, linux_fs, make_image, sh
 from virt_reclaim.errors import QemuImgError
 from virt_reclaim.image.imagefile import NewImage
 from virt_reclaim.image.qemu_img import QemuImg
-from virt_reclaim.job.frame import After, JobSettings, Outcome, ReclaimJob, Step
-from virt_reclaim.journal.store import Journal, JournalError
+from virt_reclaim.job.context import Step
+from virt_reclaim.job.frame import ReclaimJob
+from virt_reclaim.job.results import Outcome
+from virt_reclaim.job.settings import After, JobSettings
+from virt_reclaim.journal.records import JournalError
+from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState
 
 MIB = 1024 * 1024
@@ -54,7 +58,7 @@ def run(
     job = ReclaimJob(
         domain,
         images or QemuImg(priority=None),
-        JobSettings(priority=None, **{"min_gain": 0, **settings}),
+        JobSettings(**{"min_gain": 0, **settings}),
         images_of_other_domains=dict,
         journal=journal,
         before_step=before_step,
@@ -209,7 +213,7 @@ def test_a_journal_that_cannot_record_the_restore_still_gets_the_guest_back(
     domain: FakeDomain, tmp_path: Path
 ) -> None:
     job = ReclaimJob(
-        domain, QemuImg(priority=None), JobSettings(priority=None, min_gain=0),
+        domain, QemuImg(priority=None), JobSettings(min_gain=0),
         images_of_other_domains=dict, journal=JournalRefusingRestore(tmp_path / "state"),
     )  # fmt: skip
 

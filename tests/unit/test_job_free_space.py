@@ -32,10 +32,13 @@ from fakes import (
 from testbed.data import log_text
 from virt_reclaim.image.imagefile import NewImage
 from virt_reclaim.image.qemu_img import QemuImg
-from virt_reclaim.job.frame import Compression, JobResult, JobSettings, Outcome, ReclaimJob, Step
+from virt_reclaim.job.context import Step
+from virt_reclaim.job.frame import ReclaimJob
 from virt_reclaim.job.freespace import budget
 from virt_reclaim.job.freespace.agent import FreeSpaceMethod
 from virt_reclaim.job.freespace.budget import Reserve
+from virt_reclaim.job.results import JobResult, Outcome
+from virt_reclaim.job.settings import Compression, JobSettings
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState, TrimmedPath
 
@@ -49,7 +52,7 @@ def run_job(
     job = ReclaimJob(
         domain,
         QemuImg(priority=None),
-        JobSettings(priority=None, **settings),
+        JobSettings(**settings),
         images_of_other_domains=dict,
         journal=journal,
     )
@@ -329,7 +332,6 @@ def test_the_rewrite_stops_when_another_writer_takes_the_host_below_its_reserve(
         domain,
         HoggedConvert(small_host, leave=reserve - 20 * MIB, free_seen=free_seen),
         JobSettings(
-            priority=None,
             min_gain=0,
             free_space=FreeSpaceMethod.NONE,
             reserve=Reserve(host_percent=0, host_min_bytes=reserve),
@@ -364,7 +366,7 @@ def test_two_jobs_on_one_filesystem_share_its_reserve_through_the_journal(
                    filesystems=[linux_fs("/", "vda", total=974 * MIB, used=44 * MIB)])
         for i, image in enumerate(images)
     ]  # fmt: skip
-    settings = JobSettings(priority=None, min_gain=0, free_space=FreeSpaceMethod.NONE,
+    settings = JobSettings(min_gain=0, free_space=FreeSpaceMethod.NONE,
                            reserve=Reserve(host_percent=0, host_min_bytes=150 * MIB))  # fmt: skip
     state = tmp_path / "state"
     seen: list[JobResult] = []

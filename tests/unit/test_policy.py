@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from virt_reclaim.config import loading, selection
 from virt_reclaim.config.policy import Policy, PolicyFile, job_settings
-from virt_reclaim.job.frame import After, Compression, JobSettings
+from virt_reclaim.job.settings import After, Compression, JobSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = {"name": "p", "match": {"names": ["web-*"]}, "schedule": {"cron": "0 2 * * *"}}

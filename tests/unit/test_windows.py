@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from virt_reclaim.config.policy import Policy
-from virt_reclaim.journal.store import JournalError
+from virt_reclaim.journal.records import JournalError
 from virt_reclaim.model import DomainSnapshot, DomainState
 from virt_reclaim.service import windows
 from virt_reclaim.service.idle import Sample

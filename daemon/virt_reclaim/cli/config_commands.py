@@ -16,7 +16,7 @@ from virt_reclaim.config import loading, selection
 from virt_reclaim.config.policy import PolicyFile
 from virt_reclaim.errors import VirtError
 from virt_reclaim.reports import advice, plan
-from virt_reclaim.virt import Hypervisor
+from virt_reclaim.virt.connection import Hypervisor
 
 
 def cmd_check(args: argparse.Namespace) -> int:

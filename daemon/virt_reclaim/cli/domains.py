@@ -17,10 +17,10 @@ from virt_reclaim.config import loading, selection
 from virt_reclaim.config.policy import job_settings
 from virt_reclaim.domxml import read
 from virt_reclaim.errors import VirtError
-from virt_reclaim.job.frame import JobSettings
+from virt_reclaim.job.settings import JobSettings
 from virt_reclaim.model import AgentInfo, DomainSnapshot, DomainState
 from virt_reclaim.reports import inventory, plan
-from virt_reclaim.virt import Hypervisor
+from virt_reclaim.virt.connection import Hypervisor
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,8 @@ from virt_reclaim.cli.journal_commands import cmd_backups, cmd_history, cmd_reco
 from virt_reclaim.cli.run import cmd_run
 from virt_reclaim.config import loading
 from virt_reclaim.config.policy import parse_duration
-from virt_reclaim.job.frame import Compression, OnShutdownTimeout
 from virt_reclaim.job.freespace.agent import FreeSpaceMethod
+from virt_reclaim.job.settings import Compression, OnShutdownTimeout
 from virt_reclaim.journal.store import DEFAULT_STATE_DIR
 from virt_reclaim.model import DEFAULT_URI
 

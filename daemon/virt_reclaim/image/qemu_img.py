@@ -10,7 +10,6 @@ from virt_reclaim.errors import QemuImgCancelled, QemuImgError
 from virt_reclaim.image.imagefile import NewImage
 from virt_reclaim.image.qemu_img_argv import (
     DEFAULT_QEMU_IMG,
-    MAX_MAP_EXTENTS,
     Extent,
     ImageInfo,
     check_argv,
@@ -26,34 +25,6 @@ from virt_reclaim.image.qemu_img_argv import (
     parse_measure,
     target_spec,
 )
-
-# The pure half is imported from here too, as it was when both were one module.
-__all__ = [
-    "DEFAULT_QEMU_IMG",
-    "INFO_TIMEOUT_S",
-    "MAX_MAP_EXTENTS",
-    "Extent",
-    "ImageInfo",
-    "QemuImg",
-    "check",
-    "check_argv",
-    "compare",
-    "compare_argv",
-    "convert_argv",
-    "create_argv",
-    "create_overlay",
-    "create_overlay_argv",
-    "image_map",
-    "info",
-    "info_argv",
-    "map_argv",
-    "measure",
-    "measure_argv",
-    "parse_info",
-    "parse_map",
-    "parse_measure",
-    "target_spec",
-]
 
 # Reading a header never takes long; a hung NFS mount must not hang us.
 INFO_TIMEOUT_S = 60.0

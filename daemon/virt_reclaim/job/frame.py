@@ -21,7 +21,7 @@ import structlog
 
 from virt_reclaim.errors import QemuImgError, VirtError
 from virt_reclaim.image.guard import GuardError
-from virt_reclaim.job.context import SHUTDOWN_REQUESTED, JobContext, Step
+from virt_reclaim.job.context import JobContext, Step
 from virt_reclaim.job.freespace import step
 from virt_reclaim.job.modes import JobMode, mode_named
 from virt_reclaim.job.ports import DomainPort, ImagePort
@@ -35,25 +35,12 @@ from virt_reclaim.job.results import (
     NothingToDo,
     Outcome,
 )
-from virt_reclaim.job.settings import After, Compression, JobSettings, OnShutdownTimeout
+from virt_reclaim.job.settings import After, JobSettings
 from virt_reclaim.job.steps import prepare
-from virt_reclaim.journal.store import Journal, JournalError
+from virt_reclaim.journal.records import JournalError
+from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState
 from virt_reclaim.units import format_bytes
-
-# The job's public face: what runs a job needs, wherever it is defined.
-__all__ = [
-    "SHUTDOWN_REQUESTED",
-    "After",
-    "Compression",
-    "JobResult",
-    "JobSettings",
-    "OnShutdownTimeout",
-    "Outcome",
-    "ReclaimJob",
-    "Step",
-    "new_job_id",
-]
 
 
 def new_job_id() -> str:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from virt_reclaim.image.imagefile import NewImage
-from virt_reclaim.image.qemu_img import Extent, ImageInfo
+from virt_reclaim.image.qemu_img_argv import Extent, ImageInfo
 from virt_reclaim.model import (
     AgentInfo,
     BlockJob,

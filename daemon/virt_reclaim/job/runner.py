@@ -11,12 +11,17 @@ import threading
 from collections.abc import Callable
 
 from virt_reclaim.image.qemu_img import QemuImg
-from virt_reclaim.job.frame import JobResult, JobSettings, ReclaimJob, Step
+from virt_reclaim.job.context import Step
+from virt_reclaim.job.frame import ReclaimJob
 from virt_reclaim.job.lock import DomainLock
-from virt_reclaim.journal.store import Journal, JournalError
+from virt_reclaim.job.results import JobResult
+from virt_reclaim.job.settings import JobSettings
+from virt_reclaim.journal.records import JournalError
+from virt_reclaim.journal.store import Journal
 from virt_reclaim.process import Priority
 from virt_reclaim.reports import inventory
-from virt_reclaim.virt import Domain, Hypervisor
+from virt_reclaim.virt.connection import Hypervisor
+from virt_reclaim.virt.domain import Domain
 
 
 def run_job(

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 from virt_reclaim.job.freespace.agent import FreeSpaceMethod
 from virt_reclaim.job.freespace.budget import Reserve
-from virt_reclaim.process import Priority
 
 MIB = 1024 * 1024
 
@@ -60,7 +59,6 @@ class JobSettings:
     agent_start_timeout_s: float = 120.0
     qemu_img: str = "qemu-img"
     rate_limit: int | None = None  # bytes per second the rewrite may read (qemu-img -r)
-    priority: Priority | None = field(default_factory=Priority)
 
     def record(self) -> dict[str, object]:
         """What the journal keeps of the settings (history, and the estimate's learning)."""

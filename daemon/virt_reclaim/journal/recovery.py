@@ -21,7 +21,8 @@ from virt_reclaim.job.freespace import agent
 from virt_reclaim.job.lock import DomainBusy, DomainLock
 from virt_reclaim.job.modes import mode_named
 from virt_reclaim.job.results import Recovered
-from virt_reclaim.journal.store import Journal, JournalJob
+from virt_reclaim.journal.records import JournalJob
+from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState
 
 

@@ -19,20 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from virt_reclaim.journal.queries import JournalQueries
-from virt_reclaim.journal.records import BackupRecord, JournalDisk, JournalError, JournalJob
-
-# The records and the error live in journal_records.py (the queries return them too);
-# the rest of virt-reclaim imports them from here.
-__all__ = [
-    "DEFAULT_STATE_DIR",
-    "JOURNAL_NAME",
-    "SCHEMA_VERSION",
-    "BackupRecord",
-    "Journal",
-    "JournalDisk",
-    "JournalError",
-    "JournalJob",
-]
+from virt_reclaim.journal.records import BackupRecord, JournalDisk, JournalError
 
 DEFAULT_STATE_DIR = "/var/lib/virt-reclaim"
 JOURNAL_NAME = "journal.sqlite3"

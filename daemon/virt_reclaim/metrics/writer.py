@@ -18,7 +18,8 @@ from prometheus_client import CollectorRegistry, write_to_textfile
 
 from virt_reclaim.config.loading import DaemonConfig
 from virt_reclaim.errors import VirtError
-from virt_reclaim.journal.store import Journal, JournalError
+from virt_reclaim.journal.records import JournalError
+from virt_reclaim.journal.store import Journal
 from virt_reclaim.metrics.families import DiskSizes, build
 from virt_reclaim.metrics.observations import Observations, read_previous
 from virt_reclaim.model import DomainSnapshot

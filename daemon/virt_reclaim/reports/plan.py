@@ -12,12 +12,14 @@ from typing import Any
 from virt_reclaim.config import crontab, selection
 from virt_reclaim.config.policy import Policy, job_settings
 from virt_reclaim.image.qemu_img import QemuImg
-from virt_reclaim.job.frame import JobResult, JobSettings, Outcome, ReclaimJob
+from virt_reclaim.job.frame import ReclaimJob
 from virt_reclaim.job.modes import conversion
-from virt_reclaim.job.results import DiskResult
+from virt_reclaim.job.results import DiskResult, JobResult, Outcome
+from virt_reclaim.job.settings import JobSettings
 from virt_reclaim.model import DomainSnapshot
 from virt_reclaim.reports import advice, inventory, layout
-from virt_reclaim.virt import Domain, Hypervisor
+from virt_reclaim.virt.connection import Hypervisor
+from virt_reclaim.virt.domain import Domain
 
 
 @dataclass

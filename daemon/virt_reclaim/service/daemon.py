@@ -25,18 +25,20 @@ from typing import Any
 
 import structlog
 
-from virt_reclaim import backups, logs, metrics
+from virt_reclaim import backups, logs
 from virt_reclaim.config import loading
 from virt_reclaim.config.policy import Policy
 from virt_reclaim.journal import recovery
-from virt_reclaim.journal.store import Journal, JournalError
+from virt_reclaim.journal.records import JournalError
+from virt_reclaim.journal.store import Journal
+from virt_reclaim.metrics import writer
 from virt_reclaim.service import scheduler, windows, workers
 from virt_reclaim.service.hostview import HostView
 from virt_reclaim.service.scheduler import Candidate
 from virt_reclaim.service.sdnotify import Notifier
 from virt_reclaim.service.wakeup import Flags, Wakeup
 from virt_reclaim.units import format_bytes
-from virt_reclaim.virt import event_loop_alive, start_event_loop
+from virt_reclaim.virt.events import event_loop_alive, start_event_loop
 
 # sysexits.h EX_CONFIG: the unit does not restart on it (RestartPreventExitStatus=78).
 EXIT_CONFIG = 78
@@ -65,7 +67,7 @@ class Daemon:
         self.policies: tuple[Policy, ...] = ()
         self.host = HostView(clock)
         self.windows = windows.Windows()
-        self.metrics = metrics.DaemonMetrics()
+        self.metrics = writer.DaemonMetrics()
         self.workers = workers.Workers(self._post, self.metrics.observations)
         self.running = self.workers.running  # by domain uuid
         self.inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from virt_reclaim.config import selection
 from virt_reclaim.config.policy import Policy
-from virt_reclaim.journal.store import JournalError
+from virt_reclaim.journal.records import JournalError
 from virt_reclaim.model import DomainSnapshot, DomainState
 from virt_reclaim.service import idle, scheduler
 from virt_reclaim.service.scheduler import Candidate, LateWindow

@@ -17,20 +17,21 @@ from dataclasses import dataclass
 
 import structlog
 
-from virt_reclaim import metrics
 from virt_reclaim.config import loading
 from virt_reclaim.config.policy import Policy, job_settings
 from virt_reclaim.errors import AgentUnavailable, VirtError
 from virt_reclaim.job import runner
-from virt_reclaim.job.frame import Outcome
 from virt_reclaim.job.lock import DomainBusy
-from virt_reclaim.journal.store import Journal, JournalError
+from virt_reclaim.job.results import Outcome
+from virt_reclaim.journal.records import JournalError
+from virt_reclaim.journal.store import Journal
+from virt_reclaim.metrics import observations
 from virt_reclaim.model import DomainSnapshot, DomainState
 from virt_reclaim.process import Priority
 from virt_reclaim.reports import plan
 from virt_reclaim.service import scheduler
 from virt_reclaim.service.scheduler import Candidate
-from virt_reclaim.virt import Hypervisor
+from virt_reclaim.virt.connection import Hypervisor
 
 log = structlog.get_logger("virt_reclaim.workers")
 
@@ -50,7 +51,7 @@ class RunningJob:
 class Workers:
     """Starts the worker threads; the jobs running, by domain uuid; the event that stops them."""
 
-    def __init__(self, post: Post, observer: metrics.Observations | None = None) -> None:
+    def __init__(self, post: Post, observer: observations.Observations | None = None) -> None:
         self._post = post
         self.observer = observer  # told of the dry runs' estimates and skips (the metrics)
         self.running: dict[str, RunningJob] = {}
@@ -119,7 +120,7 @@ def estimate(
     chosen: Sequence[DomainSnapshot],
     rate: float,
     *,
-    observer: metrics.Observations | None = None,
+    observer: observations.Observations | None = None,
     state_dir: str | None = None,
 ) -> list[Candidate]:
     """A dry run of each chosen domain; the candidates of those that would be reclaimed.
@@ -164,7 +165,7 @@ def _estimate_one(
     *,
     qemu_img: str,
     rate: float,
-    observer: metrics.Observations | None = None,
+    observer: observations.Observations | None = None,
     history: Callable[[str, str, str], float | None] | None = None,
 ) -> Candidate | None:
     try:

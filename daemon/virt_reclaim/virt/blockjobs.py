@@ -1,4 +1,4 @@
-"""External snapshots and block jobs: the moves of the live mode (see live-reclaim.md)."""
+"""External snapshots and block jobs: the moves of the live mode (README.md, "Live mode")."""
 
 from __future__ import annotations
 

@@ -124,10 +124,6 @@ class Domain:
             bandwidth=int(info.get("bandwidth", 0)),
         )
 
-    def libvirt_snapshot_count(self) -> int:
-        """Snapshots libvirt keeps metadata of (internal or external)."""
-        return int(self._call("count snapshots", lambda d: d.snapshotNum(0)))
-
     def shutdown(self, *, use_agent: bool) -> None:
         """Ask the guest to shut down, through its agent or with the ACPI power button."""
         mode = (

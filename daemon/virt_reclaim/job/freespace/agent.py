@@ -39,7 +39,6 @@ ZERO_FILL_SCRIPT = (
     "wait $p; "
     "sync"
 )
-ZERO_FILE_GLOB = ".virt-reclaim-zero.*"
 
 # Runs in the guest, when a job died during its zero-fill (recovery): TERM to every
 # process whose command line names a fill file (the fill script, its timeout and dd;

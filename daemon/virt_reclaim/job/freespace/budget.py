@@ -107,10 +107,6 @@ class FillPlan:
         """Bytes the fill may write in all."""
         return sum(f.limit for f in self.fills)
 
-    def unreached(self) -> int:
-        """Bytes of the guests' free space the fill will not reach, in all."""
-        return sum(f.unreached for f in self.fills)
-
     def reach(self) -> float:
         """Share of the guests' free space the fill will reach (0-1), for the estimate."""
         free = sum(f.guest_free for f in self.fills)

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from virt_reclaim.job.context import JobContext
 from virt_reclaim.job.results import Recovered
-from virt_reclaim.journal.store import JournalJob
+from virt_reclaim.journal.records import JournalJob
 
 
 class JobMode(Protocol):

@@ -32,7 +32,7 @@ from virt_reclaim.errors import QemuImgError
 from virt_reclaim.image import imagefile
 from virt_reclaim.job.context import DiskWork, JobContext
 from virt_reclaim.job.results import JobFailed, Recovered
-from virt_reclaim.journal.store import JournalDisk
+from virt_reclaim.journal.records import JournalDisk
 
 CONVERTIBLE_FORMATS = ("raw", "vmdk")
 VMDK_CREATE_TYPES = ("monolithicSparse", "monolithicFlat", "streamOptimized")

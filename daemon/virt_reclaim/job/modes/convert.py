@@ -37,7 +37,7 @@ from virt_reclaim.job.modes import conversion, offline
 from virt_reclaim.job.results import JobUnfinished, Recovered
 from virt_reclaim.job.steps import define
 from virt_reclaim.job.steps.rewrite import remove_temporary_files, swap_disk
-from virt_reclaim.journal.store import JournalJob
+from virt_reclaim.journal.records import JournalJob
 
 # Steps after which each qcow2 disk of the job was renamed over its original.
 _PAST_SWAP = frozenset({Step.SWAP, Step.DEFINE, Step.RESTORE, Step.CLEANUP})

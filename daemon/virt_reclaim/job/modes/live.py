@@ -1,4 +1,4 @@
-"""The live mode: recompress a running guest's disks with no downtime (live-reclaim.md).
+"""The live mode: recompress a running guest's disks with no downtime (README.md, "Live mode").
 
 After the shared steps (the guest's space freed while it runs):
 SNAPSHOT   an external disk-only snapshot: the guest now writes into overlay 1 and
@@ -38,7 +38,7 @@ from virt_reclaim.job.steps.rewrite import (
     swap_disk,
     verify_disk,
 )
-from virt_reclaim.journal.store import JournalDisk, JournalJob
+from virt_reclaim.journal.records import JournalDisk, JournalJob
 
 READY_TIMEOUT_S = 600.0
 

@@ -2,7 +2,7 @@
 
 The live mode's moves (an external snapshot, a shallow block copy with TRANSIENT_JOB,
 an active commit, pivots that also update the persistent definition) were verified on
-libvirt 9.0 with QEMU 7.2 (live-reclaim.md). They rely on libvirt driving QEMU's disks
+libvirt 9.0 with QEMU 7.2 (README.md, "Live mode"). They rely on libvirt driving QEMU's disks
 as named block nodes (``-blockdev``: libvirt 5.10 with QEMU 4.2 and later); below the
 floors here the same calls take older code paths that this sequence was never run on,
 so the job is refused rather than tried on a running guest.

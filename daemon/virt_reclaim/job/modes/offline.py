@@ -19,7 +19,7 @@ from typing import Any
 from virt_reclaim.domxml import read
 from virt_reclaim.errors import VirtError
 from virt_reclaim.image import imagefile
-from virt_reclaim.image.qemu_img import ImageInfo
+from virt_reclaim.image.qemu_img_argv import ImageInfo
 from virt_reclaim.job.context import SHUTDOWN_REQUESTED, JobContext, Step
 from virt_reclaim.job.results import JobFailed, Recovered
 from virt_reclaim.job.settings import OnShutdownTimeout
@@ -30,7 +30,7 @@ from virt_reclaim.job.steps.rewrite import (
     swap_disk,
     verify_disk,
 )
-from virt_reclaim.journal.store import JournalDisk, JournalJob
+from virt_reclaim.journal.records import JournalDisk, JournalJob
 from virt_reclaim.model import DomainState
 from virt_reclaim.process import kill_qemu_img_holding
 

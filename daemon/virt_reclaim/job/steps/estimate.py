@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from virt_reclaim.image.qemu_img import Extent
+from virt_reclaim.image.qemu_img_argv import Extent
 
 SECTOR = 512
 # Enough clusters for a ratio within a few percent, few enough to stay well under a second.
@@ -33,11 +33,6 @@ class ImageContent:
 
     plain_bytes: int  # data clusters stored uncompressed, readable at their offset
     compressed_bytes: int  # data clusters stored compressed (guest bytes they hold)
-
-    @property
-    def data_bytes(self) -> int:
-        """Guest bytes with data in this layer."""
-        return self.plain_bytes + self.compressed_bytes
 
 
 @dataclass(frozen=True)

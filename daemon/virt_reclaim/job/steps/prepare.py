@@ -11,7 +11,7 @@ from typing import cast
 from virt_reclaim.domxml import read
 from virt_reclaim.errors import AgentUnavailable, QemuImgError
 from virt_reclaim.image import imagefile
-from virt_reclaim.image.qemu_img import ImageInfo
+from virt_reclaim.image.qemu_img_argv import ImageInfo
 from virt_reclaim.job.context import DiskWork, JobContext
 from virt_reclaim.job.freespace import budget
 from virt_reclaim.job.freespace.agent import FreeSpaceMethod, choose_method, freed_share
@@ -20,7 +20,7 @@ from virt_reclaim.job.ports import LiveDomainPort
 from virt_reclaim.job.results import JobSkipped, NothingToDo, SkippedDisk
 from virt_reclaim.job.settings import Compression
 from virt_reclaim.job.steps import estimate as estimating
-from virt_reclaim.journal.store import JournalDisk
+from virt_reclaim.journal.records import JournalDisk
 from virt_reclaim.model import DomainState
 from virt_reclaim.units import format_bytes
 
