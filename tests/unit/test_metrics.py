@@ -289,10 +289,11 @@ def test_the_daemon_writes_on_its_thread_and_reports_a_folder_it_cannot_write(
     path = tmp_path / "out" / "virt_reclaim.prom"
     path.parent.mkdir()
     daemon_metrics = writer.DaemonMetrics()
-    settings = DaemonConfig(state_dir=str(built.state), metrics_file=str(path))
-    daemon_metrics.request(settings, built.domains, sampled_at=time.time())
+    daemon_config = DaemonConfig(state_dir=str(built.state), metrics_file=str(path))
+    daemon_metrics.request(daemon_config, built.domains, sampled_at=time.time())
     daemon_metrics.observations.window_opened("p")
-    daemon_metrics.request(settings, built.domains, periodic=True)  # too soon after the last: none
+    # Too soon after the last: none.
+    daemon_metrics.request(daemon_config, built.domains, periodic=True)
     daemon_metrics.close()
     samples = parse(path.read_text())
     assert value(samples, "virt_reclaim_jobs_total", domain="db-1", outcome="failed") == 1

@@ -97,7 +97,7 @@ class DaemonMetrics:
 
     def request(
         self,
-        settings: DaemonConfig,
+        daemon_config: DaemonConfig,
         domains: Iterable[DomainSnapshot],
         *,
         sampled_at: float | None = None,
@@ -109,7 +109,7 @@ class DaemonMetrics:
         """
         if sampled_at is not None:
             self.observations.sampled(sampled_at)
-        if not settings.metrics_file or self._closing:
+        if not daemon_config.metrics_file or self._closing:
             return
         now = time.monotonic()
         first_sample = sampled_at is not None and not self._sample_requested
@@ -117,8 +117,12 @@ class DaemonMetrics:
             return
         self._last_request = now
         self._sample_requested = self._sample_requested or sampled_at is not None
-        request = _Request(settings.metrics_file, settings.state_dir, settings.qemu_img,
-                           tuple(domains))  # fmt: skip
+        request = _Request(
+            daemon_config.metrics_file,
+            daemon_config.state_dir,
+            daemon_config.qemu_img,
+            tuple(domains),
+        )
         with self._lock:
             self._pending = request
             if self._thread is None:

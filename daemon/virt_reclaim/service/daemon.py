@@ -63,7 +63,7 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.strict_modes = strict_modes
         self.clock = clock
-        self.settings = loading.DaemonConfig()
+        self.daemon_config = loading.DaemonConfig()
         self.policies: tuple[Policy, ...] = ()
         self.host = HostView(clock)
         self.windows = windows.Windows()
@@ -93,7 +93,7 @@ class Daemon:
         self.wakeup.install_signal_handlers(self.flags)
         self._apply(loaded)
         start_event_loop()
-        self.notifier.status(f"connecting to {self.settings.uri}")
+        self.notifier.status(f"connecting to {self.daemon_config.uri}")
         while not self.flags.stop and self.host.hypervisor is None:
             self._ensure_connected()
             if self.host.hypervisor is None:
@@ -105,7 +105,7 @@ class Daemon:
         self.scheduler.start()
         self._log_next_runs()
         log.info("daemon.started", policies=len(self.policies), domains=len(self.host.domains),
-                 uri=self.settings.uri, pid=os.getpid())  # fmt: skip
+                 uri=self.daemon_config.uri, pid=os.getpid())  # fmt: skip
         self.notifier.ready(self._status())
         self._write_metrics()
         self._find_late_windows()
@@ -123,12 +123,12 @@ class Daemon:
         now = self.clock()
         if self.host.hypervisor is not None and now >= self.next_sample:
             self._sample(now)
-            self.next_sample = now + self.settings.stats_interval.total_seconds()
+            self.next_sample = now + self.daemon_config.stats_interval.total_seconds()
             self._watch_busy(now)
             self._write_metrics(periodic=True)
         if now >= self.next_prune:
             self.next_prune = now + backups.PRUNE_INTERVAL_S
-            if backups.prune_in(self.settings.state_dir):
+            if backups.prune_in(self.daemon_config.state_dir):
                 self._write_metrics()
         for late in self.windows.due_late(now):
             if (policy := self._policy(late.policy)) is not None:
@@ -226,7 +226,7 @@ class Daemon:
     # -- configuration --------------------------------------------------------------------
 
     def _apply(self, loaded: loading.LoadedConfig) -> None:
-        self.settings = loaded.daemon
+        self.daemon_config = loaded.daemon
         self.policies = tuple(policy for _file, policy in loaded.policies)
         self.scheduler.apply(self.policies)
         self.windows.apply(self.policies)
@@ -243,11 +243,11 @@ class Daemon:
         else:
             fixed = {"uri": loaded.daemon.uri, "state_dir": loaded.daemon.state_dir}
             for name, value in fixed.items():
-                if getattr(self.settings, name) != value:
+                if getattr(self.daemon_config, name) != value:
                     log.warning("config.restart_needed", setting=name, new=value,
-                                current=getattr(self.settings, name))  # fmt: skip
+                                current=getattr(self.daemon_config, name))  # fmt: skip
             kept = loaded.daemon.model_copy(
-                update={"uri": self.settings.uri, "state_dir": self.settings.state_dir}
+                update={"uri": self.daemon_config.uri, "state_dir": self.daemon_config.state_dir}
             )
             self._apply(loading.LoadedConfig(kept, loaded.policies, ()))
             log.info("config.reloaded", policies=[p.name for p in self.policies])
@@ -267,7 +267,7 @@ class Daemon:
 
     def _log_next_runs(self) -> None:
         if not self.policies:
-            log.warning("daemon.no_policies", policy_dir=self.settings.policy_dir
+            log.warning("daemon.no_policies", policy_dir=self.daemon_config.policy_dir
                         or os.path.join(self.config_dir, loading.POLICY_FOLDER))  # fmt: skip
         for name, when in self.scheduler.next_runs().items():
             log.info("policy.scheduled", policy=name, next_run=when.isoformat() if when else None)
@@ -276,7 +276,7 @@ class Daemon:
 
     def _ensure_connected(self) -> None:
         came_back = self.host.connect(
-            self.settings.uri,
+            self.daemon_config.uri,
             on_lifecycle=lambda uuid, name, event: self._post("lifecycle", uuid, name, event),
             on_close=lambda reason: self._post("closed", reason),
         )
@@ -290,8 +290,10 @@ class Daemon:
         if self.host.hypervisor is None:
             return
         try:
-            journal = Journal(self.settings.state_dir)
-            recovery.recover(journal, self.settings.state_dir, self.host.hypervisor.domain_by_uuid)
+            journal = Journal(self.daemon_config.state_dir)
+            recovery.recover(
+                journal, self.daemon_config.state_dir, self.host.hypervisor.domain_by_uuid
+            )
         except JournalError as exc:
             log.error("recovery.failed", error=str(exc))
 
@@ -306,7 +308,7 @@ class Daemon:
         if not self.windows.may_select(policy.name):
             return
         try:
-            journal = Journal(self.settings.state_dir)
+            journal = Journal(self.daemon_config.state_dir)
             rate = scheduler.typical_rewrite_rate(journal.rewrite_rates())
         except JournalError as exc:
             log.error("window.journal_unusable", policy=policy.name, error=str(exc))
@@ -321,7 +323,7 @@ class Daemon:
         if chosen.nothing_to_do:
             log.info("window.nothing_to_do", policy=policy.name)
         if chosen.chosen:
-            self.workers.estimate(self.settings, policy, chosen.chosen, rate)
+            self.workers.estimate(self.daemon_config, policy, chosen.chosen, rate)
 
     def _watch_busy(self, now: float) -> None:
         """After each sample: queue the watched domains of open windows that went idle."""
@@ -340,7 +342,7 @@ class Daemon:
             return
         decided = self.windows.dispatch(
             self.policies, self.host.domains, running=self.running,
-            max_jobs=self.settings.max_concurrent_jobs, now=now,
+            max_jobs=self.daemon_config.max_concurrent_jobs, now=now,
         )  # fmt: skip
         for candidate, reason in decided:
             if reason is None:
@@ -360,12 +362,12 @@ class Daemon:
         assert policy is not None  # noqa: S101 - checked by Windows.dispatch
         log.info("job.starting", domain=candidate.name, policy=policy.name,
                  estimated_gain=format_bytes(candidate.estimated_gain))  # fmt: skip
-        self.workers.start_job(candidate, policy, self.settings, self.clock())
+        self.workers.start_job(candidate, policy, self.daemon_config, self.clock())
 
     def _write_metrics(self, *, periodic: bool = False) -> None:
         """Have the metrics file written (on its thread), if one is configured."""
         self.metrics.request(
-            self.settings, [view.snapshot for view in self.host.domains.values()],
+            self.daemon_config, [view.snapshot for view in self.host.domains.values()],
             sampled_at=self.host.last_sampled_at, periodic=periodic,
         )  # fmt: skip
 

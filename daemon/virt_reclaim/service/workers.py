@@ -59,20 +59,20 @@ class Workers:
 
     def estimate(
         self,
-        settings: loading.DaemonConfig,
+        daemon_config: loading.DaemonConfig,
         policy: Policy,
         chosen: list[DomainSnapshot],
         rate: float,
     ) -> None:
         """Start the dry runs of ``chosen`` on a thread; it posts ``estimated``."""
         threading.Thread(
-            target=self._estimate, args=(settings, policy, chosen, rate),
+            target=self._estimate, args=(daemon_config, policy, chosen, rate),
             name=f"estimate-{policy.name}", daemon=True,
         ).start()  # fmt: skip
 
     def _estimate(
         self,
-        settings: loading.DaemonConfig,
+        daemon_config: loading.DaemonConfig,
         policy: Policy,
         chosen: list[DomainSnapshot],
         rate: float,
@@ -80,8 +80,8 @@ class Workers:
         candidates: list[Candidate] = []
         try:
             candidates = estimate(
-                settings.uri, settings.qemu_img, policy, chosen, rate, observer=self.observer,
-                state_dir=settings.state_dir,
+                daemon_config.uri, daemon_config.qemu_img, policy, chosen, rate,
+                observer=self.observer, state_dir=daemon_config.state_dir,
             )  # fmt: skip
         except Exception:  # a bug must not leave the window waiting for this estimate forever
             log.exception("window.estimate_failed", policy=policy.name)
@@ -89,19 +89,21 @@ class Workers:
             self._post("estimated", policy.name, candidates)
 
     def start_job(
-        self, candidate: Candidate, policy: Policy, settings: loading.DaemonConfig, now: float
+        self, candidate: Candidate, policy: Policy, daemon_config: loading.DaemonConfig, now: float
     ) -> None:
         """Start the candidate's job on a thread; it posts ``job-done``."""
         thread = threading.Thread(
-            target=self._job, args=(candidate, policy, settings), name=f"job-{candidate.name}"
+            target=self._job, args=(candidate, policy, daemon_config), name=f"job-{candidate.name}"
         )
         self.running[candidate.uuid] = RunningJob(candidate.name, policy.name, thread, now)
         thread.start()
 
-    def _job(self, candidate: Candidate, policy: Policy, settings: loading.DaemonConfig) -> None:
+    def _job(
+        self, candidate: Candidate, policy: Policy, daemon_config: loading.DaemonConfig
+    ) -> None:
         outcome: str | None = None
         try:
-            outcome = run_candidate(candidate, policy, settings, self.stop)
+            outcome = run_candidate(candidate, policy, daemon_config, self.stop)
         finally:
             self._post("job-done", candidate.uuid, outcome)
 
@@ -201,21 +203,23 @@ def _estimate_one(
 
 
 def run_candidate(
-    candidate: Candidate, policy: Policy, settings: loading.DaemonConfig, stop: threading.Event
+    candidate: Candidate, policy: Policy, daemon_config: loading.DaemonConfig, stop: threading.Event
 ) -> str | None:
     """Run the candidate's job; its outcome, or None when it could not run or crashed."""
     structlog.contextvars.bind_contextvars(policy=policy.name, domain=candidate.name)
     outcome: str | None = None
     try:
-        with Hypervisor(settings.uri) as hypervisor:
+        with Hypervisor(daemon_config.uri) as hypervisor:
             domain = hypervisor.domain_by_uuid(candidate.uuid)
             result = runner.run_job(
                 hypervisor,
                 domain,
-                job_settings(policy, qemu_img=settings.qemu_img),
-                journal=Journal(settings.state_dir),
-                state_dir=settings.state_dir,
-                priority=Priority(settings.nice, settings.ionice_class, settings.ionice_level),
+                job_settings(policy, qemu_img=daemon_config.qemu_img),
+                journal=Journal(daemon_config.state_dir),
+                state_dir=daemon_config.state_dir,
+                priority=Priority(
+                    daemon_config.nice, daemon_config.ionice_class, daemon_config.ionice_level
+                ),
                 stop=stop,
             )
             outcome = str(result.outcome)

@@ -19,7 +19,13 @@ from virt_reclaim.job.modes import conversion, livecheck
 from virt_reclaim.job.ports import LiveDomainPort
 from virt_reclaim.job.results import JobSkipped, NothingToDo, SkippedDisk
 from virt_reclaim.job.settings import Compression
-from virt_reclaim.job.steps import estimate as estimating
+from virt_reclaim.job.steps.estimate import (
+    Estimate,
+    content_of,
+    estimate_after,
+    sample_image,
+    sample_offsets,
+)
 from virt_reclaim.journal.records import JournalDisk
 from virt_reclaim.model import DomainState
 from virt_reclaim.units import format_bytes
@@ -266,23 +272,21 @@ def _fills_by_target(job: JobContext) -> dict[str, tuple[int, int]]:
 
 def estimate_disk(
     job: JobContext, disk: DiskWork, share: float, fill: tuple[int, int] | None = None
-) -> estimating.Estimate:
+) -> Estimate:
     """Estimate ``disk``'s size after the reclaim (see ``estimate.estimate_after``)."""
     cluster = disk.info.cluster_size or DEFAULT_CLUSTER
     extents = job.images.map(disk.path, force_share=job.was_running, image_format=disk.format)
     # A flat VMDK's map gives offsets in its extent file, where the guest's data is.
-    sample = estimating.sample_image(
-        disk.data_file or disk.path, estimating.sample_offsets(extents, cluster), cluster
-    )
+    sample = sample_image(disk.data_file or disk.path, sample_offsets(extents, cluster), cluster)
     history = None
     learn = job.history or (job.journal.compression_ratio if job.journal is not None else None)
     if learn is not None and disk.guest_used:
         history = learn(job.domain.uuid, disk.target, str(job.settings.compression))
-    return estimating.estimate_after(
+    return estimate_after(
         allocated=disk.bytes_before,
         virtual_size=disk.info.virtual_size,
         cluster=job.settings.cluster_size or cluster,
-        content=estimating.content_of(extents),
+        content=content_of(extents),
         sample=sample,
         compressed=job.settings.compression is not Compression.NONE,
         guest_used=disk.guest_used,
