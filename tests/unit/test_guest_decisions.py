@@ -18,7 +18,7 @@ from virt_reclaim.job.freespace.budget import (
     GuestVolume,
     HostFilesystem,
     Reserve,
-    plan_fill,
+    fill_limits,
 )
 from virt_reclaim.model import DomainSnapshot, DomainState, GuestExecResult, TrimmedPath
 from virt_reclaim.reports.inventory import describe_domain
@@ -102,7 +102,7 @@ def test_two_disks_on_one_host_filesystem_share_its_room() -> None:
         GuestVolume("/", ("vda",), total=20 * GIB, used=2 * GIB),
         GuestVolume("/srv", ("vdb",), total=20 * GIB, used=2 * GIB),
     ]
-    plan = plan_fill(
+    plan = fill_limits(
         disks, volumes, Reserve(host_percent=5, host_min_bytes=2 * GIB, guest_percent=5)
     )
     # 14 GiB free - 5 GiB reserve (5 % of 100 GiB) - 2 x (1 GiB + 64 MiB) for the rewrites.
@@ -119,16 +119,16 @@ def test_a_fill_is_bounded_by_the_guest_share_the_headroom_and_holes() -> None:
     roomy = host(1, free=500 * GIB, size=1000 * GIB)
     volume = GuestVolume("/", ("vda",), total=10 * GIB, used=4 * GIB)
     reserve = Reserve(guest_percent=10)
-    guest_bound = plan_fill([DiskRoom("vda", roomy, 30 * GIB, False, GIB)], [volume], reserve)
+    guest_bound = fill_limits([DiskRoom("vda", roomy, 30 * GIB, False, GIB)], [volume], reserve)
     assert guest_bound.fills[0].limit == 5 * GIB  # 10 - 4 - 1 (10 % left to the guest)
     # The image could grow by 30 GiB, the host has room for 2 GiB more: the fill gets 2 GiB.
     small = host(3, free=50 * GIB + 2 * GIB + GIB + 64 * MIB, size=1000 * GIB)
-    tight = plan_fill([DiskRoom("vda", small, 30 * GIB, False, GIB)], [volume], reserve)
+    tight = fill_limits([DiskRoom("vda", small, 30 * GIB, False, GIB)], [volume], reserve)
     assert tight.fills[0].limit == 2 * GIB
     full = host(2, free=GIB)
-    holes = plan_fill([DiskRoom("vda", full, 30 * GIB, True, GIB)], [volume], reserve)
+    holes = fill_limits([DiskRoom("vda", full, 30 * GIB, True, GIB)], [volume], reserve)
     assert holes.fills[0].limit == 5 * GIB  # detect_zeroes: zeros cost the host nothing
-    unknown = plan_fill([DiskRoom("vda", roomy, 30 * GIB, False, GIB)],
+    unknown = fill_limits([DiskRoom("vda", roomy, 30 * GIB, False, GIB)],
                         [GuestVolume("/", ("vda",), None, None)], reserve)  # fmt: skip
     assert unknown.fills[0].limit == 0
     assert unknown.reach() == 0.0
@@ -161,7 +161,9 @@ def test_zeros_over_what_the_image_already_holds_cost_the_host_nothing() -> None
     # all the guest's free space (most of it lands on clusters the image already holds).
     roomy = host(1, free=2 * GIB + 3 * GIB + 2 * GIB, size=40 * GIB)
     volume = GuestVolume("/", ("vda",), total=20 * GIB, used=4 * GIB)
-    plan = plan_fill([DiskRoom("vda", roomy, GIB, False, GIB)], [volume], Reserve(guest_percent=0))
+    plan = fill_limits(
+        [DiskRoom("vda", roomy, GIB, False, GIB)], [volume], Reserve(guest_percent=0)
+    )
     assert plan.fills[0].limit == 16 * GIB
 
 

@@ -113,7 +113,7 @@ class FillPlan:
         return min(1.0, self.total_limit / free) if free else 0.0
 
 
-def plan_fill(
+def fill_limits(
     disks: Sequence[DiskRoom], volumes: Sequence[GuestVolume], reserve: Reserve
 ) -> FillPlan:
     """Work out each guest filesystem's byte limit (see the module docstring)."""

@@ -32,7 +32,7 @@ def free_guest_space(job: JobContext) -> None:
         result = trim(job.domain, mountpoints, timeout=job.settings.free_space_timeout_s)
     else:
         # Planned again now: the host's free space may have changed since the estimate.
-        job.fill_plan = prepare.plan_fill(job)
+        job.fill_plan = prepare.fill_budget(job)
         result = _zero_fill(job, job.fill_plan)
     job.free_space = result.method
     _count_zeroed(job, result)

@@ -164,7 +164,7 @@ def record(job: JobContext, disk: DiskWork, state: str, data: dict[str, Any] | N
         job.journal.record_disk(job.job_id, disk.target, state=state, data=data)
 
 
-def plan(job: JobContext, disk: DiskWork) -> None:
+def record_intent(job: JobContext, disk: DiskWork) -> None:
     """Journal what recovery needs of a disk to convert, before anything is changed."""
     record(job, disk, "planned", {
         "convert": True, "format": disk.format, "new_path": disk.converted_path,

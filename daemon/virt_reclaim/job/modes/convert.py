@@ -52,7 +52,7 @@ class ConvertMode:
         """Take the steps up to DEFINE; on failure remove every new image, release the guard."""
         converting = [d for d in job.disks if d.converted_path]
         for disk in converting:
-            conversion.plan(job, disk)
+            conversion.record_intent(job, disk)
         placed: list[str] = []
         try:
             offline.rewrite_while_down(job)

@@ -169,7 +169,7 @@ def estimate(job: JobContext) -> None:
         disk.guest_used = used_by_target.get(disk.target)
     reach = 0.0
     if job.choice.method is FreeSpaceMethod.ZERO:
-        job.fill_plan = plan_fill(job)
+        job.fill_plan = fill_budget(job)
         reach = job.fill_plan.reach()
     share = freed_share(job.choice, all_disks_discard=all_discard, fill_reach=reach)
     fills = _fills_by_target(job) if job.fill_plan is not None else {}
@@ -296,7 +296,7 @@ def estimate_disk(
     )
 
 
-def plan_fill(job: JobContext) -> budget.FillPlan:
+def fill_budget(job: JobContext) -> budget.FillPlan:
     """How much a zero-fill may write into each guest filesystem (see ``freespace.budget``)."""
     rooms = [
         budget.DiskRoom(
@@ -312,7 +312,7 @@ def plan_fill(job: JobContext) -> budget.FillPlan:
         budget.GuestVolume(fs.mountpoint, fs.disk_targets, fs.total_bytes, fs.used_bytes, fs.fstype)
         for fs in job.guest_filesystems
     ]
-    return budget.plan_fill(rooms, volumes, job.settings.reserve)
+    return budget.fill_limits(rooms, volumes, job.settings.reserve)
 
 
 def preflight(job: JobContext) -> None:
