@@ -24,7 +24,7 @@ from virt_reclaim.errors import AgentUnavailable, GuestExecCancelled, VirtError
 from virt_reclaim.model import (
     AgentInfo,
     BlockJob,
-    DomainSnapshot,
+    DomainObservation,
     DomainState,
     GuestExecResult,
     GuestFilesystem,
@@ -140,8 +140,8 @@ class FakeDomain:
         )
 
     # -- DomainPort ---------------------------------------------------------------------
-    def observe(self) -> DomainSnapshot:
-        return DomainSnapshot(self.name, self.uuid, self.power, self.persistent, self._xml())
+    def observe(self) -> DomainObservation:
+        return DomainObservation(self.name, self.uuid, self.power, self.persistent, self._xml())
 
     def state(self) -> DomainState:
         return self.power

@@ -20,7 +20,7 @@ from virt_reclaim.job.freespace.budget import (
     Reserve,
     fill_limits,
 )
-from virt_reclaim.model import DomainSnapshot, DomainState, GuestExecResult, TrimmedPath
+from virt_reclaim.model import DomainObservation, DomainState, GuestExecResult, TrimmedPath
 from virt_reclaim.reports.inventory import describe_domain
 from virt_reclaim.virt.agentreplies import parse_agent_info, parse_fstrim
 
@@ -141,7 +141,7 @@ def test_domains_reports_the_free_space_method_each_guest_allows() -> None:
       <source file='/nonexistent/g.qcow2'/><target dev='vda'/></disk>
       <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'
        state='connected'/></channel></devices></domain>"""
-    running = DomainSnapshot("g", "u", DomainState.RUNNING, True, xml)
+    running = DomainObservation("g", "u", DomainState.RUNNING, True, xml)
 
     def free_space(agent: object) -> str:
         report = describe_domain(running, qemu_img_path="qemu-img", agent=agent)  # type: ignore[arg-type]
@@ -151,7 +151,7 @@ def test_domains_reports_the_free_space_method_each_guest_allows() -> None:
     assert free_space(RHEL_AGENT).startswith("none (the agent has guest-exec disabled")
     assert free_space(WINDOWS_AGENT).startswith("trim")
     assert free_space("read-only connection") == "unknown (read-only connection)"
-    off = DomainSnapshot("g", "u", DomainState.SHUTOFF, True, xml)
+    off = DomainObservation("g", "u", DomainState.SHUTOFF, True, xml)
     assert describe_domain(off, qemu_img_path="qemu-img").free_space == "-"
     assert describe_domain(running, qemu_img_path="qemu-img", agent=WINDOWS_AGENT).os == "mswindows"
 

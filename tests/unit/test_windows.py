@@ -15,7 +15,7 @@ import pytest
 
 from virt_reclaim.config.policy import Policy
 from virt_reclaim.journal.records import JournalError
-from virt_reclaim.model import DomainSnapshot, DomainState
+from virt_reclaim.model import DomainObservation, DomainState
 from virt_reclaim.service import windows
 from virt_reclaim.service.idle import Sample
 from virt_reclaim.service.scheduler import Candidate, LateWindow
@@ -41,7 +41,7 @@ def policy(name: str = "p", names: tuple[str, ...] = ("vm-*",), **extra: Any) ->
 
 
 def view(name: str, state: DomainState = DomainState.RUNNING) -> DomainView:
-    return DomainView(DomainSnapshot(name, f"uuid-{name}", state, True, "<domain/>"))
+    return DomainView(DomainObservation(name, f"uuid-{name}", state, True, "<domain/>"))
 
 
 def feed(domain: DomainView, start: float, end: float, cpu_percent: float) -> None:

@@ -18,7 +18,7 @@ from virt_reclaim.config.policy import job_settings
 from virt_reclaim.domxml import read
 from virt_reclaim.errors import VirtError
 from virt_reclaim.job.settings import JobSettings
-from virt_reclaim.model import AgentInfo, DomainSnapshot, DomainState
+from virt_reclaim.model import AgentInfo, DomainObservation, DomainState
 from virt_reclaim.reports import inventory, plan
 from virt_reclaim.virt.connection import Hypervisor
 
@@ -79,7 +79,7 @@ def cmd_domains(args: argparse.Namespace) -> int:
 
 
 def _estimates(
-    hypervisor: Hypervisor, snapshots: Sequence[DomainSnapshot], args: argparse.Namespace
+    hypervisor: Hypervisor, snapshots: Sequence[DomainObservation], args: argparse.Namespace
 ) -> dict[str, DomainEstimate]:
     """A dry run of each domain's job: its policy's settings, else those ``run`` defaults to."""
     policies = [policy for _file, policy in loading.load(args.config_dir).policies]
@@ -109,7 +109,7 @@ def _estimates(
 
 
 def _agent_of(
-    hypervisor: Hypervisor, domain: DomainSnapshot, read_only: bool
+    hypervisor: Hypervisor, domain: DomainObservation, read_only: bool
 ) -> AgentInfo | str | None:
     """What a running domain's agent says of itself, or why it could not be asked."""
     if domain.state is not DomainState.RUNNING:

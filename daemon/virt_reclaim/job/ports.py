@@ -15,7 +15,7 @@ from virt_reclaim.image.qemu_img_argv import Extent, ImageInfo
 from virt_reclaim.model import (
     AgentInfo,
     BlockJob,
-    DomainSnapshot,
+    DomainObservation,
     DomainState,
     GuestExecResult,
     GuestFilesystem,
@@ -44,7 +44,7 @@ class DomainPort(GuestAgentPort, Protocol):
     name: str
     uuid: str
 
-    def observe(self) -> DomainSnapshot: ...
+    def observe(self) -> DomainObservation: ...
     def state(self) -> DomainState: ...
     def inactive_xml(self) -> str: ...
     def define_xml(self, xml: str) -> None: ...

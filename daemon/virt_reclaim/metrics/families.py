@@ -35,7 +35,7 @@ from virt_reclaim.metrics.observations import (
     Estimate,
     Observations,
 )
-from virt_reclaim.model import DomainSnapshot, DomainState
+from virt_reclaim.model import DomainObservation, DomainState
 
 # A disk's virtual size is read again after this long (or when its image file is replaced).
 VIRTUAL_SIZE_TTL_S = 3600.0
@@ -96,7 +96,7 @@ class _Families(Collector):
 def build(
     journal: Journal,
     observed: Observations,
-    domains: Sequence[DomainSnapshot],
+    domains: Sequence[DomainObservation],
     sizes: DiskSizes,
 ) -> CollectorRegistry:
     """Every metric family, from the journal, what was observed and the domains listed.
@@ -158,7 +158,7 @@ def _daemon_families(observed: Observations) -> list[Metric]:
     return [*families, opened, skips]
 
 
-def _domain_families(domains: Sequence[DomainSnapshot], sizes: DiskSizes) -> list[Metric]:
+def _domain_families(domains: Sequence[DomainObservation], sizes: DiskSizes) -> list[Metric]:
     running = _gauge("virt_reclaim_domain_running",
                      "1 when libvirt says the domain runs, else 0.", ["domain"])  # fmt: skip
     allocated = _gauge("virt_reclaim_disk_allocated_bytes",

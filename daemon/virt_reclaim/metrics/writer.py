@@ -22,7 +22,7 @@ from virt_reclaim.journal.records import JournalError
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.metrics.families import DiskSizes, build
 from virt_reclaim.metrics.observations import Observations, read_previous
-from virt_reclaim.model import DomainSnapshot
+from virt_reclaim.model import DomainObservation
 
 log = structlog.get_logger("virt_reclaim.metrics")
 
@@ -53,7 +53,7 @@ def write(path: str, registry: CollectorRegistry) -> None:
 def write_for_run(
     path: str,
     journal: Journal,
-    list_domains: Callable[[], Sequence[DomainSnapshot]],
+    list_domains: Callable[[], Sequence[DomainObservation]],
     qemu_img_path: str,
 ) -> bool:
     """``virt-reclaim run``: write the file, the daemon's figures carried over from it.
@@ -75,7 +75,7 @@ class _Request:
     path: str
     state_dir: str
     qemu_img: str
-    domains: tuple[DomainSnapshot, ...]
+    domains: tuple[DomainObservation, ...]
 
 
 class DaemonMetrics:
@@ -98,7 +98,7 @@ class DaemonMetrics:
     def request(
         self,
         daemon_config: DaemonConfig,
-        domains: Iterable[DomainSnapshot],
+        domains: Iterable[DomainObservation],
         *,
         sampled_at: float | None = None,
         periodic: bool = False,

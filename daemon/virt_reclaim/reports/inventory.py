@@ -10,7 +10,7 @@ from virt_reclaim.domxml import read
 from virt_reclaim.errors import QemuImgError
 from virt_reclaim.image import qemu_img
 from virt_reclaim.job.freespace.agent import Choice, FreeSpaceMethod, choose_method
-from virt_reclaim.model import AgentInfo, DomainSnapshot, DomainState
+from virt_reclaim.model import AgentInfo, DomainObservation, DomainState
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def free_space_summary(choice: Choice) -> str:
     return str(choice.method)
 
 
-def images_in_use(domains: Iterable[DomainSnapshot], *, exclude_uuid: str) -> dict[str, str]:
+def images_in_use(domains: Iterable[DomainObservation], *, exclude_uuid: str) -> dict[str, str]:
     """{real path: domain name} of every image file (sources and backing files) the domains use.
 
     The domain ``exclude_uuid`` is left out: the one being reclaimed.
@@ -82,7 +82,7 @@ def images_in_use(domains: Iterable[DomainSnapshot], *, exclude_uuid: str) -> di
 
 
 def describe_domain(
-    domain: DomainSnapshot,
+    domain: DomainObservation,
     *,
     qemu_img_path: str,
     agent: AgentInfo | str | None = None,

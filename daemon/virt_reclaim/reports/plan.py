@@ -16,7 +16,7 @@ from virt_reclaim.job.frame import ReclaimJob
 from virt_reclaim.job.modes import conversion
 from virt_reclaim.job.results import DiskResult, JobResult, Outcome
 from virt_reclaim.job.settings import JobSettings
-from virt_reclaim.model import DomainSnapshot
+from virt_reclaim.model import DomainObservation
 from virt_reclaim.reports import advice, inventory, layout
 from virt_reclaim.virt.connection import Hypervisor
 from virt_reclaim.virt.domain import Domain
@@ -72,7 +72,7 @@ def next_run(policy: Policy, now: dt.datetime) -> str | None:
 def estimate(
     domain: Domain,
     policy: Policy,
-    snapshots: Sequence[DomainSnapshot],
+    snapshots: Sequence[DomainObservation],
     *,
     qemu_img: str,
     history: Callable[[str, str, str], float | None] | None = None,
@@ -88,7 +88,7 @@ def estimate(
 def dry_run(
     domain: Domain,
     settings: JobSettings,
-    snapshots: Sequence[DomainSnapshot],
+    snapshots: Sequence[DomainObservation],
     *,
     history: Callable[[str, str, str], float | None] | None = None,
 ) -> JobResult:

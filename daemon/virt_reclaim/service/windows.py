@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from virt_reclaim.config import selection
 from virt_reclaim.config.policy import Policy
 from virt_reclaim.journal.records import JournalError
-from virt_reclaim.model import DomainSnapshot, DomainState
+from virt_reclaim.model import DomainObservation, DomainState
 from virt_reclaim.service import idle, scheduler
 from virt_reclaim.service.scheduler import Candidate, LateWindow
 
@@ -44,7 +44,7 @@ GONE = "its policy or the domain is gone"
 class DomainView:
     """What the daemon knows of a domain: its latest snapshot and its statistics samples."""
 
-    snapshot: DomainSnapshot
+    snapshot: DomainObservation
     window: idle.SampleWindow = field(default_factory=lambda: idle.SampleWindow(0.0))
 
 
@@ -102,7 +102,7 @@ class PassDecision:
     ``nothing_to_do``: the window has no domain to estimate and none to watch.
     """
 
-    chosen: list[DomainSnapshot] = field(default_factory=list)
+    chosen: list[DomainObservation] = field(default_factory=list)
     skipped: list[Skip] = field(default_factory=list)
     nothing_to_do: bool = False
 

@@ -26,7 +26,7 @@ from virt_reclaim.job.results import Outcome
 from virt_reclaim.journal.records import JournalError
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.metrics import observations
-from virt_reclaim.model import DomainSnapshot, DomainState
+from virt_reclaim.model import DomainObservation, DomainState
 from virt_reclaim.process import Priority
 from virt_reclaim.reports import plan
 from virt_reclaim.service import scheduler
@@ -61,7 +61,7 @@ class Workers:
         self,
         daemon_config: loading.DaemonConfig,
         policy: Policy,
-        chosen: list[DomainSnapshot],
+        chosen: list[DomainObservation],
         rate: float,
     ) -> None:
         """Start the dry runs of ``chosen`` on a thread; it posts ``estimated``."""
@@ -74,7 +74,7 @@ class Workers:
         self,
         daemon_config: loading.DaemonConfig,
         policy: Policy,
-        chosen: list[DomainSnapshot],
+        chosen: list[DomainObservation],
         rate: float,
     ) -> None:
         candidates: list[Candidate] = []
@@ -119,7 +119,7 @@ def estimate(
     uri: str,
     qemu_img: str,
     policy: Policy,
-    chosen: Sequence[DomainSnapshot],
+    chosen: Sequence[DomainObservation],
     rate: float,
     *,
     observer: observations.Observations | None = None,
@@ -161,9 +161,9 @@ def _history(state_dir: str | None) -> Callable[[str, str, str], float | None] |
 
 def _estimate_one(
     hypervisor: Hypervisor,
-    everyone: list[DomainSnapshot],
+    everyone: list[DomainObservation],
     policy: Policy,
-    snap: DomainSnapshot,
+    snap: DomainObservation,
     *,
     qemu_img: str,
     rate: float,

@@ -17,7 +17,7 @@ from virt_reclaim.errors import AgentUnavailable, GuestExecCancelled, VirtError
 from virt_reclaim.model import (
     AgentInfo,
     BlockJob,
-    DomainSnapshot,
+    DomainObservation,
     DomainState,
     GuestExecResult,
     GuestFilesystem,
@@ -58,9 +58,9 @@ class Domain:
         self.name: str = dom.name()
         self.uuid: str = dom.UUIDString()
 
-    def observe(self) -> DomainSnapshot:
+    def observe(self) -> DomainObservation:
         """The domain's identity, state and live XML now."""
-        snap: DomainSnapshot = self._call("read domain", read_snapshot)
+        snap: DomainObservation = self._call("read domain", read_snapshot)
         return snap
 
     def state(self) -> DomainState:
