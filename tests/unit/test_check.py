@@ -21,9 +21,10 @@ import jsonschema
 import pytest
 from pydantic import ValidationError
 
-from virt_reclaim import checking, config, crontab
 from virt_reclaim.cli import main
-from virt_reclaim.policy import Policy, PolicyFile
+from virt_reclaim.config import crontab, loading
+from virt_reclaim.config.policy import Policy, PolicyFile
+from virt_reclaim.reports import check as checking
 
 CRON_DAILY = "0 2 * * *"
 # Thursday, 3 December 2026, 12:00 UTC
@@ -140,7 +141,7 @@ def test_sizes_people_write_still_pass(size: str | int, bytes_: int) -> None:
 
 
 def test_unknown_key_without_a_close_one_lists_the_valid_ones() -> None:
-    errors = config._errors_of("f.toml", _error({"policy": [{"name": "p", "zzz": 1}]}),
+    errors = loading._errors_of("f.toml", _error({"policy": [{"name": "p", "zzz": 1}]}),
                                {"policy": [{"name": "p", "zzz": 1}]})  # fmt: skip
     [unknown] = [e for e in errors if e.field == "zzz"]
     assert unknown.message.startswith("unknown key `zzz`; valid keys here: after, enabled, ")
@@ -384,13 +385,13 @@ def test_every_default_and_example_of_the_schemas_passes_check(
     for number, (path, value) in enumerate(policy_values):
         document = "\n".join(["[[policy]]", *lines(with_value(REQUIRED, path, value))])
         where = folder(tmp_path / str(number), {"policies.d/p.toml": document})
-        loaded = config.load(str(where))
+        loaded = loading.load(str(where))
         assert loaded.errors == (), (path, value, [str(e) for e in loaded.errors])
         assert len(loaded.policies) == 1
     for number, (path, value) in enumerate(daemon_values):
         files = {"virt-reclaim.toml": "\n".join(lines(with_value({}, path, value))),
                  "policies.d/p.toml": "\n".join(["[[policy]]", *lines(REQUIRED)])}  # fmt: skip
-        loaded = config.load(str(folder(tmp_path / f"d{number}", files)))
+        loaded = loading.load(str(folder(tmp_path / f"d{number}", files)))
         assert loaded.errors == (), (path, value, [str(e) for e in loaded.errors])
     # And once through the command itself, every policy default at once.
     defaults = {k: v for k, v in policy_values if "." not in k and isinstance(v, dict)}

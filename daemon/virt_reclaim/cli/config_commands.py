@@ -10,17 +10,20 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from virt_reclaim import checking, config, logs, planning
+from virt_reclaim import logs
 from virt_reclaim.cli.common import EXIT_OK, EXIT_USAGE
 from virt_reclaim.cli.render import print_plan
+from virt_reclaim.config import loading
+from virt_reclaim.config.policy import PolicyFile
 from virt_reclaim.errors import VirtError
-from virt_reclaim.policy import PolicyFile
-from virt_reclaim.virt import Hypervisor
+from virt_reclaim.reports import check as checking
+from virt_reclaim.reports import plan
+from virt_reclaim.virt.connection import Hypervisor
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the settings and policies together, then show each policy's window and domains."""
-    loaded = config.load(args.config_dir)
+    loaded = loading.load(args.config_dir)
     domains: list[checking.Domain] | None = None
     uri = args.connect or loaded.daemon.uri
     try:
@@ -29,7 +32,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     except VirtError as exc:
         print(f"virt-reclaim: cannot list domains ({exc}); the files alone were checked",
               file=sys.stderr)  # fmt: skip
-    policy_dir = Path(loaded.daemon.policy_dir or Path(args.config_dir) / config.POLICY_FOLDER)
+    policy_dir = Path(loaded.daemon.policy_dir or Path(args.config_dir) / loading.POLICY_FOLDER)
     files = len(list(policy_dir.glob("*.toml"))) if policy_dir.is_dir() else None
     report = checking.check(
         loaded, domains, datetime.datetime.now(datetime.UTC),
@@ -73,13 +76,13 @@ def print_check(report: checking.Report, out: TextIO, err: TextIO) -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Show for every domain what would be reclaimed, when, and why not."""
     logs.configure(logs.LogFormat.AUTO, level=logging.WARNING)
-    loaded = config.load(args.config_dir)
+    loaded = loading.load(args.config_dir)
     for error in loaded.errors:
         print(f"error: {error}", file=sys.stderr)
     policies = [policy for _file, policy in loaded.policies]
     # Read-write, though plan only reads: libvirt refuses agent queries on read-only connections.
     with Hypervisor(args.connect or loaded.daemon.uri) as hypervisor:
-        entries = planning.plan(
+        entries = plan.plan(
             hypervisor, policies, qemu_img=loaded.daemon.qemu_img,
             now=datetime.datetime.now(datetime.UTC),
         )  # fmt: skip
@@ -93,7 +96,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     """Print the JSON Schema of a policy file, or with ``--daemon`` of the daemon settings."""
-    model = config.DaemonConfig if args.daemon else PolicyFile
+    model = loading.DaemonConfig if args.daemon else PolicyFile
     # Serialization mode: defaults pass through the fields' serializers, so that they read
     # "4h" and "2GiB" as in a file, not "PT4H" and 2147483648.
     json.dump(model.model_json_schema(mode="serialization"), sys.stdout, indent=2)

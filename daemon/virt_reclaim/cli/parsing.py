@@ -8,18 +8,19 @@ from typing import Any
 
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
-from virt_reclaim import __version__, config, logs
+from virt_reclaim import __version__, logs
 from virt_reclaim.cli.common import UsageError
 from virt_reclaim.cli.config_commands import cmd_check, cmd_plan, cmd_schema
 from virt_reclaim.cli.daemon_command import cmd_daemon
 from virt_reclaim.cli.domains import cmd_domains
 from virt_reclaim.cli.journal_commands import cmd_backups, cmd_history, cmd_recover
 from virt_reclaim.cli.run import cmd_run
-from virt_reclaim.guestfree import FreeSpaceMethod
-from virt_reclaim.job import Compression, OnShutdownTimeout
-from virt_reclaim.journal import DEFAULT_STATE_DIR
+from virt_reclaim.config import loading
+from virt_reclaim.config.policy import parse_duration
+from virt_reclaim.job.freespace.agent import FreeSpaceMethod
+from virt_reclaim.job.settings import Compression, OnShutdownTimeout
+from virt_reclaim.journal.store import DEFAULT_STATE_DIR
 from virt_reclaim.model import DEFAULT_URI
-from virt_reclaim.policy import parse_duration
 
 _BYTE_SIZE = TypeAdapter(ByteSize)
 
@@ -355,7 +356,7 @@ def _add_daemon_command(commands: Any) -> None:  # noqa: ANN401 - argparse's pri
 
 def _add_config_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config-dir", default=config.DEFAULT_CONFIG_DIR, metavar="DIR",
+        "--config-dir", default=loading.DEFAULT_CONFIG_DIR, metavar="DIR",
         help="the configuration folder (default: %(default)s)",
     )  # fmt: skip
 
@@ -381,7 +382,7 @@ def apply_daemon_settings(args: argparse.Namespace) -> None:
     """Fill the options not given from CONFIG_DIR/virt-reclaim.toml (then built-in defaults)."""
     if not hasattr(args, "config_dir") or args.command == "daemon":
         return  # the daemon reports its configuration errors in its own log
-    daemon, errors = config.load_daemon(args.config_dir)
+    daemon, errors = loading.load_daemon(args.config_dir)
     if errors and not _usable_despite(errors, args):
         raise UsageError("\n  ".join(["the daemon settings are not valid:", *map(str, errors)]))
     args.daemon = daemon
@@ -402,7 +403,7 @@ _NEEDS = {
 }
 
 
-def _usable_despite(errors: list[config.ConfigError], args: argparse.Namespace) -> bool:
+def _usable_despite(errors: list[loading.ConfigError], args: argparse.Namespace) -> bool:
     """Whether ``args.command`` can go on with the settings that are valid; say so if it does.
 
     ``recover`` and ``history`` need only the state folder and the URI: a wrong ``nice``
