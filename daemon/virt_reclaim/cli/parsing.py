@@ -358,7 +358,8 @@ def _add_connect(parser: argparse.ArgumentParser) -> None:
         "-c",
         "--connect",
         metavar="URI",
-        help=f"libvirt connection URI (default: the configured uri, else {DEFAULT_URI})",
+        help="libvirt connection URI (default: the configured uri, else $LIBVIRT_DEFAULT_URI, "
+        f"else {DEFAULT_URI})",
     )
 
 
