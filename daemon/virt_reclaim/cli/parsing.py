@@ -13,6 +13,7 @@ from virt_reclaim.cli.config_commands import cmd_check, cmd_plan, cmd_schema
 from virt_reclaim.cli.daemon_command import cmd_daemon
 from virt_reclaim.cli.domains import cmd_domains
 from virt_reclaim.cli.journal_commands import cmd_backups, cmd_history, cmd_recover
+from virt_reclaim.cli.reload_command import cmd_reload
 from virt_reclaim.cli.run import cmd_run
 from virt_reclaim.guestfree import FreeSpaceMethod
 from virt_reclaim.job import Compression, OnShutdownTimeout
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_journal_commands(commands)
     _add_config_commands(commands)
     _add_daemon_command(commands)
+    _add_reload_command(commands)
     return parser
 
 
@@ -338,6 +340,43 @@ def _add_daemon_command(commands: Any) -> None:  # noqa: ANN401 - argparse's pri
     daemon.set_defaults(handler=cmd_daemon)
 
 
+def _add_reload_command(commands: Any) -> None:  # noqa: ANN401 - argparse's private type
+    reload = commands.add_parser(
+        "reload",
+        help="have the running daemon reload its configuration; fail if it keeps the old one",
+        description=(
+            "Validate CONFIG_DIR as the daemon would (errors printed with file and field; "
+            "the daemon is then not signalled), send SIGHUP to the daemon, and wait for its "
+            "verdict, which it records in STATE_DIR/reload.json. The unit's ExecReload= runs "
+            "it, so that `systemctl reload virt-reclaim` fails when the daemon rejects the "
+            "configuration and runs on the last good one."
+        ),
+        epilog=(
+            "Exit status: 0 the daemon applied the configuration; 1 it rejected it (and runs "
+            "on the last good one), did not answer within --timeout, or is not running; "
+            "2 usage error; 78 the configuration has errors (the daemon was not signalled)."
+        ),
+    )
+    _add_config_dir(reload)
+    _add_state_dir(reload)
+    reload.add_argument(
+        "--pid", type=_pid, metavar="PID",
+        help="the daemon's process id (default: $MAINPID, which systemd sets for ExecReload=)",
+    )  # fmt: skip
+    reload.add_argument(
+        "--timeout", type=_seconds, default=30.0, metavar="SECONDS",
+        help="how long to wait for the daemon's verdict (default: %(default)g)",
+    )  # fmt: skip
+    reload.set_defaults(handler=cmd_reload)
+
+
+def _pid(text: str) -> int:
+    """Parse a process id (argparse type)."""
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a process id")
+    return int(text)
+
+
 def _add_config_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config-dir", default=config.DEFAULT_CONFIG_DIR, metavar="DIR",
@@ -365,8 +404,8 @@ def _add_connect(parser: argparse.ArgumentParser) -> None:
 
 def apply_daemon_settings(args: argparse.Namespace) -> None:
     """Fill the options not given from CONFIG_DIR/virt-reclaim.toml (then built-in defaults)."""
-    if not hasattr(args, "config_dir") or args.command == "daemon":
-        return  # the daemon reports its configuration errors in its own log
+    if not hasattr(args, "config_dir") or args.command in ("daemon", "reload"):
+        return  # these report configuration errors their own way (a log, exit 78)
     daemon, errors = config.load_daemon(args.config_dir)
     if errors:
         raise UsageError("\n  ".join(["the daemon settings are not valid:", *map(str, errors)]))
