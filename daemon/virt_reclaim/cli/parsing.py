@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import time
 from typing import Any
 
 from pydantic import ByteSize, TypeAdapter, ValidationError
@@ -18,10 +20,14 @@ from virt_reclaim.cli.run import cmd_run
 from virt_reclaim.guestfree import FreeSpaceMethod
 from virt_reclaim.job import Compression, OnShutdownTimeout
 from virt_reclaim.journal import DEFAULT_STATE_DIR
+from virt_reclaim.journal_queries import UNFINISHED
 from virt_reclaim.model import DEFAULT_URI
 from virt_reclaim.policy import parse_duration
+from virt_reclaim.results import Outcome
 
 _BYTE_SIZE = TypeAdapter(ByteSize)
+# What ``history --outcome`` accepts: how jobs end, and "unfinished" for those with no end yet.
+HISTORY_OUTCOMES = (*(outcome.value for outcome in Outcome), UNFINISHED)
 
 
 def _size(text: str) -> int:
@@ -64,6 +70,43 @@ def _seconds(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return value
+
+
+def _since(text: str) -> float:
+    """Parse "7d" (that long ago) or an ISO date or time (UTC unless given) into epoch seconds."""
+    try:
+        back: dt.timedelta = parse_duration(text)
+    except ValueError:
+        pass
+    else:
+        return time.time() - back.total_seconds()
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a duration (30m, 12h, 7d) nor a date (2026-12-01, "
+            "2026-12-01T08:00, 2026-12-01T08:00+01:00)"
+        ) from None
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def _count(text: str) -> int:
+    """Parse a positive whole number (argparse type)."""
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _outcomes(text: str) -> list[str]:
+    """Parse "failed" or "failed,abandoned" into outcomes ``history`` knows (argparse type)."""
+    named = [part.strip() for part in text.split(",")]
+    unknown = [part for part in named if part not in HISTORY_OUTCOMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(map(repr, unknown))}: not an outcome; choose from "
+            f"{', '.join(HISTORY_OUTCOMES)}"
+        )
+    return named
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,6 +300,20 @@ def _add_journal_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's p
     _add_state_dir(history)
     _add_config_dir(history)
     history.add_argument("--json", action="store_true", help="print a JSON list")
+    history.add_argument(
+        "--since", type=_since, metavar="DURATION|DATE",
+        help="only jobs started since then: a duration back from now (30m, 12h, 7d) or a date "
+        "(2026-12-01, 2026-12-01T08:00; UTC unless it has an offset such as +01:00)",
+    )  # fmt: skip
+    history.add_argument(
+        "--limit", type=_count, default=1000, metavar="N",
+        help="at most the N newest jobs (default: %(default)s)",
+    )  # fmt: skip
+    history.add_argument(
+        "--outcome", type=_outcomes, action="append", metavar="OUTCOME",
+        help=f"only jobs that ended so: {', '.join(HISTORY_OUTCOMES)}; repeat the option or "
+        "separate with commas for several",
+    )  # fmt: skip
     history.set_defaults(handler=cmd_history)
 
     kept = commands.add_parser(
