@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from virt_reclaim import domxml
+from virt_reclaim.domxml import read
 from virt_reclaim.errors import AgentUnavailable, GuestExecCancelled, VirtError
 from virt_reclaim.model import (
     AgentInfo,
     BlockJob,
-    DomainSnapshot,
+    DomainObservation,
     DomainState,
     GuestExecResult,
     GuestFilesystem,
@@ -140,8 +140,8 @@ class FakeDomain:
         )
 
     # -- DomainPort ---------------------------------------------------------------------
-    def snapshot(self) -> DomainSnapshot:
-        return DomainSnapshot(self.name, self.uuid, self.power, self.persistent, self._xml())
+    def observe(self) -> DomainObservation:
+        return DomainObservation(self.name, self.uuid, self.power, self.persistent, self._xml())
 
     def state(self) -> DomainState:
         return self.power
@@ -154,7 +154,7 @@ class FakeDomain:
         self.calls.append("define_xml")
         if self.define_error is not None:
             raise VirtError(f"{self.name}: cannot define: {self.define_error}")
-        spec = domxml.parse_domain(xml)
+        spec = read.parse_domain(xml)
         assert spec.uuid == self.uuid, "a definition of another domain"
         by_target = {d.target: d for d in spec.disks}
         for disk in self.disks:

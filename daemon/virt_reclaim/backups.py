@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from virt_reclaim.journal import BackupRecord, Journal, JournalError
+from virt_reclaim.journal.records import BackupRecord, JournalError
+from virt_reclaim.journal.store import Journal
 
 log = structlog.get_logger("virt_reclaim.backups")
 

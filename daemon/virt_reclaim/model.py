@@ -46,7 +46,7 @@ class DomainState(enum.StrEnum):
 
 
 @dataclass(frozen=True)
-class DomainSnapshot:
+class DomainObservation:
     """A domain as libvirt described it at one moment: identity, state and live XML."""
 
     name: str

@@ -1,4 +1,4 @@
-"""BlockJobs on real guests: the live reclaim sequence of live-reclaim.md, by hand.
+"""BlockJobs on real guests: the live reclaim sequence (README.md, "Live mode"), by hand.
 
 A witness on its own libvirt connection records the domain's lifecycle and block job
 events and polls its state; a loop in the guest keeps writing (and fsyncing) files while
@@ -24,13 +24,9 @@ from testbed import data
 from testbed.guests import URI, Guest
 from testbed.live import guest_writing, witnessed
 from testbed.reclaim import image_info, qemu_img_check_clean
-from virt_reclaim.virt import (
-    BlockJobFailed,
-    BlockJobs,
-    Hypervisor,
-    NoBlockJob,
-    VirtError,
-)
+from virt_reclaim.errors import BlockJobFailed, NoBlockJob, VirtError
+from virt_reclaim.virt.blockjobs import BlockJobs
+from virt_reclaim.virt.connection import Hypervisor
 
 pytestmark = pytest.mark.guest
 
@@ -301,7 +297,8 @@ def test_waits_and_ends_without_a_job_fail_at_once_and_say_so(
 # A process whose connection was opened without libvirt's event loop: no events at all.
 WITHOUT_EVENTS = """
 import sys, libvirt
-from virt_reclaim.virt import BlockJobs, Domain
+from virt_reclaim.virt.blockjobs import BlockJobs
+from virt_reclaim.virt.domain import Domain
 uri, name, overlay = sys.argv[1:]
 conn = libvirt.open(uri)
 with BlockJobs(Domain(conn.lookupByName(name))) as jobs:

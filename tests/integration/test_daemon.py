@@ -18,7 +18,7 @@ from testbed import data
 from testbed.daemon import DaemonProcess, NotifyListener, write_config
 from testbed.guests import URI, Guest, restart_libvirtd
 from testbed.reclaim import fake_qemu_img, leftovers, qemu_img_check_clean, wait_for_file
-from virt_reclaim.service import STOP_EXTEND_S
+from virt_reclaim.service.daemon import STOP_EXTEND_S
 
 pytestmark = pytest.mark.guest
 

@@ -28,7 +28,7 @@ from testbed.reclaim import (
     qemu_img_check_clean,
     start_reclaim,
 )
-from virt_reclaim.virt import start_event_loop
+from virt_reclaim.virt.events import start_event_loop
 
 pytestmark = pytest.mark.guest
 

@@ -39,9 +39,9 @@ from testbed.reclaim import (
     wait_for_file,
 )
 from virt_reclaim.errors import GuestExecCancelled
-from virt_reclaim.fillplan import Fill
-from virt_reclaim.guestfree import FreeSpaceResult, zero_fill
-from virt_reclaim.virt import Hypervisor
+from virt_reclaim.job.freespace.agent import FreeSpaceResult, zero_fill
+from virt_reclaim.job.freespace.budget import Fill
+from virt_reclaim.virt.connection import Hypervisor
 
 pytestmark = pytest.mark.guest
 

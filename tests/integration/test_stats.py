@@ -11,8 +11,8 @@ import pytest
 
 from testbed import data
 from testbed.guests import URI, Guest
-from virt_reclaim.idle import Sample, sample_from_stats
-from virt_reclaim.virt import Hypervisor
+from virt_reclaim.service.idle import Sample, sample_from_stats
+from virt_reclaim.virt.connection import Hypervisor
 
 pytestmark = pytest.mark.guest
 

@@ -31,7 +31,7 @@ from testbed.reclaim import (
     recover_json,
     start_reclaim,
 )
-from virt_reclaim.virt import start_event_loop
+from virt_reclaim.virt.events import start_event_loop
 
 _BLOCK_JOB_STATUS = {
     libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED: "completed",

@@ -17,7 +17,7 @@ from typing import Any
 import libvirt
 
 from testbed.guests import TESTBED_DIR, URI, Guest
-from virt_reclaim.domxml import parse_domain
+from virt_reclaim.domxml.read import parse_domain
 
 # One journal for the test bed's jobs; a test that needs its own passes --state-dir.
 STATE_DIR = TESTBED_DIR / "state"

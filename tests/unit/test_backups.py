@@ -13,9 +13,12 @@ from fakes import FakeDisk, FakeDomain, linux_fs, make_image
 from testbed.daemon import DaemonProcess, write_config
 from testbed.reclaim import backups_json
 from virt_reclaim import backups
-from virt_reclaim.job import JobSettings, Outcome, ReclaimJob
-from virt_reclaim.journal import BackupRecord, Journal
-from virt_reclaim.qemu_img import QemuImg
+from virt_reclaim.image.qemu_img import QemuImg
+from virt_reclaim.job.frame import ReclaimJob
+from virt_reclaim.job.results import Outcome
+from virt_reclaim.job.settings import JobSettings
+from virt_reclaim.journal.records import BackupRecord
+from virt_reclaim.journal.store import Journal
 
 MIB = 1024 * 1024
 
@@ -29,7 +32,7 @@ def reclaim_keeping_backup(tmp_path: Path, keep_s: float) -> tuple[FakeDomain, J
     journal = Journal(tmp_path / "state")
     job = ReclaimJob(
         domain, QemuImg(priority=None),
-        JobSettings(priority=None, min_gain=0, keep_backup=keep_s),
+        JobSettings(min_gain=0, keep_backup=keep_s),
         images_of_other_domains=dict, journal=journal,
     )  # fmt: skip
     return domain, journal, job.run()

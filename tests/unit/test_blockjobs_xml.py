@@ -6,7 +6,8 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from virt_reclaim.virt import BlockJob, copy_destination_xml, mirror_ready, snapshot_xml
+from virt_reclaim.domxml.blockjob import copy_destination_xml, mirror_ready, snapshot_xml
+from virt_reclaim.model import BlockJob
 
 
 def parse(xml: str) -> ET.Element:

@@ -19,15 +19,18 @@ import pytest
 import structlog
 
 from fakes import FakeDisk, FakeDomain, OpenWatch, make_image, sh
-from virt_reclaim import backups, conversion
-from virt_reclaim.guestfree import FreeSpaceMethod
-from virt_reclaim.job import JobSettings, Outcome, ReclaimJob, Step
-from virt_reclaim.journal import Journal, JournalDisk
+from virt_reclaim import backups
+from virt_reclaim.config.policy import Policy, job_settings
+from virt_reclaim.image.qemu_img import QemuImg
+from virt_reclaim.job.context import Step
+from virt_reclaim.job.frame import ReclaimJob
+from virt_reclaim.job.freespace.agent import FreeSpaceMethod
+from virt_reclaim.job.modes import conversion, mode_named
+from virt_reclaim.job.results import Outcome, Recovered
+from virt_reclaim.job.settings import JobSettings
+from virt_reclaim.journal.records import JournalDisk
+from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState
-from virt_reclaim.modes import mode_named
-from virt_reclaim.policy import Policy, job_settings
-from virt_reclaim.qemu_img import QemuImg
-from virt_reclaim.results import Recovered
 
 MIB = 1024 * 1024
 
@@ -62,7 +65,7 @@ def run(domain: FakeDomain, state: Path, **settings: Any) -> tuple[Any, Journal]
     job = ReclaimJob(
         domain,
         QemuImg(priority=None),
-        JobSettings(priority=None, **{"min_gain": 0, "convert": True, **settings}),
+        JobSettings(**{"min_gain": 0, "convert": True, **settings}),
         images_of_other_domains=lambda: others,
         journal=journal,
         before_step=before_step,

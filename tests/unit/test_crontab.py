@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from virt_reclaim import crontab
+from virt_reclaim.config import crontab
 
 # Tuesday, 24 November 2026, midnight UTC
 TUESDAY = dt.datetime(2026, 11, 24, tzinfo=dt.UTC)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from testbed.daemon import write_config
-from virt_reclaim import config
+from virt_reclaim.config import loading
 
 NODE = """<node><domain type='test'><name>{name}</name><memory>1024</memory>
 <os><type>hvm</type></os><devices/></domain></node>"""
@@ -71,14 +71,14 @@ def test_the_option_wins_over_both(tmp_path: Path) -> None:
     ],
 )
 def test_default_uri(environ: dict[str, str], uri: str) -> None:
-    assert config.default_uri(environ) == uri
+    assert loading.default_uri(environ) == uri
 
 
 def test_the_daemon_settings_take_it_too(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "test:///default")
 
-    assert config.DaemonConfig().uri == "test:///default"
-    assert config.DaemonConfig(uri="qemu:///session").uri == "qemu:///session"
+    assert loading.DaemonConfig().uri == "test:///default"
+    assert loading.DaemonConfig(uri="qemu:///session").uri == "qemu:///session"
 
 
 def test_help_says_so() -> None:

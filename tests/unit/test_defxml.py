@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from virt_reclaim import defxml, domxml
+from virt_reclaim.domxml import edit, read
 
 DOMAIN = """<domain type='kvm'>
   <name>web-1</name>
@@ -36,12 +36,12 @@ DOMAIN = """<domain type='kvm'>
 </domain>"""
 
 
-def disks(xml: str) -> dict[str, domxml.DiskSpec]:
-    return {d.target: d for d in domxml.parse_domain(xml).disks}
+def disks(xml: str) -> dict[str, read.DiskSpec]:
+    return {d.target: d for d in read.parse_domain(xml).disks}
 
 
 def test_discard_is_turned_on_where_it_is_missing_and_nothing_else_changes() -> None:
-    new, changed = defxml.with_discard(DOMAIN, ["vda", "vdb", "vdc"])
+    new, changed = edit.with_discard(DOMAIN, ["vda", "vdb", "vdc"])
 
     assert changed == ["vda", "vdc"]  # vdb had both already
     after = disks(new)
@@ -52,19 +52,19 @@ def test_discard_is_turned_on_where_it_is_missing_and_nothing_else_changes() -> 
     assert after["vdd"] == disks(DOMAIN)["vdd"]
     # The metadata keeps its prefix and text: policies match on it.
     assert '<ops:owner xmlns:ops="http://example.org/ops">team &amp; co</ops:owner>' in new
-    assert defxml.with_discard(new, ["vda", "vdb", "vdc"]) == (new, [])
+    assert edit.with_discard(new, ["vda", "vdb", "vdc"]) == (new, [])
 
 
 def test_a_disk_gone_from_the_definition_stops_the_change() -> None:
-    with pytest.raises(defxml.DefinitionChanged, match="vdz"):
-        defxml.with_discard(DOMAIN, ["vdz"])
+    with pytest.raises(edit.DefinitionChanged, match="vdz"):
+        edit.with_discard(DOMAIN, ["vdz"])
 
 
 def test_a_converted_disk_names_its_new_image_and_format() -> None:
     images = "/var/lib/libvirt/images"
-    change = defxml.NewSource("vda", f"{images}/web-1.raw", f"{images}/web-1.qcow2")
+    change = edit.NewSource("vda", f"{images}/web-1.raw", f"{images}/web-1.qcow2")
 
-    new = defxml.with_new_sources(DOMAIN, [change])
+    new = edit.with_new_sources(DOMAIN, [change])
 
     after = disks(new)
     assert (after["vda"].source, after["vda"].format) == (f"{images}/web-1.qcow2", "qcow2")
@@ -74,16 +74,16 @@ def test_a_converted_disk_names_its_new_image_and_format() -> None:
 
 
 def test_a_disk_that_changed_since_the_plan_is_not_pointed_elsewhere() -> None:
-    moved = defxml.NewSource("vda", "/elsewhere/web-1.raw", "/elsewhere/web-1.qcow2")
-    with pytest.raises(defxml.DefinitionChanged, match="now names /var/lib/libvirt/images/"):
-        defxml.with_new_sources(DOMAIN, [moved])
-    block = defxml.NewSource("vdd", "/dev/vg/web", "/dev/vg/web.qcow2")
-    with pytest.raises(defxml.DefinitionChanged, match="no longer a file disk"):
-        defxml.with_new_sources(DOMAIN, [block])
+    moved = edit.NewSource("vda", "/elsewhere/web-1.raw", "/elsewhere/web-1.qcow2")
+    with pytest.raises(edit.DefinitionChanged, match="now names /var/lib/libvirt/images/"):
+        edit.with_new_sources(DOMAIN, [moved])
+    block = edit.NewSource("vdd", "/dev/vg/web", "/dev/vg/web.qcow2")
+    with pytest.raises(edit.DefinitionChanged, match="no longer a file disk"):
+        edit.with_new_sources(DOMAIN, [block])
 
 
 def test_what_is_not_a_domain_is_refused() -> None:
-    with pytest.raises(domxml.DomainXMLError):
-        defxml.with_discard("<network/>", [])
-    with pytest.raises(domxml.DomainXMLError):
-        defxml.with_discard("<domain", [])
+    with pytest.raises(read.DomainXMLError):
+        edit.with_discard("<network/>", [])
+    with pytest.raises(read.DomainXMLError):
+        edit.with_discard("<domain", [])

@@ -13,12 +13,15 @@ import pytest
 import structlog
 
 from fakes import FakeDisk, FakeDomain, linux_fs, make_image
-from virt_reclaim.job import JobSettings, Outcome, ReclaimJob, Step
-from virt_reclaim.journal import Journal, JournalDisk
+from virt_reclaim.image.qemu_img import QemuImg
+from virt_reclaim.job.context import Step
+from virt_reclaim.job.frame import ReclaimJob
+from virt_reclaim.job.modes import mode_named
+from virt_reclaim.job.results import Outcome, Recovered
+from virt_reclaim.job.settings import JobSettings
+from virt_reclaim.journal.records import JournalDisk
+from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState
-from virt_reclaim.modes import mode_named
-from virt_reclaim.qemu_img import QemuImg
-from virt_reclaim.results import Recovered
 
 MIB = 1024 * 1024
 
@@ -40,7 +43,7 @@ def run(domain: FakeDomain, state: Path, **settings: Any) -> tuple[Any, Journal]
     job = ReclaimJob(
         domain,
         QemuImg(priority=None),
-        JobSettings(priority=None, **{"min_gain": 0, **settings}),
+        JobSettings(**{"min_gain": 0, **settings}),
         images_of_other_domains=dict,
         journal=journal,
         before_step=before_step,

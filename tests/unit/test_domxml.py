@@ -8,8 +8,8 @@ from typing import Any
 import libvirt
 import pytest
 
-from virt_reclaim import domxml
-from virt_reclaim.domxml import BackingLayer
+from virt_reclaim.domxml import read
+from virt_reclaim.domxml.read import BackingLayer
 
 SHAPES = """<domain type='test'><name>shapes</name><memory>1024</memory>
 <os><type>hvm</type></os><devices>
@@ -56,15 +56,15 @@ def normalized(conn: Any, xml: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def shapes(test_driver: Any) -> domxml.DomainSpec:
-    return domxml.parse_domain(normalized(test_driver, SHAPES))
+def shapes(test_driver: Any) -> read.DomainSpec:
+    return read.parse_domain(normalized(test_driver, SHAPES))
 
 
-def disk(spec: domxml.DomainSpec, target: str) -> domxml.DiskSpec:
+def disk(spec: read.DomainSpec, target: str) -> read.DiskSpec:
     return next(d for d in spec.disks if d.target == target)
 
 
-def test_file_qcow2_with_backing_chain(shapes: domxml.DomainSpec) -> None:
+def test_file_qcow2_with_backing_chain(shapes: read.DomainSpec) -> None:
     vda = disk(shapes, "vda")
     assert (vda.type, vda.device, vda.format, vda.source) == (
         "file",
@@ -80,39 +80,39 @@ def test_file_qcow2_with_backing_chain(shapes: domxml.DomainSpec) -> None:
     assert vda.is_file_qcow2
 
 
-def test_raw_file_is_not_qcow2(shapes: domxml.DomainSpec) -> None:
+def test_raw_file_is_not_qcow2(shapes: read.DomainSpec) -> None:
     vdb = disk(shapes, "vdb")
     assert (vdb.type, vdb.format, vdb.source) == ("file", "raw", "/img/plain.raw")
     assert vdb.backing == ()
     assert not vdb.is_file_qcow2
 
 
-def test_block_device(shapes: domxml.DomainSpec) -> None:
+def test_block_device(shapes: read.DomainSpec) -> None:
     vdc = disk(shapes, "vdc")
     assert (vdc.type, vdc.source, vdc.shareable) == ("block", "/dev/sdz", True)
     assert not vdc.is_file_qcow2
 
 
-def test_network_disk(shapes: domxml.DomainSpec) -> None:
+def test_network_disk(shapes: read.DomainSpec) -> None:
     vdd = disk(shapes, "vdd")
     assert (vdd.type, vdd.source) == ("network", "rbd:pool/img")
     assert not vdd.is_file_qcow2
 
 
-def test_volume_disk(shapes: domxml.DomainSpec) -> None:
+def test_volume_disk(shapes: read.DomainSpec) -> None:
     vde = disk(shapes, "vde")
     assert (vde.type, vde.format, vde.source) == ("volume", "qcow2", "default/v.qcow2")
     assert not vde.is_file_qcow2
 
 
-def test_cdrom_with_and_without_medium(shapes: domxml.DomainSpec) -> None:
+def test_cdrom_with_and_without_medium(shapes: read.DomainSpec) -> None:
     empty, iso = disk(shapes, "sda"), disk(shapes, "sdb")
     assert (empty.device, empty.source, empty.readonly) == ("cdrom", None, True)
     assert (iso.device, iso.source) == ("cdrom", "/iso/install.iso")
     assert not iso.is_file_qcow2
 
 
-def test_agent_channel_without_live_state(shapes: domxml.DomainSpec) -> None:
+def test_agent_channel_without_live_state(shapes: read.DomainSpec) -> None:
     assert shapes.name == "shapes"
     assert len(shapes.uuid) == 36
     assert shapes.has_agent_channel
@@ -120,7 +120,7 @@ def test_agent_channel_without_live_state(shapes: domxml.DomainSpec) -> None:
 
 
 def test_domain_without_disks(test_driver: Any) -> None:
-    spec = domxml.parse_domain(normalized(test_driver, NO_DISKS))
+    spec = read.parse_domain(normalized(test_driver, NO_DISKS))
     assert spec.disks == ()
     assert not spec.has_agent_channel
 
@@ -135,7 +135,7 @@ def test_live_agent_state_and_end_of_chain_marker() -> None:
       <channel type='unix'><source mode='bind' path='/run/x.sock'/>
         <target type='virtio' name='org.qemu.guest_agent.0' state='connected'/></channel>
       </devices></domain>"""
-    spec = domxml.parse_domain(xml)
+    spec = read.parse_domain(xml)
     assert spec.disks[0].backing == ()
     assert spec.agent_state == "connected"
 
@@ -149,11 +149,11 @@ def test_encryption_is_seen_in_either_place() -> None:
       <driver name='qemu' type='qcow2'/><source file='/a'>
       <encryption format='luks'><secret type='passphrase' uuid='x'/></encryption></source>
       <target dev='vda'/></disk></devices></domain>"""
-    assert domxml.parse_domain(old).disks[0].encrypted
-    assert domxml.parse_domain(new).disks[0].encrypted
+    assert read.parse_domain(old).disks[0].encrypted
+    assert read.parse_domain(new).disks[0].encrypted
 
 
 @pytest.mark.parametrize("text", ["", "<domain>", "<network><name>n</name></network>"])
 def test_bad_documents_raise_domain_xml_error(text: str) -> None:
-    with pytest.raises(domxml.DomainXMLError):
-        domxml.parse_domain(text)
+    with pytest.raises(read.DomainXMLError):
+        read.parse_domain(text)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from virt_reclaim.cli.render import print_plan
-from virt_reclaim.planning import PlanEntry
+from virt_reclaim.reports.plan import PlanEntry
 
 MIB = 1024 * 1024
 NODE = """<node>

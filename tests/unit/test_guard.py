@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from virt_reclaim import guard
+from virt_reclaim.image import guard
 
 
 def qemu_io_write(image: Path) -> subprocess.CompletedProcess[str]:

@@ -6,17 +6,23 @@ import pytest
 
 from fakes import LINUX_AGENT, MIB, RHEL_AGENT, WINDOWS_AGENT
 from virt_reclaim.errors import AgentUnavailable
-from virt_reclaim.fillplan import DiskRoom, Fill, GuestVolume, HostFilesystem, Reserve, plan_fill
-from virt_reclaim.guestfree import (
+from virt_reclaim.job.freespace.agent import (
     STOP_FILLS_SCRIPT,
-    ZERO_FILE_GLOB,
     FreeSpaceMethod,
     choose_method,
     zero_fill,
 )
-from virt_reclaim.inventory import describe_domain
-from virt_reclaim.model import DomainSnapshot, DomainState, GuestExecResult, TrimmedPath
-from virt_reclaim.virt import parse_agent_info, parse_fstrim
+from virt_reclaim.job.freespace.budget import (
+    DiskRoom,
+    Fill,
+    GuestVolume,
+    HostFilesystem,
+    Reserve,
+    fill_limits,
+)
+from virt_reclaim.model import DomainObservation, DomainState, GuestExecResult, TrimmedPath
+from virt_reclaim.reports.inventory import describe_domain
+from virt_reclaim.virt.agentreplies import parse_agent_info, parse_fstrim
 
 GIB = 1024 * MIB
 AUTO, TRIM, ZERO, NONE = (FreeSpaceMethod.AUTO, FreeSpaceMethod.TRIM, FreeSpaceMethod.ZERO,
@@ -96,7 +102,7 @@ def test_two_disks_on_one_host_filesystem_share_its_room() -> None:
         GuestVolume("/", ("vda",), total=20 * GIB, used=2 * GIB),
         GuestVolume("/srv", ("vdb",), total=20 * GIB, used=2 * GIB),
     ]
-    plan = plan_fill(
+    plan = fill_limits(
         disks, volumes, Reserve(host_percent=5, host_min_bytes=2 * GIB, guest_percent=5)
     )
     # 14 GiB free - 5 GiB reserve (5 % of 100 GiB) - 2 x (1 GiB + 64 MiB) for the rewrites.
@@ -119,13 +125,13 @@ def test_a_filesystem_over_several_disks_is_filled_only_within_the_room_beside_e
     ]
     lvm = GuestVolume("/", ("vda", "vdb"), total=20 * GIB, used=2 * GIB)
 
-    plan = plan_fill(disks, [lvm], Reserve(guest_percent=0))
+    plan = fill_limits(disks, [lvm], Reserve(guest_percent=0))
 
     # vdb's host has 3 GiB above its reserve and rewrite: the whole fill may land there.
     [fill] = plan.fills
     assert fill.limit == 3 * GIB
     # Both hosts count it as theirs: the watch floors stay, the next plan sees it spent.
-    again = plan_fill(disks, [lvm, GuestVolume("/srv", ("vdb",), 20 * GIB, 2 * GIB)],
+    again = fill_limits(disks, [lvm, GuestVolume("/srv", ("vdb",), 20 * GIB, 2 * GIB)],
                       Reserve(guest_percent=0))  # fmt: skip
     assert [f.limit for f in again.fills] == [3 * GIB, 0]
     assert set(plan.floors) == {1, 2}
@@ -135,7 +141,7 @@ def test_a_filesystem_that_spans_a_disk_the_job_leaves_alone_is_not_filled() -> 
     disks = [DiskRoom("vda", host(1, free=500 * GIB, size=1000 * GIB), 30 * GIB, False, GIB)]
     spanning = GuestVolume("/", ("vda", "vdc"), total=20 * GIB, used=2 * GIB)
 
-    plan = plan_fill(disks, [spanning], Reserve(guest_percent=0))
+    plan = fill_limits(disks, [spanning], Reserve(guest_percent=0))
 
     [fill] = plan.fills
     assert fill.limit == 0
@@ -147,16 +153,16 @@ def test_a_fill_is_bounded_by_the_guest_share_the_headroom_and_holes() -> None:
     roomy = host(1, free=500 * GIB, size=1000 * GIB)
     volume = GuestVolume("/", ("vda",), total=10 * GIB, used=4 * GIB)
     reserve = Reserve(guest_percent=10)
-    guest_bound = plan_fill([DiskRoom("vda", roomy, 30 * GIB, False, GIB)], [volume], reserve)
+    guest_bound = fill_limits([DiskRoom("vda", roomy, 30 * GIB, False, GIB)], [volume], reserve)
     assert guest_bound.fills[0].limit == 5 * GIB  # 10 - 4 - 1 (10 % left to the guest)
     # The image could grow by 30 GiB, the host has room for 2 GiB more: the fill gets 2 GiB.
     small = host(3, free=50 * GIB + 2 * GIB + GIB + 64 * MIB, size=1000 * GIB)
-    tight = plan_fill([DiskRoom("vda", small, 30 * GIB, False, GIB)], [volume], reserve)
+    tight = fill_limits([DiskRoom("vda", small, 30 * GIB, False, GIB)], [volume], reserve)
     assert tight.fills[0].limit == 2 * GIB
     full = host(2, free=GIB)
-    holes = plan_fill([DiskRoom("vda", full, 30 * GIB, True, GIB)], [volume], reserve)
+    holes = fill_limits([DiskRoom("vda", full, 30 * GIB, True, GIB)], [volume], reserve)
     assert holes.fills[0].limit == 5 * GIB  # detect_zeroes: zeros cost the host nothing
-    unknown = plan_fill([DiskRoom("vda", roomy, 30 * GIB, False, GIB)],
+    unknown = fill_limits([DiskRoom("vda", roomy, 30 * GIB, False, GIB)],
                         [GuestVolume("/", ("vda",), None, None)], reserve)  # fmt: skip
     assert unknown.fills[0].limit == 0
     assert unknown.reach() == 0.0
@@ -169,7 +175,7 @@ def test_domains_reports_the_free_space_method_each_guest_allows() -> None:
       <source file='/nonexistent/g.qcow2'/><target dev='vda'/></disk>
       <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'
        state='connected'/></channel></devices></domain>"""
-    running = DomainSnapshot("g", "u", DomainState.RUNNING, True, xml)
+    running = DomainObservation("g", "u", DomainState.RUNNING, True, xml)
 
     def free_space(agent: object) -> str:
         report = describe_domain(running, qemu_img_path="qemu-img", agent=agent)  # type: ignore[arg-type]
@@ -179,7 +185,7 @@ def test_domains_reports_the_free_space_method_each_guest_allows() -> None:
     assert free_space(RHEL_AGENT).startswith("none (the agent has guest-exec disabled")
     assert free_space(WINDOWS_AGENT).startswith("trim")
     assert free_space("read-only connection") == "unknown (read-only connection)"
-    off = DomainSnapshot("g", "u", DomainState.SHUTOFF, True, xml)
+    off = DomainObservation("g", "u", DomainState.SHUTOFF, True, xml)
     assert describe_domain(off, qemu_img_path="qemu-img").free_space == "-"
     assert describe_domain(running, qemu_img_path="qemu-img", agent=WINDOWS_AGENT).os == "mswindows"
 
@@ -189,7 +195,9 @@ def test_zeros_over_what_the_image_already_holds_cost_the_host_nothing() -> None
     # all the guest's free space (most of it lands on clusters the image already holds).
     roomy = host(1, free=2 * GIB + 3 * GIB + 2 * GIB, size=40 * GIB)
     volume = GuestVolume("/", ("vda",), total=20 * GIB, used=4 * GIB)
-    plan = plan_fill([DiskRoom("vda", roomy, GIB, False, GIB)], [volume], Reserve(guest_percent=0))
+    plan = fill_limits(
+        [DiskRoom("vda", roomy, GIB, False, GIB)], [volume], Reserve(guest_percent=0)
+    )
     assert plan.fills[0].limit == 16 * GIB
 
 
@@ -221,4 +229,4 @@ def test_a_guest_claiming_more_zeros_than_the_fill_may_write_is_capped_at_the_pl
 
 def test_the_script_that_ends_a_dead_jobs_fill_does_not_match_itself() -> None:
     """It finds fills by the marker in command lines: its own must not carry it."""
-    assert ZERO_FILE_GLOB.rstrip("*") not in STOP_FILLS_SCRIPT
+    assert ".virt-reclaim-zero." not in STOP_FILLS_SCRIPT

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from testbed.daemon import write_config
-from virt_reclaim.journal import JOURNAL_NAME, Journal
+from virt_reclaim.journal.store import JOURNAL_NAME, Journal
 
 HOUR = 3600.0
 # (job id, domain, outcome or None for unfinished, started this long ago), oldest first.

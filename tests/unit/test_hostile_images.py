@@ -17,11 +17,14 @@ from typing import Any
 import pytest
 
 from fakes import FakeDisk, FakeDomain, OpenWatch, sh
-from virt_reclaim.imagefile import NewImage
-from virt_reclaim.job import JobSettings, Outcome, ReclaimJob, Step
-from virt_reclaim.journal import Journal
+from virt_reclaim.image.imagefile import NewImage
+from virt_reclaim.image.qemu_img import QemuImg
+from virt_reclaim.job.context import Step
+from virt_reclaim.job.frame import ReclaimJob
+from virt_reclaim.job.results import Outcome
+from virt_reclaim.job.settings import JobSettings
+from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState
-from virt_reclaim.qemu_img import QemuImg
 
 MIB = 1024 * 1024
 _BACKING_FORMAT_EXTENSION = bytes.fromhex("e2792aca")  # the qcow2 header extension's magic
@@ -50,7 +53,7 @@ def legacy_overlay(overlay: Path, base: Path) -> None:
 
 def run(domain: FakeDomain, state: Path) -> object:
     job = ReclaimJob(
-        domain, QemuImg(priority=None), JobSettings(priority=None, min_gain=0),
+        domain, QemuImg(priority=None), JobSettings(min_gain=0),
         images_of_other_domains=dict, journal=Journal(state),
     )  # fmt: skip
     return job.run()
@@ -180,7 +183,7 @@ def test_a_link_put_at_the_new_image_s_name_while_qemu_img_writes_is_never_follo
     before = image.read_bytes()
     domain = FakeDomain([FakeDisk("vda", image)])
     job = ReclaimJob(
-        domain, TakenOverConvert(victim), JobSettings(priority=None, min_gain=0),
+        domain, TakenOverConvert(victim), JobSettings(min_gain=0),
         images_of_other_domains=dict, journal=Journal(tmp_path / "state"),
     )  # fmt: skip
 
@@ -210,7 +213,7 @@ def test_a_link_planted_at_the_new_image_s_name_is_never_written_through(tmp_pat
             os.symlink(victim, journaled.disks[0].temp_path)
 
     job = ReclaimJob(
-        domain, QemuImg(priority=None), JobSettings(priority=None, min_gain=0),
+        domain, QemuImg(priority=None), JobSettings(min_gain=0),
         images_of_other_domains=dict, journal=Journal(state), before_step=plant,
     )  # fmt: skip
 

@@ -7,10 +7,10 @@ from typing import Any, ClassVar
 import pytest
 import structlog
 
-from virt_reclaim import hostview
 from virt_reclaim.errors import VirtError
-from virt_reclaim.hostview import RECONNECT_MAX_DELAY_S, HostView, Outage
-from virt_reclaim.model import DomainSnapshot, DomainState
+from virt_reclaim.model import DomainObservation, DomainState
+from virt_reclaim.service import hostview
+from virt_reclaim.service.hostview import RECONNECT_MAX_DELAY_S, HostView, Outage
 
 
 class Clock:
@@ -25,7 +25,7 @@ class FakeHypervisor:
     """Stands in for virt.Hypervisor: up or down as the test says, with its domains."""
 
     up: ClassVar[bool] = True
-    domains_listed: ClassVar[list[DomainSnapshot]] = []
+    domains_listed: ClassVar[list[DomainObservation]] = []
     stats: ClassVar[list[tuple[str, str, dict[str, Any]]]] = []
 
     def __init__(self, uri: str) -> None:
@@ -37,7 +37,7 @@ class FakeHypervisor:
     def watch(self, **_callbacks: Any) -> None:
         pass
 
-    def domains(self) -> list[DomainSnapshot]:
+    def domains(self) -> list[DomainObservation]:
         return list(FakeHypervisor.domains_listed)
 
     def alive(self) -> bool:
@@ -59,8 +59,8 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> type[FakeHypervisor]:
     return FakeHypervisor
 
 
-def snap(name: str) -> DomainSnapshot:
-    return DomainSnapshot(name, f"uuid-{name}", DomainState.RUNNING, True, "<domain/>")
+def snap(name: str) -> DomainObservation:
+    return DomainObservation(name, f"uuid-{name}", DomainState.RUNNING, True, "<domain/>")
 
 
 def connect(host: HostView) -> bool:

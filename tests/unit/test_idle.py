@@ -6,15 +6,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from virt_reclaim.idle import Sample, Thresholds, Window, busy_reason, sample_from_stats
+from virt_reclaim.service.idle import (
+    Sample,
+    SampleWindow,
+    Thresholds,
+    sample_from_stats,
+    window_busy_reason,
+)
 
 LIMITS = Thresholds(cpu_percent=5.0, disk_bytes_per_s=1_000_000, net_bytes_per_s=100_000,
                     duration_s=600)  # fmt: skip
 SECOND = 1_000_000_000
 
 
-def window_of(*samples: Sample) -> Window:
-    window = Window(LIMITS.duration_s)
+def window_of(*samples: Sample) -> SampleWindow:
+    window = SampleWindow(LIMITS.duration_s)
     for sample in samples:
         window.add(sample)
     return window
@@ -27,12 +33,12 @@ def quiet(at: float, step: int = 0) -> Sample:
 
 
 def test_quiet_for_the_whole_duration_is_idle() -> None:
-    assert busy_reason(window_of(*(quiet(t) for t in range(0, 661, 60))), LIMITS) is None
+    assert window_busy_reason(window_of(*(quiet(t) for t in range(0, 661, 60))), LIMITS) is None
 
 
 def test_too_short_an_observation_counts_as_busy() -> None:
-    assert busy_reason(window_of(quiet(0)), LIMITS) == "not observed yet"
-    reason = busy_reason(window_of(quiet(0), quiet(300)), LIMITS)
+    assert window_busy_reason(window_of(quiet(0)), LIMITS) == "not observed yet"
+    reason = window_busy_reason(window_of(quiet(0), quiet(300)), LIMITS)
     assert reason == "observed for 300 s of the 600 s required"
 
 
@@ -50,15 +56,15 @@ def test_one_busy_minute_inside_the_window_is_busy(burst: dict[str, int], expect
     bumped = [
         Sample(s.at, **{k: getattr(s, k) + burst.get(k, 0) for k in fields}) for s in samples[6:]
     ]
-    assert busy_reason(window_of(*samples[:6], *bumped), LIMITS) == expected
+    assert window_busy_reason(window_of(*samples[:6], *bumped), LIMITS) == expected
 
 
 def test_missing_or_reset_counters_count_as_busy() -> None:
     missing = Sample(660, cpu_ns=None, block_bytes=0, net_bytes=0)
-    assert busy_reason(window_of(quiet(0), missing), LIMITS) == "CPU statistics unavailable"
+    assert window_busy_reason(window_of(quiet(0), missing), LIMITS) == "CPU statistics unavailable"
     before = Sample(0, cpu_ns=10 * SECOND, block_bytes=10**6, net_bytes=10**6)
     reset = Sample(660, cpu_ns=0, block_bytes=0, net_bytes=0)
-    assert busy_reason(window_of(before, reset), LIMITS) == (
+    assert window_busy_reason(window_of(before, reset), LIMITS) == (
         "CPU counters went back (the guest restarted?)"
     )
 
@@ -88,5 +94,5 @@ def test_any_samples_give_a_reason_or_none_never_an_error(
     counters: list[tuple[int, int, int]],
 ) -> None:
     window = window_of(*(Sample(60.0 * i, c, b, n) for i, (c, b, n) in enumerate(counters)))
-    reason = busy_reason(window, LIMITS)
+    reason = window_busy_reason(window, LIMITS)
     assert reason is None or isinstance(reason, str)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from virt_reclaim import imagefile
+from virt_reclaim.image import imagefile
 
 
 def new_with(path: Path, content: bytes) -> imagefile.NewImage:

@@ -16,11 +16,15 @@ import pytest
 
 from fakes import FakeDisk, FakeDomain, linux_fs, make_image, sh
 from virt_reclaim.errors import QemuImgError
-from virt_reclaim.imagefile import NewImage
-from virt_reclaim.job import After, JobSettings, Outcome, ReclaimJob, Step
-from virt_reclaim.journal import Journal, JournalError
+from virt_reclaim.image.imagefile import NewImage
+from virt_reclaim.image.qemu_img import QemuImg
+from virt_reclaim.job.context import Step
+from virt_reclaim.job.frame import ReclaimJob
+from virt_reclaim.job.results import Outcome
+from virt_reclaim.job.settings import After, JobSettings
+from virt_reclaim.journal.records import JournalError
+from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState
-from virt_reclaim.qemu_img import QemuImg
 
 MIB = 1024 * 1024
 
@@ -54,7 +58,7 @@ def run(
     job = ReclaimJob(
         domain,
         images or QemuImg(priority=None),
-        JobSettings(priority=None, **{"min_gain": 0, **settings}),
+        JobSettings(**{"min_gain": 0, **settings}),
         images_of_other_domains=dict,
         journal=journal,
         before_step=before_step,
@@ -133,7 +137,7 @@ def test_a_definition_changed_during_the_job_stops_it(domain: FakeDomain, tmp_pa
 
     def someone_edits_it(step: Step) -> None:
         if step is Step.GUARD:
-            domain.inactive_override = domain.snapshot().xml.replace("disk.qcow2", "other.qcow2")
+            domain.inactive_override = domain.observe().xml.replace("disk.qcow2", "other.qcow2")
 
     result, _ = run(domain, tmp_path / "state", before_step=someone_edits_it)
 
@@ -156,7 +160,7 @@ def test_an_image_changed_while_the_guest_ran_stops_the_job_at_the_guard(
         if change == "snapshot":
             sh("qemu-img", "snapshot", "-c", "taken-meanwhile", str(image))
         else:
-            domain.inactive_override = domain.snapshot().xml.replace("type='qcow2'", "type='raw'")
+            domain.inactive_override = domain.observe().xml.replace("type='qcow2'", "type='raw'")
 
     result, _ = run(domain, tmp_path / "state", before_step=someone_changes_it)
 
@@ -209,7 +213,7 @@ def test_a_journal_that_cannot_record_the_restore_still_gets_the_guest_back(
     domain: FakeDomain, tmp_path: Path
 ) -> None:
     job = ReclaimJob(
-        domain, QemuImg(priority=None), JobSettings(priority=None, min_gain=0),
+        domain, QemuImg(priority=None), JobSettings(min_gain=0),
         images_of_other_domains=dict, journal=JournalRefusingRestore(tmp_path / "state"),
     )  # fmt: skip
 

@@ -30,14 +30,17 @@ from fakes import (
     write_data,
 )
 from testbed.data import log_text
-from virt_reclaim import fillplan
-from virt_reclaim.fillplan import Reserve
-from virt_reclaim.guestfree import FreeSpaceMethod
-from virt_reclaim.imagefile import NewImage
-from virt_reclaim.job import Compression, JobResult, JobSettings, Outcome, ReclaimJob, Step
-from virt_reclaim.journal import Journal
+from virt_reclaim.image.imagefile import NewImage
+from virt_reclaim.image.qemu_img import QemuImg
+from virt_reclaim.job.context import Step
+from virt_reclaim.job.frame import ReclaimJob
+from virt_reclaim.job.freespace import budget
+from virt_reclaim.job.freespace.agent import FreeSpaceMethod
+from virt_reclaim.job.freespace.budget import Reserve
+from virt_reclaim.job.results import JobResult, Outcome
+from virt_reclaim.job.settings import Compression, JobSettings
+from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState, TrimmedPath
-from virt_reclaim.qemu_img import QemuImg
 
 GIB = 1024 * MIB
 
@@ -49,7 +52,7 @@ def run_job(
     job = ReclaimJob(
         domain,
         QemuImg(priority=None),
-        JobSettings(priority=None, **settings),
+        JobSettings(**settings),
         images_of_other_domains=dict,
         journal=journal,
     )
@@ -89,7 +92,7 @@ def test_zero_fill_stays_within_the_room_the_host_has(small_host: Path, tmp_path
         [FakeDisk("vda", image, discard=False)],
         filesystems=[linux_fs("/", "vda", total=974 * MIB, used=44 * MIB)],
         on_fill_chunk=lambda _written: free_during.append(
-            fillplan.host_filesystem(str(small_host)).free
+            budget.host_filesystem(str(small_host)).free
         ),
     )
     reserve = Reserve(host_percent=0, host_min_bytes=100 * MIB)
@@ -105,7 +108,7 @@ def test_zero_fill_stays_within_the_room_the_host_has(small_host: Path, tmp_path
     assert fill["left_bytes"] > 500 * MIB
     # ...because the host had room for no more: it never went below the reserve plus the
     # rewrite's need, and never near zero.
-    need = QemuImg().measure(str(original), force_share=False) + fillplan.REWRITE_MARGIN
+    need = QemuImg().measure(str(original), force_share=False) + budget.REWRITE_MARGIN
     assert min(free_during) >= 100 * MIB + need
     assert same_guest_content(Path(original), image)
     assert domain.power is DomainState.RUNNING
@@ -145,7 +148,7 @@ def test_the_watch_stops_the_fill_when_another_writer_takes_the_room(
 
     def another_guest_writes(written: int) -> None:
         if written == 8 * MIB:
-            free = fillplan.host_filesystem(str(small_host)).free
+            free = budget.host_filesystem(str(small_host)).free
             subprocess.run(["fallocate", "-l", str(free - 150 * MIB), str(hog)], check=True)
 
     domain = FakeDomain(
@@ -301,7 +304,7 @@ class HoggedConvert(QemuImg):
         self._host, self._leave, self._free_seen = host, leave, free_seen
 
     def convert(self, source: str, target: NewImage, **options: Any) -> None:
-        free = fillplan.host_filesystem(str(self._host)).free
+        free = budget.host_filesystem(str(self._host)).free
         subprocess.run(["fallocate", "-l", str(free - self._leave), str(self._host / "hog")],
                        check=True)  # fmt: skip
         watcher = threading.Thread(target=self._watch, args=(target.path,), daemon=True)
@@ -310,7 +313,7 @@ class HoggedConvert(QemuImg):
 
     def _watch(self, target: str) -> None:
         while Path(target).exists() or not self._free_seen:
-            self._free_seen.append(fillplan.host_filesystem(str(self._host)).free)
+            self._free_seen.append(budget.host_filesystem(str(self._host)).free)
             time.sleep(0.05)
 
 
@@ -330,7 +333,6 @@ def test_the_rewrite_stops_when_another_writer_takes_the_host_below_its_reserve(
         domain,
         HoggedConvert(small_host, leave=reserve - 20 * MIB, free_seen=free_seen),
         JobSettings(
-            priority=None,
             min_gain=0,
             free_space=FreeSpaceMethod.NONE,
             reserve=Reserve(host_percent=0, host_min_bytes=reserve),
@@ -365,7 +367,7 @@ def test_two_jobs_on_one_filesystem_share_its_reserve_through_the_journal(
                    filesystems=[linux_fs("/", "vda", total=974 * MIB, used=44 * MIB)])
         for i, image in enumerate(images)
     ]  # fmt: skip
-    settings = JobSettings(priority=None, min_gain=0, free_space=FreeSpaceMethod.NONE,
+    settings = JobSettings(min_gain=0, free_space=FreeSpaceMethod.NONE,
                            reserve=Reserve(host_percent=0, host_min_bytes=150 * MIB))  # fmt: skip
     state = tmp_path / "state"
     seen: list[JobResult] = []

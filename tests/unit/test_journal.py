@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from virt_reclaim.journal import JOURNAL_NAME, Journal, JournalError
+from virt_reclaim.journal.records import JournalError
+from virt_reclaim.journal.store import JOURNAL_NAME, Journal
 
 NOBODY = 65534
 

@@ -7,8 +7,8 @@ import sqlite3
 from pathlib import Path
 
 from fakes import FakeDisk, FakeDomain, make_image
-from virt_reclaim import recovery
-from virt_reclaim.journal import JOURNAL_NAME, SCHEMA_VERSION, Journal
+from virt_reclaim.journal import recovery
+from virt_reclaim.journal.store import JOURNAL_NAME, SCHEMA_VERSION, Journal
 from virt_reclaim.model import DomainState
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "journal-v1.sqlite3"

@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from virt_reclaim import advice, layout
-from virt_reclaim.policy import Policy
+from virt_reclaim.config.policy import Policy
+from virt_reclaim.reports import advice, layout
 
 KIB = 1024
 

@@ -15,12 +15,15 @@ import pytest
 
 from fakes import FakeDisk, FakeDomain, linux_fs, make_image
 from virt_reclaim import process
-from virt_reclaim.job import JobSettings, Outcome, ReclaimJob
-from virt_reclaim.journal import Journal, JournalDisk
-from virt_reclaim.livecheck import host_refusal
+from virt_reclaim.image.qemu_img import QemuImg
+from virt_reclaim.job.frame import ReclaimJob
+from virt_reclaim.job.modes import live
+from virt_reclaim.job.modes.livecheck import host_refusal
+from virt_reclaim.job.results import Outcome
+from virt_reclaim.job.settings import JobSettings
+from virt_reclaim.journal.records import JournalDisk
+from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import BlockJob, DomainState, HostVersions, version_text
-from virt_reclaim.modes import live
-from virt_reclaim.qemu_img import QemuImg
 
 MIB = 1024 * 1024
 
@@ -37,7 +40,7 @@ def run_live(domain: FakeDomain, state: Path) -> Any:
     job = ReclaimJob(
         domain,
         QemuImg(priority=None),
-        JobSettings(priority=None, min_gain=0, mode="live"),
+        JobSettings(min_gain=0, mode="live"),
         images_of_other_domains=dict,
         journal=Journal(state),
     )

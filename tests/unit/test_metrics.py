@@ -3,7 +3,7 @@
 Four jobs fill the journal once for the module: web-1 reclaimed (it ran and runs
 again), then a dry run of it; db-1 failed (its guest ignored the shutdown);
 off-1 reclaimed with ``after = off`` (it ran, and stays off). The file is
-written with ``metrics.write`` and read back with prometheus_client's own parser.
+written with ``writer.write`` and read back with prometheus_client's own parser.
 """
 
 from __future__ import annotations
@@ -22,14 +22,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from fakes import MIB, FakeDisk, FakeDomain, make_image
-from virt_reclaim import __version__, metrics
-from virt_reclaim.config import DaemonConfig
-from virt_reclaim.guestfree import FreeSpaceMethod
-from virt_reclaim.job import JobResult, JobSettings, Outcome, ReclaimJob
-from virt_reclaim.journal import Journal
-from virt_reclaim.qemu_img import QemuImg
-from virt_reclaim.results import DiskResult
-from virt_reclaim.settings import After
+from virt_reclaim import __version__
+from virt_reclaim.config.loading import DaemonConfig
+from virt_reclaim.image.qemu_img import QemuImg
+from virt_reclaim.job.frame import ReclaimJob
+from virt_reclaim.job.freespace.agent import FreeSpaceMethod
+from virt_reclaim.job.results import DiskResult, JobResult, Outcome
+from virt_reclaim.job.settings import After, JobSettings
+from virt_reclaim.journal.store import Journal
+from virt_reclaim.metrics import families, observations, writer
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "examples" / "prometheus" / "virt-reclaim.rules.yml"
@@ -39,7 +40,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 def run(domain: FakeDomain, journal: Journal, **settings: Any) -> JobResult:
     job = ReclaimJob(
         domain, QemuImg(priority=None),
-        JobSettings(priority=None, free_space=FreeSpaceMethod.NONE, min_gain=0, **settings),
+        JobSettings(free_space=FreeSpaceMethod.NONE, min_gain=0, **settings),
         images_of_other_domains=dict, journal=journal,
     )  # fmt: skip
     return job.run()
@@ -64,7 +65,7 @@ class Built:
         self.dry_run = run(self.web, self.journal, dry_run=True)
         self.failed = run(self.db, self.journal, shutdown_timeout_s=0.1)
         self.left_off = run(self.off, self.journal, after=After.OFF)
-        self.domains = [d.snapshot() for d in (self.web, self.db, self.off)]
+        self.domains = [d.observe() for d in (self.web, self.db, self.off)]
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +73,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     return Built(tmp_path_factory.mktemp("metrics"))
 
 
-def observed() -> metrics.Observations:
-    seen = metrics.Observations(started_at=1_700_000_000.0)
+def observed() -> observations.Observations:
+    seen = observations.Observations(started_at=1_700_000_000.0)
     seen.window_opened("nightly")
     seen.window_opened("nightly")
     seen.skipped("db-1", "busy: CPU 40.0% over 30 s")
@@ -83,11 +84,13 @@ def observed() -> metrics.Observations:
     return seen
 
 
-def write_and_read(built: Built, path: Path, seen: metrics.Observations | None = None) -> Samples:
-    registry = metrics.build(
-        built.journal, seen or observed(), built.domains, metrics.DiskSizes("qemu-img")
+def write_and_read(
+    built: Built, path: Path, seen: observations.Observations | None = None
+) -> Samples:
+    registry = families.build(
+        built.journal, seen or observed(), built.domains, families.DiskSizes("qemu-img")
     )
-    metrics.write(str(path), registry)
+    writer.write(str(path), registry)
     return parse(path.read_text())
 
 
@@ -112,7 +115,7 @@ def test_the_jobs_are_what_the_journal_says(built: Built, tmp_path: Path) -> Non
 
     history = built.journal.history()
     for domain in ("web-1", "db-1", "off-1"):
-        for outcome in metrics.OUTCOMES:
+        for outcome in families.OUTCOMES:
             count = sum(1 for j in history if j.domain == domain and j.outcome == outcome)
             got = value(samples, "virt_reclaim_jobs_total", domain=domain, outcome=outcome)
             assert got == count, (domain, outcome)
@@ -148,7 +151,7 @@ def test_step_durations_add_up_to_each_job(built: Built, tmp_path: Path) -> None
     samples = write_and_read(built, tmp_path / "virt_reclaim.prom")
     history = built.journal.history()
     finished = [j for j in history if j.finished_at is not None]
-    steps = {s for j in finished for s in j.steps} - set(metrics.STEP_MARKS)
+    steps = {s for j in finished for s in j.steps} - set(families.STEP_MARKS)
     for step in steps:
         taken = sum(1 for j in finished for s in j.steps if s == step)
         got = value(samples, "virt_reclaim_step_duration_seconds_count", step=step)
@@ -166,7 +169,7 @@ def test_step_durations_add_up_to_each_job(built: Built, tmp_path: Path) -> None
         if name == "virt_reclaim_last_job_step_duration_seconds"
         and labels[0] == ("domain", "web-1")
     }
-    assert set(last) == set(web.steps) - set(metrics.STEP_MARKS)
+    assert set(last) == set(web.steps) - set(families.STEP_MARKS)
     assert all(seconds >= 0 for seconds in last.values())
     assert web.finished_at is not None and web.duration_s is not None
     assert sum(last.values()) == pytest.approx(web.duration_s, abs=0.5)
@@ -256,28 +259,28 @@ def test_daemon_figures_every_name_and_the_file_itself(built: Built, tmp_path: P
 def test_the_daemon_figures_survive_in_the_file(built: Built, tmp_path: Path) -> None:
     path = tmp_path / "virt_reclaim.prom"
     write_and_read(built, path)
-    previous = metrics.read_previous(str(path))
+    previous = observations.read_previous(str(path))
     assert previous.windows == {"nightly": 2}
     assert previous.skips[("db-1", "busy")] == 1
     assert previous.last_sample_at == 1_700_000_100.0
     assert previous.started_at == 1_700_000_000.0
     # A restarted daemon adds its own counts to those it finds.
-    again = metrics.Observations(started_at=1_800_000_000.0)
+    again = observations.Observations(started_at=1_800_000_000.0)
     again.window_opened("nightly")
     again.carry(previous)
     samples = write_and_read(built, path, again)
     assert value(samples, "virt_reclaim_windows_opened_total", policy="nightly") == 3
     assert value(samples, "virt_reclaim_daemon_start_time_seconds") == 1_800_000_000.0
     # `run` writes the same file and keeps what only the daemon knows.
-    assert metrics.write_for_run(str(path), built.journal, lambda: built.domains, "qemu-img")
+    assert writer.write_for_run(str(path), built.journal, lambda: built.domains, "qemu-img")
     samples = parse(path.read_text())
     assert value(samples, "virt_reclaim_windows_opened_total", policy="nightly") == 3
     assert value(samples, "virt_reclaim_domain_skips_total", domain="db-1", reason="busy") == 1
     assert value(samples, "virt_reclaim_jobs_total", domain="web-1", outcome="reclaimed") == 1
     # Nothing there, or garbage: nothing carried, no failure.
-    assert metrics.read_previous(str(tmp_path / "missing.prom")).windows == {}
+    assert observations.read_previous(str(tmp_path / "missing.prom")).windows == {}
     (tmp_path / "bad.prom").write_text("this is { not prometheus\n")
-    assert metrics.read_previous(str(tmp_path / "bad.prom")).windows == {}
+    assert observations.read_previous(str(tmp_path / "bad.prom")).windows == {}
 
 
 def test_the_daemon_writes_on_its_thread_and_reports_a_folder_it_cannot_write(
@@ -285,21 +288,22 @@ def test_the_daemon_writes_on_its_thread_and_reports_a_folder_it_cannot_write(
 ) -> None:
     path = tmp_path / "out" / "virt_reclaim.prom"
     path.parent.mkdir()
-    writer = metrics.DaemonMetrics()
-    settings = DaemonConfig(state_dir=str(built.state), metrics_file=str(path))
-    writer.request(settings, built.domains, sampled_at=time.time())
-    writer.observations.window_opened("p")
-    writer.request(settings, built.domains, periodic=True)  # too soon after the last: none
-    writer.close()
+    daemon_metrics = writer.DaemonMetrics()
+    daemon_config = DaemonConfig(state_dir=str(built.state), metrics_file=str(path))
+    daemon_metrics.request(daemon_config, built.domains, sampled_at=time.time())
+    daemon_metrics.observations.window_opened("p")
+    # Too soon after the last: none.
+    daemon_metrics.request(daemon_config, built.domains, periodic=True)
+    daemon_metrics.close()
     samples = parse(path.read_text())
     assert value(samples, "virt_reclaim_jobs_total", domain="db-1", outcome="failed") == 1
     assert value(samples, "virt_reclaim_last_sample_timestamp_seconds") > 0
     # No file configured: nothing happens.
-    idle = metrics.DaemonMetrics()
+    idle = writer.DaemonMetrics()
     idle.request(DaemonConfig(state_dir=str(built.state)), built.domains)
     idle.close()
     # A folder that is gone: a warning, and the daemon goes on.
-    broken = metrics.DaemonMetrics()
+    broken = writer.DaemonMetrics()
     gone = DaemonConfig(state_dir=str(built.state), metrics_file=str(tmp_path / "no" / "x.prom"))
     with structlog.testing.capture_logs() as events:
         broken.request(gone, built.domains)
@@ -322,7 +326,7 @@ def test_the_daemon_writes_on_its_thread_and_reports_a_folder_it_cannot_write(
     ],
 )
 def test_skip_reasons_become_a_few_label_values(reason: str, kind: str) -> None:
-    assert metrics.skip_kind(reason) == kind
+    assert observations.skip_kind(reason) == kind
 
 
 def test_the_metrics_file_setting_must_be_a_prom_file() -> None:
@@ -374,7 +378,7 @@ def test_disk_sizes_name_the_format_so_qemu_img_never_probes(tmp_path: Path) -> 
     wrapper.chmod(0o755)
     image = make_image(tmp_path / "disk.qcow2", "64M")
 
-    used, size = metrics.DiskSizes(str(wrapper)).measure(str(image), "qcow2")
+    used, size = families.DiskSizes(str(wrapper)).measure(str(image), "qcow2")
 
     assert (used, size) == (image.stat().st_blocks * 512, 64 * MIB)
     [call] = calls.read_text().splitlines()

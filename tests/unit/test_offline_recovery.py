@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 
 from fakes import make_image
-from virt_reclaim import imagefile
 from virt_reclaim.errors import VirtError
-from virt_reclaim.journal import Journal, JournalDisk, JournalJob
-from virt_reclaim.modes import mode_named
-from virt_reclaim.results import Recovered
+from virt_reclaim.image import imagefile
+from virt_reclaim.job.modes import mode_named
+from virt_reclaim.job.results import Recovered
+from virt_reclaim.journal.records import JournalDisk, JournalJob
+from virt_reclaim.journal.store import Journal
 
 HOLD_S = 120
 

@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from virt_reclaim import config, selection
-from virt_reclaim.job import After, Compression, JobSettings
-from virt_reclaim.policy import Policy, PolicyFile, job_settings
+from virt_reclaim.config import loading, selection
+from virt_reclaim.config.policy import Policy, PolicyFile, job_settings
+from virt_reclaim.job.settings import After, Compression, JobSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = {"name": "p", "match": {"names": ["web-*"]}, "schedule": {"cron": "0 2 * * *"}}
@@ -71,12 +71,12 @@ INVALID = [
 ]
 
 
-def validate(policy: dict[str, Any]) -> list[config.ConfigError]:
+def validate(policy: dict[str, Any]) -> list[loading.ConfigError]:
     document = {"policy": [policy]}
     try:
         PolicyFile.model_validate(document)
     except ValidationError as exc:
-        return config._errors_of("f.toml", exc, document)
+        return loading._errors_of("f.toml", exc, document)
     return []
 
 
@@ -201,7 +201,7 @@ def test_loader_reports_every_error_of_every_file_and_keeps_the_good(tmp_path: P
     write(tmp_path / "policies.d/c.toml", "this is = not [toml\n")
     write(tmp_path / "policies.d/d.toml", good.format("d"))
 
-    loaded = config.load(str(tmp_path))
+    loaded = loading.load(str(tmp_path))
 
     messages = [str(e) for e in loaded.errors]
     daemon = str(tmp_path / "virt-reclaim.toml")
@@ -218,7 +218,7 @@ def test_files_writable_by_others_or_not_root_owned_are_refused(tmp_path: Path) 
     write(tmp_path / "policies.d/open.toml", good, mode=0o666)
     owned = write(tmp_path / "policies.d/owned.toml", good.replace('"p"', '"q"'))
     os.chown(owned, 1000, 1000)
-    loaded = config.load(str(tmp_path))
+    loaded = loading.load(str(tmp_path))
     messages = [str(e) for e in loaded.errors]
     assert any("open.toml: refused: writable by group or others (mode 666)" in m for m in messages)
     assert any("owned.toml: refused: owned by uid 1000, not root" in m for m in messages)

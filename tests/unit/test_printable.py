@@ -8,8 +8,8 @@ import structlog
 
 from virt_reclaim import logs
 from virt_reclaim.cli.render import print_domain_table
-from virt_reclaim.inventory import DomainReport
 from virt_reclaim.model import DomainState
+from virt_reclaim.reports.inventory import DomainReport
 from virt_reclaim.units import printable
 
 # Clear the screen, set the window title, and a line that pretends to be another.

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from virt_reclaim import process
-from virt_reclaim.imagefile import NewImage
+from virt_reclaim.image.imagefile import NewImage
 
 
 def test_output_and_status() -> None:

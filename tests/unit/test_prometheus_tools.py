@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_metrics import Built, write_and_read
 
 from testbed.prometheus import node_exporter, prometheus, promtool, query, scrape
-from virt_reclaim import metrics
+from virt_reclaim.metrics.observations import Observations
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "examples" / "prometheus" / "virt-reclaim.rules.yml"
@@ -123,7 +123,7 @@ def test_node_exporter_serves_every_series_of_the_metrics_file(
             ("node_textfile_scrape_error", frozenset()): 0.0
         }
         # A new write (atomic: a file renamed over the old one) is what the next scrape sees.
-        seen = metrics.Observations(started_at=1_800_000_000.0)
+        seen = Observations(started_at=1_800_000_000.0)
         seen.window_opened("weekly")
         write_and_read(built, metrics_file, seen)
         again = series(scrape(url))

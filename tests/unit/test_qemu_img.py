@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from virt_reclaim import qemu_img
 from virt_reclaim.errors import QemuImgError
-from virt_reclaim.imagefile import NewImage
+from virt_reclaim.image import qemu_img, qemu_img_argv
+from virt_reclaim.image.imagefile import NewImage
 
 MIB = 1024 * 1024
 
@@ -28,14 +28,14 @@ def image_json(path: str) -> Any:
 
 
 def test_info_argv_is_exact() -> None:
-    assert qemu_img.info_argv("/i.qcow2") == [
+    assert qemu_img_argv.info_argv("/i.qcow2") == [
         "qemu-img",
         "info",
         "--output=json",
         "--backing-chain",
         "/i.qcow2",
     ]
-    assert qemu_img.info_argv(
+    assert qemu_img_argv.info_argv(
         "/i.qcow2", qemu_img="/opt/q", backing_chain=False, force_share=True
     ) == ["/opt/q", "info", "--output=json", "-U", "/i.qcow2"]
 
@@ -108,29 +108,29 @@ def test_missing_program_raises(tmp_path: Path) -> None:
 @pytest.mark.parametrize("text", ["", "not json", "{}", '[{"format": "qcow2"}]'])
 def test_unexpected_output_raises(text: str) -> None:
     with pytest.raises(QemuImgError):
-        qemu_img.parse_info(text)
+        qemu_img_argv.parse_info(text)
 
 
 def test_create_and_convert_argv_are_exact() -> None:
     """The file exists (the job made it): qemu-img creates the qcow2 in it and never the file."""
-    assert qemu_img.create_argv(
+    assert qemu_img_argv.create_argv(
         "/dev/fd/5", size_bytes=1024, compression="zstd", cluster_size=65536
     ) == [
         "qemu-img", "create", "-q", "-f", "qcow2",
         "-o", "compression_type=zstd,cluster_size=65536", "/dev/fd/5", "1024",
     ]  # fmt: skip
-    assert qemu_img.create_argv(
+    assert qemu_img_argv.create_argv(
         "/dev/fd/5", size_bytes=1024, compression=None, cluster_size=None, backing="base.qcow2",
         backing_format="raw", preallocation="metadata",
     ) == [
         "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "base.qcow2", "-F", "raw",
         "-o", "preallocation=metadata", "/dev/fd/5", "1024",
     ]  # fmt: skip
-    assert qemu_img.convert_argv("/a.qcow2", "/t", compression="zstd") == [
+    assert qemu_img_argv.convert_argv("/a.qcow2", "/t", compression="zstd") == [
         "qemu-img", "convert", "-p", "-n", "-f", "qcow2", "-O", "qcow2", "-W", "-m", "8", "-c",
         "--target-is-zero", "/a.qcow2", "/t",
     ]  # fmt: skip
-    assert qemu_img.convert_argv(
+    assert qemu_img_argv.convert_argv(
         "/a.qcow2", "/t", compression=None, backing="base.qcow2", backing_format="raw"
     ) == [
         "qemu-img", "convert", "-p", "-n", "-f", "qcow2", "-O", "qcow2", "-W", "-m", "8",
@@ -139,13 +139,15 @@ def test_create_and_convert_argv_are_exact() -> None:
 
 
 def test_a_target_spec_names_every_format_and_never_a_relative_backing() -> None:
-    assert qemu_img.target_spec("/dev/fd/5") == (
+    assert qemu_img_argv.target_spec("/dev/fd/5") == (
         'json:{"driver":"qcow2","file":{"driver":"file","filename":"/dev/fd/5"},"backing":null}'
     )
-    spec = json.loads(qemu_img.target_spec("/dev/fd/5", backing="/v/b", backing_format="raw")[5:])
+    spec = json.loads(
+        qemu_img_argv.target_spec("/dev/fd/5", backing="/v/b", backing_format="raw")[5:]
+    )
     assert spec["backing"] == {"driver": "raw", "file": {"driver": "file", "filename": "/v/b"}}
     with pytest.raises(ValueError, match="without its format"):
-        qemu_img.target_spec("/dev/fd/5", backing="/v/b")
+        qemu_img_argv.target_spec("/dev/fd/5", backing="/v/b")
 
 
 def test_rewrite_check_and_compare_on_real_images(tmp_path: Path) -> None:
@@ -220,6 +222,6 @@ def test_a_raw_disk_whose_guest_wrote_a_qcow2_header_is_read_as_raw(tmp_path: Pa
 
     [layer] = qemu_img.info(str(raw), image_format="raw")
     assert (layer.format, layer.backing_filename) == ("raw", None)
-    assert qemu_img.measure_argv(str(raw), image_format="raw")[3:5] == ["-f", "raw"]
+    assert qemu_img_argv.measure_argv(str(raw), image_format="raw")[3:5] == ["-f", "raw"]
     assert qemu_img.measure(str(raw), image_format="raw") > 0
-    assert qemu_img.info_argv("/i", image_format="raw")[3:5] == ["-f", "raw"]
+    assert qemu_img_argv.info_argv("/i", image_format="raw")[3:5] == ["-f", "raw"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from testbed.daemon import DaemonProcess, NotifyListener, write_config
-from virt_reclaim.reloads import RELOAD_FILE
+from virt_reclaim.service.reloads import RELOAD_FILE
 
 LAST_GOOD = "running on the last good configuration"
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from virt_reclaim import scheduler
-from virt_reclaim.policy import Policy
-from virt_reclaim.scheduler import Candidate
+from virt_reclaim.config.policy import Policy
+from virt_reclaim.service import scheduler
+from virt_reclaim.service.scheduler import Candidate
 
 MIB = 1024 * 1024
 

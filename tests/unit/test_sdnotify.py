@@ -6,7 +6,7 @@ import os
 import socket
 from pathlib import Path
 
-from virt_reclaim.sdnotify import Notifier
+from virt_reclaim.service.sdnotify import Notifier
 
 
 def receive(sock: socket.socket) -> dict[str, str]:

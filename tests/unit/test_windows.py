@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 
-from virt_reclaim import windows
-from virt_reclaim.idle import Sample
-from virt_reclaim.journal import JournalError
-from virt_reclaim.model import DomainSnapshot, DomainState
-from virt_reclaim.policy import Policy
-from virt_reclaim.scheduler import Candidate, LateWindow
-from virt_reclaim.windows import DomainView, Window, Windows
+from virt_reclaim.config.policy import Policy
+from virt_reclaim.journal.records import JournalError
+from virt_reclaim.model import DomainObservation, DomainState
+from virt_reclaim.service import windows
+from virt_reclaim.service.idle import Sample
+from virt_reclaim.service.scheduler import Candidate, LateWindow
+from virt_reclaim.service.windows import DomainView, Window, Windows
 
 OPEN = 1000.0  # when the window opens
 LENGTH = 600.0  # schedule.window = 10m
@@ -41,7 +41,7 @@ def policy(name: str = "p", names: tuple[str, ...] = ("vm-*",), **extra: Any) ->
 
 
 def view(name: str, state: DomainState = DomainState.RUNNING) -> DomainView:
-    return DomainView(DomainSnapshot(name, f"uuid-{name}", state, True, "<domain/>"))
+    return DomainView(DomainObservation(name, f"uuid-{name}", state, True, "<domain/>"))
 
 
 def feed(domain: DomainView, start: float, end: float, cpu_percent: float) -> None:
@@ -87,7 +87,7 @@ def select(
     last_reclaimed_at: Any = never_reclaimed,
     only: set[str] | None = None,
     policies: list[Policy] | None = None,
-) -> windows.Selection:
+) -> windows.PassDecision:
     return book.select(
         p, policies or [p], domains, running=running or set(),
         last_reclaimed_at=last_reclaimed_at, wall=WALL, only=only,
@@ -191,7 +191,7 @@ def test_idle_domains_are_chosen_and_a_busy_one_is_reported_and_watched() -> Non
     # Being estimated: no second selection until the estimates are back.
     assert book.estimating == {"p"}
     assert not book.may_select("p")
-    assert select(book, p, domains) == windows.Selection()
+    assert select(book, p, domains) == windows.PassDecision()
 
 
 def test_a_domain_never_observed_counts_as_busy() -> None:
@@ -497,7 +497,8 @@ def test_the_core_uses_no_clock_thread_libvirt_or_log() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module)
     forbidden = {"time", "threading", "libvirt", "structlog", "os", "subprocess",
-                 "virt_reclaim.virt", "virt_reclaim.hostview", "virt_reclaim.workers"}  # fmt: skip
+                 "virt_reclaim.virt", "virt_reclaim.service.hostview",
+                 "virt_reclaim.service.workers"}  # fmt: skip
     assert not imported & forbidden
 
 

@@ -8,14 +8,15 @@ from typing import Any
 import pytest
 import structlog
 
-from virt_reclaim import config, workers
-from virt_reclaim.policy import Policy
-from virt_reclaim.scheduler import Candidate
+from virt_reclaim.config import loading
+from virt_reclaim.config.policy import Policy
+from virt_reclaim.service import workers
+from virt_reclaim.service.scheduler import Candidate
 
 POLICY = Policy.model_validate(
     {"name": "p", "match": {"names": ["*"]}, "schedule": {"cron": "0 2 * * *"}}
 )
-SETTINGS = config.DaemonConfig()
+SETTINGS = loading.DaemonConfig()
 
 
 def test_an_estimate_that_crashes_still_posts_so_the_window_can_close(
@@ -40,11 +41,11 @@ def test_a_job_thread_posts_its_outcome_and_is_forgotten_when_done(
 ) -> None:
     seen_stop: list[threading.Event] = []
 
-    def run_job(_c: Candidate, _p: Policy, _s: Any, stop: threading.Event) -> workers.JobEnd:
+    def run_candidate(_c: Candidate, _p: Policy, _s: Any, stop: threading.Event) -> workers.JobEnd:
         seen_stop.append(stop)
         return workers.JobEnd("reclaimed", waits_for_space=False)
 
-    monkeypatch.setattr(workers, "run_job", run_job)
+    monkeypatch.setattr(workers, "run_candidate", run_candidate)
     posted: list[tuple[Any, ...]] = []
     done = threading.Event()
 

@@ -11,26 +11,12 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from virt_reclaim.cli.common import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, UsageError
+from virt_reclaim.cli.common import EXIT_FAILED, EXIT_USAGE, UsageError
 from virt_reclaim.cli.parsing import apply_daemon_settings, build_parser
-from virt_reclaim.cli.render import print_domain_table, print_job_result
 from virt_reclaim.cli.run import Terminated
-from virt_reclaim.domainlock import DomainBusy
 from virt_reclaim.errors import VirtError
-from virt_reclaim.journal import JournalError
-
-__all__ = [
-    "EXIT_FAILED",
-    "EXIT_OK",
-    "EXIT_SKIPPED",
-    "EXIT_USAGE",
-    "Terminated",
-    "UsageError",
-    "build_parser",
-    "main",
-    "print_domain_table",
-    "print_job_result",
-]
+from virt_reclaim.job.lock import DomainBusy
+from virt_reclaim.journal.records import JournalError
 
 
 def main(argv: Sequence[str] | None = None) -> int:

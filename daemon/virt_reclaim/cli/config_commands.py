@@ -9,17 +9,19 @@ import logging
 import sys
 from typing import Any
 
-from virt_reclaim import advice, config, logs, planning, selection
+from virt_reclaim import logs
 from virt_reclaim.cli.common import EXIT_OK, EXIT_USAGE
 from virt_reclaim.cli.render import print_plan
+from virt_reclaim.config import loading, selection
+from virt_reclaim.config.policy import PolicyFile
 from virt_reclaim.errors import VirtError
-from virt_reclaim.policy import PolicyFile
-from virt_reclaim.virt import Hypervisor
+from virt_reclaim.reports import advice, plan
+from virt_reclaim.virt.connection import Hypervisor
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate the settings and policies, then list the domains each policy selects."""
-    loaded = config.load(args.config_dir)
+    loaded = loading.load(args.config_dir)
     errors = [str(e) for e in loaded.errors]
     policies = [policy for _file, policy in loaded.policies]
     domains: list[Any] | None = None
@@ -65,13 +67,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     """Show for every domain what would be reclaimed, when, and why not."""
     logs.configure(logs.LogFormat.AUTO, level=logging.WARNING)
-    loaded = config.load(args.config_dir)
+    loaded = loading.load(args.config_dir)
     for error in loaded.errors:
         print(f"error: {error}", file=sys.stderr)
     policies = [policy for _file, policy in loaded.policies]
     # Read-write, though plan only reads: libvirt refuses agent queries on read-only connections.
     with Hypervisor(args.connect or loaded.daemon.uri) as hypervisor:
-        entries = planning.plan(
+        entries = plan.plan(
             hypervisor, policies, qemu_img=loaded.daemon.qemu_img,
             now=datetime.datetime.now(datetime.UTC),
         )  # fmt: skip

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from virt_reclaim import service
+from virt_reclaim.service import daemon
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     """Run the service until a signal stops it."""
-    return service.Daemon(args.config_dir).run()
+    return daemon.Daemon(args.config_dir).run()

@@ -10,14 +10,17 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from virt_reclaim import config, domxml, inventory, logs, planning, selection
+from virt_reclaim import logs
 from virt_reclaim.cli.common import EXIT_OK
 from virt_reclaim.cli.render import print_domain_table
+from virt_reclaim.config import loading, selection
+from virt_reclaim.config.policy import job_settings
+from virt_reclaim.domxml import read
 from virt_reclaim.errors import VirtError
-from virt_reclaim.job import JobSettings
-from virt_reclaim.model import AgentInfo, DomainSnapshot, DomainState
-from virt_reclaim.policy import job_settings
-from virt_reclaim.virt import Hypervisor
+from virt_reclaim.job.settings import JobSettings
+from virt_reclaim.model import AgentInfo, DomainObservation, DomainState
+from virt_reclaim.reports import inventory, plan
+from virt_reclaim.virt.connection import Hypervisor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +79,10 @@ def cmd_domains(args: argparse.Namespace) -> int:
 
 
 def _estimates(
-    hypervisor: Hypervisor, snapshots: Sequence[DomainSnapshot], args: argparse.Namespace
+    hypervisor: Hypervisor, snapshots: Sequence[DomainObservation], args: argparse.Namespace
 ) -> dict[str, DomainEstimate]:
     """A dry run of each domain's job: its policy's settings, else those ``run`` defaults to."""
-    policies = [policy for _file, policy in config.load(args.config_dir).policies]
+    policies = [policy for _file, policy in loading.load(args.config_dir).policies]
     found: dict[str, DomainEstimate] = {}
     for snap in snapshots:
         choice = selection.select(policies, snap.name, snap.uuid, snap.xml)
@@ -90,14 +93,14 @@ def _estimates(
             else JobSettings(qemu_img=args.qemu_img)
         )
         try:
-            result = planning.dry_run(hypervisor.domain_by_uuid(snap.uuid), settings, snapshots)
+            result = plan.dry_run(hypervisor.domain_by_uuid(snap.uuid), settings, snapshots)
         except VirtError as exc:
             found[snap.uuid] = DomainEstimate(
                 policy.name if policy else None, "failed", str(exc), {}
             )
             continue
         gains = {
-            d.target: planning.reclaimable(d.bytes_before, d.estimated_after) for d in result.disks
+            d.target: plan.reclaimable(d.bytes_before, d.estimated_after) for d in result.disks
         }
         found[snap.uuid] = DomainEstimate(
             policy.name if policy else None, str(result.outcome), result.reason, gains
@@ -106,12 +109,12 @@ def _estimates(
 
 
 def _agent_of(
-    hypervisor: Hypervisor, domain: DomainSnapshot, read_only: bool
+    hypervisor: Hypervisor, domain: DomainObservation, read_only: bool
 ) -> AgentInfo | str | None:
     """What a running domain's agent says of itself, or why it could not be asked."""
     if domain.state is not DomainState.RUNNING:
         return None
-    if domxml.parse_domain(domain.xml).agent_state != "connected":
+    if read.parse_domain(domain.xml).agent_state != "connected":
         return None
     if read_only:
         return "read-only connection"

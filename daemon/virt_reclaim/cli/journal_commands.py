@@ -7,12 +7,13 @@ import json
 import sys
 import time
 
-from virt_reclaim import backups, logs, recovery
+from virt_reclaim import backups, logs
 from virt_reclaim.cli.common import EXIT_FAILED, EXIT_OK
 from virt_reclaim.cli.render import print_history_table
-from virt_reclaim.journal import Journal
+from virt_reclaim.journal import recovery
+from virt_reclaim.journal.store import Journal
 from virt_reclaim.units import format_bytes
-from virt_reclaim.virt import Hypervisor
+from virt_reclaim.virt.connection import Hypervisor
 
 
 def cmd_recover(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
-from virt_reclaim import __version__, config, logs
+from virt_reclaim import __version__, logs
 from virt_reclaim.cli.common import UsageError
 from virt_reclaim.cli.config_commands import cmd_check, cmd_plan, cmd_schema
 from virt_reclaim.cli.daemon_command import cmd_daemon
@@ -17,13 +17,14 @@ from virt_reclaim.cli.domains import cmd_domains
 from virt_reclaim.cli.journal_commands import cmd_backups, cmd_history, cmd_recover
 from virt_reclaim.cli.reload_command import cmd_reload
 from virt_reclaim.cli.run import cmd_run
-from virt_reclaim.guestfree import FreeSpaceMethod
-from virt_reclaim.job import Compression, OnShutdownTimeout
-from virt_reclaim.journal import DEFAULT_STATE_DIR
-from virt_reclaim.journal_queries import UNFINISHED
+from virt_reclaim.config import loading
+from virt_reclaim.config.policy import parse_duration
+from virt_reclaim.job.freespace.agent import FreeSpaceMethod
+from virt_reclaim.job.results import Outcome
+from virt_reclaim.job.settings import Compression, OnShutdownTimeout
+from virt_reclaim.journal.queries import UNFINISHED
+from virt_reclaim.journal.store import DEFAULT_STATE_DIR
 from virt_reclaim.model import DEFAULT_URI
-from virt_reclaim.policy import parse_duration
-from virt_reclaim.results import Outcome
 
 _BYTE_SIZE = TypeAdapter(ByteSize)
 # What ``history --outcome`` accepts: how jobs end, and "unfinished" for those with no end yet.
@@ -436,7 +437,7 @@ def _pid(text: str) -> int:
 
 def _add_config_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config-dir", default=config.DEFAULT_CONFIG_DIR, metavar="DIR",
+        "--config-dir", default=loading.DEFAULT_CONFIG_DIR, metavar="DIR",
         help="the configuration folder (default: %(default)s)",
     )  # fmt: skip
 
@@ -463,7 +464,7 @@ def apply_daemon_settings(args: argparse.Namespace) -> None:
     """Fill the options not given from CONFIG_DIR/virt-reclaim.toml (then built-in defaults)."""
     if not hasattr(args, "config_dir") or args.command in ("daemon", "reload"):
         return  # these report configuration errors their own way (a log, exit 78)
-    daemon, errors = config.load_daemon(args.config_dir)
+    daemon, errors = loading.load_daemon(args.config_dir)
     if errors:
         raise UsageError("\n  ".join(["the daemon settings are not valid:", *map(str, errors)]))
     args.daemon = daemon

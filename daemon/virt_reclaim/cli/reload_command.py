@@ -13,9 +13,9 @@ import sys
 import time
 from collections.abc import Mapping
 
-from virt_reclaim import config
 from virt_reclaim.cli.common import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, UsageError
-from virt_reclaim.reloads import ReloadRecord, Verdict, read_record, record_path
+from virt_reclaim.config import loading
+from virt_reclaim.service.reloads import ReloadRecord, Verdict, read_record, record_path
 
 POLL_S = 0.1
 
@@ -23,7 +23,7 @@ POLL_S = 0.1
 def cmd_reload(args: argparse.Namespace) -> int:
     """Validate the configuration, send SIGHUP to the daemon, and report what it did."""
     pid = daemon_pid(args.pid, os.environ)
-    loaded = config.load(args.config_dir)
+    loaded = loading.load(args.config_dir)
     if loaded.errors:
         print(f"virt-reclaim: {len(loaded.errors)} error(s) in the configuration; the "
               f"daemon (pid {pid}) was not asked to reload and keeps its own:",

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TextIO
 
-from virt_reclaim import inventory
-from virt_reclaim.job import JobResult
-from virt_reclaim.journal import JournalJob
-from virt_reclaim.planning import PlanEntry
+from virt_reclaim.job.results import JobResult
+from virt_reclaim.journal.records import JournalJob
+from virt_reclaim.reports import inventory
+from virt_reclaim.reports.plan import PlanEntry
 from virt_reclaim.units import format_bytes, printable
 
 

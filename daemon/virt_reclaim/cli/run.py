@@ -13,15 +13,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from virt_reclaim import config, logs, metrics, recovery, runner
+from virt_reclaim import logs
 from virt_reclaim.cli.common import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, UsageError
 from virt_reclaim.cli.render import ProgressBar, print_job_result
-from virt_reclaim.guestfree import FreeSpaceMethod
-from virt_reclaim.job import Compression, JobSettings, OnShutdownTimeout, Outcome, Step
-from virt_reclaim.journal import Journal
-from virt_reclaim.policy import Policy, job_settings
+from virt_reclaim.config import loading
+from virt_reclaim.config.policy import Policy, job_settings
+from virt_reclaim.job import runner
+from virt_reclaim.job.context import Step
+from virt_reclaim.job.freespace.agent import FreeSpaceMethod
+from virt_reclaim.job.results import Outcome
+from virt_reclaim.job.settings import Compression, JobSettings, OnShutdownTimeout
+from virt_reclaim.journal import recovery
+from virt_reclaim.journal.store import Journal
+from virt_reclaim.metrics import writer
 from virt_reclaim.process import Priority
-from virt_reclaim.virt import Hypervisor
+from virt_reclaim.virt.connection import Hypervisor
 
 _EXIT_BY_OUTCOME = {
     Outcome.RECLAIMED: EXIT_OK,
@@ -94,7 +100,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if bar:
                 bar.close()
         if args.daemon.metrics_file:
-            metrics.write_for_run(args.daemon.metrics_file, journal, hypervisor.domains,
+            writer.write_for_run(args.daemon.metrics_file, journal, hypervisor.domains,
                                   args.qemu_img)  # fmt: skip
     if args.json:
         json.dump(result.to_json(), sys.stdout, indent=2)
@@ -106,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _policy_named(name: str, config_dir: str) -> Policy:
     """The valid policy ``name`` from ``config_dir``; UsageError naming what is wrong."""
-    loaded = config.load(config_dir)
+    loaded = loading.load(config_dir)
     for _file, policy in loaded.policies:
         if policy.name == name:
             return policy

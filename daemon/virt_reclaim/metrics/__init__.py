@@ -17,25 +17,3 @@ The file is built with prometheus_client (a registry of metric families, written
 The daemon writes on its own thread (``DaemonMetrics``): a request only hands over
 what to write, and requests made while a write is under way are written once after it.
 """
-
-from virt_reclaim.metrics.families import OUTCOMES as OUTCOMES
-from virt_reclaim.metrics.families import RUNNING_STATES as RUNNING_STATES
-from virt_reclaim.metrics.families import STEP_MARKS as STEP_MARKS
-from virt_reclaim.metrics.families import VIRTUAL_SIZE_TTL_S as VIRTUAL_SIZE_TTL_S
-from virt_reclaim.metrics.families import DiskSizes as DiskSizes
-from virt_reclaim.metrics.families import build as build
-from virt_reclaim.metrics.observations import DAEMON_START as DAEMON_START
-from virt_reclaim.metrics.observations import DOMAIN_SKIPS as DOMAIN_SKIPS
-from virt_reclaim.metrics.observations import ESTIMATED_AT as ESTIMATED_AT
-from virt_reclaim.metrics.observations import LAST_SAMPLE as LAST_SAMPLE
-from virt_reclaim.metrics.observations import RECLAIMABLE as RECLAIMABLE
-from virt_reclaim.metrics.observations import WINDOWS_OPENED as WINDOWS_OPENED
-from virt_reclaim.metrics.observations import Estimate as Estimate
-from virt_reclaim.metrics.observations import Observations as Observations
-from virt_reclaim.metrics.observations import read_previous as read_previous
-from virt_reclaim.metrics.observations import skip_kind as skip_kind
-from virt_reclaim.metrics.writer import FILE_MODE as FILE_MODE
-from virt_reclaim.metrics.writer import REFRESH_S as REFRESH_S
-from virt_reclaim.metrics.writer import DaemonMetrics as DaemonMetrics
-from virt_reclaim.metrics.writer import write as write
-from virt_reclaim.metrics.writer import write_for_run as write_for_run

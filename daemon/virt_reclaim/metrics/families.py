@@ -18,10 +18,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from virt_reclaim import __version__, backups, domxml, qemu_img
+from virt_reclaim import __version__, backups
+from virt_reclaim.domxml import read
 from virt_reclaim.errors import QemuImgError
-from virt_reclaim.jobcontext import SHUTDOWN_REQUESTED
-from virt_reclaim.journal import Journal
+from virt_reclaim.image import qemu_img
+from virt_reclaim.job.context import SHUTDOWN_REQUESTED
+from virt_reclaim.job.results import Outcome
+from virt_reclaim.journal.store import Journal
 from virt_reclaim.metrics.observations import (
     DAEMON_START,
     DOMAIN_SKIPS,
@@ -32,8 +35,7 @@ from virt_reclaim.metrics.observations import (
     Estimate,
     Observations,
 )
-from virt_reclaim.model import DomainSnapshot, DomainState
-from virt_reclaim.results import Outcome
+from virt_reclaim.model import DomainObservation, DomainState
 
 # A disk's virtual size is read again after this long (or when its image file is replaced).
 VIRTUAL_SIZE_TTL_S = 3600.0
@@ -94,7 +96,7 @@ class _Families(Collector):
 def build(
     journal: Journal,
     observed: Observations,
-    domains: Sequence[DomainSnapshot],
+    domains: Sequence[DomainObservation],
     sizes: DiskSizes,
 ) -> CollectorRegistry:
     """Every metric family, from the journal, what was observed and the domains listed.
@@ -156,7 +158,7 @@ def _daemon_families(observed: Observations) -> list[Metric]:
     return [*families, opened, skips]
 
 
-def _domain_families(domains: Sequence[DomainSnapshot], sizes: DiskSizes) -> list[Metric]:
+def _domain_families(domains: Sequence[DomainObservation], sizes: DiskSizes) -> list[Metric]:
     running = _gauge("virt_reclaim_domain_running",
                      "1 when libvirt says the domain runs, else 0.", ["domain"])  # fmt: skip
     allocated = _gauge("virt_reclaim_disk_allocated_bytes",
@@ -167,8 +169,8 @@ def _domain_families(domains: Sequence[DomainSnapshot], sizes: DiskSizes) -> lis
     for snap in sorted(domains, key=lambda s: s.name):
         running.add_metric([snap.name], 1 if snap.state in RUNNING_STATES else 0)
         try:
-            disks = domxml.parse_domain(snap.xml).disks
-        except domxml.DomainXMLError:
+            disks = read.parse_domain(snap.xml).disks
+        except read.DomainXMLError:
             continue
         for disk in disks:
             if not disk.is_file_qcow2 or disk.source is None:

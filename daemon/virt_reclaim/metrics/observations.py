@@ -14,8 +14,8 @@ from pathlib import Path
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
-from virt_reclaim import windows
-from virt_reclaim.results import JobResult, Outcome
+from virt_reclaim.job.results import JobResult, Outcome
+from virt_reclaim.service import windows
 
 log = structlog.get_logger("virt_reclaim.metrics")
 

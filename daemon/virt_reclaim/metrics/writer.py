@@ -16,12 +16,13 @@ from pathlib import Path
 import structlog
 from prometheus_client import CollectorRegistry, write_to_textfile
 
-from virt_reclaim.config import DaemonConfig
+from virt_reclaim.config.loading import DaemonConfig
 from virt_reclaim.errors import VirtError
-from virt_reclaim.journal import Journal, JournalError
+from virt_reclaim.journal.records import JournalError
+from virt_reclaim.journal.store import Journal
 from virt_reclaim.metrics.families import DiskSizes, build
 from virt_reclaim.metrics.observations import Observations, read_previous
-from virt_reclaim.model import DomainSnapshot
+from virt_reclaim.model import DomainObservation
 
 log = structlog.get_logger("virt_reclaim.metrics")
 
@@ -52,7 +53,7 @@ def write(path: str, registry: CollectorRegistry) -> None:
 def write_for_run(
     path: str,
     journal: Journal,
-    list_domains: Callable[[], Sequence[DomainSnapshot]],
+    list_domains: Callable[[], Sequence[DomainObservation]],
     qemu_img_path: str,
 ) -> bool:
     """``virt-reclaim run``: write the file, the daemon's figures carried over from it.
@@ -74,7 +75,7 @@ class _Request:
     path: str
     state_dir: str
     qemu_img: str
-    domains: tuple[DomainSnapshot, ...]
+    domains: tuple[DomainObservation, ...]
 
 
 class DaemonMetrics:
@@ -96,8 +97,8 @@ class DaemonMetrics:
 
     def request(
         self,
-        settings: DaemonConfig,
-        domains: Iterable[DomainSnapshot],
+        daemon_config: DaemonConfig,
+        domains: Iterable[DomainObservation],
         *,
         sampled_at: float | None = None,
         periodic: bool = False,
@@ -108,7 +109,7 @@ class DaemonMetrics:
         """
         if sampled_at is not None:
             self.observations.sampled(sampled_at)
-        if not settings.metrics_file or self._closing:
+        if not daemon_config.metrics_file or self._closing:
             return
         now = time.monotonic()
         first_sample = sampled_at is not None and not self._sample_requested
@@ -116,8 +117,12 @@ class DaemonMetrics:
             return
         self._last_request = now
         self._sample_requested = self._sample_requested or sampled_at is not None
-        request = _Request(settings.metrics_file, settings.state_dir, settings.qemu_img,
-                           tuple(domains))  # fmt: skip
+        request = _Request(
+            daemon_config.metrics_file,
+            daemon_config.state_dir,
+            daemon_config.qemu_img,
+            tuple(domains),
+        )
         with self._lock:
             self._pending = request
             if self._thread is None:

@@ -1,4 +1,4 @@
-"""External snapshots and block jobs: the moves of the live mode (see live-reclaim.md)."""
+"""External snapshots and block jobs: the moves of the live mode (README.md, "Live mode")."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 import libvirt
 import structlog
 
-from virt_reclaim.blockxml import copy_destination_xml, mirror_ready, snapshot_xml
-from virt_reclaim.domxml import parse_domain
+from virt_reclaim.domxml.blockjob import copy_destination_xml, mirror_ready, snapshot_xml
+from virt_reclaim.domxml.read import parse_domain
 from virt_reclaim.errors import BlockJobFailed, NoBlockJob, VirtError
 from virt_reclaim.model import BlockJob
 from virt_reclaim.virt.common import error_message

@@ -6,7 +6,7 @@ from typing import Any
 
 import libvirt
 
-from virt_reclaim.model import DomainSnapshot, DomainState
+from virt_reclaim.model import DomainObservation, DomainState
 
 
 def _silence_default_error_handler(_ctx: object, _err: object) -> None:
@@ -28,10 +28,10 @@ STATES = {
 }
 
 
-def read_snapshot(dom: Any) -> DomainSnapshot:  # noqa: ANN401 - libvirt.virDomain has no stubs
+def read_snapshot(dom: Any) -> DomainObservation:  # noqa: ANN401 - libvirt.virDomain has no stubs
     """The identity, state and live XML of a raw libvirt domain; libvirtError if it cannot."""
     state, _reason = dom.state()
-    return DomainSnapshot(
+    return DomainObservation(
         name=dom.name(),
         uuid=dom.UUIDString(),
         state=STATES.get(state, DomainState.NOSTATE),

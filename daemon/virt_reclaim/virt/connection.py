@@ -12,7 +12,7 @@ import libvirt
 import structlog
 
 from virt_reclaim.errors import VirtError
-from virt_reclaim.model import DEFAULT_URI, DomainSnapshot
+from virt_reclaim.model import DEFAULT_URI, DomainObservation
 from virt_reclaim.virt.common import error_message, read_snapshot
 from virt_reclaim.virt.domain import Domain
 from virt_reclaim.virt.events import start_event_loop
@@ -182,7 +182,7 @@ class Hypervisor:
         """The raw libvirt domain with this UUID (for Domain after a reconnect)."""
         return self._conn.lookupByUUIDString(uuid)
 
-    def domains(self) -> list[DomainSnapshot]:
+    def domains(self) -> list[DomainObservation]:
         """Return every domain, active and inactive, sorted by name.
 
         A domain that disappears while it is being read is left out.

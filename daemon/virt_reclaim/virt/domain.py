@@ -12,25 +12,25 @@ import libvirt
 import libvirt_qemu
 import structlog
 
-from virt_reclaim import domxml
-from virt_reclaim.agentreplies import (
+from virt_reclaim.domxml import read
+from virt_reclaim.errors import AgentUnavailable, GuestExecCancelled, VirtError
+from virt_reclaim.model import (
+    AgentInfo,
+    BlockJob,
+    DomainObservation,
+    DomainState,
+    GuestExecResult,
+    GuestFilesystem,
+    HostVersions,
+    TrimmedPath,
+)
+from virt_reclaim.virt.agentreplies import (
     MAX_EXEC_OUTPUT,
     decode_b64,
     int_or_none,
     parse_agent_info,
     parse_fstrim,
     parse_guest_filesystems,
-)
-from virt_reclaim.errors import AgentUnavailable, GuestExecCancelled, VirtError
-from virt_reclaim.model import (
-    AgentInfo,
-    BlockJob,
-    DomainSnapshot,
-    DomainState,
-    GuestExecResult,
-    GuestFilesystem,
-    HostVersions,
-    TrimmedPath,
 )
 from virt_reclaim.virt.common import STATES, error_message, read_snapshot
 
@@ -58,9 +58,9 @@ class Domain:
         self.name: str = dom.name()
         self.uuid: str = dom.UUIDString()
 
-    def snapshot(self) -> DomainSnapshot:
+    def observe(self) -> DomainObservation:
         """The domain's identity, state and live XML now."""
-        snap: DomainSnapshot = self._call("read domain", read_snapshot)
+        snap: DomainObservation = self._call("read domain", read_snapshot)
         return snap
 
     def state(self) -> DomainState:
@@ -83,8 +83,8 @@ class Domain:
             VirtError: libvirt refused the document, or it names another domain.
         """
         try:
-            uuid = domxml.parse_domain(xml).uuid
-        except domxml.DomainXMLError as exc:
+            uuid = read.parse_domain(xml).uuid
+        except read.DomainXMLError as exc:
             raise VirtError(f"{self.name}: cannot define: {exc}") from exc
         if uuid.lower() != self.uuid.lower():
             raise VirtError(f"{self.name}: refusing to define a document of domain {uuid!r}")
@@ -123,10 +123,6 @@ class Domain:
             end=int(info.get("end", 0)),
             bandwidth=int(info.get("bandwidth", 0)),
         )
-
-    def libvirt_snapshot_count(self) -> int:
-        """Snapshots libvirt keeps metadata of (internal or external)."""
-        return int(self._call("count snapshots", lambda d: d.snapshotNum(0)))
 
     def shutdown(self, *, use_agent: bool) -> None:
         """Ask the guest to shut down, through its agent or with the ACPI power button."""

@@ -1,0 +1,1 @@
+"""The configuration: daemon settings, policy files, which policy selects a domain, cron."""

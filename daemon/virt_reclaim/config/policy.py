@@ -1,0 +1,348 @@
+"""Policies: which domains to reclaim, when and how. pydantic v2 models, frozen, no unknown keys.
+
+A policy file holds one or more ``[[policy]]`` tables. Every field has a
+description (it becomes the JSON Schema that ``virt-reclaim schema`` prints).
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import zoneinfo
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
+
+from virt_reclaim.config import crontab
+from virt_reclaim.job.freespace.agent import FreeSpaceMethod
+from virt_reclaim.job.freespace.budget import Reserve
+from virt_reclaim.job.settings import After, Compression, JobSettings, OnShutdownTimeout
+
+# The defaults of `virt-reclaim run` are those of a policy that sets nothing.
+_JOB_DEFAULTS = JobSettings()
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: Any) -> Any:  # noqa: ANN401 - pydantic passes any input
+    """Read "30s", "15m", "2h", "7d" (or a number of seconds) as a timedelta."""
+    if isinstance(value, bool):
+        raise ValueError("a duration like 30s, 15m, 2h or 7d, not a boolean")
+    if isinstance(value, int | float):
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        match = _DURATION.match(value)
+        if not match:
+            raise ValueError("a duration like 30s, 15m, 2h or 7d")
+        return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    return value
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    PlainSerializer(lambda d: f"{int(d.total_seconds())}s", return_type=str),
+    Field(json_schema_extra={"type": "string", "examples": ["30s", "15m", "2h", "7d"]}),
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class MetadataMatch(_Model):
+    """Match on an element in the domain's libvirt <metadata>."""
+
+    namespace: str = Field(description="XML namespace URI of the element")
+    element: str = Field(description="local name of the element")
+    value: str | None = Field(default=None, description="required text; any text when unset")
+
+
+class Match(_Model):
+    """Which domains a policy selects."""
+
+    names: tuple[str, ...] = Field(
+        default=(), description="domain names or shell-style globs (fnmatch), e.g. web-*"
+    )
+    uuids: tuple[str, ...] = Field(default=(), description="domain UUIDs")
+    exclude: tuple[str, ...] = Field(
+        default=(), description="names or globs that are never selected, even if matched above"
+    )
+    metadata: MetadataMatch | None = Field(
+        default=None, description="an element the domain's <metadata> must hold"
+    )
+
+    @field_validator("uuids")
+    @classmethod
+    def _uuids(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        pattern = re.compile(r"^[0-9a-fA-F]{8}-([0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}$")
+        bad = [u for u in value if not pattern.match(u)]
+        if bad:
+            raise ValueError(f"not UUIDs: {', '.join(bad)}")
+        return tuple(u.lower() for u in value)
+
+    @model_validator(mode="after")
+    def _selects_something(self) -> Match:
+        if not (self.names or self.uuids or self.metadata):
+            raise ValueError("selects nothing: give names, uuids or metadata")
+        return self
+
+
+class Schedule(_Model):
+    """When a policy runs."""
+
+    cron: str = Field(description="5-field cron expression of the window's start, e.g. 0 2 * * sun")
+    timezone: str = Field(default="UTC", description="IANA time zone of the cron expression")
+    window: Duration = Field(
+        default=timedelta(hours=4), description="how long after the start jobs may begin"
+    )
+    jitter: Duration = Field(
+        default=timedelta(0), description="random delay added to each start (spreads hosts)"
+    )
+    min_interval: Duration = Field(
+        default=timedelta(days=7), description="least time between two reclaims of a domain"
+    )
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        # Checked with the scheduler's own parser; the syntax does not depend on the zone.
+        try:
+            crontab.trigger(value, timezone="UTC")
+        except ValueError as exc:
+            raise ValueError(f"cron {value!r}: {exc}") from None
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (e.g. UTC, Europe/Berlin)") from None
+        return value
+
+
+class Idle(_Model):
+    """When a guest counts as idle: every threshold held for ``duration``."""
+
+    cpu_percent: float = Field(default=5.0, ge=0, le=100, description="CPU use below this")
+    disk_bytes_per_s: ByteSize = Field(
+        default=ByteSize(1024 * 1024), description="disk reads+writes below this"
+    )
+    net_bytes_per_s: ByteSize = Field(
+        default=ByteSize(100 * 1024), description="network receive+send below this"
+    )
+    duration: Duration = Field(default=timedelta(minutes=15), description="for at least this")
+    no_logged_in_users: bool = Field(
+        default=False, description="also require no logged-in users (guest agent)"
+    )
+    required: bool = Field(
+        default=True,
+        description="only idle guests are reclaimed; false (live mode only) reclaims busy "
+        "ones too, throttled by rewrite.rate_limit",
+    )
+
+
+class FreeSpace(_Model):
+    """Freeing the guest's unused blocks before the rewrite."""
+
+    method: FreeSpaceMethod = Field(
+        default=_JOB_DEFAULTS.free_space, description="auto|trim|zero|none"
+    )
+    timeout: Duration = Field(
+        default=timedelta(seconds=_JOB_DEFAULTS.free_space_timeout_s),
+        description="bound of a zero-fill",
+    )
+    host_reserve: ByteSize = Field(
+        default=ByteSize(_JOB_DEFAULTS.reserve.host_min_bytes),
+        description="each host filesystem keeps at least this free (or host_reserve_percent, "
+        "whichever is larger) through the job's writes: a rewrite that would go below it "
+        "is skipped before the guest is shut down, and a zero-fill leaves it free beyond "
+        "what the rewrite needs",
+    )
+    host_reserve_percent: float = Field(
+        default=_JOB_DEFAULTS.reserve.host_percent, ge=0, le=90,
+        description="each host filesystem keeps at least this share free through the "
+        "job's writes (see host_reserve)",
+    )  # fmt: skip
+    guest_reserve_percent: float = Field(
+        default=_JOB_DEFAULTS.reserve.guest_percent, ge=0, le=90,
+        description="a zero-fill leaves this share of each guest filesystem free for the "
+        "guest's own services",
+    )  # fmt: skip
+
+
+class Shutdown(_Model):
+    """Shutting the guest down."""
+
+    timeout: Duration = Field(
+        default=timedelta(seconds=_JOB_DEFAULTS.shutdown_timeout_s), description="wait this long"
+    )
+    on_timeout: OnShutdownTimeout = Field(
+        default=_JOB_DEFAULTS.on_shutdown_timeout, description="abort (leave it running) or force"
+    )
+
+
+class Rewrite(_Model):
+    """The new image."""
+
+    compression: Compression = Field(
+        default=_JOB_DEFAULTS.compression, description="zstd|zlib|none"
+    )
+    cluster_size: ByteSize | None = Field(
+        default=None, description="e.g. 64KiB; unset keeps each image's own"
+    )
+    preallocation: Literal["off", "metadata"] = Field(
+        default="off", description="qcow2 preallocation of the new image"
+    )
+    min_gain: ByteSize = Field(
+        default=ByteSize(_JOB_DEFAULTS.min_gain), description="skip below this estimated gain"
+    )
+    min_gain_percent: float = Field(
+        default=_JOB_DEFAULTS.min_gain_percent, ge=0, le=100,
+        description="skip below this estimated gain in percent of the allocated bytes",
+    )  # fmt: skip
+    rate_limit: ByteSize | None = Field(
+        default=None,
+        description="bytes per second the rewrite may read (qemu-img convert -r), e.g. "
+        "50MiB: the guest (live) and its neighbours keep their disk bandwidth",
+    )
+    keep_backup: Duration | None = Field(
+        default=None,
+        description="keep the original this long beside the new image (e.g. 2d), then "
+        "delete it: its space comes back only then. Not set: no backup",
+    )
+    convert: bool = Field(
+        default=False,
+        description="convert raw and VMDK (monolithicSparse, monolithicFlat, streamOptimized) "
+        "file disks to qcow2 beside the original (disk.raw -> disk.qcow2) while the guest is "
+        "off, verify, and point the definition at it; the original is removed once the guest "
+        "runs again (kept with keep_backup). Offline jobs only",
+    )
+
+    @field_validator("cluster_size")
+    @classmethod
+    def _cluster_size(cls, value: ByteSize | None) -> ByteSize | None:
+        if value is not None and (value < 512 or value > 2 * 1024**2 or value & (value - 1)):
+            raise ValueError(
+                f"{int(value)} bytes: a power of two from 512 to 2MiB (64KiB, not 64K = 64000)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _compression_without_preallocation(self) -> Rewrite:
+        if self.compression is not Compression.NONE and self.preallocation != "off":
+            raise ValueError("compression and preallocation exclude each other")
+        return self
+
+
+class Guest(_Model):
+    """What the job may change in the guest's definition."""
+
+    enable_discard: bool = Field(
+        default=False,
+        description="while the guest is off in an offline job, set discard='unmap' and "
+        "detect_zeroes='unmap' on its reclaimed disks in the persistent definition: from the "
+        "next start a trim frees host space, and later reclaims trim instead of zero-filling",
+    )
+
+
+class Mode(enum.StrEnum):
+    """How a policy reclaims."""
+
+    OFFLINE = "offline"
+    LIVE = "live"
+
+
+class Policy(_Model):
+    """One policy: a name, the domains it selects, its schedule, and how to reclaim."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="unique name")
+    enabled: bool = Field(default=True, description="a disabled policy selects nothing")
+    priority: int = Field(
+        default=0, description="when two policies match a domain, the higher one wins"
+    )
+    mode: Mode = Field(
+        default=Mode.OFFLINE,
+        description="offline (shut down, rewrite, start) or live (no downtime: snapshot, "
+        "rewrite the base, block copy and commit with pivots; a shut-off guest is done offline)",
+    )
+    match: Match = Field(description="which domains this policy selects")
+    schedule: Schedule = Field(description="when it runs")
+    idle: Idle = Field(default_factory=Idle, description="when a guest counts as idle")
+    free_space: FreeSpace = Field(
+        default_factory=FreeSpace, description="freeing space inside the guest first"
+    )
+    shutdown: Shutdown = Field(default_factory=Shutdown, description="shutting the guest down")
+    rewrite: Rewrite = Field(default_factory=Rewrite, description="the new image")
+    guest: Guest = Field(default_factory=Guest, description="changes to the guest's definition")
+    after: After = Field(default=After.PREVIOUS, description="previous|start|off")
+
+    @model_validator(mode="after")
+    def _busy_guests_only_live(self) -> Policy:
+        if not self.idle.required and self.mode is not Mode.LIVE:
+            raise ValueError(
+                'idle.required = false needs mode = "live": offline would shut a busy guest down'
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _window_fits_a_shutdown(self) -> Policy:
+        if self.schedule.window < self.shutdown.timeout:
+            raise ValueError(
+                f"schedule.window ({self.schedule.window}) is shorter than shutdown.timeout "
+                f"({self.shutdown.timeout}): no job could ever fit"
+            )
+        return self
+
+
+class PolicyFile(_Model):
+    """A policy file: ``[[policy]]`` tables."""
+
+    policy: tuple[Policy, ...] = Field(description="the policies of this file")
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> PolicyFile:
+        if not self.policy:
+            raise ValueError("the file defines no [[policy]]")
+        return self
+
+
+def job_settings(policy: Policy, **overrides: Any) -> JobSettings:  # noqa: ANN401
+    """The job settings a policy gives; ``overrides`` (explicit run options) win."""
+    rewrite, shutdown, free_space = policy.rewrite, policy.shutdown, policy.free_space
+    values: dict[str, Any] = {
+        "free_space": free_space.method,
+        "free_space_timeout_s": free_space.timeout.total_seconds(),
+        "reserve": Reserve(
+            host_percent=free_space.host_reserve_percent,
+            host_min_bytes=int(free_space.host_reserve),
+            guest_percent=free_space.guest_reserve_percent,
+        ),
+        "compression": rewrite.compression,
+        "cluster_size": None if rewrite.cluster_size is None else int(rewrite.cluster_size),
+        "preallocation": rewrite.preallocation,
+        "shutdown_timeout_s": shutdown.timeout.total_seconds(),
+        "on_shutdown_timeout": shutdown.on_timeout,
+        "min_gain": int(rewrite.min_gain),
+        "min_gain_percent": rewrite.min_gain_percent,
+        "keep_backup": None if rewrite.keep_backup is None else rewrite.keep_backup.total_seconds(),
+        "convert": rewrite.convert,
+        "enable_discard": policy.guest.enable_discard,
+        "rate_limit": None if rewrite.rate_limit is None else int(rewrite.rate_limit),
+        "after": policy.after,
+        "mode": str(policy.mode),
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return JobSettings(**values)

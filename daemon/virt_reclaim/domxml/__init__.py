@@ -1,0 +1,1 @@
+"""libvirt domain XML as pure functions: read, edit the persistent definition, block-job XML."""

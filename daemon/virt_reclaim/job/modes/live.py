@@ -1,0 +1,360 @@
+"""The live mode: recompress a running guest's disks with no downtime (README.md, "Live mode").
+
+After the shared steps (the guest's space freed while it runs):
+SNAPSHOT   an external disk-only snapshot: the guest now writes into overlay 1 and
+           the original image is a read-only, consistent base;
+REWRITE    the base converted beside itself (it is no longer written);
+VERIFY     check of the new image, compare with the base;
+SWAP       the new image renamed over the base. QEMU still reads the old inode; the
+           path holds the same guest-visible bytes, so the chain is consistent at
+           every moment, also after a crash;
+COPY       overlay 2 over the new base; a shallow block copy of overlay 1 onto it,
+           READY, pivot: QEMU now reads the new base (the old inode is freed);
+COMMIT     an active commit of overlay 2 into the base, READY, pivot: the guest
+           runs on the original path alone, in both the live and the persistent XML;
+CLEANUP    the overlays are removed.
+Before SWAP a failure or a stop undoes the snapshot (commit back into the untouched
+base); from SWAP on the only safe way is forward, and what cannot be finished now is
+left to recovery, which finishes it from the state journaled per disk.
+No quiesce: the guest always sees base + overlay, so the base needs no freeze.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from virt_reclaim import process
+from virt_reclaim.errors import NoBlockJob, VirtError
+from virt_reclaim.image import imagefile, qemu_img
+from virt_reclaim.job.context import DiskWork, JobContext, Step
+from virt_reclaim.job.ports import BlockJobsPort, LiveDomainPort
+from virt_reclaim.job.results import DiskFound, JobFailed, JobUnfinished, Recovered
+from virt_reclaim.job.steps.rewrite import (
+    remove_temporary_files,
+    rewrite_disk,
+    swap_disk,
+    verify_disk,
+)
+from virt_reclaim.journal.records import JournalDisk, JournalJob
+
+READY_TIMEOUT_S = 600.0
+
+
+def overlay_path(image: str, job_id: str, n: int) -> str:
+    """Overlay ``n`` (1 or 2) beside ``image``: hidden and recognisable, like the temp file.
+
+    Beside the image because QEMU must reach it: a filesystem mounted after the guest
+    started is not in QEMU's mount namespace.
+    """
+    folder, name = os.path.split(image)
+    return os.path.join(folder, f".{name}{imagefile.TEMP_MARK}{job_id}.overlay{n}")
+
+
+class LiveMode:
+    """Reclaim while the guest runs (see the module docstring)."""
+
+    name = "live"
+
+    def run(self, job: JobContext) -> None:
+        """Take the live steps; undo before the swap, go forward after it."""
+        domain = cast(LiveDomainPort, job.domain)
+        jobs = domain.block_jobs()
+        try:
+            self._run(job, jobs)
+        finally:
+            jobs.close()
+
+    def _run(self, job: JobContext, jobs: BlockJobsPort) -> None:
+        # Inspect refused disks with a block job (livecheck); one may have started since,
+        # during a free-space step of minutes. Before anything is journaled: not ours to end.
+        for disk in job.disks:
+            busy = jobs.active_job(disk.target)
+            if busy is not None:
+                raise JobFailed(f"{disk.target}: a {busy.type} block job is already running")
+        for disk in job.disks:
+            _record(job, disk, "planned")
+        with job.step(Step.SNAPSHOT):
+            jobs.snapshot_disk_only(
+                {d.target: overlay_path(d.path, job.job_id, 1) for d in job.disks}, quiesce=False
+            )
+            for disk in job.disks:
+                _record(job, disk, "snapshotted")
+        try:
+            with job.step(Step.REWRITE):
+                for disk in job.disks:
+                    # The base is read-only now: no guard needed, QEMU holds its own locks.
+                    rewrite_disk(job, disk, lock=False)
+            with job.step(Step.VERIFY):
+                for disk in job.disks:
+                    verify_disk(job, disk)
+        except BaseException:
+            remove_temporary_files(job)
+            _undo_snapshot(job, jobs)
+            raise
+        try:
+            with job.step(Step.SWAP):
+                for disk in job.disks:
+                    # Recovery tells a done rename from one never made by the temp file.
+                    _record(job, disk, "swapping")
+                    swap_disk(job, disk)
+                    _record(job, disk, "swapped")
+            _forward(job, jobs)
+        except BaseException as exc:
+            raise JobUnfinished(
+                f"{exc}; the guest runs on a consistent chain of overlays beside its images, "
+                "and 'virt-reclaim recover' (or the daemon at its start) finishes the job"
+            ) from exc
+
+    def recover(
+        self, journaled: JournalJob, result: Recovered, lookup_domain: Callable[[str], Any]
+    ) -> None:
+        """Finish (after the swap) or undo (before it) a live job whose process died."""
+        if not any(d.state for d in journaled.disks):
+            result.actions.append("the snapshot was never asked for: nothing to undo")
+            return
+        domain = lookup_domain(journaled.domain_uuid)
+        jobs = domain.block_jobs()
+        try:
+            on_new = [recover_disk(journaled.id, disk, jobs, result) for disk in journaled.disks]
+        finally:
+            jobs.close()
+        if all(on_new):
+            result.outcome = "reclaimed"
+
+
+def _forward(job: JobContext, jobs: BlockJobsPort) -> None:
+    with job.step(Step.COPY):
+        for disk in job.disks:
+            _copy_onto_new_base(disk.path, overlay_path(disk.path, job.job_id, 2), disk.target,
+                                jobs)  # fmt: skip
+            _record(job, disk, "copied")
+            job.log.info("live.pivoted", target=disk.target, to="new base")
+    with job.step(Step.COMMIT):
+        for disk in job.disks:
+            _commit(disk.target, disk.path, jobs)
+            _record(job, disk, "committed")
+            job.log.info("live.pivoted", target=disk.target, to=disk.path)
+    with job.step(Step.CLEANUP):
+        for disk in job.disks:
+            _remove_overlays(disk.path, job.job_id)
+            _record(job, disk, "clean")
+
+
+def _undo_snapshot(job: JobContext, jobs: BlockJobsPort) -> None:
+    """Commit overlay 1 back into the untouched base; the guest runs on its image again."""
+    for disk in job.disks:
+        try:
+            _commit(disk.target, disk.path, jobs)
+        except VirtError as exc:
+            raise JobUnfinished(
+                f"{disk.target}: could not commit the snapshot back: {exc}"
+            ) from exc
+        _remove_overlays(disk.path, job.job_id)
+        _record(job, disk, "undone")
+        job.log.info("live.undone", target=disk.target)
+
+
+def _copy_onto_new_base(base: str, overlay: str, target: str, jobs: BlockJobsPort) -> None:
+    imagefile.remove_quietly(overlay)  # an earlier attempt's: the name carries the job's id
+    try:
+        new = imagefile.NewImage(overlay)
+    except OSError as exc:
+        raise JobFailed(f"{target}: cannot create {overlay}: {exc.strerror}") from exc
+    try:
+        qemu_img.create_overlay(new, backing=base)
+        new.take_metadata_of(base)
+        new.fsync()
+        new.ensure_named()
+    except BaseException:
+        new.remove()
+        raise
+    new.close()
+    jobs.copy_shallow(target, overlay)
+    _pivot_when_ready(target, jobs, "copy", overlay)
+
+
+def _commit(target: str, into: str, jobs: BlockJobsPort) -> None:
+    jobs.commit_active(target)
+    _pivot_when_ready(target, jobs, "commit", into)
+
+
+def _pivot_when_ready(target: str, jobs: BlockJobsPort, what: str, top: str) -> None:
+    """Pivot once ready, then read the chain back: a pivot libvirt accepted may not take.
+
+    Raises:
+        JobFailed: The job was not ready in time (it is aborted).
+        VirtError: After the pivot the disk does not run on ``top``.
+    """
+    if not jobs.wait_ready(target, READY_TIMEOUT_S):
+        jobs.abort(target)
+        raise JobFailed(f"{target}: the {what} was not ready within {READY_TIMEOUT_S:g} s")
+    jobs.pivot(target)
+    now = jobs.disk_source(target, live=True)
+    if now != top:
+        raise VirtError(
+            f"{target}: after the pivot of the {what} the disk runs on {now}, not {top}; "
+            f"every file is left in place (see 'virsh domblklist' and 'virsh blockjob')"
+        )
+
+
+def _remove_overlays(image: str, job_id: str) -> None:
+    for n in (1, 2):
+        imagefile.remove_quietly(overlay_path(image, job_id, n))
+
+
+def _record(job: JobContext, disk: DiskWork, state: str) -> None:
+    if job.journal is not None:
+        job.journal.record_disk(job.job_id, disk.target, state=state)
+
+
+def recover_disk(job_id: str, disk: JournalDisk, jobs: BlockJobsPort, result: Recovered) -> bool:
+    """Bring one disk of a dead live job to a clean chain on its original path.
+
+    What is done follows what is seen (both definitions, the block job, the files and
+    which file QEMU reads), not the journaled step alone: a kill can land in the middle
+    of any step. A block job left running is ended where it was going and waited for;
+    the chain is then finished (the new image was renamed over the base) or undone
+    (it was not); the result is read back; only then are the job's files removed, and
+    never one a definition names or a process holds open.
+
+    Returns:
+        True when the disk ends on its new image, False when on the original.
+
+    Raises:
+        VirtError: The chain could not be brought back to the image alone (a pivot
+            refused or not taken): every file is left in place, and the message says
+            what an operator can run.
+    """
+    ours = _our_files(disk, job_id)
+    found = _observe(disk, jobs, ours)
+    result.found.append(found)
+    if found.block_job is not None:
+        _end_left_job(disk.target, jobs, result)
+        found = _observe(disk, jobs, ours)
+    if os.path.exists(disk.temp_path):
+        killed = process.kill_qemu_img_holding(disk.temp_path)
+        if killed:
+            result.actions.append(f"{disk.target}: killed qemu-img {killed} still using "
+                                  f"{disk.temp_path}")  # fmt: skip
+    overlay1, overlay2 = ours[1], ours[2]
+    chain = found.live_chain
+    # At the start, a chain of the image alone is either untouched or already committed.
+    on_new = _journal_says_swapped(disk)
+    if chain == (overlay1, disk.path):
+        if not found.swapped:
+            # The base is the untouched original: undo.
+            _commit(disk.target, disk.path, jobs)
+            on_new = False
+            result.actions.append(f"{disk.target}: committed the snapshot back into {disk.path}")
+        elif disk.state in _REWRITE_VERIFIED:
+            _copy_onto_new_base(disk.path, overlay2, disk.target, jobs)
+            _commit(disk.target, disk.path, jobs)
+            on_new = True
+            result.actions.append(f"{disk.target}: finished the swap onto the new image")
+        else:
+            raise VirtError(
+                f"{disk.target}: {disk.path} is no longer the file the guest reads, but the "
+                f"job never got to swap it (state {disk.state}): left as it is"
+            )
+    elif chain == (overlay2, disk.path):
+        _commit(disk.target, disk.path, jobs)
+        on_new = True
+        result.actions.append(f"{disk.target}: committed overlay 2 into {disk.path}")
+    elif chain != (disk.path,):
+        result.actions.append(f"{disk.target}: left as it is, on {' -> '.join(map(str, chain))} "
+                              "(not a chain this job made)")  # fmt: skip
+        return False
+    _wait_for_persistent(disk, jobs, result)
+    named = set(jobs.disk_chain(disk.target, live=True) + jobs.disk_chain(disk.target, live=False))
+    for path in ours:
+        if _remove_unused(path, named):
+            result.actions.append(f"{disk.target}: removed {path}")
+    return on_new
+
+
+# The journaled states at which the new image was checked and compared: only then may
+# the chain go forward onto it.
+_REWRITE_VERIFIED = frozenset({"swapping", "swapped", "copied", "committed", "clean"})
+# How long libvirt may take to write the persistent definition back after a pivot.
+PERSISTENT_TIMEOUT_S = 10.0
+
+
+def _our_files(disk: JournalDisk, job_id: str) -> tuple[str, str, str]:
+    """The temporary image and overlays 1 and 2 the job made (or would have) beside the image."""
+    return disk.temp_path, overlay_path(disk.path, job_id, 1), overlay_path(disk.path, job_id, 2)
+
+
+def _observe(disk: JournalDisk, jobs: BlockJobsPort, ours: tuple[str, ...]) -> DiskFound:
+    live = jobs.disk_chain(disk.target, live=True)
+    running = jobs.active_job(disk.target)
+    return DiskFound(
+        target=disk.target,
+        live_chain=live,
+        persistent_chain=jobs.disk_chain(disk.target, live=False),
+        block_job=running.type if running is not None else None,
+        files=tuple(p for p in ours if os.path.lexists(p)),
+        swapped=_swapped(disk) if disk.path in live else None,
+    )
+
+
+def _swapped(disk: JournalDisk) -> bool:
+    """Whether the image's path now holds another file than the one QEMU reads through it.
+
+    QEMU keeps its images open: while the original is in the chain, a QEMU holds the
+    very file at the path; once the new image was renamed over it, none does. Where
+    QEMU's processes cannot be seen (the service's ProtectProc=invisible hides other
+    users' processes), the journal decides: the rename came once "swapping" was
+    recorded and the temporary image is gone.
+    """
+    if any(comm.startswith(_QEMU) for _, comm in process.holders_of(disk.path)):
+        return False
+    if process.any_named(_QEMU):
+        return True
+    return _journal_says_swapped(disk)
+
+
+def _journal_says_swapped(disk: JournalDisk) -> bool:
+    """The journal's account of the rename: "swapping" (or later) recorded, the temp gone."""
+    return disk.state in _REWRITE_VERIFIED and not os.path.exists(disk.temp_path)
+
+
+_QEMU = ("qemu-system", "qemu-kvm")
+
+
+def _remove_unused(path: str, named: set[str | None]) -> bool:
+    """Delete ``path`` unless a definition names it (``named``) or a process holds it open."""
+    if not os.path.lexists(path) or path in named or process.holders_of(path):
+        return False
+    return imagefile.remove_quietly(path)
+
+
+def _end_left_job(target: str, jobs: BlockJobsPort, result: Recovered) -> None:
+    """A copy or commit the dead job started: let it end where it was going, then see."""
+    running = jobs.active_job(target)
+    if running is None:
+        return
+    if not jobs.wait_ready(target, READY_TIMEOUT_S):
+        jobs.abort(target)
+        result.actions.append(f"{target}: aborted the {running.type} left running")
+        return
+    try:
+        jobs.pivot(target)
+    except NoBlockJob:
+        # The dead job's own pivot was under way and ended first.
+        result.actions.append(f"{target}: the {running.type} left running ended by itself")
+        return
+    result.actions.append(f"{target}: pivoted the {running.type} left running")
+
+
+def _wait_for_persistent(disk: JournalDisk, jobs: BlockJobsPort, result: Recovered) -> None:
+    """Libvirt writes the persistent definition back after a pivot; wait for it, bounded."""
+    deadline = time.monotonic() + PERSISTENT_TIMEOUT_S
+    while (chain := jobs.disk_chain(disk.target, live=False)) not in ((disk.path,), ()):
+        if time.monotonic() > deadline:
+            result.actions.append(f"{disk.target}: the persistent definition still names "
+                                  f"{' -> '.join(map(str, chain))}")  # fmt: skip
+            return
+        time.sleep(0.1)

@@ -1,0 +1,1 @@
+"""The steps every mode shares: inspect, estimate and preflight (prepare), rewrite, define."""

@@ -1,0 +1,370 @@
+"""The steps every mode takes before it changes anything: inspect, estimate, preflight.
+
+Read-only: a dry run (``plan``, the daemon's queue) is exactly these three steps.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import cast
+
+from virt_reclaim.domxml import read
+from virt_reclaim.errors import AgentUnavailable, QemuImgError
+from virt_reclaim.image import imagefile
+from virt_reclaim.image.qemu_img_argv import ImageInfo
+from virt_reclaim.job.context import DiskWork, JobContext
+from virt_reclaim.job.freespace import budget
+from virt_reclaim.job.freespace.agent import FreeSpaceMethod, choose_method, freed_share
+from virt_reclaim.job.modes import conversion, livecheck
+from virt_reclaim.job.ports import LiveDomainPort
+from virt_reclaim.job.results import JobSkipped, NothingToDo, SkippedDisk, SpaceTaken
+from virt_reclaim.job.settings import Compression
+from virt_reclaim.job.steps.estimate import (
+    Estimate,
+    content_of,
+    estimate_after,
+    sample_image,
+    sample_offsets,
+)
+from virt_reclaim.journal.records import JournalDisk
+from virt_reclaim.model import DomainState
+from virt_reclaim.units import format_bytes
+
+MIB = 1024 * 1024
+DEFAULT_CLUSTER = 64 * 1024
+
+
+def inspect(job: JobContext, *, live: bool = False) -> None:
+    """Find the eligible disks and journal what recovery needs; skip the job if there are none.
+
+    With ``live`` (a running guest to be kept running), the job is skipped on a host
+    too old for the live sequence, and disks it does not cover are skipped too: those
+    with a backing chain or a block job running (``livecheck``). With ``rewrite.convert``
+    a raw or VMDK disk is eligible for conversion (``conversion.ineligible`` says when not).
+    """
+    snap = job.domain.observe()
+    if not snap.persistent:
+        raise JobSkipped("transient domain: it has no definition to restart it from")
+    if snap.state not in (DomainState.RUNNING, DomainState.SHUTOFF):
+        raise JobSkipped(f"domain is {snap.state}; only running or shut off domains qualify")
+    job.was_running = snap.state is DomainState.RUNNING
+    running = read.parse_domain(snap.xml)
+    persistent_spec = read.parse_domain(job.domain.inactive_xml())
+    persistent = {d.target: d for d in persistent_spec.disks}
+    differs = conversion.definitions_differ(running, persistent_spec) if job.was_running else None
+    _read_agent(job, running)
+    live_domain = cast(LiveDomainPort, job.domain) if live and job.was_running else None
+    if live_domain is not None and (refusal := livecheck.host_refusal(live_domain.versions())):
+        raise JobSkipped(refusal)
+    others = job.images_of_other_domains()
+    for disk in running.disks:
+        if job.settings.convert and conversion.wants(disk):
+            reason = conversion.ineligible(job, disk, others, live=live and job.was_running,
+                                           differs=differs)  # fmt: skip
+        else:
+            reason = _ineligible(job, disk, persistent.get(disk.target), others)
+        if reason is None and live_domain is not None:
+            reason = livecheck.disk_refusal(live_domain, job.disks[-1])
+            if reason is not None:
+                job.disks.pop()
+        if reason is not None:
+            job.skipped_disks.append(SkippedDisk(disk.target, disk.source or "", reason))
+            job.log.info("disk.skipped", target=disk.target, path=disk.source, reason=reason)
+    if not job.disks:
+        reasons = "; ".join(f"{s.target}: {s.reason}" for s in job.skipped_disks)
+        raise JobSkipped(f"no eligible disk ({reasons or 'the domain has no disks'})")
+    if job.journal is not None:
+        job.journal.record_plan(
+            job.job_id,
+            str(snap.state),
+            [JournalDisk(d.target, d.path, d.temp, d.backup) for d in job.disks],
+        )
+
+
+def _read_agent(job: JobContext, running: read.DomainSpec) -> None:
+    """What the guest's agent says of the guest, when one is connected."""
+    job.agent_connected = job.was_running and running.agent_state == "connected"
+    if job.agent_connected:
+        try:
+            job.agent = job.domain.agent_info()
+        except AgentUnavailable as exc:
+            job.log.info("agent.unavailable", reason=str(exc))
+
+
+def _ineligible(  # noqa: PLR0911 - one return per eligibility rule, in order
+    job: JobContext,
+    disk: read.DiskSpec,
+    persistent: read.DiskSpec | None,
+    others: dict[str, str],
+) -> str | None:
+    """Return why ``disk`` cannot be reclaimed, or None after adding it to the work."""
+    if disk.device != "disk":
+        return f"a {disk.device}, not a disk"
+    if not disk.is_file_qcow2 or disk.source is None:
+        hint = (
+            "; rewrite.convert = true (run --convert) converts it to qcow2"
+            if disk.type == "file" and disk.format in conversion.CONVERTIBLE_FORMATS
+            else ""
+        )
+        return f"not a file-backed qcow2 disk (type {disk.type}, format {disk.format}){hint}"
+    if disk.readonly or disk.shareable:
+        return "read-only or shared disk"
+    if disk.encrypted:
+        return "encrypted disk"
+    if persistent is None or persistent.source != disk.source:
+        return "the running and the persistent definition use different images"
+    user = others.get(os.path.realpath(disk.source))
+    if user is not None:
+        return f"the image is also used by domain {user}"
+    if os.path.islink(disk.source):
+        # The rename would replace the link with a file and never free its target.
+        return (
+            f"the source is a symlink to {os.path.realpath(disk.source)}: point the "
+            "definition at the file itself to reclaim it"
+        )
+    try:
+        # The format the XML states, never a probe of what the guest wrote.
+        chain = job.images.info(disk.source, force_share=job.was_running, image_format=disk.format)
+    except QemuImgError as exc:
+        return f"unreadable image: {exc}"
+    top = chain[0]
+    if (problem := _image_problem(chain, disk.backing)) is not None:
+        return problem
+    backup = (
+        imagefile.backup_path(disk.source, job.started_wall)
+        if job.settings.keep_backup is not None
+        else None
+    )
+    job.disks.append(
+        DiskWork(
+            target=disk.target,
+            path=disk.source,
+            discard=disk.discard == "unmap",
+            zeros_become_holes=disk.zeros_become_holes,
+            info=top,
+            temp=imagefile.temp_path(disk.source, job.job_id),
+            backup=backup,
+        )
+    )
+    return None
+
+
+def estimate(job: JobContext) -> None:
+    """Estimate each disk's size after the reclaim; ``NothingToDo`` below the minimum gain."""
+    read_guest_filesystems(job)
+    used_by_target: dict[str, int] = {}
+    for fs in job.guest_filesystems:
+        for target in fs.disk_targets:
+            used_by_target[target] = used_by_target.get(target, 0) + (fs.used_bytes or 0)
+    all_discard = all(d.discard for d in job.disks)
+    job.choice = choose_method(
+        job.settings.free_space,
+        all_disks_discard=all_discard,
+        agent=job.agent if job.was_running else None,
+    )
+    for disk in job.disks:
+        disk.bytes_before = disk.allocated()
+        disk.cluster_size = job.settings.cluster_size or disk.info.cluster_size or DEFAULT_CLUSTER
+        disk.rewrite_need = rewrite_need(job, disk)
+        disk.guest_used = used_by_target.get(disk.target)
+    reach = 0.0
+    if job.choice.method is FreeSpaceMethod.ZERO:
+        job.fill_plan = fill_budget(job)
+        reach = job.fill_plan.reach()
+    share = freed_share(job.choice, all_disks_discard=all_discard, fill_reach=reach)
+    fills = _fills_by_target(job) if job.fill_plan is not None else {}
+    for disk in job.disks:
+        disk.estimate = estimate_disk(job, disk, share, fills.get(disk.target))
+        disk.estimated_after = disk.estimate.after
+        job.log.info("disk.estimated", target=disk.target, bytes_before=disk.bytes_before,
+                     estimated_after=disk.estimated_after, basis=disk.estimate.basis,
+                     guest_used=disk.guest_used,
+                     stored_ratio=round(disk.estimate.stored_ratio, 3),
+                     freed_share=round(share, 3), free_space=str(job.choice.method),
+                     free_space_why=job.choice.why)  # fmt: skip
+        job.record_disk(
+            disk,
+            bytes_before=disk.bytes_before,
+            estimated_after=disk.estimated_after,
+            guest_used=disk.guest_used,
+        )
+    gain = sum(d.bytes_before - (d.estimated_after or d.bytes_before) for d in job.disks)
+    require_gain(job, gain, sum(d.bytes_before for d in job.disks), "")
+
+
+def require_gain(job: JobContext, gain: int, total: int, when: str) -> None:
+    """Raise ``NothingToDo`` when ``gain`` is below the minimum, in bytes or in percent.
+
+    A job that converts a disk is wanted for the conversion itself: no minimum.
+    """
+    if any(d.converted_path for d in job.disks):
+        return
+    if gain < job.settings.min_gain:
+        raise NothingToDo(
+            f"{when}estimated gain {format_bytes(max(0, gain))} is below the minimum of "
+            f"{format_bytes(job.settings.min_gain)}"
+        )
+    percent = 100.0 * gain / total if total else 0.0
+    if percent < job.settings.min_gain_percent:
+        raise NothingToDo(
+            f"{when}estimated gain {percent:.1f} % is below the minimum of "
+            f"{job.settings.min_gain_percent:g} %"
+        )
+
+
+def read_guest_filesystems(job: JobContext) -> None:
+    """Ask the agent which filesystems lie on the disks being reclaimed (if it answers)."""
+    if not job.agent_connected:
+        return
+    targets = {d.target for d in job.disks}
+    try:
+        job.guest_filesystems = [
+            fs for fs in job.domain.guest_filesystems() if targets & set(fs.disk_targets)
+        ]
+    except AgentUnavailable as exc:
+        job.log.info("agent.unavailable", reason=str(exc))
+
+
+def _image_problem(chain: list[ImageInfo], backing: tuple[read.BackingLayer, ...]) -> str | None:
+    """Why the image's headers rule out a rewrite, or None (see ``_ineligible``)."""
+    top = chain[0]
+    if top.format != "qcow2":
+        return f"the image is {top.format}, not qcow2"
+    for layer, defined in zip(chain, backing, strict=False):
+        if defined.format is not None and defined.format != layer.backing_format:
+            return (
+                f"the definition says {defined.format} for the backing file "
+                f"{layer.backing_filename}, the image's header {layer.backing_format}"
+            )
+    if top.snapshot_count:
+        return f"{top.snapshot_count} internal snapshot(s), which a rewrite would drop"
+    if top.encrypted:
+        return "encrypted image"
+    if top.corrupt:
+        return "the image is marked corrupt; run qemu-img check"
+    return None
+
+
+def rewrite_need(job: JobContext, disk: DiskWork) -> int:
+    """The most the rewrite of ``disk`` may write (``qemu-img measure``)."""
+    if disk.info.backing_filename:
+        # Only the top layer is rewritten; it cannot outgrow what it holds now.
+        return imagefile.allocated_bytes(disk.path) + MIB
+    measured = job.images.measure(disk.path, force_share=job.was_running, image_format=disk.format)
+    if disk.zeroed_bytes and disk.rewrite_need:
+        # measure counts the clusters our fill allocated, but convert writes no zero
+        # clusters: they add nothing to what the rewrite needs.
+        return max(disk.rewrite_need, measured - disk.zeroed_bytes)
+    return measured
+
+
+def _fills_by_target(job: JobContext) -> dict[str, tuple[int, int]]:
+    """Per disk, (bytes the planned zero-fill writes, free bytes it does not reach)."""
+    assert job.fill_plan is not None  # noqa: S101 - called only with a plan
+    targets = {fs.mountpoint: fs.disk_targets for fs in job.guest_filesystems}
+    fills: dict[str, tuple[int, int]] = {}
+    for fill in job.fill_plan.fills:
+        for target in targets.get(fill.mountpoint, ())[:1]:
+            reached, unreached = fills.get(target, (0, 0))
+            fills[target] = (reached + fill.limit, unreached + fill.unreached)
+    return fills
+
+
+def estimate_disk(
+    job: JobContext, disk: DiskWork, share: float, fill: tuple[int, int] | None = None
+) -> Estimate:
+    """Estimate ``disk``'s size after the reclaim (see ``estimate.estimate_after``)."""
+    cluster = disk.info.cluster_size or DEFAULT_CLUSTER
+    extents = job.images.map(disk.path, force_share=job.was_running, image_format=disk.format)
+    # A flat VMDK's map gives offsets in its extent file, where the guest's data is.
+    sample = sample_image(disk.data_file or disk.path, sample_offsets(extents, cluster), cluster)
+    history = None
+    learn = job.history or (job.journal.compression_ratio if job.journal is not None else None)
+    if learn is not None and disk.guest_used:
+        history = learn(job.domain.uuid, disk.target, str(job.settings.compression))
+    return estimate_after(
+        allocated=disk.bytes_before,
+        virtual_size=disk.info.virtual_size,
+        cluster=job.settings.cluster_size or cluster,
+        content=content_of(extents),
+        sample=sample,
+        compressed=job.settings.compression is not Compression.NONE,
+        guest_used=disk.guest_used,
+        freed_share=share,
+        history_ratio=history,
+        fill=fill,
+    )
+
+
+def fill_budget(job: JobContext) -> budget.FillPlan:
+    """How much a zero-fill may write into each guest filesystem (see ``freespace.budget``)."""
+    rooms = [
+        budget.DiskRoom(
+            target=d.target,
+            host=budget.host_filesystem(os.path.dirname(d.path)),
+            headroom=max(0, d.info.virtual_size - d.allocated()),
+            zeros_become_holes=d.zeros_become_holes,
+            rewrite_need=d.rewrite_need,
+        )
+        for d in job.disks
+    ]
+    volumes = [
+        budget.GuestVolume(fs.mountpoint, fs.disk_targets, fs.total_bytes, fs.used_bytes, fs.fstype)
+        for fs in job.guest_filesystems
+    ]
+    return budget.fill_limits(rooms, volumes, job.settings.reserve)
+
+
+def preflight(job: JobContext) -> None:
+    """Skip the job unless it can write beside each image and keep each host's reserve.
+
+    A temporary file is created and removed beside each image (a read-only folder is
+    found while the guest still runs). The rewrites of every disk on one filesystem
+    (by device: two folders on it share its free space) add up, with a margin; what
+    is left free must stay above the filesystem's reserve (``free_space.host_reserve``),
+    or the guests writing there would pause when it fills. The need is reserved in
+    the journal, beside what the other jobs on the host hold reserved there (counted
+    whole: part of it may be written already, so the bound errs on the safe side).
+    """
+    for disk in job.disks:
+        folder = os.path.dirname(disk.temp) or "."
+        if problem := imagefile.folder_problem(folder) or imagefile.probe_create(disk.temp):
+            raise JobSkipped(f"{disk.target}: {problem}")
+    need_by_device: dict[int, tuple[budget.HostFilesystem, int]] = {}
+    for disk in job.disks:
+        filesystem = budget.host_filesystem(os.path.dirname(disk.path) or ".")
+        _, image_bytes = need_by_device.get(filesystem.device, (filesystem, 0))
+        need_by_device[filesystem.device] = (filesystem, image_bytes + rewrite_need(job, disk))
+    for filesystem, image_bytes in need_by_device.values():
+        need = image_bytes + max(budget.REWRITE_MARGIN, image_bytes // 50)
+        reserve = job.settings.reserve.host_bytes(filesystem.size)
+
+        def fits(
+            others: int,
+            fs: budget.HostFilesystem = filesystem,
+            need: int = need,
+            reserve: int = reserve,
+        ) -> str | None:
+            job.log.info("preflight.space", folder=fs.folder, need=need, have=fs.free,
+                         reserve=reserve, reserved_by_others=others)  # fmt: skip
+            if fs.free - others - need >= reserve:
+                return None
+            held = f", {format_bytes(others)} are reserved by other jobs" if others else ""
+            return (
+                f"not enough free space on the filesystem of {fs.folder}: the rewrite needs "
+                f"up to {format_bytes(need)}, {format_bytes(fs.free)} are free{held} and "
+                f"{format_bytes(reserve)} must stay free (free_space.host_reserve)"
+            )
+
+        if job.journal is None:
+            problem = fits(0)
+        elif job.settings.dry_run:  # an estimate: it looks, it reserves nothing
+            problem = fits(job.journal.reserved_elsewhere(job.job_id, filesystem.device))
+        else:
+            problem = job.journal.reserve(
+                job.job_id, filesystem.device, filesystem.folder, need, fits
+            )
+        if problem is not None:
+            if fits(0) is None:  # it fits alone: the other jobs' reservations are in the way
+                raise SpaceTaken(problem)
+            raise JobSkipped(problem)

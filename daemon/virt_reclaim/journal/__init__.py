@@ -1,0 +1,1 @@
+"""The job journal: its store (schema, writes, reservations), queries, records and recovery."""

@@ -1,0 +1,1 @@
+"""What the commands report without changing anything: plan, inventory, layout cost, advice."""

@@ -1,0 +1,157 @@
+"""What the daemon would do for each domain, without doing it: ``virt-reclaim plan``."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from virt_reclaim.config import crontab, selection
+from virt_reclaim.config.policy import Policy, job_settings
+from virt_reclaim.image.qemu_img import QemuImg
+from virt_reclaim.job.frame import ReclaimJob
+from virt_reclaim.job.modes import conversion
+from virt_reclaim.job.results import DiskResult, JobResult, Outcome
+from virt_reclaim.job.settings import JobSettings
+from virt_reclaim.model import DomainObservation
+from virt_reclaim.reports import advice, inventory, layout
+from virt_reclaim.virt.connection import Hypervisor
+from virt_reclaim.virt.domain import Domain
+
+
+@dataclass
+class PlanEntry:
+    """One domain in the plan."""
+
+    domain: str
+    state: str
+    policy: str | None
+    next_run: str | None
+    outcome: str
+    reason: str
+    disks: list[dict[str, Any]] = field(default_factory=list)
+    skipped_disks: list[dict[str, str]] = field(default_factory=list)
+    free_space: str | None = None  # the method the job would use, and why
+    notes: list[str] = field(default_factory=list)  # what a policy setting would change
+
+    @property
+    def estimated_reclaimable(self) -> int | None:
+        """Bytes the estimate says a reclaim frees on the host (None: no estimate)."""
+        gains: list[int | None] = [d["estimated_reclaimable"] for d in self.disks]
+        known = [g for g in gains if g is not None]
+        if not gains or len(known) < len(gains):
+            return None
+        return sum(known)
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry of ``plan --json``."""
+        return {
+            "domain": self.domain,
+            "state": self.state,
+            "policy": self.policy,
+            "next_run": self.next_run,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "disks": self.disks,
+            "skipped_disks": self.skipped_disks,
+            "free_space": self.free_space,
+            "notes": self.notes,
+            "estimated_reclaimable": self.estimated_reclaimable,
+        }
+
+
+def next_run(policy: Policy, now: dt.datetime) -> str | None:
+    """The next start of the policy's window after ``now``, ISO 8601 with its offset."""
+    fire = crontab.next_fire(policy.schedule.cron, policy.schedule.timezone, now)
+    return fire.isoformat() if fire else None
+
+
+def estimate(
+    domain: Domain,
+    policy: Policy,
+    snapshots: Sequence[DomainObservation],
+    *,
+    qemu_img: str,
+    history: Callable[[str, str, str], float | None] | None = None,
+) -> JobResult:
+    """A dry run of ``policy``'s job on ``domain``: read-only, with an estimate per disk.
+
+    ``snapshots`` are all domains (for the images other domains use), listed once by the caller.
+    """
+    settings = job_settings(policy, dry_run=True, qemu_img=qemu_img)
+    return dry_run(domain, settings, snapshots, history=history)
+
+
+def dry_run(
+    domain: Domain,
+    settings: JobSettings,
+    snapshots: Sequence[DomainObservation],
+    *,
+    history: Callable[[str, str, str], float | None] | None = None,
+) -> JobResult:
+    """A dry run of a job with ``settings`` (``dry_run`` is forced) on ``domain``: read-only."""
+    job = ReclaimJob(
+        domain,
+        QemuImg(settings.qemu_img),
+        dataclasses.replace(settings, dry_run=True),
+        images_of_other_domains=functools.partial(
+            inventory.images_in_use, snapshots, exclude_uuid=domain.uuid
+        ),
+        history=history,
+    )
+    return job.run()
+
+
+def reclaimable(bytes_before: int, estimated_after: int | None) -> int | None:
+    """What an estimate says a disk's reclaim frees on the host, never below 0."""
+    return None if estimated_after is None else max(0, bytes_before - estimated_after)
+
+
+def plan(
+    hypervisor: Hypervisor, policies: Sequence[Policy], *, qemu_img: str, now: dt.datetime
+) -> list[PlanEntry]:
+    """For every domain: its policy, next run, and a dry run of the job (read-only)."""
+    snapshots = hypervisor.domains()
+    entries = []
+    for snap in snapshots:
+        choice = selection.select(policies, snap.name, snap.uuid, snap.xml)
+        entry = PlanEntry(snap.name, str(snap.state), None, None, "no-policy", "")
+        if choice.conflict:
+            entry.reason = f"policies {', '.join(choice.conflict)} match with the same priority"
+        elif choice.policy is None:
+            entry.reason = "no enabled policy selects it"
+        else:
+            policy = choice.policy
+            entry.policy, entry.next_run = policy.name, next_run(policy, now)
+            result = estimate(hypervisor.domain(snap.name), policy, snapshots, qemu_img=qemu_img)
+            entry.outcome = (
+                "would-reclaim" if result.outcome is Outcome.DRY_RUN else str(result.outcome)
+            )
+            entry.reason = "" if result.outcome is Outcome.DRY_RUN else result.reason
+            entry.disks = [
+                {"target": d.target, "path": d.path, "bytes_allocated": d.bytes_before,
+                 "estimated_after": d.estimated_after,
+                 "estimated_reclaimable": reclaimable(d.bytes_before, d.estimated_after),
+                 **_layout_of(policy, d)}
+                for d in result.disks
+            ]  # fmt: skip
+            entry.skipped_disks = [d.to_json() for d in result.skipped_disks]
+            entry.free_space = result.free_space_plan
+            entry.notes = advice.disk_notes(policy, snap.xml)
+        entries.append(entry)
+    return entries
+
+
+def _layout_of(policy: Policy, disk: DiskResult) -> dict[str, Any]:
+    """A disk's format, discard, and the layout its new image gets, with its read cost."""
+    rewrite = policy.rewrite
+    shape = layout.describe(str(rewrite.compression), disk.cluster_size, rewrite.preallocation)
+    return {
+        "format": disk.format,
+        "converted_to": None if disk.format == "qcow2" else conversion.new_path_for(disk.path),
+        "discard": disk.discard,
+        "layout": shape.to_json(),
+    }

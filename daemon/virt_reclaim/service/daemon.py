@@ -1,0 +1,437 @@
+"""The daemon: one main loop that owns every decision; other threads only report to it.
+
+Threads and what they may do:
+- libvirt's event loop thread: lifecycle events and the loss of the connection, put
+  into the inbox;
+- APScheduler's thread: "policy P fires", put into the inbox;
+- an estimator thread per firing: dry runs of the policy's domains (qemu-img
+  measure can take seconds), results into the inbox (``workers.estimate``);
+- a thread per job: the job itself, on its own libvirt connection (``workers.run_candidate``).
+Signal handlers only set flags; ``signal.set_wakeup_fd`` wakes the loop.
+
+The decisions about windows (what to estimate, watch, queue, start, and when a
+window closes) are made by ``windows.Windows``, given the time; this module feeds
+it, logs what it decided and does it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import queue
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from virt_reclaim import backups, logs
+from virt_reclaim.config import loading
+from virt_reclaim.config.policy import Policy
+from virt_reclaim.journal import recovery
+from virt_reclaim.journal.records import JournalError
+from virt_reclaim.journal.store import Journal
+from virt_reclaim.metrics import writer
+from virt_reclaim.service import scheduler, windows, workers
+from virt_reclaim.service.hostview import HostView
+from virt_reclaim.service.reloads import ReloadRecord, Verdict, record_path, write_record
+from virt_reclaim.service.scheduler import Candidate
+from virt_reclaim.service.sdnotify import Notifier
+from virt_reclaim.service.wakeup import Flags, Wakeup
+from virt_reclaim.units import format_bytes
+from virt_reclaim.virt.events import event_loop_alive, start_event_loop
+
+# sysexits.h EX_CONFIG: the unit does not restart on it (RestartPreventExitStatus=78).
+EXIT_CONFIG = 78
+LOOP_TICK_S = 1.0
+# While jobs restore their guests at a stop, systemd's stop timeout (TimeoutStopSec) is
+# pushed this far ahead, again every third of it: a policy's shutdown timeout plus the
+# guest's restart can be longer than any fixed TimeoutStopSec. Past STOP_EXTEND_MAX_S the
+# daemon stops asking, and the unit's own timeout decides.
+STOP_EXTEND_S = 60.0
+STOP_EXTEND_MAX_S = 3600.0
+
+log = structlog.get_logger("virt_reclaim.service")
+
+
+class Daemon:
+    """``virt-reclaim daemon``: watch, sample, schedule, run jobs, stop safely."""
+
+    def __init__(
+        self,
+        config_dir: str,
+        *,
+        notifier: Notifier | None = None,
+        strict_modes: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Prepare the daemon; ``run`` does the work."""
+        self.config_dir = config_dir
+        self.notifier = notifier or Notifier()
+        self.strict_modes = strict_modes
+        self.clock = clock
+        self.daemon_config = loading.DaemonConfig()
+        self.policies: tuple[Policy, ...] = ()
+        self.host = HostView(clock)
+        self.windows = windows.Windows()
+        self.metrics = writer.DaemonMetrics()
+        self.workers = workers.Workers(self._post, self.metrics.observations)
+        self.running = self.workers.running  # by domain uuid
+        self.inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.flags = Flags()
+        self.next_sample = 0.0
+        self.next_prune = 0.0  # expired backups: deleted at the start, then every hour
+        self.last_watchdog = float("-inf")
+        self.scheduler = scheduler.PolicyScheduler(lambda name: self._post("fired", name))
+        self.wakeup = Wakeup()
+        self.reloads = 0  # SIGHUPs handled, for ``virt-reclaim reload`` to know its answer
+        self.rejected: str | None = None  # why the last reload was not applied, if it was not
+
+    # -- start and stop -----------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until SIGTERM or SIGINT; return the exit status."""
+        loaded = loading.load(self.config_dir, strict_modes=self.strict_modes)
+        logs.configure(loaded.daemon.log_format)
+        if loaded.errors:
+            for error in loaded.errors:
+                log.error("config.error", **error.log_fields())
+            log.error("daemon.not_started", reason="the configuration has errors",
+                      errors=len(loaded.errors))  # fmt: skip
+            return EXIT_CONFIG
+        self.wakeup.install_signal_handlers(self.flags)
+        self._apply(loaded)
+        start_event_loop()
+        self.notifier.status(f"connecting to {self.daemon_config.uri}")
+        while not self.flags.stop and self.host.hypervisor is None:
+            self._ensure_connected()
+            if self.host.hypervisor is None:
+                self.wakeup.wait(self._seconds_to_next_event())
+                self._watchdog()  # waiting for libvirtd is healthy; a stuck loop is not
+        if self.flags.stop:
+            return self._shutdown()
+        self._recover()
+        self.scheduler.start()
+        self._log_next_runs()
+        log.info("daemon.started", policies=len(self.policies), domains=len(self.host.domains),
+                 uri=self.daemon_config.uri, pid=os.getpid())  # fmt: skip
+        self.notifier.ready(self._status())
+        self._write_metrics()
+        self._find_late_windows()
+        while not self.flags.stop:
+            self.wakeup.wait(self._seconds_to_next_event())
+            self._tick()
+        return self._shutdown()
+
+    def _tick(self) -> None:
+        if self.flags.reload:
+            self.flags.reload = False
+            self._reload()
+        self._drain_inbox()
+        self._ensure_connected()
+        now = self.clock()
+        if self.host.hypervisor is not None and now >= self.next_sample:
+            self._sample(now)
+            self.next_sample = now + self.daemon_config.stats_interval.total_seconds()
+            self._watch_busy(now)
+            self._write_metrics(periodic=True)
+        if now >= self.next_prune:
+            self.next_prune = now + backups.PRUNE_INTERVAL_S
+            if backups.prune_in(self.daemon_config.state_dir):
+                self._write_metrics()
+        for late in self.windows.due_late(now):
+            if (policy := self._policy(late.policy)) is not None:
+                self._open_window(policy, late)
+        self._dispatch(now)
+        self._watchdog()
+        self.notifier.status(self._status())
+
+    def _shutdown(self) -> int:
+        self.notifier.stopping(f"stopping ({self.flags.signal_name or 'requested'}); "
+                               f"{len(self.running)} job(s) to end")  # fmt: skip
+        log.info("daemon.stopping", signal=self.flags.signal_name, running_jobs=len(self.running))
+        for name in list(self.windows.open):
+            self._log_closed(self.windows.close(name, windows.STOPPING))
+        self.scheduler.shutdown()
+        self.workers.stop.set()
+        began = self.clock()
+        next_extend = began
+        while self.running:
+            # Jobs past their guest's shutdown finish or restore; keep the watchdog fed meanwhile.
+            now = self.clock()
+            if now >= next_extend and now - began < STOP_EXTEND_MAX_S:
+                self.notifier.extend_timeout(STOP_EXTEND_S)
+                next_extend = now + STOP_EXTEND_S / 3
+            self.wakeup.wait(LOOP_TICK_S)
+            self._drain_inbox()
+            self._watchdog()
+        self._write_metrics()
+        self.metrics.close()
+        self.host.close()
+        log.info("daemon.stopped")
+        self.notifier.close()
+        return 0
+
+    # -- the inbox ------------------------------------------------------------------------
+
+    def _post(self, *message: Any) -> None:  # noqa: ANN401 - messages are tuples of any kind
+        """Hand a message to the main loop (from any thread) and wake it."""
+        self.inbox.put(message)
+        self.wakeup.wake()
+
+    def _seconds_to_next_event(self) -> float:
+        deadlines = [LOOP_TICK_S]
+        if self.host.outage is not None:
+            deadlines.append(self.host.outage.next_try - self.clock())
+        if self.notifier.watchdog_s:
+            deadlines.append(self.notifier.watchdog_s / 4)
+        deadlines += [late.opens_at - self.clock() for late in self.windows.late.values()]
+        return max(0.05, min(deadlines))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, *args = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            handler = getattr(self, f"_on_{kind.replace('-', '_')}")
+            try:
+                handler(*args)
+            except Exception:  # one bad message must not stop months of service
+                log.exception("daemon.handler_failed", message=kind)
+
+    def _on_fired(self, policy_name: str) -> None:
+        policy = self._policy(policy_name)
+        if policy is None or self.flags.stop:
+            return
+        self._open_window(policy)
+
+    def _open_window(self, policy: Policy, late: scheduler.LateWindow | None = None) -> None:
+        now = self.clock()
+        window = self.windows.open_window(policy, now, late.ends_at if late else None)
+        extra = {"late_s": round(late.late_s)} if late else {}
+        log.info("window.opened", policy=policy.name, window_s=round(window.left(now)), **extra)
+        self.metrics.observations.window_opened(policy.name)
+        self._write_metrics()
+        if self.host.hypervisor is None:
+            log.warning("window.waiting", policy=policy.name, reason="libvirtd is unreachable")
+            return
+        self._select_candidates(policy)
+
+    def _on_lifecycle(self, uuid: str, name: str, event: str) -> None:
+        self.host.update(uuid, name, event)
+
+    def _on_closed(self, reason: str) -> None:
+        self.host.closed(reason)
+
+    def _on_estimated(self, policy_name: str, candidates: list[Candidate]) -> None:
+        for candidate in self.windows.estimated(policy_name, candidates):
+            log.info("job.queued", domain=candidate.name, policy=policy_name,
+                     estimated_gain=candidate.estimated_gain,
+                     estimated_s=round(candidate.estimated_s))  # fmt: skip
+        self._write_metrics()  # the dry runs' estimates
+
+    def _on_job_done(self, uuid: str, ended: workers.JobEnd) -> None:
+        job = self.workers.job_done(uuid)
+        self.windows.job_ended()
+        if job is not None:
+            log.info("job.ended", domain=job.domain, policy=job.policy, outcome=ended.outcome,
+                     running_jobs=len(self.running))  # fmt: skip
+            if ended.waits_for_space and self.windows.wait_for_space(job.candidate, self.clock()):
+                log.info("job.waiting_for_space", domain=job.domain, policy=job.policy,
+                         retry_s=windows.SPACE_RETRY_S)  # fmt: skip
+        self._write_metrics()
+
+    # -- configuration --------------------------------------------------------------------
+
+    def _apply(self, loaded: loading.LoadedConfig) -> None:
+        self.daemon_config = loaded.daemon
+        self.policies = tuple(policy for _file, policy in loaded.policies)
+        self.scheduler.apply(self.policies)
+        self.windows.apply(self.policies)
+
+    def _reload(self) -> None:
+        self.notifier.reloading()
+        log.info("config.reloading", config_dir=self.config_dir)
+        loaded = loading.load(self.config_dir, strict_modes=self.strict_modes)
+        if loaded.errors:
+            for error in loaded.errors:
+                log.error("config.error", **error.log_fields())
+            log.error("config.reload_failed", errors=len(loaded.errors),
+                      kept="the last good configuration stays in force")  # fmt: skip
+            self._record_reload(Verdict.REJECTED, len(loaded.errors))
+        else:
+            fixed = {"uri": loaded.daemon.uri, "state_dir": loaded.daemon.state_dir}
+            for name, value in fixed.items():
+                if getattr(self.daemon_config, name) != value:
+                    log.warning("config.restart_needed", setting=name, new=value,
+                                current=getattr(self.daemon_config, name))  # fmt: skip
+            kept = loaded.daemon.model_copy(
+                update={"uri": self.daemon_config.uri, "state_dir": self.daemon_config.state_dir}
+            )
+            self._apply(loading.LoadedConfig(kept, loaded.policies, ()))
+            log.info("config.reloaded", policies=[p.name for p in self.policies])
+            self._log_next_runs()
+            self._find_late_windows()
+            self._record_reload(Verdict.APPLIED, 0)
+        self.notifier.ready(self._status())
+
+    def _record_reload(self, verdict: Verdict, errors: int) -> None:
+        """Keep the verdict for STATUS= and write it where ``virt-reclaim reload`` waits."""
+        self.reloads += 1
+        at = time.time()
+        self.rejected = None
+        if verdict is Verdict.REJECTED:
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+            self.rejected = f"the reload at {when} was rejected ({errors} error(s))"
+        record = ReloadRecord(os.getpid(), self.reloads, at, verdict, errors)
+        try:
+            write_record(self.daemon_config.state_dir, record)
+        except OSError as exc:
+            log.warning("config.reload_unrecorded", path=record_path(self.daemon_config.state_dir),
+                        error=str(exc))  # fmt: skip
+
+    def _find_late_windows(self) -> None:
+        """Windows open now that the daemon was not running (or not configured) to open."""
+        now = self.clock()
+        for late in self.windows.find_late(self.policies, now, dt.datetime.now(dt.UTC)):
+            log.info("window.found_open", policy=late.policy, late_s=round(late.late_s),
+                     opens_in_s=round(late.opens_at - now, 1))  # fmt: skip
+
+    def _policy(self, name: str) -> Policy | None:
+        return next((p for p in self.policies if p.name == name), None)
+
+    def _log_next_runs(self) -> None:
+        if not self.policies:
+            log.warning("daemon.no_policies", policy_dir=self.daemon_config.policy_dir
+                        or os.path.join(self.config_dir, loading.POLICY_FOLDER))  # fmt: skip
+        for name, when in self.scheduler.next_runs().items():
+            log.info("policy.scheduled", policy=name, next_run=when.isoformat() if when else None)
+
+    # -- libvirt --------------------------------------------------------------------------
+
+    def _ensure_connected(self) -> None:
+        came_back = self.host.connect(
+            self.daemon_config.uri,
+            on_lifecycle=lambda uuid, name, event: self._post("lifecycle", uuid, name, event),
+            on_close=lambda reason: self._post("closed", reason),
+        )
+        if came_back:
+            for name in list(self.windows.open):
+                policy = self._policy(name)
+                if policy is not None:
+                    self._select_candidates(policy)
+
+    def _recover(self) -> None:
+        if self.host.hypervisor is None:
+            return
+        try:
+            journal = Journal(self.daemon_config.state_dir)
+            recovery.recover(
+                journal, self.daemon_config.state_dir, self.host.hypervisor.domain_by_uuid
+            )
+        except JournalError as exc:
+            log.error("recovery.failed", error=str(exc))
+
+    def _sample(self, now: float) -> None:
+        longest = max((p.idle.duration.total_seconds() for p in self.policies), default=0.0)
+        self.host.sample(now, longest)
+
+    # -- windows --------------------------------------------------------------------------
+
+    def _select_candidates(self, policy: Policy, only: set[str] | None = None) -> None:
+        """Estimate the policy's eligible idle domains (or those of ``only``) on a thread."""
+        if not self.windows.may_select(policy.name):
+            return
+        try:
+            journal = Journal(self.daemon_config.state_dir)
+            rate = scheduler.typical_rewrite_rate(journal.rewrite_rates())
+        except JournalError as exc:
+            log.error("window.journal_unusable", policy=policy.name, error=str(exc))
+            return
+        chosen = self.windows.select(
+            policy, self.policies, self.host.domains, running=self.running,
+            last_reclaimed_at=journal.last_reclaimed_at, wall=time.time(), only=only,
+        )  # fmt: skip
+        for skip in chosen.skipped:
+            log.info("domain.skipped", domain=skip.name, policy=policy.name, reason=skip.reason)
+            self.metrics.observations.skipped(skip.name, skip.reason)
+        if chosen.nothing_to_do:
+            log.info("window.nothing_to_do", policy=policy.name)
+        if chosen.chosen:
+            self.workers.estimate(self.daemon_config, policy, chosen.chosen, rate)
+
+    def _watch_busy(self, now: float) -> None:
+        """After each sample: queue the watched domains of open windows that went idle."""
+        for name, idle_now in self.windows.went_idle(self.policies, self.host.domains, now).items():
+            for domain in idle_now:
+                log.info("domain.idle", domain=domain.name, policy=name,
+                         window_left_s=round(domain.window_left_s))  # fmt: skip
+            policy = self._policy(name)
+            if policy is not None:
+                self._select_candidates(policy, only={d.uuid for d in idle_now})
+
+    def _dispatch(self, now: float) -> None:
+        for closed in self.windows.close_due(now):
+            self._log_closed(closed)
+        if self.host.hypervisor is None or self.flags.stop:
+            return
+        decided = self.windows.dispatch(
+            self.policies, self.host.domains, running=self.running,
+            max_jobs=self.daemon_config.max_concurrent_jobs, now=now,
+        )  # fmt: skip
+        for candidate, reason in decided:
+            if reason is None:
+                self._start_job(candidate)
+            else:
+                log.info("domain.skipped", domain=candidate.name, policy=candidate.policy,
+                         reason=reason)  # fmt: skip
+                self.metrics.observations.skipped(candidate.name, reason)
+
+    def _log_closed(self, closed: windows.Closed) -> None:
+        log.info("window.closed", policy=closed.policy, why=closed.why,
+                 not_started=closed.not_started, stayed_busy=closed.stayed_busy)  # fmt: skip
+        self._write_metrics()
+
+    def _start_job(self, candidate: Candidate) -> None:
+        policy = self._policy(candidate.policy)
+        assert policy is not None  # noqa: S101 - checked by Windows.dispatch
+        log.info("job.starting", domain=candidate.name, policy=policy.name,
+                 estimated_gain=format_bytes(candidate.estimated_gain))  # fmt: skip
+        self.workers.start_job(candidate, policy, self.daemon_config, self.clock())
+
+    def _write_metrics(self, *, periodic: bool = False) -> None:
+        """Have the metrics file written (on its thread), if one is configured."""
+        self.metrics.request(
+            self.daemon_config, [view.snapshot for view in self.host.domains.values()],
+            sampled_at=self.host.last_sampled_at, periodic=periodic,
+        )  # fmt: skip
+
+    # -- systemd --------------------------------------------------------------------------
+
+    def _watchdog(self) -> None:
+        period = self.notifier.watchdog_s
+        if not period or not event_loop_alive():
+            return
+        now = self.clock()
+        if now - self.last_watchdog >= period / 4:
+            self.notifier.watchdog()
+            self.last_watchdog = now
+
+    def _status(self) -> str:
+        if self.host.outage is not None:
+            return f"libvirtd unreachable for {self.clock() - self.host.outage.since:.0f} s"
+        parts = []
+        if self.running:
+            names = ", ".join(sorted(j.domain for j in self.running.values()))
+            parts.append(f"reclaiming {names}")
+        if self.windows.queue:
+            parts.append(f"{len(self.windows.queue)} queued")
+        if self.windows.open:
+            parts.append(f"window open: {', '.join(sorted(self.windows.open))}")
+        if not parts:
+            parts.append("waiting for the next window")
+        parts.append(f"{len(self.policies)} policies, {len(self.host.domains)} domains")
+        if self.rejected:
+            parts.append(f"running on the last good configuration: {self.rejected}")
+        return "; ".join(parts)

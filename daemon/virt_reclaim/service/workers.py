@@ -1,0 +1,243 @@
+"""The daemon's worker threads, each on its own libvirt connection.
+
+- an estimator thread per firing (``estimate``): the dry runs of the domains a
+  window chose (qemu-img measure can take seconds), made into queue candidates;
+- a thread per job (``run_candidate``): one reclaim job, under its domain lock.
+
+``Workers`` starts them and keeps track of the jobs; each thread reports its
+result by posting a message to the main loop (``("estimated", policy, candidates)``,
+``("job-done", uuid, JobEnd)``), always, even when it failed.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from virt_reclaim.config import loading
+from virt_reclaim.config.policy import Policy, job_settings
+from virt_reclaim.errors import AgentUnavailable, VirtError
+from virt_reclaim.job import runner
+from virt_reclaim.job.lock import DomainBusy
+from virt_reclaim.job.results import Outcome
+from virt_reclaim.journal.records import JournalError
+from virt_reclaim.journal.store import Journal
+from virt_reclaim.metrics import observations
+from virt_reclaim.model import DomainObservation, DomainState
+from virt_reclaim.process import Priority
+from virt_reclaim.reports import plan
+from virt_reclaim.service import scheduler
+from virt_reclaim.service.scheduler import Candidate
+from virt_reclaim.virt.connection import Hypervisor
+
+log = structlog.get_logger("virt_reclaim.workers")
+
+Post = Callable[..., None]
+
+
+@dataclass
+class RunningJob:
+    """A job thread and what the main loop knows of it."""
+
+    domain: str
+    policy: str
+    thread: threading.Thread
+    started: float
+    candidate: Candidate
+
+
+class Workers:
+    """Starts the worker threads; the jobs running, by domain uuid; the event that stops them."""
+
+    def __init__(self, post: Post, observer: observations.Observations | None = None) -> None:
+        self._post = post
+        self.observer = observer  # told of the dry runs' estimates and skips (the metrics)
+        self.running: dict[str, RunningJob] = {}
+        self.stop = threading.Event()
+
+    def estimate(
+        self,
+        daemon_config: loading.DaemonConfig,
+        policy: Policy,
+        chosen: list[DomainObservation],
+        rate: float,
+    ) -> None:
+        """Start the dry runs of ``chosen`` on a thread; it posts ``estimated``."""
+        threading.Thread(
+            target=self._estimate, args=(daemon_config, policy, chosen, rate),
+            name=f"estimate-{policy.name}", daemon=True,
+        ).start()  # fmt: skip
+
+    def _estimate(
+        self,
+        daemon_config: loading.DaemonConfig,
+        policy: Policy,
+        chosen: list[DomainObservation],
+        rate: float,
+    ) -> None:
+        candidates: list[Candidate] = []
+        try:
+            candidates = estimate(
+                daemon_config.uri, daemon_config.qemu_img, policy, chosen, rate,
+                observer=self.observer, state_dir=daemon_config.state_dir,
+            )  # fmt: skip
+        except Exception:  # a bug must not leave the window waiting for this estimate forever
+            log.exception("window.estimate_failed", policy=policy.name)
+        finally:
+            self._post("estimated", policy.name, candidates)
+
+    def start_job(
+        self, candidate: Candidate, policy: Policy, daemon_config: loading.DaemonConfig, now: float
+    ) -> None:
+        """Start the candidate's job on a thread; it posts ``job-done``."""
+        thread = threading.Thread(
+            target=self._job, args=(candidate, policy, daemon_config), name=f"job-{candidate.name}"
+        )
+        self.running[candidate.uuid] = RunningJob(
+            candidate.name, policy.name, thread, now, candidate
+        )
+        thread.start()
+
+    def _job(
+        self, candidate: Candidate, policy: Policy, daemon_config: loading.DaemonConfig
+    ) -> None:
+        ended = JobEnd(None, waits_for_space=False)
+        try:
+            ended = run_candidate(candidate, policy, daemon_config, self.stop)
+        finally:
+            self._post("job-done", candidate.uuid, ended)
+
+    def job_done(self, uuid: str) -> RunningJob | None:
+        """The job of ``uuid`` posted its end: forget it and join its thread."""
+        job = self.running.pop(uuid, None)
+        if job is not None:
+            job.thread.join()
+        return job
+
+
+def estimate(
+    uri: str,
+    qemu_img: str,
+    policy: Policy,
+    chosen: Sequence[DomainObservation],
+    rate: float,
+    *,
+    observer: observations.Observations | None = None,
+    state_dir: str | None = None,
+) -> list[Candidate]:
+    """A dry run of each chosen domain; the candidates of those that would be reclaimed.
+
+    ``rate`` is this host's rewrite rate (bytes per second) for the job's duration. With
+    ``state_dir`` the estimates learn from each domain's past reclaims in the journal, as
+    the job itself will.
+    """
+    history = _history(state_dir)
+    structlog.contextvars.bind_contextvars(policy=policy.name)
+    candidates: list[Candidate] = []
+    try:
+        with Hypervisor(uri) as hypervisor:
+            everyone = hypervisor.domains()
+            for snap in chosen:
+                candidate = _estimate_one(
+                    hypervisor, everyone, policy, snap, qemu_img=qemu_img, rate=rate,
+                    observer=observer, history=history,
+                )  # fmt: skip
+                if candidate is not None:
+                    candidates.append(candidate)
+    except VirtError as exc:
+        log.warning("window.estimate_failed", error=str(exc))
+    return candidates
+
+
+def _history(state_dir: str | None) -> Callable[[str, str, str], float | None] | None:
+    """The journal's record of past reclaims, or None when it cannot be read (no learning)."""
+    if state_dir is None:
+        return None
+    try:
+        return Journal(state_dir).compression_ratio
+    except JournalError:
+        return None
+
+
+def _estimate_one(
+    hypervisor: Hypervisor,
+    everyone: list[DomainObservation],
+    policy: Policy,
+    snap: DomainObservation,
+    *,
+    qemu_img: str,
+    rate: float,
+    observer: observations.Observations | None = None,
+    history: Callable[[str, str, str], float | None] | None = None,
+) -> Candidate | None:
+    try:
+        domain = hypervisor.domain_by_uuid(snap.uuid)
+        if policy.idle.no_logged_in_users and snap.state is DomainState.RUNNING:
+            users = domain.logged_in_users()
+            if users:
+                log.info("domain.skipped", domain=snap.name,
+                         reason=f"busy: users logged in ({', '.join(users[:5])})")  # fmt: skip
+                if observer is not None:
+                    observer.skipped(snap.name, "busy: users logged in")
+                return None
+        result = plan.estimate(domain, policy, everyone, qemu_img=qemu_img, history=history)
+    except AgentUnavailable as exc:
+        log.info("domain.skipped", domain=snap.name,
+                 reason=f"busy: cannot tell whether users are logged in ({exc})")  # fmt: skip
+        if observer is not None:
+            observer.skipped(snap.name, "busy: users unknown")
+        return None
+    except VirtError as exc:
+        log.info("domain.skipped", domain=snap.name, reason=str(exc))
+        if observer is not None:
+            observer.skipped(snap.name, str(exc), "error")
+        return None
+    if observer is not None:
+        observer.estimated(snap.name, result)  # its disks' estimates; a skip unless DRY_RUN
+    if result.outcome is not Outcome.DRY_RUN:
+        log.info("domain.skipped", domain=snap.name, reason=result.reason,
+                 outcome=str(result.outcome))  # fmt: skip
+        return None
+    disks = [(d.bytes_before, d.estimated_after) for d in result.disks]
+    return scheduler.candidate(snap.name, snap.uuid, policy, disks, rate)
+
+
+@dataclass(frozen=True)
+class JobEnd:
+    """What the main loop hears of a job's end."""
+
+    outcome: str | None  # None: it could not run, or crashed
+    waits_for_space: bool  # skipped while other jobs hold the host's space reserved
+
+
+def run_candidate(
+    candidate: Candidate, policy: Policy, daemon_config: loading.DaemonConfig, stop: threading.Event
+) -> JobEnd:
+    """Run the candidate's job; how it ended."""
+    structlog.contextvars.bind_contextvars(policy=policy.name, domain=candidate.name)
+    outcome: str | None = None
+    waits_for_space = False
+    try:
+        with Hypervisor(daemon_config.uri) as hypervisor:
+            domain = hypervisor.domain_by_uuid(candidate.uuid)
+            result = runner.run_job(
+                hypervisor,
+                domain,
+                job_settings(policy, qemu_img=daemon_config.qemu_img),
+                journal=Journal(daemon_config.state_dir),
+                state_dir=daemon_config.state_dir,
+                priority=Priority(
+                    daemon_config.nice, daemon_config.ionice_class, daemon_config.ionice_level
+                ),
+                stop=stop,
+            )
+            outcome = str(result.outcome)
+            waits_for_space = result.waits_for_space
+    except (VirtError, JournalError, DomainBusy) as exc:
+        log.error("job.not_run", error=str(exc))
+    except Exception:  # a bug in one job must not take the daemon down
+        log.exception("job.crashed")
+    return JobEnd(outcome, waits_for_space)
