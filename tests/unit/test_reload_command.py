@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from testbed.daemon import DaemonProcess, NotifyListener, write_config
+from virt_reclaim.service.daemon import Daemon
+from virt_reclaim.service.hostview import Outage
 from virt_reclaim.service.reloads import RELOAD_FILE
 
 LAST_GOOD = "running on the last good configuration"
@@ -166,3 +168,17 @@ def test_no_daemon_exits_1_and_no_pid_is_a_usage_error(tmp_path: Path) -> None:
     assert usage.returncode == 2
     assert "--pid PID" in usage.stderr
     assert reload(etc, "--pid", "zero").returncode == 2
+
+
+def test_status_names_a_rejected_reload_during_an_outage_too(tmp_path: Path) -> None:
+    """With libvirtd away after a rejected reload, STATUS= still says which configuration runs."""
+    daemon = Daemon(str(tmp_path), clock=lambda: 100.0)
+    daemon.host.outage = Outage(since=40.0, reason="gone")
+    assert daemon._status() == "libvirtd unreachable for 60 s"
+
+    daemon.rejected = "the reload at 2026-12-03 16:00:00 UTC was rejected (1 error(s))"
+
+    assert daemon._status() == (
+        "libvirtd unreachable for 60 s; running on the last good configuration: the reload at "
+        "2026-12-03 16:00:00 UTC was rejected (1 error(s))"
+    )

@@ -419,6 +419,12 @@ class Daemon:
             self.last_watchdog = now
 
     def _status(self) -> str:
+        """STATUS=: what the daemon does, and whether it runs on an older configuration."""
+        if self.rejected:
+            return f"{self._activity()}; running on the last good configuration: {self.rejected}"
+        return self._activity()
+
+    def _activity(self) -> str:
         if self.host.outage is not None:
             return f"libvirtd unreachable for {self.clock() - self.host.outage.since:.0f} s"
         parts = []
@@ -432,6 +438,4 @@ class Daemon:
         if not parts:
             parts.append("waiting for the next window")
         parts.append(f"{len(self.policies)} policies, {len(self.host.domains)} domains")
-        if self.rejected:
-            parts.append(f"running on the last good configuration: {self.rejected}")
         return "; ".join(parts)
