@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -32,6 +33,8 @@ def configure(
         if use_console
         else structlog.processors.JSONRenderer(sort_keys=False)
     )
+    if stderr_is_journal(stream):
+        renderer = _Prioritized(renderer)
     structlog.configure(
         processors=[*_shared_processors(), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
@@ -77,3 +80,45 @@ class _ConsoleSafe:
             for key, value in event.items()
         }
         return self._renderer(logger, name, safe)
+
+
+# syslog(3) priorities by structlog's level names; journald reads them from a "<N>" prefix.
+SYSLOG_PRIORITY = {
+    "debug": 7,
+    "info": 6,
+    "warning": 4,
+    "warn": 4,
+    "error": 3,
+    "exception": 3,
+    "critical": 2,
+}
+
+
+def stderr_is_journal(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
+    """True when ``stream`` is the journal's stream socket, as sd_journal_stream_fd(3) says.
+
+    systemd sets ``JOURNAL_STREAM=DEVICE:INODE`` for a service whose stderr (or stdout) goes to
+    the journal; comparing it with the stream's own device and inode tells a redirected stderr
+    (a child's, a pipe in a test) from the journal's.
+    """
+    env = os.environ if environ is None else environ
+    device, _, inode = env.get("JOURNAL_STREAM", "").partition(":")
+    try:
+        st = os.fstat(stream.fileno())
+        return (st.st_dev, st.st_ino) == (int(device), int(inode))
+    except (OSError, ValueError, AttributeError):  # no file behind it, or a malformed value
+        return False
+
+
+class _Prioritized:
+    """A renderer whose lines start with their syslog priority (``<3>`` for an error)."""
+
+    def __init__(self, renderer: structlog.typing.Processor) -> None:
+        self._renderer = renderer
+
+    def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> Any:  # noqa: ANN401
+        level = str(event.get("level", name)).lower()
+        prefix = f"<{SYSLOG_PRIORITY.get(level, 6)}>"
+        text = self._renderer(logger, name, event)
+        # journald starts an entry at each newline (a console traceback): each needs its prefix.
+        return "\n".join(prefix + line for line in str(text).split("\n"))

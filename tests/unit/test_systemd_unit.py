@@ -44,6 +44,10 @@ def test_unit_exposure_stays_low(tmp_path: Path) -> None:
 
 def test_unit_is_notify_with_watchdog_reload_and_config_exit_status() -> None:
     text = UNIT.read_text()
-    for line in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "WatchdogSec=60",
+    reload = (
+        "ExecReload=/usr/local/bin/virt-reclaim reload --config-dir /etc/virt-reclaim"
+        " --pid $MAINPID"
+    )
+    for line in ("Type=notify", reload, "WatchdogSec=60",
                  "RestartPreventExitStatus=78", "StateDirectory=virt-reclaim"):  # fmt: skip
         assert line in text.splitlines(), line

@@ -41,7 +41,10 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 def cmd_history(args: argparse.Namespace) -> int:
     """Show past jobs from the journal."""
-    jobs = Journal(args.state_dir).history(args.domain)
+    outcomes = [outcome for given in args.outcome or [] for outcome in given]
+    jobs = Journal(args.state_dir).history(
+        args.domain, args.limit, since=args.since, outcomes=outcomes
+    )
     if args.json:
         json.dump([job.to_json() for job in jobs], sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
+import time
 from typing import Any
 
 from pydantic import ByteSize, TypeAdapter, ValidationError
@@ -14,15 +16,20 @@ from virt_reclaim.cli.config_commands import cmd_check, cmd_plan, cmd_schema
 from virt_reclaim.cli.daemon_command import cmd_daemon
 from virt_reclaim.cli.domains import cmd_domains
 from virt_reclaim.cli.journal_commands import cmd_backups, cmd_history, cmd_recover
+from virt_reclaim.cli.reload_command import cmd_reload
 from virt_reclaim.cli.run import cmd_run
 from virt_reclaim.config import loading
 from virt_reclaim.config.policy import parse_duration
 from virt_reclaim.job.freespace.agent import FreeSpaceMethod
+from virt_reclaim.job.results import Outcome
 from virt_reclaim.job.settings import Compression, OnShutdownTimeout
+from virt_reclaim.journal.queries import UNFINISHED
 from virt_reclaim.journal.store import DEFAULT_STATE_DIR
 from virt_reclaim.model import DEFAULT_URI
 
 _BYTE_SIZE = TypeAdapter(ByteSize)
+# What ``history --outcome`` accepts: how jobs end, and "unfinished" for those with no end yet.
+HISTORY_OUTCOMES = (*(outcome.value for outcome in Outcome), UNFINISHED)
 
 
 def _size(text: str) -> int:
@@ -65,6 +72,43 @@ def _seconds(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
     return value
+
+
+def _since(text: str) -> float:
+    """Parse "7d" (that long ago) or an ISO date or time (UTC unless given) into epoch seconds."""
+    try:
+        back: dt.timedelta = parse_duration(text)
+    except ValueError:
+        pass
+    else:
+        return time.time() - back.total_seconds()
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a duration (30m, 12h, 7d) nor a date (2026-12-01, "
+            "2026-12-01T08:00, 2026-12-01T08:00+01:00)"
+        ) from None
+    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def _count(text: str) -> int:
+    """Parse a positive whole number (argparse type)."""
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
+def _outcomes(text: str) -> list[str]:
+    """Parse "failed" or "failed,abandoned" into outcomes ``history`` knows (argparse type)."""
+    named = [part.strip() for part in text.split(",")]
+    unknown = [part for part in named if part not in HISTORY_OUTCOMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"{', '.join(map(repr, unknown))}: not an outcome; choose from "
+            f"{', '.join(HISTORY_OUTCOMES)}"
+        )
+    return named
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_journal_commands(commands)
     _add_config_commands(commands)
     _add_daemon_command(commands)
+    _add_reload_command(commands)
     return parser
 
 
@@ -257,6 +302,20 @@ def _add_journal_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's p
     _add_state_dir(history)
     _add_config_dir(history)
     history.add_argument("--json", action="store_true", help="print a JSON list")
+    history.add_argument(
+        "--since", type=_since, metavar="DURATION|DATE",
+        help="only jobs started since then: a duration back from now (30m, 12h, 7d) or a date "
+        "(2026-12-01, 2026-12-01T08:00; UTC unless it has an offset such as +01:00)",
+    )  # fmt: skip
+    history.add_argument(
+        "--limit", type=_count, default=1000, metavar="N",
+        help="at most the N newest jobs (default: %(default)s)",
+    )  # fmt: skip
+    history.add_argument(
+        "--outcome", type=_outcomes, action="append", metavar="OUTCOME",
+        help=f"only jobs that ended so: {', '.join(HISTORY_OUTCOMES)}; repeat the option or "
+        "separate with commas for several",
+    )  # fmt: skip
     history.set_defaults(handler=cmd_history)
 
     kept = commands.add_parser(
@@ -354,6 +413,43 @@ def _add_daemon_command(commands: Any) -> None:  # noqa: ANN401 - argparse's pri
     daemon.set_defaults(handler=cmd_daemon)
 
 
+def _add_reload_command(commands: Any) -> None:  # noqa: ANN401 - argparse's private type
+    reload = commands.add_parser(
+        "reload",
+        help="have the running daemon reload its configuration; fail if it keeps the old one",
+        description=(
+            "Validate CONFIG_DIR as the daemon would (errors printed with file and field; "
+            "the daemon is then not signalled), send SIGHUP to the daemon, and wait for its "
+            "verdict, which it records in STATE_DIR/reload.json. The unit's ExecReload= runs "
+            "it, so that `systemctl reload virt-reclaim` fails when the daemon rejects the "
+            "configuration and runs on the last good one."
+        ),
+        epilog=(
+            "Exit status: 0 the daemon applied the configuration; 1 it rejected it (and runs "
+            "on the last good one), did not answer within --timeout, or is not running; "
+            "2 usage error; 78 the configuration has errors (the daemon was not signalled)."
+        ),
+    )
+    _add_config_dir(reload)
+    _add_state_dir(reload)
+    reload.add_argument(
+        "--pid", type=_pid, metavar="PID",
+        help="the daemon's process id (default: $MAINPID, which systemd sets for ExecReload=)",
+    )  # fmt: skip
+    reload.add_argument(
+        "--timeout", type=_seconds, default=30.0, metavar="SECONDS",
+        help="how long to wait for the daemon's verdict (default: %(default)g)",
+    )  # fmt: skip
+    reload.set_defaults(handler=cmd_reload)
+
+
+def _pid(text: str) -> int:
+    """Parse a process id (argparse type)."""
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a process id")
+    return int(text)
+
+
 def _add_config_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config-dir", default=loading.DEFAULT_CONFIG_DIR, metavar="DIR",
@@ -374,14 +470,15 @@ def _add_connect(parser: argparse.ArgumentParser) -> None:
         "-c",
         "--connect",
         metavar="URI",
-        help=f"libvirt connection URI (default: the configured uri, else {DEFAULT_URI})",
+        help="libvirt connection URI (default: the configured uri, else $LIBVIRT_DEFAULT_URI, "
+        f"else {DEFAULT_URI})",
     )
 
 
 def apply_daemon_settings(args: argparse.Namespace) -> None:
     """Fill the options not given from CONFIG_DIR/virt-reclaim.toml (then built-in defaults)."""
-    if not hasattr(args, "config_dir") or args.command == "daemon":
-        return  # the daemon reports its configuration errors in its own log
+    if not hasattr(args, "config_dir") or args.command in ("daemon", "reload"):
+        return  # these report configuration errors their own way (a log, exit 78)
     daemon, errors = loading.load_daemon(args.config_dir)
     if errors and not _usable_despite(errors, args):
         raise UsageError("\n  ".join(["the daemon settings are not valid:", *map(str, errors)]))

@@ -8,8 +8,10 @@ guests get shut down.
 
 from __future__ import annotations
 
+import os
 import stat
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -28,11 +30,25 @@ DAEMON_FILE = "virt-reclaim.toml"
 POLICY_FOLDER = "policies.d"
 
 
+def default_uri(environ: Mapping[str, str] | None = None) -> str:
+    """The URI when neither ``--connect`` nor ``uri`` names one: virsh's choice.
+
+    virsh and every libvirt client take $LIBVIRT_DEFAULT_URI, then their built-in default; an
+    operator who set it for virsh expects the same host here.
+    """
+    env = os.environ if environ is None else environ
+    return env.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
+
+
 class DaemonConfig(_Model):
     """The daemon's settings; every one has a default, so that no file is needed."""
 
     uri: str = Field(
-        default=DEFAULT_URI, description="libvirt connection URI", examples=["qemu:///system"]
+        # A lambda: a factory with a parameter would be handed the validated fields.
+        default_factory=lambda: default_uri(),  # noqa: PLW0108
+        description="libvirt connection URI (default: $LIBVIRT_DEFAULT_URI, else "
+        f"{DEFAULT_URI}, as virsh)",
+        examples=["qemu:///system"],
     )
     policy_dir: str | None = Field(
         default=None, description="folder of policy files (default: CONFIG_DIR/policies.d)"

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 from virt_reclaim.journal.records import BackupRecord, JournalDisk, JournalError, JournalJob
+
+# The outcome ``history --outcome`` gives a job that recorded no end (running, or interrupted).
+UNFINISHED = "unfinished"
 
 
 class JournalQueries:
@@ -28,13 +32,35 @@ class JournalQueries:
             args = (domain_uuid,)
         return self._jobs(query + " ORDER BY started_at", args)
 
-    def history(self, domain: str | None = None, limit: int = 1000) -> list[JournalJob]:
-        """Jobs, newest first (all domains, or one by name)."""
-        query = "SELECT * FROM jobs"
-        args: tuple[Any, ...] = ()
+    def history(
+        self,
+        domain: str | None = None,
+        limit: int = 1000,
+        *,
+        since: float | None = None,
+        outcomes: Collection[str] = (),
+    ) -> list[JournalJob]:
+        """Jobs, newest first (all domains, or one by name).
+
+        ``since`` (epoch seconds) keeps the jobs started then or later; ``outcomes`` those
+        that ended so, where "unfinished" means no end recorded.
+        """
+        where: list[str] = []
+        args: list[Any] = []
         if domain is not None:
-            query += " WHERE domain = ?"
-            args = (domain,)
+            where.append("domain = ?")
+            args.append(domain)
+        if since is not None:
+            where.append("started_at >= ?")
+            args.append(since)
+        if outcomes:
+            ended = sorted(set(outcomes) - {UNFINISHED})
+            either = [f"outcome IN ({', '.join('?' * len(ended))})"] if ended else []
+            either += ["outcome IS NULL"] if UNFINISHED in outcomes else []
+            where.append(f"({' OR '.join(either)})")
+            args += ended
+        # Only fixed text and "?" placeholders are joined; every value is a bound parameter.
+        query = "SELECT * FROM jobs" + (f" WHERE {' AND '.join(where)}" if where else "")  # noqa: S608
         return self._jobs(query + " ORDER BY started_at DESC LIMIT ?", (*args, limit))
 
     def backups(self, *, removed: bool = False) -> list[BackupRecord]:

@@ -34,6 +34,7 @@ from virt_reclaim.journal.store import Journal
 from virt_reclaim.metrics import writer
 from virt_reclaim.service import scheduler, windows, workers
 from virt_reclaim.service.hostview import HostView
+from virt_reclaim.service.reloads import ReloadRecord, Verdict, record_path, write_record
 from virt_reclaim.service.scheduler import Candidate
 from virt_reclaim.service.sdnotify import Notifier
 from virt_reclaim.service.wakeup import Flags, Wakeup
@@ -83,6 +84,8 @@ class Daemon:
         self.last_watchdog = float("-inf")
         self.scheduler = scheduler.PolicyScheduler(lambda name: self._post("fired", name))
         self.wakeup = Wakeup()
+        self.reloads = 0  # SIGHUPs handled, for ``virt-reclaim reload`` to know its answer
+        self.rejected: str | None = None  # why the last reload was not applied, if it was not
 
     # -- start and stop -----------------------------------------------------------------
 
@@ -256,6 +259,7 @@ class Daemon:
                 log.error("config.error", **error.log_fields())
             log.error("config.reload_failed", errors=len(loaded.errors),
                       kept="the last good configuration stays in force")  # fmt: skip
+            self._record_reload(Verdict.REJECTED, len(loaded.errors))
         else:
             fixed = {"uri": loaded.daemon.uri, "state_dir": loaded.daemon.state_dir}
             for name, value in fixed.items():
@@ -269,7 +273,23 @@ class Daemon:
             log.info("config.reloaded", policies=[p.name for p in self.policies])
             self._log_next_runs()
             self._find_late_windows()
+            self._record_reload(Verdict.APPLIED, 0)
         self.notifier.ready(self._status())
+
+    def _record_reload(self, verdict: Verdict, errors: int) -> None:
+        """Keep the verdict for STATUS= and write it where ``virt-reclaim reload`` waits."""
+        self.reloads += 1
+        at = time.time()
+        self.rejected = None
+        if verdict is Verdict.REJECTED:
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+            self.rejected = f"the reload at {when} was rejected ({errors} error(s))"
+        record = ReloadRecord(os.getpid(), self.reloads, at, verdict, errors)
+        try:
+            write_record(self.daemon_config.state_dir, record)
+        except OSError as exc:
+            log.warning("config.reload_unrecorded", path=record_path(self.daemon_config.state_dir),
+                        error=str(exc))  # fmt: skip
 
     def _find_late_windows(self) -> None:
         """Windows open now that the daemon was not running (or not configured) to open."""
@@ -399,6 +419,12 @@ class Daemon:
             self.last_watchdog = now
 
     def _status(self) -> str:
+        """STATUS=: what the daemon does, and whether it runs on an older configuration."""
+        if self.rejected:
+            return f"{self._activity()}; running on the last good configuration: {self.rejected}"
+        return self._activity()
+
+    def _activity(self) -> str:
         if self.host.outage is not None:
             return f"libvirtd unreachable for {self.clock() - self.host.outage.since:.0f} s"
         parts = []
