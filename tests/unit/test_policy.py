@@ -54,14 +54,15 @@ INVALID = [
     ("mode", "hot", "'offline' or 'live'"),
     ("after", "sometimes", "'previous', 'start' or 'off'"),
     ("match.uuids", ["not-a-uuid"], "not UUIDs: not-a-uuid"),
-    ("match.typo", 1, "Extra inputs are not permitted"),
+    ("match.typo", 1, "unknown key `match.typo`; valid keys here: exclude, metadata, names"),
     ("schedule.cron", "61 2 * * *", "cron '61 2 * * *'"),
     ("schedule.cron", "0 2 * *", "Wrong number of fields"),
     ("schedule.timezone", "Mars/Olympus", "unknown time zone 'Mars/Olympus'"),
     ("schedule.window", "soon", "a duration like 30s, 15m, 2h or 7d"),
     ("schedule.jitter", True, "not a boolean"),
     ("idle.cpu_percent", 150, "less than or equal to 100"),
-    ("idle.disk_bytes_per_s", "fast", "could not parse"),
+    ("idle.disk_bytes_per_s", "fast", "a size like 512MiB, 2GiB or 500MB"),
+    ("rewrite.min_gain", "10 GB please", "a number and one unit, nothing else"),
     ("free_space.method", "shred", "'auto', 'trim', 'zero' or 'none'"),
     ("shutdown.on_timeout", "pray", "'abort' or 'force'"),
     ("rewrite.compression", "lz4", "'zstd', 'zlib' or 'none'"),
@@ -205,10 +206,10 @@ def test_loader_reports_every_error_of_every_file_and_keeps_the_good(tmp_path: P
 
     messages = [str(e) for e in loaded.errors]
     daemon = str(tmp_path / "virt-reclaim.toml")
-    assert any(m.startswith(f"{daemon}: max_concurrent_jobs: ") for m in messages)
-    assert any(m.startswith(f"{daemon}: log_format: ") for m in messages)
-    assert any("b.toml: policy 'bad': idle.cpu_percent: " in m for m in messages)
-    assert any("c.toml: not valid TOML" in m for m in messages)
+    assert any(m.startswith(f"{daemon}:1: max_concurrent_jobs: ") for m in messages)
+    assert any(m.startswith(f"{daemon}:2: log_format: ") for m in messages)
+    assert any("b.toml:5: policy 'bad': idle.cpu_percent: " in m for m in messages)
+    assert any("c.toml:1: not valid TOML" in m for m in messages)
     assert any("d.toml: policy 'good': name: also defined in" in m for m in messages)
     assert [p.name for _f, p in loaded.policies] == ["good", "good"]
 
@@ -257,7 +258,8 @@ def test_check_exits_2_with_every_error(tmp_path: Path) -> None:
                              str(tmp_path), "--connect", "test:///default"],
                             capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert result.returncode == 2
-    assert "x.toml: policy 'x': rewrite.compression:" in result.stderr
+    assert "x.toml:5: policy 'x': rewrite.compression:" in result.stderr
+    assert "x.toml:4: policy 'x': schedule.cron:" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -299,9 +301,14 @@ def test_commands_follow_the_daemon_settings_and_options_win(tmp_path: Path) -> 
     assert (other / "journal.sqlite3").exists()
 
 
-def test_an_invalid_daemon_file_is_a_usage_error(tmp_path: Path) -> None:
-    write(tmp_path / "virt-reclaim.toml", "nice = 40\n")
-    result = cli("history", "--config-dir", str(tmp_path))
+def test_an_invalid_daemon_file_stops_run_but_not_history(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    write(tmp_path / "virt-reclaim.toml", f'nice = 40\nstate_dir = "{state}"\n')
+    result = cli("run", "test", "--dry-run", "--config-dir", str(tmp_path))
     assert result.returncode == 2
     assert "the daemon settings are not valid" in result.stderr
-    assert "virt-reclaim.toml: nice: " in result.stderr
+    assert "virt-reclaim.toml:1: nice: " in result.stderr
+    history = cli("history", "--config-dir", str(tmp_path))
+    assert history.returncode == 0, history.stderr
+    assert "going on with the valid ones" in history.stderr
+    assert (state / "journal.sqlite3").exists()  # the state_dir of the file, not the default

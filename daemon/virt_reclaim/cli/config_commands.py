@@ -7,61 +7,70 @@ import datetime
 import json
 import logging
 import sys
-from typing import Any
+from pathlib import Path
+from typing import TextIO
 
 from virt_reclaim import logs
 from virt_reclaim.cli.common import EXIT_OK, EXIT_USAGE
 from virt_reclaim.cli.render import print_plan
-from virt_reclaim.config import loading, selection
+from virt_reclaim.config import loading
 from virt_reclaim.config.policy import PolicyFile
 from virt_reclaim.errors import VirtError
-from virt_reclaim.reports import advice, plan
+from virt_reclaim.reports import check as checking
+from virt_reclaim.reports import plan
 from virt_reclaim.virt.connection import Hypervisor
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate the settings and policies, then list the domains each policy selects."""
+    """Validate the settings and policies together, then show each policy's window and domains."""
     loaded = loading.load(args.config_dir)
-    errors = [str(e) for e in loaded.errors]
-    policies = [policy for _file, policy in loaded.policies]
-    domains: list[Any] | None = None
+    domains: list[checking.Domain] | None = None
     uri = args.connect or loaded.daemon.uri
     try:
         with Hypervisor(uri, read_only=True) as hypervisor:
-            domains = hypervisor.domains()
+            domains = [checking.Domain(d.name, d.uuid, d.xml) for d in hypervisor.domains()]
     except VirtError as exc:
         print(f"virt-reclaim: cannot list domains ({exc}); the files alone were checked",
               file=sys.stderr)  # fmt: skip
-    selected: dict[str, list[str]] = {p.name: [] for p in policies}
-    notes: dict[str, list[str]] = {p.name: [] for p in policies}
-    for domain in domains or []:
-        choice = selection.select(policies, domain.name, domain.uuid, domain.xml)
-        if choice.conflict:
-            errors.append(
-                f"domain {domain.name}: policies {', '.join(choice.conflict)} all match with the "
-                "same priority; give one a higher priority or exclude the domain"
-            )
-        elif choice.policy is not None:
-            selected[choice.policy.name].append(domain.name)
-            notes[choice.policy.name] += [
-                f"{domain.name} {note}" for note in advice.disk_notes(choice.policy, domain.xml)
-            ]
-    for file, policy in loaded.policies:
+    policy_dir = Path(loaded.daemon.policy_dir or Path(args.config_dir) / loading.POLICY_FOLDER)
+    files = len(list(policy_dir.glob("*.toml"))) if policy_dir.is_dir() else None
+    report = checking.check(
+        loaded, domains, datetime.datetime.now(datetime.UTC),
+        policy_dir=str(policy_dir), policy_files=files,
+    )  # fmt: skip
+    if args.json:
+        json.dump(report.to_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print_check(report, sys.stdout, sys.stderr)
+        counts = f"{len(report.errors)} error(s) and {len(report.warnings)} warning(s)"
+        if report.errors:
+            print(f"virt-reclaim: {counts} in {args.config_dir}", file=sys.stderr)
+        elif report.warnings:
+            # Valid: no error is counted, so that "error" appears only when there is one.
+            print(f"virt-reclaim: {args.config_dir} is valid, with "
+                  f"{len(report.warnings)} warning(s)", file=sys.stderr)  # fmt: skip
+    return EXIT_USAGE if report.errors else EXIT_OK
+
+
+def print_check(report: checking.Report, out: TextIO, err: TextIO) -> None:
+    """Each policy with its window and domains on ``out``; warnings then errors on ``err``."""
+    for item in report.policies:
+        policy = item.policy
         state = "" if policy.enabled else " (disabled)"
-        names = ", ".join(selected[policy.name]) or "no domain now"
-        shown = names if domains is not None else "domains not listed"
-        print(f"{policy.name}{state}  [{file}, priority {policy.priority}]: {shown}")
-        for note in notes[policy.name]:
-            print(f"  note: {note}")
-        for warning in advice.policy_warnings(policy):
-            # Valid, so not an error: the exit status stays 0.
-            print(f"warning: {file}: policy {policy.name!r}: {warning}", file=sys.stderr)
-    for error in errors:
-        print(f"error: {error}", file=sys.stderr)
-    if errors:
-        print(f"virt-reclaim: {len(errors)} error(s) in {args.config_dir}", file=sys.stderr)
-        return EXIT_USAGE
-    return EXIT_OK
+        names = ", ".join(item.domains or ()) or "no domain now"
+        shown = names if item.domains is not None else "domains not listed"
+        print(f"{policy.name}{state}  [{item.file}, priority {policy.priority}]: {shown}", file=out)
+        if item.window is not None:
+            zone = policy.schedule.timezone
+            shown_zone = "" if item.window.start.tzname() == zone else f" ({zone})"
+            print(f"  {item.window}{shown_zone}", file=out)
+        for note in item.notes:
+            print(f"  note: {note}", file=out)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=err)
+    for error in report.errors:
+        print(f"error: {error}", file=err)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -85,8 +94,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_USAGE if loaded.errors else EXIT_OK
 
 
-def cmd_schema(_args: argparse.Namespace) -> int:
-    """Print the JSON Schema of a policy file."""
-    json.dump(PolicyFile.model_json_schema(), sys.stdout, indent=2)
+def cmd_schema(args: argparse.Namespace) -> int:
+    """Print the JSON Schema of a policy file, or with ``--daemon`` of the daemon settings."""
+    model = loading.DaemonConfig if args.daemon else PolicyFile
+    # Serialization mode: defaults pass through the fields' serializers, so that they read
+    # "4h" and "2GiB" as in a file, not "PT4H" and 2147483648.
+    json.dump(model.model_json_schema(mode="serialization"), sys.stdout, indent=2)
     sys.stdout.write("\n")
     return EXIT_OK

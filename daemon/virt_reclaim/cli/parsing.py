@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import sys
 import time
 from typing import Any
 
@@ -342,20 +343,34 @@ def _add_config_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's pr
         help="validate the daemon settings and the policy files",
         description=(
             "Validate CONFIG_DIR/virt-reclaim.toml and every CONFIG_DIR/policies.d/*.toml, "
-            "report every error (file, policy, field, value, why), then list each policy with "
-            "the domains it selects now. Files and folders must belong to root and not be "
-            "writable by group or others."
+            "report every error of every file at once (file:line, policy, field, value, why) "
+            "and the warnings (valid settings that likely surprise), then list each policy with "
+            "its next window and the domains it selects now. Files and folders must belong to "
+            "root and not be writable by group or others."
         ),
-        epilog="Exit status: 0 valid, 2 errors found (each printed on stderr).",
+        epilog=(
+            "Exit status: 0 valid (also with warnings), 2 errors found (each printed on stderr)."
+        ),
     )
     _add_config_dir(check)
     _add_connect(check)
+    check.add_argument(
+        "--json", action="store_true",
+        help="print one JSON object: valid, errors, warnings, policies",
+    )  # fmt: skip
     check.set_defaults(handler=cmd_check)
     schema = commands.add_parser(
         "schema",
-        help="print the JSON Schema of a policy file",
-        description="Print the JSON Schema of a policy file, with a description of every field.",
+        help="print the JSON Schema of a policy file (--daemon: of virt-reclaim.toml)",
+        description=(
+            "Print the JSON Schema of a policy file, with a description of every field and "
+            "defaults and examples written as check accepts them (durations 4h, sizes 2GiB)."
+        ),
     )
+    schema.add_argument(
+        "--daemon", action="store_true",
+        help="the schema of the daemon settings, virt-reclaim.toml, instead",
+    )  # fmt: skip
     schema.set_defaults(handler=cmd_schema)
     plan = commands.add_parser(
         "plan",
@@ -465,10 +480,46 @@ def apply_daemon_settings(args: argparse.Namespace) -> None:
     if not hasattr(args, "config_dir") or args.command in ("daemon", "reload"):
         return  # these report configuration errors their own way (a log, exit 78)
     daemon, errors = loading.load_daemon(args.config_dir)
-    if errors:
+    if errors and not _usable_despite(errors, args):
         raise UsageError("\n  ".join(["the daemon settings are not valid:", *map(str, errors)]))
     args.daemon = daemon
     for option, value in (("connect", daemon.uri), ("state_dir", daemon.state_dir),
                           ("qemu_img", daemon.qemu_img)):  # fmt: skip
         if hasattr(args, option) and getattr(args, option) is None:
             setattr(args, option, value)
+
+
+# What each command takes from the daemon settings, by its option: a command not listed
+# refuses to run on settings with errors (run would follow a configuration half read).
+_NEEDS = {
+    "check": {},  # reports the errors itself, with those of the policies
+    "plan": {},  # prints them and exits 2
+    "history": {"state_dir": "state_dir"},
+    "backups": {"state_dir": "state_dir"},
+    "recover": {"state_dir": "state_dir", "uri": "connect"},
+}
+
+
+def _usable_despite(errors: list[loading.ConfigError], args: argparse.Namespace) -> bool:
+    """Whether ``args.command`` can go on with the settings that are valid; say so if it does.
+
+    ``recover`` and ``history`` need only the state folder and the URI: a wrong ``nice``
+    must not keep an operator from finishing a job that died. A file that could not be read
+    at all (field None) or a wrong needed key gives no value; an option given instead does.
+    """
+    needs = _NEEDS.get(args.command)
+    if needs is None:
+        return False
+    missing = [
+        option for key, option in needs.items()
+        if getattr(args, option, None) is None
+        and any(error.field is None or error.field == key for error in errors)
+    ]  # fmt: skip
+    if missing:
+        options = " and ".join(f"--{option.replace('_', '-')}" for option in missing)
+        raise UsageError("\n  ".join([f"the daemon settings are not valid (give {options} to go "
+                                      "on without them):", *map(str, errors)]))  # fmt: skip
+    if needs:
+        lines = ["warning: the daemon settings have errors; going on with the valid ones:"]
+        print("\n  ".join([*lines, *map(str, errors)]), file=sys.stderr)
+    return True

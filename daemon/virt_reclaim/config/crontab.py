@@ -26,15 +26,44 @@ def trigger(expression: str, timezone: str, jitter_s: float = 0) -> CronTrigger:
     if len(fields) != 5:
         raise ValueError(f"Wrong number of fields; got {len(fields)}, expected 5")
     minute, hour, day, month, weekday = fields
-    return CronTrigger(
-        minute=minute,
-        hour=hour,
-        day=day,
-        month=month,
-        day_of_week=weekday_names(weekday),
-        timezone=timezone,
-        jitter=int(jitter_s) or None,
-    )
+    try:
+        return CronTrigger(
+            minute=minute,
+            hour=hour,
+            day=day,
+            month=month,
+            day_of_week=weekday_names(weekday),
+            timezone=timezone,
+            jitter=int(jitter_s) or None,
+        )
+    except ValueError as exc:
+        raise ValueError(bad_field(fields) or str(exc)) from None
+
+
+# crontab(5)'s fields: the name an operator knows, the keyword of CronTrigger, what is allowed.
+_FIELDS = (
+    ("minute", "minute", "0-59"),
+    ("hour", "hour", "0-23"),
+    ("day of month", "day", "1-31"),
+    ("month", "month", "1-12 or jan-dec"),
+    ("day of week", "day_of_week", "0-7 (0 and 7 are Sunday) or sun-sat"),
+)
+
+
+def bad_field(fields: list[str]) -> str | None:
+    """Name the first of the five ``fields`` that APScheduler refuses, with its allowed values.
+
+    CronTrigger's own messages do not say which field they mean ("the last value (25) is
+    higher than the maximum value (23)"), so each field is tried alone.
+    """
+    for (name, keyword, allowed), text in zip(_FIELDS, fields, strict=True):
+        try:
+            value = weekday_names(text) if keyword == "day_of_week" else text
+            CronTrigger(**{keyword: value}, timezone="UTC")
+        except ValueError as exc:
+            reason = str(exc).removeprefix(f"Error validating expression {text!r}: ")
+            return f"{name} field {text!r}: {reason} (allowed: {allowed})"
+    return None
 
 
 def weekday_names(field: str) -> str:

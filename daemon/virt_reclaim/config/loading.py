@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 
+from virt_reclaim.config import messages
 from virt_reclaim.config.policy import Duration, Policy, PolicyFile, _Model
 from virt_reclaim.journal.store import DEFAULT_STATE_DIR
 from virt_reclaim.logs import LogFormat
@@ -47,26 +48,45 @@ class DaemonConfig(_Model):
         default_factory=lambda: default_uri(),  # noqa: PLW0108
         description="libvirt connection URI (default: $LIBVIRT_DEFAULT_URI, else "
         f"{DEFAULT_URI}, as virsh)",
+        examples=["qemu:///system"],
     )
     policy_dir: str | None = Field(
         default=None, description="folder of policy files (default: CONFIG_DIR/policies.d)"
     )
-    state_dir: str = Field(default=DEFAULT_STATE_DIR, description="journal and lock files")
-    log_format: LogFormat = Field(default=LogFormat.AUTO, description="json|console|auto")
-    max_concurrent_jobs: int = Field(default=1, ge=1, le=64, description="jobs at once on the host")
-    nice: int = Field(default=10, ge=0, le=19, description="CPU nice level of rewrites")
+    state_dir: str = Field(
+        default=DEFAULT_STATE_DIR, description="folder of the job journal and the lock files"
+    )
+    log_format: LogFormat = Field(
+        default=LogFormat.AUTO,
+        description="log lines on stderr: json (for journald), console, or auto (console on a "
+        "terminal)",
+    )
+    max_concurrent_jobs: int = Field(
+        default=1, ge=1, le=64, description="reclaim jobs that may run at once on this host"
+    )
+    nice: int = Field(
+        default=10, ge=0, le=19, description="CPU nice level of the rewrite (qemu-img convert)"
+    )
     ionice_class: int = Field(
-        default=2, ge=1, le=3, description="1 realtime, 2 best-effort, 3 idle"
+        default=2,
+        ge=1,
+        le=3,
+        description="ionice class of the rewrite: 1 realtime, 2 best-effort, 3 idle (may stall "
+        "a rewrite while its guest is down)",
     )
     ionice_level: int = Field(default=7, ge=0, le=7, description="level within the ionice class")
     stats_interval: Duration = Field(
-        default=timedelta(seconds=60), description="how often to sample domain statistics"
+        default=timedelta(seconds=60),
+        description="how often to sample every domain's statistics for idle detection",
     )
-    qemu_img: str = Field(default="qemu-img", description="qemu-img program")
+    qemu_img: str = Field(
+        default="qemu-img", description="qemu-img program: a path, or a name looked up in PATH"
+    )
     metrics_file: str = Field(
         default="",
         description="metrics for node_exporter's textfile collector, an absolute path ending "
         "in .prom (empty: none)",
+        examples=["/var/lib/prometheus/node-exporter/virt_reclaim.prom"],
     )
 
     @field_validator("metrics_file")
@@ -89,9 +109,10 @@ class ConfigError:
     field: str | None
     value: Any
     message: str
+    line: int | None = None  # where TOML or the key's position gives it
 
     def __str__(self) -> str:
-        where = self.file
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
         if self.policy:
             where += f": policy {self.policy!r}"
         if self.field:
@@ -107,6 +128,7 @@ class ConfigError:
             "field": self.field,
             "value": None if self.value is None else str(self.value),
             "reason": self.message,
+            "line": self.line,
         }
 
 
@@ -158,7 +180,16 @@ def _load_daemon(path: Path, errors: list[ConfigError], strict_modes: bool) -> D
     try:
         return DaemonConfig.model_validate(document)
     except ValidationError as exc:
-        errors += _errors_of(str(path), exc, document)
+        errors += _errors_of(str(path), exc, document, DaemonConfig)
+        return _valid_part(document, exc)
+
+
+def _valid_part(document: dict[str, Any], exc: ValidationError) -> DaemonConfig:
+    """The settings without the keys in error: a wrong ``nice`` must not move ``policy_dir``."""
+    wrong = {error["loc"][0] for error in exc.errors() if error["loc"]}
+    try:
+        return DaemonConfig.model_validate({k: v for k, v in document.items() if k not in wrong})
+    except ValidationError:
         return DaemonConfig()
 
 
@@ -171,7 +202,7 @@ def _load_policy_file(
     try:
         parsed = PolicyFile.model_validate(document)
     except ValidationError as exc:
-        errors += _errors_of(str(path), exc, document)
+        errors += _errors_of(str(path), exc, document, PolicyFile)
         return []
     return [(str(path), policy) for policy in parsed.policy]
 
@@ -183,7 +214,8 @@ def _read_toml(path: Path, errors: list[ConfigError], strict_modes: bool) -> dic
         with path.open("rb") as f:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
-        errors.append(ConfigError(str(path), None, None, None, f"not valid TOML: {exc}"))
+        line = messages.toml_error_line(exc)
+        errors.append(ConfigError(str(path), None, None, None, f"not valid TOML: {exc}", line))
     except OSError as exc:
         errors.append(ConfigError(str(path), None, None, None, f"cannot read: {exc.strerror}"))
     return None
@@ -208,21 +240,31 @@ def _check_modes(path: Path, errors: list[ConfigError]) -> bool:
     return True
 
 
-def _errors_of(file: str, exc: ValidationError, document: dict[str, Any]) -> list[ConfigError]:
+def _errors_of(
+    file: str,
+    exc: ValidationError,
+    document: dict[str, Any],
+    model: type[_Model] = PolicyFile,
+) -> list[ConfigError]:
     result = []
+    lines = messages.key_lines(file)
     for error in exc.errors(include_url=False):
-        loc = list(error["loc"])
+        full_loc = tuple(error["loc"])
+        loc = list(full_loc)
         policy = None
         if len(loc) >= 2 and loc[0] == "policy" and isinstance(loc[1], int):
             entry = _policy_entry(document, loc[1])
             policy = str(entry.get("name", f"#{loc[1] + 1}")) if isinstance(entry, dict) else None
             loc = loc[2:]
         field = ".".join(str(part) for part in loc) or None
-        message = str(error["msg"]).removeprefix("Value error, ")
-        value = error.get("input") if error["type"] != "missing" else None
+        message = messages.explain(model, full_loc, error) or str(error["msg"]).removeprefix(
+            "Value error, "
+        )
+        value = error.get("input") if error["type"] not in messages.NO_VALUE else None
         if isinstance(value, dict):
             value = None
-        result.append(ConfigError(file, policy, field, value, message))
+        line = messages.line_of(lines, full_loc)
+        result.append(ConfigError(file, policy, field, value, message, line))
     return result
 
 

@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -48,11 +49,59 @@ def parse_duration(value: Any) -> Any:  # noqa: ANN401 - pydantic passes any inp
     return value
 
 
+def format_duration(value: timedelta) -> str:
+    """Write a duration the way a policy file does: the largest unit that keeps it whole."""
+    seconds = int(value.total_seconds())
+    for unit in ("d", "h", "m"):
+        if seconds and seconds % _UNIT_SECONDS[unit] == 0:
+            return f"{seconds // _UNIT_SECONDS[unit]}{unit}"
+    return f"{seconds}s"
+
+
+# The schema says what check accepts: not JSON Schema's "duration" format (ISO 8601,
+# "PT4H"), which parse_duration refuses. Defaults come out through the serializer.
 Duration = Annotated[
     timedelta,
     BeforeValidator(parse_duration),
-    PlainSerializer(lambda d: f"{int(d.total_seconds())}s", return_type=str),
-    Field(json_schema_extra={"type": "string", "examples": ["30s", "15m", "2h", "7d"]}),
+    PlainSerializer(format_duration, return_type=str),
+    WithJsonSchema(
+        {"type": "string", "pattern": _DURATION.pattern, "examples": ["15m", "2h", "7d"]}
+    ),
+]
+
+_SIZE = re.compile(r"^\s*\d+(?:\.\d+)?\s*(?:[KMGTPE]i?B|[KMGTPE]|B)?\s*$", re.IGNORECASE)
+_BINARY = (("EiB", 1024**6), ("PiB", 1024**5), ("TiB", 1024**4), ("GiB", 1024**3),
+           ("MiB", 1024**2), ("KiB", 1024))  # fmt: skip
+
+
+def parse_size(value: Any) -> Any:  # noqa: ANN401 - pydantic passes any input
+    """Refuse what ByteSize would read only in part: it ignores trailing text ("10 GB please")."""
+    if isinstance(value, bool):
+        raise ValueError("a size like 512MiB or 2GiB, not a boolean")
+    if isinstance(value, str) and not _SIZE.match(value):
+        raise ValueError("a size like 512MiB, 2GiB or 500MB (a number and one unit, nothing else)")
+    return value
+
+
+def format_size(value: int) -> str:
+    """Write a size the way a policy file does: the largest binary unit that keeps it whole."""
+    for unit, factor in _BINARY:
+        if value and value % factor == 0:
+            return f"{value // factor}{unit}"
+    return f"{value}B"
+
+
+Size = Annotated[
+    ByteSize,
+    BeforeValidator(parse_size),
+    PlainSerializer(format_size, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": _SIZE.pattern, "examples": ["512MiB", "2GiB"]}),
+]
+
+# Its own examples: the sizes' 512MiB and 2GiB are no cluster sizes (512 B to 2 MiB).
+ClusterSize = Annotated[
+    Size,
+    WithJsonSchema({"type": "string", "pattern": _SIZE.pattern, "examples": ["64KiB", "1MiB"]}),
 ]
 
 
@@ -72,11 +121,19 @@ class Match(_Model):
     """Which domains a policy selects."""
 
     names: tuple[str, ...] = Field(
-        default=(), description="domain names or shell-style globs (fnmatch), e.g. web-*"
+        default=(),
+        description="domain names or shell-style globs (fnmatch)",
+        examples=[["web-*", "build-??"]],
     )
-    uuids: tuple[str, ...] = Field(default=(), description="domain UUIDs")
+    uuids: tuple[str, ...] = Field(
+        default=(),
+        description="domain UUIDs",
+        examples=[["4dc0e6c8-12c3-4b2e-9e55-8f0c8b1f4a10"]],
+    )
     exclude: tuple[str, ...] = Field(
-        default=(), description="names or globs that are never selected, even if matched above"
+        default=(),
+        description="names or globs that are never selected, even if matched above",
+        examples=[["web-db*"]],
     )
     metadata: MetadataMatch | None = Field(
         default=None, description="an element the domain's <metadata> must hold"
@@ -101,10 +158,20 @@ class Match(_Model):
 class Schedule(_Model):
     """When a policy runs."""
 
-    cron: str = Field(description="5-field cron expression of the window's start, e.g. 0 2 * * sun")
-    timezone: str = Field(default="UTC", description="IANA time zone of the cron expression")
+    cron: str = Field(
+        description="5-field crontab(5) expression of the window's start (minute hour "
+        "day-of-month month day-of-week; 0 and 7 are Sunday)",
+        examples=["0 2 * * sun", "30 1 * * *"],
+    )
+    timezone: str = Field(
+        default="UTC",
+        description="IANA time zone the cron expression is read in",
+        examples=["Europe/Berlin"],
+    )
     window: Duration = Field(
-        default=timedelta(hours=4), description="how long after the start jobs may begin"
+        default=timedelta(hours=4),
+        description="how long after each cron start jobs may begin (a job that began may run "
+        "past the end)",
     )
     jitter: Duration = Field(
         default=timedelta(0), description="random delay added to each start (spreads hosts)"
@@ -136,14 +203,25 @@ class Schedule(_Model):
 class Idle(_Model):
     """When a guest counts as idle: every threshold held for ``duration``."""
 
-    cpu_percent: float = Field(default=5.0, ge=0, le=100, description="CPU use below this")
-    disk_bytes_per_s: ByteSize = Field(
-        default=ByteSize(1024 * 1024), description="disk reads+writes below this"
+    cpu_percent: float = Field(
+        default=5.0,
+        ge=0,
+        le=100,
+        description="CPU use, in percent of the guest's vCPUs, stays below this",
     )
-    net_bytes_per_s: ByteSize = Field(
-        default=ByteSize(100 * 1024), description="network receive+send below this"
+    disk_bytes_per_s: Size = Field(
+        default=ByteSize(1024 * 1024),
+        description="disk reads plus writes per second stay below this",
     )
-    duration: Duration = Field(default=timedelta(minutes=15), description="for at least this")
+    net_bytes_per_s: Size = Field(
+        default=ByteSize(100 * 1024),
+        description="network bytes received plus sent per second stay below this",
+    )
+    duration: Duration = Field(
+        default=timedelta(minutes=15),
+        description="the thresholds hold for at least this long",
+        examples=["15m", "1h"],
+    )
     no_logged_in_users: bool = Field(
         default=False, description="also require no logged-in users (guest agent)"
     )
@@ -158,13 +236,15 @@ class FreeSpace(_Model):
     """Freeing the guest's unused blocks before the rewrite."""
 
     method: FreeSpaceMethod = Field(
-        default=_JOB_DEFAULTS.free_space, description="auto|trim|zero|none"
+        default=_JOB_DEFAULTS.free_space,
+        description="auto (trim where every disk has discard, else zero), trim (guest-fstrim), "
+        "zero (fill free space with zeros through guest-exec) or none",
     )
     timeout: Duration = Field(
         default=timedelta(seconds=_JOB_DEFAULTS.free_space_timeout_s),
-        description="bound of a zero-fill",
+        description="a trim or zero-fill that takes longer is stopped (the job goes on without it)",
     )
-    host_reserve: ByteSize = Field(
+    host_reserve: Size = Field(
         default=ByteSize(_JOB_DEFAULTS.reserve.host_min_bytes),
         description="each host filesystem keeps at least this free (or host_reserve_percent, "
         "whichever is larger) through the job's writes: a rewrite that would go below it "
@@ -187,10 +267,14 @@ class Shutdown(_Model):
     """Shutting the guest down."""
 
     timeout: Duration = Field(
-        default=timedelta(seconds=_JOB_DEFAULTS.shutdown_timeout_s), description="wait this long"
+        default=timedelta(seconds=_JOB_DEFAULTS.shutdown_timeout_s),
+        description="how long to wait for the guest to be off after the ACPI shutdown request",
+        examples=["2m", "5m"],
     )
     on_timeout: OnShutdownTimeout = Field(
-        default=_JOB_DEFAULTS.on_shutdown_timeout, description="abort (leave it running) or force"
+        default=_JOB_DEFAULTS.on_shutdown_timeout,
+        description="when the guest is not off in time: abort (leave it running, change nothing) "
+        "or force (power it off)",
     )
 
 
@@ -198,30 +282,38 @@ class Rewrite(_Model):
     """The new image."""
 
     compression: Compression = Field(
-        default=_JOB_DEFAULTS.compression, description="zstd|zlib|none"
+        default=_JOB_DEFAULTS.compression,
+        description="qcow2 compression of the new image: zstd (needs QEMU >= 5.1 to read), zlib "
+        "or none",
     )
-    cluster_size: ByteSize | None = Field(
-        default=None, description="e.g. 64KiB; unset keeps each image's own"
+    cluster_size: ClusterSize | None = Field(
+        default=None,
+        description="cluster size of the new image, a power of two from 512 to 2MiB (64KiB, not "
+        "64K = 64000); unset keeps each image's own",
+        examples=["64KiB"],
     )
     preallocation: Literal["off", "metadata"] = Field(
         default="off", description="qcow2 preallocation of the new image"
     )
-    min_gain: ByteSize = Field(
-        default=ByteSize(_JOB_DEFAULTS.min_gain), description="skip below this estimated gain"
+    min_gain: Size = Field(
+        default=ByteSize(_JOB_DEFAULTS.min_gain),
+        description="skip a domain whose estimated gain is below this",
     )
     min_gain_percent: float = Field(
         default=_JOB_DEFAULTS.min_gain_percent, ge=0, le=100,
         description="skip below this estimated gain in percent of the allocated bytes",
     )  # fmt: skip
-    rate_limit: ByteSize | None = Field(
+    rate_limit: Size | None = Field(
         default=None,
         description="bytes per second the rewrite may read (qemu-img convert -r), e.g. "
         "50MiB: the guest (live) and its neighbours keep their disk bandwidth",
+        examples=["50MiB"],
     )
     keep_backup: Duration | None = Field(
         default=None,
         description="keep the original this long beside the new image (e.g. 2d), then "
         "delete it: its space comes back only then. Not set: no backup",
+        examples=["2d"],
     )
     convert: bool = Field(
         default=False,
@@ -268,7 +360,11 @@ class Mode(enum.StrEnum):
 class Policy(_Model):
     """One policy: a name, the domains it selects, its schedule, and how to reclaim."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="unique name")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="unique name: letters, digits, . _ -",
+        examples=["weekly-web"],
+    )
     enabled: bool = Field(default=True, description="a disabled policy selects nothing")
     priority: int = Field(
         default=0, description="when two policies match a domain, the higher one wins"
@@ -279,7 +375,7 @@ class Policy(_Model):
         "rewrite the base, block copy and commit with pivots; a shut-off guest is done offline)",
     )
     match: Match = Field(description="which domains this policy selects")
-    schedule: Schedule = Field(description="when it runs")
+    schedule: Schedule = Field(description="when its windows open, and for how long")
     idle: Idle = Field(default_factory=Idle, description="when a guest counts as idle")
     free_space: FreeSpace = Field(
         default_factory=FreeSpace, description="freeing space inside the guest first"
@@ -287,7 +383,11 @@ class Policy(_Model):
     shutdown: Shutdown = Field(default_factory=Shutdown, description="shutting the guest down")
     rewrite: Rewrite = Field(default_factory=Rewrite, description="the new image")
     guest: Guest = Field(default_factory=Guest, description="changes to the guest's definition")
-    after: After = Field(default=After.PREVIOUS, description="previous|start|off")
+    after: After = Field(
+        default=After.PREVIOUS,
+        description="the guest's state after a job that succeeded: previous (as it was), start "
+        "or off (a failed job always restores the previous)",
+    )
 
     @model_validator(mode="after")
     def _busy_guests_only_live(self) -> Policy:
