@@ -12,8 +12,9 @@ import sys
 from collections.abc import Sequence
 
 from virt_reclaim.cli.common import EXIT_FAILED, EXIT_USAGE, UsageError
-from virt_reclaim.cli.parsing import apply_daemon_settings, build_parser
+from virt_reclaim.cli.parsing import build_parser
 from virt_reclaim.cli.run import Terminated
+from virt_reclaim.cli.settings import apply_daemon_settings
 from virt_reclaim.errors import VirtError
 from virt_reclaim.job.lock import DomainBusy
 from virt_reclaim.journal.records import JournalError

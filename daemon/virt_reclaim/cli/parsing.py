@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import sys
-import time
 from typing import Any
 
-from pydantic import ByteSize, TypeAdapter, ValidationError
-
 from virt_reclaim import __version__, logs
-from virt_reclaim.cli.common import UsageError
+from virt_reclaim.cli import argtypes
 from virt_reclaim.cli.config_commands import cmd_check, cmd_plan, cmd_schema
 from virt_reclaim.cli.daemon_command import cmd_daemon
 from virt_reclaim.cli.domains import cmd_domains
@@ -19,96 +14,10 @@ from virt_reclaim.cli.journal_commands import cmd_backups, cmd_history, cmd_reco
 from virt_reclaim.cli.reload_command import cmd_reload
 from virt_reclaim.cli.run import cmd_run
 from virt_reclaim.config import loading
-from virt_reclaim.config.policy import parse_duration
 from virt_reclaim.job.freespace.agent import FreeSpaceMethod
-from virt_reclaim.job.results import Outcome
 from virt_reclaim.job.settings import Compression, OnShutdownTimeout
-from virt_reclaim.journal.queries import UNFINISHED
 from virt_reclaim.journal.store import DEFAULT_STATE_DIR
 from virt_reclaim.model import DEFAULT_URI
-
-_BYTE_SIZE = TypeAdapter(ByteSize)
-# What ``history --outcome`` accepts: how jobs end, and "unfinished" for those with no end yet.
-HISTORY_OUTCOMES = (*(outcome.value for outcome in Outcome), UNFINISHED)
-
-
-def _size(text: str) -> int:
-    """Parse a size like "64MiB", "1GiB" or "500MB" (argparse type)."""
-    try:
-        return int(_BYTE_SIZE.validate_python(text))
-    except ValidationError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size (examples: 512MiB, 20GiB, 1000000)"
-        ) from None
-
-
-def _cluster_size(text: str) -> int:
-    """Parse a qcow2 cluster size: a power of two from 512 bytes to 2 MiB."""
-    size = _size(text)
-    if size < 512 or size > 2 * 1024 * 1024 or size & (size - 1):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is {size} bytes; a qcow2 cluster size is a power of two from 512 to "
-            "2MiB (write 64KiB, not 64K, which means 64000)"
-        )
-    return size
-
-
-def _duration(text: str) -> float:
-    """Parse a duration like "30s", "15m", "2h", "7d" into seconds (argparse type)."""
-    try:
-        return float(parse_duration(text).total_seconds())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a duration (examples: 30s, 15m, 2h, 7d)"
-        ) from None
-
-
-def _seconds(text: str) -> float:
-    """Parse a positive number of seconds (argparse type)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return value
-
-
-def _since(text: str) -> float:
-    """Parse "7d" (that long ago) or an ISO date or time (UTC unless given) into epoch seconds."""
-    try:
-        back: dt.timedelta = parse_duration(text)
-    except ValueError:
-        pass
-    else:
-        return time.time() - back.total_seconds()
-    try:
-        when = dt.datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is neither a duration (30m, 12h, 7d) nor a date (2026-12-01, "
-            "2026-12-01T08:00, 2026-12-01T08:00+01:00)"
-        ) from None
-    return (when if when.tzinfo else when.replace(tzinfo=dt.UTC)).timestamp()
-
-
-def _count(text: str) -> int:
-    """Parse a positive whole number (argparse type)."""
-    if not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return int(text)
-
-
-def _outcomes(text: str) -> list[str]:
-    """Parse "failed" or "failed,abandoned" into outcomes ``history`` knows (argparse type)."""
-    named = [part.strip() for part in text.split(",")]
-    unknown = [part for part in named if part not in HISTORY_OUTCOMES]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"{', '.join(map(repr, unknown))}: not an outcome; choose from "
-            f"{', '.join(HISTORY_OUTCOMES)}"
-        )
-    return named
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,7 +102,7 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
         "guest is reclaimed offline",
     )  # fmt: skip
     run.add_argument(
-        "--rate-limit", type=_size, default=None, metavar="BYTES_PER_S",
+        "--rate-limit", type=argtypes.size, default=None, metavar="BYTES_PER_S",
         help="limit the rewrite's I/O (qemu-img convert -r), e.g. 50MiB, so that the guest "
         "and its neighbours keep their disk bandwidth (default: the policy's, else none)",
     )  # fmt: skip
@@ -205,7 +114,7 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
         "auto (trim where every disk has discard, else zero), none (default: auto)",
     )  # fmt: skip
     run.add_argument(
-        "--host-reserve", type=_size, default=None, metavar="SIZE",
+        "--host-reserve", type=argtypes.size, default=None, metavar="SIZE",
         help="each host filesystem keeps at least SIZE free through the job: a rewrite that "
         "would go below it is skipped before the guest is shut down, and a zero-fill leaves "
         "it free beyond what the rewrite needs (default: the policy's, else the larger of "
@@ -216,12 +125,12 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
         help="compression of the new image; zstd needs QEMU >= 5.1 to open it (default: zstd)",
     )  # fmt: skip
     run.add_argument(
-        "--cluster-size", type=_cluster_size, metavar="SIZE",
+        "--cluster-size", type=argtypes.cluster_size, metavar="SIZE",
         help="cluster size of the new image, e.g. 64KiB (default: keep each image's own; "
         "clusters above 64KiB make compressed images slow to read)",
     )  # fmt: skip
     run.add_argument(
-        "--shutdown-timeout", type=_seconds, default=None, metavar="SECONDS",
+        "--shutdown-timeout", type=argtypes.seconds, default=None, metavar="SECONDS",
         help="how long to wait for the guest to be off (default: 120)",
     )  # fmt: skip
     run.add_argument(
@@ -231,13 +140,13 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
         "(default: abort)",
     )  # fmt: skip
     run.add_argument(
-        "--min-gain", type=_size, default=None, metavar="SIZE",
+        "--min-gain", type=argtypes.size, default=None, metavar="SIZE",
         help="do nothing when the estimated gain is below this (default: 64MiB); when the "
         "guest's usage is unknown (shut off, no agent) the estimate counts only what "
         "compression and dropping zero clusters free",
     )  # fmt: skip
     run.add_argument(
-        "--keep-backup", type=_duration, default=None, metavar="DURATION",
+        "--keep-backup", type=argtypes.duration, default=None, metavar="DURATION",
         help="keep each original image beside the new one (NAME.virt-reclaim-backup-TIME) "
         "this long, e.g. 2d; its space comes back when it is deleted at expiry (by the "
         "daemon, or `virt-reclaim backups --prune`)",
@@ -303,18 +212,18 @@ def _add_journal_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's p
     _add_config_dir(history)
     history.add_argument("--json", action="store_true", help="print a JSON list")
     history.add_argument(
-        "--since", type=_since, metavar="DURATION|DATE",
+        "--since", type=argtypes.since, metavar="DURATION|DATE",
         help="only jobs started since then: a duration back from now (30m, 12h, 7d) or a date "
         "(2026-12-01, 2026-12-01T08:00; UTC unless it has an offset such as +01:00)",
     )  # fmt: skip
     history.add_argument(
-        "--limit", type=_count, default=1000, metavar="N",
+        "--limit", type=argtypes.count, default=1000, metavar="N",
         help="at most the N newest jobs (default: %(default)s)",
     )  # fmt: skip
     history.add_argument(
-        "--outcome", type=_outcomes, action="append", metavar="OUTCOME",
-        help=f"only jobs that ended so: {', '.join(HISTORY_OUTCOMES)}; repeat the option or "
-        "separate with commas for several",
+        "--outcome", type=argtypes.outcomes, action="append", metavar="OUTCOME",
+        help=f"only jobs that ended so: {', '.join(argtypes.HISTORY_OUTCOMES)}; repeat the "
+        "option or separate with commas for several",
     )  # fmt: skip
     history.set_defaults(handler=cmd_history)
 
@@ -433,21 +342,14 @@ def _add_reload_command(commands: Any) -> None:  # noqa: ANN401 - argparse's pri
     _add_config_dir(reload)
     _add_state_dir(reload)
     reload.add_argument(
-        "--pid", type=_pid, metavar="PID",
+        "--pid", type=argtypes.pid, metavar="PID",
         help="the daemon's process id (default: $MAINPID, which systemd sets for ExecReload=)",
     )  # fmt: skip
     reload.add_argument(
-        "--timeout", type=_seconds, default=30.0, metavar="SECONDS",
+        "--timeout", type=argtypes.seconds, default=30.0, metavar="SECONDS",
         help="how long to wait for the daemon's verdict (default: %(default)g)",
     )  # fmt: skip
     reload.set_defaults(handler=cmd_reload)
-
-
-def _pid(text: str) -> int:
-    """Parse a process id (argparse type)."""
-    if not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a process id")
-    return int(text)
 
 
 def _add_config_dir(parser: argparse.ArgumentParser) -> None:
@@ -473,53 +375,3 @@ def _add_connect(parser: argparse.ArgumentParser) -> None:
         help="libvirt connection URI (default: the configured uri, else $LIBVIRT_DEFAULT_URI, "
         f"else {DEFAULT_URI})",
     )
-
-
-def apply_daemon_settings(args: argparse.Namespace) -> None:
-    """Fill the options not given from CONFIG_DIR/virt-reclaim.toml (then built-in defaults)."""
-    if not hasattr(args, "config_dir") or args.command in ("daemon", "reload"):
-        return  # these report configuration errors their own way (a log, exit 78)
-    daemon, errors = loading.load_daemon(args.config_dir)
-    if errors and not _usable_despite(errors, args):
-        raise UsageError("\n  ".join(["the daemon settings are not valid:", *map(str, errors)]))
-    args.daemon = daemon
-    for option, value in (("connect", daemon.uri), ("state_dir", daemon.state_dir),
-                          ("qemu_img", daemon.qemu_img)):  # fmt: skip
-        if hasattr(args, option) and getattr(args, option) is None:
-            setattr(args, option, value)
-
-
-# What each command takes from the daemon settings, by its option: a command not listed
-# refuses to run on settings with errors (run would follow a configuration half read).
-_NEEDS = {
-    "check": {},  # reports the errors itself, with those of the policies
-    "plan": {},  # prints them and exits 2
-    "history": {"state_dir": "state_dir"},
-    "backups": {"state_dir": "state_dir"},
-    "recover": {"state_dir": "state_dir", "uri": "connect"},
-}
-
-
-def _usable_despite(errors: list[loading.ConfigError], args: argparse.Namespace) -> bool:
-    """Whether ``args.command`` can go on with the settings that are valid; say so if it does.
-
-    ``recover`` and ``history`` need only the state folder and the URI: a wrong ``nice``
-    must not keep an operator from finishing a job that died. A file that could not be read
-    at all (field None) or a wrong needed key gives no value; an option given instead does.
-    """
-    needs = _NEEDS.get(args.command)
-    if needs is None:
-        return False
-    missing = [
-        option for key, option in needs.items()
-        if getattr(args, option, None) is None
-        and any(error.field is None or error.field == key for error in errors)
-    ]  # fmt: skip
-    if missing:
-        options = " and ".join(f"--{option.replace('_', '-')}" for option in missing)
-        raise UsageError("\n  ".join([f"the daemon settings are not valid (give {options} to go "
-                                      "on without them):", *map(str, errors)]))  # fmt: skip
-    if needs:
-        lines = ["warning: the daemon settings have errors; going on with the valid ones:"]
-        print("\n  ".join([*lines, *map(str, errors)]), file=sys.stderr)
-    return True
