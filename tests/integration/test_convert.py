@@ -78,6 +78,7 @@ def image_files(folder: Path) -> list[str]:
 def test_an_imported_guest_is_converted_and_boots_from_qcow2(
     make_guest: Callable[..., Guest], tmp_path: Path, disk_format: str
 ) -> None:
+    """Up to a minute under load: the job converts the disk and boots the guest from it."""
     guest = make_guest(data_size="96M", disk_format=disk_format)
     data.write_text(guest, "/data/app.log", 4)
     data.write_random(guest, "/data/blob.bin", 2)
@@ -103,6 +104,7 @@ def test_an_imported_guest_is_converted_and_boots_from_qcow2(
 def test_discard_turned_on_makes_the_next_job_trim(
     make_guest: Callable[..., Guest], tmp_path: Path
 ) -> None:
+    """Up to a minute under load: two jobs, each restarting the guest."""
     guest = make_guest(data_size="96M", discard=False)
     data.write_text(guest, "/data/app.log", 2)
     sums = data.checksums(guest)

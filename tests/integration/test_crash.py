@@ -90,6 +90,7 @@ def kill_job(job: subprocess.Popen[str]) -> None:
 
 @pytest.mark.parametrize("point", CRASH_POINTS)
 def test_sigkill_before_each_step_then_recover(bed: CrashBed, point: str, tmp_path: Path) -> None:
+    """Up to a minute under load: from the shutdown on, the job and then recovery boot the guest."""
     bed.dirty()
     marker = tmp_path / "paused"
     job = bed.start_job(env={"VIRT_RECLAIM_TEST_PAUSE": point,
