@@ -16,7 +16,7 @@ import pytest
 
 from fakes import make_image
 from virt_reclaim.errors import VirtError
-from virt_reclaim.image import imagefile
+from virt_reclaim.image import guard
 from virt_reclaim.job.modes import mode_named
 from virt_reclaim.job.results import Recovered
 from virt_reclaim.journal.records import JournalDisk, JournalJob
@@ -49,7 +49,7 @@ def holder(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 30
-    while not imagefile.lock_held(str(temp)):
+    while not guard.lock_held(str(temp)):
         assert proc.poll() is None, "qemu-io exited"
         assert time.monotonic() < deadline, "qemu-io never locked the image"
         time.sleep(0.02)
@@ -78,7 +78,7 @@ def test_a_temporary_image_locked_by_an_unseen_writer_is_left_and_the_job_stays_
 def test_an_unlocked_temporary_image_is_removed_and_the_original_kept(tmp_path: Path) -> None:
     image = make_image(tmp_path / "disk.qcow2", "16M")
     temp = make_image(tmp_path / ".disk.qcow2.virt-reclaim-j1.tmp", "16M")
-    assert not imagefile.lock_held(str(temp))
+    assert not guard.lock_held(str(temp))
     job = journaled_rewrite(tmp_path, image, temp)
     result = Recovered(job.id, job.domain, job.step, "failed", [])
 
@@ -91,17 +91,17 @@ def test_an_unlocked_temporary_image_is_removed_and_the_original_kept(tmp_path: 
 
 def test_a_lock_is_seen_whoever_holds_it(tmp_path: Path) -> None:
     image = make_image(tmp_path / "disk.qcow2", "16M")
-    assert not imagefile.lock_held(str(image))
-    assert not imagefile.lock_held(str(tmp_path / "missing"))
+    assert not guard.lock_held(str(image))
+    assert not guard.lock_held(str(tmp_path / "missing"))
     with subprocess.Popen(
         ["qemu-io", "-r", "-f", "qcow2", "-c", f"sleep {HOLD_S * 1000}", str(image)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     ) as proc:  # fmt: skip
         try:
             deadline = time.monotonic() + 30
-            while not imagefile.lock_held(str(image)):
+            while not guard.lock_held(str(image)):
                 assert time.monotonic() < deadline, "a read-only qemu-io took no lock"
                 time.sleep(0.02)
         finally:
             proc.kill()
-    assert not imagefile.lock_held(str(image))
+    assert not guard.lock_held(str(image))

@@ -30,8 +30,8 @@ class GuardError(VirtReclaimError):
     """The image cannot be guarded: it is open for writing, or cannot be opened."""
 
 
-def _flock(fd: int, command: int, lock_type: int, byte: int) -> tuple[int, int]:
-    packed = struct.pack(_FLOCK, lock_type, os.SEEK_SET, byte, 1, 0)
+def _flock(fd: int, command: int, lock_type: int, byte: int, length: int = 1) -> tuple[int, int]:
+    packed = struct.pack(_FLOCK, lock_type, os.SEEK_SET, byte, length, 0)
     result = fcntl.fcntl(fd, command, packed)
     l_type, _whence, _start, _len, l_pid = struct.unpack(_FLOCK, result)
     return l_type, l_pid
@@ -42,6 +42,24 @@ def held_for_writing(path: str) -> bool:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         l_type, _ = _flock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, _WRITE_HELD)
+        return l_type != fcntl.F_UNLCK
+    finally:
+        os.close(fd)
+
+
+def lock_held(path: str) -> bool:
+    """Whether some process holds any lock on the file at ``path`` (QEMU and qemu-img do).
+
+    Asking whether a write lock over the whole file would conflict finds QEMU's
+    open-file-description locks without seeing the process, which the unit's
+    ProtectProc=invisible may hide.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        l_type, _ = _flock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, 0, length=0)
         return l_type != fcntl.F_UNLCK
     finally:
         os.close(fd)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import pwd
 import stat
-import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -181,30 +179,6 @@ def remove_quietly(path: str) -> bool:
     except FileNotFoundError:
         return False
     return True
-
-
-# struct flock on Linux x86-64 and arm64: type, whence, (pad), start, len, pid, (pad).
-_FLOCK = struct.Struct("hh4xqqi4x")
-
-
-def lock_held(path: str) -> bool:
-    """Whether some process holds a lock on the file at ``path`` (QEMU and qemu-img do).
-
-    QEMU's image locking takes open-file-description locks on bytes of every image it
-    opens; asking whether a write lock over the whole file would conflict finds them
-    without seeing the process, which the unit's ProtectProc=invisible may hide.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except (FileNotFoundError, OSError):
-        return False
-    try:
-        probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe)
-    finally:
-        os.close(fd)
-    lock_type: int = _FLOCK.unpack(answer)[0]
-    return lock_type != fcntl.F_UNLCK
 
 
 def fsync_folder(folder: str) -> None:

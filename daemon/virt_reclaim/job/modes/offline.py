@@ -19,6 +19,7 @@ from typing import Any
 from virt_reclaim.domxml import read
 from virt_reclaim.errors import VirtError
 from virt_reclaim.image import imagefile
+from virt_reclaim.image.guard import lock_held
 from virt_reclaim.image.qemu_img_argv import ImageInfo
 from virt_reclaim.job.context import SHUTDOWN_REQUESTED, JobContext, Step
 from virt_reclaim.job.results import JobFailed, Recovered
@@ -81,7 +82,7 @@ def recover_rewritten_disk(disk: JournalDisk, *, past_swap: bool, result: Recove
     killed = kill_qemu_img_holding(disk.temp_path)
     if killed:
         result.actions.append(f"killed qemu-img {killed} still writing {disk.temp_path}")
-    if imagefile.lock_held(disk.temp_path):
+    if lock_held(disk.temp_path):
         # A writer this process cannot see: under the unit's ProtectProc=invisible, a
         # qemu-img that `run` started from a root shell. Its lock would also stop the guest.
         raise VirtError(
