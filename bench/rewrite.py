@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from testbed.data import log_text  # noqa: E402
+from testbed.content import log_text  # noqa: E402
 from virt_reclaim.image.imagefile import NewImage  # noqa: E402
 from virt_reclaim.image.qemu_img import QemuImg  # noqa: E402
 from virt_reclaim.process import Priority  # noqa: E402

@@ -21,6 +21,7 @@ import libvirt
 import pytest
 
 from testbed import data
+from testbed.content import Content
 from testbed.guests import URI, Guest
 from testbed.live import guest_writing, witnessed
 from testbed.reclaim import image_info, qemu_img_check_clean
@@ -103,10 +104,9 @@ def assert_same_after_cold_restart(guest: Guest, sums: dict[str, str]) -> None:
 
 def test_live_recompression_ends_on_the_original_image(make_guest: Callable[..., Guest]) -> None:
     """Slow (30-60 s): the whole live sequence by hand, a writer in the guest, a cold restart."""
-    guest = make_guest(data_size="512M", discard=True)
-    data.write_text(guest, "/data/app.log", 64)
-    data.write_random(guest, "/data/blob.bin", 8)
-    before = data.checksums(guest)
+    files = Content(text={"app.log": 64}, random={"blob.bin": 8})
+    guest = make_guest(data_size="512M", discard=True, content=files)
+    before = guest.content_sums
     original = guest.data_image
     overlay1 = original.with_name("data.overlay1.qcow2")
     overlay2 = original.with_name("data.overlay2.qcow2")

@@ -22,7 +22,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from testbed import data
+from testbed import content, data
 from testbed.guests import Guest
 from testbed.reclaim import (
     leftovers,
@@ -199,6 +199,6 @@ def _files(tmp_path: Path) -> Path:
     """A few files for a shut-off guest's filesystem (mkfs.ext4 -d): data to keep intact."""
     folder = tmp_path / "files"
     folder.mkdir()
-    (folder / "app.log").write_bytes(data.log_text(2 * 1024 * 1024))
+    (folder / "app.log").write_bytes(content.log_text(2 * 1024 * 1024))
     (folder / "blob.bin").write_bytes(bytes(range(256)) * 4096)
     return folder

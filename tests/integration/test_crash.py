@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from testbed import data
+from testbed.content import Content
 from testbed.guests import Guest, create_guest, restart_libvirtd
 from testbed.reclaim import (
     fake_qemu_img,
@@ -47,7 +48,7 @@ class CrashBed:
     def __init__(self, guest: Guest, state_dir: Path) -> None:
         self.guest = guest
         self.state_dir = state_dir
-        self.sums = data.checksums(guest)
+        self.sums = guest.content_sums
 
     def dirty(self) -> None:
         """Deleted data for the next job to reclaim (so that every run has work to do)."""
@@ -74,10 +75,9 @@ class CrashBed:
 
 @pytest.fixture(scope="module")
 def bed(libvirt_conn: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CrashBed]:
-    guest = create_guest(libvirt_conn, data_size="512M", discard=True)
+    files = Content(text={"app.log": 16}, random={"blob.bin": 8})
+    guest = create_guest(libvirt_conn, data_size="512M", discard=True, content=files)
     try:
-        data.write_text(guest, "/data/app.log", 16)
-        data.write_random(guest, "/data/blob.bin", 8)
         yield CrashBed(guest, tmp_path_factory.mktemp("journal"))
     finally:
         guest.remove()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from testbed import data
+from testbed.content import Content
 from testbed.daemon import DaemonProcess, NotifyListener, write_config
 from testbed.guests import URI, Guest, restart_libvirtd
 from testbed.reclaim import fake_qemu_img, leftovers, qemu_img_check_clean, wait_for_file
@@ -59,20 +60,19 @@ def every_minute(name: str, domains: list[str], **extra: str) -> str:
     return "[[policy]]\n" + "".join(f"{key} = {value}\n" for key, value in lines.items())
 
 
-def dirty(guest: Guest, deleted_mib: int) -> dict[str, str]:
-    data.write_text(guest, "/data/app.log", 8)
-    data.write_deleted_random(guest, deleted_mib)
-    return data.checksums(guest)
+def dirty(deleted_mib: int) -> Content:
+    """Text kept and random data deleted: the guest's gain is about ``deleted_mib``."""
+    return Content(text={"app.log": 8}, deleted_mib=deleted_mib)
 
 
 def test_window_reclaims_idle_guests_by_gain_skips_the_busy_one_and_stops_safely(
     make_guest: Callable[..., Guest], daemons: list[DaemonProcess], tmp_path: Path
 ) -> None:
     """Slow (about a minute): a window, two jobs one after the other, each booting its guest."""
-    idle_big = make_guest(data_size="256M", discard=True)
-    idle_small = make_guest(data_size="256M", discard=True)
+    idle_big = make_guest(data_size="256M", discard=True, content=dirty(48))
+    idle_small = make_guest(data_size="256M", discard=True, content=dirty(16))
     busy = make_guest(data_size="64M")
-    sums_big, sums_small = dirty(idle_big, 48), dirty(idle_small, 16)
+    sums_big, sums_small = idle_big.content_sums, idle_small.content_sums
     busy.exec("sh -c 'while :; do :; done' >/dev/null 2>&1 &")
     # The smaller guest's rewrite waits (until killed) so that SIGTERM finds it mid-job.
     paused = tmp_path / "paused"
@@ -143,8 +143,8 @@ def test_window_reclaims_idle_guests_by_gain_skips_the_busy_one_and_stops_safely
 def test_a_guest_busy_when_the_window_opens_is_reclaimed_once_it_goes_idle(
     make_guest: Callable[..., Guest], daemons: list[DaemonProcess], tmp_path: Path
 ) -> None:
-    guest = make_guest(data_size="128M", discard=True)
-    sums = dirty(guest, 32)
+    guest = make_guest(data_size="128M", discard=True, content=dirty(32))
+    sums = guest.content_sums
     guest.exec("sh -c 'echo $$ >/run/busy.pid; while :; do :; done' >/dev/null 2>&1 &")
     config_dir = write_config(
         tmp_path / "etc", settings(tmp_path), {"10-test.toml": every_minute("late", [guest.name])}
@@ -244,8 +244,8 @@ def test_libvirtd_restarted_while_the_daemon_runs_then_the_next_job_runs(
     daemon = DaemonProcess(config_dir)
     daemons.append(daemon)
     daemon.wait_event("daemon.started", 60)
-    guest = make_guest(data_size="128M", discard=True, name=name)
-    sums = dirty(guest, 24)
+    guest = make_guest(data_size="128M", discard=True, name=name, content=dirty(24))
+    sums = guest.content_sums
     daemon.wait_event("domain.added", 30, domain=name)
 
     restart_libvirtd()

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from testbed import data
+from testbed.content import Content
 from testbed.daemon import DaemonProcess, write_config
 from testbed.guests import URI, Guest
 
@@ -79,9 +79,8 @@ def epoch(iso: str) -> float:
 def test_the_daemon_writes_metrics_that_match_the_journal_and_survive_a_restart(
     make_guest: Callable[..., Guest], daemons: list[DaemonProcess], tmp_path: Path
 ) -> None:
-    idle = make_guest(data_size="128M", discard=True)
-    data.write_text(idle, "/data/app.log", 8)
-    data.write_deleted_random(idle, 24)
+    idle = make_guest(data_size="128M", discard=True,
+                      content=Content(text={"app.log": 8}, deleted_mib=24))  # fmt: skip
     snapped = make_guest(data_size="64M", start=False)
     own = {idle.name, snapped.name}
     subprocess.run(["qemu-img", "snapshot", "-c", "before", str(snapped.data_image)], check=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from testbed import data
+from testbed.content import Content
 from testbed.guests import URI, Guest
 
 pytestmark = pytest.mark.guest
@@ -42,8 +42,7 @@ def qemu_img_info(path: str) -> dict[str, Any]:
 
 
 def test_running_guest_sizes_and_agent(make_guest: Callable[..., Guest]) -> None:
-    guest = make_guest(data_size="768M")
-    data.write_random(guest, "/data/r.bin", 24)
+    guest = make_guest(data_size="768M", content=Content(random={"r.bin": 24}))
 
     # libvirt learns of the agent's port from a QEMU event; wait for it with a deadline.
     deadline = time.monotonic() + 30

@@ -19,6 +19,7 @@ import libvirt
 import pytest
 
 from testbed import data
+from testbed.content import Content
 from testbed.guests import URI, Guest
 from testbed.reclaim import (
     RunResult,
@@ -144,11 +145,9 @@ def test_zero_fill_fills_what_fits_above_the_reserve_and_never_pauses_the_guest(
     make_guest: Callable[..., Guest], make_tmpfs: Callable[[str], Path]
 ) -> None:
     host = make_tmpfs("400M")
-    guest = make_guest(data_size="1G", discard=False, image_dir=host)
-    data.write_text(guest, "/data/app.log", 16)
-    data.write_random(guest, "/data/blob.bin", 8)
-    data.write_deleted_random(guest, 24)
-    sums = data.checksums(guest)
+    files = Content(text={"app.log": 16}, random={"blob.bin": 8}, deleted_mib=24)
+    guest = make_guest(data_size="1G", discard=False, image_dir=host, content=files)
+    sums = guest.content_sums
     free_in_guest = guest_free(guest)
     # A full fill would need the whole free space of the guest: the host cannot take it.
     free_before = host_free(host)
@@ -181,10 +180,9 @@ def test_zero_fill_that_cannot_fit_is_skipped_with_the_reason(
     make_guest: Callable[..., Guest], make_tmpfs: Callable[[str], Path]
 ) -> None:
     host = make_tmpfs("240M")  # the rewrite fits beside the reserve; a fill does not
-    guest = make_guest(data_size="1G", discard=False, image_dir=host)
-    data.write_text(guest, "/data/app.log", 8)
-    data.write_deleted_random(guest, 32)
-    sums = data.checksums(guest)
+    files = Content(text={"app.log": 8}, deleted_mib=32)
+    guest = make_guest(data_size="1G", discard=False, image_dir=host, content=files)
+    sums = guest.content_sums
 
     run, witness = reclaim_witnessed(guest, host, *fill_options("64MiB"))
 

@@ -19,6 +19,7 @@ import libvirt
 import pytest
 
 from testbed import data
+from testbed.content import Content
 from testbed.guests import Guest, restart_libvirtd
 from testbed.live import (
     Ticker,
@@ -53,10 +54,8 @@ FREEZE_S = 2.0
 def test_live_reclaim_keeps_a_writing_guest_running(
     make_guest: Callable[..., Guest], tmp_path: Path
 ) -> None:
-    guest = make_guest(data_size="1G", discard=True)
-    data.write_text(guest, "/data/app.log", 32)
-    data.write_random(guest, "/data/blob.bin", 8)
-    data.write_deleted_random(guest, 64)
+    files = Content(text={"app.log": 32}, random={"blob.bin": 8}, deleted_mib=64)
+    guest = make_guest(data_size="1G", discard=True, content=files)
     image = guest.data_image
 
     with witnessed(guest) as witness, guest_writing(guest) as writer:

@@ -15,6 +15,7 @@ import pytest
 from apscheduler.triggers.cron import CronTrigger
 
 from testbed import data
+from testbed.content import Content
 from testbed.guests import URI, Guest
 from testbed.reclaim import sha256_file
 
@@ -44,9 +45,7 @@ def plan(config_dir: Path) -> dict[str, dict[str, Any]]:
 def test_plan_shows_policy_next_run_sizes_and_skip_reasons(
     make_guest: Callable[..., Guest], tmp_path: Path
 ) -> None:
-    dirty = make_guest(data_size="512M")
-    data.write_text(dirty, "/data/app.log", 16)
-    data.write_deleted_random(dirty, 48)
+    dirty = make_guest(data_size="512M", content=Content(text={"app.log": 16}, deleted_mib=48))
     used = data.used_bytes(dirty)
     snapshotted = make_guest(data_size="64M", start=False)
     subprocess.run(["qemu-img", "snapshot", "-c", "s", str(snapshotted.data_image)],

@@ -20,7 +20,8 @@ from typing import Any
 import libvirt
 import pytest
 
-from testbed import data
+from testbed import content, data
+from testbed.content import Content
 from testbed.guests import URI, Guest
 from testbed.reclaim import (
     RunResult,
@@ -92,17 +93,15 @@ def dirty_guest(make_guest: Callable[..., Guest], **options: object) -> tuple[Gu
 
     Returns the guest and the compressed size of its live data.
     """
-    guest = make_guest(**{"data_size": "1G", **options})
-    data.write_text(guest, "/data/app.log", 32)
-    data.write_random(guest, "/data/blob.bin", 8)
-    data.write_deleted_random(guest, 64)
-    live = 32 * compressed_size(data.log_text(MIB)) + 8 * MIB
+    files = Content(text={"app.log": 32}, random={"blob.bin": 8}, deleted_mib=64)
+    guest = make_guest(**{"data_size": "1G", "content": files, **options})
+    live = 32 * compressed_size(content.log_text(MIB)) + 8 * MIB
     return guest, live
 
 
 def test_running_guest_is_reclaimed_and_compressed(make_guest: Callable[..., Guest]) -> None:
     guest, live_compressed = dirty_guest(make_guest, discard=True)
-    sums = data.checksums(guest)
+    sums = guest.content_sums
     owner = owner_and_mode(guest.data_image)
 
     run = reclaim(guest.name, "--min-gain", "0")
@@ -131,7 +130,7 @@ def test_guest_that_is_off_is_rewritten_and_stays_off_and_its_backup_expires(
     """The backup holds the old image's bytes until it expires; pruned, the host gets them."""
     folder = make_tmpfs("1500M")  # a filesystem of its own: its free space is the job's alone
     guest, _ = dirty_guest(make_guest, discard=False, image_dir=folder)
-    sums = data.checksums(guest)
+    sums = guest.content_sums
     guest.shutdown()
     owner = owner_and_mode(guest.data_image)
     original_hash = sha256_file(guest.data_image)
@@ -171,10 +170,9 @@ def test_trim_and_zero_fill_free_the_deleted_data(
     make_guest: Callable[..., Guest], discard: bool, method: str
 ) -> None:
     # 256 MiB: the 144 MiB written leave about 80 MiB for a zero-fill to write under TCG.
-    guest = make_guest(data_size="256M", discard=discard)
-    data.write_random(guest, "/data/keep.bin", 16)
-    data.write_deleted_random(guest, 128)
-    sums = data.checksums(guest)
+    files = Content(random={"keep.bin": 16}, deleted_mib=128)
+    guest = make_guest(data_size="256M", discard=discard, content=files)
+    sums = guest.content_sums
 
     run = reclaim(guest.name, "--free-space", "auto", "--compression", "none", "--min-gain", "0")
 
@@ -262,7 +260,7 @@ def test_guest_that_ignores_shutdown_force_powers_it_off(
     make_guest: Callable[..., Guest],
 ) -> None:
     guest, _ = dirty_guest(make_guest, discard=True)
-    sums = data.checksums(guest)
+    sums = guest.content_sums
     ignore_shutdown(guest)
 
     run = reclaim(guest.name, "--min-gain", "0", "--shutdown-timeout", "5",
@@ -297,7 +295,7 @@ def test_agent_refusing_guest_exec_is_logged_and_the_rewrite_goes_on(
     make_guest: Callable[..., Guest],
 ) -> None:
     guest, _ = dirty_guest(make_guest, discard=False)
-    sums = data.checksums(guest)
+    sums = guest.content_sums
     block_guest_exec(guest)
 
     run = reclaim(guest.name, "--free-space", "zero", "--min-gain", "0")
@@ -316,7 +314,7 @@ def test_start_during_the_rewrite_is_refused_and_the_job_completes(
 ) -> None:
     wrapper, paused, go = paused_qemu_img
     guest, _ = dirty_guest(make_guest, discard=True)
-    sums = data.checksums(guest)
+    sums = guest.content_sums
 
     job = start_reclaim(guest.name, "--min-gain", "0", "--qemu-img", str(wrapper))
     with killed_if_left_running(job):
@@ -341,7 +339,7 @@ def test_failed_verification_restores_image_and_guest(
         tmp_path, 'if [ "$1" = compare ]; then echo "Content mismatch at offset 0!"; exit 1; fi\n'
     )
     guest, _ = dirty_guest(make_guest, discard=True)
-    sums = data.checksums(guest)
+    sums = guest.content_sums
     guest.exec("sync")
     owner = owner_and_mode(guest.data_image)
 
@@ -364,7 +362,7 @@ def test_sigterm_during_the_rewrite_restores_everything(
 ) -> None:
     wrapper, paused, _go = paused_qemu_img
     guest, _ = dirty_guest(make_guest, discard=True)
-    sums = data.checksums(guest)
+    sums = guest.content_sums
 
     job = start_reclaim(guest.name, "--min-gain", "0", "--qemu-img", str(wrapper))
     with killed_if_left_running(job):
@@ -486,9 +484,8 @@ def test_a_rewrite_that_would_go_below_the_reserve_is_skipped_before_the_shutdow
     make_guest: Callable[..., Guest], make_tmpfs: Callable[[str], Path]
 ) -> None:
     folder = make_tmpfs("400M")
-    guest = make_guest(data_size="1G", image_dir=folder)
-    data.write_random(guest, "/data/blob.bin", 56)
-    sums = data.checksums(guest)
+    guest = make_guest(data_size="1G", image_dir=folder, content=Content(random={"blob.bin": 56}))
+    sums = guest.content_sums
     uptime = float(guest.exec("cut -d' ' -f1 /proc/uptime").stdout)
 
     # About 120 MiB needed of about 340 free: it fits, but not beside a 300 MiB reserve.

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import libvirt
 import pytest
 
-from testbed import data
+from testbed import content, data
 from testbed.guests import Guest, create_guest, remove_domain, sweep_leftovers
 
 pytestmark = pytest.mark.guest
@@ -73,6 +73,20 @@ def test_deleted_random_data_stays_allocated_until_trimmed(
     assert host_allocated(guest) < empty + 8 * MIB
 
 
+def test_content_made_on_the_host_is_what_the_guest_reads_and_its_deleted_data_is_free(
+    make_guest: Callable[..., Guest],
+) -> None:
+    """testbed.content stands in for writes in the guest: the same files, the same garbage."""
+    files = content.Content(text={"app.log": 4}, random={"blob.bin": 2}, deleted_mib=48)
+    guest = make_guest(data_size="512M", discard=True, content=files)
+    assert data.checksums(guest) == guest.content_sums
+    assert set(guest.content_sums) == {"/data/app.log", "/data/blob.bin"}
+    assert data.used_bytes(guest) < 12 * MIB, "the deleted data is free in the filesystem"
+    assert host_allocated(guest) >= 48 * MIB, "and allocated in the image"
+    guest.agent("guest-fstrim")
+    assert host_allocated(guest) < 16 * MIB
+
+
 def test_without_discard_a_trim_frees_nothing_on_the_host(
     make_guest: Callable[..., Guest],
 ) -> None:
@@ -84,9 +98,9 @@ def test_without_discard_a_trim_frees_nothing_on_the_host(
 
 
 def test_log_text_compresses_like_logs() -> None:
-    text = data.log_text(MIB)
+    text = content.log_text(MIB)
     assert len(text) == MIB
-    assert text == data.log_text(MIB)
+    assert text == content.log_text(MIB)
     assert 3 < len(text) / len(zlib.compress(text, 6)) < 10
 
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import random
-
+from testbed.content import log_text
 from testbed.guests import Guest
 
 MIB = 1024 * 1024
@@ -11,61 +10,6 @@ SEED_PATH = "/tmp/vr-seed.txt"
 # In RAM in both guests (busybox: the initramfs; Debian: a tmpfs), so not on the disk.
 RANDOM_SEED = "/run/vr-seed.rand"
 RANDOM_SEED_MIB = 4
-
-_WORDS = (
-    "GET",
-    "POST",
-    "PUT",
-    "DELETE",
-    "/api/v1/items",
-    "/api/v1/users",
-    "/healthz",
-    "/login",
-    "/static/app.js",
-    "200",
-    "201",
-    "204",
-    "301",
-    "404",
-    "500",
-    "503",
-    "INFO",
-    "WARN",
-    "ERROR",
-    "DEBUG",
-    "request",
-    "served",
-    "upstream",
-    "cache",
-    "hit",
-    "miss",
-    "user=alice",
-    "user=bob",
-    "user=carol",
-    "latency_ms",
-    "bytes",
-    "referer",
-    "agent=curl/8.5",
-)
-
-
-def log_text(size: int, seed: int = 1) -> bytes:
-    """Deterministic log-like text of ``size`` bytes; it compresses about 4-6x, like real logs."""
-    rng = random.Random(seed)
-    lines = []
-    total = 0
-    n = 0
-    while total < size:
-        n += 1
-        words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 9)))
-        line = (
-            f"2026-11-24T{n // 3600 % 24:02d}:{n // 60 % 60:02d}:{n % 60:02d}.{n % 1000:03d}Z "
-            f"host-{rng.randint(1, 40):02d} pid={rng.randint(100, 65000)} {words} "
-            f"id={rng.getrandbits(32):08x}\n"
-        )
-        lines.append(line)
-        total += len(line)
-    return "".join(lines).encode()[:size]
 
 
 def write_text(guest: Guest, path: str, size_mib: int) -> None:

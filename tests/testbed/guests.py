@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
@@ -21,6 +21,7 @@ from xml.sax.saxutils import escape
 import libvirt
 import libvirt_qemu
 
+from testbed.content import DELETED_NAME, Content
 from testbed.kernel import bootable_kernel
 from testbed.saved import (
     DEFER_DISK,
@@ -159,14 +160,17 @@ def make_data_image(
     *,
     backing: Path | None = None,
     files: Path | None = None,
+    deleted: str | None = None,
     disk_format: str = "qcow2",
 ) -> None:
     """Create a qcow2 data disk holding an empty ext4 filesystem.
 
     With ``backing`` the filesystem goes into a base image at that path and
     ``path`` becomes an empty overlay over it. ``files`` is a folder whose
-    contents are copied into the new filesystem (``mkfs.ext4 -d``). ``disk_format``
-    ``raw`` or ``vmdk`` (monolithicSparse) makes an imported guest's disk instead.
+    contents are copied into the new filesystem (``mkfs.ext4 -d``); its file
+    ``deleted`` is then removed by debugfs, its data left in the blocks it frees
+    (see testbed.content). ``disk_format`` ``raw`` or ``vmdk`` (monolithicSparse)
+    makes an imported guest's disk instead.
     """
     raw = path.with_suffix(".raw") if disk_format != "raw" else path.with_suffix(".mkfs")
     run_host("truncate", "-s", size, str(raw))
@@ -176,6 +180,8 @@ def make_data_image(
     if files is not None:
         mkfs += ["-d", str(files)]
     run_host(*mkfs, str(raw))
+    if deleted is not None:
+        run_host("debugfs", "-w", "-R", f"rm /{deleted}", str(raw))
     if disk_format != "qcow2":
         assert backing is None, "the raw and VMDK test disks have no backing file"
         if disk_format == "raw":
@@ -255,6 +261,8 @@ class Guest:
     data_image: Path
     backing_image: Path | None
     persistent: bool
+    # SHA-256 of the files the disk was made with (testbed.content), keyed like data.checksums.
+    content_sums: dict[str, str] = field(default_factory=dict)
 
     @property
     def dom(self) -> Any:
@@ -423,6 +431,7 @@ def create_guest(
     start: bool = True,
     persistent: bool = True,
     files: Path | None = None,
+    content: Content | None = None,
     image_dir: Path | None = None,
     disk_format: str = "qcow2",
 ) -> Guest:
@@ -437,6 +446,8 @@ def create_guest(
         start: Start the guest and wait until its agent answers.
         persistent: Define the domain; otherwise create it transient (started at once).
         files: A host folder copied into the new filesystem.
+        content: Files written on the host for the new filesystem, some deleted (see
+            testbed.content); their checksums are the guest's ``content_sums``.
         image_dir: Where the data image goes (a small tmpfs, say); the guest's folder by default.
         disk_format: ``qcow2``, or ``raw`` or ``vmdk`` for a guest as an import leaves it
             (``data.raw``, ``data.vmdk``).
@@ -449,11 +460,20 @@ def create_guest(
         path.chmod(0o755)
     data_image = (image_dir or folder) / f"data.{disk_format}"
     backing_image = (image_dir or folder) / "base.qcow2" if backing else None
+    sums: dict[str, str] = {}
+    deleted = None
+    if content is not None:
+        assert files is None, "give files or content, not both"
+        files = folder / "content"
+        sums = content.write(files)
+        deleted = DELETED_NAME if content.deleted_mib else None
     make_data_image(data_image, data_size, backing=backing_image, files=files,
-                    disk_format=disk_format)  # fmt: skip
+                    deleted=deleted, disk_format=disk_format)  # fmt: skip
+    if content is not None:
+        shutil.rmtree(folder / "content")
     xml = domain_xml(name, data_image, discard=discard, console_log=folder / "console.log",
                      disk_format=disk_format)  # fmt: skip
-    guest = Guest(conn, name, folder, data_image, backing_image, persistent)
+    guest = Guest(conn, name, folder, data_image, backing_image, persistent, sums)
     try:
         conn.defineXML(xml)
         if start or not persistent:

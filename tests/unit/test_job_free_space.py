@@ -29,7 +29,7 @@ from fakes import (
     make_image,
     write_data,
 )
-from testbed.data import log_text
+from testbed.content import log_text
 from virt_reclaim.image.imagefile import NewImage
 from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job.context import Step
