@@ -20,9 +20,8 @@ from virt_reclaim.config import loading
 from virt_reclaim.config.policy import Policy, job_settings
 from virt_reclaim.job import runner
 from virt_reclaim.job.context import Step
-from virt_reclaim.job.freespace.agent import FreeSpaceMethod
 from virt_reclaim.job.results import Outcome
-from virt_reclaim.job.settings import Compression, JobSettings, OnShutdownTimeout
+from virt_reclaim.job.settings import Compression, FreeSpaceMethod, JobSettings, OnShutdownTimeout
 from virt_reclaim.journal import recovery
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.metrics import writer

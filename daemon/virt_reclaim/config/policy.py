@@ -25,9 +25,14 @@ from pydantic import (
 )
 
 from virt_reclaim.config import crontab
-from virt_reclaim.job.freespace.agent import FreeSpaceMethod
 from virt_reclaim.job.freespace.budget import Reserve
-from virt_reclaim.job.settings import After, Compression, JobSettings, OnShutdownTimeout
+from virt_reclaim.job.settings import (
+    After,
+    Compression,
+    FreeSpaceMethod,
+    JobSettings,
+    OnShutdownTimeout,
+)
 
 # The defaults of `virt-reclaim run` are those of a policy that sets nothing.
 _JOB_DEFAULTS = JobSettings()
