@@ -13,7 +13,7 @@ from typing import TextIO
 from virt_reclaim import logs
 from virt_reclaim.cli.common import EXIT_OK, EXIT_USAGE
 from virt_reclaim.cli.render import print_plan
-from virt_reclaim.config import loading
+from virt_reclaim.config import loading, paths
 from virt_reclaim.config.policy import PolicyFile
 from virt_reclaim.errors import VirtError
 from virt_reclaim.reports import check as checking
@@ -32,7 +32,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     except VirtError as exc:
         print(f"virt-reclaim: cannot list domains ({exc}); the files alone were checked",
               file=sys.stderr)  # fmt: skip
-    policy_dir = Path(loaded.daemon.policy_dir or Path(args.config_dir) / loading.POLICY_FOLDER)
+    policy_dir = Path(loaded.daemon.policy_dir or Path(args.config_dir) / paths.POLICY_FOLDER)
     files = len(list(policy_dir.glob("*.toml"))) if policy_dir.is_dir() else None
     report = checking.check(
         loaded, domains, datetime.datetime.now(datetime.UTC),

@@ -20,14 +20,11 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 
 from virt_reclaim.config import messages
+from virt_reclaim.config.paths import DAEMON_FILE, DEFAULT_CONFIG_DIR, POLICY_FOLDER
 from virt_reclaim.config.policy import Duration, Policy, PolicyFile, _Model
 from virt_reclaim.journal.store import DEFAULT_STATE_DIR
 from virt_reclaim.logs import LogFormat
 from virt_reclaim.model import DEFAULT_URI
-
-DEFAULT_CONFIG_DIR = "/etc/virt-reclaim"
-DAEMON_FILE = "virt-reclaim.toml"
-POLICY_FOLDER = "policies.d"
 
 
 def default_uri(environ: Mapping[str, str] | None = None) -> str:

@@ -33,36 +33,10 @@ from virt_reclaim.job.settings import (
     JobSettings,
     OnShutdownTimeout,
 )
+from virt_reclaim.units import DURATION_RE, format_duration, parse_duration
 
 # The defaults of `virt-reclaim run` are those of a policy that sets nothing.
 _JOB_DEFAULTS = JobSettings()
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(value: Any) -> Any:  # noqa: ANN401 - pydantic passes any input
-    """Read "30s", "15m", "2h", "7d" (or a number of seconds) as a timedelta."""
-    if isinstance(value, bool):
-        raise ValueError("a duration like 30s, 15m, 2h or 7d, not a boolean")
-    if isinstance(value, int | float):
-        return timedelta(seconds=value)
-    if isinstance(value, str):
-        match = _DURATION.match(value)
-        if not match:
-            raise ValueError("a duration like 30s, 15m, 2h or 7d")
-        return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
-    return value
-
-
-def format_duration(value: timedelta) -> str:
-    """Write a duration the way a policy file does: the largest unit that keeps it whole."""
-    seconds = int(value.total_seconds())
-    for unit in ("d", "h", "m"):
-        if seconds and seconds % _UNIT_SECONDS[unit] == 0:
-            return f"{seconds // _UNIT_SECONDS[unit]}{unit}"
-    return f"{seconds}s"
-
-
 # The schema says what check accepts: not JSON Schema's "duration" format (ISO 8601,
 # "PT4H"), which parse_duration refuses. Defaults come out through the serializer.
 Duration = Annotated[
@@ -70,7 +44,7 @@ Duration = Annotated[
     BeforeValidator(parse_duration),
     PlainSerializer(format_duration, return_type=str),
     WithJsonSchema(
-        {"type": "string", "pattern": _DURATION.pattern, "examples": ["15m", "2h", "7d"]}
+        {"type": "string", "pattern": DURATION_RE.pattern, "examples": ["15m", "2h", "7d"]}
     ),
 ]
 
