@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from virt_reclaim import logs
-from virt_reclaim.cli.common import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, UsageError
+from virt_reclaim.cli.common import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, Terminated, UsageError
 from virt_reclaim.cli.render import ProgressBar, print_job_result
 from virt_reclaim.config import loading
 from virt_reclaim.config.policy import Policy, job_settings
@@ -36,10 +36,6 @@ _EXIT_BY_OUTCOME = {
     Outcome.FAILED: EXIT_FAILED,
     Outcome.ABANDONED: EXIT_FAILED,
 }
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived; raised where Ctrl-C would be, so that the job restores first."""
 
 
 def _interrupt_on_sigterm(signum: int, _frame: object) -> None:
