@@ -121,3 +121,17 @@ def test_every_command_names_a_handler_that_exists() -> None:
         assert isinstance(handler, Handler), name
         function = getattr(importlib.import_module(handler.module), handler.function)
         assert callable(function), name
+
+
+def test_check_imports_neither_the_daemon_nor_the_planner(tmp_path: Path) -> None:
+    (tmp_path / "policies.d").mkdir()
+    found = imported_by(f"""
+        import contextlib, io
+        from virt_reclaim.cli import main
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert main(["check", "--config-dir", {str(tmp_path)!r},
+                         "--connect", "test:///default", "--json"]) == 0
+    """)
+    assert found.isdisjoint({"prometheus_client", "virt_reclaim.service.daemon",
+                             "virt_reclaim.reports.plan"})  # fmt: skip
+    assert {"libvirt", "virt_reclaim.config.policy"} <= found  # what check does need

@@ -1,7 +1,7 @@
 """The ``virt-reclaim`` command line: subcommands, output formats and exit statuses.
 
 ``parsing`` builds the parser, ``render`` prints for a person, and each command has its handler in
-``run``, ``domains``, ``config_commands`` (check, plan, schema), ``recover_command``,
+``run``, ``domains``, ``config_commands`` (check, schema), ``plan_command``, ``recover_command``,
 ``history_command``, ``backups_command``, ``daemon_command`` and ``reload_command``. Only the
 handler of the command given is imported, so that each command pays only for what it uses.
 """

@@ -307,7 +307,7 @@ def _add_config_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's pr
     _add_config_dir(plan)
     _add_connect(plan)
     plan.add_argument("--json", action="store_true", help="print a JSON list")
-    plan.set_defaults(handler=Handler("virt_reclaim.cli.config_commands", "cmd_plan"))
+    plan.set_defaults(handler=Handler("virt_reclaim.cli.plan_command", "cmd_plan"))
 
 
 def _add_daemon_command(commands: Any) -> None:  # noqa: ANN401 - argparse's private type
