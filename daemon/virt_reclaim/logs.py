@@ -7,11 +7,12 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, MutableMapping
-from typing import Any, TextIO
-
-import structlog
+from typing import TYPE_CHECKING, Any, TextIO
 
 from virt_reclaim.units import printable
+
+if TYPE_CHECKING:
+    import structlog
 
 
 class LogFormat(enum.StrEnum):
@@ -26,6 +27,10 @@ def configure(
     fmt: LogFormat = LogFormat.AUTO, stream: TextIO | None = None, level: int = logging.INFO
 ) -> None:
     """Send every event from ``level`` up, with time, level and context, to ``stream`` (stderr)."""
+    # Imported here: the command line reads LogFormat to build its parser, and commands that
+    # log nothing (history, --help) need not pay for structlog's import.
+    import structlog  # noqa: PLC0415
+
     stream = stream or sys.stderr
     use_console = fmt is LogFormat.CONSOLE or (fmt is LogFormat.AUTO and stream.isatty())
     renderer: structlog.typing.Processor = (
@@ -57,6 +62,8 @@ def configure(
 
 
 def _shared_processors() -> list[structlog.typing.Processor]:
+    import structlog  # noqa: PLC0415 - see configure
+
     return [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

@@ -142,7 +142,7 @@ def test_sizes_people_write_still_pass(size: str | int, bytes_: int) -> None:
 
 def test_unknown_key_without_a_close_one_lists_the_valid_ones() -> None:
     errors = loading._errors_of("f.toml", _error({"policy": [{"name": "p", "zzz": 1}]}),
-                               {"policy": [{"name": "p", "zzz": 1}]})  # fmt: skip
+                               {"policy": [{"name": "p", "zzz": 1}]}, PolicyFile)  # fmt: skip
     [unknown] = [e for e in errors if e.field == "zzz"]
     assert unknown.message.startswith("unknown key `zzz`; valid keys here: after, enabled, ")
 

@@ -24,10 +24,9 @@ from virt_reclaim.config.policy import Policy, job_settings
 from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job.context import Step
 from virt_reclaim.job.frame import ReclaimJob
-from virt_reclaim.job.freespace.agent import FreeSpaceMethod
 from virt_reclaim.job.modes import conversion, mode_named
 from virt_reclaim.job.results import Outcome, Recovered
-from virt_reclaim.job.settings import JobSettings
+from virt_reclaim.job.settings import FreeSpaceMethod, JobSettings
 from virt_reclaim.journal.records import JournalDisk
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState

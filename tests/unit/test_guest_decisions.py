@@ -6,12 +6,7 @@ import pytest
 
 from fakes import LINUX_AGENT, MIB, RHEL_AGENT, WINDOWS_AGENT
 from virt_reclaim.errors import AgentUnavailable
-from virt_reclaim.job.freespace.agent import (
-    STOP_FILLS_SCRIPT,
-    FreeSpaceMethod,
-    choose_method,
-    zero_fill,
-)
+from virt_reclaim.job.freespace.agent import STOP_FILLS_SCRIPT, choose_method, zero_fill
 from virt_reclaim.job.freespace.budget import (
     DiskRoom,
     Fill,
@@ -20,6 +15,7 @@ from virt_reclaim.job.freespace.budget import (
     Reserve,
     fill_limits,
 )
+from virt_reclaim.job.settings import FreeSpaceMethod
 from virt_reclaim.model import DomainObservation, DomainState, GuestExecResult, TrimmedPath
 from virt_reclaim.reports.inventory import describe_domain
 from virt_reclaim.virt.agentreplies import parse_agent_info, parse_fstrim

@@ -35,10 +35,9 @@ from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job.context import Step
 from virt_reclaim.job.frame import ReclaimJob
 from virt_reclaim.job.freespace import budget
-from virt_reclaim.job.freespace.agent import FreeSpaceMethod
 from virt_reclaim.job.freespace.budget import Reserve
 from virt_reclaim.job.results import JobResult, Outcome
-from virt_reclaim.job.settings import Compression, JobSettings
+from virt_reclaim.job.settings import Compression, FreeSpaceMethod, JobSettings
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState, TrimmedPath
 

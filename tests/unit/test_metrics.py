@@ -26,9 +26,8 @@ from virt_reclaim import __version__
 from virt_reclaim.config.loading import DaemonConfig
 from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job.frame import ReclaimJob
-from virt_reclaim.job.freespace.agent import FreeSpaceMethod
 from virt_reclaim.job.results import DiskResult, JobResult, Outcome
-from virt_reclaim.job.settings import After, JobSettings
+from virt_reclaim.job.settings import After, FreeSpaceMethod, JobSettings
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.metrics import families, observations, writer
 

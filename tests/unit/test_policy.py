@@ -77,7 +77,7 @@ def validate(policy: dict[str, Any]) -> list[loading.ConfigError]:
     try:
         PolicyFile.model_validate(document)
     except ValidationError as exc:
-        return loading._errors_of("f.toml", exc, document)
+        return loading._errors_of("f.toml", exc, document, PolicyFile)
     return []
 
 

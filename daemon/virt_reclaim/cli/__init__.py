@@ -1,8 +1,9 @@
 """The ``virt-reclaim`` command line: subcommands, output formats and exit statuses.
 
 ``parsing`` builds the parser, ``render`` prints for a person, and each command has its handler in
-``run``, ``domains``, ``config_commands`` (check, plan, schema), ``journal_commands`` (recover,
-history) and ``daemon_command``.
+``run``, ``domains``, ``config_commands`` (check, schema), ``plan_command``, ``recover_command``,
+``history_command``, ``backups_command``, ``daemon_command`` and ``reload_command``. Only the
+handler of the command given is imported, so that each command pays only for what it uses.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from virt_reclaim.cli.common import EXIT_FAILED, EXIT_USAGE, UsageError
+from virt_reclaim.cli.common import EXIT_FAILED, EXIT_USAGE, Terminated, UsageError
 from virt_reclaim.cli.parsing import build_parser
-from virt_reclaim.cli.run import Terminated
 from virt_reclaim.cli.settings import apply_daemon_settings
 from virt_reclaim.errors import VirtError
 from virt_reclaim.job.lock import DomainBusy

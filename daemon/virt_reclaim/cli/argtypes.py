@@ -4,23 +4,36 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import time
+from typing import TYPE_CHECKING
 
-from pydantic import ByteSize, TypeAdapter, ValidationError
-
-from virt_reclaim.config.policy import parse_duration
 from virt_reclaim.job.results import Outcome
 from virt_reclaim.journal.queries import UNFINISHED
+from virt_reclaim.units import parse_duration
 
-_BYTE_SIZE = TypeAdapter(ByteSize)
+if TYPE_CHECKING:
+    from pydantic import ByteSize, TypeAdapter
+
 # What ``history --outcome`` accepts: how jobs end, and "unfinished" for those with no end yet.
 HISTORY_OUTCOMES = (*(outcome.value for outcome in Outcome), UNFINISHED)
 
 
+@functools.cache
+def _byte_size() -> TypeAdapter[ByteSize]:
+    # Imported on first use: building the parser must not cost pydantic's import, which only
+    # the commands that take a size (run) need at parse time.
+    from pydantic import ByteSize, TypeAdapter  # noqa: PLC0415 - lazily, see above
+
+    return TypeAdapter(ByteSize)
+
+
 def size(text: str) -> int:
     """Parse a size like "64MiB", "1GiB" or "500MB" (argparse type)."""
+    from pydantic import ValidationError  # noqa: PLC0415 - see _byte_size
+
     try:
-        return int(_BYTE_SIZE.validate_python(text))
+        return int(_byte_size().validate_python(text))
     except ValidationError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a size (examples: 512MiB, 20GiB, 1000000)"

@@ -1,4 +1,4 @@
-"""What every command shares: exit statuses and the error of a wrong command line."""
+"""What every command shares: exit statuses, the error of a wrong command line, SIGTERM's."""
 
 from __future__ import annotations
 
@@ -12,3 +12,7 @@ EXIT_CONFIG = 78
 
 class UsageError(Exception):
     """The command line names something that does not exist or is not valid."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived; raised where Ctrl-C would be, so that the job restores first."""

@@ -1,23 +1,19 @@
-"""``check``, ``plan`` and ``schema``: what the configuration says and would do."""
+"""``check`` and ``schema``: what the configuration says, and what it may say."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import TextIO
 
-from virt_reclaim import logs
 from virt_reclaim.cli.common import EXIT_OK, EXIT_USAGE
-from virt_reclaim.cli.render import print_plan
-from virt_reclaim.config import loading
+from virt_reclaim.config import loading, paths
 from virt_reclaim.config.policy import PolicyFile
 from virt_reclaim.errors import VirtError
 from virt_reclaim.reports import check as checking
-from virt_reclaim.reports import plan
 from virt_reclaim.virt.connection import Hypervisor
 
 
@@ -32,7 +28,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     except VirtError as exc:
         print(f"virt-reclaim: cannot list domains ({exc}); the files alone were checked",
               file=sys.stderr)  # fmt: skip
-    policy_dir = Path(loaded.daemon.policy_dir or Path(args.config_dir) / loading.POLICY_FOLDER)
+    policy_dir = Path(loaded.daemon.policy_dir or Path(args.config_dir) / paths.POLICY_FOLDER)
     files = len(list(policy_dir.glob("*.toml"))) if policy_dir.is_dir() else None
     report = checking.check(
         loaded, domains, datetime.datetime.now(datetime.UTC),
@@ -71,27 +67,6 @@ def print_check(report: checking.Report, out: TextIO, err: TextIO) -> None:
         print(f"warning: {warning}", file=err)
     for error in report.errors:
         print(f"error: {error}", file=err)
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    """Show for every domain what would be reclaimed, when, and why not."""
-    logs.configure(logs.LogFormat.AUTO, level=logging.WARNING)
-    loaded = loading.load(args.config_dir)
-    for error in loaded.errors:
-        print(f"error: {error}", file=sys.stderr)
-    policies = [policy for _file, policy in loaded.policies]
-    # Read-write, though plan only reads: libvirt refuses agent queries on read-only connections.
-    with Hypervisor(args.connect or loaded.daemon.uri) as hypervisor:
-        entries = plan.plan(
-            hypervisor, policies, qemu_img=loaded.daemon.qemu_img,
-            now=datetime.datetime.now(datetime.UTC),
-        )  # fmt: skip
-    if args.json:
-        json.dump([e.to_json() for e in entries], sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    else:
-        print_plan(entries, sys.stdout)
-    return EXIT_USAGE if loaded.errors else EXIT_OK
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

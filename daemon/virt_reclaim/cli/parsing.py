@@ -3,21 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+from dataclasses import dataclass
 from typing import Any
 
 from virt_reclaim import __version__, logs
 from virt_reclaim.cli import argtypes
-from virt_reclaim.cli.config_commands import cmd_check, cmd_plan, cmd_schema
-from virt_reclaim.cli.daemon_command import cmd_daemon
-from virt_reclaim.cli.domains import cmd_domains
-from virt_reclaim.cli.journal_commands import cmd_backups, cmd_history, cmd_recover
-from virt_reclaim.cli.reload_command import cmd_reload
-from virt_reclaim.cli.run import cmd_run
-from virt_reclaim.config import loading
-from virt_reclaim.job.freespace.agent import FreeSpaceMethod
-from virt_reclaim.job.settings import Compression, OnShutdownTimeout
+from virt_reclaim.config.paths import DEFAULT_CONFIG_DIR
+from virt_reclaim.job.settings import Compression, FreeSpaceMethod, OnShutdownTimeout
 from virt_reclaim.journal.store import DEFAULT_STATE_DIR
 from virt_reclaim.model import DEFAULT_URI
+
+
+@dataclass(frozen=True)
+class Handler:
+    """A command's handler, imported only when that command runs.
+
+    Each command imports what it needs (libvirt, pydantic, the scheduler, the metrics): naming
+    the handlers instead of importing them keeps that cost off the commands that do not.
+    """
+
+    module: str
+    function: str
+
+    def __call__(self, args: argparse.Namespace) -> int:
+        """Run the command; its exit status."""
+        result: int = getattr(importlib.import_module(self.module), self.function)(args)
+        return result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "qemu-img from PATH)",
     )
     _add_config_dir(domains)
-    domains.set_defaults(handler=cmd_domains)
+    domains.set_defaults(handler=Handler("virt_reclaim.cli.domains", "cmd_domains"))
     _add_run(commands)
     _add_journal_commands(commands)
     _add_config_commands(commands)
@@ -179,7 +191,7 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
     )  # fmt: skip
     _add_config_dir(run)
     _add_state_dir(run)
-    run.set_defaults(handler=cmd_run)
+    run.set_defaults(handler=Handler("virt_reclaim.cli.run", "cmd_run"))
 
 
 def _add_journal_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's private type
@@ -199,7 +211,7 @@ def _add_journal_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's p
     _add_state_dir(recover)
     _add_config_dir(recover)
     recover.add_argument("--json", action="store_true", help="print a JSON list of what was done")
-    recover.set_defaults(handler=cmd_recover)
+    recover.set_defaults(handler=Handler("virt_reclaim.cli.recover_command", "cmd_recover"))
 
     history = commands.add_parser(
         "history",
@@ -225,7 +237,7 @@ def _add_journal_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's p
         help=f"only jobs that ended so: {', '.join(argtypes.HISTORY_OUTCOMES)}; repeat the "
         "option or separate with commas for several",
     )  # fmt: skip
-    history.set_defaults(handler=cmd_history)
+    history.set_defaults(handler=Handler("virt_reclaim.cli.history_command", "cmd_history"))
 
     kept = commands.add_parser(
         "backups",
@@ -243,7 +255,7 @@ def _add_journal_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's p
     kept.add_argument("--json", action="store_true", help="print JSON: backups, pruned")
     _add_state_dir(kept)
     _add_config_dir(kept)
-    kept.set_defaults(handler=cmd_backups)
+    kept.set_defaults(handler=Handler("virt_reclaim.cli.backups_command", "cmd_backups"))
 
 
 def _add_config_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's private type
@@ -267,7 +279,7 @@ def _add_config_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's pr
         "--json", action="store_true",
         help="print one JSON object: valid, errors, warnings, policies",
     )  # fmt: skip
-    check.set_defaults(handler=cmd_check)
+    check.set_defaults(handler=Handler("virt_reclaim.cli.config_commands", "cmd_check"))
     schema = commands.add_parser(
         "schema",
         help="print the JSON Schema of a policy file (--daemon: of virt-reclaim.toml)",
@@ -280,7 +292,7 @@ def _add_config_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's pr
         "--daemon", action="store_true",
         help="the schema of the daemon settings, virt-reclaim.toml, instead",
     )  # fmt: skip
-    schema.set_defaults(handler=cmd_schema)
+    schema.set_defaults(handler=Handler("virt_reclaim.cli.config_commands", "cmd_schema"))
     plan = commands.add_parser(
         "plan",
         help="show what would be reclaimed, when, and why not",
@@ -295,7 +307,7 @@ def _add_config_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's pr
     _add_config_dir(plan)
     _add_connect(plan)
     plan.add_argument("--json", action="store_true", help="print a JSON list")
-    plan.set_defaults(handler=cmd_plan)
+    plan.set_defaults(handler=Handler("virt_reclaim.cli.plan_command", "cmd_plan"))
 
 
 def _add_daemon_command(commands: Any) -> None:  # noqa: ANN401 - argparse's private type
@@ -319,7 +331,7 @@ def _add_daemon_command(commands: Any) -> None:  # noqa: ANN401 - argparse's pri
         ),
     )
     _add_config_dir(daemon)
-    daemon.set_defaults(handler=cmd_daemon)
+    daemon.set_defaults(handler=Handler("virt_reclaim.cli.daemon_command", "cmd_daemon"))
 
 
 def _add_reload_command(commands: Any) -> None:  # noqa: ANN401 - argparse's private type
@@ -349,12 +361,12 @@ def _add_reload_command(commands: Any) -> None:  # noqa: ANN401 - argparse's pri
         "--timeout", type=argtypes.seconds, default=30.0, metavar="SECONDS",
         help="how long to wait for the daemon's verdict (default: %(default)g)",
     )  # fmt: skip
-    reload.set_defaults(handler=cmd_reload)
+    reload.set_defaults(handler=Handler("virt_reclaim.cli.reload_command", "cmd_reload"))
 
 
 def _add_config_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config-dir", default=loading.DEFAULT_CONFIG_DIR, metavar="DIR",
+        "--config-dir", default=DEFAULT_CONFIG_DIR, metavar="DIR",
         help="the configuration folder (default: %(default)s)",
     )  # fmt: skip
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from virt_reclaim.job.results import JobResult
 from virt_reclaim.journal.records import JournalJob
-from virt_reclaim.reports import inventory
-from virt_reclaim.reports.plan import PlanEntry
 from virt_reclaim.units import format_bytes, printable
+
+if TYPE_CHECKING:
+    # Types only: history prints with this module and must not import the job's and
+    # libvirt's modules that plan and inventory need.
+    from virt_reclaim.reports import inventory
+    from virt_reclaim.reports.plan import PlanEntry
 
 
 class ProgressBar:

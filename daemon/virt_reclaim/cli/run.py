@@ -14,15 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from virt_reclaim import logs
-from virt_reclaim.cli.common import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, UsageError
+from virt_reclaim.cli.common import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, Terminated, UsageError
 from virt_reclaim.cli.render import ProgressBar, print_job_result
 from virt_reclaim.config import loading
 from virt_reclaim.config.policy import Policy, job_settings
 from virt_reclaim.job import runner
 from virt_reclaim.job.context import Step
-from virt_reclaim.job.freespace.agent import FreeSpaceMethod
 from virt_reclaim.job.results import Outcome
-from virt_reclaim.job.settings import Compression, JobSettings, OnShutdownTimeout
+from virt_reclaim.job.settings import Compression, FreeSpaceMethod, JobSettings, OnShutdownTimeout
 from virt_reclaim.journal import recovery
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.metrics import writer
@@ -37,10 +36,6 @@ _EXIT_BY_OUTCOME = {
     Outcome.FAILED: EXIT_FAILED,
     Outcome.ABANDONED: EXIT_FAILED,
 }
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived; raised where Ctrl-C would be, so that the job restores first."""
 
 
 def _interrupt_on_sigterm(signum: int, _frame: object) -> None:

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from virt_reclaim.cli.common import UsageError
-from virt_reclaim.config import loading
+
+if TYPE_CHECKING:
+    from virt_reclaim.config import loading
 
 
 def apply_daemon_settings(args: argparse.Namespace) -> None:
     """Fill the options not given from CONFIG_DIR/virt-reclaim.toml (then built-in defaults)."""
     if not hasattr(args, "config_dir") or args.command in ("daemon", "reload"):
         return  # these report configuration errors their own way (a log, exit 78)
+    # Imported here, not at the top: main imports this module for every command, and --help
+    # or a usage error must not pay for the settings' pydantic models.
+    from virt_reclaim.config import loading  # noqa: PLC0415
+
     daemon, errors = loading.load_daemon(args.config_dir)
     if errors and not _usable_despite(errors, args):
         raise UsageError("\n  ".join(["the daemon settings are not valid:", *map(str, errors)]))

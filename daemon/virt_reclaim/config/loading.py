@@ -15,19 +15,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, ValidationError, field_validator
 
 from virt_reclaim.config import messages
-from virt_reclaim.config.policy import Duration, Policy, PolicyFile, _Model
+from virt_reclaim.config.fields import Duration, Model
+from virt_reclaim.config.paths import DAEMON_FILE, DEFAULT_CONFIG_DIR, POLICY_FOLDER
 from virt_reclaim.journal.store import DEFAULT_STATE_DIR
 from virt_reclaim.logs import LogFormat
 from virt_reclaim.model import DEFAULT_URI
 
-DEFAULT_CONFIG_DIR = "/etc/virt-reclaim"
-DAEMON_FILE = "virt-reclaim.toml"
-POLICY_FOLDER = "policies.d"
+if TYPE_CHECKING:
+    from virt_reclaim.config.policy import Policy
 
 
 def default_uri(environ: Mapping[str, str] | None = None) -> str:
@@ -40,7 +40,7 @@ def default_uri(environ: Mapping[str, str] | None = None) -> str:
     return env.get("LIBVIRT_DEFAULT_URI") or DEFAULT_URI
 
 
-class DaemonConfig(_Model):
+class DaemonConfig(Model):
     """The daemon's settings; every one has a default, so that no file is needed."""
 
     uri: str = Field(
@@ -196,6 +196,10 @@ def _valid_part(document: dict[str, Any], exc: ValidationError) -> DaemonConfig:
 def _load_policy_file(
     path: Path, errors: list[ConfigError], strict_modes: bool
 ) -> list[tuple[str, Policy]]:
+    # Imported here: every command reads the daemon settings (load_daemon), and few read the
+    # policies, whose models take a tenth of a second to build and import APScheduler.
+    from virt_reclaim.config.policy import PolicyFile  # noqa: PLC0415
+
     document = _read_toml(path, errors, strict_modes)
     if document is None:
         return []
@@ -244,7 +248,7 @@ def _errors_of(
     file: str,
     exc: ValidationError,
     document: dict[str, Any],
-    model: type[_Model] = PolicyFile,
+    model: type[Model],
 ) -> list[ConfigError]:
     result = []
     lines = messages.key_lines(file)

@@ -5,10 +5,18 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from virt_reclaim.job.freespace.agent import FreeSpaceMethod
 from virt_reclaim.job.freespace.budget import Reserve
 
 MIB = 1024 * 1024
+
+
+class FreeSpaceMethod(enum.StrEnum):
+    """How to free the guest's unused blocks before the rewrite."""
+
+    AUTO = "auto"  # trim where every disk has discard, else zero (when the agent allows it)
+    TRIM = "trim"
+    ZERO = "zero"
+    NONE = "none"
 
 
 class Compression(enum.StrEnum):

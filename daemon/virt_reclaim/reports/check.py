@@ -17,8 +17,9 @@ from typing import Any
 
 from virt_reclaim.config import crontab, selection
 from virt_reclaim.config.loading import ConfigError, LoadedConfig
-from virt_reclaim.config.policy import Mode, Policy, format_duration
+from virt_reclaim.config.policy import Mode, Policy
 from virt_reclaim.reports import advice
+from virt_reclaim.units import format_duration
 
 ERROR = "error"
 WARNING = "warning"

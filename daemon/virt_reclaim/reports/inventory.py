@@ -9,7 +9,8 @@ from dataclasses import dataclass, replace
 from virt_reclaim.domxml import read
 from virt_reclaim.errors import QemuImgError
 from virt_reclaim.image import qemu_img
-from virt_reclaim.job.freespace.agent import Choice, FreeSpaceMethod, choose_method
+from virt_reclaim.job.freespace.agent import Choice, choose_method
+from virt_reclaim.job.settings import FreeSpaceMethod
 from virt_reclaim.model import AgentInfo, DomainObservation, DomainState
 
 

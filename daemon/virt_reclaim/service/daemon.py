@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 
 from virt_reclaim import backups, logs
-from virt_reclaim.config import loading
+from virt_reclaim.config import loading, paths
 from virt_reclaim.config.policy import Policy
 from virt_reclaim.journal import recovery
 from virt_reclaim.journal.records import JournalError
@@ -304,7 +304,7 @@ class Daemon:
     def _log_next_runs(self) -> None:
         if not self.policies:
             log.warning("daemon.no_policies", policy_dir=self.daemon_config.policy_dir
-                        or os.path.join(self.config_dir, loading.POLICY_FOLDER))  # fmt: skip
+                        or os.path.join(self.config_dir, paths.POLICY_FOLDER))  # fmt: skip
         for name, when in self.scheduler.next_runs().items():
             log.info("policy.scheduled", policy=name, next_run=when.isoformat() if when else None)
 

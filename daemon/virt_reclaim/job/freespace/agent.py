@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -10,18 +9,10 @@ from dataclasses import dataclass, field
 from virt_reclaim.errors import AgentUnavailable, GuestExecCancelled
 from virt_reclaim.job.freespace.budget import Fill
 from virt_reclaim.job.ports import GuestAgentPort
+from virt_reclaim.job.settings import FreeSpaceMethod
 from virt_reclaim.model import AgentInfo
 
 MIB = 1024 * 1024
-
-
-class FreeSpaceMethod(enum.StrEnum):
-    """How to free the guest's unused blocks before the rewrite."""
-
-    AUTO = "auto"  # trim where every disk has discard, else zero (when the agent allows it)
-    TRIM = "trim"
-    ZERO = "zero"
-    NONE = "none"
 
 
 # Runs in the guest with the mountpoint, a time bound and a size bound in MiB as $1, $2

@@ -11,9 +11,10 @@ from virt_reclaim.errors import GuestExecCancelled
 from virt_reclaim.image import imagefile
 from virt_reclaim.job.context import JobContext
 from virt_reclaim.job.freespace import budget
-from virt_reclaim.job.freespace.agent import FreeSpaceMethod, FreeSpaceResult, trim, zero_fill
+from virt_reclaim.job.freespace.agent import FreeSpaceResult, trim, zero_fill
 from virt_reclaim.job.freespace.watch import FillWatch
 from virt_reclaim.job.results import FreedInPlace, JobFailed, NothingToDo
+from virt_reclaim.job.settings import FreeSpaceMethod
 from virt_reclaim.job.steps import prepare
 from virt_reclaim.units import format_bytes
 

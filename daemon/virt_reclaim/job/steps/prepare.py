@@ -14,11 +14,11 @@ from virt_reclaim.image import imagefile
 from virt_reclaim.image.qemu_img_argv import ImageInfo
 from virt_reclaim.job.context import DiskWork, JobContext
 from virt_reclaim.job.freespace import budget
-from virt_reclaim.job.freespace.agent import FreeSpaceMethod, choose_method, freed_share
+from virt_reclaim.job.freespace.agent import choose_method, freed_share
 from virt_reclaim.job.modes import conversion, livecheck
 from virt_reclaim.job.ports import LiveDomainPort
 from virt_reclaim.job.results import JobSkipped, NothingToDo, SkippedDisk, SpaceTaken
-from virt_reclaim.job.settings import Compression
+from virt_reclaim.job.settings import Compression, FreeSpaceMethod
 from virt_reclaim.job.steps.estimate import (
     Estimate,
     content_of,
