@@ -19,6 +19,7 @@ packages=(
     qemu-system-x86 qemu-utils e2fsprogs cpio kmod
     debootstrap  # builds the Debian test guest
     systemd  # systemd-analyze checks the unit
+    groff-base man-db zsh  # render the man page, parse the zsh completion (tests)
 )
 
 install_packages() {

@@ -79,6 +79,13 @@ class DaemonConfig(Model):
         default=timedelta(seconds=60),
         description="how often to sample every domain's statistics for idle detection",
     )
+    prune_removed_after: Duration = Field(
+        default=timedelta(days=30),
+        description="drop the journal's jobs and the metric series of a domain removed from "
+        "libvirt once its last record is this old (checked at start and daily; kept backups "
+        "and their jobs stay until the backups expire)",
+        examples=["30d"],
+    )
     qemu_img: str = Field(
         default="qemu-img", description="qemu-img program: a path, or a name looked up in PATH"
     )

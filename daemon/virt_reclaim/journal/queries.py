@@ -11,7 +11,13 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-from virt_reclaim.journal.records import BackupRecord, JournalDisk, JournalError, JournalJob
+from virt_reclaim.journal.records import (
+    BackupRecord,
+    DomainActivity,
+    JournalDisk,
+    JournalError,
+    JournalJob,
+)
 
 # The outcome ``history --outcome`` gives a job that recorded no end (running, or interrupted).
 UNFINISHED = "unfinished"
@@ -70,6 +76,19 @@ class JournalQueries:
             query += " WHERE removed_at IS NULL"
         rows = self._query_all(query + " ORDER BY expires_at, path", ())
         return [BackupRecord(**dict(row)) for row in rows]
+
+    def domain_activity(self) -> list[DomainActivity]:
+        """Every domain name the jobs record, with its uuids and its newest record."""
+        rows = self._query_all(
+            "SELECT domain, group_concat(DISTINCT domain_uuid), "
+            "MAX(MAX(started_at, COALESCE(finished_at, 0))), SUM(finished_at IS NULL) "
+            "FROM jobs GROUP BY domain ORDER BY domain",
+            (),
+        )
+        return [
+            DomainActivity(name, frozenset(uuids.split(",")), last_at, bool(unfinished))
+            for name, uuids, last_at, unfinished in rows
+        ]
 
     def reserved_elsewhere(self, job_id: str, device: int) -> int:
         """Bytes the unfinished jobs other than ``job_id`` hold reserved on ``device``."""

@@ -103,3 +103,13 @@ class JournalJob:
             "duration_s": self.duration_s,
             "steps": list(self.steps),
         }
+
+
+@dataclass(frozen=True)
+class DomainActivity:
+    """A domain's jobs in the journal, by name: its uuids, when the last one was heard of."""
+
+    name: str
+    uuids: frozenset[str]
+    last_at: float  # the newest start or end of its jobs (epoch seconds)
+    unfinished: bool  # a job without an end: recovery may still need it

@@ -13,7 +13,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -283,6 +283,31 @@ class Journal(JournalQueries):
                 "UPDATE backups SET removed_at = ?, removed_why = ? WHERE path = ?",
                 (time.time(), why, path),
             )
+
+    def forget_domains(self, names: Collection[str]) -> dict[str, int]:
+        """Delete the finished jobs of these domains (and their disks, steps and gone backups).
+
+        A job whose backup is still kept stays (the backup is listed, and deleted at expiry,
+        through it); so does an unfinished one, which recovery may need. Returns the jobs
+        deleted, by domain.
+        """
+        if not names:
+            return {}
+        marks = ", ".join("?" * len(names))
+        # Only "?" placeholders are joined into the text; the names are bound parameters.
+        doomed = (
+            f"SELECT id FROM jobs WHERE domain IN ({marks}) AND finished_at IS NOT NULL "  # noqa: S608
+            "AND id NOT IN (SELECT job_id FROM backups WHERE removed_at IS NULL)"
+        )
+        with self._write() as db:
+            counted = db.execute(
+                f"SELECT domain, COUNT(*) FROM jobs WHERE id IN ({doomed}) GROUP BY domain",  # noqa: S608
+                tuple(names),
+            ).fetchall()
+            for table in ("backups", "reservations", "steps", "job_disks"):
+                db.execute(f"DELETE FROM {table} WHERE job_id IN ({doomed})", tuple(names))  # noqa: S608
+            db.execute(f"DELETE FROM jobs WHERE id IN ({doomed})", tuple(names))  # noqa: S608
+        return {domain: count for domain, count in counted}
 
     def enter_step(self, job_id: str, step: str) -> None:
         """Record that ``step`` is about to be taken (committed before it is)."""

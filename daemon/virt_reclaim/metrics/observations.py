@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,9 @@ class Observations:
     windows: dict[str, float] = field(default_factory=dict)  # policy -> windows opened
     skips: dict[tuple[str, str], float] = field(default_factory=dict)  # (domain, reason)
     estimates: dict[tuple[str, str], Estimate] = field(default_factory=dict)  # (domain, target)
+    # When each domain was last counted here (epoch seconds): its series go with it once
+    # it is removed from libvirt and this is old enough (prune_removed_after).
+    touched: dict[str, float] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def window_opened(self, policy: str) -> None:
@@ -82,6 +86,7 @@ class Observations:
         key = (domain, kind or skip_kind(reason))
         with self._lock:
             self.skips[key] = self.skips.get(key, 0.0) + 1
+            self.touched[domain] = max(time.time(), self.touched.get(domain, 0.0))
 
     def estimated(self, domain: str, result: JobResult, at: float | None = None) -> None:
         """A dry run of ``domain`` ended: its disks' estimates; a skip unless it would reclaim."""
@@ -93,6 +98,7 @@ class Observations:
                 if disk.estimated_after is not None:
                     gain = max(0, disk.bytes_before - disk.estimated_after)
                     self.estimates[(domain, disk.target)] = Estimate(gain, when)
+            self.touched[domain] = max(when, self.touched.get(domain, 0.0))
 
     def sampled(self, at: float) -> None:
         """A statistics sample of every domain succeeded at ``at`` (epoch seconds)."""
@@ -100,8 +106,17 @@ class Observations:
             self.last_sample_at = max(at, self.last_sample_at or 0.0)
 
     def carry(self, previous: Observations) -> None:
-        """Add what a previous file counted; keep the newer estimates and sample time."""
+        """Add what a previous file counted; keep the newer estimates and sample time.
+
+        The file holds no time for a skip: its domain counts as touched at the file's last
+        sample (or now), so that a restart never shortens how long its series are kept.
+        """
+        skipped_at = previous.last_sample_at or time.time()
         with self._lock:
+            for domain, _ in previous.skips:
+                self.touched[domain] = max(skipped_at, self.touched.get(domain, 0.0))
+            for (domain, _), estimate in previous.estimates.items():
+                self.touched[domain] = max(estimate.at, self.touched.get(domain, 0.0))
             for policy, count in previous.windows.items():
                 self.windows[policy] = self.windows.get(policy, 0.0) + count
             for key, count in previous.skips.items():
@@ -122,7 +137,15 @@ class Observations:
                 windows=dict(self.windows),
                 skips=dict(self.skips),
                 estimates=dict(self.estimates),
+                touched=dict(self.touched),
             )
+
+    def forget(self, domains: Collection[str]) -> None:
+        """Drop every series of these domains (removed from libvirt long enough ago)."""
+        with self._lock:
+            self.skips = {k: v for k, v in self.skips.items() if k[0] not in domains}
+            self.estimates = {k: v for k, v in self.estimates.items() if k[0] not in domains}
+            self.touched = {k: v for k, v in self.touched.items() if k not in domains}
 
 
 def read_previous(path: str) -> Observations:

@@ -32,7 +32,7 @@ from virt_reclaim.journal import recovery
 from virt_reclaim.journal.records import JournalError
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.metrics import writer
-from virt_reclaim.service import scheduler, windows, workers
+from virt_reclaim.service import retention, scheduler, windows, workers
 from virt_reclaim.service.hostview import HostView
 from virt_reclaim.service.reloads import ReloadRecord, Verdict, record_path, write_record
 from virt_reclaim.service.scheduler import Candidate
@@ -81,6 +81,7 @@ class Daemon:
         self.flags = Flags()
         self.next_sample = 0.0
         self.next_prune = 0.0  # expired backups: deleted at the start, then every hour
+        self.next_forget = 0.0  # removed domains: forgotten at the start, then daily
         self.last_watchdog = float("-inf")
         self.scheduler = scheduler.PolicyScheduler(lambda name: self._post("fired", name))
         self.wakeup = Wakeup()
@@ -138,6 +139,11 @@ class Daemon:
         if now >= self.next_prune:
             self.next_prune = now + backups.PRUNE_INTERVAL_S
             if backups.prune_in(self.daemon_config.state_dir):
+                self._write_metrics()
+        if now >= self.next_forget and self.host.hypervisor is not None and not self.host.outage:
+            self.next_forget = now + retention.INTERVAL_S  # only on libvirt's full, fresh list
+            domains = [view.snapshot for view in self.host.domains.values()]
+            if retention.forget_removed(self.daemon_config, self.metrics.observations, domains):
                 self._write_metrics()
         for late in self.windows.due_late(now):
             if (policy := self._policy(late.policy)) is not None:
