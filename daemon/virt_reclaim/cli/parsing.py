@@ -13,6 +13,7 @@ from virt_reclaim.cli.domains import cmd_domains
 from virt_reclaim.cli.journal_commands import cmd_backups, cmd_history, cmd_recover
 from virt_reclaim.cli.reload_command import cmd_reload
 from virt_reclaim.cli.run import cmd_run
+from virt_reclaim.cli.status_command import add_parser as add_status
 from virt_reclaim.config import loading
 from virt_reclaim.job.freespace.agent import FreeSpaceMethod
 from virt_reclaim.job.settings import Compression, OnShutdownTimeout
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_commands(commands)
     _add_daemon_command(commands)
     _add_reload_command(commands)
+    status = add_status(commands)
+    _add_config_dir(status)
+    _add_state_dir(status)
     return parser
 
 

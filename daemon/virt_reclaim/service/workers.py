@@ -47,6 +47,8 @@ class RunningJob:
     thread: threading.Thread
     started: float
     candidate: Candidate
+    # (disk, percent) of the rewrite, set by the job's thread; read by the status snapshot.
+    progress: tuple[str, float] | None = None
 
 
 class Workers:
@@ -104,9 +106,14 @@ class Workers:
     def _job(
         self, candidate: Candidate, policy: Policy, daemon_config: loading.DaemonConfig
     ) -> None:
+        job = self.running[candidate.uuid]
+
+        def progress(disk: str, percent: float) -> None:
+            job.progress = (disk, percent)  # one reference replaced: the reader sees old or new
+
         ended = JobEnd(None, waits_for_space=False)
         try:
-            ended = run_candidate(candidate, policy, daemon_config, self.stop)
+            ended = run_candidate(candidate, policy, daemon_config, self.stop, progress)
         finally:
             self._post("job-done", candidate.uuid, ended)
 
@@ -214,9 +221,13 @@ class JobEnd:
 
 
 def run_candidate(
-    candidate: Candidate, policy: Policy, daemon_config: loading.DaemonConfig, stop: threading.Event
+    candidate: Candidate,
+    policy: Policy,
+    daemon_config: loading.DaemonConfig,
+    stop: threading.Event,
+    on_progress: Callable[[str, float], None] | None = None,
 ) -> JobEnd:
-    """Run the candidate's job; how it ended."""
+    """Run the candidate's job; how it ended. ``on_progress(disk, percent)`` as in run_job."""
     structlog.contextvars.bind_contextvars(policy=policy.name, domain=candidate.name)
     outcome: str | None = None
     waits_for_space = False
@@ -233,6 +244,7 @@ def run_candidate(
                     daemon_config.nice, daemon_config.ionice_class, daemon_config.ionice_level
                 ),
                 stop=stop,
+                on_progress=on_progress,
             )
             outcome = str(result.outcome)
             waits_for_space = result.waits_for_space
