@@ -76,22 +76,31 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers action is private
     run = commands.add_parser(
         "run",
-        help="reclaim the disks of one domain now",
+        help="reclaim the disks of one domain now (or of every domain a policy selects)",
         description=(
             "Reclaim the qcow2 disks of DOMAIN now: free space inside the guest (trim or "
             "zero-fill through the guest agent), shut the guest down, rewrite each eligible "
             "disk compacted and compressed beside the original, verify it (qemu-img check and "
             "compare), swap it in with an atomic rename and bring the guest back to the state "
-            "it had. Any failure leaves the original images and the guest as they were."
+            "it had. Any failure leaves the original images and the guest as they were. "
+            "Without DOMAIN, --policy NAME reclaims every domain that policy selects, one after "
+            "the other in the daemon's order (largest estimated gain first), its idle checks "
+            "(watched for idle.duration), min_interval and min_gain applying; --dry-run shows "
+            "the order and each dry run."
         ),
         epilog=(
             "Exit status: 0 reclaimed, nothing to do, or dry run; 1 failed (everything "
             "restored); 2 usage error; 3 skipped (the domain or its disks are not eligible). "
             "Logs: JSON lines on stderr (readable text on a terminal); --json prints the "
-            "result as one JSON object on stdout."
+            "result as one JSON object on stdout. With --policy and no DOMAIN: 0 when every "
+            "domain was reclaimed, had nothing to do or was skipped (reason given), 1 when "
+            "any failed; --json prints a list of those objects."
         ),
     )
-    run.add_argument("domain", metavar="DOMAIN", help="the libvirt domain name")
+    run.add_argument(
+        "domain", metavar="DOMAIN", nargs="?",
+        help="the libvirt domain name (omitted: every domain --policy selects)",
+    )  # fmt: skip
     _add_connect(run)
     run.add_argument(
         "--dry-run", action="store_true", help="inspect and estimate only; change nothing"
@@ -179,7 +188,8 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
     )  # fmt: skip
     run.add_argument(
         "--policy", metavar="NAME",
-        help="take the settings from this policy; options given here still win",
+        help="take the settings from this policy; options given here still win. Without "
+        "DOMAIN: reclaim every domain the policy selects",
     )  # fmt: skip
     _add_config_dir(run)
     _add_state_dir(run)
