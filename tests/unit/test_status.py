@@ -210,3 +210,11 @@ def test_jobs_progress_queue_and_journal_are_reported(tmp_path: Path) -> None:
     assert [(r["domain"], r["outcome"], r["bytes_after"]) for r in data["last_results"]] == [
         ("vm0", "reclaimed", 100)
     ]
+
+
+def test_next_runs_are_worked_out_again_only_once_they_passed() -> None:
+    publisher = status.Publisher()
+    first = publisher.next_run("0 3 * * *", "UTC", 0.0)
+    assert first == 3 * 3600
+    assert publisher.next_run("0 3 * * *", "UTC", 3 * 3600 - 1) == first
+    assert publisher.next_run("0 3 * * *", "UTC", 3 * 3600 + 1) == 27 * 3600
