@@ -41,7 +41,9 @@ def test_a_job_thread_posts_its_outcome_and_is_forgotten_when_done(
 ) -> None:
     seen_stop: list[threading.Event] = []
 
-    def run_candidate(_c: Candidate, _p: Policy, _s: Any, stop: threading.Event) -> workers.JobEnd:
+    def run_candidate(
+        _c: Candidate, _p: Policy, _s: Any, stop: threading.Event, _progress: Any = None
+    ) -> workers.JobEnd:
         seen_stop.append(stop)
         return workers.JobEnd("reclaimed", waits_for_space=False)
 

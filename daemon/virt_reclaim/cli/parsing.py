@@ -78,28 +78,64 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_commands(commands)
     _add_daemon_command(commands)
     _add_reload_command(commands)
+    _add_status_command(commands)
     return parser
+
+
+def _add_status_command(commands: Any) -> None:  # noqa: ANN401 - argparse's private type
+    status = commands.add_parser(
+        "status",
+        help="what the running daemon is doing: windows, jobs, queue, backups, last results",
+        description=(
+            "Read the snapshot the daemon publishes in STATE_DIR/status.json (at every "
+            "change, and every few seconds) and tell: whether it runs (pid, since when; a "
+            "pid now held by another process does not count), its configuration (policy "
+            "files, the last reload's verdict, whether it runs on the last good configuration), "
+            "each policy's window (open until, next start), the jobs running (domain, step, "
+            "rewrite progress), the queued domains (and those waiting for space), the backups "
+            "held and each domain's last result from the journal. Changes nothing."
+        ),
+        epilog=(
+            "Exit status: 0 the daemon runs; 3 it is not running (as systemctl status); "
+            "1 the state folder or the journal cannot be read; 2 usage error."
+        ),
+    )
+    status.add_argument(
+        "--json", action="store_true", help="print one JSON object (keys in README.md)"
+    )
+    status.set_defaults(handler=Handler("virt_reclaim.cli.status_command", "cmd_status"))
+    _add_config_dir(status)
+    _add_state_dir(status)
 
 
 def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers action is private
     run = commands.add_parser(
         "run",
-        help="reclaim the disks of one domain now",
+        help="reclaim the disks of one domain now (or of every domain a policy selects)",
         description=(
             "Reclaim the qcow2 disks of DOMAIN now: free space inside the guest (trim or "
             "zero-fill through the guest agent), shut the guest down, rewrite each eligible "
             "disk compacted and compressed beside the original, verify it (qemu-img check and "
             "compare), swap it in with an atomic rename and bring the guest back to the state "
-            "it had. Any failure leaves the original images and the guest as they were."
+            "it had. Any failure leaves the original images and the guest as they were. "
+            "Without DOMAIN, --policy NAME reclaims every domain that policy selects, one after "
+            "the other in the daemon's order (largest estimated gain first), its idle checks "
+            "(watched for idle.duration), min_interval and min_gain applying; --dry-run shows "
+            "the order and each dry run."
         ),
         epilog=(
             "Exit status: 0 reclaimed, nothing to do, or dry run; 1 failed (everything "
             "restored); 2 usage error; 3 skipped (the domain or its disks are not eligible). "
             "Logs: JSON lines on stderr (readable text on a terminal); --json prints the "
-            "result as one JSON object on stdout."
+            "result as one JSON object on stdout. With --policy and no DOMAIN: 0 when every "
+            "domain was reclaimed, had nothing to do or was skipped (reason given), 1 when "
+            "any failed; --json prints a list of those objects."
         ),
     )
-    run.add_argument("domain", metavar="DOMAIN", help="the libvirt domain name")
+    run.add_argument(
+        "domain", metavar="DOMAIN", nargs="?",
+        help="the libvirt domain name (omitted: every domain --policy selects)",
+    )  # fmt: skip
     _add_connect(run)
     run.add_argument(
         "--dry-run", action="store_true", help="inspect and estimate only; change nothing"
@@ -187,7 +223,8 @@ def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers act
     )  # fmt: skip
     run.add_argument(
         "--policy", metavar="NAME",
-        help="take the settings from this policy; options given here still win",
+        help="take the settings from this policy; options given here still win. Without "
+        "DOMAIN: reclaim every domain the policy selects",
     )  # fmt: skip
     _add_config_dir(run)
     _add_state_dir(run)

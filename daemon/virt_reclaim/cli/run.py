@@ -14,19 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from virt_reclaim import logs
+from virt_reclaim.cli import batch
 from virt_reclaim.cli.common import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, Terminated, UsageError
 from virt_reclaim.cli.render import ProgressBar, print_job_result
 from virt_reclaim.config import loading
 from virt_reclaim.config.policy import Policy, job_settings
 from virt_reclaim.job import runner
 from virt_reclaim.job.context import Step
-from virt_reclaim.job.results import Outcome
+from virt_reclaim.job.results import JobResult, Outcome
 from virt_reclaim.job.settings import Compression, FreeSpaceMethod, JobSettings, OnShutdownTimeout
 from virt_reclaim.journal import recovery
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.metrics import writer
 from virt_reclaim.process import Priority
 from virt_reclaim.virt.connection import Hypervisor
+from virt_reclaim.virt.domain import Domain
 
 _EXIT_BY_OUTCOME = {
     Outcome.RECLAIMED: EXIT_OK,
@@ -43,7 +45,7 @@ def _interrupt_on_sigterm(signum: int, _frame: object) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Reclaim one domain's disks now; the exit status tells the outcome."""
+    """Reclaim one domain's disks now (or a policy's domains); the exit status tells the outcome."""
     signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     logs.configure(logs.LogFormat(args.log_format))
     overrides: dict[str, Any] = {
@@ -62,8 +64,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         "rate_limit": args.rate_limit,
         "qemu_img": args.qemu_img,
     }
-    if args.policy:
-        settings = job_settings(_policy_named(args.policy, args.config_dir), **overrides)
+    if args.domain is None and not args.policy:
+        raise UsageError("give the DOMAIN to reclaim, or --policy NAME to reclaim every domain "
+                         "that policy selects")  # fmt: skip
+    loaded = loading.load(args.config_dir) if args.policy else None
+    policy = _policy_named(args.policy, args.config_dir, loaded) if loaded else None
+    if policy is not None:
+        settings = job_settings(policy, **overrides)
     else:
         settings = JobSettings(**{k: v for k, v in overrides.items() if v is not None})
     if args.host_reserve is not None:
@@ -75,28 +82,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     journal = Journal(args.state_dir)
     with Hypervisor(args.connect) as hypervisor:
-        domain = hypervisor.domain(args.domain)
-        recovery.recover(journal, args.state_dir, hypervisor.domain_by_uuid)
-        bar = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
-        try:
-            result = runner.run_job(
-                hypervisor,
-                domain,
-                settings,
-                journal=journal,
-                state_dir=args.state_dir,
-                priority=Priority(
-                    args.daemon.nice, args.daemon.ionice_class, args.daemon.ionice_level
-                ),
-                on_progress=bar.update if bar else None,
-                before_step=_test_pause_hook(),
-            )
-        finally:
-            if bar:
-                bar.close()
+
+        def run_one(domain: Domain) -> JobResult:
+            return _run_one(args, hypervisor, domain, settings, journal)
+
+        if args.domain is None:
+            assert policy is not None and loaded is not None  # noqa: S101 - checked above
+            recovery.recover(journal, args.state_dir, hypervisor.domain_by_uuid)
+            results = batch.run_policy(
+                policy, [p for _f, p in loaded.policies], hypervisor, journal, run_one,
+                settings=settings, daemon=args.daemon, uri=args.connect, state_dir=args.state_dir,
+            )  # fmt: skip
+        else:
+            domain = hypervisor.domain(args.domain)
+            recovery.recover(journal, args.state_dir, hypervisor.domain_by_uuid)
+            results = [run_one(domain)]
         if args.daemon.metrics_file:
             writer.write_for_run(args.daemon.metrics_file, journal, hypervisor.domains,
                                   args.qemu_img)  # fmt: skip
+    if args.domain is None:
+        return _report_all(results, as_json=args.json)
+    result = results[0]
     if args.json:
         json.dump(result.to_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -105,9 +111,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _EXIT_BY_OUTCOME[result.outcome]
 
 
-def _policy_named(name: str, config_dir: str) -> Policy:
-    """The valid policy ``name`` from ``config_dir``; UsageError naming what is wrong."""
-    loaded = loading.load(config_dir)
+def _run_one(
+    args: argparse.Namespace,
+    hypervisor: Hypervisor,
+    domain: Domain,
+    settings: JobSettings,
+    journal: Journal,
+) -> JobResult:
+    """One domain's job, with a progress bar on a terminal."""
+    bar = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
+    try:
+        return runner.run_job(
+            hypervisor,
+            domain,
+            settings,
+            journal=journal,
+            state_dir=args.state_dir,
+            priority=Priority(args.daemon.nice, args.daemon.ionice_class, args.daemon.ionice_level),
+            on_progress=bar.update if bar else None,
+            before_step=_test_pause_hook(),
+        )
+    finally:
+        if bar:
+            bar.close()
+
+
+def _report_all(results: list[JobResult], *, as_json: bool) -> int:
+    """Print each domain's result; 1 when any failed (skipped ones do not count)."""
+    if as_json:
+        json.dump([r.to_json() for r in results], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for result in results:
+            print_job_result(result, sys.stdout)
+        if not results:
+            print("the policy selects no domain")
+    failed = any(_EXIT_BY_OUTCOME[r.outcome] == EXIT_FAILED for r in results)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _policy_named(name: str, config_dir: str, loaded: loading.LoadedConfig) -> Policy:
+    """The valid policy ``name`` of ``loaded`` (from ``config_dir``); UsageError if none."""
     for _file, policy in loaded.policies:
         if policy.name == name:
             return policy

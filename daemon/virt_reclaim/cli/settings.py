@@ -37,6 +37,7 @@ _NEEDS = {
     "plan": {},  # prints them and exits 2
     "history": {"state_dir": "state_dir"},
     "backups": {"state_dir": "state_dir"},
+    "status": {"state_dir": "state_dir"},
     "recover": {"state_dir": "state_dir", "uri": "connect"},
 }
 

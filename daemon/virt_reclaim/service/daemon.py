@@ -26,15 +26,14 @@ from typing import Any
 import structlog
 
 from virt_reclaim import backups, logs
-from virt_reclaim.config import loading, paths
+from virt_reclaim.config import loading
 from virt_reclaim.config.policy import Policy
 from virt_reclaim.journal import recovery
 from virt_reclaim.journal.records import JournalError
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.metrics import writer
-from virt_reclaim.service import retention, scheduler, windows, workers
+from virt_reclaim.service import reloads, retention, scheduler, status, windows, workers
 from virt_reclaim.service.hostview import HostView
-from virt_reclaim.service.reloads import ReloadRecord, Verdict, record_path, write_record
 from virt_reclaim.service.scheduler import Candidate
 from virt_reclaim.service.sdnotify import Notifier
 from virt_reclaim.service.wakeup import Flags, Wakeup
@@ -82,11 +81,13 @@ class Daemon:
         self.next_sample = 0.0
         self.next_prune = 0.0  # expired backups: deleted at the start, then every hour
         self.next_forget = 0.0  # removed domains: forgotten at the start, then daily
-        self.last_watchdog = float("-inf")
         self.scheduler = scheduler.PolicyScheduler(lambda name: self._post("fired", name))
         self.wakeup = Wakeup()
         self.reloads = 0  # SIGHUPs handled, for ``virt-reclaim reload`` to know its answer
         self.rejected: str | None = None  # why the last reload was not applied, if it was not
+        self.files: tuple[str, ...] = ()  # the policy files in force
+        self.started_at, self.proc_start = time.time(), status.proc_start(os.getpid())
+        self.publisher = status.Publisher()  # STATE_DIR/status.json, for ``virt-reclaim status``
 
     # -- start and stop -----------------------------------------------------------------
 
@@ -107,13 +108,14 @@ class Daemon:
         while not self.flags.stop and self.host.hypervisor is None:
             self._ensure_connected()
             if self.host.hypervisor is None:
+                self._publish(status.Phase.CONNECTING)
                 self.wakeup.wait(self._seconds_to_next_event())
                 self._watchdog()  # waiting for libvirtd is healthy; a stuck loop is not
         if self.flags.stop:
             return self._shutdown()
         self._recover()
         self.scheduler.start()
-        self._log_next_runs()
+        self.scheduler.log_next_runs(self.policies, self.daemon_config, self.config_dir)
         log.info("daemon.started", policies=len(self.policies), domains=len(self.host.domains),
                  uri=self.daemon_config.uri, pid=os.getpid())  # fmt: skip
         self.notifier.ready(self._status())
@@ -151,6 +153,7 @@ class Daemon:
         self._dispatch(now)
         self._watchdog()
         self.notifier.status(self._status())
+        self._publish(status.Phase.RUNNING)
 
     def _shutdown(self) -> int:
         self.notifier.stopping(f"stopping ({self.flags.signal_name or 'requested'}); "
@@ -168,9 +171,11 @@ class Daemon:
             if now >= next_extend and now - began < STOP_EXTEND_MAX_S:
                 self.notifier.extend_timeout(STOP_EXTEND_S)
                 next_extend = now + STOP_EXTEND_S / 3
+            self._publish(status.Phase.STOPPING)
             self.wakeup.wait(LOOP_TICK_S)
             self._drain_inbox()
             self._watchdog()
+        self._publish(status.Phase.STOPPED)
         self._write_metrics()
         self.metrics.close()
         self.host.close()
@@ -253,6 +258,7 @@ class Daemon:
     def _apply(self, loaded: loading.LoadedConfig) -> None:
         self.daemon_config = loaded.daemon
         self.policies = tuple(policy for _file, policy in loaded.policies)
+        self.files = tuple(sorted({file for file, _policy in loaded.policies}))
         self.scheduler.apply(self.policies)
         self.windows.apply(self.policies)
 
@@ -260,42 +266,16 @@ class Daemon:
         self.notifier.reloading()
         log.info("config.reloading", config_dir=self.config_dir)
         loaded = loading.load(self.config_dir, strict_modes=self.strict_modes)
-        if loaded.errors:
-            for error in loaded.errors:
-                log.error("config.error", **error.log_fields())
-            log.error("config.reload_failed", errors=len(loaded.errors),
-                      kept="the last good configuration stays in force")  # fmt: skip
-            self._record_reload(Verdict.REJECTED, len(loaded.errors))
-        else:
-            fixed = {"uri": loaded.daemon.uri, "state_dir": loaded.daemon.state_dir}
-            for name, value in fixed.items():
-                if getattr(self.daemon_config, name) != value:
-                    log.warning("config.restart_needed", setting=name, new=value,
-                                current=getattr(self.daemon_config, name))  # fmt: skip
-            kept = loaded.daemon.model_copy(
-                update={"uri": self.daemon_config.uri, "state_dir": self.daemon_config.state_dir}
-            )
-            self._apply(loading.LoadedConfig(kept, loaded.policies, ()))
+        if (applied := reloads.to_apply(self.daemon_config, loaded)) is not None:
+            self._apply(applied)
             log.info("config.reloaded", policies=[p.name for p in self.policies])
-            self._log_next_runs()
+            self.scheduler.log_next_runs(self.policies, self.daemon_config, self.config_dir)
             self._find_late_windows()
-            self._record_reload(Verdict.APPLIED, 0)
-        self.notifier.ready(self._status())
-
-    def _record_reload(self, verdict: Verdict, errors: int) -> None:
-        """Keep the verdict for STATUS= and write it where ``virt-reclaim reload`` waits."""
         self.reloads += 1
-        at = time.time()
-        self.rejected = None
-        if verdict is Verdict.REJECTED:
-            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
-            self.rejected = f"the reload at {when} was rejected ({errors} error(s))"
-        record = ReloadRecord(os.getpid(), self.reloads, at, verdict, errors)
-        try:
-            write_record(self.daemon_config.state_dir, record)
-        except OSError as exc:
-            log.warning("config.reload_unrecorded", path=record_path(self.daemon_config.state_dir),
-                        error=str(exc))  # fmt: skip
+        self.rejected = reloads.record_verdict(
+            self.daemon_config.state_dir, self.reloads, len(loaded.errors)
+        )
+        self.notifier.ready(self._status())
 
     def _find_late_windows(self) -> None:
         """Windows open now that the daemon was not running (or not configured) to open."""
@@ -306,13 +286,6 @@ class Daemon:
 
     def _policy(self, name: str) -> Policy | None:
         return next((p for p in self.policies if p.name == name), None)
-
-    def _log_next_runs(self) -> None:
-        if not self.policies:
-            log.warning("daemon.no_policies", policy_dir=self.daemon_config.policy_dir
-                        or os.path.join(self.config_dir, paths.POLICY_FOLDER))  # fmt: skip
-        for name, when in self.scheduler.next_runs().items():
-            log.info("policy.scheduled", policy=name, next_run=when.isoformat() if when else None)
 
     # -- libvirt --------------------------------------------------------------------------
 
@@ -416,32 +389,12 @@ class Daemon:
     # -- systemd --------------------------------------------------------------------------
 
     def _watchdog(self) -> None:
-        period = self.notifier.watchdog_s
-        if not period or not event_loop_alive():
-            return
-        now = self.clock()
-        if now - self.last_watchdog >= period / 4:
-            self.notifier.watchdog()
-            self.last_watchdog = now
+        self.notifier.watchdog_if_due(self.clock(), healthy=event_loop_alive())
 
     def _status(self) -> str:
         """STATUS=: what the daemon does, and whether it runs on an older configuration."""
-        if self.rejected:
-            return f"{self._activity()}; running on the last good configuration: {self.rejected}"
-        return self._activity()
+        return status.status_line(self)
 
-    def _activity(self) -> str:
-        if self.host.outage is not None:
-            return f"libvirtd unreachable for {self.clock() - self.host.outage.since:.0f} s"
-        parts = []
-        if self.running:
-            names = ", ".join(sorted(j.domain for j in self.running.values()))
-            parts.append(f"reclaiming {names}")
-        if self.windows.queue:
-            parts.append(f"{len(self.windows.queue)} queued")
-        if self.windows.open:
-            parts.append(f"window open: {', '.join(sorted(self.windows.open))}")
-        if not parts:
-            parts.append("waiting for the next window")
-        parts.append(f"{len(self.policies)} policies, {len(self.host.domains)} domains")
-        return "; ".join(parts)
+    def _publish(self, phase: status.Phase) -> None:
+        """Publish the snapshot ``virt-reclaim status`` reads (when it changed, or is due)."""
+        self.publisher.publish(self.daemon_config.state_dir, status.snapshot_of(self, phase))

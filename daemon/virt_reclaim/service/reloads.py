@@ -1,4 +1,4 @@
-"""The verdict of the daemon's last reload, in a file that ``virt-reclaim reload`` reads.
+"""The daemon's reloads: what of a new configuration applies, and the verdict for ``reload``.
 
 A signal carries no answer: ``systemctl reload`` would report success for a configuration
 the daemon rejected. So the daemon writes the result of each reload to
@@ -13,10 +13,17 @@ import enum
 import json
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import structlog
+
+from virt_reclaim.config import loading
+
 RELOAD_FILE = "reload.json"
+
+log = structlog.get_logger("virt_reclaim.service")
 
 
 class Verdict(enum.StrEnum):
@@ -82,3 +89,45 @@ def read_record(state_dir: str) -> ReloadRecord | None:
         )  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def to_apply(
+    current: loading.DaemonConfig, loaded: loading.LoadedConfig
+) -> loading.LoadedConfig | None:
+    """What of a reloaded configuration the daemon applies; None when it is rejected.
+
+    Errors are logged and reject it all (the last good configuration stays in force). The
+    libvirt URI and the state folder stay as they are until a restart: jobs, the journal
+    and the connection depend on them.
+    """
+    if loaded.errors:
+        for error in loaded.errors:
+            log.error("config.error", **error.log_fields())
+        log.error("config.reload_failed", errors=len(loaded.errors),
+                  kept="the last good configuration stays in force")  # fmt: skip
+        return None
+    fixed = {"uri": current.uri, "state_dir": current.state_dir}
+    for name, value in fixed.items():
+        if getattr(loaded.daemon, name) != value:
+            log.warning("config.restart_needed", setting=name,
+                        new=getattr(loaded.daemon, name), current=value)  # fmt: skip
+    return loading.LoadedConfig(loaded.daemon.model_copy(update=fixed), loaded.policies, ())
+
+
+def record_verdict(state_dir: str, count: int, errors: int) -> str | None:
+    """Write the daemon's ``count``th reload's verdict where ``virt-reclaim reload`` waits.
+
+    Returns why the reload was not applied (for STATUS=), or None when it was. A record
+    that cannot be written is logged: the reload itself stands.
+    """
+    at = time.time()
+    verdict = Verdict.REJECTED if errors else Verdict.APPLIED
+    record = ReloadRecord(os.getpid(), count, at, verdict, errors)
+    try:
+        write_record(state_dir, record)
+    except OSError as exc:
+        log.warning("config.reload_unrecorded", path=record_path(state_dir), error=str(exc))
+    if verdict is Verdict.APPLIED:
+        return None
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+    return f"the reload at {when} was rejected ({errors} error(s))"

@@ -9,14 +9,18 @@ a job may take, the minimum interval, the rewrite rate this host achieves.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import structlog
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from virt_reclaim.config import crontab
+from virt_reclaim.config import crontab, loading, paths
 from virt_reclaim.config.policy import Policy
+
+log = structlog.get_logger("virt_reclaim.service")
 
 MIB = 1024 * 1024
 # Until this host has reclaimed something: well below the 241-267 MiB/s that
@@ -158,6 +162,16 @@ class PolicyScheduler:
     def next_runs(self) -> dict[str, dt.datetime | None]:
         """The next firing of each policy."""
         return {job.id: job.next_run_time for job in self._scheduler.get_jobs()}
+
+    def log_next_runs(
+        self, policies: Sequence[Policy], daemon: loading.DaemonConfig, config_dir: str
+    ) -> None:
+        """Log each policy's next firing, and a warning when there is no policy at all."""
+        if not policies:
+            log.warning("daemon.no_policies", policy_dir=daemon.policy_dir
+                        or os.path.join(config_dir, paths.POLICY_FOLDER))  # fmt: skip
+        for name, when in self.next_runs().items():
+            log.info("policy.scheduled", policy=name, next_run=when.isoformat() if when else None)
 
     def start(self) -> None:
         """Start firing (on APScheduler's own thread)."""

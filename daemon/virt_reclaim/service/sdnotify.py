@@ -28,6 +28,7 @@ class Notifier:
             self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.watchdog_s = _watchdog_seconds(env)
         self._last_status = ""
+        self._last_watchdog = float("-inf")
 
     @property
     def enabled(self) -> bool:
@@ -78,6 +79,17 @@ class Notifier:
     def watchdog(self) -> None:
         """Tell the watchdog the main loop is alive."""
         self.send("WATCHDOG=1")
+
+    def watchdog_if_due(self, now: float, *, healthy: bool) -> None:
+        """Feed the watchdog, four times a period, while the daemon is ``healthy``.
+
+        ``now`` is monotonic seconds. Unhealthy (libvirt's event loop died), it goes silent
+        so that systemd restarts the service.
+        """
+        period = self.watchdog_s
+        if period and healthy and now - self._last_watchdog >= period / 4:
+            self.watchdog()
+            self._last_watchdog = now
 
     def close(self) -> None:
         """Close the socket."""

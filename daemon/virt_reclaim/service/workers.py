@@ -22,7 +22,7 @@ from virt_reclaim.config.policy import Policy, job_settings
 from virt_reclaim.errors import AgentUnavailable, VirtError
 from virt_reclaim.job import runner
 from virt_reclaim.job.lock import DomainBusy
-from virt_reclaim.job.results import Outcome
+from virt_reclaim.job.results import JobResult, Outcome
 from virt_reclaim.journal.records import JournalError
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.metrics import observations
@@ -47,6 +47,8 @@ class RunningJob:
     thread: threading.Thread
     started: float
     candidate: Candidate
+    # (disk, percent) of the rewrite, set by the job's thread; read by the status snapshot.
+    progress: tuple[str, float] | None = None
 
 
 class Workers:
@@ -104,9 +106,14 @@ class Workers:
     def _job(
         self, candidate: Candidate, policy: Policy, daemon_config: loading.DaemonConfig
     ) -> None:
+        job = self.running[candidate.uuid]
+
+        def progress(disk: str, percent: float) -> None:
+            job.progress = (disk, percent)  # one reference replaced: the reader sees old or new
+
         ended = JobEnd(None, waits_for_space=False)
         try:
-            ended = run_candidate(candidate, policy, daemon_config, self.stop)
+            ended = run_candidate(candidate, policy, daemon_config, self.stop, progress)
         finally:
             self._post("job-done", candidate.uuid, ended)
 
@@ -134,22 +141,50 @@ def estimate(
     ``state_dir`` the estimates learn from each domain's past reclaims in the journal, as
     the job itself will.
     """
+    found = estimate_each(uri, qemu_img, policy, chosen, rate,
+                          observer=observer, state_dir=state_dir)  # fmt: skip
+    return [e.candidate for e in found if e.candidate is not None]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One chosen domain's dry run: its candidate, or why it has none.
+
+    ``result`` is the dry run's (None when it could not run); ``reason`` says why the
+    domain is no candidate (None when it is one).
+    """
+
+    name: str
+    candidate: Candidate | None
+    result: JobResult | None
+    reason: str | None
+
+
+def estimate_each(
+    uri: str,
+    qemu_img: str,
+    policy: Policy,
+    chosen: Sequence[DomainObservation],
+    rate: float,
+    *,
+    observer: observations.Observations | None = None,
+    state_dir: str | None = None,
+) -> list[Estimate]:
+    """``estimate``, with what became of every chosen domain (``run --policy`` reports all)."""
     history = _history(state_dir)
     structlog.contextvars.bind_contextvars(policy=policy.name)
-    candidates: list[Candidate] = []
+    found: list[Estimate] = []
     try:
         with Hypervisor(uri) as hypervisor:
             everyone = hypervisor.domains()
             for snap in chosen:
-                candidate = _estimate_one(
+                found.append(_estimate_one(
                     hypervisor, everyone, policy, snap, qemu_img=qemu_img, rate=rate,
                     observer=observer, history=history,
-                )  # fmt: skip
-                if candidate is not None:
-                    candidates.append(candidate)
+                ))  # fmt: skip
     except VirtError as exc:
         log.warning("window.estimate_failed", error=str(exc))
-    return candidates
+    return found
 
 
 def _history(state_dir: str | None) -> Callable[[str, str, str], float | None] | None:
@@ -172,37 +207,39 @@ def _estimate_one(
     rate: float,
     observer: observations.Observations | None = None,
     history: Callable[[str, str, str], float | None] | None = None,
-) -> Candidate | None:
+) -> Estimate:
     try:
         domain = hypervisor.domain_by_uuid(snap.uuid)
         if policy.idle.no_logged_in_users and snap.state is DomainState.RUNNING:
             users = domain.logged_in_users()
             if users:
-                log.info("domain.skipped", domain=snap.name,
-                         reason=f"busy: users logged in ({', '.join(users[:5])})")  # fmt: skip
+                reason = f"busy: users logged in ({', '.join(users[:5])})"
+                log.info("domain.skipped", domain=snap.name, reason=reason)
                 if observer is not None:
                     observer.skipped(snap.name, "busy: users logged in")
-                return None
+                return Estimate(snap.name, None, None, reason)
         result = plan.estimate(domain, policy, everyone, qemu_img=qemu_img, history=history)
     except AgentUnavailable as exc:
-        log.info("domain.skipped", domain=snap.name,
-                 reason=f"busy: cannot tell whether users are logged in ({exc})")  # fmt: skip
+        reason = f"busy: cannot tell whether users are logged in ({exc})"
+        log.info("domain.skipped", domain=snap.name, reason=reason)
         if observer is not None:
             observer.skipped(snap.name, "busy: users unknown")
-        return None
+        return Estimate(snap.name, None, None, reason)
     except VirtError as exc:
         log.info("domain.skipped", domain=snap.name, reason=str(exc))
         if observer is not None:
             observer.skipped(snap.name, str(exc), "error")
-        return None
+        return Estimate(snap.name, None, None, str(exc))
     if observer is not None:
         observer.estimated(snap.name, result)  # its disks' estimates; a skip unless DRY_RUN
     if result.outcome is not Outcome.DRY_RUN:
         log.info("domain.skipped", domain=snap.name, reason=result.reason,
                  outcome=str(result.outcome))  # fmt: skip
-        return None
+        return Estimate(snap.name, None, result, result.reason)
     disks = [(d.bytes_before, d.estimated_after) for d in result.disks]
-    return scheduler.candidate(snap.name, snap.uuid, policy, disks, rate)
+    return Estimate(
+        snap.name, scheduler.candidate(snap.name, snap.uuid, policy, disks, rate), result, None
+    )
 
 
 @dataclass(frozen=True)
@@ -214,9 +251,13 @@ class JobEnd:
 
 
 def run_candidate(
-    candidate: Candidate, policy: Policy, daemon_config: loading.DaemonConfig, stop: threading.Event
+    candidate: Candidate,
+    policy: Policy,
+    daemon_config: loading.DaemonConfig,
+    stop: threading.Event,
+    on_progress: Callable[[str, float], None] | None = None,
 ) -> JobEnd:
-    """Run the candidate's job; how it ended."""
+    """Run the candidate's job; how it ended. ``on_progress(disk, percent)`` as in run_job."""
     structlog.contextvars.bind_contextvars(policy=policy.name, domain=candidate.name)
     outcome: str | None = None
     waits_for_space = False
@@ -233,6 +274,7 @@ def run_candidate(
                     daemon_config.nice, daemon_config.ionice_class, daemon_config.ionice_level
                 ),
                 stop=stop,
+                on_progress=on_progress,
             )
             outcome = str(result.outcome)
             waits_for_space = result.waits_for_space

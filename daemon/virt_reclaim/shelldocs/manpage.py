@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from virt_reclaim import __version__
-from virt_reclaim.config.loading import DAEMON_FILE, DEFAULT_CONFIG_DIR, POLICY_FOLDER
+from virt_reclaim.config.paths import DAEMON_FILE, DEFAULT_CONFIG_DIR, POLICY_FOLDER
 from virt_reclaim.journal.store import DEFAULT_STATE_DIR, JOURNAL_NAME
 from virt_reclaim.model import DEFAULT_URI
 from virt_reclaim.shelldocs.commands import Command, Option, Program, read_program
