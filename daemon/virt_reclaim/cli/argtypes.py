@@ -8,7 +8,7 @@ import time
 
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
-from virt_reclaim.config.policy import parse_duration
+from virt_reclaim.config.values import parse_duration
 from virt_reclaim.job.results import Outcome
 from virt_reclaim.journal.queries import UNFINISHED
 

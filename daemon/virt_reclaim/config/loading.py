@@ -20,7 +20,9 @@ from typing import Any
 from pydantic import Field, ValidationError, field_validator
 
 from virt_reclaim.config import messages
-from virt_reclaim.config.policy import Duration, Policy, PolicyFile, _Model
+from virt_reclaim.config.policy import Policy, PolicyFile
+from virt_reclaim.config.values import Duration
+from virt_reclaim.config.values import StrictModel as _Model
 from virt_reclaim.journal.store import DEFAULT_STATE_DIR
 from virt_reclaim.logs import LogFormat
 from virt_reclaim.model import DEFAULT_URI

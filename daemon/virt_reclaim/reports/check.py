@@ -17,7 +17,8 @@ from typing import Any
 
 from virt_reclaim.config import crontab, selection
 from virt_reclaim.config.loading import ConfigError, LoadedConfig
-from virt_reclaim.config.policy import Mode, Policy, format_duration
+from virt_reclaim.config.policy import Mode, Policy
+from virt_reclaim.config.values import format_duration
 from virt_reclaim.reports import advice
 
 ERROR = "error"
