@@ -11,6 +11,7 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ def sha256(path: Path) -> str:
 
 def run(
     domain: FakeDomain, state: Path, hooks: JobHooks, **options: Any
-) -> tuple[JobResult, Journal, list[dict[str, Any]]]:
+) -> tuple[JobResult, Journal, list[MutableMapping[str, Any]]]:
     journal = Journal(state)
     before_step = options.pop("before_step", None)
     stop = options.pop("stop", None)
@@ -81,7 +82,7 @@ def run(
     return result, journal, events
 
 
-def hook_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def hook_events(events: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
     return [e for e in events if e["event"].startswith("hook.")]
 
 
