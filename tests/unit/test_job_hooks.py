@@ -295,3 +295,59 @@ def test_a_stop_during_the_before_hook_kills_it_and_abandons_the_job(
     assert result.outcome is Outcome.ABANDONED
     assert "before_shutdown hook" in result.reason
     assert domain.power is DomainState.RUNNING
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hooks" / "alertmanager-silence"
+
+
+@pytest.fixture
+def silence_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, Path]:
+    """The README's Alertmanager hook, with a curl that logs its arguments and answers."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "curl.log"
+    script(bin_dir / "curl", f'printf "%s\\n" "$@" "--" >> "{calls}"\n'
+           'case "$*" in *DELETE*) ;; *) printf \'{"silenceID":"3f2a"}\' ;; esac')  # fmt: skip
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "state-dir"))
+    monkeypatch.setenv("ALERTMANAGER_URL", "http://am.test:9093")
+    hook = tmp_path / "alertmanager-silence"
+    hook.write_bytes(EXAMPLE.read_bytes())
+    hook.chmod(0o755)
+    return str(hook), calls
+
+
+def test_the_readmes_alertmanager_hook_silences_the_guest_then_expires_the_silence(
+    domain: FakeDomain, tmp_path: Path, silence_hook: tuple[str, Path]
+) -> None:
+    hook, calls = silence_hook
+
+    result, _, _ = run(domain, tmp_path / "state",
+                       JobHooks(before_shutdown=(hook,), after_job=(hook,)))  # fmt: skip
+
+    assert result.outcome is Outcome.RECLAIMED, result.reason
+    post, delete = (call.splitlines() for call in calls.read_text().split("--\n")[:2])
+    assert post[-1] == "http://am.test:9093/api/v2/silences"
+    body = post[post.index("-d") + 1]
+    assert '"matchers":[{"name":"instance","value":"fake","isRegex":false' in body
+    assert f"offline reclaim, job {result.job_id}" in body
+    assert delete[-1] == "http://am.test:9093/api/v2/silence/3f2a"
+    assert not (tmp_path / "state-dir" / "silences" / result.job_id).exists()
+
+
+def test_the_alertmanager_hook_that_cannot_post_keeps_the_guest_up(
+    domain: FakeDomain, tmp_path: Path, silence_hook: tuple[str, Path]
+) -> None:
+    hook, _calls = silence_hook
+    script(tmp_path / "bin" / "curl",
+           "echo 'curl: (22) The requested URL returned error: 500' >&2\nexit 22")  # fmt: skip
+
+    result, _, _ = run(domain, tmp_path / "state",
+                       JobHooks(before_shutdown=(hook,), after_job=(hook,)))  # fmt: skip
+
+    assert result.outcome is Outcome.SKIPPED
+    assert result.reason.startswith(
+        f"before_shutdown hook {hook}: exited with status 22: curl: (22) The requested URL "
+        "returned error: 500"
+    )
+    assert domain.power is DomainState.RUNNING
