@@ -9,7 +9,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 # Bound what is kept of a tool's output (and later logged).
@@ -73,6 +73,7 @@ def run(
     priority: Priority | None = None,
     cancel: threading.Event | None = None,
     pass_fds: Sequence[int] = (),
+    env: Mapping[str, str] | None = None,
 ) -> Completed:
     """Run ``argv`` without a shell and return its output.
 
@@ -88,6 +89,7 @@ def run(
         priority: Run under ``nice``/``ionice`` at this priority.
         cancel: When set, the command is killed (checked at least every half second).
         pass_fds: Descriptors the command inherits (it opens them as ``/dev/fd/N``).
+        env: The command's whole environment; this process's own when None.
 
     Returns:
         The exit status and the decoded output.
@@ -106,6 +108,7 @@ def run(
             stderr=subprocess.PIPE,
             start_new_session=True,
             pass_fds=tuple(pass_fds),
+            env=None if env is None else dict(env),
         )
     except OSError as exc:
         raise CommandError(argv, f"cannot be started ({exc.strerror})") from exc

@@ -109,6 +109,39 @@ def test_every_error_of_every_file_at_once_with_line_and_advice(
     assert "virt-reclaim: 8 error(s) and 0 warning(s)" in err
 
 
+def test_hooks_in_a_policy_table_and_their_errors_with_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = """[[policy]]
+name = "a"
+match.names = ["a*"]
+schedule.cron = "0 2 * * *"
+[policy.hooks]
+before_shutdown = ["/etc/virt-reclaim/hooks/silence", "create"]
+after_job = ["/etc/virt-reclaim/hooks/silence", "expire"]
+timeout = "30s"
+"""
+    status, _out, err = check(capsys, folder(tmp_path / "good", {"policies.d/a.toml": good}))
+    assert status == 0, err
+    bad = good.replace(
+        '["/etc/virt-reclaim/hooks/silence", "create"]', '"/etc/virt-reclaim/hooks/silence create"'
+    ).replace("timeout", "timout")
+    directory = folder(tmp_path / "bad", {"policies.d/a.toml": bad})
+
+    status, _out, err = check(capsys, directory)
+
+    assert status == 2
+    where = f"error: {directory / 'policies.d/a.toml'}"
+    assert (
+        f"{where}:6: policy 'a': hooks.before_shutdown: a list of strings, the program and its "
+        'arguments (no shell): ["/etc/virt-reclaim/hooks/silence create"]'
+    ) in err, err
+    assert (
+        f"{where}:8: policy 'a': hooks.timout: unknown key `hooks.timout`; did you mean "
+        "`hooks.timeout`?"
+    ) in err, err
+
+
 @pytest.mark.parametrize(
     ("cron", "named"),
     [

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from virt_reclaim.config import loading, selection
 from virt_reclaim.config.policy import Policy, PolicyFile, job_settings
-from virt_reclaim.job.settings import After, Compression, JobSettings
+from virt_reclaim.job.settings import After, Compression, JobHooks, JobSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = {"name": "p", "match": {"names": ["web-*"]}, "schedule": {"cron": "0 2 * * *"}}
@@ -45,6 +45,8 @@ VALID = [
     ("rewrite.compression", "zlib"), ("rewrite.cluster_size", "64KiB"),
     ("rewrite.min_gain", "500MB"), ("rewrite.min_gain_percent", 12.5),
     ("rewrite.keep_backup", "2d"),
+    ("hooks.before_shutdown", ["/etc/virt-reclaim/hooks/silence", "create"]),
+    ("hooks.after_job", ["logger", "-t", "virt-reclaim"]), ("hooks.timeout", "2m"),
 ]  # fmt: skip
 
 INVALID = [
@@ -69,7 +71,17 @@ INVALID = [
     ("rewrite.cluster_size", "64K", "64000 bytes: a power of two"),
     ("rewrite.min_gain_percent", -1, "greater than or equal to 0"),
     ("rewrite.preallocation", "full", "'off' or 'metadata'"),
-]
+    ("hooks.before_shutdown", "/etc/virt-reclaim/hooks/silence create",
+     'a list of strings, the program and its arguments (no shell): '
+     '["/etc/virt-reclaim/hooks/silence create"] or'),
+    ("hooks.befor_shutdown", ["/bin/true"],
+     "unknown key `hooks.befor_shutdown`; did you mean `hooks.before_shutdown`?"),
+    ("hooks.after_job", [], "an empty list: give the program and its arguments"),
+    ("hooks.after_job", ["hooks/notify"], "an absolute path or a bare name found in PATH"),
+    ("hooks.after_job", ["/bin/sleep", 60], "every element is a string"),
+    ("hooks.timeout", "0s", "a positive duration"),
+    ("hooks.timeout", "soon", "a duration like 30s, 15m, 2h or 7d"),
+]  # fmt: skip
 
 
 def validate(policy: dict[str, Any]) -> list[loading.ConfigError]:
@@ -130,7 +142,18 @@ def test_job_settings_follow_the_policy_and_explicit_options_win() -> None:
     assert job_settings(policy, shutdown_timeout_s=10.0, min_gain=None).shutdown_timeout_s == 10
     defaults = job_settings(Policy.model_validate(MINIMAL))
     assert defaults == JobSettings()
+    assert defaults.hooks == JobHooks()
     assert defaults.keep_backup is None
+
+
+def test_job_settings_carry_the_policys_hooks() -> None:
+    hooks = {"before_shutdown": ["/etc/hooks/silence", "create"], "after_job": ["logger", "done"],
+             "timeout": "90s"}  # fmt: skip
+    settings = job_settings(Policy.model_validate(with_field("hooks", hooks)))
+    assert settings.hooks == JobHooks(
+        before_shutdown=("/etc/hooks/silence", "create"), after_job=("logger", "done"),
+        timeout_s=90.0,
+    )  # fmt: skip
 
 
 def test_a_policy_must_select_something() -> None:

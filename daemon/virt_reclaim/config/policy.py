@@ -16,6 +16,7 @@ from pydantic import ByteSize, Field, field_validator, model_validator
 
 from virt_reclaim.config import crontab
 from virt_reclaim.config.fields import ClusterSize, Duration, Model, Size
+from virt_reclaim.config.hooks import Hooks
 from virt_reclaim.job.freespace.budget import Reserve
 from virt_reclaim.job.settings import (
     After,
@@ -303,6 +304,10 @@ class Policy(Model):
     shutdown: Shutdown = Field(default_factory=Shutdown, description="shutting the guest down")
     rewrite: Rewrite = Field(default_factory=Rewrite, description="the new image")
     guest: Guest = Field(default_factory=Guest, description="changes to the guest's definition")
+    hooks: Hooks = Field(
+        default_factory=Hooks,
+        description="commands run before a guest is shut down and after the job ends",
+    )
     after: After = Field(
         default=After.PREVIOUS,
         description="the guest's state after a job that succeeded: previous (as it was), start "
@@ -363,6 +368,7 @@ def job_settings(policy: Policy, **overrides: Any) -> JobSettings:  # noqa: ANN4
         "rate_limit": None if rewrite.rate_limit is None else int(rewrite.rate_limit),
         "after": policy.after,
         "mode": str(policy.mode),
+        "hooks": policy.hooks.job_hooks(),
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     return JobSettings(**values)

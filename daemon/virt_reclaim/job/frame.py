@@ -1,9 +1,12 @@
 """The frame of a reclaim job: the steps every mode shares, the mode's own, and the restore.
 
 INSPECT -> ESTIMATE -> PREFLIGHT (``steps.prepare``; a dry run ends here) ->
-FREE_SPACE (``freespace.step``, while the guest runs) -> the mode's steps
+FREE_SPACE (``freespace.step``, while the guest runs) -> the policy's before_shutdown
+hook (``hooks``; a mode that stops a running guest) -> the mode's steps
 (``modes.offline``: SHUTDOWN -> GUARD -> PREFLIGHT -> REWRITE -> VERIFY -> SWAP) ->
 RESTORE, then the mode's steps after it, if it has any (``modes.convert``: CLEANUP).
+A job that went past PREFLIGHT runs the after_job hook once it has ended, whatever
+its outcome.
 Every step is journaled before it is taken and logged when it starts and ends
 (``jobcontext``). Whatever the mode does, the frame brings the guest back to
 the power state it had (or the one the policy asks for after a success), and
@@ -21,6 +24,7 @@ import structlog
 
 from virt_reclaim.errors import QemuImgError, VirtError
 from virt_reclaim.image.guard import GuardError
+from virt_reclaim.job import hooks
 from virt_reclaim.job.context import JobContext, Step
 from virt_reclaim.job.freespace import step
 from virt_reclaim.job.modes import JobMode, mode_named
@@ -42,6 +46,9 @@ from virt_reclaim.journal.records import JournalError
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState
 from virt_reclaim.units import format_bytes
+
+# The modes that shut a running guest down: the before_shutdown hook runs before theirs.
+_MODES_THAT_STOP_THE_GUEST = frozenset({"offline", "convert"})
 
 
 def new_job_id() -> str:
@@ -104,6 +111,8 @@ class ReclaimJob:
         )
         self.job_id = self.job.job_id
         self.log = self.job.log
+        # Past the read-only steps: the after_job hook runs when the job ends.
+        self._changing = False
 
     def run(self) -> JobResult:
         """Run every step; return the outcome. Never leaves the guest or images changed on failure.
@@ -142,11 +151,22 @@ class ReclaimJob:
             outcome, reason = Outcome.ABANDONED, str(exc)
         except JobUnfinished as exc:
             outcome, reason = Outcome.FAILED, str(exc)
-            return self._finish(outcome, reason, job.clock() - started, journal=False)
+            return self._ended(self._finish(outcome, reason, job.clock() - started,
+                                            journal=False))  # fmt: skip
         except (JobFailed, VirtError, QemuImgError, GuardError, JournalError, OSError) as exc:
             outcome, reason = Outcome.FAILED, str(exc)
         result = self._finish(outcome, reason, job.clock() - started)
         result.waits_for_space = waits_for_space
+        return self._ended(result)
+
+    def _ended(self, result: JobResult) -> JobResult:
+        """Run the after_job hook of a job that went past its read-only steps."""
+        if self._changing:
+            before, after, reclaimed = _figures(self.job)
+            hooks.after_job(self.job, self.mode.name, hooks.Ending(
+                outcome=result.outcome, reason=result.reason, bytes_before=before,
+                bytes_after=after, reclaimed=reclaimed, downtime_s=result.downtime_s,
+            ))  # fmt: skip
         return result
 
     def _run_steps(self) -> tuple[Outcome, str]:
@@ -173,9 +193,13 @@ class ReclaimJob:
             prepare.preflight(job)
         if job.settings.dry_run:
             return Outcome.DRY_RUN, "dry run: nothing was changed"
+        self._changing = True
         if job.was_running:
             with job.step(Step.FREE_SPACE):
                 step.free_guest_space(job)
+            if self.mode.name in _MODES_THAT_STOP_THE_GUEST:
+                # The last moment before downtime: nothing changed yet if it says no.
+                hooks.before_shutdown(job, self.mode.name)
         failure: BaseException | None = None
         try:
             self.mode.run(job)
@@ -224,9 +248,7 @@ class ReclaimJob:
     ) -> JobResult:
         """Journal (unless ``journal`` is False: recovery's to finish) and log how it ended."""
         job = self.job
-        bytes_before = sum(d.bytes_before for d in job.disks)
-        done = [d for d in job.disks if d.swapped or d.freed_in_place]
-        bytes_after = sum(d.bytes_after or 0 for d in done) or None
+        bytes_before, bytes_after, _reclaimed = _figures(job)
         estimates = [d.estimated_after for d in job.disks]
         estimated_after = (
             sum(e for e in estimates if e is not None)
@@ -261,3 +283,11 @@ class ReclaimJob:
             downtime_s=round(result.downtime_s, 3), duration_s=round(duration, 3),
         )  # fmt: skip
         return result
+
+
+def _figures(job: JobContext) -> tuple[int, int | None, int]:
+    """Bytes of the job's disks before; after, of those it rewrote (None: none); freed."""
+    done = [d for d in job.disks if d.swapped or d.freed_in_place]
+    bytes_after = sum(d.bytes_after or 0 for d in done) or None
+    reclaimed = sum(d.bytes_before - d.bytes_after for d in done if d.bytes_after is not None)
+    return sum(d.bytes_before for d in job.disks), bytes_after, reclaimed

@@ -43,6 +43,15 @@ class OnShutdownTimeout(enum.StrEnum):
 
 
 @dataclass(frozen=True)
+class JobHooks:
+    """Commands a job runs around the guest's downtime (a policy's ``hooks``); () runs none."""
+
+    before_shutdown: tuple[str, ...] = ()  # argv; a failure skips the guest
+    after_job: tuple[str, ...] = ()  # argv; a failure is logged, the outcome stands
+    timeout_s: float = 60.0  # each run; a hook still running then is killed
+
+
+@dataclass(frozen=True)
 class JobSettings:
     """How a job runs; the defaults are those of a policy that sets nothing."""
 
@@ -67,6 +76,7 @@ class JobSettings:
     agent_start_timeout_s: float = 120.0
     qemu_img: str = "qemu-img"
     rate_limit: int | None = None  # bytes per second the rewrite may read (qemu-img -r)
+    hooks: JobHooks = field(default_factory=JobHooks)
 
     def record(self) -> dict[str, object]:
         """What the journal keeps of the settings (history, and the estimate's learning)."""
