@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from virt_reclaim import logs
-from virt_reclaim.cli import batch
 from virt_reclaim.cli.common import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, Terminated, UsageError
 from virt_reclaim.cli.render import ProgressBar, print_job_result
 from virt_reclaim.config import loading
@@ -87,6 +86,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             return _run_one(args, hypervisor, domain, settings, journal)
 
         if args.domain is None:
+            # Here only: it brings the daemon's windows and workers, which one domain's run
+            # does not need (each `run` process pays for its imports).
+            from virt_reclaim.cli import batch  # noqa: PLC0415
+
             assert policy is not None and loaded is not None  # noqa: S101 - checked above
             recovery.recover(journal, args.state_dir, hypervisor.domain_by_uuid)
             results = batch.run_policy(
