@@ -20,6 +20,7 @@ import pytest
 
 from testbed import data
 from testbed.content import Content
+from testbed.daemon import DaemonProcess, write_config
 from testbed.guests import URI, Guest
 from testbed.reclaim import (
     RunResult,
@@ -198,3 +199,48 @@ def test_zero_fill_that_cannot_fit_is_skipped_with_the_reason(
     print(f"\n{unavailable['reason']}; estimated after {disk['estimated_after'] / MIB:.1f} MiB, "
           f"real {disk['bytes_after'] / MIB:.1f} MiB")  # fmt: skip
     assert_guest_intact(guest, sums, host)
+
+
+def test_two_daemon_jobs_whose_rewrites_do_not_fit_together_take_turns(
+    make_guest: Callable[..., Guest],
+    make_tmpfs: Callable[[str], Path],
+    daemons: list[DaemonProcess],
+    tmp_path: Path,
+) -> None:
+    """Two idle guests on one small filesystem, two daemon workers: one job waits for space.
+
+    Each rewrite needs about 100 MiB (its data and the 64 MiB margin): one fits beside
+    the 130 MiB reserve, two do not. The second job must wait for the first to end,
+    then run; the filesystem never goes below the reserve.
+    """
+    host = make_tmpfs("400M")
+    files = Content(text={"app.log": 8}, random={"blob.bin": 24}, deleted_mib=16)
+    folders = [host / "a", host / "b"]
+    for folder in folders:
+        folder.mkdir(mode=0o755)  # QEMU (libvirt-qemu) must reach the image
+    guests = [make_guest(data_size="1G", image_dir=f, content=files) for f in folders]
+    settings = (f'uri = "{URI}"\nstate_dir = "{tmp_path / "state"}"\nstats_interval = "1s"\n'
+                'log_format = "json"\nmax_concurrent_jobs = 2\n')  # fmt: skip
+    names = ", ".join(f'"{g.name}"' for g in guests)
+    policy = (
+        f'[[policy]]\nname = "turns"\nmatch.names = [{names}]\nschedule.cron = "* * * * *"\n'
+        'schedule.window = "10m"\nidle.duration = "5s"\nidle.cpu_percent = 15\n'
+        'free_space.method = "trim"\nfree_space.host_reserve = "130MiB"\n'
+        'free_space.host_reserve_percent = 0\nrewrite.min_gain = "0"\nshutdown.timeout = "60s"\n'
+    )
+    with contextlib.ExitStack() as stack:
+        witnesses = [stack.enter_context(witnessed(g, host)) for g in guests]
+        daemon = DaemonProcess(write_config(tmp_path / "etc", settings, {"10-t.toml": policy}))
+        daemons.append(daemon)
+        # The job that does not fit ends skipped and waits: its second try is the reclaim.
+        finished = [daemon.wait_event("job.finished", JOB_TIMEOUT_S, domain=g.name,
+                                      outcome="reclaimed") for g in guests]  # fmt: skip
+        daemon.stop()
+
+    assert all(f["bytes_after"] < f["bytes_before"] for f in finished), finished
+    [waited] = daemon.events("job.waiting_for_space")
+    [skipped] = daemon.events("job.finished", domain=waited["domain"], outcome="skipped")
+    assert "reserved by other jobs" in skipped["reason"], skipped
+    for guest, witness, folder in zip(guests, witnesses, folders, strict=True):
+        witness.assert_never_paused_nor_below(130 * MIB)
+        assert_guest_intact(guest, guest.content_sums, folder)
