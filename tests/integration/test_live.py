@@ -25,6 +25,7 @@ from testbed.live import (
     Ticker,
     assert_reclaimed_live,
     guest_writing,
+    kill_live_daemons_at_random,
     kill_live_jobs_at_random,
     largest_gap,
     witnessed,
@@ -175,6 +176,29 @@ def test_sigkill_at_random_moments_of_live_jobs_then_recover(
         kill_live_jobs_at_random(
             guest, tmp_path / "state", lambda: data.write_deleted_random(guest, 16)
         )
+        written = writer.stop()
+    sums = data.checksums(guest)
+    assert len([p for p in sums if p.startswith("/data/w/")]) == written
+    guest.restart()
+    qemu_img_check_clean(image)
+    assert data.checksums(guest) == sums
+
+
+@pytest.mark.slow
+def test_daemon_killed_at_random_moments_of_its_live_jobs_then_the_next_recovers(
+    make_guest: Callable[..., Guest], tmp_path: Path
+) -> None:
+    """Slow (2-4 min): the daemon's live job, then VR_RANDOM_KILLS daemons killed mid-job.
+
+    See testbed.live.kill_live_daemons_at_random: each is recovered by the next daemon at
+    its start. The guest writes fsync'ed files throughout; every file is the same after a
+    final cold restart.
+    """
+    guest = make_guest(data_size="256M", discard=True, content=Content(text={"app.log": 48}))
+    image = guest.data_image
+    with guest_writing(guest) as writer:
+        writer.wait_for_files(2)
+        kill_live_daemons_at_random(guest, tmp_path, lambda: data.write_deleted_random(guest, 16))
         written = writer.stop()
     sums = data.checksums(guest)
     assert len([p for p in sums if p.startswith("/data/w/")]) == written

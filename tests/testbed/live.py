@@ -21,6 +21,7 @@ from pathlib import Path
 
 import libvirt
 
+from testbed.daemon import DaemonProcess, write_config
 from testbed.guests import URI, Guest, GuestError
 from testbed.reclaim import (
     RunResult,
@@ -288,4 +289,85 @@ def kill_live_jobs_at_random(
         assert leftovers(image.parent) == [], where
         assert recover_json(state, timeout=600) == [], f"{where}: a second recover found work"
     print(f"\nrandom kills over a {window:.1f} s window: {outcomes}")
+    return outcomes
+
+
+def _daemon_config(folder: Path, state: Path, domain: str | None) -> Path:
+    """A daemon that reclaims ``domain`` live in an always-open window; None: no policy."""
+    settings = (f'uri = "{URI}"\nstate_dir = "{state}"\nstats_interval = "1s"\n'
+                'log_format = "json"\n')  # fmt: skip
+    policies = {}
+    if domain is not None:
+        policies["10-live.toml"] = (
+            f'[[policy]]\nname = "live"\nmatch.names = ["{domain}"]\nmode = "live"\n'
+            'schedule.cron = "* * * * *"\nschedule.window = "10m"\n'
+            'schedule.min_interval = "0s"\nidle.required = false\nidle.duration = "2s"\n'
+            'rewrite.min_gain = "0"\n'
+        )
+    return write_config(folder, settings, policies)
+
+
+def kill_live_daemons_at_random(
+    guest: Guest, folder: Path, dirty: Callable[[], None], kills: int = RANDOM_KILLS
+) -> list[tuple[float, str]]:
+    """The daemon's live job, measured, then ``kills`` more, each daemon SIGKILLed mid-job.
+
+    As kill_live_jobs_at_random, but the process that dies is the daemon (its qemu-img
+    and block jobs orphaned), and what recovers is the next daemon, at its start (it logs
+    ``daemon.started`` once recovery is done; that one has no policy, so starts no job).
+
+    Returns:
+        Per kill: its delay after the job started, and how the killed job ended.
+    """
+    rng = random.Random(RANDOM_KILL_SEED)
+    image = guest.data_image
+    state = folder / "state"
+    live = _daemon_config(folder / "live", state, guest.name)
+    recover_only = _daemon_config(folder / "recover", state, None)
+    dirty()
+    daemon = DaemonProcess(live)
+    try:
+        first = daemon.wait_event("job.finished", 300, domain=guest.name, dry_run=None)
+        assert first["outcome"] == "reclaimed", daemon.tail()
+    finally:
+        daemon.stop()
+    window = 2 * first["duration_s"]
+    outcomes = []
+    for attempt in range(kills):
+        dirty()
+        delay = rng.uniform(0, window)
+        daemon = DaemonProcess(live)
+        try:
+            started = daemon.wait_event("job.started", 120, domain=guest.name, dry_run=None)
+            deadline = time.monotonic() + delay
+            while time.monotonic() < deadline and not daemon.events(
+                "job.finished", job_id=started["job_id"]
+            ):
+                time.sleep(0.02)
+            daemon.proc.kill()
+            daemon.wait_exit()
+        finally:
+            daemon.stop()
+        ended = daemon.events("job.finished", job_id=started["job_id"])
+        recovering = DaemonProcess(recover_only)
+        try:
+            recovering.wait_event("daemon.started", 600)
+            recovered = recovering.events("recovery.done")
+        finally:
+            recovering.stop()
+        how = (
+            ended[0]["outcome"]
+            if ended
+            else "killed; recovered " + ",".join(str(r.get("outcome")) for r in recovered)
+        )
+        where = f"daemon kill {attempt}, {delay:.2f} s in (seed {RANDOM_KILL_SEED}): {how}"
+        outcomes.append((round(delay, 2), how))
+        assert recovering.events("recovery.failed") == [], where
+        assert recovering.events("recovery.incomplete") == [], where
+        assert guest.is_running(), where
+        assert chains(guest) == ((str(image),), (str(image),)), where
+        assert guest.dom.blockJobInfo("vda", 0) == {}, where
+        assert leftovers(image.parent) == [], where
+        assert recover_json(state, timeout=600) == [], f"{where}: a second recover found work"
+    print(f"\ndaemons killed at random over a {window:.1f} s window: {outcomes}")
     return outcomes
