@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import libvirt
@@ -243,11 +244,26 @@ def assert_reclaimed_live(run: RunResult) -> None:
 # (VR_RANDOM_KILL_SEED, printed with each delay).
 RANDOM_KILLS = int(os.environ.get("VR_RANDOM_KILLS", "5"))
 RANDOM_KILL_SEED = int(os.environ.get("VR_RANDOM_KILL_SEED", "20261203"))
+# How long the guest's own stall is measured before the kills.
+IDLE_TICK_S = 10.0
+
+
+@dataclass
+class RandomKills:
+    """What kill_live_jobs_at_random saw: each kill, and the guest's stalls if measured."""
+
+    outcomes: list[tuple[float, list[tuple[str, str]]]] = field(default_factory=list)
+    idle_stall: float | None = None  # the guest's own largest stall, before any job
+    recovery_stalls: list[float] = field(default_factory=list)  # the largest in each recover
 
 
 def kill_live_jobs_at_random(
-    guest: Guest, state: Path, dirty: Callable[[], None], kills: int = RANDOM_KILLS
-) -> list[tuple[float, list[tuple[str, str]]]]:
+    guest: Guest,
+    state: Path,
+    dirty: Callable[[], None],
+    kills: int = RANDOM_KILLS,
+    ticker_folder: str | None = None,
+) -> RandomKills:
     """One live job, measured, then ``kills`` more, each SIGKILLed at a random moment.
 
     The moment is uniform over twice the first job's duration (later jobs, into an image
@@ -257,19 +273,27 @@ def kill_live_jobs_at_random(
     kill ``recover`` must end the job: the domain running, both definitions naming the
     image alone, no block job, none of the job's files, and a second recover idle.
 
+    With ``ticker_folder`` a Ticker (files in that guest folder) measures the guest's own
+    largest stall for IDLE_TICK_S first, then its largest stall during each recovery: a
+    recovery finishing a copy or a commit must not stall the guest more than a job does.
+
     Returns:
-        Per kill: its delay and the (step, outcome) of each job recovered.
+        Per kill its delay and the (step, outcome) of each job recovered; the stalls.
     """
     rng = random.Random(RANDOM_KILL_SEED)
     image = guest.data_image
     options = ("--live", "--min-gain", "0", "--state-dir", str(state))
+    seen = RandomKills()
+    if ticker_folder is not None:
+        ticker = Ticker(guest, ticker_folder)
+        time.sleep(IDLE_TICK_S)  # a measurement window, not a wait for something
+        seen.idle_stall = largest_gap(ticker.stop())
     dirty()
     began = time.monotonic()
     first = reclaim(guest.name, *options)
     assert_reclaimed_live(first)
     startup = time.monotonic() - began - first.result["duration_s"]
     window = 2 * first.result["duration_s"]
-    outcomes = []
     for attempt in range(kills):
         dirty()
         delay = startup + rng.uniform(0, window)
@@ -279,17 +303,21 @@ def kill_live_jobs_at_random(
             except subprocess.TimeoutExpired:
                 job.send_signal(signal.SIGKILL)
             job.communicate(timeout=60)
+        watching = Ticker(guest, ticker_folder) if ticker_folder is not None else None
         recovered = recover_json(state, timeout=600)
+        if watching is not None:
+            seen.recovery_stalls.append(largest_gap(watching.stop()))
         where = f"kill {attempt}, {delay:.2f} s in (seed {RANDOM_KILL_SEED}): {recovered}"
-        outcomes.append((round(delay, 2), [(r["step"], r["outcome"]) for r in recovered]))
+        seen.outcomes.append((round(delay, 2), [(r["step"], r["outcome"]) for r in recovered]))
         assert [r["outcome"] for r in recovered] in ([], ["reclaimed"], ["failed"]), where
         assert guest.is_running(), where
         assert chains(guest) == ((str(image),), (str(image),)), where
         assert guest.dom.blockJobInfo("vda", 0) == {}, where
         assert leftovers(image.parent) == [], where
         assert recover_json(state, timeout=600) == [], f"{where}: a second recover found work"
-    print(f"\nrandom kills over a {window:.1f} s window: {outcomes}")
-    return outcomes
+    print(f"\nrandom kills over a {window:.1f} s window: {seen.outcomes}; guest stalls: "
+          f"idle {seen.idle_stall}, in each recovery {seen.recovery_stalls}")  # fmt: skip
+    return seen
 
 
 def _daemon_config(folder: Path, state: Path, domain: str | None) -> Path:
