@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from virt_reclaim.cli.parsing import Handler, build_parser
+from virt_reclaim.cli.parsing import build_parser
+from virt_reclaim.cli.parsing.shared import Handler
 
 # What only some commands need; none of it is needed to parse a command line.
 HEAVY = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import datetime as dt
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -16,10 +17,11 @@ import pytest
 from virt_reclaim.config.policy import Policy
 from virt_reclaim.journal.records import JournalError
 from virt_reclaim.model import DomainObservation, DomainState
-from virt_reclaim.service import windows
+from virt_reclaim.service import eligibility, windows
+from virt_reclaim.service.eligibility import DomainView
 from virt_reclaim.service.idle import Sample
 from virt_reclaim.service.scheduler import Candidate, LateWindow
-from virt_reclaim.service.windows import DomainView, Window, Windows
+from virt_reclaim.service.windows import Window, Windows
 
 OPEN = 1000.0  # when the window opens
 LENGTH = 600.0  # schedule.window = 10m
@@ -399,10 +401,10 @@ def test_a_candidate_whose_domain_or_policy_is_gone_is_dropped() -> None:
     book = opened(p)
     book.estimated("p", [candidate("vm-a", 5), candidate("vm-b", 4)])
     decided = book.dispatch([], by_uuid(idle_view("vm-a")), running=set(), max_jobs=5, now=OPEN)
-    assert [r for _c, r in decided] == [windows.GONE, windows.GONE]
+    assert [r for _c, r in decided] == [eligibility.GONE, eligibility.GONE]
     book.estimated("p", [candidate("vm-b", 4)])
     decided = book.dispatch([p], {}, running=set(), max_jobs=5, now=OPEN)
-    assert [r for _c, r in decided] == [windows.GONE]
+    assert [r for _c, r in decided] == [eligibility.GONE]
 
 
 # -- closing ------------------------------------------------------------------------------
@@ -476,20 +478,21 @@ def test_a_reload_forgets_the_windows_and_queue_of_removed_policies() -> None:
     ],
 )
 def test_busy_reason_by_the_policys_thresholds(domain: DomainView, expected: str | None) -> None:
-    assert windows.busy_reason(domain, policy()) == expected
+    assert eligibility.busy_reason(domain, policy()) == expected
 
 
 def test_busy_reason_uses_the_policys_duration_and_limit() -> None:
     domain = view("vm")
     feed(domain, OPEN - 120, OPEN, cpu_percent=20)
-    assert windows.busy_reason(domain, policy()) == "CPU 20.0 % above 5 %"
-    assert windows.busy_reason(domain, policy(idle={"cpu_percent": 25})) is None
+    assert eligibility.busy_reason(domain, policy()) == "CPU 20.0 % above 5 %"
+    assert eligibility.busy_reason(domain, policy(idle={"cpu_percent": 25})) is None
     longer = policy(idle={"cpu_percent": 25, "duration": "5m"})
-    assert windows.busy_reason(domain, longer) == "observed for 60 s of the 300 s required"
+    assert eligibility.busy_reason(domain, longer) == "observed for 60 s of the 300 s required"
 
 
-def test_the_core_uses_no_clock_thread_libvirt_or_log() -> None:
-    source = Path(windows.__file__).read_text()
+@pytest.mark.parametrize("module", [windows, eligibility])
+def test_the_core_uses_no_clock_thread_libvirt_or_log(module: ModuleType) -> None:
+    source = Path(str(module.__file__)).read_text()
     imported = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):

@@ -28,7 +28,7 @@ from virt_reclaim.job.results import JobResult, Outcome
 from virt_reclaim.job.settings import JobSettings
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainObservation, DomainState
-from virt_reclaim.service import idle, scheduler, windows, workers
+from virt_reclaim.service import eligibility, idle, scheduler, windows, workers
 from virt_reclaim.virt.connection import Hypervisor
 from virt_reclaim.virt.domain import Domain
 
@@ -124,14 +124,14 @@ def observe(
     *,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
-) -> dict[str, windows.DomainView]:
+) -> dict[str, eligibility.DomainView]:
     """Each domain's view, with statistics samples over ``idle.duration`` when it matters.
 
     Samples are taken only when the policy requires idle guests and one of them runs: a
     shut-off guest is idle. Takes ``idle.duration`` (the daemon judges with the same samples).
     """
     duration = policy.idle.duration.total_seconds()
-    views = {s.uuid: windows.DomainView(s, idle.SampleWindow(duration)) for s in domains}
+    views = {s.uuid: eligibility.DomainView(s, idle.SampleWindow(duration)) for s in domains}
     if not policy.idle.required or all(s.state is DomainState.SHUTOFF for s in domains):
         return views
     print(f"virt-reclaim: observing {len(views)} domain(s) for {duration:g} s, the policy's "
@@ -155,7 +155,7 @@ def unobserved(policy: Policy) -> Policy:
 def order(
     policy: Policy,
     policies: Sequence[Policy],
-    views: dict[str, windows.DomainView],
+    views: dict[str, eligibility.DomainView],
     journal: Journal,
     *,
     uri: str,

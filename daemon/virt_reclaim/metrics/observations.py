@@ -16,7 +16,7 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
 from virt_reclaim.job.results import JobResult, Outcome
-from virt_reclaim.service import windows
+from virt_reclaim.service import eligibility
 
 log = structlog.get_logger("virt_reclaim.metrics")
 
@@ -31,11 +31,11 @@ ESTIMATED_AT = "virt_reclaim_disk_estimate_timestamp_seconds"
 # The label values of virt_reclaim_domain_skips_total{reason}: a reason's start (or words
 # in it), in order; the dry run's outcome names the others.
 _SKIP_KINDS = (
-    (windows.BUSY, "busy"),
+    (eligibility.BUSY, "busy"),
     ("reclaimed recently", "min-interval"),
     ("a job for it is running", "job-running"),
     ("the journal cannot be read", "journal"),
-    (windows.GONE, "gone"),
+    (eligibility.GONE, "gone"),
 )
 _OUTCOME_KINDS = {
     Outcome.SKIPPED: "not-eligible",

@@ -10,13 +10,12 @@ Threads and what they may do:
 Signal handlers only set flags; ``signal.set_wakeup_fd`` wakes the loop.
 
 The decisions about windows (what to estimate, watch, queue, start, and when a
-window closes) are made by ``windows.Windows``, given the time; this module feeds
-it, logs what it decided and does it.
+window closes) are made by ``windows.Windows``, given the time; ``dispatch`` feeds it,
+logs what it decided and does it.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import queue
 import time
@@ -32,12 +31,11 @@ from virt_reclaim.journal import recovery
 from virt_reclaim.journal.records import JournalError
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.metrics import writer
-from virt_reclaim.service import reloads, retention, scheduler, status, windows, workers
+from virt_reclaim.service import dispatch, reloads, retention, scheduler, status, windows, workers
 from virt_reclaim.service.hostview import HostView
 from virt_reclaim.service.scheduler import Candidate
 from virt_reclaim.service.sdnotify import Notifier
 from virt_reclaim.service.wakeup import Flags, Wakeup
-from virt_reclaim.units import format_bytes
 from virt_reclaim.virt.events import event_loop_alive, start_event_loop
 
 # sysexits.h EX_CONFIG: the unit does not restart on it (RestartPreventExitStatus=78).
@@ -119,8 +117,8 @@ class Daemon:
         log.info("daemon.started", policies=len(self.policies), domains=len(self.host.domains),
                  uri=self.daemon_config.uri, pid=os.getpid())  # fmt: skip
         self.notifier.ready(self._status())
-        self._write_metrics()
-        self._find_late_windows()
+        self.write_metrics()
+        dispatch.find_late_windows(self)
         while not self.flags.stop:
             self.wakeup.wait(self._seconds_to_next_event())
             self._tick()
@@ -136,21 +134,21 @@ class Daemon:
         if self.host.hypervisor is not None and now >= self.next_sample:
             self._sample(now)
             self.next_sample = now + self.daemon_config.stats_interval.total_seconds()
-            self._watch_busy(now)
-            self._write_metrics(periodic=True)
+            dispatch.watch_busy(self, now)
+            self.write_metrics(periodic=True)
         if now >= self.next_prune:
             self.next_prune = now + backups.PRUNE_INTERVAL_S
             if backups.prune_in(self.daemon_config.state_dir):
-                self._write_metrics()
+                self.write_metrics()
         if now >= self.next_forget and self.host.hypervisor is not None and not self.host.outage:
             self.next_forget = now + retention.INTERVAL_S  # only on libvirt's full, fresh list
             domains = [view.snapshot for view in self.host.domains.values()]
             if retention.forget_removed(self.daemon_config, self.metrics.observations, domains):
-                self._write_metrics()
+                self.write_metrics()
         for late in self.windows.due_late(now):
-            if (policy := self._policy(late.policy)) is not None:
-                self._open_window(policy, late)
-        self._dispatch(now)
+            if (policy := self.policy_named(late.policy)) is not None:
+                dispatch.open_window(self, policy, late)
+        dispatch.start_due(self, now)
         self._watchdog()
         self.notifier.status(self._status())
         self._publish(status.Phase.RUNNING)
@@ -160,7 +158,7 @@ class Daemon:
                                f"{len(self.running)} job(s) to end")  # fmt: skip
         log.info("daemon.stopping", signal=self.flags.signal_name, running_jobs=len(self.running))
         for name in list(self.windows.open):
-            self._log_closed(self.windows.close(name, windows.STOPPING))
+            dispatch.log_closed(self, self.windows.close(name, windows.STOPPING))
         self.scheduler.shutdown()
         self.workers.stop.set()
         began = self.clock()
@@ -176,7 +174,7 @@ class Daemon:
             self._drain_inbox()
             self._watchdog()
         self._publish(status.Phase.STOPPED)
-        self._write_metrics()
+        self.write_metrics()
         self.metrics.close()
         self.host.close()
         log.info("daemon.stopped")
@@ -212,22 +210,10 @@ class Daemon:
                 log.exception("daemon.handler_failed", message=kind)
 
     def _on_fired(self, policy_name: str) -> None:
-        policy = self._policy(policy_name)
+        policy = self.policy_named(policy_name)
         if policy is None or self.flags.stop:
             return
-        self._open_window(policy)
-
-    def _open_window(self, policy: Policy, late: scheduler.LateWindow | None = None) -> None:
-        now = self.clock()
-        window = self.windows.open_window(policy, now, late.ends_at if late else None)
-        extra = {"late_s": round(late.late_s)} if late else {}
-        log.info("window.opened", policy=policy.name, window_s=round(window.left(now)), **extra)
-        self.metrics.observations.window_opened(policy.name)
-        self._write_metrics()
-        if self.host.hypervisor is None:
-            log.warning("window.waiting", policy=policy.name, reason="libvirtd is unreachable")
-            return
-        self._select_candidates(policy)
+        dispatch.open_window(self, policy)
 
     def _on_lifecycle(self, uuid: str, name: str, event: str) -> None:
         self.host.update(uuid, name, event)
@@ -236,11 +222,7 @@ class Daemon:
         self.host.closed(reason)
 
     def _on_estimated(self, policy_name: str, candidates: list[Candidate]) -> None:
-        for candidate in self.windows.estimated(policy_name, candidates):
-            log.info("job.queued", domain=candidate.name, policy=policy_name,
-                     estimated_gain=candidate.estimated_gain,
-                     estimated_s=round(candidate.estimated_s))  # fmt: skip
-        self._write_metrics()  # the dry runs' estimates
+        dispatch.queue_estimated(self, policy_name, candidates)
 
     def _on_job_done(self, uuid: str, ended: workers.JobEnd) -> None:
         job = self.workers.job_done(uuid)
@@ -251,7 +233,7 @@ class Daemon:
             if ended.waits_for_space and self.windows.wait_for_space(job.candidate, self.clock()):
                 log.info("job.waiting_for_space", domain=job.domain, policy=job.policy,
                          retry_s=windows.SPACE_RETRY_S)  # fmt: skip
-        self._write_metrics()
+        self.write_metrics()
 
     # -- configuration --------------------------------------------------------------------
 
@@ -270,21 +252,15 @@ class Daemon:
             self._apply(applied)
             log.info("config.reloaded", policies=[p.name for p in self.policies])
             self.scheduler.log_next_runs(self.policies, self.daemon_config, self.config_dir)
-            self._find_late_windows()
+            dispatch.find_late_windows(self)
         self.reloads += 1
         self.rejected = reloads.record_verdict(
             self.daemon_config.state_dir, self.reloads, len(loaded.errors)
         )
         self.notifier.ready(self._status())
 
-    def _find_late_windows(self) -> None:
-        """Windows open now that the daemon was not running (or not configured) to open."""
-        now = self.clock()
-        for late in self.windows.find_late(self.policies, now, dt.datetime.now(dt.UTC)):
-            log.info("window.found_open", policy=late.policy, late_s=round(late.late_s),
-                     opens_in_s=round(late.opens_at - now, 1))  # fmt: skip
-
-    def _policy(self, name: str) -> Policy | None:
+    def policy_named(self, name: str) -> Policy | None:
+        """The policy in force of that name, or None."""
         return next((p for p in self.policies if p.name == name), None)
 
     # -- libvirt --------------------------------------------------------------------------
@@ -297,9 +273,9 @@ class Daemon:
         )
         if came_back:
             for name in list(self.windows.open):
-                policy = self._policy(name)
+                policy = self.policy_named(name)
                 if policy is not None:
-                    self._select_candidates(policy)
+                    dispatch.select_candidates(self, policy)
 
     def _recover(self) -> None:
         if self.host.hypervisor is None:
@@ -316,70 +292,7 @@ class Daemon:
         longest = max((p.idle.duration.total_seconds() for p in self.policies), default=0.0)
         self.host.sample(now, longest)
 
-    # -- windows --------------------------------------------------------------------------
-
-    def _select_candidates(self, policy: Policy, only: set[str] | None = None) -> None:
-        """Estimate the policy's eligible idle domains (or those of ``only``) on a thread."""
-        if not self.windows.may_select(policy.name):
-            return
-        try:
-            journal = Journal(self.daemon_config.state_dir)
-            rate = scheduler.typical_rewrite_rate(journal.rewrite_rates())
-        except JournalError as exc:
-            log.error("window.journal_unusable", policy=policy.name, error=str(exc))
-            return
-        chosen = self.windows.select(
-            policy, self.policies, self.host.domains, running=self.running,
-            last_reclaimed_at=journal.last_reclaimed_at, wall=time.time(), only=only,
-        )  # fmt: skip
-        for skip in chosen.skipped:
-            log.info("domain.skipped", domain=skip.name, policy=policy.name, reason=skip.reason)
-            self.metrics.observations.skipped(skip.name, skip.reason)
-        if chosen.nothing_to_do:
-            log.info("window.nothing_to_do", policy=policy.name)
-        if chosen.chosen:
-            self.workers.estimate(self.daemon_config, policy, chosen.chosen, rate)
-
-    def _watch_busy(self, now: float) -> None:
-        """After each sample: queue the watched domains of open windows that went idle."""
-        for name, idle_now in self.windows.went_idle(self.policies, self.host.domains, now).items():
-            for domain in idle_now:
-                log.info("domain.idle", domain=domain.name, policy=name,
-                         window_left_s=round(domain.window_left_s))  # fmt: skip
-            policy = self._policy(name)
-            if policy is not None:
-                self._select_candidates(policy, only={d.uuid for d in idle_now})
-
-    def _dispatch(self, now: float) -> None:
-        for closed in self.windows.close_due(now):
-            self._log_closed(closed)
-        if self.host.hypervisor is None or self.flags.stop:
-            return
-        decided = self.windows.dispatch(
-            self.policies, self.host.domains, running=self.running,
-            max_jobs=self.daemon_config.max_concurrent_jobs, now=now,
-        )  # fmt: skip
-        for candidate, reason in decided:
-            if reason is None:
-                self._start_job(candidate)
-            else:
-                log.info("domain.skipped", domain=candidate.name, policy=candidate.policy,
-                         reason=reason)  # fmt: skip
-                self.metrics.observations.skipped(candidate.name, reason)
-
-    def _log_closed(self, closed: windows.Closed) -> None:
-        log.info("window.closed", policy=closed.policy, why=closed.why,
-                 not_started=closed.not_started, stayed_busy=closed.stayed_busy)  # fmt: skip
-        self._write_metrics()
-
-    def _start_job(self, candidate: Candidate) -> None:
-        policy = self._policy(candidate.policy)
-        assert policy is not None  # noqa: S101 - checked by Windows.dispatch
-        log.info("job.starting", domain=candidate.name, policy=policy.name,
-                 estimated_gain=format_bytes(candidate.estimated_gain))  # fmt: skip
-        self.workers.start_job(candidate, policy, self.daemon_config, self.clock())
-
-    def _write_metrics(self, *, periodic: bool = False) -> None:
+    def write_metrics(self, *, periodic: bool = False) -> None:
         """Have the metrics file written (on its thread), if one is configured."""
         self.metrics.request(
             self.daemon_config, [view.snapshot for view in self.host.domains.values()],

@@ -17,7 +17,7 @@ import structlog
 
 from virt_reclaim.errors import VirtError
 from virt_reclaim.service import idle
-from virt_reclaim.service.windows import DomainView
+from virt_reclaim.service.eligibility import DomainView
 from virt_reclaim.virt.connection import Hypervisor
 
 RECONNECT_MAX_DELAY_S = 60.0

@@ -5,6 +5,7 @@ methods here, each given the time (monotonic seconds) and whatever else it needs
 the domains the daemon knows, the running jobs, the journal's last reclaim as a
 callable. Nothing here talks to libvirt, starts a thread, reads a clock or logs:
 the methods return what they decided and the service reports and acts on it.
+Why a domain is not estimated or started now is for ``eligibility`` to say.
 
 A window opens when its policy fires and lasts ``schedule.window``. Its eligible
 idle domains are estimated (on a thread of the service) and queued, largest
@@ -28,42 +29,22 @@ from dataclasses import dataclass, field
 
 from virt_reclaim.config import selection
 from virt_reclaim.config.policy import Policy
-from virt_reclaim.journal.records import JournalError
-from virt_reclaim.model import DomainObservation, DomainState
-from virt_reclaim.service import idle, scheduler
+from virt_reclaim.model import DomainObservation
+from virt_reclaim.service import scheduler
+from virt_reclaim.service.eligibility import (
+    BUSY,
+    DomainView,
+    busy_reason,
+    ineligible,
+    start_refusal,
+)
 from virt_reclaim.service.scheduler import Candidate, LateWindow
 
-# The prefix of the reasons that say a domain is not idle (a later sample may say it is).
-BUSY = "busy: "
 TIME_UP = "its time is up"
 STOPPING = "the daemon is stopping"
-GONE = "its policy or the domain is gone"
 # A candidate skipped because other jobs held the host's space reserved is tried again
 # when a job ends, or after this long (the space may be held by a `run` beside the daemon).
 SPACE_RETRY_S = 60.0
-
-
-@dataclass
-class DomainView:
-    """What the daemon knows of a domain: its latest snapshot and its statistics samples."""
-
-    snapshot: DomainObservation
-    window: idle.SampleWindow = field(default_factory=lambda: idle.SampleWindow(0.0))
-
-
-def busy_reason(view: DomainView, policy: Policy) -> str | None:
-    """Why the domain is not idle by the policy's measure, or None (a shut-off one is idle)."""
-    if view.snapshot.state is DomainState.SHUTOFF:
-        return None
-    if not policy.idle.required:
-        return None  # a live policy that reclaims busy guests too (no downtime, throttled)
-    limits = idle.Thresholds(
-        cpu_percent=policy.idle.cpu_percent,
-        disk_bytes_per_s=float(policy.idle.disk_bytes_per_s),
-        net_bytes_per_s=float(policy.idle.net_bytes_per_s),
-        duration_s=policy.idle.duration.total_seconds(),
-    )
-    return idle.window_busy_reason(view.window, limits)
 
 
 @dataclass(frozen=True)
@@ -223,7 +204,7 @@ class Windows:
             choice = selection.select(policies, snap.name, snap.uuid, snap.xml)
             if choice.policy is None or choice.policy.name != policy.name:
                 continue
-            reason = _ineligible(
+            reason = ineligible(
                 uuid, view, policy, running=running, last_reclaimed_at=last_reclaimed_at, wall=wall
             )
             if reason is None:
@@ -343,7 +324,8 @@ class Windows:
             window = self.open.get(candidate.policy)
             policy = by_name.get(candidate.policy)
             view = domains.get(candidate.uuid)
-            reason = _start_refusal(candidate, window, policy, view, running=running_now, now=now)
+            left = window.left(now) if window is not None else None
+            reason = start_refusal(candidate, policy, view, window_left_s=left, running=running_now)
             if reason is None and self.held.get(candidate.uuid, now) > now:
                 reason = "wait"
             if reason == "wait":
@@ -364,51 +346,3 @@ def _by_name(policies: Iterable[Policy]) -> dict[str, Policy]:
     for policy in policies:
         found.setdefault(policy.name, policy)
     return found
-
-
-def _ineligible(
-    uuid: str,
-    view: DomainView,
-    policy: Policy,
-    *,
-    running: Collection[str],
-    last_reclaimed_at: Callable[[str], float | None],
-    wall: float,
-) -> str | None:
-    """Why the domain is not to be estimated now, or None."""
-    if uuid in running:
-        return "a job for it is running"
-    try:
-        last = last_reclaimed_at(uuid)
-    except JournalError as exc:
-        return f"the journal cannot be read: {exc}"
-    left = scheduler.interval_left(last, wall, policy.schedule.min_interval.total_seconds())
-    if left > 0:
-        return f"reclaimed recently: min_interval leaves {left / 3600:.1f} h to wait"
-    busy = busy_reason(view, policy)
-    if busy is not None:
-        return f"{BUSY}{busy}"
-    return None
-
-
-def _start_refusal(
-    candidate: Candidate,
-    window: Window | None,
-    policy: Policy | None,
-    view: DomainView | None,
-    *,
-    running: Collection[str],
-    now: float,
-) -> str | None:
-    """Why the candidate must not start now (None: start; "wait": later)."""
-    if window is None or policy is None or view is None:
-        return GONE
-    if candidate.uuid in running:
-        return "wait"
-    if not window.fits(candidate.estimated_s, now):
-        return (f"estimated {candidate.estimated_s / 60:.0f} min does not fit in the "
-                f"{window.left(now) / 60:.0f} min left of the window")  # fmt: skip
-    busy = busy_reason(view, policy)
-    if busy is not None:
-        return f"{BUSY}{busy}"
-    return None

@@ -1,35 +1,19 @@
-"""The argument parser of every subcommand, its option types, and the defaults from the config."""
+"""The argument parser of every subcommand: its help, options, exit statuses and handler.
+
+``run``'s many options are in ``parsing.run``; what several commands share (the lazy ``Handler``
+each names, ``--connect``, ``--config-dir``, ``--state-dir``) in ``parsing.shared``. Nothing
+here imports a command's handler: each is imported only when its command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-from dataclasses import dataclass
 from typing import Any
 
-from virt_reclaim import __version__, logs
+from virt_reclaim import __version__
 from virt_reclaim.cli import argtypes
-from virt_reclaim.config.paths import DEFAULT_CONFIG_DIR
-from virt_reclaim.job.settings import Compression, FreeSpaceMethod, OnShutdownTimeout
-from virt_reclaim.journal.store import DEFAULT_STATE_DIR
-from virt_reclaim.model import DEFAULT_URI
-
-
-@dataclass(frozen=True)
-class Handler:
-    """A command's handler, imported only when that command runs.
-
-    Each command imports what it needs (libvirt, pydantic, the scheduler, the metrics): naming
-    the handlers instead of importing them keeps that cost off the commands that do not.
-    """
-
-    module: str
-    function: str
-
-    def __call__(self, args: argparse.Namespace) -> int:
-        """Run the command; its exit status."""
-        result: int = getattr(importlib.import_module(self.module), self.function)(args)
-        return result
+from virt_reclaim.cli.parsing.run import add_run
+from virt_reclaim.cli.parsing.shared import Handler, add_config_dir, add_connect, add_state_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
             "internal snapshots. Changes nothing."
         ),
     )
-    _add_connect(domains)
+    add_connect(domains)
     domains.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     domains.add_argument(
         "--estimate", action="store_true",
@@ -71,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="qemu-img program to read images with (default: the configured qemu_img, else "
         "qemu-img from PATH)",
     )
-    _add_config_dir(domains)
+    add_config_dir(domains)
     domains.set_defaults(handler=Handler("virt_reclaim.cli.domains", "cmd_domains"))
-    _add_run(commands)
+    add_run(commands)
     _add_journal_commands(commands)
     _add_config_commands(commands)
     _add_daemon_command(commands)
@@ -104,131 +88,8 @@ def _add_status_command(commands: Any) -> None:  # noqa: ANN401 - argparse's pri
         "--json", action="store_true", help="print one JSON object (keys in README.md)"
     )
     status.set_defaults(handler=Handler("virt_reclaim.cli.status_command", "cmd_status"))
-    _add_config_dir(status)
-    _add_state_dir(status)
-
-
-def _add_run(commands: Any) -> None:  # noqa: ANN401 - argparse's subparsers action is private
-    run = commands.add_parser(
-        "run",
-        help="reclaim the disks of one domain now (or of every domain a policy selects)",
-        description=(
-            "Reclaim the qcow2 disks of DOMAIN now: free space inside the guest (trim or "
-            "zero-fill through the guest agent), shut the guest down, rewrite each eligible "
-            "disk compacted and compressed beside the original, verify it (qemu-img check and "
-            "compare), swap it in with an atomic rename and bring the guest back to the state "
-            "it had. Any failure leaves the original images and the guest as they were. "
-            "Without DOMAIN, --policy NAME reclaims every domain that policy selects, one after "
-            "the other in the daemon's order (largest estimated gain first), its idle checks "
-            "(watched for idle.duration), min_interval and min_gain applying; --dry-run shows "
-            "the order and each dry run."
-        ),
-        epilog=(
-            "Exit status: 0 reclaimed, nothing to do, or dry run; 1 failed (everything "
-            "restored); 2 usage error; 3 skipped (the domain or its disks are not eligible). "
-            "Logs: JSON lines on stderr (readable text on a terminal); --json prints the "
-            "result as one JSON object on stdout. With --policy and no DOMAIN: 0 when every "
-            "domain was reclaimed, had nothing to do or was skipped (reason given), 1 when "
-            "any failed; --json prints a list of those objects."
-        ),
-    )
-    run.add_argument(
-        "domain", metavar="DOMAIN", nargs="?",
-        help="the libvirt domain name (omitted: every domain --policy selects)",
-    )  # fmt: skip
-    _add_connect(run)
-    run.add_argument(
-        "--dry-run", action="store_true", help="inspect and estimate only; change nothing"
-    )
-    run.add_argument(
-        "--json", action="store_true", help="print the result as one JSON object on stdout"
-    )
-    run.add_argument(
-        "--live", action="store_true", default=None,
-        help="keep a running guest running: recompress its disks through an external "
-        "snapshot, block copy and commit (no downtime; single-image disks only). A shut-off "
-        "guest is reclaimed offline",
-    )  # fmt: skip
-    run.add_argument(
-        "--rate-limit", type=argtypes.size, default=None, metavar="BYTES_PER_S",
-        help="limit the rewrite's I/O (qemu-img convert -r), e.g. 50MiB, so that the guest "
-        "and its neighbours keep their disk bandwidth (default: the policy's, else none)",
-    )  # fmt: skip
-    run.add_argument(
-        "--free-space", choices=[m.value for m in FreeSpaceMethod],
-        default=None,
-        help="how to free the guest's unused blocks first: trim (frees host space only with "
-        "discard='unmap' on the disk), zero (fill free space with zeros through guest-exec), "
-        "auto (trim where every disk has discard, else zero), none (default: auto)",
-    )  # fmt: skip
-    run.add_argument(
-        "--host-reserve", type=argtypes.size, default=None, metavar="SIZE",
-        help="each host filesystem keeps at least SIZE free through the job: a rewrite that "
-        "would go below it is skipped before the guest is shut down, and a zero-fill leaves "
-        "it free beyond what the rewrite needs (default: the policy's, else the larger of "
-        "5%% and 2GiB)",
-    )  # fmt: skip
-    run.add_argument(
-        "--compression", choices=[m.value for m in Compression], default=None,
-        help="compression of the new image; zstd needs QEMU >= 5.1 to open it (default: zstd)",
-    )  # fmt: skip
-    run.add_argument(
-        "--cluster-size", type=argtypes.cluster_size, metavar="SIZE",
-        help="cluster size of the new image, e.g. 64KiB (default: keep each image's own; "
-        "clusters above 64KiB make compressed images slow to read)",
-    )  # fmt: skip
-    run.add_argument(
-        "--shutdown-timeout", type=argtypes.seconds, default=None, metavar="SECONDS",
-        help="how long to wait for the guest to be off (default: 120)",
-    )  # fmt: skip
-    run.add_argument(
-        "--on-shutdown-timeout", choices=[m.value for m in OnShutdownTimeout],
-        default=None,
-        help="abort: leave the guest running and change nothing; force: power it off "
-        "(default: abort)",
-    )  # fmt: skip
-    run.add_argument(
-        "--min-gain", type=argtypes.size, default=None, metavar="SIZE",
-        help="do nothing when the estimated gain is below this (default: 64MiB); when the "
-        "guest's usage is unknown (shut off, no agent) the estimate counts only what "
-        "compression and dropping zero clusters free",
-    )  # fmt: skip
-    run.add_argument(
-        "--keep-backup", type=argtypes.duration, default=None, metavar="DURATION",
-        help="keep each original image beside the new one (NAME.virt-reclaim-backup-TIME) "
-        "this long, e.g. 2d; its space comes back when it is deleted at expiry (by the "
-        "daemon, or `virt-reclaim backups --prune`)",
-    )  # fmt: skip
-    run.add_argument(
-        "--enable-discard", action="store_true", default=None,
-        help="while the guest is off, set discard='unmap' and detect_zeroes='unmap' on its "
-        "reclaimed disks in the persistent definition, so that later reclaims trim instead "
-        "of zero-filling (default: the policy's guest.enable_discard)",
-    )  # fmt: skip
-    run.add_argument(
-        "--convert", action="store_true", default=None,
-        help="convert raw and VMDK file disks to qcow2 beside the original (disk.raw -> "
-        "disk.qcow2), verify with qemu-img compare and point the definition at it while the "
-        "guest is off; the original is removed once the guest runs again (kept with "
-        "--keep-backup). Offline only (default: the policy's rewrite.convert)",
-    )  # fmt: skip
-    run.add_argument(
-        "--qemu-img", metavar="PATH",
-        help="qemu-img program (default: the configured qemu_img, else qemu-img from PATH)",
-    )  # fmt: skip
-    run.add_argument(
-        "--log-format", choices=[m.value for m in logs.LogFormat],
-        default=logs.LogFormat.AUTO.value,
-        help="log lines on stderr: json, console, or auto (console on a terminal)",
-    )  # fmt: skip
-    run.add_argument(
-        "--policy", metavar="NAME",
-        help="take the settings from this policy; options given here still win. Without "
-        "DOMAIN: reclaim every domain the policy selects",
-    )  # fmt: skip
-    _add_config_dir(run)
-    _add_state_dir(run)
-    run.set_defaults(handler=Handler("virt_reclaim.cli.run", "cmd_run"))
+    add_config_dir(status)
+    add_state_dir(status)
 
 
 def _add_journal_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's private type
@@ -244,9 +105,9 @@ def _add_journal_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's p
         ),
         epilog="Exit status: 0 done (also when nothing needed recovery), 1 failure.",
     )
-    _add_connect(recover)
-    _add_state_dir(recover)
-    _add_config_dir(recover)
+    add_connect(recover)
+    add_state_dir(recover)
+    add_config_dir(recover)
     recover.add_argument("--json", action="store_true", help="print a JSON list of what was done")
     recover.set_defaults(handler=Handler("virt_reclaim.cli.recover_command", "cmd_recover"))
 
@@ -257,8 +118,8 @@ def _add_journal_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's p
         epilog="Exit status: 0 success, 1 the journal cannot be read.",
     )
     history.add_argument("domain", metavar="DOMAIN", nargs="?", help="only this domain's jobs")
-    _add_state_dir(history)
-    _add_config_dir(history)
+    add_state_dir(history)
+    add_config_dir(history)
     history.add_argument("--json", action="store_true", help="print a JSON list")
     history.add_argument(
         "--since", type=argtypes.since, metavar="DURATION|DATE",
@@ -290,8 +151,8 @@ def _add_journal_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's p
     )
     kept.add_argument("--prune", action="store_true", help="delete the expired backups first")
     kept.add_argument("--json", action="store_true", help="print JSON: backups, pruned")
-    _add_state_dir(kept)
-    _add_config_dir(kept)
+    add_state_dir(kept)
+    add_config_dir(kept)
     kept.set_defaults(handler=Handler("virt_reclaim.cli.backups_command", "cmd_backups"))
 
 
@@ -310,8 +171,8 @@ def _add_config_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's pr
             "Exit status: 0 valid (also with warnings), 2 errors found (each printed on stderr)."
         ),
     )
-    _add_config_dir(check)
-    _add_connect(check)
+    add_config_dir(check)
+    add_connect(check)
     check.add_argument(
         "--json", action="store_true",
         help="print one JSON object: valid, errors, warnings, policies",
@@ -341,8 +202,8 @@ def _add_config_commands(commands: Any) -> None:  # noqa: ANN401 - argparse's pr
         ),
         epilog="Exit status: 0 success, 1 libvirt unreachable, 2 configuration errors.",
     )
-    _add_config_dir(plan)
-    _add_connect(plan)
+    add_config_dir(plan)
+    add_connect(plan)
     plan.add_argument("--json", action="store_true", help="print a JSON list")
     plan.set_defaults(handler=Handler("virt_reclaim.cli.plan_command", "cmd_plan"))
 
@@ -367,7 +228,7 @@ def _add_daemon_command(commands: Any) -> None:  # noqa: ANN401 - argparse's pri
             "does not restart on it), 1 other failure."
         ),
     )
-    _add_config_dir(daemon)
+    add_config_dir(daemon)
     daemon.set_defaults(handler=Handler("virt_reclaim.cli.daemon_command", "cmd_daemon"))
 
 
@@ -388,8 +249,8 @@ def _add_reload_command(commands: Any) -> None:  # noqa: ANN401 - argparse's pri
             "2 usage error; 78 the configuration has errors (the daemon was not signalled)."
         ),
     )
-    _add_config_dir(reload)
-    _add_state_dir(reload)
+    add_config_dir(reload)
+    add_state_dir(reload)
     reload.add_argument(
         "--pid", type=argtypes.pid, metavar="PID",
         help="the daemon's process id (default: $MAINPID, which systemd sets for ExecReload=)",
@@ -399,28 +260,3 @@ def _add_reload_command(commands: Any) -> None:  # noqa: ANN401 - argparse's pri
         help="how long to wait for the daemon's verdict (default: %(default)g)",
     )  # fmt: skip
     reload.set_defaults(handler=Handler("virt_reclaim.cli.reload_command", "cmd_reload"))
-
-
-def _add_config_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config-dir", default=DEFAULT_CONFIG_DIR, metavar="DIR",
-        help="the configuration folder (default: %(default)s)",
-    )  # fmt: skip
-
-
-def _add_state_dir(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--state-dir", metavar="DIR",
-        help="where the job journal lives (default: the configured state_dir, else "
-        f"{DEFAULT_STATE_DIR})",
-    )  # fmt: skip
-
-
-def _add_connect(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-c",
-        "--connect",
-        metavar="URI",
-        help="libvirt connection URI (default: the configured uri, else $LIBVIRT_DEFAULT_URI, "
-        f"else {DEFAULT_URI})",
-    )
