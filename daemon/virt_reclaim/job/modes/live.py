@@ -54,12 +54,18 @@ class LiveMode:
         """Take the live steps; undo before the swap, go forward after it."""
         domain = cast(LiveDomainPort, job.domain)
         jobs = domain.block_jobs()
+        # Target: the overlays this job made for the disk, open until removed.
+        made: dict[str, list[imagefile.NewImage]] = {}
         try:
-            self._run(job, jobs)
+            self._run(job, jobs, made)
         finally:
             jobs.close()
+            for opened in made.values():
+                overlays.close_overlays(opened)
 
-    def _run(self, job: JobContext, jobs: BlockJobsPort) -> None:
+    def _run(
+        self, job: JobContext, jobs: BlockJobsPort, made: dict[str, list[imagefile.NewImage]]
+    ) -> None:
         # Inspect refused disks with a block job (livecheck); one may have started since,
         # during a free-space step of minutes. Before anything is journaled: not ours to end.
         for disk in job.disks:
@@ -68,7 +74,6 @@ class LiveMode:
                 raise JobFailed(f"{disk.target}: a {busy.type} block job is already running")
         for disk in job.disks:
             _record(job, disk, "planned")
-        made: dict[str, list[imagefile.NewImage]] = {}
         with job.step(Step.SNAPSHOT):
             for target, overlay in overlays.take_snapshot(job, jobs).items():
                 made[target] = [overlay]
@@ -233,7 +238,8 @@ def recover_disk(job_id: str, disk: JournalDisk, jobs: BlockJobsPort, result: Re
             on_new = False
             result.actions.append(f"{disk.target}: committed the snapshot back into {disk.path}")
         elif disk.state in _REWRITE_VERIFIED:
-            _copy_onto_new_base(disk.path, overlay2, disk.target, jobs)
+            # Recovery finds its files by their journaled names: it needs no record.
+            _copy_onto_new_base(disk.path, overlay2, disk.target, jobs).close()
             _commit(disk.target, disk.path, jobs)
             on_new = True
             result.actions.append(f"{disk.target}: finished the swap onto the new image")

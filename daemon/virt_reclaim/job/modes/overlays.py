@@ -55,6 +55,7 @@ def take_snapshot(job: JobContext, jobs: BlockJobsPort) -> dict[str, imagefile.N
         )
     except BaseException:
         _remove_unless_in_use(job, jobs, made)
+        close_overlays(list(made.values()))
         raise
     return made
 
@@ -79,8 +80,10 @@ def _remove_unless_in_use(
 def new_overlay(path: str, backing: str, backing_format: str, target: str) -> imagefile.NewImage:
     """Create ``path`` (O_EXCL|O_NOFOLLOW), a qcow2 over ``backing`` in the format given.
 
-    The file is closed on return; the record keeps its identity, so that it is
-    removed later only while ``path`` still names it.
+    The file stays open until it is removed (``remove_overlays``) or closed: while it
+    is open its inode number cannot pass to another file, so the removal, which
+    checks that ``path`` still names this device and inode, cannot delete a file
+    put at the name after ours was deleted by someone else.
 
     Raises:
         JobFailed: Something (a file, a link) is already at ``path``, or it cannot
@@ -103,7 +106,6 @@ def new_overlay(path: str, backing: str, backing_format: str, target: str) -> im
     except BaseException:
         new.remove()
         raise
-    new.close()
     return new
 
 
@@ -111,3 +113,9 @@ def remove_overlays(overlays: list[imagefile.NewImage]) -> None:
     """Remove the overlays this job made, each only while its name still names that file."""
     for overlay in overlays:
         overlay.remove()
+
+
+def close_overlays(overlays: list[imagefile.NewImage]) -> None:
+    """Close the overlays left in place (for recovery, which finds them by name)."""
+    for overlay in overlays:
+        overlay.close()
