@@ -94,7 +94,7 @@ def first_overlay(state: Path) -> Path:
     return Path(overlays.overlay_path(journaled.disks[0].path, journaled.id, 1))
 
 
-@pytest.mark.parametrize("planted", ["link", "file"])
+@pytest.mark.parametrize("planted", ["link", "dangling link", "file"])
 def test_a_file_or_link_planted_at_overlay_1_s_name_fails_the_job_before_the_snapshot(
     domain: LiveFakeDomain, tmp_path: Path, planted: str
 ) -> None:
@@ -113,6 +113,9 @@ def test_a_file_or_link_planted_at_overlay_1_s_name_fails_the_job_before_the_sna
             name = first_overlay(state)
             if planted == "link":
                 name.symlink_to(canary)
+            elif planted == "dangling link":
+                # Where libvirt, told to create the overlay, would have made a file.
+                name.symlink_to(tmp_path / "made-through-the-link")
             else:
                 name.write_bytes(b"someone else's\n")
             at.append(name)
@@ -133,6 +136,8 @@ def test_a_file_or_link_planted_at_overlay_1_s_name_fails_the_job_before_the_sna
     assert canary.stat().st_mode & 0o7777 == 0o600
     if planted == "link":
         assert name.is_symlink() and os.readlink(name) == str(canary)
+    elif planted == "dangling link":
+        assert name.is_symlink() and not name.exists()
     else:
         assert name.read_bytes() == b"someone else's\n"
     assert image.read_bytes() == before
