@@ -123,7 +123,7 @@ def test_live_recompression_ends_on_the_original_image(make_guest: Callable[...,
         writer.wait_for_files(3)
 
         with steps("snapshot"):
-            jobs.snapshot_disk_only({"vda": str(overlay1)}, quiesce=True)
+            jobs.snapshot_disk_only({"vda": str(overlay1)}, quiesce=True, reuse_existing=False)
         assert jobs.disk_source("vda", live=True) == str(overlay1)
         assert jobs.disk_source("vda", live=False) == str(overlay1)
         writer.wait_for_files(writer.files() + 2)  # into overlay1
@@ -182,7 +182,7 @@ def test_aborted_copy_stays_on_the_snapshot_and_commits_back(
         witnessed(guest) as witness,
         guest_writing(guest) as writer,
     ):
-        jobs.snapshot_disk_only({"vda": str(overlay1)}, quiesce=False)
+        jobs.snapshot_disk_only({"vda": str(overlay1)}, quiesce=False, reuse_existing=False)
         data.write_random(guest, "/data/after-snapshot.bin", 4)
         create_overlay(overlay2, original)
 
@@ -240,7 +240,7 @@ def test_commit_of_an_overlay_disk_leaves_its_backing_file_alone(
     overlay1 = guest.data_image.with_name("data.overlay1.qcow2")
 
     with Hypervisor(URI) as hypervisor, BlockJobs(hypervisor.domain(guest.name)) as jobs:
-        jobs.snapshot_disk_only({"vda": str(overlay1)}, quiesce=False)
+        jobs.snapshot_disk_only({"vda": str(overlay1)}, quiesce=False, reuse_existing=False)
         data.write_random(guest, "/data/after-snapshot.bin", 2)
         jobs.commit_active("vda")
         wait_until_complete(guest, "vda")
@@ -283,7 +283,7 @@ def test_waits_and_ends_without_a_job_fail_at_once_and_say_so(
         with pytest.raises(VirtError, match=f"^{name}: cannot read the block job of disk vdz: "):
             jobs.wait_ready("vdz", 0.01)
         with pytest.raises(VirtError, match=f"^{name}: cannot snapshot vdz onto /x: no disk"):
-            jobs.snapshot_disk_only({"vdz": "/x"}, quiesce=False)
+            jobs.snapshot_disk_only({"vdz": "/x"}, quiesce=False, reuse_existing=False)
         with pytest.raises(
             VirtError, match=f"^{name}: cannot start an active block commit of disk vda: "
         ):
@@ -302,7 +302,7 @@ from virt_reclaim.virt.domain import Domain
 uri, name, overlay = sys.argv[1:]
 conn = libvirt.open(uri)
 with BlockJobs(Domain(conn.lookupByName(name))) as jobs:
-    jobs.snapshot_disk_only({"vda": overlay}, quiesce=False)
+    jobs.snapshot_disk_only({"vda": overlay}, quiesce=False, reuse_existing=False)
     jobs.commit_active("vda")
     ready = jobs.wait_ready("vda", 60)
     jobs.pivot("vda")
@@ -335,7 +335,7 @@ def test_a_job_that_is_not_ready_in_time_is_false_then_aborted(
     overlay2 = guest.data_image.with_name("data.overlay2.qcow2")
 
     with Hypervisor(URI) as hypervisor, BlockJobs(hypervisor.domain(guest.name)) as jobs:
-        jobs.snapshot_disk_only({"vda": str(overlay1)}, quiesce=False)
+        jobs.snapshot_disk_only({"vda": str(overlay1)}, quiesce=False, reuse_existing=False)
         data.write_random(guest, "/data/after-snapshot.bin", 4)
         create_overlay(overlay2, guest.data_image)
         destination = f"<disk type='file'><driver type='qcow2'/><source file='{overlay2}'/></disk>"
@@ -383,7 +383,7 @@ def test_a_copy_that_fails_raises_block_job_failed(
         BlockJobs(hypervisor.domain(guest.name)) as jobs,
         witnessed(guest) as witness,
     ):
-        jobs.snapshot_disk_only({"vda": str(overlay1)}, quiesce=False)
+        jobs.snapshot_disk_only({"vda": str(overlay1)}, quiesce=False, reuse_existing=False)
         data.write_random(guest, "/data/after-snapshot.bin", 8)
         create_overlay(overlay2, guest.data_image)
 

@@ -112,9 +112,16 @@ def image_map(
     return parse_map(_run(argv, timeout=INFO_TIMEOUT_S * 5).stdout)
 
 
-def create_overlay(image: NewImage, *, backing: str, qemu_img: str = DEFAULT_QEMU_IMG) -> None:
-    """Make the job's new file ``image`` an empty qcow2 overlay over the qcow2 ``backing``."""
-    argv = create_overlay_argv(image.fd_path, backing=backing, qemu_img=qemu_img)
+def create_overlay(
+    image: NewImage, *, backing: str, backing_format: str, qemu_img: str = DEFAULT_QEMU_IMG
+) -> None:
+    """Make the job's new file ``image`` an empty qcow2 overlay over ``backing``.
+
+    ``backing_format`` is the format the domain XML states for ``backing``.
+    """
+    argv = create_overlay_argv(
+        image.fd_path, backing=backing, backing_format=backing_format, qemu_img=qemu_img
+    )
     _run(argv, timeout=INFO_TIMEOUT_S, pass_fds=(image.fd,))
 
 

@@ -279,13 +279,16 @@ def convert_argv(
     return [*argv, source, target]
 
 
-def create_overlay_argv(path: str, *, backing: str, qemu_img: str = DEFAULT_QEMU_IMG) -> list[str]:
-    """Return the argv that makes ``path`` a qcow2 over the qcow2 ``backing`` (format given).
+def create_overlay_argv(
+    path: str, *, backing: str, backing_format: str, qemu_img: str = DEFAULT_QEMU_IMG
+) -> list[str]:
+    """Return the argv that makes ``path`` a qcow2 over ``backing`` in ``backing_format``.
 
     ``backing`` is an absolute path (a relative one would be looked up beside a
     ``/dev/fd/N`` ``path``); qemu-img opens it, as the format says, for its size.
+    The format is written into the header: whoever opens the overlay never probes it.
     """
-    return [qemu_img, "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", path]
+    return [qemu_img, "create", "-q", "-f", "qcow2", "-b", backing, "-F", backing_format, path]
 
 
 def check_argv(path: str, *, qemu_img: str = DEFAULT_QEMU_IMG) -> list[str]:

@@ -98,7 +98,9 @@ class ImagePort(Protocol):
 class BlockJobsPort(Protocol):
     """What the live mode needs of snapshots and block jobs (virt.BlockJobs provides it)."""
 
-    def snapshot_disk_only(self, overlays: Mapping[str, str], *, quiesce: bool) -> None: ...
+    def snapshot_disk_only(
+        self, overlays: Mapping[str, str], *, quiesce: bool, reuse_existing: bool
+    ) -> None: ...
     def copy_shallow(
         self, target: str, destination: str, *, destination_format: str = "qcow2"
     ) -> None: ...

@@ -81,12 +81,17 @@ class BlockJobs:
         self._events_conn = None
         self._listening = False
 
-    def snapshot_disk_only(self, overlays: Mapping[str, str], *, quiesce: bool) -> None:
+    def snapshot_disk_only(
+        self, overlays: Mapping[str, str], *, quiesce: bool, reuse_existing: bool
+    ) -> None:
         """Take an external disk-only snapshot without metadata, atomically.
 
-        Each disk named in ``overlays`` continues in a new qcow2 overlay at the given
-        path (which must not exist); every other disk of the domain is left out. With
-        ``quiesce`` the guest agent freezes the guest's filesystems around it.
+        Each disk named in ``overlays`` continues in a qcow2 overlay at the given path;
+        every other disk of the domain is left out. With ``reuse_existing`` (REUSE_EXT)
+        the caller already created each overlay, with the disk's current image as its
+        backing file and that image's format recorded: libvirt opens it and creates
+        nothing. Without it the path must not exist and libvirt creates the file.
+        With ``quiesce`` the guest agent freezes the guest's filesystems around it.
 
         Raises:
             VirtError: The snapshot was refused or failed; with ATOMIC no disk changed.
@@ -105,6 +110,8 @@ class BlockJobs:
         )
         if quiesce:
             flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_QUIESCE
+        if reuse_existing:
+            flags |= libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
         what = f"take a{' quiesced' if quiesce else 'n'} external snapshot of {names}"
         self._domain._call(what, lambda d: d.snapshotCreateXML(xml, flags))
 

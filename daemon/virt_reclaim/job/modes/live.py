@@ -1,8 +1,9 @@
 """The live mode: recompress a running guest's disks with no downtime (README.md, "Live mode").
 
 After the shared steps (the guest's space freed while it runs):
-SNAPSHOT   an external disk-only snapshot: the guest now writes into overlay 1 and
-           the original image is a read-only, consistent base;
+SNAPSHOT   overlay 1 created by the job (exclusively, never through a link), then an
+           external disk-only snapshot onto it (REUSE_EXT): the guest now writes
+           into overlay 1 and the original image is a read-only, consistent base;
 REWRITE    the base converted beside itself (it is no longer written);
 VERIFY     check of the new image, compare with the base;
 SWAP       the new image renamed over the base. QEMU still reads the old inode; the
@@ -28,8 +29,9 @@ from typing import Any, cast
 
 from virt_reclaim import process
 from virt_reclaim.errors import NoBlockJob, VirtError
-from virt_reclaim.image import imagefile, qemu_img
+from virt_reclaim.image import imagefile
 from virt_reclaim.job.context import DiskWork, JobContext, Step
+from virt_reclaim.job.modes import overlays
 from virt_reclaim.job.ports import BlockJobsPort, LiveDomainPort
 from virt_reclaim.job.results import DiskFound, JobFailed, JobUnfinished, Recovered
 from virt_reclaim.job.steps.rewrite import (
@@ -43,16 +45,6 @@ from virt_reclaim.journal.records import JournalDisk, JournalJob
 READY_TIMEOUT_S = 600.0
 
 
-def overlay_path(image: str, job_id: str, n: int) -> str:
-    """Overlay ``n`` (1 or 2) beside ``image``: hidden and recognisable, like the temp file.
-
-    Beside the image because QEMU must reach it: a filesystem mounted after the guest
-    started is not in QEMU's mount namespace.
-    """
-    folder, name = os.path.split(image)
-    return os.path.join(folder, f".{name}{imagefile.TEMP_MARK}{job_id}.overlay{n}")
-
-
 class LiveMode:
     """Reclaim while the guest runs (see the module docstring)."""
 
@@ -62,12 +54,18 @@ class LiveMode:
         """Take the live steps; undo before the swap, go forward after it."""
         domain = cast(LiveDomainPort, job.domain)
         jobs = domain.block_jobs()
+        # Target: the overlays this job made for the disk, open until removed.
+        made: dict[str, list[imagefile.NewImage]] = {}
         try:
-            self._run(job, jobs)
+            self._run(job, jobs, made)
         finally:
             jobs.close()
+            for opened in made.values():
+                overlays.close_overlays(opened)
 
-    def _run(self, job: JobContext, jobs: BlockJobsPort) -> None:
+    def _run(
+        self, job: JobContext, jobs: BlockJobsPort, made: dict[str, list[imagefile.NewImage]]
+    ) -> None:
         # Inspect refused disks with a block job (livecheck); one may have started since,
         # during a free-space step of minutes. Before anything is journaled: not ours to end.
         for disk in job.disks:
@@ -77,9 +75,8 @@ class LiveMode:
         for disk in job.disks:
             _record(job, disk, "planned")
         with job.step(Step.SNAPSHOT):
-            jobs.snapshot_disk_only(
-                {d.target: overlay_path(d.path, job.job_id, 1) for d in job.disks}, quiesce=False
-            )
+            for target, overlay in overlays.take_snapshot(job, jobs).items():
+                made[target] = [overlay]
             for disk in job.disks:
                 _record(job, disk, "snapshotted")
         try:
@@ -92,7 +89,7 @@ class LiveMode:
                     verify_disk(job, disk)
         except BaseException:
             remove_temporary_files(job)
-            _undo_snapshot(job, jobs)
+            _undo_snapshot(job, jobs, made)
             raise
         try:
             with job.step(Step.SWAP):
@@ -101,7 +98,7 @@ class LiveMode:
                     _record(job, disk, "swapping")
                     swap_disk(job, disk)
                     _record(job, disk, "swapped")
-            _forward(job, jobs)
+            _forward(job, jobs, made)
         except BaseException as exc:
             raise JobUnfinished(
                 f"{exc}; the guest runs on a consistent chain of overlays beside its images, "
@@ -125,11 +122,13 @@ class LiveMode:
             result.outcome = "reclaimed"
 
 
-def _forward(job: JobContext, jobs: BlockJobsPort) -> None:
+def _forward(
+    job: JobContext, jobs: BlockJobsPort, made: dict[str, list[imagefile.NewImage]]
+) -> None:
     with job.step(Step.COPY):
         for disk in job.disks:
-            _copy_onto_new_base(disk.path, overlay_path(disk.path, job.job_id, 2), disk.target,
-                                jobs)  # fmt: skip
+            overlay2 = overlays.overlay_path(disk.path, job.job_id, 2)
+            made[disk.target].append(_copy_onto_new_base(disk.path, overlay2, disk.target, jobs))
             _record(job, disk, "copied")
             job.log.info("live.pivoted", target=disk.target, to="new base")
     with job.step(Step.COMMIT):
@@ -139,11 +138,13 @@ def _forward(job: JobContext, jobs: BlockJobsPort) -> None:
             job.log.info("live.pivoted", target=disk.target, to=disk.path)
     with job.step(Step.CLEANUP):
         for disk in job.disks:
-            _remove_overlays(disk.path, job.job_id)
+            overlays.remove_overlays(made[disk.target])
             _record(job, disk, "clean")
 
 
-def _undo_snapshot(job: JobContext, jobs: BlockJobsPort) -> None:
+def _undo_snapshot(
+    job: JobContext, jobs: BlockJobsPort, made: dict[str, list[imagefile.NewImage]]
+) -> None:
     """Commit overlay 1 back into the untouched base; the guest runs on its image again."""
     for disk in job.disks:
         try:
@@ -152,28 +153,20 @@ def _undo_snapshot(job: JobContext, jobs: BlockJobsPort) -> None:
             raise JobUnfinished(
                 f"{disk.target}: could not commit the snapshot back: {exc}"
             ) from exc
-        _remove_overlays(disk.path, job.job_id)
+        overlays.remove_overlays(made[disk.target])
         _record(job, disk, "undone")
         job.log.info("live.undone", target=disk.target)
 
 
-def _copy_onto_new_base(base: str, overlay: str, target: str, jobs: BlockJobsPort) -> None:
+def _copy_onto_new_base(
+    base: str, overlay: str, target: str, jobs: BlockJobsPort
+) -> imagefile.NewImage:
+    """Overlay 2 over the new base (a qcow2 the job wrote), the guest's top copied onto it."""
     imagefile.remove_quietly(overlay)  # an earlier attempt's: the name carries the job's id
-    try:
-        new = imagefile.NewImage(overlay)
-    except OSError as exc:
-        raise JobFailed(f"{target}: cannot create {overlay}: {exc.strerror}") from exc
-    try:
-        qemu_img.create_overlay(new, backing=base)
-        new.take_metadata_of(base)
-        new.fsync()
-        new.ensure_named()
-    except BaseException:
-        new.remove()
-        raise
-    new.close()
+    new = overlays.new_overlay(overlay, base, "qcow2", target)
     jobs.copy_shallow(target, overlay)
     _pivot_when_ready(target, jobs, "copy", overlay)
+    return new
 
 
 def _commit(target: str, into: str, jobs: BlockJobsPort) -> None:
@@ -198,11 +191,6 @@ def _pivot_when_ready(target: str, jobs: BlockJobsPort, what: str, top: str) -> 
             f"{target}: after the pivot of the {what} the disk runs on {now}, not {top}; "
             f"every file is left in place (see 'virsh domblklist' and 'virsh blockjob')"
         )
-
-
-def _remove_overlays(image: str, job_id: str) -> None:
-    for n in (1, 2):
-        imagefile.remove_quietly(overlay_path(image, job_id, n))
 
 
 def _record(job: JobContext, disk: DiskWork, state: str) -> None:
@@ -250,7 +238,8 @@ def recover_disk(job_id: str, disk: JournalDisk, jobs: BlockJobsPort, result: Re
             on_new = False
             result.actions.append(f"{disk.target}: committed the snapshot back into {disk.path}")
         elif disk.state in _REWRITE_VERIFIED:
-            _copy_onto_new_base(disk.path, overlay2, disk.target, jobs)
+            # Recovery finds its files by their journaled names: it needs no record.
+            _copy_onto_new_base(disk.path, overlay2, disk.target, jobs).close()
             _commit(disk.target, disk.path, jobs)
             on_new = True
             result.actions.append(f"{disk.target}: finished the swap onto the new image")
@@ -284,7 +273,11 @@ PERSISTENT_TIMEOUT_S = 10.0
 
 def _our_files(disk: JournalDisk, job_id: str) -> tuple[str, str, str]:
     """The temporary image and overlays 1 and 2 the job made (or would have) beside the image."""
-    return disk.temp_path, overlay_path(disk.path, job_id, 1), overlay_path(disk.path, job_id, 2)
+    return (
+        disk.temp_path,
+        overlays.overlay_path(disk.path, job_id, 1),
+        overlays.overlay_path(disk.path, job_id, 2),
+    )
 
 
 def _observe(disk: JournalDisk, jobs: BlockJobsPort, ours: tuple[str, ...]) -> DiskFound:
