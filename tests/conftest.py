@@ -10,6 +10,7 @@ from typing import Any
 
 import libvirt
 import pytest
+from hypothesis import settings
 
 from testbed.daemon import DaemonProcess
 from testbed.debian import DebianGuest, create_debian_guest, ensure_debian_built
@@ -24,6 +25,12 @@ from testbed.guests import (
     sweep_leftovers,
 )
 from testbed.reclaim import fake_qemu_img
+
+# Property tests run the same examples every time and are never timed: a test that failed
+# once under the parallel phase's load (hypothesis's 200 ms deadline per example) blocks a
+# landing as surely as a bug. Speed lives in bench/.
+settings.register_profile("suite", deadline=None, derandomize=True, print_blob=True)
+settings.load_profile("suite")
 
 
 @pytest.fixture(scope="session")
