@@ -15,7 +15,8 @@ COMMIT     an active commit of overlay 2 into the base, READY, pivot: the guest
 CLEANUP    the overlays are removed.
 Before SWAP a failure or a stop undoes the snapshot (commit back into the untouched
 base); from SWAP on the only safe way is forward, and what cannot be finished now is
-left to recovery, which finishes it from the state journaled per disk.
+left to recovery, which finishes it from the state journaled per disk. What the job
+reserves on the host and what it does when the room goes: ``livespace``.
 No quiesce: the guest always sees base + overlay, so the base needs no freeze.
 """
 
@@ -30,6 +31,8 @@ from virt_reclaim import process
 from virt_reclaim.errors import NoBlockJob, VirtError
 from virt_reclaim.image import imagefile, qemu_img
 from virt_reclaim.job.context import DiskWork, JobContext, Step
+from virt_reclaim.job.freespace.watch import LiveWatch
+from virt_reclaim.job.modes import livespace
 from virt_reclaim.job.ports import BlockJobsPort, LiveDomainPort
 from virt_reclaim.job.results import DiskFound, JobFailed, JobUnfinished, Recovered
 from virt_reclaim.job.steps.rewrite import (
@@ -76,6 +79,11 @@ class LiveMode:
                 raise JobFailed(f"{disk.target}: a {busy.type} block job is already running")
         for disk in job.disks:
             _record(job, disk, "planned")
+        # Watched from the snapshot to the cleanup: see livespace for what a trip does.
+        with livespace.watch(job) as watch:
+            self._watched(job, jobs, watch)
+
+    def _watched(self, job: JobContext, jobs: BlockJobsPort, watch: LiveWatch) -> None:
         with job.step(Step.SNAPSHOT):
             jobs.snapshot_disk_only(
                 {d.target: overlay_path(d.path, job.job_id, 1) for d in job.disks}, quiesce=False
@@ -85,14 +93,19 @@ class LiveMode:
         try:
             with job.step(Step.REWRITE):
                 for disk in job.disks:
+                    livespace.check(watch)
                     # The base is read-only now: no guard needed, QEMU holds its own locks.
-                    rewrite_disk(job, disk, lock=False)
+                    rewrite_disk(job, disk, lock=False, outer=watch)
             with job.step(Step.VERIFY):
                 for disk in job.disks:
+                    livespace.check(watch)
                     verify_disk(job, disk)
-        except BaseException:
+            livespace.check(watch)
+        except BaseException as exc:
             remove_temporary_files(job)
             _undo_snapshot(job, jobs)
+            if watch.why is not None:
+                raise livespace.stopped(watch.why) from exc
             raise
         try:
             with job.step(Step.SWAP):
@@ -128,12 +141,16 @@ class LiveMode:
 def _forward(job: JobContext, jobs: BlockJobsPort) -> None:
     with job.step(Step.COPY):
         for disk in job.disks:
+            overlay1 = overlay_path(disk.path, job.job_id, 1)
+            livespace.block_job_room(job, disk.target, disk.path, overlay1, "copy")
             _copy_onto_new_base(disk.path, overlay_path(disk.path, job.job_id, 2), disk.target,
                                 jobs)  # fmt: skip
             _record(job, disk, "copied")
             job.log.info("live.pivoted", target=disk.target, to="new base")
     with job.step(Step.COMMIT):
         for disk in job.disks:
+            overlay2 = overlay_path(disk.path, job.job_id, 2)
+            livespace.block_job_room(job, disk.target, disk.path, overlay2, "commit")
             _commit(disk.target, disk.path, jobs)
             _record(job, disk, "committed")
             job.log.info("live.pivoted", target=disk.target, to=disk.path)
