@@ -150,6 +150,7 @@ class JobContext:
     disks: list[DiskWork] = field(default_factory=list)
     skipped_disks: list[SkippedDisk] = field(default_factory=list)
     was_running: bool = False
+    live: bool = False  # the live mode keeps it running: its overlays are reserved too
     agent_connected: bool = False
     agent: AgentInfo | None = None
     choice: Choice | None = None

@@ -148,3 +148,34 @@ class RewriteWatch(_Watch):
 
     def _tripped(self, why: str) -> None:
         self._log.warning("rewrite.watch_tripped", reason=why)
+
+
+class LiveWatch(_Watch):
+    """Sets ``stop`` when the job stops or a live job's host filesystem is below its reserve.
+
+    ``floors`` maps a filesystem's device to (a folder on it, its reserve). The live mode
+    hands ``stop`` to the rewrite as its own stop, and reads ``why`` between its steps.
+    """
+
+    def __init__(
+        self,
+        floors: dict[int, tuple[str, int]],
+        job_stop: threading.Event | None,
+        poll_s: float = POLL_S,
+    ) -> None:
+        """Watch every filesystem of ``floors`` once entered."""
+        super().__init__(job_stop, poll_s, "live-watch")
+        self._floors = floors
+
+    def _check(self) -> str | None:
+        for folder, reserve in self._floors.values():
+            free = budget.host_filesystem(folder).free
+            if free < reserve:
+                return (
+                    f"the host filesystem of {folder} fell to {format_bytes(free)} free, "
+                    f"below its reserve of {format_bytes(reserve)}"
+                )
+        return None
+
+    def _tripped(self, why: str) -> None:
+        self._log.warning("live.watch_tripped", reason=why)

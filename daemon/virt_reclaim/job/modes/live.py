@@ -16,7 +16,8 @@ COMMIT     an active commit of overlay 2 into the base, READY, pivot: the guest
 CLEANUP    the overlays are removed.
 Before SWAP a failure or a stop undoes the snapshot (commit back into the untouched
 base); from SWAP on the only safe way is forward, and what cannot be finished now is
-left to recovery, which finishes it from the state journaled per disk.
+left to recovery, which finishes it from the state journaled per disk. What the job
+reserves on the host and what it does when the room goes: ``livespace``.
 No quiesce: the guest always sees base + overlay, so the base needs no freeze.
 """
 
@@ -31,7 +32,8 @@ from virt_reclaim import process
 from virt_reclaim.errors import NoBlockJob, VirtError
 from virt_reclaim.image import imagefile
 from virt_reclaim.job.context import DiskWork, JobContext, Step
-from virt_reclaim.job.modes import overlays
+from virt_reclaim.job.freespace.watch import LiveWatch
+from virt_reclaim.job.modes import livespace, overlays
 from virt_reclaim.job.ports import BlockJobsPort, LiveDomainPort
 from virt_reclaim.job.results import DiskFound, JobFailed, JobUnfinished, Recovered
 from virt_reclaim.job.steps.rewrite import (
@@ -74,6 +76,17 @@ class LiveMode:
                 raise JobFailed(f"{disk.target}: a {busy.type} block job is already running")
         for disk in job.disks:
             _record(job, disk, "planned")
+        # Watched from the snapshot to the cleanup: see livespace for what a trip does.
+        with livespace.watch(job) as watch:
+            self._watched(job, jobs, watch, made)
+
+    def _watched(
+        self,
+        job: JobContext,
+        jobs: BlockJobsPort,
+        watch: LiveWatch,
+        made: dict[str, list[imagefile.NewImage]],
+    ) -> None:
         with job.step(Step.SNAPSHOT):
             for target, overlay in overlays.take_snapshot(job, jobs).items():
                 made[target] = [overlay]
@@ -82,14 +95,19 @@ class LiveMode:
         try:
             with job.step(Step.REWRITE):
                 for disk in job.disks:
+                    livespace.check(watch)
                     # The base is read-only now: no guard needed, QEMU holds its own locks.
-                    rewrite_disk(job, disk, lock=False)
+                    rewrite_disk(job, disk, lock=False, outer=watch)
             with job.step(Step.VERIFY):
                 for disk in job.disks:
+                    livespace.check(watch)
                     verify_disk(job, disk)
-        except BaseException:
+            livespace.check(watch)
+        except BaseException as exc:
             remove_temporary_files(job)
             _undo_snapshot(job, jobs, made)
+            if watch.why is not None:
+                raise livespace.stopped(watch.why) from exc
             raise
         try:
             with job.step(Step.SWAP):
@@ -127,12 +145,16 @@ def _forward(
 ) -> None:
     with job.step(Step.COPY):
         for disk in job.disks:
+            overlay1 = overlays.overlay_path(disk.path, job.job_id, 1)
+            livespace.block_job_room(job, disk.target, disk.path, overlay1, "copy")
             overlay2 = overlays.overlay_path(disk.path, job.job_id, 2)
             made[disk.target].append(_copy_onto_new_base(disk.path, overlay2, disk.target, jobs))
             _record(job, disk, "copied")
             job.log.info("live.pivoted", target=disk.target, to="new base")
     with job.step(Step.COMMIT):
         for disk in job.disks:
+            overlay2 = overlays.overlay_path(disk.path, job.job_id, 2)
+            livespace.block_job_room(job, disk.target, disk.path, overlay2, "commit")
             _commit(disk.target, disk.path, jobs)
             _record(job, disk, "committed")
             job.log.info("live.pivoted", target=disk.target, to=disk.path)

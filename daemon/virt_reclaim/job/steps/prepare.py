@@ -15,7 +15,7 @@ from virt_reclaim.image.qemu_img_argv import ImageInfo
 from virt_reclaim.job.context import DiskWork, JobContext
 from virt_reclaim.job.freespace import budget
 from virt_reclaim.job.freespace.agent import choose_method, freed_share
-from virt_reclaim.job.modes import conversion, livecheck
+from virt_reclaim.job.modes import conversion, livecheck, livespace
 from virt_reclaim.job.ports import LiveDomainPort
 from virt_reclaim.job.results import JobSkipped, NothingToDo, SkippedDisk, SpaceTaken
 from virt_reclaim.job.settings import Compression, FreeSpaceMethod
@@ -56,6 +56,7 @@ def inspect(job: JobContext, *, live: bool = False) -> None:
     live_domain = cast(LiveDomainPort, job.domain) if live and job.was_running else None
     if live_domain is not None and (refusal := livecheck.host_refusal(live_domain.versions())):
         raise JobSkipped(refusal)
+    job.live = live_domain is not None
     others = job.images_of_other_domains()
     for disk in running.disks:
         if job.settings.convert and conversion.wants(disk):
@@ -325,6 +326,7 @@ def preflight(job: JobContext) -> None:
     or the guests writing there would pause when it fills. The need is reserved in
     the journal, beside what the other jobs on the host hold reserved there (counted
     whole: part of it may be written already, so the bound errs on the safe side).
+    A live job reserves its overlays too (``modes.livespace``).
     """
     for disk in job.disks:
         folder = os.path.dirname(disk.temp) or "."
@@ -334,7 +336,11 @@ def preflight(job: JobContext) -> None:
     for disk in job.disks:
         filesystem = budget.host_filesystem(os.path.dirname(disk.path) or ".")
         _, image_bytes = need_by_device.get(filesystem.device, (filesystem, 0))
-        need_by_device[filesystem.device] = (filesystem, image_bytes + rewrite_need(job, disk))
+        need = rewrite_need(job, disk)
+        if job.live:
+            need += livespace.overlay_bound(disk.info.virtual_size)
+        need_by_device[filesystem.device] = (filesystem, image_bytes + need)
+    what = "the rewrite and its overlays need" if job.live else "the rewrite needs"
     for filesystem, image_bytes in need_by_device.values():
         need = image_bytes + max(budget.REWRITE_MARGIN, image_bytes // 50)
         reserve = job.settings.reserve.host_bytes(filesystem.size)
@@ -351,7 +357,7 @@ def preflight(job: JobContext) -> None:
                 return None
             held = f", {format_bytes(others)} are reserved by other jobs" if others else ""
             return (
-                f"not enough free space on the filesystem of {fs.folder}: the rewrite needs "
+                f"not enough free space on the filesystem of {fs.folder}: {what} "
                 f"up to {format_bytes(need)}, {format_bytes(fs.free)} are free{held} and "
                 f"{format_bytes(reserve)} must stay free (free_space.host_reserve)"
             )

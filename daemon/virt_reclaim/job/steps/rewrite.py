@@ -15,17 +15,20 @@ from virt_reclaim.errors import QemuImgCancelled
 from virt_reclaim.image import imagefile
 from virt_reclaim.job.context import DiskWork, JobContext
 from virt_reclaim.job.freespace import budget
-from virt_reclaim.job.freespace.watch import RewriteWatch
+from virt_reclaim.job.freespace.watch import LiveWatch, RewriteWatch
 from virt_reclaim.job.results import JobFailed
 from virt_reclaim.job.settings import Compression
 from virt_reclaim.process import ProgressCallback
 
 
-def rewrite_disk(job: JobContext, disk: DiskWork, *, lock: bool) -> None:
+def rewrite_disk(
+    job: JobContext, disk: DiskWork, *, lock: bool, outer: LiveWatch | None = None
+) -> None:
     """Convert ``disk`` into its new file, made here exclusively; flush it, record its size.
 
     With ``lock`` the new image is locked like the original: locks belong to the inode,
-    so the new image carries the guard across the rename.
+    so the new image carries the guard across the rename. An ``outer`` watch (the live
+    mode's, over every filesystem the job writes on) stops the rewrite as its own does.
 
     Raises:
         JobFailed: The new file cannot be created (something is at its name), the watch
@@ -40,14 +43,16 @@ def rewrite_disk(job: JobContext, disk: DiskWork, *, lock: bool) -> None:
         new = disk.new = imagefile.NewImage(disk.temp)
     except OSError as exc:
         raise JobFailed(f"{disk.target}: cannot create {disk.temp}: {exc.strerror}") from exc
-    with RewriteWatch(folder, reserve, job.stop) as watch:
+    # The outer watch's stop is set when the job stops too.
+    with RewriteWatch(folder, reserve, outer.stop if outer else job.stop) as watch:
         try:
             _convert(job, disk, new, compression, watch.stop)
         except QemuImgCancelled as exc:
-            if watch.why is None:
+            why = watch.why or (outer.why if outer else None)
+            if why is None:
                 raise  # the job is stopping: abandoned, as any cancelled step
             new.remove()
-            raise JobFailed(f"{disk.target}: stopped the rewrite: {watch.why}") from exc
+            raise JobFailed(f"{disk.target}: stopped the rewrite: {why}") from exc
     if lock:
         job.guard.lock(disk.temp)
     _ensure_ours(disk, new)
