@@ -197,3 +197,25 @@ def test_an_overlay_still_the_job_s_own_is_removed(tmp_path: Path) -> None:
     overlays.remove_overlays([made])
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.qcow2"]
+
+
+def test_recovery_clears_only_the_dead_jobs_own_unused_overlay_2(tmp_path: Path) -> None:
+    """Before recovery copies again, it removes the dead job's overlay 2, and nothing else."""
+    canary = tmp_path / "canary"
+    canary.write_text("host file")
+    planted = tmp_path / ".disk.qcow2.virt-reclaim-abc.overlay2"
+    planted.symlink_to(canary)
+
+    with pytest.raises(VirtError, match="not a file the job made"):
+        overlays.clear_dead_overlay(str(planted), set())
+    assert planted.is_symlink() and canary.read_text() == "host file"
+
+    planted.unlink()
+    planted.write_bytes(b"qcow2 of the dead job")
+    with pytest.raises(VirtError, match="still in use"):
+        overlays.clear_dead_overlay(str(planted), {str(planted)})
+    assert planted.exists()
+
+    overlays.clear_dead_overlay(str(planted), set())
+    assert not planted.exists()
+    overlays.clear_dead_overlay(str(planted), set())  # nothing there: nothing to do

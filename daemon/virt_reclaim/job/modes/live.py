@@ -183,8 +183,11 @@ def _undo_snapshot(
 def _copy_onto_new_base(
     base: str, overlay: str, target: str, jobs: BlockJobsPort
 ) -> imagefile.NewImage:
-    """Overlay 2 over the new base (a qcow2 the job wrote), the guest's top copied onto it."""
-    imagefile.remove_quietly(overlay)  # an earlier attempt's: the name carries the job's id
+    """Overlay 2 over the new base (a qcow2 the job wrote), the guest's top copied onto it.
+
+    Created exclusively: anything already at its name is refused (recovery clears a dead
+    attempt's own file first, see ``overlays.clear_dead_overlay``).
+    """
     new = overlays.new_overlay(overlay, base, "qcow2", target)
     jobs.copy_shallow(target, overlay)
     _pivot_when_ready(target, jobs, "copy", overlay)
@@ -261,6 +264,7 @@ def recover_disk(job_id: str, disk: JournalDisk, jobs: BlockJobsPort, result: Re
             result.actions.append(f"{disk.target}: committed the snapshot back into {disk.path}")
         elif disk.state in _REWRITE_VERIFIED:
             # Recovery finds its files by their journaled names: it needs no record.
+            overlays.clear_dead_overlay(overlay2, overlays.named_by(disk, jobs))
             _copy_onto_new_base(disk.path, overlay2, disk.target, jobs).close()
             _commit(disk.target, disk.path, jobs)
             on_new = True
@@ -279,9 +283,9 @@ def recover_disk(job_id: str, disk: JournalDisk, jobs: BlockJobsPort, result: Re
                               "(not a chain this job made)")  # fmt: skip
         return False
     _wait_for_persistent(disk, jobs, result)
-    named = set(jobs.disk_chain(disk.target, live=True) + jobs.disk_chain(disk.target, live=False))
+    named = overlays.named_by(disk, jobs)
     for path in ours:
-        if _remove_unused(path, named):
+        if overlays.remove_unused(path, named):
             result.actions.append(f"{disk.target}: removed {path}")
     return on_new
 
@@ -337,13 +341,6 @@ def _journal_says_swapped(disk: JournalDisk) -> bool:
 
 
 _QEMU = ("qemu-system", "qemu-kvm")
-
-
-def _remove_unused(path: str, named: set[str | None]) -> bool:
-    """Delete ``path`` unless a definition names it (``named``) or a process holds it open."""
-    if not os.path.lexists(path) or path in named or process.holders_of(path):
-        return False
-    return imagefile.remove_quietly(path)
 
 
 def _end_left_job(target: str, jobs: BlockJobsPort, result: Recovered) -> None:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import os
 
+from virt_reclaim import process
 from virt_reclaim.errors import VirtError
 from virt_reclaim.image import imagefile, qemu_img
 from virt_reclaim.job.context import JobContext
 from virt_reclaim.job.ports import BlockJobsPort
 from virt_reclaim.job.results import JobFailed
+from virt_reclaim.journal.records import JournalDisk
 
 
 def overlay_path(image: str, job_id: str, n: int) -> str:
@@ -119,3 +121,32 @@ def close_overlays(overlays: list[imagefile.NewImage]) -> None:
     """Close the overlays left in place (for recovery, which finds them by name)."""
     for overlay in overlays:
         overlay.close()
+
+
+def named_by(disk: JournalDisk, jobs: BlockJobsPort) -> set[str | None]:
+    """Every file the live and the persistent definition name for the disk."""
+    return set(jobs.disk_chain(disk.target, live=True) + jobs.disk_chain(disk.target, live=False))
+
+
+def clear_dead_overlay(path: str, named: set[str | None]) -> None:
+    """Remove the dead job's overlay 2 before the copy is made again, and nothing else.
+
+    Its name carries the job's id; a link or anything but a regular file there is not
+    what the job made, and one a definition names or a process holds is still in use.
+
+    Raises:
+        VirtError: Something other than the dead job's unused overlay is at ``path``.
+    """
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(path) or not os.path.isfile(path):
+        raise VirtError(f"{path}: not a file the job made (a link or another kind): left as it is")
+    if not remove_unused(path, named):
+        raise VirtError(f"{path}: still in use (a definition names it or a process holds it)")
+
+
+def remove_unused(path: str, named: set[str | None]) -> bool:
+    """Delete ``path`` unless a definition names it (``named``) or a process holds it open."""
+    if not os.path.lexists(path) or path in named or process.holders_of(path):
+        return False
+    return imagefile.remove_quietly(path)
