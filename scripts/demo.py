@@ -50,6 +50,7 @@ DAEMON_LIMIT_S = 240
 # The live job of vr-demo-1 takes well under a minute; a stuck one is stopped (SIGTERM: it
 # undoes or finishes what it began) rather than left to hold the demo.
 LIVE_LIMIT_S = 300
+WRITER_DIR = "/data/w"  # where testbed.live's GuestWriter writes
 POLICY = """\
 [[policy]]
 name = "demo"
@@ -188,11 +189,11 @@ def run_daemon(config_dir: Path) -> int:
 
 def live(guest: Guest) -> int:
     """The moonshot: vr-demo-1 reclaimed with ``run --live`` while it writes, never stopped."""
-    print(f"\ndemo: now live. {guest.name} writes 32 MiB more log text and deletes 64 MiB; "
-          "then a writer in it writes a 256 KiB file with fsync every ~0.1 s into /data/w, and "
-          "a ticker reads its /proc/uptime every 20 ms.", flush=True)  # fmt: skip
-    data.write_text(guest, "/data/app-3.log", 32)
-    data.write_deleted_random(guest, 64)
+    print(f"\ndemo: now live. {guest.name} writes 64 MiB more log text and deletes 32 MiB; "
+          f"then a writer in it writes a 256 KiB file with fsync every ~0.1 s into {WRITER_DIR}, "
+          "and a ticker reads its /proc/uptime every 20 ms.", flush=True)  # fmt: skip
+    data.write_text(guest, "/data/app-3.log", 64)
+    data.write_deleted_random(guest, 32)
     with guest_writing(guest) as writer:
         writer.wait_for_files(2)
         ticker = Ticker(guest)
@@ -213,12 +214,12 @@ def live(guest: Guest) -> int:
     grew = uptime_after - uptime_before
     print(f"demo: uptime {uptime_before:.1f} s -> {uptime_after:.1f} s: it grew {grew:.1f} s "
           f"over a {result['duration_s']:.1f} s job: "
-          f"{'no reboot' if grew >= result['duration_s'] else 'IT RESTARTED'}")  # fmt: skip
+          f"{'no reboot' if grew >= result['duration_s'] else 'it restarted'}")  # fmt: skip
     print(f"demo: the ticker: {len(ticks)} ticks during the job, the longest gap "
           f"{1000 * largest_gap(ticks):.0f} ms")  # fmt: skip
     intact = checksums_hold(guest)
-    print(f"demo: the writer: {files_after - files_before} files written during the job "
-          f"({written} in all); {intact}", flush=True)  # fmt: skip
+    print(f"demo: the writer: {files_after - files_before} files written during the job, "
+          f"{written} in all: {intact}", flush=True)  # fmt: skip
     return 0 if result["outcome"] == "reclaimed" and grew >= result["duration_s"] else 1
 
 
@@ -228,25 +229,29 @@ def uptime(guest: Guest) -> float:
 
 
 def checksums_hold(guest: Guest) -> str:
-    """Read every file under /data twice: as written (the page cache), then from the disk.
+    """Read the writer's files twice: as written (the page cache), then from the disk.
 
     Dropping the guest's page cache makes the second read come from the image the live job
     put in place, as a restart would, without restarting the guest the demo shows running.
+    Only /data/w: summing the whole /data twice took 20 s under TCG.
     """
-    written = data.checksums(guest)
+    written = data.checksums(guest, WRITER_DIR)
     guest.exec("sync; echo 3 > /proc/sys/vm/drop_caches")
-    read_back = data.checksums(guest)
+    read_back = data.checksums(guest, WRITER_DIR)
     differ = sorted(p for p in written if read_back.get(p) != written[p])
     if differ:
-        return f"{len(differ)} of {len(written)} files read back differently: {differ[:5]}"
-    return (f"all {len(written)} files under /data read back from the new image "
-            "(page cache dropped) with the SHA-256 they were written with")  # fmt: skip
+        return f"{len(differ)} of {len(written)} read back differently: {differ[:5]}"
+    return (f"all {len(written)} read back from the new image (page cache dropped) with the "
+            "SHA-256 they were written with")  # fmt: skip
 
 
 def run_live(name: str) -> dict[str, Any] | None:
     """``virt-reclaim run NAME --live``, its log lines shown as they come; its JSON result."""
-    args = ["run", name, "--live", "--connect", URI, "--min-gain", "16MiB", "--json",
+    args = ["run", name, "--live", "--connect", URI, "--min-gain", "0", "--json",
             "--log-format", "console"]  # fmt: skip
+    # --min-gain 0: the trim alone frees the deleted data in place, and the estimate of the
+    # rewrite's gain (from this small guest's last job) can fall under any fixed minimum;
+    # the demo shows every live step. Its log lines here, its result (--json) below.
     print(f"\ndemo: $ virt-reclaim {' '.join(args)}\n", flush=True)
     job = subprocess.Popen([str(CLI), *args], stdin=subprocess.DEVNULL,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
