@@ -13,8 +13,8 @@ and reclaims it (shut down, rewrite, start again), skips the busy vr-demo-2 and
 says why; once the job is done the demo stops the daemon (SIGTERM) and shows
 ``virt-reclaim history`` and the metrics file the daemon wrote.
 
-Last, live mode: vr-demo-1 writes and deletes more, a writer in it writes a file with
-fsync every ~0.1 s and a ticker reads its /proc/uptime every 20 ms (testbed.live's
+Last, live mode: vr-demo-1 writes and deletes more, a writer in it writes 256 KiB files,
+each fsync'ed, 0.1 s apart, and a ticker reads its /proc/uptime every 20 ms (testbed.live's
 GuestWriter and Ticker), and ``virt-reclaim run vr-demo-1 --live`` recompresses its disk
 while it runs, its log lines shown. Then the guest's uptime, grown by more than the job
 took (no reboot), the ticker's longest gap during the job, the files written during the
@@ -198,8 +198,8 @@ def run_daemon(config_dir: Path) -> int:
 def live(guest: Guest) -> int:
     """The moonshot: vr-demo-1 reclaimed with ``run --live`` while it writes, never stopped."""
     print(f"\ndemo: now live. {guest.name} writes 64 MiB more log text and deletes 32 MiB; "
-          f"then a writer in it writes a 256 KiB file with fsync every ~0.1 s into {WRITER_DIR}, "
-          "and a ticker reads its /proc/uptime every 20 ms.", flush=True)  # fmt: skip
+          f"then a writer in it writes 256 KiB files into {WRITER_DIR}, each fsync'ed, 0.1 s "
+          "apart, and a ticker reads its /proc/uptime every 20 ms.", flush=True)  # fmt: skip
     data.write_text(guest, "/data/app-3.log", 64)
     data.write_deleted_random(guest, 32)
     with guest_writing(guest) as writer:
