@@ -1,10 +1,12 @@
-"""A live job on a host filesystem that another writer fills, on a real guest (issue 19).
+"""A job on a host filesystem that another writer fills, on a real guest (issue 19).
 
 The guest's data image lives on a small tmpfs. Once the live job's rewrite writes
 (slowed by --rate-limit so that it is caught under way), a program on the host takes
 the filesystem below its reserve: the job must stop its own writes, commit the
 snapshot back at once, never take the filesystem below half the reserve, and leave
 the guest running (never paused) on its original image alone, its data as it was.
+The same writer during an offline job's rewrite: the convert is stopped, its temporary
+image removed, the original untouched and the guest started again.
 """
 
 from __future__ import annotations
@@ -115,6 +117,45 @@ def test_a_live_job_returns_to_the_original_chain_when_the_host_fills(
     assert leftovers(host) == []
     assert sorted(p.name for p in host.iterdir()) == sorted([image.name, hog.name])
     assert guest.is_running()
+    guest.wait_agent()
+    assert data.checksums(guest) == sums
+    hog.unlink()
+    qemu_img_check_clean(image)
+
+
+def test_an_offline_rewrite_stops_and_the_guest_comes_back_when_the_host_fills(
+    make_guest: Callable[..., Guest], make_tmpfs: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """The same writer during an offline job: the convert stops, the original stays."""
+    host = make_tmpfs("400M")
+    files = Content(text={"app.log": 8}, deleted_mib=16)
+    guest = make_guest(data_size="256M", discard=False, image_dir=host, content=files)
+    sums = guest.content_sums
+    image = guest.data_image
+    hog = host / "another-program.img"
+
+    job = start_reclaim(guest.name, "--min-gain", "0", "--free-space", "none",
+                        "--rate-limit", "1MiB", "--host-reserve", "64MiB",
+                        "--state-dir", str(tmp_path / "state"))  # fmt: skip
+    with killed_if_left_running(job):
+        wait_for_temp(host, job)
+        subprocess.run(["fallocate", "-l", str(host_free(host) - RESERVE + 16 * MIB), str(hog)],
+                       check=True, timeout=30)  # fmt: skip
+        sampler = FreeSampler(host)
+        try:
+            stdout, stderr = job.communicate(timeout=120)
+        finally:
+            free = sampler.close()
+
+    run = parse_run(job.returncode, stdout, stderr)
+    assert run.exitcode == 1, run.stderr
+    assert run.result["outcome"] == "failed", run.result
+    assert "vda: stopped the rewrite: the host filesystem of" in run.result["reason"], run.result
+    assert "below its reserve of 64.0 MiB" in run.result["reason"]
+    assert len(free) > 5, "the sampler saw too little to prove anything"
+    assert min(free) >= RESERVE // 2, (min(free), RESERVE)
+    assert sorted(p.name for p in host.iterdir()) == sorted([image.name, hog.name])
+    assert guest.is_running(), "the guest was not started again"
     guest.wait_agent()
     assert data.checksums(guest) == sums
     hog.unlink()
