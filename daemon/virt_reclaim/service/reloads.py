@@ -8,11 +8,9 @@ atomically, and the reload command waits for the record that follows its signal.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import structlog
 
 from virt_reclaim.config import loading
+from virt_reclaim.service import statefiles
 
 RELOAD_FILE = "reload.json"
 
@@ -65,17 +64,7 @@ def write_record(state_dir: str, record: ReloadRecord) -> None:
     Not fsynced: its reader comes seconds later, and a record lost in a crash is lost with
     the daemon that wrote it. Raises OSError when the folder cannot be written.
     """
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=".reload-", suffix=".json", dir=state_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record.to_json(), f)
-            f.write("\n")
-        os.replace(temp, record_path(state_dir))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
+    statefiles.replace(state_dir, RELOAD_FILE, json.dumps(record.to_json()) + "\n")
 
 
 def read_record(state_dir: str) -> ReloadRecord | None:

@@ -10,11 +10,9 @@ PUBLISH_INTERVAL_S, so its ``written_at`` also tells whether the main loop still
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import enum
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -24,6 +22,7 @@ import pydantic
 import structlog
 
 from virt_reclaim.config import crontab
+from virt_reclaim.service import statefiles
 
 if TYPE_CHECKING:
     from virt_reclaim.service.daemon import Daemon
@@ -132,18 +131,8 @@ def proc_start(pid: int) -> int | None:
 
 
 def write_snapshot(state_dir: str, snapshot: Snapshot) -> None:
-    """Replace the snapshot atomically. Raises OSError when the folder cannot be written."""
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=".status-", suffix=".json", dir=state_dir)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(_ADAPTER.dump_json(snapshot).decode())
-            f.write("\n")
-        os.replace(temp, status_path(state_dir))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-        raise
+    """Replace the snapshot whole (``statefiles``). Raises OSError when it cannot be written."""
+    statefiles.replace(state_dir, STATUS_FILE, _ADAPTER.dump_json(snapshot).decode() + "\n")
 
 
 def read_snapshot(state_dir: str) -> Snapshot | None:
