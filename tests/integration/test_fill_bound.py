@@ -10,7 +10,6 @@ take the filesystem below its reserve and QEMU must never pause the guest.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from testbed.daemon import DaemonProcess, write_config
 from testbed.guests import URI, Guest
 from testbed.reclaim import (
     RunResult,
+    host_free,
     killed_if_left_running,
     leftovers,
     parse_run,
@@ -38,12 +38,6 @@ MIB = 1024 * 1024
 RESERVE = 64 * MIB
 ZERO_FILE = ".virt-reclaim-zero."
 JOB_TIMEOUT_S = 300
-
-
-def host_free(folder: Path) -> int:
-    """Bytes an unprivileged writer may still use on the filesystem of ``folder``."""
-    st = os.statvfs(folder)
-    return st.f_bavail * st.f_frsize
 
 
 def guest_free(guest: Guest, mountpoint: str = "/data") -> int:

@@ -11,7 +11,6 @@ image removed, the original untouched and the guest started again.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import threading
 import time
@@ -25,7 +24,9 @@ from testbed.content import Content
 from testbed.guests import Guest
 from testbed.live import witnessed
 from testbed.reclaim import (
+    RunResult,
     chains,
+    host_free,
     killed_if_left_running,
     leftovers,
     parse_run,
@@ -37,12 +38,6 @@ pytestmark = pytest.mark.guest
 
 MIB = 1024 * 1024
 RESERVE = 64 * MIB
-
-
-def host_free(folder: Path) -> int:
-    """Bytes an unprivileged writer may still use on the filesystem of ``folder``."""
-    st = os.statvfs(folder)
-    return st.f_bavail * st.f_frsize
 
 
 class FreeSampler:
@@ -76,33 +71,50 @@ def wait_for_temp(folder: Path, job: subprocess.Popen[str], timeout: float = 60)
         time.sleep(0.02)
 
 
+def guest_on_a_small_host(
+    make_guest: Callable[..., Guest], make_tmpfs: Callable[[str], Path]
+) -> tuple[Guest, Path]:
+    """A guest with text and deleted data, its image on a 400 MiB tmpfs."""
+    host = make_tmpfs("400M")
+    files = Content(text={"app.log": 8}, deleted_mib=16)
+    return make_guest(data_size="256M", discard=False, image_dir=host, content=files), host
+
+
+def run_while_the_host_fills(
+    guest: Guest, host: Path, hog: Path, state: Path, *options: str
+) -> tuple[RunResult, list[int]]:
+    """`run` (reserve 64 MiB, slowed); once it writes, ``hog`` takes the host below the reserve.
+
+    Returns the run and the host's free bytes sampled from the hog's write to the run's end.
+    """
+    job = start_reclaim(guest.name, *options, "--min-gain", "0", "--free-space", "none",
+                        "--rate-limit", "1MiB", "--host-reserve", "64MiB",
+                        "--state-dir", str(state))  # fmt: skip
+    with killed_if_left_running(job):
+        wait_for_temp(host, job)
+        # Another program leaves the filesystem 16 MiB below its reserve.
+        subprocess.run(["fallocate", "-l", str(host_free(host) - RESERVE + 16 * MIB), str(hog)],
+                       check=True, timeout=30)  # fmt: skip
+        sampler = FreeSampler(host)
+        try:
+            stdout, stderr = job.communicate(timeout=120)
+        finally:
+            free = sampler.close()
+    return parse_run(job.returncode, stdout, stderr), free
+
+
 def test_a_live_job_returns_to_the_original_chain_when_the_host_fills(
     make_guest: Callable[..., Guest], make_tmpfs: Callable[[str], Path], tmp_path: Path
 ) -> None:
-    host = make_tmpfs("400M")
-    files = Content(text={"app.log": 8}, deleted_mib=16)
-    guest = make_guest(data_size="256M", discard=False, image_dir=host, content=files)
+    guest, host = guest_on_a_small_host(make_guest, make_tmpfs)
     sums = guest.content_sums
     image = guest.data_image
     hog = host / "another-program.img"
 
     with witnessed(guest) as witness:
-        job = start_reclaim(guest.name, "--live", "--min-gain", "0", "--free-space", "none",
-                            "--rate-limit", "1MiB", "--host-reserve", "64MiB",
-                            "--state-dir", str(tmp_path / "state"))  # fmt: skip
-        with killed_if_left_running(job):
-            wait_for_temp(host, job)
-            # Another program leaves the filesystem 16 MiB below its reserve.
-            subprocess.run(["fallocate", "-l", str(host_free(host) - RESERVE + 16 * MIB),
-                            str(hog)], check=True, timeout=30)  # fmt: skip
-            sampler = FreeSampler(host)
-            try:
-                stdout, stderr = job.communicate(timeout=120)
-            finally:
-                free = sampler.close()
+        run, free = run_while_the_host_fills(guest, host, hog, tmp_path / "state", "--live")
         witness.assert_never_left_running()
 
-    run = parse_run(job.returncode, stdout, stderr)
     assert run.exitcode == 1, run.stderr
     assert run.result["outcome"] == "failed", run.result
     assert f"the host filesystem of {host} fell to" in run.result["reason"], run.result
@@ -127,27 +139,13 @@ def test_an_offline_rewrite_stops_and_the_guest_comes_back_when_the_host_fills(
     make_guest: Callable[..., Guest], make_tmpfs: Callable[[str], Path], tmp_path: Path
 ) -> None:
     """The same writer during an offline job: the convert stops, the original stays."""
-    host = make_tmpfs("400M")
-    files = Content(text={"app.log": 8}, deleted_mib=16)
-    guest = make_guest(data_size="256M", discard=False, image_dir=host, content=files)
+    guest, host = guest_on_a_small_host(make_guest, make_tmpfs)
     sums = guest.content_sums
     image = guest.data_image
     hog = host / "another-program.img"
 
-    job = start_reclaim(guest.name, "--min-gain", "0", "--free-space", "none",
-                        "--rate-limit", "1MiB", "--host-reserve", "64MiB",
-                        "--state-dir", str(tmp_path / "state"))  # fmt: skip
-    with killed_if_left_running(job):
-        wait_for_temp(host, job)
-        subprocess.run(["fallocate", "-l", str(host_free(host) - RESERVE + 16 * MIB), str(hog)],
-                       check=True, timeout=30)  # fmt: skip
-        sampler = FreeSampler(host)
-        try:
-            stdout, stderr = job.communicate(timeout=120)
-        finally:
-            free = sampler.close()
+    run, free = run_while_the_host_fills(guest, host, hog, tmp_path / "state")
 
-    run = parse_run(job.returncode, stdout, stderr)
     assert run.exitcode == 1, run.stderr
     assert run.result["outcome"] == "failed", run.result
     assert "vda: stopped the rewrite: the host filesystem of" in run.result["reason"], run.result

@@ -191,3 +191,9 @@ def fake_qemu_img(folder: Path, prelude: str) -> Path:
     wrapper.write_text(f'#!/bin/sh\n{prelude}exec qemu-img "$@"\n')
     wrapper.chmod(0o755)
     return wrapper
+
+
+def host_free(folder: Path) -> int:
+    """Bytes an unprivileged writer may still use on the filesystem of ``folder``."""
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
