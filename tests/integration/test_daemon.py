@@ -16,8 +16,8 @@ import pytest
 
 from testbed import data
 from testbed.content import Content
-from testbed.daemon import DaemonProcess, NotifyListener, write_config
-from testbed.guests import URI, Guest, restart_libvirtd
+from testbed.daemon import DaemonProcess, NotifyListener, daemon_settings, write_config
+from testbed.guests import Guest, restart_libvirtd
 from testbed.reclaim import fake_qemu_img, leftovers, qemu_img_check_clean, wait_for_file
 from virt_reclaim.service.daemon import STOP_EXTEND_S
 
@@ -28,17 +28,6 @@ pytestmark = pytest.mark.guest
 # guest takes 10-30 s under TCG.
 WINDOW_WAIT_S = 30
 JOB_S = 180
-
-
-def settings(tmp_path: Path, **extra: str) -> str:
-    lines = {
-        "uri": f'"{URI}"',
-        "state_dir": f'"{tmp_path / "state"}"',
-        "stats_interval": '"1s"',
-        "log_format": '"json"',
-        **extra,
-    }
-    return "".join(f"{key} = {value}\n" for key, value in lines.items())
 
 
 def every_minute(name: str, domains: list[str], **extra: str) -> str:
@@ -84,7 +73,7 @@ def test_window_reclaims_idle_guests_by_gain_skips_the_busy_one_and_stops_safely
     names = [idle_big.name, idle_small.name, busy.name]
     config_dir = write_config(
         tmp_path / "etc",
-        settings(tmp_path, qemu_img=f'"{wrapper}"'),
+        daemon_settings(tmp_path / "state", qemu_img=f'"{wrapper}"'),
         {"10-test.toml": every_minute("nightly", names)},
     )
     notify = NotifyListener(tmp_path / "notify.sock")
@@ -147,7 +136,9 @@ def test_a_guest_busy_when_the_window_opens_is_reclaimed_once_it_goes_idle(
     sums = guest.content_sums
     guest.exec("sh -c 'echo $$ >/run/busy.pid; while :; do :; done' >/dev/null 2>&1 &")
     config_dir = write_config(
-        tmp_path / "etc", settings(tmp_path), {"10-test.toml": every_minute("late", [guest.name])}
+        tmp_path / "etc",
+        daemon_settings(tmp_path / "state"),
+        {"10-test.toml": every_minute("late", [guest.name])},
     )
     daemon = DaemonProcess(config_dir)
     daemons.append(daemon)
@@ -176,7 +167,7 @@ def test_sighup_keeps_the_last_good_configuration_and_applies_a_fixed_one(
 ) -> None:
     config_dir = write_config(
         tmp_path / "etc",
-        settings(tmp_path, uri='"test:///default"'),
+        daemon_settings(tmp_path / "state", uri='"test:///default"'),
         {"10-first.toml": every_minute("first", ["nothing-*"])},
     )
     notify = NotifyListener(tmp_path / "notify.sock")
@@ -218,7 +209,7 @@ def test_sighup_keeps_the_last_good_configuration_and_applies_a_fixed_one(
 def test_a_broken_configuration_at_start_is_reported_and_exits_78(tmp_path: Path) -> None:
     config_dir = write_config(
         tmp_path / "etc",
-        settings(tmp_path, uri='"test:///default"', max_concurrent_jobs="0"),
+        daemon_settings(tmp_path / "state", uri='"test:///default"', max_concurrent_jobs="0"),
         {"10-bad.toml": "[[policy]]\nname = 'x'\n"},
     )
     daemon = DaemonProcess(config_dir)
@@ -239,7 +230,9 @@ def test_libvirtd_restarted_while_the_daemon_runs_then_the_next_job_runs(
     # The guest is defined while the daemon runs: it learns of it from a lifecycle event.
     name = f"vrt-{os.getpid()}-late"
     config_dir = write_config(
-        tmp_path / "etc", settings(tmp_path), {"10-test.toml": every_minute("p", [name])}
+        tmp_path / "etc",
+        daemon_settings(tmp_path / "state"),
+        {"10-test.toml": every_minute("p", [name])},
     )
     daemon = DaemonProcess(config_dir)
     daemons.append(daemon)

@@ -26,9 +26,8 @@ import libvirt
 import pytest
 
 from testbed import data
-from testbed.daemon import DaemonProcess, write_config
+from testbed.daemon import DaemonProcess, daemon_settings, write_config
 from testbed.debian import DATA_DIR, DebianGuest, data_share
-from testbed.guests import URI
 from testbed.reclaim import (
     killed_if_left_running,
     leftovers,
@@ -121,10 +120,7 @@ def test_zero_fill_of_the_root_filesystem_frees_the_deleted_data_and_the_guest_i
 
 def daemon_config(folder: Path, domain: str) -> Path:
     """A daemon whose policy opens a window every minute and takes 5 quiet seconds as idle."""
-    settings = (
-        f'uri = "{URI}"\nstate_dir = "{folder / "state"}"\n'
-        'stats_interval = "1s"\nlog_format = "json"\n'
-    )
+    settings = daemon_settings(folder / "state")
     policy = (
         "[[policy]]\n"
         'name = "debian"\n'

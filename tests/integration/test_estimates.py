@@ -21,8 +21,8 @@ import pytest
 
 from testbed import data
 from testbed.content import Content
-from testbed.daemon import DaemonProcess, write_config
-from testbed.guests import URI, Guest
+from testbed.daemon import DaemonProcess, daemon_settings, write_config
+from testbed.guests import Guest
 from testbed.reclaim import qemu_img_check_clean, reclaim
 
 pytestmark = pytest.mark.guest
@@ -55,12 +55,6 @@ def reclaimed_disk(guest: Guest, state: Path, *options: str) -> dict[str, Any]:
 def dirty(text_mib: int) -> Content:
     """Log text and 4 MiB random kept, 32 MiB random deleted."""
     return Content(text={"app.log": text_mib}, random={"blob.bin": 4}, deleted_mib=32)
-
-
-def settings(state: Path) -> str:
-    # A sample a second: idle.duration is judged on samples, and the default interval
-    # kept the guest "not yet idle" for a minute.
-    return f'uri = "{URI}"\nstate_dir = "{state}"\nlog_format = "json"\nstats_interval = "1s"\n'
 
 
 def policy(name: str, domain: str) -> str:
@@ -111,7 +105,7 @@ def test_second_reclaim_of_a_compressed_guest_is_estimated_from_history_and_done
     sums = data.checksums(guest)
     data.write_deleted_random(guest, 96)
     config_dir = write_config(
-        tmp_path / "etc", settings(state), {"10-test.toml": policy("again", guest.name)}
+        tmp_path / "etc", daemon_settings(state), {"10-test.toml": policy("again", guest.name)}
     )
     daemon = DaemonProcess(config_dir)
     daemons.append(daemon)

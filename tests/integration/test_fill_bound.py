@@ -19,7 +19,7 @@ import pytest
 
 from testbed import data
 from testbed.content import Content
-from testbed.daemon import DaemonProcess, write_config
+from testbed.daemon import DaemonProcess, daemon_settings, write_config
 from testbed.guests import URI, Guest
 from testbed.reclaim import (
     RunResult,
@@ -213,8 +213,7 @@ def test_two_daemon_jobs_whose_rewrites_do_not_fit_together_take_turns(
     for folder in folders:
         folder.mkdir(mode=0o755)  # QEMU (libvirt-qemu) must reach the image
     guests = [make_guest(data_size="1G", image_dir=f, content=files) for f in folders]
-    settings = (f'uri = "{URI}"\nstate_dir = "{tmp_path / "state"}"\nstats_interval = "1s"\n'
-                'log_format = "json"\nmax_concurrent_jobs = 2\n')  # fmt: skip
+    settings = daemon_settings(tmp_path / "state", max_concurrent_jobs="2")
     names = ", ".join(f'"{g.name}"' for g in guests)
     policy = (
         f'[[policy]]\nname = "turns"\nmatch.names = [{names}]\nschedule.cron = "* * * * *"\n'

@@ -14,7 +14,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from testbed.guests import URI
+
 WATCHDOG_USEC = 2_000_000
+
+
+def daemon_settings(state_dir: Path, **extra: str) -> str:
+    """A test daemon's settings file: the test bed's libvirtd, JSON logs, a sample a second.
+
+    A sample a second: idle.duration is judged on samples, and the default interval kept a
+    guest "not yet idle" for a minute. ``extra`` adds or replaces keys (TOML values).
+    """
+    lines = {
+        "uri": f'"{URI}"',
+        "state_dir": f'"{state_dir}"',
+        "stats_interval": '"1s"',
+        "log_format": '"json"',
+        **extra,
+    }
+    return "".join(f"{key} = {value}\n" for key, value in lines.items())
 
 
 def write_config(folder: Path, settings: str, policies: dict[str, str]) -> Path:

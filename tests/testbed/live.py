@@ -22,7 +22,7 @@ from pathlib import Path
 
 import libvirt
 
-from testbed.daemon import DaemonProcess, write_config
+from testbed.daemon import DaemonProcess, daemon_settings, write_config
 from testbed.guests import URI, Guest, GuestError
 from testbed.reclaim import (
     RunResult,
@@ -322,8 +322,7 @@ def kill_live_jobs_at_random(
 
 def _daemon_config(folder: Path, state: Path, domain: str | None) -> Path:
     """A daemon that reclaims ``domain`` live in an always-open window; None: no policy."""
-    settings = (f'uri = "{URI}"\nstate_dir = "{state}"\nstats_interval = "1s"\n'
-                'log_format = "json"\n')  # fmt: skip
+    settings = daemon_settings(state)
     policies = {}
     if domain is not None:
         policies["10-live.toml"] = (
