@@ -47,9 +47,6 @@ from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState
 from virt_reclaim.units import format_bytes
 
-# The modes that shut a running guest down: the before_shutdown hook runs before theirs.
-_MODES_THAT_STOP_THE_GUEST = frozenset({"offline", "convert"})
-
 
 def new_job_id() -> str:
     """A short random id that names the job in logs and in its temporary files."""
@@ -197,7 +194,7 @@ class ReclaimJob:
         if job.was_running:
             with job.step(Step.FREE_SPACE):
                 step.free_guest_space(job)
-            if self.mode.name in _MODES_THAT_STOP_THE_GUEST:
+            if self.mode.stops_the_guest:
                 # The last moment before downtime: nothing changed yet if it says no.
                 hooks.before_shutdown(job, self.mode.name)
         failure: BaseException | None = None

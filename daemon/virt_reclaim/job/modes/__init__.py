@@ -18,6 +18,8 @@ class JobMode(Protocol):
     """A way to reclaim: its steps, and how to finish or undo them after a crash."""
 
     name: str
+    # Whether its steps shut a running guest down (the before_shutdown hook runs first).
+    stops_the_guest: bool
 
     def run(self, job: JobContext) -> None:
         """Take the mode's steps; on any failure leave the images as they were and raise."""

@@ -47,6 +47,7 @@ class ConvertMode:
     """Reclaim offline, converting raw and VMDK disks to qcow2 (see the module docstring)."""
 
     name = "convert"
+    stops_the_guest = True
 
     def run(self, job: JobContext) -> None:
         """Take the steps up to DEFINE; on failure remove every new image, release the guard."""

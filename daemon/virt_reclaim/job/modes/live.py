@@ -51,6 +51,7 @@ class LiveMode:
     """Reclaim while the guest runs (see the module docstring)."""
 
     name = "live"
+    stops_the_guest = False
 
     def run(self, job: JobContext) -> None:
         """Take the live steps; undo before the swap, go forward after it."""

@@ -40,6 +40,7 @@ class OfflineMode:
     """Reclaim with the guest shut down (see the module docstring)."""
 
     name = "offline"
+    stops_the_guest = True
 
     def run(self, job: JobContext) -> None:
         """Take the offline steps; on failure remove the new images and release the guard."""
