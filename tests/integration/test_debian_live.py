@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from testbed import data
+from testbed.content import files_in_image
 from testbed.debian import DATA_DIR, DebianGuest
 from testbed.live import (
     Ticker,
@@ -70,10 +71,25 @@ def assert_healthy_and_intact_after_a_cold_restart(guest: DebianGuest, written: 
     assert guest.health_problems() == []
 
 
+def assert_healthy_and_intact_on_its_disk(guest: DebianGuest, written: int, work: Path) -> None:
+    """Healthy now, and once shut down its image holds every file the guest read.
+
+    ``written`` is how many files the writer made meanwhile. The image is read on the
+    host (testbed.content.files_in_image) instead of by a cold boot, 30-50 s under TCG:
+    the slow tier's random kills boot it cold after the same live jobs.
+    """
+    assert guest.health_problems() == []
+    sums = data.checksums(guest, DATA_DIR)
+    assert len([p for p in sums if p.startswith(f"{DATA_DIR}/w/")]) == written
+    guest.shutdown()
+    qemu_img_check_clean(guest.data_image)
+    assert files_in_image(guest.data_image, work, DATA_DIR, mountpoint="/") == sums
+
+
 def test_live_reclaim_of_a_writing_debian_guest_frees_as_offline_would_without_a_stall(
     make_debian_guest: Callable[..., DebianGuest], tmp_path: Path
 ) -> None:
-    """Slow (about 75 s): an offline reference rewrite, the live job, and a cold Debian boot."""
+    """Slow (about 45 s): the guest's own stalls measured for 10 s, the live job, an offline one."""
     guest = make_debian_guest(discard=True)
     guest.exec(f"mkdir -p {DATA_DIR}")
     data.write_text(guest, f"{DATA_DIR}/app.log", 30)
@@ -117,7 +133,7 @@ def test_live_reclaim_of_a_writing_debian_guest_frees_as_offline_would_without_a
     assert now <= 1.05 * offline, (now, offline)
     assert sources(guest) == (str(image), str(image))
     assert leftovers(image.parent) == []
-    assert_healthy_and_intact_after_a_cold_restart(guest, written)
+    assert_healthy_and_intact_on_its_disk(guest, written, tmp_path / "read")
 
 
 @pytest.mark.slow
