@@ -5,12 +5,14 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
+from virt_reclaim.errors import VirtReclaimError
+
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 # The <source> attribute that holds the path, by disk type.
 _PATH_ATTRIBUTE = {"file": "file", "block": "dev", "dir": "dir"}
 
 
-class DomainXMLError(ValueError):
+class DomainXMLError(VirtReclaimError, ValueError):
     """The text is not a libvirt domain description we can read."""
 
 
