@@ -13,9 +13,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from virt_reclaim.errors import VirtReclaimError
+from virt_reclaim.units import MIB
 
 # Bound what is kept of a tool's output (and later logged).
-MAX_OUTPUT_BYTES = 16 * 1024 * 1024
+MAX_OUTPUT_BYTES = 16 * MIB
 
 
 class CommandError(VirtReclaimError):

@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from virt_reclaim.errors import QemuImgError
+from virt_reclaim.units import KIB
 
 DEFAULT_QEMU_IMG = "qemu-img"
+# The cluster size of a qcow2 image created without one, and of an image that does not say.
+DEFAULT_CLUSTER = 64 * KIB
 
 
 @dataclass(frozen=True)
