@@ -35,7 +35,6 @@ class DiskSpec:
     """
 
     target: str
-    bus: str | None
     device: str
     type: str
     format: str | None
@@ -116,7 +115,6 @@ def _disk(el: ET.Element) -> DiskSpec:
     )
     return DiskSpec(
         target=target.get("dev", "") if target is not None else "",
-        bus=target.get("bus") if target is not None else None,
         device=el.get("device", "disk"),
         type=disk_type,
         format=driver.get("type") if driver is not None else None,

@@ -34,7 +34,6 @@ class ImageInfo:
     encrypted: bool
     compression_type: str | None
     corrupt: bool
-    dirty: bool
     create_type: str | None = None  # a VMDK's subformat: monolithicSparse, monolithicFlat...
     extents: tuple[str, ...] = ()  # the files a VMDK keeps its data in (as its header names them)
 
@@ -102,7 +101,6 @@ def _image_info(layer: dict[str, Any]) -> ImageInfo:
         encrypted=bool(layer.get("encrypted", False)) or "encrypt" in specific,
         compression_type=specific.get("compression-type"),
         corrupt=bool(specific.get("corrupt", False)),
-        dirty=bool(layer.get("dirty-flag", False)),
         create_type=specific.get("create-type"),
         extents=tuple(str(e["filename"]) for e in specific.get("extents", ())),
     )

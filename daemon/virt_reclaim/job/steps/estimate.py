@@ -158,7 +158,6 @@ class Estimate:
 
     after: int
     basis: str  # "sample", "history" or "allocation"
-    data_bytes: int
     stored_ratio: float
     freed_share: float
 
@@ -224,4 +223,4 @@ def estimate_after(
     after = int(live_stored + garbage_stored * (1.0 - share)) + overhead
     ratio = (live_stored + garbage_stored) / data if data else 1.0
     # A rewrite never makes an image larger than what it holds now (it only drops and packs).
-    return Estimate(min(after, allocated), basis, data, ratio, share)
+    return Estimate(min(after, allocated), basis, ratio, share)
