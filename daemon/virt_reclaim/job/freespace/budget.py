@@ -10,7 +10,7 @@ per guest filesystem, the least of:
 - the disk's own headroom (virtual size minus what is allocated);
 - the guest filesystem's free space, less a share left to the guest so that its
   own services never see a full disk while the fill runs.
-While the fill runs, ``HostWatch`` stops it the moment any host filesystem falls
+While the fill runs, ``watch.FillWatch`` stops it the moment any host filesystem falls
 below its reserve plus the rewrite's need (another guest may be writing too).
 """
 
