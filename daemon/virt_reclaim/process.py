@@ -12,11 +12,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from virt_reclaim.errors import VirtReclaimError
+from virt_reclaim.units import MIB
+
 # Bound what is kept of a tool's output (and later logged).
-MAX_OUTPUT_BYTES = 16 * 1024 * 1024
+MAX_OUTPUT_BYTES = 16 * MIB
 
 
-class CommandError(Exception):
+class CommandError(VirtReclaimError):
     """A command could not be run, failed, or timed out."""
 
     def __init__(self, argv: Sequence[str], message: str, stderr: str = "") -> None:

@@ -7,6 +7,10 @@ import time
 from datetime import timedelta
 from typing import Any
 
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 

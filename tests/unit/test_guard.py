@@ -60,13 +60,13 @@ def test_an_image_open_for_writing_cannot_be_guarded(image: Path) -> None:
         writer.stdin.write("info\n")
         writer.stdin.flush()
         assert "cluster size" in writer.stdout.readline() + writer.stdout.readline()
-        assert guard.held_for_writing(str(image))
+        assert guard.lock_held(str(image))
         with pytest.raises(guard.GuardError, match="open for writing by another process"):
             guard.ImageGuard().lock(str(image))
     finally:
         writer.kill()
         writer.wait()
-    assert not guard.held_for_writing(str(image))
+    assert not guard.lock_held(str(image))
 
 
 def test_missing_image_is_a_guard_error(tmp_path: Path) -> None:

@@ -280,7 +280,7 @@ def test_a_trim_that_frees_the_space_in_place_is_a_reclaim_without_downtime(
         trim_discards=[(128 * MIB, 64 * MIB)],
     )
 
-    result, _ = run_job(domain, tmp_path / "state", min_gain=50 * MIB)
+    result, events = run_job(domain, tmp_path / "state", min_gain=50 * MIB)
 
     # The trim gave back the 64 MiB deleted; compressing the rest would gain less than the
     # minimum: no shutdown, and the job says what it freed.
@@ -293,6 +293,10 @@ def test_a_trim_that_frees_the_space_in_place_is_a_reclaim_without_downtime(
     assert disk.bytes_before - disk.bytes_after >= 60 * MIB
     [entry] = Journal(tmp_path / "state").history()
     assert (entry.outcome, entry.bytes_after) == ("reclaimed", disk.bytes_after)
+    # A success ends the step: it is not logged as the step's failure.
+    assert not named(events, "step.failed")
+    [freed] = [e for e in named(events, "step.finished") if e["step"] == "free-space"]
+    assert "in place" in freed["result"]
 
 
 class HoggedConvert(QemuImg):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from virt_reclaim.job.results import Outcome
 from virt_reclaim.journal.queries import UNFINISHED
-from virt_reclaim.units import parse_duration
+from virt_reclaim.units import MIB, parse_duration
 
 if TYPE_CHECKING:
     from pydantic import ByteSize, TypeAdapter
@@ -43,7 +43,7 @@ def size(text: str) -> int:
 def cluster_size(text: str) -> int:
     """Parse a qcow2 cluster size: a power of two from 512 bytes to 2 MiB."""
     value = size(text)
-    if value < 512 or value > 2 * 1024 * 1024 or value & (value - 1):
+    if value < 512 or value > 2 * MIB or value & (value - 1):
         raise argparse.ArgumentTypeError(
             f"{text!r} is {value} bytes; a qcow2 cluster size is a power of two from 512 to "
             "2MiB (write 64KiB, not 64K, which means 64000)"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from virt_reclaim.errors import VirtReclaimError
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -10,7 +12,7 @@ EXIT_SKIPPED = 3
 EXIT_CONFIG = 78
 
 
-class UsageError(Exception):
+class UsageError(VirtReclaimError):
     """The command line names something that does not exist or is not valid."""
 
 

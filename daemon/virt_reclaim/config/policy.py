@@ -25,6 +25,7 @@ from virt_reclaim.job.settings import (
     JobSettings,
     OnShutdownTimeout,
 )
+from virt_reclaim.units import KIB, MIB
 
 # The defaults of `virt-reclaim run` are those of a policy that sets nothing.
 _JOB_DEFAULTS = JobSettings()
@@ -131,11 +132,11 @@ class Idle(Model):
         description="CPU use, in percent of the guest's vCPUs, stays below this",
     )
     disk_bytes_per_s: Size = Field(
-        default=ByteSize(1024 * 1024),
+        default=ByteSize(MIB),
         description="disk reads plus writes per second stay below this",
     )
     net_bytes_per_s: Size = Field(
-        default=ByteSize(100 * 1024),
+        default=ByteSize(100 * KIB),
         description="network bytes received plus sent per second stay below this",
     )
     duration: Duration = Field(
@@ -247,7 +248,7 @@ class Rewrite(Model):
     @field_validator("cluster_size")
     @classmethod
     def _cluster_size(cls, value: ByteSize | None) -> ByteSize | None:
-        if value is not None and (value < 512 or value > 2 * 1024**2 or value & (value - 1)):
+        if value is not None and (value < 512 or value > 2 * MIB or value & (value - 1)):
             raise ValueError(
                 f"{int(value)} bytes: a power of two from 512 to 2MiB (64KiB, not 64K = 64000)"
             )

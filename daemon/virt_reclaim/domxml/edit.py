@@ -18,11 +18,12 @@ from xml.dom import minidom
 from xml.parsers.expat import ExpatError
 
 from virt_reclaim.domxml.read import DomainXMLError
+from virt_reclaim.errors import VirtReclaimError
 
 UNMAP = "unmap"
 
 
-class DefinitionChanged(ValueError):
+class DefinitionChanged(VirtReclaimError, ValueError):
     """The definition no longer holds what the job planned to change."""
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
+from virt_reclaim.errors import VirtReclaimError
+
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 # The <source> attribute that holds the path, by disk type.
 _PATH_ATTRIBUTE = {"file": "file", "block": "dev", "dir": "dir"}
 
 
-class DomainXMLError(ValueError):
+class DomainXMLError(VirtReclaimError, ValueError):
     """The text is not a libvirt domain description we can read."""
 
 
@@ -33,7 +35,6 @@ class DiskSpec:
     """
 
     target: str
-    bus: str | None
     device: str
     type: str
     format: str | None
@@ -114,7 +115,6 @@ def _disk(el: ET.Element) -> DiskSpec:
     )
     return DiskSpec(
         target=target.get("dev", "") if target is not None else "",
-        bus=target.get("bus") if target is not None else None,
         device=el.get("device", "disk"),
         type=disk_type,
         format=driver.get("type") if driver is not None else None,

@@ -37,16 +37,6 @@ def _flock(fd: int, command: int, lock_type: int, byte: int, length: int = 1) ->
     return l_type, l_pid
 
 
-def held_for_writing(path: str) -> bool:
-    """True when some process (a running QEMU) holds write permission on the image."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        l_type, _ = _flock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, _WRITE_HELD)
-        return l_type != fcntl.F_UNLCK
-    finally:
-        os.close(fd)
-
-
 def lock_held(path: str) -> bool:
     """Whether some process holds any lock on the file at ``path`` (QEMU and qemu-img do).
 

@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from virt_reclaim.errors import VirtReclaimError
+
 TEMP_MARK = ".virt-reclaim-"
 # libvirt's own record of the owner/label it changed; copying it would leak
 # libvirt's refcount onto the new inode.
@@ -77,7 +79,7 @@ def probe_create(path: str) -> str | None:
     return None
 
 
-class NotOurs(OSError):
+class NotOurs(VirtReclaimError, OSError):
     """The name of a file the job created now names another file (or none)."""
 
 

@@ -25,6 +25,7 @@ from virt_reclaim.image.qemu_img_argv import (
     parse_measure,
     target_spec,
 )
+from virt_reclaim.units import MIB
 
 # Reading a header never takes long; a hung NFS mount must not hang us.
 INFO_TIMEOUT_S = 60.0
@@ -82,8 +83,8 @@ def _timeout_for(size_bytes: int, bytes_per_second: float) -> float:
 
 
 # Rates well below what a slow disk or one core does, so that only a hang times out.
-_READ_RATE = 20 * 1024 * 1024
-_COMPRESS_RATE = 5 * 1024 * 1024
+_READ_RATE = 20 * MIB
+_COMPRESS_RATE = 5 * MIB
 
 
 def measure(

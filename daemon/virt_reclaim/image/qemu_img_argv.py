@@ -11,8 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from virt_reclaim.errors import QemuImgError
+from virt_reclaim.units import KIB
 
 DEFAULT_QEMU_IMG = "qemu-img"
+# The cluster size of a qcow2 image created without one, and of an image that does not say.
+DEFAULT_CLUSTER = 64 * KIB
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,6 @@ class ImageInfo:
     encrypted: bool
     compression_type: str | None
     corrupt: bool
-    dirty: bool
     create_type: str | None = None  # a VMDK's subformat: monolithicSparse, monolithicFlat...
     extents: tuple[str, ...] = ()  # the files a VMDK keeps its data in (as its header names them)
 
@@ -99,7 +101,6 @@ def _image_info(layer: dict[str, Any]) -> ImageInfo:
         encrypted=bool(layer.get("encrypted", False)) or "encrypt" in specific,
         compression_type=specific.get("compression-type"),
         corrupt=bool(specific.get("corrupt", False)),
-        dirty=bool(layer.get("dirty-flag", False)),
         create_type=specific.get("create-type"),
         extents=tuple(str(e["filename"]) for e in specific.get("extents", ())),
     )

@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 import structlog
 
 from virt_reclaim import backups
-from virt_reclaim.errors import Cancelled
+from virt_reclaim.errors import Cancelled, JobOutcome
 from virt_reclaim.image import imagefile
 from virt_reclaim.image.guard import ImageGuard
 from virt_reclaim.image.qemu_img_argv import ImageInfo
 from virt_reclaim.job.freespace import budget
 from virt_reclaim.job.freespace.agent import Choice
 from virt_reclaim.job.ports import DomainPort, ImagePort
-from virt_reclaim.job.results import DiskResult, JobAbandoned, JobSkipped, NothingToDo, SkippedDisk
+from virt_reclaim.job.results import DiskResult, JobAbandoned, SkippedDisk
 from virt_reclaim.job.settings import JobSettings
 from virt_reclaim.job.steps.estimate import Estimate
 from virt_reclaim.journal.records import BackupRecord, JournalError
@@ -223,7 +223,7 @@ class JobContext:
         except Cancelled as exc:
             self.log.info("job.abandoned", step=str(step))
             raise JobAbandoned(f"stopped during step {step}: the service is stopping") from exc
-        except (JobSkipped, NothingToDo, JobAbandoned) as exc:
+        except JobOutcome as exc:  # not a failure of the step: it ends the job (FreedInPlace too)
             self.log.info("step.finished", step=str(step), result=str(exc),
                           duration_s=round(self.clock() - began, 3))  # fmt: skip
             raise

@@ -8,7 +8,7 @@ RESTORE, then the mode's steps after it, if it has any (``modes.convert``: CLEAN
 A job that went past PREFLIGHT runs the after_job hook once it has ended, whatever
 its outcome.
 Every step is journaled before it is taken and logged when it starts and ends
-(``jobcontext``). Whatever the mode does, the frame brings the guest back to
+(``context``). Whatever the mode does, the frame brings the guest back to
 the power state it had (or the one the policy asks for after a success), and
 reports both when the job and the restore fail.
 """

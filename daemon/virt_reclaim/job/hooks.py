@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from virt_reclaim import process
+from virt_reclaim.errors import VirtReclaimError
 from virt_reclaim.job.context import JobContext
 from virt_reclaim.job.results import JobAbandoned, JobSkipped, Outcome
 
@@ -41,7 +42,7 @@ class Ending:
     downtime_s: float
 
 
-class HookFailed(Exception):
+class HookFailed(VirtReclaimError):
     """A hook could not run, exited non-zero or timed out; the message says which and why."""
 
 

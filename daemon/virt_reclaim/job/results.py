@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from virt_reclaim.errors import JobOutcome, VirtReclaimError
 from virt_reclaim.units import iso_time
 
 
@@ -20,7 +21,7 @@ class Outcome(enum.StrEnum):
     ABANDONED = "abandoned"  # stopped (daemon shutting down); everything as it was
 
 
-class JobSkipped(Exception):
+class JobSkipped(JobOutcome):
     """The domain or its disks are not eligible; nothing was changed."""
 
 
@@ -31,19 +32,19 @@ class SpaceTaken(JobSkipped):
     """
 
 
-class NothingToDo(Exception):
+class NothingToDo(JobOutcome):
     """The estimated gain is below the minimum; nothing was changed."""
 
 
-class FreedInPlace(NothingToDo):
+class FreedInPlace(JobOutcome):
     """The free-space step alone freed the space (a trim through discard): no rewrite needed.
 
-    The job ends ``reclaimed`` with no downtime; the disks' ``bytes_after`` are what they
-    occupy now.
+    A success, not a ``NothingToDo``: the job ends ``reclaimed`` with no downtime; the
+    disks' ``bytes_after`` are what they occupy now.
     """
 
 
-class JobFailed(Exception):
+class JobFailed(VirtReclaimError):
     """The job could not finish; everything was restored."""
 
 
@@ -54,7 +55,7 @@ class JobUnfinished(JobFailed):
     """
 
 
-class JobAbandoned(Exception):
+class JobAbandoned(JobOutcome):
     """The job was asked to stop before the swap; everything was restored."""
 
 

@@ -6,8 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from virt_reclaim.job.freespace.budget import Reserve
-
-MIB = 1024 * 1024
+from virt_reclaim.units import MIB
 
 
 class FreeSpaceMethod(enum.StrEnum):

@@ -1,6 +1,6 @@
 """The journal's read side: the queries of recovery, ``history``, the daemon and the metrics.
 
-A mixin of ``Journal``, which opens the database and writes it (journal.py).
+A mixin of ``Journal``, which opens the database and writes it (``journal/store.py``).
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-KIB = 1024
-MIB = 1024 * KIB
-DEFAULT_CLUSTER = 64 * KIB
+from virt_reclaim.image.qemu_img_argv import DEFAULT_CLUSTER
+from virt_reclaim.units import KIB, MIB
+
 # (compression, cluster size) -> (64K sequential MiB/s, random 4K IOPS), measured.
 MEASURED: dict[tuple[str, int], tuple[int, int]] = {
     ("none", 64 * KIB): (858, 11_500),

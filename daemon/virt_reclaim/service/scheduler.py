@@ -19,12 +19,12 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from virt_reclaim.config import crontab, loading, paths
 from virt_reclaim.config.policy import Policy
+from virt_reclaim.units import MIB
 
 log = structlog.get_logger("virt_reclaim.service")
 
-MIB = 1024 * 1024
 # Until this host has reclaimed something: well below the 241-267 MiB/s that
-# zstd rewrites reached on these machines (rewrite-facts.md), to stay on the safe side.
+# zstd rewrites reached on the reference host (docs/rewrite-facts.md), to stay on the safe side.
 DEFAULT_REWRITE_RATE = 100 * MIB
 # Starting the guest again and waiting for its agent.
 RESTART_ALLOWANCE_S = 120.0

@@ -10,9 +10,10 @@ from typing import Any
 
 from virt_reclaim.errors import AgentUnavailable
 from virt_reclaim.model import AgentInfo, GuestFilesystem, TrimmedPath
+from virt_reclaim.units import KIB
 
 # Bounds on what a guest may make us read (its replies are untrusted input).
-MAX_EXEC_OUTPUT = 64 * 1024
+MAX_EXEC_OUTPUT = 64 * KIB
 MAX_FILESYSTEMS = 256
 MAX_AGENT_COMMANDS = 512
 

@@ -11,9 +11,7 @@ from virt_reclaim.job.freespace.budget import Fill
 from virt_reclaim.job.ports import GuestAgentPort
 from virt_reclaim.job.settings import FreeSpaceMethod
 from virt_reclaim.model import AgentInfo
-
-MIB = 1024 * 1024
-
+from virt_reclaim.units import MIB
 
 # Runs in the guest with the mountpoint, a time bound and a size bound in MiB as $1, $2
 # and $3, never through a host shell. dd ends at its count or at ENOSPC; the file is

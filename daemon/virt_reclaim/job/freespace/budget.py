@@ -10,7 +10,7 @@ per guest filesystem, the least of:
 - the disk's own headroom (virtual size minus what is allocated);
 - the guest filesystem's free space, less a share left to the guest so that its
   own services never see a full disk while the fill runs.
-While the fill runs, ``HostWatch`` stops it the moment any host filesystem falls
+While the fill runs, ``watch.FillWatch`` stops it the moment any host filesystem falls
 below its reserve plus the rewrite's need (another guest may be writing too).
 """
 
@@ -20,7 +20,8 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-MIB = 1024 * 1024
+from virt_reclaim.units import GIB, MIB
+
 # A fill below this frees too little to be worth a guest-exec.
 MIN_FILL_BYTES = 64 * MIB
 # What the rewrite's own preflight asks beyond qemu-img measure.
@@ -32,7 +33,7 @@ class Reserve:
     """What a fill must leave free: on each host filesystem, and in each guest filesystem."""
 
     host_percent: float = 5.0
-    host_min_bytes: int = 2 * 1024 * MIB
+    host_min_bytes: int = 2 * GIB
     guest_percent: float = 5.0
 
     def host_bytes(self, filesystem_size: int) -> int:

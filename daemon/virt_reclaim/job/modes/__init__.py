@@ -1,7 +1,7 @@
 """Modes of a job: what happens after the shared steps (inspect, estimate, preflight, free space).
 
 A mode owns its steps and the recovery of each step it journals; the frame
-(``job.py``) runs it, and restores the guest's power state whatever happens.
+(``job/frame.py``) runs it, and restores the guest's power state whatever happens.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from virt_reclaim.image import imagefile
 from virt_reclaim.job.context import DiskWork, JobContext
 from virt_reclaim.job.results import JobFailed, Recovered
 from virt_reclaim.journal.records import JournalDisk
+from virt_reclaim.units import KIB
 
 CONVERTIBLE_FORMATS = ("raw", "vmdk")
 VMDK_CREATE_TYPES = ("monolithicSparse", "monolithicFlat", "streamOptimized")
@@ -217,7 +218,7 @@ def remove_original(job: JobContext, disk: DiskWork) -> None:
 # An extent line of a VMDK text descriptor: access, sectors, type, "file name"[, offset].
 _EXTENT_LINE = re.compile(rb'^\s*(?:RW|RDONLY|NOACCESS)\s+\d+\s+\w+\s+"([^"]*)"', re.MULTILINE)
 _VMDK4_MAGIC = b"KDMV"  # a sparse VMDK: its embedded descriptor's extent is the file itself
-_DESCRIPTOR_MAX = 64 * 1024
+_DESCRIPTOR_MAX = 64 * KIB
 
 
 def vmdk_extent_outside(descriptor: str) -> str | None:

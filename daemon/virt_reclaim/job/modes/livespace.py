@@ -34,9 +34,8 @@ from virt_reclaim.job.context import JobContext
 from virt_reclaim.job.freespace import budget
 from virt_reclaim.job.freespace.watch import LiveWatch
 from virt_reclaim.job.results import JobFailed
-from virt_reclaim.units import format_bytes
+from virt_reclaim.units import MIB, format_bytes
 
-MIB = 1024 * 1024
 # Each overlay may take this much, or OVERLAY_SHARE of the disk if more (never more than
 # the disk): a guest's ordinary writes during a rewrite of minutes. A guest that writes
 # more is caught by the watch, which ends the job before the host's reserve is gone.

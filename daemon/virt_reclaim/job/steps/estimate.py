@@ -158,7 +158,6 @@ class Estimate:
 
     after: int
     basis: str  # "sample", "history" or "allocation"
-    data_bytes: int
     stored_ratio: float
     freed_share: float
 
@@ -194,9 +193,9 @@ def estimate_after(
             its last reclaim with the same compression, if there was one.
         fill: For a zero-fill, (bytes it may write, bytes of free space it will not
             reach: the guests' share and the root reserve). ext4 places the fill's file
-            where it likes: on the Debian test guest it once left 80 % of the newest
-            deleted file in what it did not reach, and once none. So the deleted data is
-            taken to lie anywhere in the free space: the fill frees its share of it.
+            where it likes, so the part it does not reach may hold most of the newest
+            deleted file or none of it: the deleted data is taken to lie anywhere in the
+            free space, and the fill frees its share of it.
     """
     overhead = metadata_bytes(virtual_size, cluster)
     # Compressed clusters occupy what is left of the allocation after the plain ones.
@@ -224,4 +223,4 @@ def estimate_after(
     after = int(live_stored + garbage_stored * (1.0 - share)) + overhead
     ratio = (live_stored + garbage_stored) / data if data else 1.0
     # A rewrite never makes an image larger than what it holds now (it only drops and packs).
-    return Estimate(min(after, allocated), basis, data, ratio, share)
+    return Estimate(min(after, allocated), basis, ratio, share)

@@ -11,7 +11,7 @@ from typing import cast
 from virt_reclaim.domxml import read
 from virt_reclaim.errors import AgentUnavailable, QemuImgError
 from virt_reclaim.image import imagefile
-from virt_reclaim.image.qemu_img_argv import ImageInfo
+from virt_reclaim.image.qemu_img_argv import DEFAULT_CLUSTER, ImageInfo
 from virt_reclaim.job.context import DiskWork, JobContext
 from virt_reclaim.job.freespace import budget
 from virt_reclaim.job.freespace.agent import choose_method, freed_share
@@ -28,10 +28,7 @@ from virt_reclaim.job.steps.estimate import (
 )
 from virt_reclaim.journal.records import JournalDisk
 from virt_reclaim.model import DomainState
-from virt_reclaim.units import format_bytes
-
-MIB = 1024 * 1024
-DEFAULT_CLUSTER = 64 * 1024
+from virt_reclaim.units import MIB, format_bytes
 
 
 def inspect(job: JobContext, *, live: bool = False) -> None:
