@@ -24,7 +24,7 @@ from virt_reclaim.job.context import Step
 from virt_reclaim.job.frame import ReclaimJob
 from virt_reclaim.job.modes import overlays
 from virt_reclaim.job.results import Outcome
-from virt_reclaim.job.settings import JobSettings
+from virt_reclaim.job.settings import JobSettings, ModeName
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import BlockJob, DomainState
 
@@ -82,7 +82,7 @@ def domain(tmp_path: Path) -> LiveFakeDomain:
 
 def run_live(domain: FakeDomain, state: Path, plant: Any = None) -> Any:
     job = ReclaimJob(
-        domain, QemuImg(priority=None), JobSettings(min_gain=0, mode="live"),
+        domain, QemuImg(priority=None), JobSettings(min_gain=0, mode=ModeName.LIVE),
         images_of_other_domains=dict, journal=Journal(state), before_step=plant,
     )  # fmt: skip
     return job.run()

@@ -21,7 +21,13 @@ from virt_reclaim.config.policy import Policy, job_settings
 from virt_reclaim.job import runner
 from virt_reclaim.job.context import Step
 from virt_reclaim.job.results import JobResult, Outcome
-from virt_reclaim.job.settings import Compression, FreeSpaceMethod, JobSettings, OnShutdownTimeout
+from virt_reclaim.job.settings import (
+    Compression,
+    FreeSpaceMethod,
+    JobSettings,
+    ModeName,
+    OnShutdownTimeout,
+)
 from virt_reclaim.journal import recovery
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.metrics import writer
@@ -59,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "enable_discard": args.enable_discard,
         "convert": args.convert,
         "dry_run": args.dry_run,
-        "mode": "live" if args.live else None,
+        "mode": ModeName.LIVE if args.live else None,
         "rate_limit": args.rate_limit,
         "qemu_img": args.qemu_img,
     }

@@ -36,6 +36,7 @@ from virt_reclaim.job.freespace.watch import LiveWatch
 from virt_reclaim.job.modes import livespace, overlays
 from virt_reclaim.job.ports import BlockJobsPort, LiveDomainPort
 from virt_reclaim.job.results import DiskFound, JobFailed, JobUnfinished, Recovered
+from virt_reclaim.job.settings import ModeName
 from virt_reclaim.job.steps.rewrite import (
     remove_temporary_files,
     rewrite_disk,
@@ -50,7 +51,7 @@ READY_TIMEOUT_S = 600.0
 class LiveMode:
     """Reclaim while the guest runs (see the module docstring)."""
 
-    name = "live"
+    name = ModeName.LIVE
     stops_the_guest = False
 
     def run(self, job: JobContext) -> None:
@@ -123,6 +124,9 @@ class LiveMode:
                 f"{exc}; the guest runs on a consistent chain of overlays beside its images, "
                 "and 'virt-reclaim recover' (or the daemon at its start) finishes the job"
             ) from exc
+
+    def after_restore(self, job: JobContext) -> None:
+        """Nothing waits: the guest never stopped."""
 
     def recover(
         self, journaled: JournalJob, result: Recovered, lookup_domain: Callable[[str], Any]

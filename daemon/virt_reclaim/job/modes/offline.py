@@ -23,7 +23,7 @@ from virt_reclaim.image.guard import lock_held
 from virt_reclaim.image.qemu_img_argv import ImageInfo
 from virt_reclaim.job.context import SHUTDOWN_REQUESTED, JobContext, Step
 from virt_reclaim.job.results import JobFailed, Recovered
-from virt_reclaim.job.settings import OnShutdownTimeout
+from virt_reclaim.job.settings import ModeName, OnShutdownTimeout
 from virt_reclaim.job.steps import define, prepare
 from virt_reclaim.job.steps.rewrite import (
     remove_temporary_files,
@@ -39,7 +39,7 @@ from virt_reclaim.process import kill_qemu_img_holding
 class OfflineMode:
     """Reclaim with the guest shut down (see the module docstring)."""
 
-    name = "offline"
+    name = ModeName.OFFLINE
     stops_the_guest = True
 
     def run(self, job: JobContext) -> None:
@@ -58,6 +58,9 @@ class OfflineMode:
             raise
         finally:
             job.guard.release()
+
+    def after_restore(self, job: JobContext) -> None:
+        """Nothing waits for the guest to be back."""
 
     def recover(
         self, journaled: JournalJob, result: Recovered, lookup_domain: Callable[[str], Any]
