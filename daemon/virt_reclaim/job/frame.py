@@ -41,7 +41,7 @@ from virt_reclaim.job.results import (
     SpaceTaken,
 )
 from virt_reclaim.job.settings import After, JobSettings
-from virt_reclaim.job.steps import prepare
+from virt_reclaim.job.steps import preflight, prepare
 from virt_reclaim.journal.records import JournalError
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState
@@ -175,7 +175,7 @@ class ReclaimJob:
         with job.step(Step.ESTIMATE):
             prepare.estimate(job)
         with job.step(Step.PREFLIGHT):
-            prepare.preflight(job)
+            preflight.preflight(job)
         if job.settings.dry_run:
             return Outcome.DRY_RUN, "dry run: nothing was changed"
         self._changing = True
