@@ -35,16 +35,24 @@ class CountingQemuImg(QemuImg):
         self.runs: Counter[str] = Counter()
 
     def info(
-        self, path: str, *, force_share: bool, image_format: str | None = None
+        self,
+        path: str,
+        *,
+        force_share: bool = False,
+        image_format: str | None = None,
+        backing_chain: bool = True,
     ) -> list[ImageInfo]:
         self.runs["info"] += 1
-        return super().info(path, force_share=force_share, image_format=image_format)
+        return super().info(path, force_share=force_share, image_format=image_format,
+                            backing_chain=backing_chain)  # fmt: skip
 
-    def measure(self, path: str, *, force_share: bool, image_format: str = "qcow2") -> int:
+    def measure(self, path: str, *, force_share: bool = False, image_format: str = "qcow2") -> int:
         self.runs["measure"] += 1
         return super().measure(path, force_share=force_share, image_format=image_format)
 
-    def map(self, path: str, *, force_share: bool, image_format: str = "qcow2") -> list[Extent]:
+    def map(
+        self, path: str, *, force_share: bool = False, image_format: str = "qcow2"
+    ) -> list[Extent]:
         self.runs["map"] += 1
         return super().map(path, force_share=force_share, image_format=image_format)
 
