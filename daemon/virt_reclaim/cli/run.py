@@ -18,8 +18,8 @@ from virt_reclaim.cli.common import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, Terminat
 from virt_reclaim.cli.render import ProgressBar, print_job_result
 from virt_reclaim.config import loading
 from virt_reclaim.config.policy import Policy, job_settings
-from virt_reclaim.job import runner
 from virt_reclaim.job.context import Step
+from virt_reclaim.job.frame import run_job
 from virt_reclaim.job.results import JobResult, Outcome
 from virt_reclaim.job.settings import (
     Compression,
@@ -130,7 +130,7 @@ def _run_one(
     """One domain's job, with a progress bar on a terminal."""
     bar = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
     try:
-        return runner.run_job(
+        return run_job(
             hypervisor,
             domain,
             settings,

@@ -11,6 +11,10 @@ Every step is journaled before it is taken and logged when it starts and ends
 (``jobcontext``). Whatever the mode does, the frame brings the guest back to
 the power state it had (or the one the policy asks for after a success), and
 reports both when the job and the restore fail.
+
+``run_job`` is how ``virt-reclaim run`` and the daemon both run one: under the
+domain's lock (one job per domain at a time, across processes), refused while the
+journal still has an unfinished job of the domain.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ import structlog
 
 from virt_reclaim.errors import QemuImgError, VirtError
 from virt_reclaim.image.guard import GuardError
+from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job import hooks, modes
 from virt_reclaim.job.context import JobContext, Step
 from virt_reclaim.job.freespace import step
+from virt_reclaim.job.lock import DomainLock
 from virt_reclaim.job.modes import JobMode
 from virt_reclaim.job.ports import DomainPort, ImagePort
 from virt_reclaim.job.results import (
@@ -45,7 +51,11 @@ from virt_reclaim.job.steps import preflight, prepare
 from virt_reclaim.journal.records import JournalError
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState
+from virt_reclaim.process import Priority
+from virt_reclaim.reports import inventory
 from virt_reclaim.units import format_bytes
+from virt_reclaim.virt.connection import Hypervisor
+from virt_reclaim.virt.domain import Domain
 
 
 def new_job_id() -> str:
@@ -274,3 +284,45 @@ def _figures(job: JobContext) -> tuple[int, int | None, int]:
     bytes_after = sum(d.bytes_after or 0 for d in done) or None
     reclaimed = sum(d.bytes_before - d.bytes_after for d in done if d.bytes_after is not None)
     return sum(d.bytes_before for d in job.disks), bytes_after, reclaimed
+
+
+def run_job(
+    hypervisor: Hypervisor,
+    domain: Domain,
+    settings: JobSettings,
+    *,
+    journal: Journal,
+    state_dir: str,
+    priority: Priority,
+    on_progress: Callable[[str, float], None] | None = None,
+    before_step: Callable[[Step], None] | None = None,
+    stop: threading.Event | None = None,
+) -> JobResult:
+    """Reclaim ``domain`` under its lock and return the outcome.
+
+    Raises:
+        DomainBusy: Another job holds the domain.
+        JournalError: The journal has an unfinished job of the domain, or cannot be used.
+    """
+    with DomainLock(state_dir, domain.uuid):
+        unfinished = journal.unfinished(domain.uuid)
+        if unfinished:
+            raise JournalError(
+                f"{domain.name} has an unfinished job ({unfinished[0].id}) that recovery could "
+                "not close; see the log of 'virt-reclaim recover'"
+            )
+
+        def images_of_other_domains() -> dict[str, str]:
+            return inventory.images_in_use(hypervisor.domains(), exclude_uuid=domain.uuid)
+
+        job = ReclaimJob(
+            domain,
+            QemuImg(settings.qemu_img, priority, cancel=stop),
+            settings,
+            images_of_other_domains=images_of_other_domains,
+            on_progress=on_progress,
+            journal=journal,
+            before_step=before_step,
+            stop=stop,
+        )
+        return job.run()
