@@ -260,7 +260,7 @@ class ReclaimJob:
             skipped_disks=job.skipped_disks,
             free_space=job.free_space,
             free_space_plan=f"{choice.method} ({choice.why})" if choice is not None else None,
-            mode=str(self.mode.name),
+            mode=self.mode.name,
         )
         if job.journal is not None and journal:
             job.journal.finish_job(
