@@ -137,3 +137,23 @@ def test_an_image_written_since_its_measure_is_measured_again_before_the_rewrite
     assert outcome is Outcome.RECLAIMED
     assert runs["measure"] == 2  # the estimate's; again once the guest is down
     assert events.count("preflight.space") == 2  # no free-space step: before it, after the stop
+
+
+def test_a_convert_job_reads_the_definition_where_it_may_have_changed_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = tmp_path / "disk.raw"
+    with raw.open("wb") as f:  # sparse, with a little data, as a guest wrote it
+        f.write(b"a" * MIB)
+        f.truncate(64 * MIB)
+    domain = FakeDomain([FakeDisk("vda", raw, discard=False, format="raw")])
+
+    outcome, runs, events = run(domain, tmp_path, monkeypatch, convert=True,
+                                free_space=FreeSpaceMethod.NONE)  # fmt: skip
+
+    assert outcome is Outcome.RECLAIMED
+    assert "job.mode_changed" in events
+    # inspect; the guard once the guest is off; the define right before the new one
+    assert domain.xml_reads == Counter(live=1, inactive=3)
+    assert runs["measure"] == 1  # the guest wrote nothing since: the estimate's is reused
+    assert runs["probe"] == 1

@@ -32,7 +32,6 @@ from virt_reclaim.journal.records import JournalDisk
 from virt_reclaim.model import DomainState
 from virt_reclaim.units import format_bytes
 
-MIB = 1024 * 1024
 DEFAULT_CLUSTER = 64 * 1024
 
 
