@@ -14,6 +14,7 @@ import os
 import subprocess
 import threading
 import uuid as uuidlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +116,9 @@ class FakeDomain:
     on_fill_chunk: Callable[[int], None] | None = None
     fill_offset: int = 512 * MIB  # where in the disk the guest's free space lies
     calls: list[str] = field(default_factory=list)
+    # How often the job fetched each XML ("live", "inactive"): each fetch is a libvirt
+    # call and a parse (tests/unit/test_job_counts.py holds the job to its count).
+    xml_reads: Counter[str] = field(default_factory=Counter)
     inactive_override: str | None = None
     after_shutdown: Callable[[], None] | None = None
     # The definitions define_xml was given, in order; set define_error to refuse them.
@@ -141,12 +145,14 @@ class FakeDomain:
 
     # -- DomainPort ---------------------------------------------------------------------
     def observe(self) -> DomainObservation:
+        self.xml_reads["live"] += 1
         return DomainObservation(self.name, self.uuid, self.power, self.persistent, self._xml())
 
     def state(self) -> DomainState:
         return self.power
 
     def inactive_xml(self) -> str:
+        self.xml_reads["inactive"] += 1
         return self.inactive_override or self._xml()
 
     def define_xml(self, xml: str) -> None:

@@ -24,9 +24,9 @@ from virt_reclaim.config.policy import Policy, job_settings
 from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job.context import Step
 from virt_reclaim.job.frame import ReclaimJob
-from virt_reclaim.job.modes import conversion, mode_named
+from virt_reclaim.job.modes import conversion, mode_of
 from virt_reclaim.job.results import Outcome, Recovered
-from virt_reclaim.job.settings import FreeSpaceMethod, JobSettings
+from virt_reclaim.job.settings import FreeSpaceMethod, JobSettings, ModeName
 from virt_reclaim.journal.records import JournalDisk
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState
@@ -274,7 +274,7 @@ def test_a_guest_whose_definitions_differ_is_not_converted(
 
 
 def test_live_mode_does_not_convert_a_running_guest(raw_domain: FakeDomain, tmp_path: Path) -> None:
-    assert "live mode does not convert" in refused(raw_domain, tmp_path, mode="live")
+    assert "live mode does not convert" in refused(raw_domain, tmp_path, mode=ModeName.LIVE)
 
 
 def test_without_convert_a_raw_disk_is_skipped_with_a_hint(
@@ -440,7 +440,7 @@ def test_the_convert_mode_recovers_from_what_the_definition_names(tmp_path: Path
     [job] = journal.unfinished()
     result = Recovered(job.id, job.domain, job.step, "failed", [])
 
-    mode_named("convert").recover(job, result, lambda _uuid: domain)
+    mode_of("convert").recover(job, result, lambda _uuid: domain)
 
     assert result.outcome == "reclaimed"
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["disk.qcow2"]

@@ -16,7 +16,7 @@ from fakes import FakeDisk, FakeDomain, linux_fs, make_image
 from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job.context import Step
 from virt_reclaim.job.frame import ReclaimJob
-from virt_reclaim.job.modes import mode_named
+from virt_reclaim.job.modes import mode_of
 from virt_reclaim.job.results import Outcome, Recovered
 from virt_reclaim.job.settings import JobSettings
 from virt_reclaim.journal.records import JournalDisk
@@ -137,7 +137,7 @@ def test_a_job_killed_in_its_define_step_is_recovered_as_reclaimed(tmp_path: Pat
     [job] = journal.unfinished()
     result = Recovered(job.id, job.domain, job.step, "failed", [])
 
-    mode_named("offline").recover(job, result, lambda _uuid: None)
+    mode_of("offline").recover(job, result, lambda _uuid: None)
 
     assert result.outcome == "reclaimed"
 

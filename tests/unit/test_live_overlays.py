@@ -19,12 +19,13 @@ import pytest
 
 from fakes import FakeDisk, FakeDomain, OpenWatch, linux_fs, make_image, sh
 from virt_reclaim.errors import VirtError
+from virt_reclaim.image.imagefile import NewImage
 from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job.context import Step
 from virt_reclaim.job.frame import ReclaimJob
 from virt_reclaim.job.modes import overlays
 from virt_reclaim.job.results import Outcome
-from virt_reclaim.job.settings import JobSettings
+from virt_reclaim.job.settings import JobSettings, ModeName
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import BlockJob, DomainState
 
@@ -80,9 +81,11 @@ def domain(tmp_path: Path) -> LiveFakeDomain:
     )
 
 
-def run_live(domain: FakeDomain, state: Path, plant: Any = None) -> Any:
+def run_live(
+    domain: FakeDomain, state: Path, plant: Any = None, images: QemuImg | None = None
+) -> Any:
     job = ReclaimJob(
-        domain, QemuImg(priority=None), JobSettings(min_gain=0, mode="live"),
+        domain, images or QemuImg(priority=None), JobSettings(min_gain=0, mode=ModeName.LIVE),
         images_of_other_domains=dict, journal=Journal(state), before_step=plant,
     )  # fmt: skip
     return job.run()
@@ -176,11 +179,37 @@ def test_the_snapshot_reuses_the_job_s_own_overlay_whose_header_names_the_image_
     assert domain.power is DomainState.RUNNING
 
 
+class RecordingQemuImg(QemuImg):
+    """The job's qemu-img, recording the overlays it is asked to make."""
+
+    def __init__(self) -> None:
+        super().__init__(priority=None)
+        self.overlays: list[str] = []
+
+    def create_overlay(self, image: NewImage, *, backing: str, backing_format: str) -> None:
+        self.overlays.append(image.path)
+        super().create_overlay(image, backing=backing, backing_format=backing_format)
+
+
+def test_the_live_mode_makes_its_overlays_with_the_job_s_qemu_img(
+    domain: LiveFakeDomain, tmp_path: Path
+) -> None:
+    """Through the job's port, so the configured qemu_img runs it, as for every other run."""
+    domain.refusal = "unsupported configuration"
+    images = RecordingQemuImg()
+
+    run_live(domain, tmp_path / "state", images=images)
+
+    assert domain.jobs is not None
+    [(asked, _reuse, _infos)] = domain.jobs.snapshots
+    assert images.overlays == list(asked.values())
+
+
 def test_an_overlay_whose_name_was_taken_over_is_not_removed(tmp_path: Path) -> None:
     image = make_image(tmp_path / "disk.qcow2", "16M")
     victim = tmp_path / "host-file"
     victim.write_bytes(b"host data")
-    made = overlays.new_overlay(str(tmp_path / ".overlay1"), str(image), "qcow2", "vda")
+    made = overlays.new_overlay(QemuImg(), str(tmp_path / ".overlay1"), str(image), "qcow2", "vda")
     os.unlink(made.path)
     os.symlink(victim, made.path)
 
@@ -192,7 +221,7 @@ def test_an_overlay_whose_name_was_taken_over_is_not_removed(tmp_path: Path) -> 
 
 def test_an_overlay_still_the_job_s_own_is_removed(tmp_path: Path) -> None:
     image = make_image(tmp_path / "disk.qcow2", "16M")
-    made = overlays.new_overlay(str(tmp_path / ".overlay1"), str(image), "qcow2", "vda")
+    made = overlays.new_overlay(QemuImg(), str(tmp_path / ".overlay1"), str(image), "qcow2", "vda")
 
     overlays.remove_overlays([made])
 

@@ -20,7 +20,7 @@ from virt_reclaim.job.frame import ReclaimJob
 from virt_reclaim.job.modes import live
 from virt_reclaim.job.modes.livecheck import host_refusal
 from virt_reclaim.job.results import Outcome
-from virt_reclaim.job.settings import JobSettings
+from virt_reclaim.job.settings import JobSettings, ModeName
 from virt_reclaim.journal.records import JournalDisk
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import BlockJob, DomainState, HostVersions, version_text
@@ -40,7 +40,7 @@ def run_live(domain: FakeDomain, state: Path) -> Any:
     job = ReclaimJob(
         domain,
         QemuImg(priority=None),
-        JobSettings(min_gain=0, mode="live"),
+        JobSettings(min_gain=0, mode=ModeName.LIVE),
         images_of_other_domains=dict,
         journal=Journal(state),
     )

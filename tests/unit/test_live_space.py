@@ -30,7 +30,7 @@ from virt_reclaim.job.freespace import budget
 from virt_reclaim.job.freespace.budget import Reserve
 from virt_reclaim.job.modes import livespace
 from virt_reclaim.job.results import JobResult, Outcome
-from virt_reclaim.job.settings import FreeSpaceMethod, JobSettings
+from virt_reclaim.job.settings import FreeSpaceMethod, JobSettings, ModeName
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import BlockJob, DomainState
 
@@ -152,7 +152,7 @@ def live_domain(image: Path) -> LiveDomain:
 def live_job(domain: LiveDomain, state: Path, reserve: int, **options: Any) -> ReclaimJob:
     images = options.pop("images", None) or QemuImg(priority=None)
     before_step = options.pop("before_step", None)
-    settings = JobSettings(min_gain=0, mode="live", free_space=FreeSpaceMethod.NONE,
+    settings = JobSettings(min_gain=0, mode=ModeName.LIVE, free_space=FreeSpaceMethod.NONE,
                            reserve=Reserve(host_percent=0, host_min_bytes=reserve),
                            **options)  # fmt: skip
     return ReclaimJob(domain, images, settings, images_of_other_domains=dict,

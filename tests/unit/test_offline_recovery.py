@@ -17,7 +17,7 @@ import pytest
 from fakes import make_image
 from virt_reclaim.errors import VirtError
 from virt_reclaim.image import guard
-from virt_reclaim.job.modes import mode_named
+from virt_reclaim.job.modes import mode_of
 from virt_reclaim.job.results import Recovered
 from virt_reclaim.journal.records import JournalDisk, JournalJob
 from virt_reclaim.journal.store import Journal
@@ -69,7 +69,7 @@ def test_a_temporary_image_locked_by_an_unseen_writer_is_left_and_the_job_stays_
     result = Recovered(job.id, job.domain, job.step, "failed", [])
 
     with pytest.raises(VirtError, match="still locked by a process this recovery cannot see"):
-        mode_named("offline").recover(job, result, lambda _uuid: None)
+        mode_of("offline").recover(job, result, lambda _uuid: None)
 
     assert temp.exists() and image.exists()
     assert proc.poll() is None, "recovery ended a process that is not a qemu-img"
@@ -82,7 +82,7 @@ def test_an_unlocked_temporary_image_is_removed_and_the_original_kept(tmp_path: 
     job = journaled_rewrite(tmp_path, image, temp)
     result = Recovered(job.id, job.domain, job.step, "failed", [])
 
-    mode_named("offline").recover(job, result, lambda _uuid: None)
+    mode_of("offline").recover(job, result, lambda _uuid: None)
 
     assert not temp.exists() and image.exists()
     assert result.outcome == "failed"

@@ -18,10 +18,16 @@ from virt_reclaim.cli.common import EXIT_FAILED, EXIT_OK, EXIT_SKIPPED, Terminat
 from virt_reclaim.cli.render import ProgressBar, print_job_result
 from virt_reclaim.config import loading
 from virt_reclaim.config.policy import Policy, job_settings
-from virt_reclaim.job import runner
 from virt_reclaim.job.context import Step
+from virt_reclaim.job.frame import run_job
 from virt_reclaim.job.results import JobResult, Outcome
-from virt_reclaim.job.settings import Compression, FreeSpaceMethod, JobSettings, OnShutdownTimeout
+from virt_reclaim.job.settings import (
+    Compression,
+    FreeSpaceMethod,
+    JobSettings,
+    ModeName,
+    OnShutdownTimeout,
+)
 from virt_reclaim.journal import recovery
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.metrics import writer
@@ -59,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "enable_discard": args.enable_discard,
         "convert": args.convert,
         "dry_run": args.dry_run,
-        "mode": "live" if args.live else None,
+        "mode": ModeName.LIVE if args.live else None,
         "rate_limit": args.rate_limit,
         "qemu_img": args.qemu_img,
     }
@@ -124,7 +130,7 @@ def _run_one(
     """One domain's job, with a progress bar on a terminal."""
     bar = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
     try:
-        return runner.run_job(
+        return run_job(
             hypervisor,
             domain,
             settings,

@@ -23,6 +23,7 @@ from virt_reclaim.job.settings import (
     Compression,
     FreeSpaceMethod,
     JobSettings,
+    ModeName,
     OnShutdownTimeout,
 )
 from virt_reclaim.units import KIB, MIB
@@ -368,7 +369,7 @@ def job_settings(policy: Policy, **overrides: Any) -> JobSettings:  # noqa: ANN4
         "enable_discard": policy.guest.enable_discard,
         "rate_limit": None if rewrite.rate_limit is None else int(rewrite.rate_limit),
         "after": policy.after,
-        "mode": str(policy.mode),
+        "mode": ModeName(policy.mode),
         "hooks": policy.hooks.job_hooks(),
     }
     values.update({k: v for k, v in overrides.items() if v is not None})

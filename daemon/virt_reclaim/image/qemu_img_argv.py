@@ -111,10 +111,15 @@ def _optional_int(value: Any) -> int | None:  # noqa: ANN401 - JSON value of any
 
 
 def measure_argv(
-    path: str, *, qemu_img: str = DEFAULT_QEMU_IMG, image_format: str = "qcow2"
+    path: str,
+    *,
+    qemu_img: str = DEFAULT_QEMU_IMG,
+    image_format: str = "qcow2",
+    force_share: bool = False,
 ) -> list[str]:
     """Return the argv of ``qemu-img measure`` of ``path`` (in ``image_format``) as qcow2."""
-    return [qemu_img, "measure", "--output=json", "-f", image_format, "-O", "qcow2", path]
+    share = ["-U"] if force_share else []
+    return [qemu_img, "measure", *share, "--output=json", "-f", image_format, "-O", "qcow2", path]
 
 
 def parse_measure(text: str) -> int:

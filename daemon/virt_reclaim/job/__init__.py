@@ -1,1 +1,1 @@
-"""A reclaim job: its frame, context, settings, results and ports, the domain lock, the runner."""
+"""A reclaim job: its frame, context, settings, results and ports, the domain lock."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from virt_reclaim import backups
+from virt_reclaim.domxml.read import DomainSpec
 from virt_reclaim.errors import Cancelled, JobOutcome
 from virt_reclaim.image import imagefile
 from virt_reclaim.image.guard import ImageGuard
@@ -67,6 +68,14 @@ FINISH_ONCE_BEGUN = frozenset(
 )
 
 
+@dataclass(frozen=True)
+class Measured:
+    """``qemu-img measure`` of an image, and the stamp of its file when it was measured."""
+
+    stamp: tuple[int, ...]
+    bytes: int
+
+
 @dataclass
 class DiskWork:
     """One disk being reclaimed, and what the job learns of it step by step."""
@@ -85,6 +94,7 @@ class DiskWork:
     new: imagefile.NewImage | None = None  # the file at ``temp``, once the rewrite made it
     freed_in_place: bool = False  # the free-space step alone freed it (no rewrite)
     rewrite_need: int = 0  # qemu-img measure: what the rewrite may write at most
+    measured: Measured | None = None  # the last measure (steps.preflight reuses it)
     zeroed_bytes: int = 0  # zeros our fill wrote into filesystems on this disk
     guest_used: int | None = None  # bytes the guest's filesystems on it use
     estimate: Estimate | None = None
@@ -150,6 +160,10 @@ class JobContext:
     disks: list[DiskWork] = field(default_factory=list)
     skipped_disks: list[SkippedDisk] = field(default_factory=list)
     was_running: bool = False
+    # The persistent definition, parsed where it was last read: by inspect, and again by
+    # the guard once the guest is off (it may have been edited meanwhile). The define
+    # step reads it once more right before replacing it.
+    definition: DomainSpec | None = None
     live: bool = False  # the live mode keeps it running: its overlays are reserved too
     agent_connected: bool = False
     agent: AgentInfo | None = None

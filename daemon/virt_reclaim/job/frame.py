@@ -11,6 +11,10 @@ Every step is journaled before it is taken and logged when it starts and ends
 (``context``). Whatever the mode does, the frame brings the guest back to
 the power state it had (or the one the policy asks for after a success), and
 reports both when the job and the restore fail.
+
+``run_job`` is how ``virt-reclaim run`` and the daemon both run one: under the
+domain's lock (one job per domain at a time, across processes), refused while the
+journal still has an unfinished job of the domain.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ import structlog
 
 from virt_reclaim.errors import QemuImgError, VirtError
 from virt_reclaim.image.guard import GuardError
-from virt_reclaim.job import hooks
+from virt_reclaim.image.qemu_img import QemuImg
+from virt_reclaim.job import hooks, modes
 from virt_reclaim.job.context import JobContext, Step
 from virt_reclaim.job.freespace import step
-from virt_reclaim.job.modes import JobMode, mode_named
+from virt_reclaim.job.lock import DomainLock
+from virt_reclaim.job.modes import JobMode
 from virt_reclaim.job.ports import DomainPort, ImagePort
 from virt_reclaim.job.results import (
     FreedInPlace,
@@ -41,11 +47,15 @@ from virt_reclaim.job.results import (
     SpaceTaken,
 )
 from virt_reclaim.job.settings import After, JobSettings
-from virt_reclaim.job.steps import prepare
+from virt_reclaim.job.steps import preflight, prepare
 from virt_reclaim.journal.records import JournalError
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState
+from virt_reclaim.process import Priority
+from virt_reclaim.reports import inventory
 from virt_reclaim.units import format_bytes
+from virt_reclaim.virt.connection import Hypervisor
+from virt_reclaim.virt.domain import Domain
 
 
 def new_job_id() -> str:
@@ -88,11 +98,12 @@ class ReclaimJob:
             stop: When set, the job stops at the next step before the swap (and a rewrite or
                 verification under way is killed if ``images`` shares the event), restores
                 the guest and ends ``abandoned``; from the swap on it finishes.
-            mode: The mode's steps; the one ``settings.mode`` names by default.
+            mode: The mode asked for; the one ``settings.mode`` names by default
+                (``modes.decide`` settles the one the job takes, after inspect).
             history: What this domain's past reclaims reached (``Journal.compression_ratio``),
                 for a dry run that has no journal of its own.
         """
-        self.mode = mode or mode_named(settings.mode)
+        self.mode = mode or modes.mode_of(settings.mode)
         self.job = JobContext(
             domain=domain,
             images=images,
@@ -126,13 +137,13 @@ class ReclaimJob:
         job = self.job
         started = job.clock()
         settings = job.settings
-        job.log.info("job.started", mode=self.mode.name, free_space=str(settings.free_space),
+        job.log.info("job.started", mode=str(self.mode.name), free_space=str(settings.free_space),
                      compression=str(settings.compression),
                      on_shutdown_timeout=str(settings.on_shutdown_timeout),
                      min_gain=settings.min_gain)  # fmt: skip
         if job.journal is not None:
             job.journal.begin_job(job.job_id, job.domain.name, job.domain.uuid,
-                                  settings.record(), mode=self.mode.name)  # fmt: skip
+                                  settings.record(), mode=str(self.mode.name))  # fmt: skip
         waits_for_space = False
         try:
             outcome, reason = self._run_steps()
@@ -160,7 +171,7 @@ class ReclaimJob:
         """Run the after_job hook of a job that went past its read-only steps."""
         if self._changing:
             before, after, reclaimed = _figures(self.job)
-            hooks.after_job(self.job, self.mode.name, hooks.Ending(
+            hooks.after_job(self.job, str(self.mode.name), hooks.Ending(
                 outcome=result.outcome, reason=result.reason, bytes_before=before,
                 bytes_after=after, reclaimed=reclaimed, downtime_s=result.downtime_s,
             ))  # fmt: skip
@@ -169,25 +180,12 @@ class ReclaimJob:
     def _run_steps(self) -> tuple[Outcome, str]:
         job = self.job
         with job.step(Step.INSPECT):
-            prepare.inspect(job, live=self.mode.name == "live")
-        if self.mode.name == "live" and not job.was_running:
-            # Nothing runs that could be kept running: the offline steps cost no downtime.
-            self.mode = mode_named("offline")
-            job.log.info("job.mode_fallback", mode="offline", reason="the guest is shut off")
-            if job.journal is not None:
-                job.journal.set_mode(job.job_id, self.mode.name)
-        converting = [d for d in job.disks if d.converted_path]
-        if converting and self.mode.name == "offline":
-            # A disk to convert (rewrite.convert): the offline steps with its conversion.
-            self.mode = mode_named("convert")
-            reason = "; ".join(f"{d.target}: {d.format} -> {d.converted_path}" for d in converting)
-            job.log.info("job.mode_changed", mode=self.mode.name, reason=reason)
-            if job.journal is not None:
-                job.journal.set_mode(job.job_id, self.mode.name)
+            prepare.inspect(job, live=not self.mode.stops_the_guest)
+        self.mode = modes.decide(job, self.mode)
         with job.step(Step.ESTIMATE):
             prepare.estimate(job)
         with job.step(Step.PREFLIGHT):
-            prepare.preflight(job)
+            preflight.preflight(job)
         if job.settings.dry_run:
             return Outcome.DRY_RUN, "dry run: nothing was changed"
         self._changing = True
@@ -196,7 +194,7 @@ class ReclaimJob:
                 step.free_guest_space(job)
             if self.mode.stops_the_guest:
                 # The last moment before downtime: nothing changed yet if it says no.
-                hooks.before_shutdown(job, self.mode.name)
+                hooks.before_shutdown(job, str(self.mode.name))
         failure: BaseException | None = None
         try:
             self.mode.run(job)
@@ -214,9 +212,7 @@ class ReclaimJob:
                         f"{failure}; then the guest could not be started again: {restore_error}"
                     ) from restore_error
                 raise
-        after_restore = getattr(self.mode, "after_restore", None)
-        if after_restore is not None:
-            after_restore(job)
+        self.mode.after_restore(job)
         freed = sum(d.bytes_before - (d.bytes_after or 0) for d in job.disks)
         return Outcome.RECLAIMED, f"freed {format_bytes(freed)}"
 
@@ -288,3 +284,45 @@ def _figures(job: JobContext) -> tuple[int, int | None, int]:
     bytes_after = sum(d.bytes_after or 0 for d in done) or None
     reclaimed = sum(d.bytes_before - d.bytes_after for d in done if d.bytes_after is not None)
     return sum(d.bytes_before for d in job.disks), bytes_after, reclaimed
+
+
+def run_job(
+    hypervisor: Hypervisor,
+    domain: Domain,
+    settings: JobSettings,
+    *,
+    journal: Journal,
+    state_dir: str,
+    priority: Priority,
+    on_progress: Callable[[str, float], None] | None = None,
+    before_step: Callable[[Step], None] | None = None,
+    stop: threading.Event | None = None,
+) -> JobResult:
+    """Reclaim ``domain`` under its lock and return the outcome.
+
+    Raises:
+        DomainBusy: Another job holds the domain.
+        JournalError: The journal has an unfinished job of the domain, or cannot be used.
+    """
+    with DomainLock(state_dir, domain.uuid):
+        unfinished = journal.unfinished(domain.uuid)
+        if unfinished:
+            raise JournalError(
+                f"{domain.name} has an unfinished job ({unfinished[0].id}) that recovery could "
+                "not close; see the log of 'virt-reclaim recover'"
+            )
+
+        def images_of_other_domains() -> dict[str, str]:
+            return inventory.images_in_use(hypervisor.domains(), exclude_uuid=domain.uuid)
+
+        job = ReclaimJob(
+            domain,
+            QemuImg(settings.qemu_img, priority, cancel=stop),
+            settings,
+            images_of_other_domains=images_of_other_domains,
+            on_progress=on_progress,
+            journal=journal,
+            before_step=before_step,
+            stop=stop,
+        )
+        return job.run()

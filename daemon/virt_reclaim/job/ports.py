@@ -1,7 +1,7 @@
 """The ports the reclaim job is built on; virt.Domain and qemu_img.QemuImg implement them.
 
-Their methods are documented where they are implemented. Tests and a later
-live mode can pass other implementations.
+Their methods are documented where they are implemented; tests pass other
+implementations. Every mode runs qemu-img through ``ImagePort``, recovery included.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class ImagePort(Protocol):
     ) -> list[ImageInfo]: ...
     def measure(self, path: str, *, force_share: bool, image_format: str = "qcow2") -> int: ...
     def map(self, path: str, *, force_share: bool, image_format: str = "qcow2") -> list[Extent]: ...
+    def create_overlay(self, image: NewImage, *, backing: str, backing_format: str) -> None: ...
     def convert(
         self,
         source: str,

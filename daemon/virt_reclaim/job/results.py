@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from virt_reclaim.errors import JobOutcome, VirtReclaimError
+from virt_reclaim.job.settings import ModeName
 from virt_reclaim.units import iso_time
 
 
@@ -129,7 +130,7 @@ class JobResult:
     skipped_disks: list[SkippedDisk]
     free_space: str | None
     free_space_plan: str | None = None  # the method chosen, and why ("none (...)")
-    mode: str = "offline"
+    mode: ModeName = ModeName.OFFLINE  # the mode the job took (modes.decide)
     # Skipped only because other jobs hold the host's space reserved: worth another try.
     waits_for_space: bool = False
 
@@ -138,7 +139,7 @@ class JobResult:
         return {
             "domain": self.domain,
             "job_id": self.job_id,
-            "mode": self.mode,
+            "mode": str(self.mode),
             "outcome": str(self.outcome),
             "reason": self.reason,
             "downtime_s": round(self.downtime_s, 3),

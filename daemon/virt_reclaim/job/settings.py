@@ -9,6 +9,15 @@ from virt_reclaim.job.freespace.budget import Reserve
 from virt_reclaim.units import MIB
 
 
+class ModeName(enum.StrEnum):
+    """A job's mode, as a policy's ``mode``, ``run --live`` and the journal name it."""
+
+    OFFLINE = "offline"
+    LIVE = "live"
+    # Never asked for: an offline job that found a disk to convert takes it (modes.decide).
+    CONVERT = "convert"
+
+
 class FreeSpaceMethod(enum.StrEnum):
     """How to free the guest's unused blocks before the rewrite."""
 
@@ -54,7 +63,7 @@ class JobHooks:
 class JobSettings:
     """How a job runs; the defaults are those of a policy that sets nothing."""
 
-    mode: str = "offline"
+    mode: ModeName = ModeName.OFFLINE  # the one asked for; modes.decide settles the job's
     free_space: FreeSpaceMethod = FreeSpaceMethod.AUTO
     free_space_timeout_s: float = 600.0
     reserve: Reserve = field(default_factory=Reserve)  # what a zero-fill leaves free
@@ -80,7 +89,7 @@ class JobSettings:
     def record(self) -> dict[str, object]:
         """What the journal keeps of the settings (history, and the estimate's learning)."""
         return {
-            "mode": self.mode,
+            "mode": str(self.mode),
             "free_space": str(self.free_space),
             "host_reserve": self.reserve.host_min_bytes,
             "host_reserve_percent": self.reserve.host_percent,

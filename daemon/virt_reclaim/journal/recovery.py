@@ -19,7 +19,7 @@ from virt_reclaim.errors import VirtError
 from virt_reclaim.job.context import SHUTDOWN_REQUESTED, Step
 from virt_reclaim.job.freespace import agent
 from virt_reclaim.job.lock import DomainBusy, DomainLock
-from virt_reclaim.job.modes import mode_named
+from virt_reclaim.job.modes import mode_of
 from virt_reclaim.job.results import Recovered
 from virt_reclaim.journal.records import JournalJob
 from virt_reclaim.journal.store import Journal
@@ -95,7 +95,7 @@ def _recover_job(
     if job.step == FREE_SPACE_STEP:
         _stop_fills(job, lookup_domain, result)
     try:
-        mode = mode_named(job.mode)
+        mode = mode_of(job.mode)
     except ValueError as exc:
         result.actions.append(f"left the disks as they are: {exc}")
     else:

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 from virt_reclaim import __version__, backups
 from virt_reclaim.domxml import read
 from virt_reclaim.errors import QemuImgError
-from virt_reclaim.image import qemu_img
+from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job.context import SHUTDOWN_REQUESTED
 from virt_reclaim.job.results import Outcome
 from virt_reclaim.journal.store import Journal
@@ -50,6 +50,7 @@ class DiskSizes:
 
     def __init__(self, qemu_img_path: str, ttl_s: float = VIRTUAL_SIZE_TTL_S) -> None:
         self.qemu_img = qemu_img_path
+        self._tool = QemuImg(qemu_img_path)
         self.ttl_s = ttl_s
         self._virtual: dict[tuple[str, int, int], tuple[float, int | None]] = {}
         self._seen: set[tuple[str, int, int]] = set()
@@ -69,8 +70,8 @@ class DiskSizes:
         cached = self._virtual.get(key)
         if cached is None or now - cached[0] > self.ttl_s:
             try:
-                top = qemu_img.info(path, qemu_img=self.qemu_img, backing_chain=False,
-                                    force_share=True, image_format=image_format)[0]  # fmt: skip
+                top = self._tool.info(path, backing_chain=False, force_share=True,
+                                      image_format=image_format)[0]  # fmt: skip
                 cached = (now, top.virtual_size)
             except QemuImgError:
                 cached = (now, None)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 from virt_reclaim.domxml import read
 from virt_reclaim.errors import QemuImgError
-from virt_reclaim.image import qemu_img
+from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job.freespace.agent import Choice, choose_method
 from virt_reclaim.job.settings import FreeSpaceMethod
 from virt_reclaim.model import AgentInfo, DomainObservation, DomainState
@@ -143,8 +143,8 @@ def describe_disk(disk: read.DiskSpec, *, in_use: bool, qemu_img_path: str) -> D
         allocated = os.stat(disk.source).st_blocks * 512
         # A running QEMU holds the image locked; -U reads the header anyway.
         # The format the XML states (libvirt's default is raw): never a probe of guest bytes.
-        chain = qemu_img.info(disk.source, qemu_img=qemu_img_path, force_share=in_use,
-                              image_format=disk.format or "raw")  # fmt: skip
+        chain = QemuImg(qemu_img_path).info(disk.source, force_share=in_use,
+                                            image_format=disk.format or "raw")  # fmt: skip
     except OSError as exc:
         return replace(report, error=f"{disk.source}: {exc.strerror}")
     except QemuImgError as exc:

@@ -20,7 +20,7 @@ import structlog
 from virt_reclaim.config import loading
 from virt_reclaim.config.policy import Policy, job_settings
 from virt_reclaim.errors import AgentUnavailable, VirtError
-from virt_reclaim.job import runner
+from virt_reclaim.job.frame import run_job
 from virt_reclaim.job.lock import DomainBusy
 from virt_reclaim.job.results import JobResult, Outcome
 from virt_reclaim.journal.records import JournalError
@@ -264,7 +264,7 @@ def run_candidate(
     try:
         with Hypervisor(daemon_config.uri) as hypervisor:
             domain = hypervisor.domain_by_uuid(candidate.uuid)
-            result = runner.run_job(
+            result = run_job(
                 hypervisor,
                 domain,
                 job_settings(policy, qemu_img=daemon_config.qemu_img),

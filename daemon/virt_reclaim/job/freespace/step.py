@@ -15,7 +15,7 @@ from virt_reclaim.job.freespace.agent import FreeSpaceResult, trim, zero_fill
 from virt_reclaim.job.freespace.watch import FillWatch
 from virt_reclaim.job.results import FreedInPlace, JobFailed, NothingToDo
 from virt_reclaim.job.settings import FreeSpaceMethod
-from virt_reclaim.job.steps import prepare
+from virt_reclaim.job.steps import preflight, prepare
 from virt_reclaim.units import format_bytes
 
 
@@ -50,7 +50,7 @@ def free_guest_space(job: JobContext) -> None:
         _recheck_gain(job, 1.0 if result.method == "trim" else 0.0)
     # The fill may have grown the image, or another guest taken the room: find out
     # before the guest goes down, not after.
-    prepare.preflight(job)
+    preflight.check_room(job)
 
 
 def _zero_fill(job: JobContext, plan: budget.FillPlan) -> FreeSpaceResult:

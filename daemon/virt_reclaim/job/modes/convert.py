@@ -35,6 +35,7 @@ from virt_reclaim.image import imagefile
 from virt_reclaim.job.context import JobContext, Step
 from virt_reclaim.job.modes import conversion, offline
 from virt_reclaim.job.results import JobUnfinished, Recovered
+from virt_reclaim.job.settings import ModeName
 from virt_reclaim.job.steps import define
 from virt_reclaim.job.steps.rewrite import remove_temporary_files, swap_disk
 from virt_reclaim.journal.records import JournalJob
@@ -46,7 +47,7 @@ _PAST_SWAP = frozenset({Step.SWAP, Step.DEFINE, Step.RESTORE, Step.CLEANUP})
 class ConvertMode:
     """Reclaim offline, converting raw and VMDK disks to qcow2 (see the module docstring)."""
 
-    name = "convert"
+    name = ModeName.CONVERT
     stops_the_guest = True
 
     def run(self, job: JobContext) -> None:

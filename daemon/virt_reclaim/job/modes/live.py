@@ -31,11 +31,13 @@ from typing import Any, cast
 from virt_reclaim import process
 from virt_reclaim.errors import NoBlockJob, VirtError
 from virt_reclaim.image import imagefile
+from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job.context import DiskWork, JobContext, Step
 from virt_reclaim.job.freespace.watch import LiveWatch
 from virt_reclaim.job.modes import livespace, overlays
-from virt_reclaim.job.ports import BlockJobsPort, LiveDomainPort
+from virt_reclaim.job.ports import BlockJobsPort, ImagePort, LiveDomainPort
 from virt_reclaim.job.results import DiskFound, JobFailed, JobUnfinished, Recovered
+from virt_reclaim.job.settings import ModeName
 from virt_reclaim.job.steps.rewrite import (
     remove_temporary_files,
     rewrite_disk,
@@ -50,8 +52,12 @@ READY_TIMEOUT_S = 600.0
 class LiveMode:
     """Reclaim while the guest runs (see the module docstring)."""
 
-    name = "live"
+    name = ModeName.LIVE
     stops_the_guest = False
+
+    def __init__(self, images: ImagePort | None = None) -> None:
+        """``images`` makes recovery's overlays (a job uses its own ``JobContext.images``)."""
+        self.images: ImagePort = images or QemuImg()
 
     def run(self, job: JobContext) -> None:
         """Take the live steps; undo before the swap, go forward after it."""
@@ -124,6 +130,9 @@ class LiveMode:
                 "and 'virt-reclaim recover' (or the daemon at its start) finishes the job"
             ) from exc
 
+    def after_restore(self, job: JobContext) -> None:
+        """Nothing waits: the guest never stopped."""
+
     def recover(
         self, journaled: JournalJob, result: Recovered, lookup_domain: Callable[[str], Any]
     ) -> None:
@@ -134,7 +143,8 @@ class LiveMode:
         domain = lookup_domain(journaled.domain_uuid)
         jobs = domain.block_jobs()
         try:
-            on_new = [recover_disk(journaled.id, disk, jobs, result) for disk in journaled.disks]
+            on_new = [recover_disk(journaled.id, disk, jobs, result, self.images)
+                      for disk in journaled.disks]  # fmt: skip
         finally:
             jobs.close()
         if all(on_new):
@@ -149,7 +159,9 @@ def _forward(
             overlay1 = overlays.overlay_path(disk.path, job.job_id, 1)
             livespace.block_job_room(job, disk.target, disk.path, overlay1, "copy")
             overlay2 = overlays.overlay_path(disk.path, job.job_id, 2)
-            made[disk.target].append(_copy_onto_new_base(disk.path, overlay2, disk.target, jobs))
+            made[disk.target].append(
+                _copy_onto_new_base(job.images, disk.path, overlay2, disk.target, jobs)
+            )
             _record(job, disk, "copied")
             job.log.info("live.pivoted", target=disk.target, to="new base")
     with job.step(Step.COMMIT):
@@ -182,14 +194,14 @@ def _undo_snapshot(
 
 
 def _copy_onto_new_base(
-    base: str, overlay: str, target: str, jobs: BlockJobsPort
+    images: ImagePort, base: str, overlay: str, target: str, jobs: BlockJobsPort
 ) -> imagefile.NewImage:
     """Overlay 2 over the new base (a qcow2 the job wrote), the guest's top copied onto it.
 
     Created exclusively: anything already at its name is refused (recovery clears a dead
     attempt's own file first, see ``overlays.clear_dead_overlay``).
     """
-    new = overlays.new_overlay(overlay, base, "qcow2", target)
+    new = overlays.new_overlay(images, overlay, base, "qcow2", target)
     jobs.copy_shallow(target, overlay)
     _pivot_when_ready(target, jobs, "copy", overlay)
     return new
@@ -224,7 +236,9 @@ def _record(job: JobContext, disk: DiskWork, state: str) -> None:
         job.journal.record_disk(job.job_id, disk.target, state=state)
 
 
-def recover_disk(job_id: str, disk: JournalDisk, jobs: BlockJobsPort, result: Recovered) -> bool:
+def recover_disk(
+    job_id: str, disk: JournalDisk, jobs: BlockJobsPort, result: Recovered, images: ImagePort
+) -> bool:
     """Bring one disk of a dead live job to a clean chain on its original path.
 
     What is done follows what is seen (both definitions, the block job, the files and
@@ -266,7 +280,7 @@ def recover_disk(job_id: str, disk: JournalDisk, jobs: BlockJobsPort, result: Re
         elif disk.state in _REWRITE_VERIFIED:
             # Recovery finds its files by their journaled names: it needs no record.
             overlays.clear_dead_overlay(overlay2, overlays.named_by(disk, jobs))
-            _copy_onto_new_base(disk.path, overlay2, disk.target, jobs).close()
+            _copy_onto_new_base(images, disk.path, overlay2, disk.target, jobs).close()
             _commit(disk.target, disk.path, jobs)
             on_new = True
             result.actions.append(f"{disk.target}: finished the swap onto the new image")

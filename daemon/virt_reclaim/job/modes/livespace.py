@@ -1,7 +1,7 @@
 """The live mode's space on the host: what it reserves, and what it does when the room goes.
 
 What a live job may write on an image's filesystem, reserved in the journal (through
-``prepare.preflight``, beside the other jobs' reservations) before the snapshot:
+``steps.preflight``, beside the other jobs' reservations) before the snapshot:
 - the rewrite's measured need, as offline;
 - its overlays: overlay 1 takes every guest write from the snapshot to the copy's
   pivot, and the copy writes what overlay 1 holds into overlay 2, which then takes the

@@ -23,8 +23,8 @@ from virt_reclaim.image.guard import lock_held
 from virt_reclaim.image.qemu_img_argv import ImageInfo
 from virt_reclaim.job.context import SHUTDOWN_REQUESTED, JobContext, Step
 from virt_reclaim.job.results import JobFailed, Recovered
-from virt_reclaim.job.settings import OnShutdownTimeout
-from virt_reclaim.job.steps import define, prepare
+from virt_reclaim.job.settings import ModeName, OnShutdownTimeout
+from virt_reclaim.job.steps import define, preflight
 from virt_reclaim.job.steps.rewrite import (
     remove_temporary_files,
     rewrite_disk,
@@ -39,7 +39,7 @@ from virt_reclaim.process import kill_qemu_img_holding
 class OfflineMode:
     """Reclaim with the guest shut down (see the module docstring)."""
 
-    name = "offline"
+    name = ModeName.OFFLINE
     stops_the_guest = True
 
     def run(self, job: JobContext) -> None:
@@ -58,6 +58,9 @@ class OfflineMode:
             raise
         finally:
             job.guard.release()
+
+    def after_restore(self, job: JobContext) -> None:
+        """Nothing waits for the guest to be back."""
 
     def recover(
         self, journaled: JournalJob, result: Recovered, lookup_domain: Callable[[str], Any]
@@ -112,7 +115,8 @@ def rewrite_while_down(job: JobContext) -> None:
     with job.step(Step.GUARD):
         guard(job)
     with job.step(Step.PREFLIGHT):
-        prepare.preflight(job)
+        # The guest is down: its image is final, and the host may have changed.
+        preflight.check_room(job)
     with job.step(Step.REWRITE):
         for disk in job.disks:
             rewrite_disk(job, disk, lock=True)
@@ -197,7 +201,10 @@ def guard(job: JobContext) -> None:
     state = job.domain.state()
     if state is not DomainState.SHUTOFF:
         raise JobFailed(f"the domain was started during the job (it is {state})")
-    current = {d.target: d for d in read.parse_domain(job.domain.inactive_xml()).disks}
+    # Read again: the guest is off and can no longer start, but the definition may
+    # have been edited since inspect. The define step decides on this reading.
+    job.definition = read.parse_domain(job.domain.inactive_xml())
+    current = {d.target: d for d in job.definition.disks}
     for disk in job.disks:
         spec = current.get(disk.target)
         if spec is None or spec.source != disk.path or spec.format != disk.format:

@@ -15,9 +15,9 @@ import os
 
 from virt_reclaim import process
 from virt_reclaim.errors import VirtError
-from virt_reclaim.image import imagefile, qemu_img
+from virt_reclaim.image import imagefile
 from virt_reclaim.job.context import JobContext
-from virt_reclaim.job.ports import BlockJobsPort
+from virt_reclaim.job.ports import BlockJobsPort, ImagePort
 from virt_reclaim.job.results import JobFailed
 from virt_reclaim.journal.records import JournalDisk
 
@@ -48,7 +48,11 @@ def take_snapshot(job: JobContext, jobs: BlockJobsPort) -> dict[str, imagefile.N
     try:
         for disk in job.disks:
             made[disk.target] = new_overlay(
-                overlay_path(disk.path, job.job_id, 1), disk.path, disk.format, disk.target
+                job.images,
+                overlay_path(disk.path, job.job_id, 1),
+                disk.path,
+                disk.format,
+                disk.target,
             )
         jobs.snapshot_disk_only(
             {target: overlay.path for target, overlay in made.items()},
@@ -79,7 +83,9 @@ def _remove_unless_in_use(
             overlay.remove()
 
 
-def new_overlay(path: str, backing: str, backing_format: str, target: str) -> imagefile.NewImage:
+def new_overlay(
+    images: ImagePort, path: str, backing: str, backing_format: str, target: str
+) -> imagefile.NewImage:
     """Create ``path`` (O_EXCL|O_NOFOLLOW), a qcow2 over ``backing`` in the format given.
 
     The file stays open until it is removed (``remove_overlays``) or closed: while it
@@ -101,7 +107,7 @@ def new_overlay(path: str, backing: str, backing_format: str, target: str) -> im
     except OSError as exc:
         raise JobFailed(f"{target}: cannot create {path}: {exc.strerror}") from exc
     try:
-        qemu_img.create_overlay(new, backing=backing, backing_format=backing_format)
+        images.create_overlay(new, backing=backing, backing_format=backing_format)
         new.take_metadata_of(backing)
         new.fsync()
         new.ensure_named()

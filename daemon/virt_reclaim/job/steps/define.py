@@ -7,13 +7,14 @@ atomically: after a crash it is the old one or the new one):
   next start a trim in the guest frees host space and later reclaims trim instead
   of zero-filling;
 - each converted disk pointed at its new qcow2 image (the convert mode).
-The definition is read again just before: a change someone made since the guard
-step is kept, and one that touched our disks stops the step.
+Whether there is anything to change is decided on the definition the guard read;
+the definition is read again just before the change: a change someone made since
+is kept, and one that touched our disks stops the step.
 """
 
 from __future__ import annotations
 
-from virt_reclaim.domxml import edit, read
+from virt_reclaim.domxml import edit
 from virt_reclaim.domxml.read import DomainXMLError
 from virt_reclaim.errors import VirtError
 from virt_reclaim.job.context import JobContext
@@ -21,15 +22,18 @@ from virt_reclaim.job.results import JobFailed
 
 
 def wanted(job: JobContext) -> bool:
-    """True when the job has something to change in the definition (read now)."""
+    """True when the job has something to change in the definition.
+
+    Decided on the definition the guard read once the guest was off
+    (``JobContext.definition``); ``define`` reads it again before changing it.
+    """
     if any(d.converted_path for d in job.disks):
         return True
     if not job.settings.enable_discard:
         return False
-    try:
-        now = {d.target: d for d in read.parse_domain(job.domain.inactive_xml()).disks}
-    except (VirtError, DomainXMLError):
+    if job.definition is None:
         return True  # the step itself says what is wrong
+    now = {d.target: d for d in job.definition.disks}
     return any(
         edit.lacks_discard(now[d.target].discard, now[d.target].detect_zeroes)
         for d in job.disks

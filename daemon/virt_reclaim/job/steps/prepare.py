@@ -1,6 +1,7 @@
-"""The steps every mode takes before it changes anything: inspect, estimate, preflight.
+"""The steps every mode takes before it changes anything: inspect and estimate.
 
-Read-only: a dry run (``plan``, the daemon's queue) is exactly these three steps.
+Read-only: a dry run (``plan``, the daemon's queue) is exactly these two steps and the
+preflight (``steps.preflight``).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from virt_reclaim.image.qemu_img_argv import DEFAULT_CLUSTER, ImageInfo
 from virt_reclaim.job.context import DiskWork, JobContext
 from virt_reclaim.job.freespace import budget
 from virt_reclaim.job.freespace.agent import choose_method, freed_share
-from virt_reclaim.job.modes import conversion, livecheck, livespace
+from virt_reclaim.job.modes import conversion, livecheck
 from virt_reclaim.job.ports import LiveDomainPort
-from virt_reclaim.job.results import JobSkipped, NothingToDo, SkippedDisk, SpaceTaken
+from virt_reclaim.job.results import JobSkipped, NothingToDo, SkippedDisk
 from virt_reclaim.job.settings import Compression, FreeSpaceMethod
+from virt_reclaim.job.steps import preflight
 from virt_reclaim.job.steps.estimate import (
     Estimate,
     content_of,
@@ -28,7 +30,7 @@ from virt_reclaim.job.steps.estimate import (
 )
 from virt_reclaim.journal.records import JournalDisk
 from virt_reclaim.model import DomainState
-from virt_reclaim.units import MIB, format_bytes
+from virt_reclaim.units import format_bytes
 
 
 def inspect(job: JobContext, *, live: bool = False) -> None:
@@ -46,7 +48,7 @@ def inspect(job: JobContext, *, live: bool = False) -> None:
         raise JobSkipped(f"domain is {snap.state}; only running or shut off domains qualify")
     job.was_running = snap.state is DomainState.RUNNING
     running = read.parse_domain(snap.xml)
-    persistent_spec = read.parse_domain(job.domain.inactive_xml())
+    persistent_spec = job.definition = read.parse_domain(job.domain.inactive_xml())
     persistent = {d.target: d for d in persistent_spec.disks}
     differs = conversion.definitions_differ(running, persistent_spec) if job.was_running else None
     _read_agent(job, running)
@@ -163,7 +165,7 @@ def estimate(job: JobContext) -> None:
     for disk in job.disks:
         disk.bytes_before = disk.allocated()
         disk.cluster_size = job.settings.cluster_size or disk.info.cluster_size or DEFAULT_CLUSTER
-        disk.rewrite_need = rewrite_need(job, disk)
+        disk.rewrite_need = preflight.rewrite_need(job, disk)
         disk.guest_used = used_by_target.get(disk.target)
     reach = 0.0
     if job.choice.method is FreeSpaceMethod.ZERO:
@@ -243,19 +245,6 @@ def _image_problem(chain: list[ImageInfo], backing: tuple[read.BackingLayer, ...
     return None
 
 
-def rewrite_need(job: JobContext, disk: DiskWork) -> int:
-    """The most the rewrite of ``disk`` may write (``qemu-img measure``)."""
-    if disk.info.backing_filename:
-        # Only the top layer is rewritten; it cannot outgrow what it holds now.
-        return imagefile.allocated_bytes(disk.path) + MIB
-    measured = job.images.measure(disk.path, force_share=job.was_running, image_format=disk.format)
-    if disk.zeroed_bytes and disk.rewrite_need:
-        # measure counts the clusters our fill allocated, but convert writes no zero
-        # clusters: they add nothing to what the rewrite needs.
-        return max(disk.rewrite_need, measured - disk.zeroed_bytes)
-    return measured
-
-
 def _fills_by_target(job: JobContext) -> dict[str, tuple[int, int]]:
     """Per disk, (bytes the planned zero-fill writes, free bytes it does not reach)."""
     assert job.fill_plan is not None  # noqa: S101 - called only with a plan
@@ -311,63 +300,3 @@ def fill_budget(job: JobContext) -> budget.FillPlan:
         for fs in job.guest_filesystems
     ]
     return budget.fill_limits(rooms, volumes, job.settings.reserve)
-
-
-def preflight(job: JobContext) -> None:
-    """Skip the job unless it can write beside each image and keep each host's reserve.
-
-    A temporary file is created and removed beside each image (a read-only folder is
-    found while the guest still runs). The rewrites of every disk on one filesystem
-    (by device: two folders on it share its free space) add up, with a margin; what
-    is left free must stay above the filesystem's reserve (``free_space.host_reserve``),
-    or the guests writing there would pause when it fills. The need is reserved in
-    the journal, beside what the other jobs on the host hold reserved there (counted
-    whole: part of it may be written already, so the bound errs on the safe side).
-    A live job reserves its overlays too (``modes.livespace``).
-    """
-    for disk in job.disks:
-        folder = os.path.dirname(disk.temp) or "."
-        if problem := imagefile.folder_problem(folder) or imagefile.probe_create(disk.temp):
-            raise JobSkipped(f"{disk.target}: {problem}")
-    need_by_device: dict[int, tuple[budget.HostFilesystem, int]] = {}
-    for disk in job.disks:
-        filesystem = budget.host_filesystem(os.path.dirname(disk.path) or ".")
-        _, image_bytes = need_by_device.get(filesystem.device, (filesystem, 0))
-        need = rewrite_need(job, disk)
-        if job.live:
-            need += livespace.overlay_bound(disk.info.virtual_size)
-        need_by_device[filesystem.device] = (filesystem, image_bytes + need)
-    what = "the rewrite and its overlays need" if job.live else "the rewrite needs"
-    for filesystem, image_bytes in need_by_device.values():
-        need = image_bytes + max(budget.REWRITE_MARGIN, image_bytes // 50)
-        reserve = job.settings.reserve.host_bytes(filesystem.size)
-
-        def fits(
-            others: int,
-            fs: budget.HostFilesystem = filesystem,
-            need: int = need,
-            reserve: int = reserve,
-        ) -> str | None:
-            job.log.info("preflight.space", folder=fs.folder, need=need, have=fs.free,
-                         reserve=reserve, reserved_by_others=others)  # fmt: skip
-            if fs.free - others - need >= reserve:
-                return None
-            held = f", {format_bytes(others)} are reserved by other jobs" if others else ""
-            return (
-                f"not enough free space on the filesystem of {fs.folder}: {what} "
-                f"up to {format_bytes(need)}, {format_bytes(fs.free)} are free{held} and "
-                f"{format_bytes(reserve)} must stay free (free_space.host_reserve)"
-            )
-
-        if job.journal is None:
-            problem = fits(0)
-        elif job.settings.dry_run:  # an estimate: it looks, it reserves nothing
-            problem = fits(job.journal.reserved_elsewhere(job.job_id, filesystem.device))
-        else:
-            problem = job.journal.reserve(
-                job.job_id, filesystem.device, filesystem.folder, need, fits
-            )
-        if problem is not None:
-            if fits(0) is None:  # it fits alone: the other jobs' reservations are in the way
-                raise SpaceTaken(problem)
-            raise JobSkipped(problem)
