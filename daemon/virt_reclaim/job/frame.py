@@ -132,7 +132,7 @@ class ReclaimJob:
                      min_gain=settings.min_gain)  # fmt: skip
         if job.journal is not None:
             job.journal.begin_job(job.job_id, job.domain.name, job.domain.uuid,
-                                  settings.record(), mode=self.mode.name)  # fmt: skip
+                                  settings, mode=self.mode.name)  # fmt: skip
         waits_for_space = False
         try:
             outcome, reason = self._run_steps()

@@ -7,7 +7,7 @@ live mode can pass other implementations.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from virt_reclaim.image.imagefile import NewImage
@@ -120,3 +120,8 @@ class LiveDomainPort(DomainPort, Protocol):
     def block_jobs(self) -> BlockJobsPort: ...
     def versions(self) -> HostVersions: ...
     def block_job(self, target: str) -> BlockJob | None: ...
+
+
+# Recovery's way to a journaled job's domain: by UUID (``Hypervisor.domain_by_uuid``). The
+# live mode's recovery takes it as the LiveDomainPort that its job ran on.
+DomainLookup = Callable[[str], DomainPort]

@@ -300,14 +300,14 @@ def _disk_figures(journal: Journal, observed: Observations) -> list[Metric]:
                        ["domain", "target"])  # fmt: skip
     estimates = dict(observed.estimates)
     for row in journal.disk_figures():
-        key = (row["domain"], row["target"])
+        key = (row.domain, row.target)
         found: list[Estimate] = []
-        if row["estimated_at"] is not None:
-            gain = max(0, row["bytes_before"] - row["estimated_after"])
-            found.append(Estimate(gain, row["estimated_at"]))
-        if row["reclaimed_at"] is not None:
-            found.append(Estimate(0, row["reclaimed_at"]))
-            reclaimed.add_metric(list(key), row["bytes_after"])
+        if row.estimated_at is not None:
+            gain = max(0, (row.bytes_before or 0) - (row.estimated_after or 0))
+            found.append(Estimate(gain, row.estimated_at))
+        if row.reclaimed_at is not None:
+            found.append(Estimate(0, row.reclaimed_at))
+            reclaimed.add_metric(list(key), row.bytes_after or 0)
         if key in estimates:
             found.append(estimates[key])
         if found:

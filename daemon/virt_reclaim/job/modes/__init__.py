@@ -6,10 +6,10 @@ A mode owns its steps and the recovery of each step it journals; the frame
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from virt_reclaim.job.context import JobContext
+from virt_reclaim.job.ports import DomainLookup
 from virt_reclaim.job.results import Recovered
 from virt_reclaim.journal.records import JournalJob
 
@@ -25,7 +25,7 @@ class JobMode(Protocol):
         """Take the mode's steps; on any failure leave the images as they were and raise."""
 
     def recover(
-        self, journaled: JournalJob, result: Recovered, lookup_domain: Callable[[str], Any]
+        self, journaled: JournalJob, result: Recovered, lookup_domain: DomainLookup
     ) -> None:
         """Finish or undo what a dead job of this mode did to its disks; say so in ``result``.
 
