@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from virt_reclaim.errors import AgentUnavailable, GuestExecCancelled
 from virt_reclaim.job.freespace.budget import Fill
@@ -106,6 +106,29 @@ def freed_share(choice: Choice, *, all_disks_discard: bool, fill_reach: float) -
     return 0.0
 
 
+@dataclass(frozen=True)
+class FilledFilesystem:
+    """What the zero-fill did in one guest filesystem (an entry of ``free_space.done``'s fills)."""
+
+    mountpoint: str
+    limit_bytes: int  # what the plan let it write; 0 or less: not filled, ``skipped`` says why
+    zeroed_bytes: int
+    left_bytes: int  # the guest's free space the fill did not reach
+    skipped: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """The entry as the ``free_space.done`` event logs it (``skipped`` only when skipped)."""
+        entry: dict[str, object] = {
+            "mountpoint": self.mountpoint,
+            "limit_bytes": self.limit_bytes,
+            "zeroed_bytes": self.zeroed_bytes,
+            "left_bytes": self.left_bytes,
+        }
+        if self.limit_bytes <= 0:
+            entry["skipped"] = self.skipped
+        return entry
+
+
 @dataclass
 class FreeSpaceResult:
     """What was done (``trim``, ``zero`` or ``none``), how much, and what went wrong."""
@@ -114,12 +137,12 @@ class FreeSpaceResult:
     filesystems: tuple[str, ...]
     problem: str | None = None
     trimmed_bytes: int | None = None
-    fills: list[dict[str, object]] = field(default_factory=list)
+    fills: list[FilledFilesystem] = field(default_factory=list)
 
     @property
     def zeroed_bytes(self) -> int:
         """Bytes of zeros written in all."""
-        return sum(int(str(f.get("zeroed_bytes") or 0)) for f in self.fills)
+        return sum(f.zeroed_bytes for f in self.fills)
 
 
 def trim(agent: GuestAgentPort, mountpoints: Sequence[str], *, timeout: float) -> FreeSpaceResult:
@@ -154,15 +177,11 @@ def zero_fill(
     result = FreeSpaceResult("none", ())
     done: list[str] = []
     for fill in fills:
-        entry: dict[str, object] = {
-            "mountpoint": fill.mountpoint,
-            "limit_bytes": fill.limit,
-            "zeroed_bytes": 0,
-            "left_bytes": fill.guest_free,
-        }
+        # Listed before it runs: a fill stopped or refused is reported with nothing zeroed.
+        skipped = fill.why_not if fill.limit <= 0 else None
+        entry = FilledFilesystem(fill.mountpoint, fill.limit, 0, fill.guest_free, skipped)
         result.fills.append(entry)
         if fill.limit <= 0:
-            entry["skipped"] = fill.why_not
             continue
         try:
             ran = agent.guest_exec(
@@ -182,8 +201,9 @@ def zero_fill(
         # The guest's own figure: a guest that claims more than the fill may write would
         # make the job count host space it never had.
         zeroed = _reported(ran.stdout, "zeroed", fill.limit)
-        entry["zeroed_bytes"] = zeroed
-        entry["left_bytes"] = max(0, fill.guest_free - zeroed)
+        result.fills[-1] = replace(
+            entry, zeroed_bytes=zeroed, left_bytes=max(0, fill.guest_free - zeroed)
+        )
         if ran.exitcode != 0:
             result.problem = (
                 f"zero-fill of {fill.mountpoint}: exited {ran.exitcode}: " + (ran.stderr[:200])

@@ -42,7 +42,7 @@ def free_guest_space(job: JobContext) -> None:
                         reason=result.problem)  # fmt: skip
     job.log.info("free_space.done", method=result.method, filesystems=result.filesystems,
                  trimmed_bytes=result.trimmed_bytes, zeroed_bytes=result.zeroed_bytes,
-                 fills=result.fills)  # fmt: skip
+                 fills=[fill.to_json() for fill in result.fills])  # fmt: skip
     if result.method != "none":
         # After a trim, the map of a running image may still show what it freed (stale
         # metadata): count the deleted data as freed. After a zero-fill the zeros are in
@@ -78,9 +78,9 @@ def _count_zeroed(job: JobContext, result: FreeSpaceResult) -> None:
     target_of = {fs.mountpoint: next(iter(fs.disk_targets), None) for fs in job.guest_filesystems}
     by_target = {d.target: d for d in job.disks}
     for fill in result.fills:
-        disk = by_target.get(str(target_of.get(str(fill["mountpoint"]))))
+        disk = by_target.get(str(target_of.get(fill.mountpoint)))
         if disk is not None:
-            disk.zeroed_bytes += int(str(fill.get("zeroed_bytes") or 0))
+            disk.zeroed_bytes += fill.zeroed_bytes
 
 
 def _recheck_gain(job: JobContext, share: float) -> None:
