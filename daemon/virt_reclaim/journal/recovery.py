@@ -10,9 +10,8 @@ to do.
 
 from __future__ import annotations
 
-from typing import Any
-
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 from virt_reclaim.errors import VirtError
 from virt_reclaim.job.context import SHUTDOWN_REQUESTED, Step
@@ -88,7 +87,7 @@ def _recover_job(
     job: JournalJob,
     lookup_domain: DomainLookup,
     agent_timeout_s: float,
-    log: Any,  # noqa: ANN401
+    log: FilteringBoundLogger,
 ) -> Recovered:
     log = log.bind(job_id=job.id, domain=job.domain)
     result = Recovered(job.id, job.domain, job.step, RecoveryOutcome.FAILED, [])

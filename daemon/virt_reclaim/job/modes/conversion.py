@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-from typing import Any
 
 from virt_reclaim import process
 from virt_reclaim.domxml import read
@@ -59,7 +58,7 @@ def definitions_differ(running: read.DomainSpec, persistent: read.DomainSpec) ->
     Returns None when the running and the persistent definition have the same disks.
     """
 
-    def key(d: read.DiskSpec) -> tuple[Any, ...]:
+    def key(d: read.DiskSpec) -> tuple[str, str, str | None, str | None, bool, bool]:
         return (d.device, d.type, d.format, d.source, d.readonly, d.shareable)
 
     live = {d.target: key(d) for d in running.disks}
