@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from virt_reclaim.job.results import DiskFound, Recovered, RecoveryOutcome
+from virt_reclaim.job.results import DiskFound, Outcome, Recovered, RecoveryOutcome
 from virt_reclaim.job.settings import Compression, JobSettings
 from virt_reclaim.journal.records import (
     ConversionData,
@@ -129,7 +129,7 @@ def test_the_settings_are_stored_as_their_record(tmp_path: Path) -> None:
 
 def test_disk_figures_are_the_newest_estimate_and_reclaim(tmp_path: Path) -> None:
     journal = Journal(tmp_path / "state")
-    for job_id, outcome, after in (("j1", "reclaimed", 30), ("j2", "dry-run", None)):
+    for job_id, outcome, after in (("j1", Outcome.RECLAIMED, 30), ("j2", Outcome.DRY_RUN, None)):
         journal.begin_job(job_id, "vm1", "u1", JobSettings())
         journal.record_plan(job_id, "shutoff", [JournalDisk("vda", "/v/d", "/v/.t", None)])
         journal.record_disk(job_id, "vda", bytes_before=100, estimated_after=40,
@@ -157,3 +157,27 @@ def test_recovered_prints_its_outcome_as_the_string() -> None:
 
     assert printed["outcome"] == "unfinished"
     assert set(printed) == {"job_id", "domain", "step", "outcome", "actions", "found"}
+
+
+def test_a_job_outcome_reads_back_as_its_enum_and_is_stored_as_its_string(tmp_path: Path) -> None:
+    journal = journal_with_disk(tmp_path)
+    journal.finish_job("j1", outcome=Outcome.NOTHING_TO_DO, reason="", bytes_before=None,
+                       bytes_after=None, downtime_s=None, duration_s=None)  # fmt: skip
+
+    [job] = journal.history()
+
+    assert job.outcome is Outcome.NOTHING_TO_DO
+    assert job.to_json()["outcome"] == "nothing-to-do"
+    db = sqlite3.connect(tmp_path / "state" / JOURNAL_NAME)
+    assert db.execute("SELECT outcome FROM jobs").fetchone() == ("nothing-to-do",)
+    db.close()
+
+
+def test_a_job_outcome_this_version_does_not_know_is_a_journal_error(tmp_path: Path) -> None:
+    journal = journal_with_disk(tmp_path)
+    db = sqlite3.connect(tmp_path / "state" / JOURNAL_NAME, isolation_level=None)
+    db.execute("UPDATE jobs SET outcome = 'vanished', finished_at = 2.0 WHERE id = 'j1'")
+    db.close()
+
+    with pytest.raises(JournalError, match="'vanished'"):
+        journal.history()

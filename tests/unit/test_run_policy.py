@@ -104,7 +104,7 @@ def test_a_run_skips_the_busy_and_the_recent_with_their_reasons(host: tuple[str,
     for name in ("vm-big", "vm-a-small"):  # reclaimed an hour ago: min_interval (7 d) holds
         index = list(DOMAINS).index(name)
         journal.begin_job(f"j-{name}", name, uuid(index), JobSettings())
-        journal.finish_job(f"j-{name}", outcome="reclaimed", reason="", bytes_before=2,
+        journal.finish_job(f"j-{name}", outcome=Outcome.RECLAIMED, reason="", bytes_before=2,
                            bytes_after=1, downtime_s=1.0, duration_s=1.0)  # fmt: skip
     journal.close()
 

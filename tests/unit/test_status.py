@@ -23,6 +23,7 @@ import pytest
 
 from testbed.daemon import DaemonProcess, write_config
 from virt_reclaim.config.policy import Policy
+from virt_reclaim.job.results import Outcome
 from virt_reclaim.job.settings import JobSettings
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.reports import status as report
@@ -188,7 +189,7 @@ def test_jobs_progress_queue_and_journal_are_reported(tmp_path: Path) -> None:
     journal.begin_job("j1", "vm1", "u1", JobSettings())
     journal.enter_step("j1", "rewrite")
     journal.begin_job("j0", "vm0", "u0", JobSettings())
-    journal.finish_job("j0", outcome="reclaimed", reason="done", bytes_before=300,
+    journal.finish_job("j0", outcome=Outcome.RECLAIMED, reason="done", bytes_before=300,
                        bytes_after=100, downtime_s=1.0, duration_s=2.0)  # fmt: skip
     journal.close()
 

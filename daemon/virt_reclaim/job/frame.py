@@ -268,7 +268,7 @@ class ReclaimJob:
         )
         if job.journal is not None and journal:
             job.journal.finish_job(
-                job.job_id, outcome=str(outcome), reason=reason,
+                job.job_id, outcome=outcome, reason=reason,
                 bytes_before=bytes_before or None, bytes_after=bytes_after,
                 downtime_s=round(result.downtime_s, 3), duration_s=round(duration, 3),
                 estimated_after=estimated_after,

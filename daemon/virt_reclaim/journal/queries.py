@@ -12,6 +12,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+from virt_reclaim.job.results import Outcome
 from virt_reclaim.journal.records import (
     BackupRecord,
     ConversionData,
@@ -186,7 +187,7 @@ class JournalQueries:
         return JournalJob(
             id=row["id"], domain=row["domain"], domain_uuid=row["domain_uuid"],
             previous_state=row["previous_state"], started_at=row["started_at"],
-            finished_at=row["finished_at"], step=row["step"], outcome=row["outcome"],
+            finished_at=row["finished_at"], step=row["step"], outcome=_outcome(row["outcome"]),
             reason=row["reason"], bytes_before=row["bytes_before"],
             bytes_after=row["bytes_after"], downtime_s=row["downtime_s"],
             duration_s=row["duration_s"], disks=disks, steps=steps, mode=row["mode"],
@@ -297,6 +298,18 @@ def _disk_state(value: str | None) -> DiskState | None:
     except ValueError:
         raise JournalError(
             f"the journal records a disk state {value!r} this virt-reclaim does not know"
+        ) from None
+
+
+def _outcome(value: str | None) -> Outcome | None:
+    """A ``jobs.outcome`` as its enum; one this version does not know is an error."""
+    if value is None:
+        return None
+    try:
+        return Outcome(value)
+    except ValueError:
+        raise JournalError(
+            f"the journal records a job outcome {value!r} this virt-reclaim does not know"
         ) from None
 
 

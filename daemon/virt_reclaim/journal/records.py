@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from virt_reclaim.errors import VirtReclaimError
+from virt_reclaim.job.results import Outcome
 from virt_reclaim.units import iso_time
 
 
@@ -152,7 +153,7 @@ class JournalJob:
     started_at: float
     finished_at: float | None
     step: str | None
-    outcome: str | None
+    outcome: Outcome | None  # None: no end recorded (running, or left to recovery)
     reason: str | None
     bytes_before: int | None
     bytes_after: int | None

@@ -19,7 +19,7 @@ from virt_reclaim.job.freespace import agent
 from virt_reclaim.job.lock import DomainBusy, DomainLock
 from virt_reclaim.job.modes import mode_named
 from virt_reclaim.job.ports import DomainLookup
-from virt_reclaim.job.results import Recovered, RecoveryOutcome
+from virt_reclaim.job.results import Outcome, Recovered, RecoveryOutcome
 from virt_reclaim.journal.records import JournalJob
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState
@@ -69,7 +69,8 @@ def recover(
                 continue
             journal.finish_job(
                 job.id,
-                outcome=result.outcome,
+                # Recovery ends a job reclaimed or failed: the job outcomes of those names.
+                outcome=Outcome(result.outcome),
                 reason="recovered after the job was interrupted at step "
                 f"{job.step or 'start'}: " + "; ".join(result.actions or ["nothing to undo"]),
                 bytes_before=None,

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from virt_reclaim.job.results import Outcome
 from virt_reclaim.journal.queries import JournalQueries
 from virt_reclaim.journal.records import (
     BackupRecord,
@@ -334,7 +335,7 @@ class Journal(JournalQueries):
         self,
         job_id: str,
         *,
-        outcome: str,
+        outcome: Outcome,
         reason: str,
         bytes_before: int | None,
         bytes_after: int | None,
@@ -348,7 +349,7 @@ class Journal(JournalQueries):
                 "UPDATE jobs SET finished_at = ?, outcome = ?, reason = ?, bytes_before = ?, "
                 "bytes_after = ?, downtime_s = ?, duration_s = ?, "
                 "estimated_after = COALESCE(?, estimated_after) WHERE id = ?",
-                (time.time(), outcome, reason, bytes_before, bytes_after, downtime_s,
+                (time.time(), str(outcome), reason, bytes_before, bytes_after, downtime_s,
                  duration_s, estimated_after, job_id),
             )  # fmt: skip
             db.execute("DELETE FROM reservations WHERE job_id = ?", (job_id,))

@@ -257,7 +257,7 @@ def _last_job_families(journal: Journal) -> list[Metric]:
         at.add_metric([job.domain], job.finished_at)
         duration.add_metric([job.domain], job.duration_s or 0.0)
         downtime.add_metric([job.domain], job.downtime_s or 0.0)
-        outcome.add_metric([job.domain, job.outcome or ""], 1)
+        outcome.add_metric([job.domain, str(job.outcome or "")], 1)
         should_run.add_metric([job.domain], _should_run(journal, job.id, job.outcome,
                                                         job.previous_state))  # fmt: skip
     per_step: dict[str, tuple[int, float]] = {}
@@ -275,10 +275,12 @@ def _last_job_families(journal: Journal) -> list[Metric]:
     return [at, duration, downtime, outcome, should_run, steps, last_steps]
 
 
-def _should_run(journal: Journal, job_id: str, outcome: str | None, previous: str | None) -> int:
+def _should_run(
+    journal: Journal, job_id: str, outcome: Outcome | None, previous: str | None
+) -> int:
     """Whether the job should have left its guest running, by what the frame restores."""
     was_running = previous == str(DomainState.RUNNING)
-    if outcome != str(Outcome.RECLAIMED):
+    if outcome is not Outcome.RECLAIMED:
         return int(was_running)  # nothing changed, or the previous state restored
     after = journal.job_setting(job_id, "after")
     if after == "start":
