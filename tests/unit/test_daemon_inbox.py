@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 import structlog
 
+from virt_reclaim.job.results import Outcome
 from virt_reclaim.service.daemon import Daemon
 from virt_reclaim.service.messages import (
-    Closed,
+    ConnectionClosed,
     Estimated,
     Fired,
     JobDone,
@@ -18,13 +20,14 @@ from virt_reclaim.service.messages import (
     Message,
 )
 from virt_reclaim.service.scheduler import Candidate
+from virt_reclaim.service.workers import RunningJob
 
-ENDED = JobEnd("reclaimed", waits_for_space=False)
+ENDED = JobEnd(Outcome.RECLAIMED, waits_for_space=False)
 CANDIDATE = Candidate("vm", "uuid-vm", "p", 10, 5, 60.0)
 
 
 def test_the_kinds_are_the_names_the_logs_have_always_given() -> None:
-    kinds = [m.kind for m in (Fired, Lifecycle, Closed, Estimated, JobDone)]
+    kinds = [m.kind for m in (Fired, Lifecycle, ConnectionClosed, Estimated, JobDone)]
     assert kinds == ["fired", "lifecycle", "closed", "estimated", "job-done"]
 
 
@@ -47,7 +50,7 @@ def test_each_message_reaches_its_handler_in_the_order_posted(
     posted: list[Message] = [
         Fired("nightly"),
         Lifecycle("uuid-vm", "vm", "started"),
-        Closed("eof"),
+        ConnectionClosed("eof"),
         Estimated("nightly", [CANDIDATE]),
         JobDone("uuid-vm", ENDED),
     ]
@@ -76,7 +79,7 @@ def test_a_handler_that_fails_is_logged_by_its_kind_and_the_next_message_still_h
 
     monkeypatch.setattr(made, "_on_job_done", broken)
     made._post(JobDone("uuid-vm", ENDED))
-    made._post(Closed("eof"))
+    made._post(ConnectionClosed("eof"))
 
     with structlog.testing.capture_logs() as events:
         made._drain_inbox()
@@ -93,3 +96,18 @@ def test_a_policy_that_fires_after_it_was_removed_opens_no_window(tmp_path: Path
     made._drain_inbox()
 
     assert made.windows.open == {}
+
+
+def test_a_job_done_is_logged_with_its_outcome_as_the_string(tmp_path: Path) -> None:
+    made = Daemon(str(tmp_path), clock=lambda: 100.0)
+    thread = threading.Thread(target=lambda: None)
+    thread.start()
+    made.workers.running["uuid-vm"] = RunningJob("vm", "p", thread, 90.0, CANDIDATE)
+    made._post(JobDone("uuid-vm", ENDED))
+
+    with structlog.testing.capture_logs() as events:
+        made._drain_inbox()
+
+    [ended] = [e for e in events if e["event"] == "job.ended"]
+    assert type(ended["outcome"]) is str and ended["outcome"] == "reclaimed"
+    assert made.running == {} and not thread.is_alive()

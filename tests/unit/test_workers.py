@@ -10,6 +10,7 @@ import structlog
 
 from virt_reclaim.config import loading
 from virt_reclaim.config.policy import Policy
+from virt_reclaim.job.results import Outcome
 from virt_reclaim.service import workers
 from virt_reclaim.service.messages import Estimated, JobDone, JobEnd, Message
 from virt_reclaim.service.scheduler import Candidate
@@ -46,7 +47,7 @@ def test_a_job_thread_posts_its_outcome_and_is_forgotten_when_done(
         _c: Candidate, _p: Policy, _s: Any, stop: threading.Event, _progress: Any = None
     ) -> JobEnd:
         seen_stop.append(stop)
-        return JobEnd("reclaimed", waits_for_space=False)
+        return JobEnd(Outcome.RECLAIMED, waits_for_space=False)
 
     monkeypatch.setattr(workers, "run_candidate", run_candidate)
     posted: list[Message] = []
@@ -60,7 +61,7 @@ def test_a_job_thread_posts_its_outcome_and_is_forgotten_when_done(
     candidate = Candidate("vm", "uuid-vm", "p", 10, 5, 60.0)
     pool.start_job(candidate, POLICY, SETTINGS, now=42.0)
     assert done.wait(10)
-    assert posted == [JobDone("uuid-vm", JobEnd("reclaimed", waits_for_space=False))]
+    assert posted == [JobDone("uuid-vm", JobEnd(Outcome.RECLAIMED, waits_for_space=False))]
     assert seen_stop == [pool.stop]
     assert pool.running["uuid-vm"].started == 42.0
     job = pool.job_done("uuid-vm")

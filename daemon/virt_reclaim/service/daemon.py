@@ -34,7 +34,7 @@ from virt_reclaim.metrics import writer
 from virt_reclaim.service import dispatch, reloads, retention, scheduler, status, windows, workers
 from virt_reclaim.service.hostview import HostView
 from virt_reclaim.service.messages import (
-    Closed,
+    ConnectionClosed,
     Estimated,
     Fired,
     JobDone,
@@ -223,7 +223,7 @@ class Daemon:
                 self._on_fired(policy)
             case Lifecycle(uuid, name, event):
                 self._on_lifecycle(uuid, name, event)
-            case Closed(reason):
+            case ConnectionClosed(reason):
                 self._on_closed(reason)
             case Estimated(policy, candidates):
                 self._on_estimated(policy, candidates)
@@ -251,7 +251,8 @@ class Daemon:
         job = self.workers.job_done(uuid)
         self.windows.job_ended()
         if job is not None:
-            log.info("job.ended", domain=job.domain, policy=job.policy, outcome=ended.outcome,
+            outcome = None if ended.outcome is None else str(ended.outcome)
+            log.info("job.ended", domain=job.domain, policy=job.policy, outcome=outcome,
                      running_jobs=len(self.running))  # fmt: skip
             if ended.waits_for_space and self.windows.wait_for_space(job.candidate, self.clock()):
                 log.info("job.waiting_for_space", domain=job.domain, policy=job.policy,
@@ -292,7 +293,7 @@ class Daemon:
         came_back = self.host.connect(
             self.daemon_config.uri,
             on_lifecycle=lambda uuid, name, event: self._post(Lifecycle(uuid, name, event)),
-            on_close=lambda reason: self._post(Closed(reason)),
+            on_close=lambda reason: self._post(ConnectionClosed(reason)),
         )
         if came_back:
             for name in list(self.windows.open):

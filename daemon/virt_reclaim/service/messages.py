@@ -1,8 +1,8 @@
 """What the other threads tell the daemon's main loop: one frozen record per kind of message.
 
-libvirt's event thread posts ``Lifecycle`` and ``Closed``, the scheduler ``Fired``, an
-estimator thread ``Estimated``, a job thread ``JobDone``; the main loop alone reads them
-(``Daemon._handle``). Each carries its ``kind``, the name the logs give it.
+libvirt's event thread posts ``Lifecycle`` and ``ConnectionClosed``, the scheduler
+``Fired``, an estimator thread ``Estimated``, a job thread ``JobDone``; the main loop
+alone reads them (``Daemon._handle``). Each carries its ``kind``, the name the logs give it.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
+from virt_reclaim.job.results import Outcome
 from virt_reclaim.service.scheduler import Candidate
 
 
@@ -33,7 +34,7 @@ class Lifecycle:
 
 
 @dataclass(frozen=True)
-class Closed:
+class ConnectionClosed:
     """The libvirt connection was lost."""
 
     kind: ClassVar[str] = "closed"
@@ -53,7 +54,7 @@ class Estimated:
 class JobEnd:
     """What the main loop hears of a job's end."""
 
-    outcome: str | None  # None: it could not run, or crashed
+    outcome: Outcome | None  # None: it could not run, or crashed
     waits_for_space: bool  # skipped while other jobs hold the host's space reserved
 
 
@@ -66,6 +67,6 @@ class JobDone:
     ended: JobEnd
 
 
-Message = Fired | Lifecycle | Closed | Estimated | JobDone
+Message = Fired | Lifecycle | ConnectionClosed | Estimated | JobDone
 # How a thread hands a message to the main loop (and wakes it).
 Post = Callable[[Message], None]

@@ -250,7 +250,7 @@ def run_candidate(
 ) -> JobEnd:
     """Run the candidate's job; how it ended. ``on_progress(disk, percent)`` as in run_job."""
     structlog.contextvars.bind_contextvars(policy=policy.name, domain=candidate.name)
-    outcome: str | None = None
+    outcome: Outcome | None = None
     waits_for_space = False
     try:
         with Hypervisor(daemon_config.uri) as hypervisor:
@@ -267,7 +267,7 @@ def run_candidate(
                 stop=stop,
                 on_progress=on_progress,
             )
-            outcome = str(result.outcome)
+            outcome = result.outcome
             waits_for_space = result.waits_for_space
     except (VirtError, JournalError, DomainBusy) as exc:
         log.error("job.not_run", error=str(exc))
