@@ -181,3 +181,14 @@ def test_a_job_outcome_this_version_does_not_know_is_a_journal_error(tmp_path: P
 
     with pytest.raises(JournalError, match="'vanished'"):
         journal.history()
+
+
+@pytest.mark.parametrize("text", ['{"convert": true, "format": "raw"}', "{not json"])
+def test_a_conversion_without_its_paths_is_a_journal_error(tmp_path: Path, text: str) -> None:
+    journal = journal_with_disk(tmp_path)
+    db = sqlite3.connect(tmp_path / "state" / JOURNAL_NAME, isolation_level=None)
+    db.execute("UPDATE job_disks SET data = ? WHERE job_id = 'j1'", (text,))
+    db.close()
+
+    with pytest.raises(JournalError, match="a disk's data it cannot read"):
+        journal.unfinished()

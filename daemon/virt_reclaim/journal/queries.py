@@ -317,5 +317,8 @@ def _disk_data(text: str | None) -> DiskData | None:
     """A ``job_disks.data`` JSON object as the record of the mode that wrote it."""
     if not text:
         return None
-    value = json.loads(text)
-    return ConversionData.from_json(value) if isinstance(value, dict) else None
+    try:
+        value = json.loads(text)
+        return ConversionData.from_json(value) if isinstance(value, dict) else None
+    except (ValueError, KeyError) as exc:  # recovery would act on a guess
+        raise JournalError(f"the journal records a disk's data it cannot read: {text!r}") from exc
