@@ -6,8 +6,9 @@ import threading
 
 from fakes import MIB
 from virt_reclaim.errors import AgentUnavailable
-from virt_reclaim.job.freespace.agent import FilledFilesystem, zero_fill
+from virt_reclaim.job.freespace.agent import FilledFilesystem, trim, zero_fill
 from virt_reclaim.job.freespace.budget import Fill
+from virt_reclaim.job.settings import FreeSpaceMethod
 from virt_reclaim.model import GuestExecResult, TrimmedPath
 
 
@@ -45,7 +46,11 @@ def test_each_fill_is_logged_with_the_old_keys_and_skipped_only_when_skipped() -
          "left_bytes": 60 * MIB},
     ]  # fmt: skip
     assert result.zeroed_bytes == 40 * MIB
-    assert (result.method, result.filesystems, result.problem) == ("zero", ("/data",), None)
+    assert (result.method, result.filesystems, result.problem) == (
+        FreeSpaceMethod.ZERO,
+        ("/data",),
+        None,
+    )
 
 
 def test_a_skipped_fill_without_a_reason_still_logs_the_key() -> None:
@@ -61,7 +66,7 @@ def test_a_fill_the_agent_refuses_is_reported_with_nothing_zeroed() -> None:
     result = zero_fill(agent, [Fill("/data", 64 * MIB, 100 * MIB)], timeout=60)
 
     assert result.fills == [FilledFilesystem("/data", 64 * MIB, 0, 100 * MIB)]
-    assert result.method == "none" and result.zeroed_bytes == 0
+    assert result.method is FreeSpaceMethod.NONE and result.zeroed_bytes == 0
     assert result.problem == "zero-fill of /data: guest-exec is disabled"
 
 
@@ -72,3 +77,14 @@ def test_a_fill_that_fails_keeps_what_it_zeroed() -> None:
 
     assert result.fills == [FilledFilesystem("/data", 64 * MIB, 8 * MIB, 92 * MIB)]
     assert result.problem == "zero-fill of /data: exited 1: dd: no space"
+
+
+def test_a_trim_reports_its_method_as_the_enum_of_the_old_string() -> None:
+    class Trimming(ScriptedAgent):
+        def fstrim(self, timeout: float = 600.0) -> list[TrimmedPath]:
+            return [TrimmedPath("/", 5 * MIB, None)]
+
+    result = trim(Trimming([]), ["/"], timeout=60)
+
+    assert result.method is FreeSpaceMethod.TRIM and str(result.method) == "trim"
+    assert (result.trimmed_bytes, result.problem, result.fills) == (5 * MIB, None, [])

@@ -131,9 +131,9 @@ class FilledFilesystem:
 
 @dataclass
 class FreeSpaceResult:
-    """What was done (``trim``, ``zero`` or ``none``), how much, and what went wrong."""
+    """What was done (trim, zero or none: never auto), how much, and what went wrong."""
 
-    method: str
+    method: FreeSpaceMethod
     filesystems: tuple[str, ...]
     problem: str | None = None
     trimmed_bytes: int | None = None
@@ -150,11 +150,11 @@ def trim(agent: GuestAgentPort, mountpoints: Sequence[str], *, timeout: float) -
     try:
         paths = agent.fstrim(timeout)
     except AgentUnavailable as exc:
-        return FreeSpaceResult("none", (), f"trim failed: {exc}")
+        return FreeSpaceResult(FreeSpaceMethod.NONE, (), f"trim failed: {exc}")
     errors = [f"{p.path}: {p.error}" for p in paths if p.error]
     trimmed = [p.trimmed for p in paths if p.trimmed is not None]
     return FreeSpaceResult(
-        "trim",
+        FreeSpaceMethod.TRIM,
         tuple(mountpoints),
         "; ".join(errors)[:500] or None,
         sum(trimmed) if trimmed else None,
@@ -174,7 +174,7 @@ def zero_fill(
     watch seeing a host filesystem fall below its reserve. An agent that refuses is
     reported as ``problem``.
     """
-    result = FreeSpaceResult("none", ())
+    result = FreeSpaceResult(FreeSpaceMethod.NONE, ())
     done: list[str] = []
     for fill in fills:
         # Listed before it runs: a fill stopped or refused is reported with nothing zeroed.
@@ -192,7 +192,7 @@ def zero_fill(
                 cancel=cancel,
             )  # fmt: skip
         except GuestExecCancelled:
-            result.method = "zero" if done else "none"
+            result.method = FreeSpaceMethod.ZERO if done else FreeSpaceMethod.NONE
             result.filesystems = tuple(done)
             raise
         except AgentUnavailable as exc:
@@ -210,7 +210,7 @@ def zero_fill(
             )
             break
         done.append(fill.mountpoint)
-    result.method = "zero" if done else "none"
+    result.method = FreeSpaceMethod.ZERO if done else FreeSpaceMethod.NONE
     result.filesystems = tuple(done)
     if not done and result.problem is None:
         result.problem = (
