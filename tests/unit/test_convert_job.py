@@ -25,9 +25,9 @@ from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job.context import Step
 from virt_reclaim.job.frame import ReclaimJob
 from virt_reclaim.job.modes import conversion, mode_of
-from virt_reclaim.job.results import Outcome, Recovered
+from virt_reclaim.job.results import Outcome, Recovered, RecoveryOutcome
 from virt_reclaim.job.settings import FreeSpaceMethod, JobSettings, ModeName
-from virt_reclaim.journal.records import JournalDisk
+from virt_reclaim.journal.records import ConversionData, DiskState, JournalDisk
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState
 
@@ -345,18 +345,21 @@ class CrashedDisk:
         self.original = make_raw(folder / "disk.raw")
         self.new = folder / "disk.qcow2"
         self.temp = folder / ".disk.qcow2.virt-reclaim-j1.tmp"
-        self.data = {"convert": True, "format": "raw", "new_path": str(self.new),
-                     "data_file": None, "keep_original": keep}  # fmt: skip
+        self.data = ConversionData(
+            format="raw", new_path=str(self.new), data_file=None, keep_original=keep
+        )
 
     def converted(self, into: Path) -> None:
         sh("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(self.original), str(into))
 
     def journaled(self, state: str) -> JournalDisk:
-        return JournalDisk("vda", str(self.original), str(self.temp), None, state, data=self.data)
+        return JournalDisk(
+            "vda", str(self.original), str(self.temp), None, DiskState(state), data=self.data
+        )
 
 
 def recover_one(disk: JournalDisk, source_now: str | None) -> tuple[bool, Recovered]:
-    result = Recovered("j1", "fake", "x", "failed", [])
+    result = Recovered("j1", "fake", "x", RecoveryOutcome.FAILED, [])
     return conversion.recover_disk(disk, source_now, result), result
 
 
@@ -433,12 +436,12 @@ def test_the_convert_mode_recovers_from_what_the_definition_names(tmp_path: Path
     crashed.converted(crashed.new)
     domain = FakeDomain([FakeDisk("vda", crashed.new)], power=DomainState.SHUTOFF)
     journal = Journal(tmp_path / "state")
-    journal.begin_job("j1", "fake", domain.uuid, {}, mode="convert")
+    journal.begin_job("j1", "fake", domain.uuid, JobSettings(), mode="convert")
     journal.record_plan("j1", "shutoff", [crashed.journaled("planned")])
-    journal.record_disk("j1", "vda", state="defined", data=crashed.data)
+    journal.record_disk("j1", "vda", state=DiskState.DEFINED, data=crashed.data)
     journal.enter_step("j1", "cleanup")
     [job] = journal.unfinished()
-    result = Recovered(job.id, job.domain, job.step, "failed", [])
+    result = Recovered(job.id, job.domain, job.step, RecoveryOutcome.FAILED, [])
 
     mode_of("convert").recover(job, result, lambda _uuid: domain)
 

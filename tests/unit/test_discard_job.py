@@ -17,7 +17,8 @@ from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job.context import Step
 from virt_reclaim.job.frame import ReclaimJob
 from virt_reclaim.job.modes import mode_of
-from virt_reclaim.job.results import Outcome, Recovered
+from virt_reclaim.job.ports import DomainPort
+from virt_reclaim.job.results import Outcome, Recovered, RecoveryOutcome
 from virt_reclaim.job.settings import JobSettings
 from virt_reclaim.journal.records import JournalDisk
 from virt_reclaim.journal.store import Journal
@@ -129,17 +130,17 @@ def test_a_change_made_to_the_definition_during_the_job_is_kept(
 def test_a_job_killed_in_its_define_step_is_recovered_as_reclaimed(tmp_path: Path) -> None:
     image = make_image(tmp_path / "disk.qcow2", "16M")
     journal = Journal(tmp_path / "state")
-    journal.begin_job("j1", "fake", "u1", {}, mode="offline")
+    journal.begin_job("j1", "fake", "u1", JobSettings(), mode="offline")
     temp = str(tmp_path / ".disk.qcow2.virt-reclaim-j1.tmp")
     journal.record_plan("j1", "running", [JournalDisk("vda", str(image), temp, None)])
     for step in ("shutdown", "guard", "rewrite", "verify", "swap", "define"):
         journal.enter_step("j1", step)
     [job] = journal.unfinished()
-    result = Recovered(job.id, job.domain, job.step, "failed", [])
+    result = Recovered(job.id, job.domain, job.step, RecoveryOutcome.FAILED, [])
 
-    mode_of("offline").recover(job, result, lambda _uuid: None)
+    mode_of("offline").recover(job, result, no_domain)
 
-    assert result.outcome == "reclaimed"
+    assert result.outcome is RecoveryOutcome.RECLAIMED
 
 
 def test_detect_zeroes_on_becomes_unmap(domain: FakeDomain, tmp_path: Path) -> None:
@@ -150,3 +151,8 @@ def test_detect_zeroes_on_becomes_unmap(domain: FakeDomain, tmp_path: Path) -> N
     assert result.outcome is Outcome.RECLAIMED
     assert result.disks[0].discard_enabled
     assert (domain.disks[0].discard, domain.disks[0].detect_zeroes) == (True, "unmap")
+
+
+def no_domain(uuid: str) -> DomainPort:
+    """The lookup of a recovery that must not need the domain."""
+    raise AssertionError(f"recovery looked domain {uuid} up")

@@ -14,7 +14,10 @@ import sys
 from pathlib import Path
 
 from virt_reclaim.cli.render import print_plan
-from virt_reclaim.reports.plan import PlanEntry
+from virt_reclaim.config.policy import Policy
+from virt_reclaim.job.results import DiskResult, SkippedDisk
+from virt_reclaim.reports import layout
+from virt_reclaim.reports.plan import PlanDisk, PlanEntry, _plan_disk
 
 MIB = 1024 * 1024
 NODE = """<node>
@@ -76,8 +79,8 @@ def test_domains_estimate_adds_a_reclaimable_column_and_json_key(tmp_path: Path)
 
 def entry(domain: str, policy: str | None, outcome: str, *gains: int | None) -> PlanEntry:
     disks = [
-        {"target": f"vd{chr(97 + i)}", "path": f"/i/{domain}-{i}", "bytes_allocated": 100 * MIB,
-         "estimated_after": None if g is None else 100 * MIB - g, "estimated_reclaimable": g}
+        PlanDisk(f"vd{chr(97 + i)}", f"/i/{domain}-{i}", bytes_allocated=100 * MIB,
+                 estimated_after=None if g is None else 100 * MIB - g, estimated_reclaimable=g)
         for i, g in enumerate(gains)
     ]  # fmt: skip
     return PlanEntry(domain, "running", policy, None, outcome, "", disks)
@@ -108,3 +111,30 @@ def test_plan_shows_each_disks_gain_and_a_total_per_policy() -> None:
         "  weekly: 60.0 MiB in 2 of 3 domain(s); 1.0 MiB more below its minimum gain",
         "  total: 60.0 MiB",
     ]
+
+
+def test_plan_json_keeps_each_disks_keys_and_the_skipped_disks() -> None:
+    policy = Policy.model_validate(
+        {"name": "p", "match": {"names": ["*"]}, "schedule": {"cron": "0 2 * * *"}}
+    )
+    raw = DiskResult("vda", "/i/disk.raw", 1 << 30, 100 * MIB, None, 60 * MIB, "map", None, None,
+                     format="raw", discard=False)  # fmt: skip
+    skipped = SkippedDisk("vdb", "/i/cd.iso", "a cdrom")
+    entry = PlanEntry("vm", "running", "p", None, "would-reclaim", "", [_plan_disk(policy, raw)],
+                      [skipped])  # fmt: skip
+
+    printed = json.loads(json.dumps(entry.to_json()))
+
+    new_layout = layout.describe(str(policy.rewrite.compression), None, "off")
+    assert printed["disks"] == [{
+        "target": "vda", "path": "/i/disk.raw", "bytes_allocated": 100 * MIB,
+        "estimated_after": 60 * MIB, "estimated_reclaimable": 40 * MIB, "format": "raw",
+        "converted_to": "/i/disk.qcow2", "discard": False, "layout": new_layout.to_json(),
+    }]  # fmt: skip
+    assert list(printed["disks"][0]) == list(PlanDisk.__dataclass_fields__)
+    assert printed["skipped_disks"] == [{"target": "vdb", "path": "/i/cd.iso", "reason": "a cdrom"}]
+    out = io.StringIO()
+    print_plan([entry], out)
+    assert "      converted: raw -> /i/disk.qcow2\n" in out.getvalue()
+    assert f"      new image: {new_layout.read_cost}\n" in out.getvalue()
+    assert "  vdb  skipped: a cdrom\n" in out.getvalue()

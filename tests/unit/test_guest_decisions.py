@@ -219,7 +219,7 @@ def test_a_guest_claiming_more_zeros_than_the_fill_may_write_is_capped_at_the_pl
     result = zero_fill(agent, [Fill("/data", 64 * MIB, 900 * MIB)], timeout=60)
 
     [fill] = result.fills
-    assert fill["zeroed_bytes"] == 64 * MIB
+    assert fill.zeroed_bytes == 64 * MIB
     assert agent.scripts[0][-1] == "64"  # dd's count: the plan's limit in MiB
 
 

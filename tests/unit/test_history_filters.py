@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from testbed.daemon import write_config
+from virt_reclaim.job.results import Outcome
+from virt_reclaim.job.settings import JobSettings
 from virt_reclaim.journal.store import JOURNAL_NAME, Journal
 
 HOUR = 3600.0
@@ -32,9 +34,9 @@ def folders(tmp_path: Path) -> tuple[Path, Path]:
     state = tmp_path / "state"
     journal = Journal(state)
     for job_id, domain, outcome, _ago in JOBS:
-        journal.begin_job(job_id, domain, f"uuid-{domain}", {})
+        journal.begin_job(job_id, domain, f"uuid-{domain}", JobSettings())
         if outcome is not None:
-            journal.finish_job(job_id, outcome=outcome, reason="", bytes_before=None,
+            journal.finish_job(job_id, outcome=Outcome(outcome), reason="", bytes_before=None,
                                bytes_after=None, downtime_s=None, duration_s=None)  # fmt: skip
     journal.close()
     now = time.time()

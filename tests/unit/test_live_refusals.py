@@ -21,7 +21,7 @@ from virt_reclaim.job.modes import live
 from virt_reclaim.job.modes.livecheck import host_refusal
 from virt_reclaim.job.results import Outcome
 from virt_reclaim.job.settings import JobSettings, ModeName
-from virt_reclaim.journal.records import JournalDisk
+from virt_reclaim.journal.records import DiskState, JournalDisk
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import BlockJob, DomainState, HostVersions, version_text
 
@@ -136,7 +136,7 @@ def test_live_recovery_sees_the_swap_in_what_qemu_holds_or_else_in_the_journal(
     temp = tmp_path / ".disk.tmp"
     if temp_left:
         temp.write_bytes(b"")
-    disk = JournalDisk("vda", str(tmp_path / "disk.qcow2"), str(temp), None, state)
+    disk = JournalDisk("vda", str(tmp_path / "disk.qcow2"), str(temp), None, DiskState(state))
     monkeypatch.setattr(process, "holders_of", lambda _p: [(1, held_by)] if held_by else [])
     monkeypatch.setattr(process, "any_named", lambda _prefixes: qemu_visible)
     assert live._swapped(disk) is swapped

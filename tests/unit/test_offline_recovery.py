@@ -18,7 +18,9 @@ from fakes import make_image
 from virt_reclaim.errors import VirtError
 from virt_reclaim.image import guard
 from virt_reclaim.job.modes import mode_of
-from virt_reclaim.job.results import Recovered
+from virt_reclaim.job.ports import DomainPort
+from virt_reclaim.job.results import Recovered, RecoveryOutcome
+from virt_reclaim.job.settings import JobSettings
 from virt_reclaim.journal.records import JournalDisk, JournalJob
 from virt_reclaim.journal.store import Journal
 
@@ -28,7 +30,7 @@ HOLD_S = 120
 def journaled_rewrite(tmp_path: Path, image: Path, temp: Path) -> JournalJob:
     """A job journaled as killed in its rewrite step, the guest shut down by it."""
     journal = Journal(tmp_path / "state")
-    journal.begin_job("j1", "fake", "u1", {}, mode="offline")
+    journal.begin_job("j1", "fake", "u1", JobSettings(), mode="offline")
     journal.record_plan("j1", "running", [JournalDisk("vda", str(image), str(temp), None)])
     for step in ("shutdown", "guard", "preflight", "rewrite"):
         journal.enter_step("j1", step)
@@ -66,10 +68,10 @@ def test_a_temporary_image_locked_by_an_unseen_writer_is_left_and_the_job_stays_
     temp, proc = holder
     image = make_image(tmp_path / "disk.qcow2", "16M")
     job = journaled_rewrite(tmp_path, image, temp)
-    result = Recovered(job.id, job.domain, job.step, "failed", [])
+    result = Recovered(job.id, job.domain, job.step, RecoveryOutcome.FAILED, [])
 
     with pytest.raises(VirtError, match="still locked by a process this recovery cannot see"):
-        mode_of("offline").recover(job, result, lambda _uuid: None)
+        mode_of("offline").recover(job, result, no_domain)
 
     assert temp.exists() and image.exists()
     assert proc.poll() is None, "recovery ended a process that is not a qemu-img"
@@ -80,12 +82,12 @@ def test_an_unlocked_temporary_image_is_removed_and_the_original_kept(tmp_path: 
     temp = make_image(tmp_path / ".disk.qcow2.virt-reclaim-j1.tmp", "16M")
     assert not guard.lock_held(str(temp))
     job = journaled_rewrite(tmp_path, image, temp)
-    result = Recovered(job.id, job.domain, job.step, "failed", [])
+    result = Recovered(job.id, job.domain, job.step, RecoveryOutcome.FAILED, [])
 
-    mode_of("offline").recover(job, result, lambda _uuid: None)
+    mode_of("offline").recover(job, result, no_domain)
 
     assert not temp.exists() and image.exists()
-    assert result.outcome == "failed"
+    assert result.outcome is RecoveryOutcome.FAILED
     assert any(f"removed {temp}" in action for action in result.actions), result.actions
 
 
@@ -105,3 +107,8 @@ def test_a_lock_is_seen_whoever_holds_it(tmp_path: Path) -> None:
         finally:
             proc.kill()
     assert not guard.lock_held(str(image))
+
+
+def no_domain(uuid: str) -> DomainPort:
+    """The lookup of a recovery that must not need the domain."""
+    raise AssertionError(f"recovery looked domain {uuid} up")

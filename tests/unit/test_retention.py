@@ -15,6 +15,8 @@ import pytest
 
 from testbed.daemon import DaemonProcess, write_config
 from virt_reclaim.config.loading import DaemonConfig
+from virt_reclaim.job.results import Outcome
+from virt_reclaim.job.settings import JobSettings
 from virt_reclaim.journal.records import BackupRecord, DomainActivity, JournalDisk
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.metrics.observations import Estimate, Observations
@@ -36,12 +38,12 @@ def add_job(
     journal: Journal, job_id: str, domain: str, uuid: str, age_s: float, *, finished: bool = True
 ) -> None:
     """A job of ``domain`` that started and ended ``age_s`` ago, with a disk and a step."""
-    journal.begin_job(job_id, domain, uuid, {})
+    journal.begin_job(job_id, domain, uuid, JobSettings())
     journal.record_plan(job_id, "running", [JournalDisk("vda", f"/i/{job_id}", "/t", None)])
     journal.enter_step(job_id, "inspect")
     if finished:
-        journal.finish_job(job_id, outcome="reclaimed", reason="", bytes_before=2, bytes_after=1,
-                           downtime_s=1.0, duration_s=2.0)  # fmt: skip
+        journal.finish_job(job_id, outcome=Outcome.RECLAIMED, reason="", bytes_before=2,
+                           bytes_after=1, downtime_s=1.0, duration_s=2.0)  # fmt: skip
     with sqlite3.connect(journal.path) as db:  # backdated: the journal writes time.time()
         db.execute(
             "UPDATE jobs SET started_at = ?, finished_at = CASE WHEN finished_at IS NULL "

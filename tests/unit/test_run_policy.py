@@ -18,6 +18,7 @@ import pytest
 from testbed.daemon import write_config
 from virt_reclaim.cli import batch, run
 from virt_reclaim.job.results import Outcome
+from virt_reclaim.job.settings import JobSettings
 from virt_reclaim.journal.store import Journal
 
 DOMAIN = """<domain type='test' xmlns:test='http://libvirt.org/schemas/domain/test/1.0'>
@@ -102,8 +103,8 @@ def test_a_run_skips_the_busy_and_the_recent_with_their_reasons(host: tuple[str,
     journal = Journal(etc.parent / "state")
     for name in ("vm-big", "vm-a-small"):  # reclaimed an hour ago: min_interval (7 d) holds
         index = list(DOMAINS).index(name)
-        journal.begin_job(f"j-{name}", name, uuid(index), {})
-        journal.finish_job(f"j-{name}", outcome="reclaimed", reason="", bytes_before=2,
+        journal.begin_job(f"j-{name}", name, uuid(index), JobSettings())
+        journal.finish_job(f"j-{name}", outcome=Outcome.RECLAIMED, reason="", bytes_before=2,
                            bytes_after=1, downtime_s=1.0, duration_s=1.0)  # fmt: skip
     journal.close()
 

@@ -23,6 +23,8 @@ import pytest
 
 from testbed.daemon import DaemonProcess, write_config
 from virt_reclaim.config.policy import Policy
+from virt_reclaim.job.results import Outcome
+from virt_reclaim.job.settings import JobSettings
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.reports import status as report
 from virt_reclaim.service import status, windows, workers
@@ -184,10 +186,10 @@ def test_jobs_progress_queue_and_journal_are_reported(tmp_path: Path) -> None:
     job.progress = ("vda", 42.5)
     daemon.running["u1"] = job
     journal = Journal(state)
-    journal.begin_job("j1", "vm1", "u1", {})
+    journal.begin_job("j1", "vm1", "u1", JobSettings())
     journal.enter_step("j1", "rewrite")
-    journal.begin_job("j0", "vm0", "u0", {})
-    journal.finish_job("j0", outcome="reclaimed", reason="done", bytes_before=300,
+    journal.begin_job("j0", "vm0", "u0", JobSettings())
+    journal.finish_job("j0", outcome=Outcome.RECLAIMED, reason="done", bytes_before=300,
                        bytes_after=100, downtime_s=1.0, duration_s=2.0)  # fmt: skip
     journal.close()
 

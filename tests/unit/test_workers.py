@@ -10,7 +10,9 @@ import structlog
 
 from virt_reclaim.config import loading
 from virt_reclaim.config.policy import Policy
+from virt_reclaim.job.results import Outcome
 from virt_reclaim.service import workers
+from virt_reclaim.service.messages import Estimated, JobDone, JobEnd, Message
 from virt_reclaim.service.scheduler import Candidate
 
 POLICY = Policy.model_validate(
@@ -26,11 +28,11 @@ def test_an_estimate_that_crashes_still_posts_so_the_window_can_close(
         raise KeyError("a bug")
 
     monkeypatch.setattr(workers, "estimate", crash)
-    posted: list[tuple[Any, ...]] = []
-    pool = workers.Workers(lambda *message: posted.append(message))
+    posted: list[Message] = []
+    pool = workers.Workers(posted.append)
     with structlog.testing.capture_logs() as events:
         pool._estimate(SETTINGS, POLICY, [], 1.0)
-    assert posted == [("estimated", "p", [])]
+    assert posted == [Estimated("p", [])]
     [failed] = events
     assert failed["event"] == "window.estimate_failed" and failed["log_level"] == "error"
     assert failed["exc_info"] is True
@@ -43,15 +45,15 @@ def test_a_job_thread_posts_its_outcome_and_is_forgotten_when_done(
 
     def run_candidate(
         _c: Candidate, _p: Policy, _s: Any, stop: threading.Event, _progress: Any = None
-    ) -> workers.JobEnd:
+    ) -> JobEnd:
         seen_stop.append(stop)
-        return workers.JobEnd("reclaimed", waits_for_space=False)
+        return JobEnd(Outcome.RECLAIMED, waits_for_space=False)
 
     monkeypatch.setattr(workers, "run_candidate", run_candidate)
-    posted: list[tuple[Any, ...]] = []
+    posted: list[Message] = []
     done = threading.Event()
 
-    def post(*message: Any) -> None:
+    def post(message: Message) -> None:
         posted.append(message)
         done.set()
 
@@ -59,7 +61,7 @@ def test_a_job_thread_posts_its_outcome_and_is_forgotten_when_done(
     candidate = Candidate("vm", "uuid-vm", "p", 10, 5, 60.0)
     pool.start_job(candidate, POLICY, SETTINGS, now=42.0)
     assert done.wait(10)
-    assert posted == [("job-done", "uuid-vm", workers.JobEnd("reclaimed", waits_for_space=False))]
+    assert posted == [JobDone("uuid-vm", JobEnd(Outcome.RECLAIMED, waits_for_space=False))]
     assert seen_stop == [pool.stop]
     assert pool.running["uuid-vm"].started == 42.0
     job = pool.job_done("uuid-vm")

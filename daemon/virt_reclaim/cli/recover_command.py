@@ -8,6 +8,7 @@ import sys
 
 from virt_reclaim import logs
 from virt_reclaim.cli.common import EXIT_FAILED, EXIT_OK
+from virt_reclaim.job.results import RecoveryOutcome
 from virt_reclaim.journal import recovery
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.virt.connection import Hypervisor
@@ -33,4 +34,6 @@ def cmd_recover(args: argparse.Namespace) -> int:
         for action in item.actions:
             print(f"  {action}")
     # An operator's script must see that something is left to do.
-    return EXIT_FAILED if any(item.outcome == "unfinished" for item in done) else EXIT_OK
+    return (
+        EXIT_FAILED if any(item.outcome is RecoveryOutcome.UNFINISHED for item in done) else EXIT_OK
+    )

@@ -171,18 +171,18 @@ def print_plan(entries: Sequence[PlanEntry], out: TextIO) -> None:
         if entry.free_space:
             out.write(f"  free space first: {entry.free_space}\n")
         for disk in entry.disks:
-            gain = disk.get("estimated_reclaimable")
+            gain = disk.estimated_reclaimable
             freed = "" if gain is None else f" ({format_bytes(gain)} reclaimable)"
-            out.write(f"  {disk['target']}  {disk['path']}  "
-                      f"{format_bytes(disk['bytes_allocated'])} now, "
-                      f"{format_bytes(disk['estimated_after'])} estimated after"
+            out.write(f"  {disk.target}  {disk.path}  "
+                      f"{format_bytes(disk.bytes_allocated)} now, "
+                      f"{format_bytes(disk.estimated_after)} estimated after"
                       f"{freed}\n")  # fmt: skip
-            if disk.get("converted_to"):
-                out.write(f"      converted: {disk['format']} -> {disk['converted_to']}\n")
-            if disk.get("layout"):
-                out.write(f"      new image: {disk['layout']['read_cost']}\n")
+            if disk.converted_to:
+                out.write(f"      converted: {disk.format} -> {disk.converted_to}\n")
+            if disk.layout is not None:
+                out.write(f"      new image: {disk.layout.read_cost}\n")
         for skipped in entry.skipped_disks:
-            out.write(f"  {skipped['target']}  skipped: {skipped['reason']}\n")
+            out.write(f"  {skipped.target}  skipped: {skipped.reason}\n")
         for note in entry.notes:
             out.write(f"  note: {note}\n")
     print_plan_totals(entries, out)

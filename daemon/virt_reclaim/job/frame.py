@@ -143,7 +143,7 @@ class ReclaimJob:
                      min_gain=settings.min_gain)  # fmt: skip
         if job.journal is not None:
             job.journal.begin_job(job.job_id, job.domain.name, job.domain.uuid,
-                                  settings.record(), mode=str(self.mode.name))  # fmt: skip
+                                  settings, mode=str(self.mode.name))  # fmt: skip
         waits_for_space = False
         try:
             outcome, reason = self._run_steps()
@@ -264,7 +264,7 @@ class ReclaimJob:
         )
         if job.journal is not None and journal:
             job.journal.finish_job(
-                job.job_id, outcome=str(outcome), reason=reason,
+                job.job_id, outcome=outcome, reason=reason,
                 bytes_before=bytes_before or None, bytes_after=bytes_after,
                 downtime_s=round(result.downtime_s, 3), duration_s=round(duration, 3),
                 estimated_after=estimated_after,

@@ -7,7 +7,7 @@ implementations. Every mode runs qemu-img through ``ImagePort``, recovery includ
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from virt_reclaim.image.imagefile import NewImage
@@ -121,3 +121,8 @@ class LiveDomainPort(DomainPort, Protocol):
     def block_jobs(self) -> BlockJobsPort: ...
     def versions(self) -> HostVersions: ...
     def block_job(self, target: str) -> BlockJob | None: ...
+
+
+# Recovery's way to a journaled job's domain: by UUID (``Hypervisor.domain_by_uuid``). The
+# live mode's recovery takes it as the LiveDomainPort that its job ran on.
+DomainLookup = Callable[[str], DomainPort]

@@ -180,18 +180,22 @@ class DiskFound:
         }
 
 
+class RecoveryOutcome(enum.StrEnum):
+    """How recovery left a job: ``recover --json``'s ``outcome``, the journal's once finished."""
+
+    RECLAIMED = "reclaimed"  # every disk done: the job is finished as reclaimed
+    FAILED = "failed"  # finished, the disks undone (or some left as they were)
+    UNFINISHED = "unfinished"  # could not be ended now: tried again at the next recovery
+
+
 @dataclass
 class Recovered:
-    """What recovery found and did for one job that its process left unfinished.
-
-    ``outcome`` is ``reclaimed`` or ``failed`` once the job is finished, ``unfinished``
-    when recovery could not end it now (it is tried again at the next recovery).
-    """
+    """What recovery found and did for one job that its process left unfinished."""
 
     job_id: str
     domain: str
     step: str | None
-    outcome: str
+    outcome: RecoveryOutcome
     actions: list[str]
     found: list[DiskFound] = field(default_factory=list)
 
@@ -201,7 +205,7 @@ class Recovered:
             "job_id": self.job_id,
             "domain": self.domain,
             "step": self.step,
-            "outcome": self.outcome,
+            "outcome": str(self.outcome),
             "actions": self.actions,
             "found": [disk.to_json() for disk in self.found],
         }

@@ -5,14 +5,20 @@ A mixin of ``Journal``, which opens the database and writes it (``journal/store.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+from virt_reclaim.job.results import Outcome
 from virt_reclaim.journal.records import (
     BackupRecord,
+    ConversionData,
+    DiskData,
+    DiskFigures,
+    DiskState,
     DomainActivity,
     JournalDisk,
     JournalError,
@@ -161,12 +167,12 @@ class JournalQueries:
                 d["path"],
                 d["temp_path"],
                 d["backup_path"],
-                d["state"],
+                _disk_state(d["state"]),
                 d["bytes_before"],
                 d["bytes_after"],
                 d["estimated_after"],
                 d["guest_used"],
-                json.loads(d["data"]) if d["data"] else None,
+                _disk_data(d["data"]),
             )
             for d in self._db.execute(
                 "SELECT * FROM job_disks WHERE job_id = ? ORDER BY target", (row["id"],)
@@ -181,7 +187,7 @@ class JournalQueries:
         return JournalJob(
             id=row["id"], domain=row["domain"], domain_uuid=row["domain_uuid"],
             previous_state=row["previous_state"], started_at=row["started_at"],
-            finished_at=row["finished_at"], step=row["step"], outcome=row["outcome"],
+            finished_at=row["finished_at"], step=row["step"], outcome=_outcome(row["outcome"]),
             reason=row["reason"], bytes_before=row["bytes_before"],
             bytes_after=row["bytes_after"], downtime_s=row["downtime_s"],
             duration_s=row["duration_s"], disks=disks, steps=steps, mode=row["mode"],
@@ -246,14 +252,8 @@ class JournalQueries:
         )
         return [(r[0], r[1], max(0.0, float(r[2]))) for r in rows]
 
-    def disk_figures(self) -> list[dict[str, Any]]:
-        """Per domain and disk target: its newest estimate and its newest reclaim.
-
-        Each row has ``domain``, ``target``, and (None when there is none)
-        ``estimated_at``, ``bytes_before``, ``estimated_after`` (the newest job that
-        estimated it), ``reclaimed_at``, ``bytes_after`` (the newest reclaim that
-        rewrote it).
-        """
+    def disk_figures(self) -> list[DiskFigures]:
+        """Per domain and disk target: its newest estimate and its newest reclaim."""
         estimates = self._query_all(
             "SELECT domain, target, started_at, bytes_before, estimated_after FROM ("
             "SELECT j.domain, d.target, j.started_at, d.bytes_before, d.estimated_after, "
@@ -272,16 +272,14 @@ class JournalQueries:
             "WHERE newest = 1",
             (),
         )
-        found: dict[tuple[str, str], dict[str, Any]] = {}
-        empty = dict.fromkeys(
-            ("estimated_at", "bytes_before", "estimated_after", "reclaimed_at", "bytes_after")
-        )
+        found: dict[tuple[str, str], DiskFigures] = {}
         for domain, target, at, before, after in estimates:
-            row = found.setdefault((domain, target), {"domain": domain, "target": target, **empty})
-            row.update(estimated_at=at, bytes_before=before, estimated_after=after)
+            found[domain, target] = DiskFigures(
+                domain, target, estimated_at=at, bytes_before=before, estimated_after=after
+            )
         for domain, target, at, after in reclaims:
-            row = found.setdefault((domain, target), {"domain": domain, "target": target, **empty})
-            row.update(reclaimed_at=at, bytes_after=after)
+            row = found.get((domain, target), DiskFigures(domain, target))
+            found[domain, target] = dataclasses.replace(row, reclaimed_at=at, bytes_after=after)
         return [found[key] for key in sorted(found)]
 
     def _query_all(self, query: str, args: tuple[Any, ...]) -> list[Any]:
@@ -289,3 +287,38 @@ class JournalQueries:
             return self._db.execute(query, args).fetchall()
         except sqlite3.Error as exc:
             raise JournalError(f"journal {self.path}: {exc}") from exc
+
+
+def _disk_state(value: str | None) -> DiskState | None:
+    """A ``job_disks.state`` as its enum; one this version does not know is an error."""
+    if value is None:
+        return None
+    try:
+        return DiskState(value)
+    except ValueError:
+        raise JournalError(
+            f"the journal records a disk state {value!r} this virt-reclaim does not know"
+        ) from None
+
+
+def _outcome(value: str | None) -> Outcome | None:
+    """A ``jobs.outcome`` as its enum; one this version does not know is an error."""
+    if value is None:
+        return None
+    try:
+        return Outcome(value)
+    except ValueError:
+        raise JournalError(
+            f"the journal records a job outcome {value!r} this virt-reclaim does not know"
+        ) from None
+
+
+def _disk_data(text: str | None) -> DiskData | None:
+    """A ``job_disks.data`` JSON object as the record of the mode that wrote it."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+        return ConversionData.from_json(value) if isinstance(value, dict) else None
+    except (ValueError, KeyError) as exc:  # recovery would act on a guess
+        raise JournalError(f"the journal records a disk's data it cannot read: {text!r}") from exc

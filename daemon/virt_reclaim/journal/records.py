@@ -2,15 +2,76 @@
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from virt_reclaim.errors import VirtReclaimError
+from virt_reclaim.job.results import Outcome
 from virt_reclaim.units import iso_time
 
 
 class JournalError(VirtReclaimError):
     """The journal cannot be opened, read or written; no job may run."""
+
+
+class DiskState(enum.StrEnum):
+    """How far a disk of a job got, as its mode journals it (``job_disks.state``).
+
+    The values are the journal's: a journal written by any version reads back.
+    The offline mode journals none (its step says it all).
+    """
+
+    PLANNED = "planned"  # live and convert: nothing changed yet
+    # live (job/modes/live.py)
+    SNAPSHOTTED = "snapshotted"
+    SWAPPING = "swapping"
+    SWAPPED = "swapped"
+    COPIED = "copied"
+    COMMITTED = "committed"
+    UNDONE = "undone"
+    # convert (job/modes/conversion.py)
+    PLACED = "placed"
+    DEFINED = "defined"
+    CLEAN = "clean"  # both: the job's files are gone (live) or the original (convert)
+
+
+@dataclass(frozen=True)
+class ConversionData:
+    """What recovery needs of a disk a convert job converts, journaled before it starts."""
+
+    format: str  # the original's format, as the definition states it (raw, vmdk)
+    new_path: str  # where the qcow2 image goes
+    data_file: str | None  # a VMDK's extent file beside its descriptor, removed with it
+    keep_original: bool  # keep_backup: the original stays after the conversion
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``job_disks.data`` JSON object (``convert: true`` marks a conversion)."""
+        return {
+            "convert": True,
+            "format": self.format,
+            "new_path": self.new_path,
+            "data_file": self.data_file,
+            "keep_original": self.keep_original,
+        }
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> ConversionData | None:
+        """The record of a ``job_disks.data`` object; None when it is not a conversion's."""
+        if not value.get("convert"):
+            return None
+        data_file = value.get("data_file")
+        return cls(
+            format=str(value["format"]),
+            new_path=str(value["new_path"]),
+            data_file=None if data_file is None else str(data_file),
+            keep_original=bool(value.get("keep_original")),
+        )
+
+
+# What a mode journals for a disk to recover it: only a conversion needs more than the paths.
+DiskData = ConversionData
 
 
 @dataclass(frozen=True)
@@ -21,12 +82,29 @@ class JournalDisk:
     path: str
     temp_path: str
     backup_path: str | None
-    state: str | None = None  # the mode's own record of how far this disk got
+    state: DiskState | None = None  # the mode's own record of how far this disk got
     bytes_before: int | None = None
     bytes_after: int | None = None
     estimated_after: int | None = None
     guest_used: int | None = None
-    data: dict[str, Any] | None = None  # what the mode needs to recover this disk
+    data: DiskData | None = None  # what the mode needs to recover this disk
+
+
+@dataclass(frozen=True)
+class DiskFigures:
+    """A disk's newest estimate and newest reclaim in the journal (the metrics' figures).
+
+    The estimate's fields are None when no job estimated the disk, the reclaim's when
+    no reclaim rewrote it.
+    """
+
+    domain: str
+    target: str
+    estimated_at: float | None = None  # when the newest estimating job started
+    bytes_before: int | None = None
+    estimated_after: int | None = None
+    reclaimed_at: float | None = None  # when the newest reclaim of it ended
+    bytes_after: int | None = None
 
 
 @dataclass(frozen=True)
@@ -75,7 +153,7 @@ class JournalJob:
     started_at: float
     finished_at: float | None
     step: str | None
-    outcome: str | None
+    outcome: Outcome | None  # None: no end recorded (running, or left to recovery)
     reason: str | None
     bytes_before: int | None
     bytes_after: int | None

@@ -10,17 +10,16 @@ to do.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import structlog
+from structlog.typing import FilteringBoundLogger
 
 from virt_reclaim.errors import VirtError
 from virt_reclaim.job.context import SHUTDOWN_REQUESTED, Step
 from virt_reclaim.job.freespace import agent
 from virt_reclaim.job.lock import DomainBusy, DomainLock
 from virt_reclaim.job.modes import mode_of
-from virt_reclaim.job.results import Recovered
+from virt_reclaim.job.ports import DomainLookup
+from virt_reclaim.job.results import Outcome, Recovered, RecoveryOutcome
 from virt_reclaim.journal.records import JournalJob
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState
@@ -42,7 +41,7 @@ SETTLE_TIMEOUT_S = 60.0
 def recover(
     journal: Journal,
     state_dir: str,
-    lookup_domain: Callable[[str], Any],
+    lookup_domain: DomainLookup,
     *,
     agent_timeout_s: float = 120.0,
 ) -> list[Recovered]:
@@ -65,12 +64,13 @@ def recover(
                 result = _recover_job(job, lookup_domain, agent_timeout_s, log)
             except RecoveryIncomplete as exc:
                 # Left unfinished, every file in place: the next recovery tries again.
-                exc.result.outcome = "unfinished"
+                exc.result.outcome = RecoveryOutcome.UNFINISHED
                 done.append(exc.result)
                 continue
             journal.finish_job(
                 job.id,
-                outcome=result.outcome,
+                # Recovery ends a job reclaimed or failed: the job outcomes of those names.
+                outcome=Outcome(result.outcome),
                 reason="recovered after the job was interrupted at step "
                 f"{job.step or 'start'}: " + "; ".join(result.actions or ["nothing to undo"]),
                 bytes_before=None,
@@ -86,12 +86,12 @@ def recover(
 
 def _recover_job(
     job: JournalJob,
-    lookup_domain: Callable[[str], Any],
+    lookup_domain: DomainLookup,
     agent_timeout_s: float,
-    log: Any,  # noqa: ANN401
+    log: FilteringBoundLogger,
 ) -> Recovered:
     log = log.bind(job_id=job.id, domain=job.domain)
-    result = Recovered(job.id, job.domain, job.step, "failed", [])
+    result = Recovered(job.id, job.domain, job.step, RecoveryOutcome.FAILED, [])
     if job.step == FREE_SPACE_STEP:
         _stop_fills(job, lookup_domain, result)
     try:
@@ -113,7 +113,7 @@ def _recover_job(
     return result
 
 
-def _stop_fills(job: JournalJob, lookup_domain: Callable[[str], Any], result: Recovered) -> None:
+def _stop_fills(job: JournalJob, lookup_domain: DomainLookup, result: Recovered) -> None:
     """End a zero-fill the dead job left running: it would fill the guest unwatched."""
     try:
         domain = lookup_domain(job.domain_uuid)
@@ -131,7 +131,7 @@ def _stop_fills(job: JournalJob, lookup_domain: Callable[[str], Any], result: Re
 
 
 def _bring_back(
-    job: JournalJob, lookup_domain: Callable[[str], Any], agent_timeout_s: float, result: Recovered
+    job: JournalJob, lookup_domain: DomainLookup, agent_timeout_s: float, result: Recovered
 ) -> None:
     try:
         domain = lookup_domain(job.domain_uuid)
@@ -144,5 +144,5 @@ def _bring_back(
             if not domain.wait_for_agent(agent_timeout_s):
                 result.actions.append("the guest agent did not answer after the start")
     except VirtError as exc:
-        result.outcome = "failed"
+        result.outcome = RecoveryOutcome.FAILED
         result.actions.append(f"could not start the guest again: {exc}")

@@ -16,10 +16,20 @@ import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
+from virt_reclaim.job.results import Outcome
 from virt_reclaim.journal.queries import JournalQueries
-from virt_reclaim.journal.records import BackupRecord, JournalDisk, JournalError
+from virt_reclaim.journal.records import (
+    BackupRecord,
+    DiskData,
+    DiskState,
+    JournalDisk,
+    JournalError,
+)
+
+if TYPE_CHECKING:
+    from virt_reclaim.job.settings import JobSettings
 
 DEFAULT_STATE_DIR = "/var/lib/virt-reclaim"
 JOURNAL_NAME = "journal.sqlite3"
@@ -183,15 +193,15 @@ class Journal(JournalQueries):
         job_id: str,
         domain: str,
         domain_uuid: str,
-        settings: dict[str, Any],
+        settings: JobSettings,
         mode: str = "offline",
     ) -> None:
-        """Record that a job of ``mode`` starts."""
+        """Record that a job of ``mode`` starts, and what the journal keeps of its settings."""
         with self._write() as db:
             db.execute(
                 "INSERT INTO jobs (id, domain, domain_uuid, started_at, settings, mode) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (job_id, domain, domain_uuid, time.time(), json.dumps(settings), mode),
+                (job_id, domain, domain_uuid, time.time(), json.dumps(settings.record()), mode),
             )
 
     def record_disk(
@@ -199,8 +209,8 @@ class Journal(JournalQueries):
         job_id: str,
         target: str,
         *,
-        state: str | None = None,
-        data: dict[str, Any] | None = None,
+        state: DiskState | None = None,
+        data: DiskData | None = None,
         bytes_before: int | None = None,
         bytes_after: int | None = None,
         estimated_after: int | None = None,
@@ -208,8 +218,8 @@ class Journal(JournalQueries):
     ) -> None:
         """Record a disk's state, its mode's data, or its figures; what is None stays."""
         columns = {
-            "state": state,
-            "data": None if data is None else json.dumps(data),
+            "state": None if state is None else str(state),
+            "data": None if data is None else json.dumps(data.to_json()),
             "bytes_before": bytes_before,
             "bytes_after": bytes_after,
             "estimated_after": estimated_after,
@@ -325,7 +335,7 @@ class Journal(JournalQueries):
         self,
         job_id: str,
         *,
-        outcome: str,
+        outcome: Outcome,
         reason: str,
         bytes_before: int | None,
         bytes_after: int | None,
@@ -339,7 +349,7 @@ class Journal(JournalQueries):
                 "UPDATE jobs SET finished_at = ?, outcome = ?, reason = ?, bytes_before = ?, "
                 "bytes_after = ?, downtime_s = ?, duration_s = ?, "
                 "estimated_after = COALESCE(?, estimated_after) WHERE id = ?",
-                (time.time(), outcome, reason, bytes_before, bytes_after, downtime_s,
+                (time.time(), str(outcome), reason, bytes_before, bytes_after, downtime_s,
                  duration_s, estimated_after, job_id),
             )  # fmt: skip
             db.execute("DELETE FROM reservations WHERE job_id = ?", (job_id,))

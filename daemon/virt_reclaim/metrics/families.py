@@ -258,7 +258,7 @@ def _last_job_families(journal: Journal) -> list[Metric]:
         at.add_metric([job.domain], job.finished_at)
         duration.add_metric([job.domain], job.duration_s or 0.0)
         downtime.add_metric([job.domain], job.downtime_s or 0.0)
-        outcome.add_metric([job.domain, job.outcome or ""], 1)
+        outcome.add_metric([job.domain, str(job.outcome or "")], 1)
         should_run.add_metric([job.domain], _should_run(journal, job.id, job.outcome,
                                                         job.previous_state))  # fmt: skip
     per_step: dict[str, tuple[int, float]] = {}
@@ -276,10 +276,12 @@ def _last_job_families(journal: Journal) -> list[Metric]:
     return [at, duration, downtime, outcome, should_run, steps, last_steps]
 
 
-def _should_run(journal: Journal, job_id: str, outcome: str | None, previous: str | None) -> int:
+def _should_run(
+    journal: Journal, job_id: str, outcome: Outcome | None, previous: str | None
+) -> int:
     """Whether the job should have left its guest running, by what the frame restores."""
     was_running = previous == str(DomainState.RUNNING)
-    if outcome != str(Outcome.RECLAIMED):
+    if outcome is not Outcome.RECLAIMED:
         return int(was_running)  # nothing changed, or the previous state restored
     after = journal.job_setting(job_id, "after")
     if after == "start":
@@ -301,14 +303,14 @@ def _disk_figures(journal: Journal, observed: Observations) -> list[Metric]:
                        ["domain", "target"])  # fmt: skip
     estimates = dict(observed.estimates)
     for row in journal.disk_figures():
-        key = (row["domain"], row["target"])
+        key = (row.domain, row.target)
         found: list[Estimate] = []
-        if row["estimated_at"] is not None:
-            gain = max(0, row["bytes_before"] - row["estimated_after"])
-            found.append(Estimate(gain, row["estimated_at"]))
-        if row["reclaimed_at"] is not None:
-            found.append(Estimate(0, row["reclaimed_at"]))
-            reclaimed.add_metric(list(key), row["bytes_after"])
+        if row.estimated_at is not None:
+            gain = max(0, (row.bytes_before or 0) - (row.estimated_after or 0))
+            found.append(Estimate(gain, row.estimated_at))
+        if row.reclaimed_at is not None:
+            found.append(Estimate(0, row.reclaimed_at))
+            reclaimed.add_metric(list(key), row.bytes_after or 0)
         if key in estimates:
             found.append(estimates[key])
         if found:

@@ -14,12 +14,42 @@ from virt_reclaim.config.policy import Policy, job_settings
 from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job.frame import ReclaimJob
 from virt_reclaim.job.modes import conversion
-from virt_reclaim.job.results import DiskResult, JobResult, Outcome
+from virt_reclaim.job.results import DiskResult, JobResult, Outcome, SkippedDisk
 from virt_reclaim.job.settings import JobSettings
 from virt_reclaim.model import DomainObservation
 from virt_reclaim.reports import advice, inventory, layout
+from virt_reclaim.reports.layout import Layout
 from virt_reclaim.virt.connection import Hypervisor
 from virt_reclaim.virt.domain import Domain
+
+
+@dataclass(frozen=True)
+class PlanDisk:
+    """One disk in the plan: its size now, its estimate, and what its rewrite would make."""
+
+    target: str
+    path: str
+    bytes_allocated: int
+    estimated_after: int | None
+    estimated_reclaimable: int | None  # None: no estimate
+    format: str = "qcow2"  # the image's format now
+    converted_to: str | None = None  # where a raw or VMDK image's qcow2 would go
+    discard: bool = True  # the definition has discard='unmap'
+    layout: Layout | None = None  # the new image's layout and read cost
+
+    def to_json(self) -> dict[str, Any]:
+        """The disk as ``plan --json`` prints it in its entry's ``disks``."""
+        return {
+            "target": self.target,
+            "path": self.path,
+            "bytes_allocated": self.bytes_allocated,
+            "estimated_after": self.estimated_after,
+            "estimated_reclaimable": self.estimated_reclaimable,
+            "format": self.format,
+            "converted_to": self.converted_to,
+            "discard": self.discard,
+            "layout": None if self.layout is None else self.layout.to_json(),
+        }
 
 
 @dataclass
@@ -32,15 +62,15 @@ class PlanEntry:
     next_run: str | None
     outcome: str
     reason: str
-    disks: list[dict[str, Any]] = field(default_factory=list)
-    skipped_disks: list[dict[str, str]] = field(default_factory=list)
+    disks: list[PlanDisk] = field(default_factory=list)
+    skipped_disks: list[SkippedDisk] = field(default_factory=list)
     free_space: str | None = None  # the method the job would use, and why
     notes: list[str] = field(default_factory=list)  # what a policy setting would change
 
     @property
     def estimated_reclaimable(self) -> int | None:
         """Bytes the estimate says a reclaim frees on the host (None: no estimate)."""
-        gains: list[int | None] = [d["estimated_reclaimable"] for d in self.disks]
+        gains = [d.estimated_reclaimable for d in self.disks]
         known = [g for g in gains if g is not None]
         if not gains or len(known) < len(gains):
             return None
@@ -55,8 +85,8 @@ class PlanEntry:
             "next_run": self.next_run,
             "outcome": self.outcome,
             "reason": self.reason,
-            "disks": self.disks,
-            "skipped_disks": self.skipped_disks,
+            "disks": [d.to_json() for d in self.disks],
+            "skipped_disks": [d.to_json() for d in self.skipped_disks],
             "free_space": self.free_space,
             "notes": self.notes,
             "estimated_reclaimable": self.estimated_reclaimable,
@@ -131,27 +161,25 @@ def plan(
                 "would-reclaim" if result.outcome is Outcome.DRY_RUN else str(result.outcome)
             )
             entry.reason = "" if result.outcome is Outcome.DRY_RUN else result.reason
-            entry.disks = [
-                {"target": d.target, "path": d.path, "bytes_allocated": d.bytes_before,
-                 "estimated_after": d.estimated_after,
-                 "estimated_reclaimable": reclaimable(d.bytes_before, d.estimated_after),
-                 **_layout_of(policy, d)}
-                for d in result.disks
-            ]  # fmt: skip
-            entry.skipped_disks = [d.to_json() for d in result.skipped_disks]
+            entry.disks = [_plan_disk(policy, d) for d in result.disks]
+            entry.skipped_disks = list(result.skipped_disks)
             entry.free_space = result.free_space_plan
             entry.notes = advice.disk_notes(policy, snap.xml)
         entries.append(entry)
     return entries
 
 
-def _layout_of(policy: Policy, disk: DiskResult) -> dict[str, Any]:
-    """A disk's format, discard, and the layout its new image gets, with its read cost."""
+def _plan_disk(policy: Policy, disk: DiskResult) -> PlanDisk:
+    """A disk of the dry run in the plan, with the layout its new image gets and its read cost."""
     rewrite = policy.rewrite
-    shape = layout.describe(str(rewrite.compression), disk.cluster_size, rewrite.preallocation)
-    return {
-        "format": disk.format,
-        "converted_to": None if disk.format == "qcow2" else conversion.new_path_for(disk.path),
-        "discard": disk.discard,
-        "layout": shape.to_json(),
-    }
+    return PlanDisk(
+        target=disk.target,
+        path=disk.path,
+        bytes_allocated=disk.bytes_before,
+        estimated_after=disk.estimated_after,
+        estimated_reclaimable=reclaimable(disk.bytes_before, disk.estimated_after),
+        format=disk.format,
+        converted_to=None if disk.format == "qcow2" else conversion.new_path_for(disk.path),
+        discard=disk.discard,
+        layout=layout.describe(str(rewrite.compression), disk.cluster_size, rewrite.preallocation),
+    )

@@ -20,7 +20,7 @@ import os
 import queue
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import assert_never
 
 import structlog
 
@@ -33,6 +33,15 @@ from virt_reclaim.journal.store import Journal
 from virt_reclaim.metrics import writer
 from virt_reclaim.service import dispatch, reloads, retention, scheduler, status, windows, workers
 from virt_reclaim.service.hostview import HostView
+from virt_reclaim.service.messages import (
+    ConnectionClosed,
+    Estimated,
+    Fired,
+    JobDone,
+    JobEnd,
+    Lifecycle,
+    Message,
+)
 from virt_reclaim.service.scheduler import Candidate
 from virt_reclaim.service.sdnotify import Notifier
 from virt_reclaim.service.wakeup import Flags, Wakeup
@@ -74,12 +83,12 @@ class Daemon:
         self.metrics = writer.DaemonMetrics()
         self.workers = workers.Workers(self._post, self.metrics.observations)
         self.running = self.workers.running  # by domain uuid
-        self.inbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.flags = Flags()
         self.next_sample = 0.0
         self.next_prune = 0.0  # expired backups: deleted at the start, then every hour
         self.next_forget = 0.0  # removed domains: forgotten at the start, then daily
-        self.scheduler = scheduler.PolicyScheduler(lambda name: self._post("fired", name))
+        self.scheduler = scheduler.PolicyScheduler(lambda name: self._post(Fired(name)))
         self.wakeup = Wakeup()
         self.reloads = 0  # SIGHUPs handled, for ``virt-reclaim reload`` to know its answer
         self.rejected: str | None = None  # why the last reload was not applied, if it was not
@@ -183,7 +192,7 @@ class Daemon:
 
     # -- the inbox ------------------------------------------------------------------------
 
-    def _post(self, *message: Any) -> None:  # noqa: ANN401 - messages are tuples of any kind
+    def _post(self, message: Message) -> None:
         """Hand a message to the main loop (from any thread) and wake it."""
         self.inbox.put(message)
         self.wakeup.wake()
@@ -200,14 +209,28 @@ class Daemon:
     def _drain_inbox(self) -> None:
         while True:
             try:
-                kind, *args = self.inbox.get_nowait()
+                message = self.inbox.get_nowait()
             except queue.Empty:
                 return
-            handler = getattr(self, f"_on_{kind.replace('-', '_')}")
             try:
-                handler(*args)
+                self._handle(message)
             except Exception:  # one bad message must not stop months of service
-                log.exception("daemon.handler_failed", message=kind)
+                log.exception("daemon.handler_failed", message=message.kind)
+
+    def _handle(self, message: Message) -> None:
+        match message:
+            case Fired(policy):
+                self._on_fired(policy)
+            case Lifecycle(uuid, name, event):
+                self._on_lifecycle(uuid, name, event)
+            case ConnectionClosed(reason):
+                self._on_closed(reason)
+            case Estimated(policy, candidates):
+                self._on_estimated(policy, candidates)
+            case JobDone(uuid, ended):
+                self._on_job_done(uuid, ended)
+            case _:
+                assert_never(message)
 
     def _on_fired(self, policy_name: str) -> None:
         policy = self.policy_named(policy_name)
@@ -224,11 +247,12 @@ class Daemon:
     def _on_estimated(self, policy_name: str, candidates: list[Candidate]) -> None:
         dispatch.queue_estimated(self, policy_name, candidates)
 
-    def _on_job_done(self, uuid: str, ended: workers.JobEnd) -> None:
+    def _on_job_done(self, uuid: str, ended: JobEnd) -> None:
         job = self.workers.job_done(uuid)
         self.windows.job_ended()
         if job is not None:
-            log.info("job.ended", domain=job.domain, policy=job.policy, outcome=ended.outcome,
+            outcome = None if ended.outcome is None else str(ended.outcome)
+            log.info("job.ended", domain=job.domain, policy=job.policy, outcome=outcome,
                      running_jobs=len(self.running))  # fmt: skip
             if ended.waits_for_space and self.windows.wait_for_space(job.candidate, self.clock()):
                 log.info("job.waiting_for_space", domain=job.domain, policy=job.policy,
@@ -268,8 +292,8 @@ class Daemon:
     def _ensure_connected(self) -> None:
         came_back = self.host.connect(
             self.daemon_config.uri,
-            on_lifecycle=lambda uuid, name, event: self._post("lifecycle", uuid, name, event),
-            on_close=lambda reason: self._post("closed", reason),
+            on_lifecycle=lambda uuid, name, event: self._post(Lifecycle(uuid, name, event)),
+            on_close=lambda reason: self._post(ConnectionClosed(reason)),
         )
         if came_back:
             for name in list(self.windows.open):

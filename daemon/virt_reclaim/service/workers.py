@@ -5,8 +5,8 @@
 - a thread per job (``run_candidate``): one reclaim job, under its domain lock.
 
 ``Workers`` starts them and keeps track of the jobs; each thread reports its
-result by posting a message to the main loop (``("estimated", policy, candidates)``,
-``("job-done", uuid, JobEnd)``), always, even when it failed.
+result by posting a message to the main loop (``messages.Estimated``,
+``messages.JobDone``), always, even when it failed.
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ from virt_reclaim.model import DomainObservation, DomainState
 from virt_reclaim.process import Priority
 from virt_reclaim.reports import plan
 from virt_reclaim.service import scheduler
+from virt_reclaim.service.messages import Estimated, JobDone, JobEnd, Post
 from virt_reclaim.service.scheduler import Candidate
 from virt_reclaim.virt.connection import Hypervisor
 
 log = structlog.get_logger("virt_reclaim.workers")
-
-Post = Callable[..., None]
 
 
 @dataclass
@@ -67,7 +66,7 @@ class Workers:
         chosen: list[DomainObservation],
         rate: float,
     ) -> None:
-        """Start the dry runs of ``chosen`` on a thread; it posts ``estimated``."""
+        """Start the dry runs of ``chosen`` on a thread; it posts ``Estimated``."""
         threading.Thread(
             target=self._estimate, args=(daemon_config, policy, chosen, rate),
             name=f"estimate-{policy.name}", daemon=True,
@@ -89,12 +88,12 @@ class Workers:
         except Exception:  # a bug must not leave the window waiting for this estimate forever
             log.exception("window.estimate_failed", policy=policy.name)
         finally:
-            self._post("estimated", policy.name, candidates)
+            self._post(Estimated(policy.name, candidates))
 
     def start_job(
         self, candidate: Candidate, policy: Policy, daemon_config: loading.DaemonConfig, now: float
     ) -> None:
-        """Start the candidate's job on a thread; it posts ``job-done``."""
+        """Start the candidate's job on a thread; it posts ``JobDone``."""
         thread = threading.Thread(
             target=self._job, args=(candidate, policy, daemon_config), name=f"job-{candidate.name}"
         )
@@ -115,7 +114,7 @@ class Workers:
         try:
             ended = run_candidate(candidate, policy, daemon_config, self.stop, progress)
         finally:
-            self._post("job-done", candidate.uuid, ended)
+            self._post(JobDone(candidate.uuid, ended))
 
     def job_done(self, uuid: str) -> RunningJob | None:
         """The job of ``uuid`` posted its end: forget it and join its thread."""
@@ -242,14 +241,6 @@ def _estimate_one(
     )
 
 
-@dataclass(frozen=True)
-class JobEnd:
-    """What the main loop hears of a job's end."""
-
-    outcome: str | None  # None: it could not run, or crashed
-    waits_for_space: bool  # skipped while other jobs hold the host's space reserved
-
-
 def run_candidate(
     candidate: Candidate,
     policy: Policy,
@@ -259,7 +250,7 @@ def run_candidate(
 ) -> JobEnd:
     """Run the candidate's job; how it ended. ``on_progress(disk, percent)`` as in run_job."""
     structlog.contextvars.bind_contextvars(policy=policy.name, domain=candidate.name)
-    outcome: str | None = None
+    outcome: Outcome | None = None
     waits_for_space = False
     try:
         with Hypervisor(daemon_config.uri) as hypervisor:
@@ -276,7 +267,7 @@ def run_candidate(
                 stop=stop,
                 on_progress=on_progress,
             )
-            outcome = str(result.outcome)
+            outcome = result.outcome
             waits_for_space = result.waits_for_space
     except (VirtError, JournalError, DomainBusy) as exc:
         log.error("job.not_run", error=str(exc))

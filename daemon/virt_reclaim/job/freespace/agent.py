@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from virt_reclaim.errors import AgentUnavailable, GuestExecCancelled
 from virt_reclaim.job.freespace.budget import Fill
@@ -104,20 +104,43 @@ def freed_share(choice: Choice, *, all_disks_discard: bool, fill_reach: float) -
     return 0.0
 
 
+@dataclass(frozen=True)
+class FilledFilesystem:
+    """What the zero-fill did in one guest filesystem (an entry of ``free_space.done``'s fills)."""
+
+    mountpoint: str
+    limit_bytes: int  # what the plan let it write; 0 or less: not filled, ``skipped`` says why
+    zeroed_bytes: int
+    left_bytes: int  # the guest's free space the fill did not reach
+    skipped: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """The entry as the ``free_space.done`` event logs it (``skipped`` only when skipped)."""
+        entry: dict[str, object] = {
+            "mountpoint": self.mountpoint,
+            "limit_bytes": self.limit_bytes,
+            "zeroed_bytes": self.zeroed_bytes,
+            "left_bytes": self.left_bytes,
+        }
+        if self.limit_bytes <= 0:
+            entry["skipped"] = self.skipped
+        return entry
+
+
 @dataclass
 class FreeSpaceResult:
-    """What was done (``trim``, ``zero`` or ``none``), how much, and what went wrong."""
+    """What was done (trim, zero or none: never auto), how much, and what went wrong."""
 
-    method: str
+    method: FreeSpaceMethod
     filesystems: tuple[str, ...]
     problem: str | None = None
     trimmed_bytes: int | None = None
-    fills: list[dict[str, object]] = field(default_factory=list)
+    fills: list[FilledFilesystem] = field(default_factory=list)
 
     @property
     def zeroed_bytes(self) -> int:
         """Bytes of zeros written in all."""
-        return sum(int(str(f.get("zeroed_bytes") or 0)) for f in self.fills)
+        return sum(f.zeroed_bytes for f in self.fills)
 
 
 def trim(agent: GuestAgentPort, mountpoints: Sequence[str], *, timeout: float) -> FreeSpaceResult:
@@ -125,11 +148,11 @@ def trim(agent: GuestAgentPort, mountpoints: Sequence[str], *, timeout: float) -
     try:
         paths = agent.fstrim(timeout)
     except AgentUnavailable as exc:
-        return FreeSpaceResult("none", (), f"trim failed: {exc}")
+        return FreeSpaceResult(FreeSpaceMethod.NONE, (), f"trim failed: {exc}")
     errors = [f"{p.path}: {p.error}" for p in paths if p.error]
     trimmed = [p.trimmed for p in paths if p.trimmed is not None]
     return FreeSpaceResult(
-        "trim",
+        FreeSpaceMethod.TRIM,
         tuple(mountpoints),
         "; ".join(errors)[:500] or None,
         sum(trimmed) if trimmed else None,
@@ -149,18 +172,14 @@ def zero_fill(
     watch seeing a host filesystem fall below its reserve. An agent that refuses is
     reported as ``problem``.
     """
-    result = FreeSpaceResult("none", ())
+    result = FreeSpaceResult(FreeSpaceMethod.NONE, ())
     done: list[str] = []
     for fill in fills:
-        entry: dict[str, object] = {
-            "mountpoint": fill.mountpoint,
-            "limit_bytes": fill.limit,
-            "zeroed_bytes": 0,
-            "left_bytes": fill.guest_free,
-        }
+        # Listed before it runs: a fill stopped or refused is reported with nothing zeroed.
+        skipped = fill.why_not if fill.limit <= 0 else None
+        entry = FilledFilesystem(fill.mountpoint, fill.limit, 0, fill.guest_free, skipped)
         result.fills.append(entry)
         if fill.limit <= 0:
-            entry["skipped"] = fill.why_not
             continue
         try:
             ran = agent.guest_exec(
@@ -171,7 +190,7 @@ def zero_fill(
                 cancel=cancel,
             )  # fmt: skip
         except GuestExecCancelled:
-            result.method = "zero" if done else "none"
+            result.method = FreeSpaceMethod.ZERO if done else FreeSpaceMethod.NONE
             result.filesystems = tuple(done)
             raise
         except AgentUnavailable as exc:
@@ -180,15 +199,16 @@ def zero_fill(
         # The guest's own figure: a guest that claims more than the fill may write would
         # make the job count host space it never had.
         zeroed = _reported(ran.stdout, "zeroed", fill.limit)
-        entry["zeroed_bytes"] = zeroed
-        entry["left_bytes"] = max(0, fill.guest_free - zeroed)
+        result.fills[-1] = replace(
+            entry, zeroed_bytes=zeroed, left_bytes=max(0, fill.guest_free - zeroed)
+        )
         if ran.exitcode != 0:
             result.problem = (
                 f"zero-fill of {fill.mountpoint}: exited {ran.exitcode}: " + (ran.stderr[:200])
             )
             break
         done.append(fill.mountpoint)
-    result.method = "zero" if done else "none"
+    result.method = FreeSpaceMethod.ZERO if done else FreeSpaceMethod.NONE
     result.filesystems = tuple(done)
     if not done and result.problem is None:
         result.problem = (

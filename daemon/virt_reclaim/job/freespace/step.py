@@ -35,19 +35,19 @@ def free_guest_space(job: JobContext) -> None:
         # Planned again now: the host's free space may have changed since the estimate.
         job.fill_plan = prepare.fill_budget(job)
         result = _zero_fill(job, job.fill_plan)
-    job.free_space = result.method
+    job.free_space = str(result.method)
     _count_zeroed(job, result)
     if result.problem:
         job.log.warning("free_space.unavailable", method=str(choice.method),
                         reason=result.problem)  # fmt: skip
-    job.log.info("free_space.done", method=result.method, filesystems=result.filesystems,
+    job.log.info("free_space.done", method=str(result.method), filesystems=result.filesystems,
                  trimmed_bytes=result.trimmed_bytes, zeroed_bytes=result.zeroed_bytes,
-                 fills=result.fills)  # fmt: skip
-    if result.method != "none":
+                 fills=[fill.to_json() for fill in result.fills])  # fmt: skip
+    if result.method is not FreeSpaceMethod.NONE:
         # After a trim, the map of a running image may still show what it freed (stale
         # metadata): count the deleted data as freed. After a zero-fill the zeros are in
         # the image: what garbage is still there stays.
-        _recheck_gain(job, 1.0 if result.method == "trim" else 0.0)
+        _recheck_gain(job, 1.0 if result.method is FreeSpaceMethod.TRIM else 0.0)
     # The fill may have grown the image, or another guest taken the room: find out
     # before the guest goes down, not after.
     preflight.check_room(job)
@@ -71,16 +71,16 @@ def _zero_fill(job: JobContext, plan: budget.FillPlan) -> FreeSpaceResult:
             if watch.why is None:
                 raise  # the job is stopping
             job.log.warning("free_space.stopped", reason=watch.why)
-            return FreeSpaceResult("none", (), f"zero-fill stopped: {watch.why}")
+            return FreeSpaceResult(FreeSpaceMethod.NONE, (), f"zero-fill stopped: {watch.why}")
 
 
 def _count_zeroed(job: JobContext, result: FreeSpaceResult) -> None:
     target_of = {fs.mountpoint: next(iter(fs.disk_targets), None) for fs in job.guest_filesystems}
     by_target = {d.target: d for d in job.disks}
     for fill in result.fills:
-        disk = by_target.get(str(target_of.get(str(fill["mountpoint"]))))
+        disk = by_target.get(str(target_of.get(fill.mountpoint)))
         if disk is not None:
-            disk.zeroed_bytes += int(str(fill.get("zeroed_bytes") or 0))
+            disk.zeroed_bytes += fill.zeroed_bytes
 
 
 def _recheck_gain(job: JobContext, share: float) -> None:

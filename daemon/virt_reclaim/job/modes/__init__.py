@@ -8,10 +8,10 @@ of the job asks the chosen mode object (``stops_the_guest``) and never its name.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 from virt_reclaim.job.context import JobContext
+from virt_reclaim.job.ports import DomainLookup
 from virt_reclaim.job.results import Recovered
 from virt_reclaim.job.settings import ModeName
 from virt_reclaim.journal.records import JournalJob
@@ -32,7 +32,7 @@ class JobMode(Protocol):
         """Take the mode's steps that wait for the guest to be back (most have none)."""
 
     def recover(
-        self, journaled: JournalJob, result: Recovered, lookup_domain: Callable[[str], Any]
+        self, journaled: JournalJob, result: Recovered, lookup_domain: DomainLookup
     ) -> None:
         """Finish or undo what a dead job of this mode did to its disks; say so in ``result``.
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-from typing import Any
 
 from virt_reclaim import process
 from virt_reclaim.domxml import read
@@ -32,7 +31,7 @@ from virt_reclaim.errors import QemuImgError
 from virt_reclaim.image import imagefile
 from virt_reclaim.job.context import DiskWork, JobContext
 from virt_reclaim.job.results import JobFailed, Recovered
-from virt_reclaim.journal.records import JournalDisk
+from virt_reclaim.journal.records import ConversionData, DiskState, JournalDisk
 from virt_reclaim.units import KIB
 
 CONVERTIBLE_FORMATS = ("raw", "vmdk")
@@ -60,7 +59,7 @@ def definitions_differ(running: read.DomainSpec, persistent: read.DomainSpec) ->
     Returns None when the running and the persistent definition have the same disks.
     """
 
-    def key(d: read.DiskSpec) -> tuple[Any, ...]:
+    def key(d: read.DiskSpec) -> tuple[str, str, str | None, str | None, bool, bool]:
         return (d.device, d.type, d.format, d.source, d.readonly, d.shareable)
 
     live = {d.target: key(d) for d in running.disks}
@@ -159,7 +158,9 @@ def ineligible(  # noqa: PLR0911, PLR0912 - one return per rule, in order
     return None
 
 
-def record(job: JobContext, disk: DiskWork, state: str, data: dict[str, Any] | None = None) -> None:
+def record(
+    job: JobContext, disk: DiskWork, state: DiskState, data: ConversionData | None = None
+) -> None:
     """Journal how far ``disk`` got (and, first, what recovery needs to know of it)."""
     if job.journal is not None:
         job.journal.record_disk(job.job_id, disk.target, state=state, data=data)
@@ -167,10 +168,13 @@ def record(job: JobContext, disk: DiskWork, state: str, data: dict[str, Any] | N
 
 def record_intent(job: JobContext, disk: DiskWork) -> None:
     """Journal what recovery needs of a disk to convert, before anything is changed."""
-    record(job, disk, "planned", {
-        "convert": True, "format": disk.format, "new_path": disk.converted_path,
-        "data_file": disk.data_file, "keep_original": job.settings.keep_backup is not None,
-    })  # fmt: skip
+    data = ConversionData(
+        format=disk.format,
+        new_path=str(disk.converted_path),
+        data_file=disk.data_file,
+        keep_original=job.settings.keep_backup is not None,
+    )
+    record(job, disk, DiskState.PLANNED, data)
 
 
 def place(job: JobContext, disk: DiskWork) -> None:
@@ -189,7 +193,7 @@ def place(job: JobContext, disk: DiskWork) -> None:
         raise JobFailed(f"{new_path} appeared during the job: not converted") from None
     except imagefile.NotOurs as exc:
         raise JobFailed(f"{disk.target}: {exc}: not converted") from exc
-    record(job, disk, "placed")
+    record(job, disk, DiskState.PLACED)
     new.remove()
     imagefile.fsync_folder(os.path.dirname(new_path) or ".")
 
@@ -212,7 +216,7 @@ def remove_original(job: JobContext, disk: DiskWork) -> None:
             disk.backup = disk.path
             job.log.warning("convert.original_kept", target=disk.target, path=disk.path,
                             reason=f"cannot remove it: {exc.strerror}")  # fmt: skip
-    record(job, disk, "clean")
+    record(job, disk, DiskState.CLEAN)
 
 
 # An extent line of a VMDK text descriptor: access, sectors, type, "file name"[, offset].
@@ -264,7 +268,7 @@ def _extent_problem(folder: str, name: str, owner: int) -> str | None:
 
 def is_conversion(disk: JournalDisk) -> bool:
     """True for a journaled disk that a convert job was converting."""
-    return bool(disk.data and disk.data.get("convert"))
+    return isinstance(disk.data, ConversionData)
 
 
 def recover_disk(disk: JournalDisk, source_now: str | None, result: Recovered) -> bool:
@@ -272,11 +276,13 @@ def recover_disk(disk: JournalDisk, source_now: str | None, result: Recovered) -
 
     Returns True when the disk ends converted.
     """
-    data = disk.data or {}
-    new_path = str(data["new_path"])
+    data = disk.data
+    if not isinstance(data, ConversionData):
+        raise ValueError(f"{disk.target}: the journal holds no conversion for this disk")
+    new_path = data.new_path
     temp = disk.temp_path
     # The link from the temporary name to the new one may have been made just before the crash.
-    ours = disk.state in ("placed", "defined", "clean") or _same_file(temp, new_path)
+    ours = disk.state in _PLACED_OR_LATER or _same_file(temp, new_path)
     killed = process.kill_qemu_img_holding(temp)
     if killed:
         result.actions.append(f"killed qemu-img {killed} still writing {temp}")
@@ -286,8 +292,8 @@ def recover_disk(disk: JournalDisk, source_now: str | None, result: Recovered) -
         if not os.path.exists(new_path):
             result.actions.append(f"{disk.target}: the definition names {new_path}, which is gone")
             return False
-        originals = [p for p in (disk.path, data.get("data_file")) if p]
-        if data.get("keep_original"):
+        originals = [p for p in (disk.path, data.data_file) if p]
+        if data.keep_original:
             result.actions.append(f"{disk.target}: converted; the original {disk.path} is kept")
         else:
             for path in originals:
@@ -304,6 +310,10 @@ def recover_disk(disk: JournalDisk, source_now: str | None, result: Recovered) -
         f"{disk.target}: left as it is: the definition names {source_now or 'no image'}"
     )
     return False
+
+
+# The states at which the new image was linked at its new path by the job.
+_PLACED_OR_LATER = frozenset({DiskState.PLACED, DiskState.DEFINED, DiskState.CLEAN})
 
 
 def _same_file(first: str, second: str) -> bool:

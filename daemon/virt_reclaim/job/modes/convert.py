@@ -26,19 +26,17 @@ exists and holds its data.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 from virt_reclaim.domxml import read
 from virt_reclaim.errors import VirtError
 from virt_reclaim.image import imagefile
 from virt_reclaim.job.context import JobContext, Step
 from virt_reclaim.job.modes import conversion, offline
-from virt_reclaim.job.results import JobUnfinished, Recovered
+from virt_reclaim.job.ports import DomainLookup
+from virt_reclaim.job.results import JobUnfinished, Recovered, RecoveryOutcome
 from virt_reclaim.job.settings import ModeName
 from virt_reclaim.job.steps import define
 from virt_reclaim.job.steps.rewrite import remove_temporary_files, swap_disk
-from virt_reclaim.journal.records import JournalJob
+from virt_reclaim.journal.records import DiskState, JournalJob
 
 # Steps after which each qcow2 disk of the job was renamed over its original.
 _PAST_SWAP = frozenset({Step.SWAP, Step.DEFINE, Step.RESTORE, Step.CLEANUP})
@@ -69,7 +67,7 @@ class ConvertMode:
                 define.define(job)
                 for disk in converting:
                     disk.swapped = True
-                    conversion.record(job, disk, "defined")
+                    conversion.record(job, disk, DiskState.DEFINED)
                     job.log.info("swap.done", target=disk.target, path=disk.converted_path,
                                  backup=None)  # fmt: skip
         except BaseException:
@@ -87,7 +85,7 @@ class ConvertMode:
                     conversion.remove_original(job, disk)
 
     def recover(
-        self, journaled: JournalJob, result: Recovered, lookup_domain: Callable[[str], Any]
+        self, journaled: JournalJob, result: Recovered, lookup_domain: DomainLookup
     ) -> None:
         """Finish or undo each disk of a convert job whose process died (module docstring)."""
         past_swap = journaled.step in _PAST_SWAP
@@ -103,7 +101,7 @@ class ConvertMode:
             else:
                 done += offline.recover_rewritten_disk(disk, past_swap=past_swap, result=result)
         if journaled.disks and done == len(journaled.disks):
-            result.outcome = "reclaimed"
+            result.outcome = RecoveryOutcome.RECLAIMED
 
 
 def _remove_placed(job: JobContext, placed: list[str]) -> None:

@@ -25,8 +25,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
 from virt_reclaim import process
 from virt_reclaim.errors import NoBlockJob, VirtError
@@ -35,8 +34,8 @@ from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job.context import DiskWork, JobContext, Step
 from virt_reclaim.job.freespace.watch import LiveWatch
 from virt_reclaim.job.modes import livespace, overlays
-from virt_reclaim.job.ports import BlockJobsPort, ImagePort, LiveDomainPort
-from virt_reclaim.job.results import DiskFound, JobFailed, JobUnfinished, Recovered
+from virt_reclaim.job.ports import BlockJobsPort, DomainLookup, ImagePort, LiveDomainPort
+from virt_reclaim.job.results import DiskFound, JobFailed, JobUnfinished, Recovered, RecoveryOutcome
 from virt_reclaim.job.settings import ModeName
 from virt_reclaim.job.steps.rewrite import (
     remove_temporary_files,
@@ -44,7 +43,7 @@ from virt_reclaim.job.steps.rewrite import (
     swap_disk,
     verify_disk,
 )
-from virt_reclaim.journal.records import JournalDisk, JournalJob
+from virt_reclaim.journal.records import DiskState, JournalDisk, JournalJob
 
 READY_TIMEOUT_S = 600.0
 
@@ -82,7 +81,7 @@ class LiveMode:
             if busy is not None:
                 raise JobFailed(f"{disk.target}: a {busy.type} block job is already running")
         for disk in job.disks:
-            _record(job, disk, "planned")
+            _record(job, disk, DiskState.PLANNED)
         # Watched from the snapshot to the cleanup: see livespace for what a trip does.
         with livespace.watch(job) as watch:
             self._watched(job, jobs, watch, made)
@@ -98,7 +97,7 @@ class LiveMode:
             for target, overlay in overlays.take_snapshot(job, jobs).items():
                 made[target] = [overlay]
             for disk in job.disks:
-                _record(job, disk, "snapshotted")
+                _record(job, disk, DiskState.SNAPSHOTTED)
         try:
             with job.step(Step.REWRITE):
                 for disk in job.disks:
@@ -120,9 +119,9 @@ class LiveMode:
             with job.step(Step.SWAP):
                 for disk in job.disks:
                     # Recovery tells a done rename from one never made by the temp file.
-                    _record(job, disk, "swapping")
+                    _record(job, disk, DiskState.SWAPPING)
                     swap_disk(job, disk)
-                    _record(job, disk, "swapped")
+                    _record(job, disk, DiskState.SWAPPED)
             _forward(job, jobs, made)
         except BaseException as exc:
             raise JobUnfinished(
@@ -134,13 +133,13 @@ class LiveMode:
         """Nothing waits: the guest never stopped."""
 
     def recover(
-        self, journaled: JournalJob, result: Recovered, lookup_domain: Callable[[str], Any]
+        self, journaled: JournalJob, result: Recovered, lookup_domain: DomainLookup
     ) -> None:
         """Finish (after the swap) or undo (before it) a live job whose process died."""
         if not any(d.state for d in journaled.disks):
             result.actions.append("the snapshot was never asked for: nothing to undo")
             return
-        domain = lookup_domain(journaled.domain_uuid)
+        domain = cast(LiveDomainPort, lookup_domain(journaled.domain_uuid))
         jobs = domain.block_jobs()
         try:
             on_new = [recover_disk(journaled.id, disk, jobs, result, self.images)
@@ -148,7 +147,7 @@ class LiveMode:
         finally:
             jobs.close()
         if all(on_new):
-            result.outcome = "reclaimed"
+            result.outcome = RecoveryOutcome.RECLAIMED
 
 
 def _forward(
@@ -162,19 +161,19 @@ def _forward(
             made[disk.target].append(
                 _copy_onto_new_base(job.images, disk.path, overlay2, disk.target, jobs)
             )
-            _record(job, disk, "copied")
+            _record(job, disk, DiskState.COPIED)
             job.log.info("live.pivoted", target=disk.target, to="new base")
     with job.step(Step.COMMIT):
         for disk in job.disks:
             overlay2 = overlays.overlay_path(disk.path, job.job_id, 2)
             livespace.block_job_room(job, disk.target, disk.path, overlay2, "commit")
             _commit(disk.target, disk.path, jobs)
-            _record(job, disk, "committed")
+            _record(job, disk, DiskState.COMMITTED)
             job.log.info("live.pivoted", target=disk.target, to=disk.path)
     with job.step(Step.CLEANUP):
         for disk in job.disks:
             overlays.remove_overlays(made[disk.target])
-            _record(job, disk, "clean")
+            _record(job, disk, DiskState.CLEAN)
 
 
 def _undo_snapshot(
@@ -189,7 +188,7 @@ def _undo_snapshot(
                 f"{disk.target}: could not commit the snapshot back: {exc}"
             ) from exc
         overlays.remove_overlays(made[disk.target])
-        _record(job, disk, "undone")
+        _record(job, disk, DiskState.UNDONE)
         job.log.info("live.undone", target=disk.target)
 
 
@@ -231,7 +230,7 @@ def _pivot_when_ready(target: str, jobs: BlockJobsPort, what: str, top: str) -> 
         )
 
 
-def _record(job: JobContext, disk: DiskWork, state: str) -> None:
+def _record(job: JobContext, disk: DiskWork, state: DiskState) -> None:
     if job.journal is not None:
         job.journal.record_disk(job.job_id, disk.target, state=state)
 
@@ -307,7 +306,9 @@ def recover_disk(
 
 # The journaled states at which the new image was checked and compared: only then may
 # the chain go forward onto it.
-_REWRITE_VERIFIED = frozenset({"swapping", "swapped", "copied", "committed", "clean"})
+_REWRITE_VERIFIED = frozenset(
+    {DiskState.SWAPPING, DiskState.SWAPPED, DiskState.COPIED, DiskState.COMMITTED, DiskState.CLEAN}
+)
 # How long libvirt may take to write the persistent definition back after a pivot.
 PERSISTENT_TIMEOUT_S = 10.0
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextvars
 import os
 import threading
-from collections.abc import Callable
-from typing import Any
 
 from virt_reclaim.domxml import read
 from virt_reclaim.errors import VirtError
@@ -22,7 +20,8 @@ from virt_reclaim.image import imagefile
 from virt_reclaim.image.guard import lock_held
 from virt_reclaim.image.qemu_img_argv import ImageInfo
 from virt_reclaim.job.context import SHUTDOWN_REQUESTED, JobContext, Step
-from virt_reclaim.job.results import JobFailed, Recovered
+from virt_reclaim.job.ports import DomainLookup
+from virt_reclaim.job.results import JobFailed, Recovered, RecoveryOutcome
 from virt_reclaim.job.settings import ModeName, OnShutdownTimeout
 from virt_reclaim.job.steps import define, preflight
 from virt_reclaim.job.steps.rewrite import (
@@ -63,7 +62,7 @@ class OfflineMode:
         """Nothing waits for the guest to be back."""
 
     def recover(
-        self, journaled: JournalJob, result: Recovered, lookup_domain: Callable[[str], Any]
+        self, journaled: JournalJob, result: Recovered, lookup_domain: DomainLookup
     ) -> None:
         """Undo a job that died before its swap, or finish one that died after it.
 
@@ -77,7 +76,7 @@ class OfflineMode:
         for disk in journaled.disks:
             swapped += recover_rewritten_disk(disk, past_swap=past_swap, result=result)
         if journaled.disks and swapped == len(journaled.disks):
-            result.outcome = "reclaimed"
+            result.outcome = RecoveryOutcome.RECLAIMED
 
 
 def recover_rewritten_disk(disk: JournalDisk, *, past_swap: bool, result: Recovered) -> bool:
