@@ -17,7 +17,7 @@ from testbed.daemon import DaemonProcess, write_config
 from virt_reclaim.config.loading import DaemonConfig
 from virt_reclaim.journal.records import BackupRecord, DomainActivity, JournalDisk
 from virt_reclaim.journal.store import Journal
-from virt_reclaim.metrics.observations import Estimate, Observations
+from virt_reclaim.metrics.observations import LastEstimate, Observations
 from virt_reclaim.model import DomainObservation
 from virt_reclaim.service import retention
 from virt_reclaim.virt.connection import Hypervisor
@@ -93,7 +93,7 @@ def test_a_pass_drops_old_jobs_and_series_and_keeps_backups(
     journal.record_backup(backup)
     observations = Observations()
     observations.skipped("old", "busy")
-    observations.estimates[("old", "vda")] = Estimate(5, NOW - 45 * DAY)
+    observations.estimates[("old", "vda")] = LastEstimate(5, NOW - 45 * DAY)
     observations.skipped("recent", "busy")
     observations.touched["old"] = NOW - 45 * DAY  # counted long ago
     config = DaemonConfig(state_dir=str(tmp_path / "state"),

@@ -25,11 +25,11 @@ def test_an_estimate_that_crashes_still_posts_so_the_window_can_close(
     def crash(*_args: Any, **_kwargs: Any) -> list[Candidate]:
         raise KeyError("a bug")
 
-    monkeypatch.setattr(workers, "estimate", crash)
+    monkeypatch.setattr(workers, "estimate_candidates", crash)
     posted: list[tuple[Any, ...]] = []
     pool = workers.Workers(lambda *message: posted.append(message))
     with structlog.testing.capture_logs() as events:
-        pool._estimate(SETTINGS, POLICY, [], 1.0)
+        pool._run_estimates(SETTINGS, POLICY, [], 1.0)
     assert posted == [("estimated", "p", [])]
     [failed] = events
     assert failed["event"] == "window.estimate_failed" and failed["log_level"] == "error"

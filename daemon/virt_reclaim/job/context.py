@@ -27,7 +27,7 @@ from virt_reclaim.job.freespace.agent import Choice
 from virt_reclaim.job.ports import DomainPort, ImagePort
 from virt_reclaim.job.results import DiskResult, JobAbandoned, JobSkipped, NothingToDo, SkippedDisk
 from virt_reclaim.job.settings import JobSettings
-from virt_reclaim.job.steps.estimate import Estimate
+from virt_reclaim.job.steps.estimate import SizeEstimate
 from virt_reclaim.journal.records import BackupRecord, JournalError
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import AgentInfo, GuestFilesystem
@@ -87,7 +87,7 @@ class DiskWork:
     rewrite_need: int = 0  # qemu-img measure: what the rewrite may write at most
     zeroed_bytes: int = 0  # zeros our fill wrote into filesystems on this disk
     guest_used: int | None = None  # bytes the guest's filesystems on it use
-    estimate: Estimate | None = None
+    estimate: SizeEstimate | None = None
     format: str = "qcow2"  # the image format the domain XML states (never probed)
     converted_path: str | None = None  # where a raw or VMDK image is converted to (qcow2)
     data_file: str | None = None  # a flat VMDK's extent: the file its guest data is in

@@ -32,7 +32,7 @@ from virt_reclaim.metrics.observations import (
     LAST_SAMPLE,
     RECLAIMABLE,
     WINDOWS_OPENED,
-    Estimate,
+    LastEstimate,
     Observations,
 )
 from virt_reclaim.model import DomainObservation, DomainState
@@ -301,12 +301,12 @@ def _disk_figures(journal: Journal, observed: Observations) -> list[Metric]:
     estimates = dict(observed.estimates)
     for row in journal.disk_figures():
         key = (row["domain"], row["target"])
-        found: list[Estimate] = []
+        found: list[LastEstimate] = []
         if row["estimated_at"] is not None:
             gain = max(0, row["bytes_before"] - row["estimated_after"])
-            found.append(Estimate(gain, row["estimated_at"]))
+            found.append(LastEstimate(gain, row["estimated_at"]))
         if row["reclaimed_at"] is not None:
-            found.append(Estimate(0, row["reclaimed_at"]))
+            found.append(LastEstimate(0, row["reclaimed_at"]))
             reclaimed.add_metric(list(key), row["bytes_after"])
         if key in estimates:
             found.append(estimates[key])

@@ -69,7 +69,7 @@ def next_run(policy: Policy, now: dt.datetime) -> str | None:
     return fire.isoformat() if fire else None
 
 
-def estimate(
+def dry_run_policy(
     domain: Domain,
     policy: Policy,
     snapshots: Sequence[DomainObservation],
@@ -126,7 +126,9 @@ def plan(
         else:
             policy = choice.policy
             entry.policy, entry.next_run = policy.name, next_run(policy, now)
-            result = estimate(hypervisor.domain(snap.name), policy, snapshots, qemu_img=qemu_img)
+            result = dry_run_policy(
+                hypervisor.domain(snap.name), policy, snapshots, qemu_img=qemu_img
+            )
             entry.outcome = (
                 "would-reclaim" if result.outcome is Outcome.DRY_RUN else str(result.outcome)
             )

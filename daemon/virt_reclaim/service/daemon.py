@@ -5,7 +5,7 @@ Threads and what they may do:
   into the inbox;
 - APScheduler's thread: "policy P fires", put into the inbox;
 - an estimator thread per firing: dry runs of the policy's domains (qemu-img
-  measure can take seconds), results into the inbox (``workers.estimate``);
+  measure can take seconds), results into the inbox (``workers.estimate_candidates``);
 - a thread per job: the job itself, on its own libvirt connection (``workers.run_candidate``).
 Signal handlers only set flags; ``signal.set_wakeup_fd`` wakes the loop.
 

@@ -153,7 +153,7 @@ def metadata_bytes(virtual_size: int, cluster: int) -> int:
 
 
 @dataclass(frozen=True)
-class Estimate:
+class SizeEstimate:
     """The estimated size after the reclaim, and the figures it came from (for events)."""
 
     after: int
@@ -175,7 +175,7 @@ def estimate_after(
     freed_share: float,
     history_ratio: float | None = None,
     fill: tuple[int, int] | None = None,
-) -> Estimate:
+) -> SizeEstimate:
     """Bytes the image will occupy after the free-space step and the rewrite.
 
     Args:
@@ -224,4 +224,4 @@ def estimate_after(
     after = int(live_stored + garbage_stored * (1.0 - share)) + overhead
     ratio = (live_stored + garbage_stored) / data if data else 1.0
     # A rewrite never makes an image larger than what it holds now (it only drops and packs).
-    return Estimate(min(after, allocated), basis, data, ratio, share)
+    return SizeEstimate(min(after, allocated), basis, data, ratio, share)

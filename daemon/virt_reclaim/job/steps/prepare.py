@@ -20,7 +20,7 @@ from virt_reclaim.job.ports import LiveDomainPort
 from virt_reclaim.job.results import JobSkipped, NothingToDo, SkippedDisk, SpaceTaken
 from virt_reclaim.job.settings import Compression, FreeSpaceMethod
 from virt_reclaim.job.steps.estimate import (
-    Estimate,
+    SizeEstimate,
     content_of,
     estimate_after,
     sample_image,
@@ -151,7 +151,7 @@ def _ineligible(  # noqa: PLR0911 - one return per eligibility rule, in order
 
 
 def estimate(job: JobContext) -> None:
-    """Estimate each disk's size after the reclaim; ``NothingToDo`` below the minimum gain."""
+    """SizeEstimate each disk's size after the reclaim; ``NothingToDo`` below the minimum gain."""
     read_guest_filesystems(job)
     used_by_target: dict[str, int] = {}
     for fs in job.guest_filesystems:
@@ -273,8 +273,8 @@ def _fills_by_target(job: JobContext) -> dict[str, tuple[int, int]]:
 
 def estimate_disk(
     job: JobContext, disk: DiskWork, share: float, fill: tuple[int, int] | None = None
-) -> Estimate:
-    """Estimate ``disk``'s size after the reclaim (see ``estimate.estimate_after``)."""
+) -> SizeEstimate:
+    """SizeEstimate ``disk``'s size after the reclaim (see ``estimate.estimate_after``)."""
     cluster = disk.info.cluster_size or DEFAULT_CLUSTER
     extents = job.images.map(disk.path, force_share=job.was_running, image_format=disk.format)
     # A flat VMDK's map gives offsets in its extent file, where the guest's data is.
