@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from virt_reclaim.service.idle import (
-    Sample,
     SampleWindow,
+    StatsSample,
     Thresholds,
     sample_from_stats,
     window_busy_reason,
@@ -19,16 +19,16 @@ LIMITS = Thresholds(cpu_percent=5.0, disk_bytes_per_s=1_000_000, net_bytes_per_s
 SECOND = 1_000_000_000
 
 
-def window_of(*samples: Sample) -> SampleWindow:
+def window_of(*samples: StatsSample) -> SampleWindow:
     window = SampleWindow(LIMITS.duration_s)
     for sample in samples:
         window.add(sample)
     return window
 
 
-def quiet(at: float, step: int = 0) -> Sample:
+def quiet(at: float, step: int = 0) -> StatsSample:
     # 1 % CPU, 100 kB/s disk, 1 kB/s network since t=0.
-    return Sample(at, cpu_ns=int(at * SECOND // 100), block_bytes=int(at * 100_000),
+    return StatsSample(at, cpu_ns=int(at * SECOND // 100), block_bytes=int(at * 100_000),
                   net_bytes=int(at * 1_000) + step)  # fmt: skip
 
 
@@ -54,16 +54,17 @@ def test_one_busy_minute_inside_the_window_is_busy(burst: dict[str, int], expect
     samples = [quiet(t) for t in range(0, 661, 60)]
     fields = ("cpu_ns", "block_bytes", "net_bytes")
     bumped = [
-        Sample(s.at, **{k: getattr(s, k) + burst.get(k, 0) for k in fields}) for s in samples[6:]
+        StatsSample(s.at, **{k: getattr(s, k) + burst.get(k, 0) for k in fields})
+        for s in samples[6:]
     ]
     assert window_busy_reason(window_of(*samples[:6], *bumped), LIMITS) == expected
 
 
 def test_missing_or_reset_counters_count_as_busy() -> None:
-    missing = Sample(660, cpu_ns=None, block_bytes=0, net_bytes=0)
+    missing = StatsSample(660, cpu_ns=None, block_bytes=0, net_bytes=0)
     assert window_busy_reason(window_of(quiet(0), missing), LIMITS) == "CPU statistics unavailable"
-    before = Sample(0, cpu_ns=10 * SECOND, block_bytes=10**6, net_bytes=10**6)
-    reset = Sample(660, cpu_ns=0, block_bytes=0, net_bytes=0)
+    before = StatsSample(0, cpu_ns=10 * SECOND, block_bytes=10**6, net_bytes=10**6)
+    reset = StatsSample(660, cpu_ns=0, block_bytes=0, net_bytes=0)
     assert window_busy_reason(window_of(before, reset), LIMITS) == (
         "CPU counters went back (the guest restarted?)"
     )
@@ -82,7 +83,7 @@ def test_sample_from_a_getalldomainstats_record() -> None:
         "block.1.rd.bytes": 1, "block.1.wr.bytes": 2,
         "net.count": 1, "net.0.rx.bytes": 100, "net.0.tx.bytes": 50,
     }  # fmt: skip
-    assert sample_from_stats(record, 7.0) == Sample(7.0, 5 * SECOND, 33, 150)
+    assert sample_from_stats(record, 7.0) == StatsSample(7.0, 5 * SECOND, 33, 150)
     assert sample_from_stats({"cpu.time": 1}, 0).block_bytes is None
     broken = {**record, "block.1.wr.bytes": "lots"}
     assert sample_from_stats(broken, 0).block_bytes is None
@@ -93,6 +94,6 @@ def test_sample_from_a_getalldomainstats_record() -> None:
 def test_any_samples_give_a_reason_or_none_never_an_error(
     counters: list[tuple[int, int, int]],
 ) -> None:
-    window = window_of(*(Sample(60.0 * i, c, b, n) for i, (c, b, n) in enumerate(counters)))
+    window = window_of(*(StatsSample(60.0 * i, c, b, n) for i, (c, b, n) in enumerate(counters)))
     reason = window_busy_reason(window, LIMITS)
     assert reason is None or isinstance(reason, str)

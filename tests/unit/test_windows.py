@@ -19,7 +19,7 @@ from virt_reclaim.journal.records import JournalError
 from virt_reclaim.model import DomainObservation, DomainState
 from virt_reclaim.service import eligibility, windows
 from virt_reclaim.service.eligibility import DomainView
-from virt_reclaim.service.idle import Sample
+from virt_reclaim.service.idle import StatsSample
 from virt_reclaim.service.scheduler import Candidate, LateWindow
 from virt_reclaim.service.windows import Window, Windows
 
@@ -55,7 +55,7 @@ def feed(domain: DomainView, start: float, end: float, cpu_percent: float) -> No
     while at <= end:
         if last is not None:
             cpu += int((at - last.at) * SECOND_NS * cpu_percent / 100)
-        last = Sample(at, cpu_ns=cpu, block_bytes=0, net_bytes=0)
+        last = StatsSample(at, cpu_ns=cpu, block_bytes=0, net_bytes=0)
         domain.window.add(last)
         at += 10
 

@@ -16,7 +16,7 @@ from typing import Any
 
 
 @dataclass(frozen=True)
-class Sample:
+class StatsSample:
     """Cumulative counters of one domain at monotonic time ``at`` (seconds)."""
 
     at: float
@@ -35,9 +35,9 @@ class Thresholds:
     duration_s: float
 
 
-def sample_from_stats(record: dict[str, Any], at: float) -> Sample:
+def sample_from_stats(record: dict[str, Any], at: float) -> StatsSample:
     """Read a ``getAllDomainStats`` record (state, cpu-total, block, interface groups)."""
-    return Sample(
+    return StatsSample(
         at=at,
         cpu_ns=_int(record.get("cpu.time")),
         block_bytes=_sum(record, "block", ("rd.bytes", "wr.bytes")),
@@ -68,9 +68,9 @@ class SampleWindow:
 
     def __init__(self, duration_s: float) -> None:
         self.duration_s = duration_s
-        self.samples: deque[Sample] = deque()
+        self.samples: deque[StatsSample] = deque()
 
-    def add(self, sample: Sample) -> None:
+    def add(self, sample: StatsSample) -> None:
         """Append a sample (in time order) and drop those no longer needed."""
         self.samples.append(sample)
         cutoff = sample.at - self.duration_s
@@ -100,7 +100,7 @@ def window_busy_reason(window: SampleWindow, limits: Thresholds) -> str | None:
     return None
 
 
-def _pair_reason(before: Sample, after: Sample, limits: Thresholds) -> str | None:
+def _pair_reason(before: StatsSample, after: StatsSample, limits: Thresholds) -> str | None:
     elapsed = after.at - before.at
     if elapsed <= 0:
         return "samples out of order"
