@@ -44,7 +44,7 @@ def busy_reason(view: DomainView, policy: Policy) -> str | None:
     return idle.window_busy_reason(view.window, limits)
 
 
-def ineligible(
+def estimate_refusal(
     uuid: str,
     view: DomainView,
     policy: Policy,

@@ -35,7 +35,7 @@ from virt_reclaim.service.eligibility import (
     BUSY,
     DomainView,
     busy_reason,
-    ineligible,
+    estimate_refusal,
     start_refusal,
 )
 from virt_reclaim.service.scheduler import Candidate, LateWindow
@@ -204,7 +204,7 @@ class Windows:
             choice = selection.select(policies, snap.name, snap.uuid, snap.xml)
             if choice.policy is None or choice.policy.name != policy.name:
                 continue
-            reason = ineligible(
+            reason = estimate_refusal(
                 uuid, view, policy, running=running, last_reclaimed_at=last_reclaimed_at, wall=wall
             )
             if reason is None:

@@ -40,7 +40,7 @@ def inspect(job: JobContext, *, live: bool = False) -> None:
     With ``live`` (a running guest to be kept running), the job is skipped on a host
     too old for the live sequence, and disks it does not cover are skipped too: those
     with a backing chain or a block job running (``livecheck``). With ``rewrite.convert``
-    a raw or VMDK disk is eligible for conversion (``conversion.ineligible`` says when not).
+    a raw or VMDK disk is eligible for conversion (``conversion.not_convertible`` says when not).
     """
     snap = job.domain.observe()
     if not snap.persistent:
@@ -60,7 +60,7 @@ def inspect(job: JobContext, *, live: bool = False) -> None:
     others = job.images_of_other_domains()
     for disk in running.disks:
         if job.settings.convert and conversion.wants(disk):
-            reason = conversion.ineligible(job, disk, others, live=live and job.was_running,
+            reason = conversion.not_convertible(job, disk, others, live=live and job.was_running,
                                            differs=differs)  # fmt: skip
         else:
             reason = _ineligible(job, disk, persistent.get(disk.target), others)
