@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from virt_reclaim.cli import main
 from virt_reclaim.config import crontab, loading
 from virt_reclaim.config.policy import Policy, PolicyFile
-from virt_reclaim.reports.check import next_window, policy_warnings, shortest_gap
+from virt_reclaim.reports.check import next_window, shortest_gap, surprising_settings
 
 CRON_DAILY = "0 2 * * *"
 # Thursday, 3 December 2026, 12:00 UTC
@@ -209,23 +209,23 @@ def test_surprising_settings_are_warned_of(fields: dict[str, Any], expected: str
     if "schedule" in fields and "window" not in fields["schedule"]:
         fields = {**fields, "schedule": fields["schedule"]}
         base = {"name": "p", "match": {"names": ["*"]}, **fields}
-        warnings = policy_warnings(Policy.model_validate(base), NOW)
+        warnings = surprising_settings(Policy.model_validate(base), NOW)
     else:
-        warnings = policy_warnings(policy(**fields), NOW)
+        warnings = surprising_settings(policy(**fields), NOW)
     assert [w for w in warnings if w.startswith(expected)], warnings
     assert len(warnings) == 1, warnings
 
 
 def test_settings_that_fit_give_no_warning() -> None:
-    assert policy_warnings(policy(), NOW) == []
+    assert surprising_settings(policy(), NOW) == []
     rate_limited = policy(mode="live", idle={"required": False}, rewrite={"rate_limit": "50MiB"})
-    assert policy_warnings(rate_limited, NOW) == []
+    assert surprising_settings(rate_limited, NOW) == []
     # A monthly cron: the default 7 days between reclaims changes nothing.
     monthly = Policy.model_validate(
         {"name": "m", "match": {"names": ["*"]},
          "schedule": {"cron": "0 2 1 * *", "timezone": "UTC"}}
     )  # fmt: skip
-    assert policy_warnings(monthly, NOW) == []
+    assert surprising_settings(monthly, NOW) == []
     # Weekdays only: the shortest gap is a day, not the 3 days over the weekend.
     assert shortest_gap("0 2 * * 1-5", NOW) == dt.timedelta(days=1)
 

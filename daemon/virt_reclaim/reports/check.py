@@ -189,7 +189,7 @@ def check_config(
     for file, policy in loaded.policies:
         warnings += [
             Finding(WARNING, file, policy.name, None, text)
-            for text in [*advice.policy_warnings(policy), *policy_warnings(policy, now)]
+            for text in [*advice.costly_settings(policy), *surprising_settings(policy, now)]
         ]
         reports.append(
             PolicyReport(
@@ -202,7 +202,7 @@ def check_config(
     return CheckReport(tuple(errors), tuple(warnings), tuple(reports))
 
 
-def policy_warnings(policy: Policy, now: dt.datetime) -> list[str]:
+def surprising_settings(policy: Policy, now: dt.datetime) -> list[str]:
     """Settings of ``policy`` that are valid but likely not what was meant."""
     schedule, warnings = policy.schedule, []
     gap = shortest_gap(schedule.cron, now)
