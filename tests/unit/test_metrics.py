@@ -86,7 +86,7 @@ def observed() -> observations.Observations:
 def write_and_read(
     built: Built, path: Path, seen: observations.Observations | None = None
 ) -> Samples:
-    registry = families.build(
+    registry = families.build_registry(
         built.journal, seen or observed(), built.domains, families.DiskSizes("qemu-img")
     )
     writer.write(str(path), registry)

@@ -1,6 +1,6 @@
 """The metrics registry, built from the journal, what the daemon observed and the domains listed.
 
-Nothing is written here: ``build`` returns a registry, ``writer`` writes it.
+Nothing is written here: ``build_registry`` returns a registry, ``writer`` writes it.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class _Families(Collector):
         return iter(self.families)
 
 
-def build(
+def build_registry(
     journal: Journal,
     observed: Observations,
     domains: Sequence[DomainObservation],
