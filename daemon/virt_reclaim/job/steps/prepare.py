@@ -151,7 +151,7 @@ def _ineligible(  # noqa: PLR0911 - one return per eligibility rule, in order
 
 
 def estimate(job: JobContext) -> None:
-    """SizeEstimate each disk's size after the reclaim; ``NothingToDo`` below the minimum gain."""
+    """Estimate each disk's size after the reclaim; ``NothingToDo`` below the minimum gain."""
     read_guest_filesystems(job)
     used_by_target: dict[str, int] = {}
     for fs in job.guest_filesystems:
@@ -274,7 +274,7 @@ def _fills_by_target(job: JobContext) -> dict[str, tuple[int, int]]:
 def estimate_disk(
     job: JobContext, disk: DiskWork, share: float, fill: tuple[int, int] | None = None
 ) -> SizeEstimate:
-    """SizeEstimate ``disk``'s size after the reclaim (see ``estimate.estimate_after``)."""
+    """Estimate ``disk``'s size after the reclaim (see ``estimate.estimate_after``)."""
     cluster = disk.info.cluster_size or DEFAULT_CLUSTER
     extents = job.images.map(disk.path, force_share=job.was_running, image_format=disk.format)
     # A flat VMDK's map gives offsets in its extent file, where the guest's data is.
