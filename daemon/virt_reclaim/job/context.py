@@ -155,7 +155,7 @@ class JobContext:
     agent: AgentInfo | None = None
     choice: Choice | None = None
     guest_filesystems: list[GuestFilesystem] = field(default_factory=list)
-    fill_plan: budget.FillPlan | None = None
+    fill_budget: budget.FillBudget | None = None
     free_space: str | None = None  # what the free-space step did
     guard: ImageGuard = field(default_factory=ImageGuard)
     down_since: float | None = None

@@ -170,10 +170,10 @@ def estimate(job: JobContext) -> None:
         disk.guest_used = used_by_target.get(disk.target)
     reach = 0.0
     if job.choice.method is FreeSpaceMethod.ZERO:
-        job.fill_plan = fill_budget(job)
-        reach = job.fill_plan.reach()
+        job.fill_budget = fill_budget(job)
+        reach = job.fill_budget.reach()
     share = freed_share(job.choice, all_disks_discard=all_discard, fill_reach=reach)
-    fills = _fills_by_target(job) if job.fill_plan is not None else {}
+    fills = _fills_by_target(job) if job.fill_budget is not None else {}
     for disk in job.disks:
         disk.estimate = estimate_disk(job, disk, share, fills.get(disk.target))
         disk.estimated_after = disk.estimate.after
@@ -260,11 +260,11 @@ def rewrite_need(job: JobContext, disk: DiskWork) -> int:
 
 
 def _fills_by_target(job: JobContext) -> dict[str, tuple[int, int]]:
-    """Per disk, (bytes the planned zero-fill writes, free bytes it does not reach)."""
-    assert job.fill_plan is not None  # noqa: S101 - called only with a plan
+    """Per disk, (bytes the zero-fill may write, free bytes it does not reach)."""
+    assert job.fill_budget is not None  # noqa: S101 - called only with a budget
     targets = {fs.mountpoint: fs.disk_targets for fs in job.guest_filesystems}
     fills: dict[str, tuple[int, int]] = {}
-    for fill in job.fill_plan.fills:
+    for fill in job.fill_budget.fills:
         for target in targets.get(fill.mountpoint, ())[:1]:
             reached, unreached = fills.get(target, (0, 0))
             fills[target] = (reached + fill.limit, unreached + fill.unreached)
@@ -297,7 +297,7 @@ def estimate_disk(
     )
 
 
-def fill_budget(job: JobContext) -> budget.FillPlan:
+def fill_budget(job: JobContext) -> budget.FillBudget:
     """How much a zero-fill may write into each guest filesystem (see ``freespace.budget``)."""
     rooms = [
         budget.DiskRoom(
