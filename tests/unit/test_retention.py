@@ -37,7 +37,7 @@ def add_job(
 ) -> None:
     """A job of ``domain`` that started and ended ``age_s`` ago, with a disk and a step."""
     journal.begin_job(job_id, domain, uuid, {})
-    journal.record_plan(job_id, "running", [JournalDisk("vda", f"/i/{job_id}", "/t", None)])
+    journal.record_for_recovery(job_id, "running", [JournalDisk("vda", f"/i/{job_id}", "/t", None)])
     journal.enter_step(job_id, "inspect")
     if finished:
         journal.finish_job(job_id, outcome="reclaimed", reason="", bytes_before=2, bytes_after=1,

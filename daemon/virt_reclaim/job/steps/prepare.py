@@ -75,7 +75,7 @@ def inspect(job: JobContext, *, live: bool = False) -> None:
         reasons = "; ".join(f"{s.target}: {s.reason}" for s in job.skipped_disks)
         raise JobSkipped(f"no eligible disk ({reasons or 'the domain has no disks'})")
     if job.journal is not None:
-        job.journal.record_plan(
+        job.journal.record_for_recovery(
             job.job_id,
             str(snap.state),
             [JournalDisk(d.target, d.path, d.temp, d.backup) for d in job.disks],
