@@ -18,7 +18,7 @@ from virt_reclaim.virt.connection import Hypervisor
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate the settings and policies together, then show each policy's window and domains."""
+    """Validate the daemon configuration and policies; show each policy's window and domains."""
     loaded = loading.load(args.config_dir)
     domains: list[DomainToCheck] | None = None
     uri = args.connect or loaded.daemon.uri
@@ -70,7 +70,7 @@ def print_check(report: CheckReport, out: TextIO, err: TextIO) -> None:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    """Print the JSON Schema of a policy file, or with ``--daemon`` of the daemon settings."""
+    """Print the JSON Schema of a policy file, or with ``--daemon`` of the daemon configuration."""
     model = loading.DaemonConfig if args.daemon else PolicyFile
     # Serialization mode: defaults pass through the fields' serializers, so that they read
     # "4h" and "2GiB" as in a file, not "PT4H" and 2147483648.
