@@ -73,7 +73,7 @@ def busy_view(name: str, until: float = OPEN) -> DomainView:
 
 
 def by_uuid(*views: DomainView) -> dict[str, DomainView]:
-    return {v.snapshot.uuid: v for v in views}
+    return {v.observed.uuid: v for v in views}
 
 
 def never_reclaimed(_uuid: str) -> float | None:

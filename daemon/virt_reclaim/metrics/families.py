@@ -166,10 +166,10 @@ def _domain_families(domains: Sequence[DomainObservation], sizes: DiskSizes) -> 
                        ["domain", "target"])  # fmt: skip
     virtual = _gauge("virt_reclaim_disk_virtual_bytes", "Bytes the guest sees on the disk.",
                      ["domain", "target"])  # fmt: skip
-    for snap in sorted(domains, key=lambda s: s.name):
-        running.add_metric([snap.name], 1 if snap.state in RUNNING_STATES else 0)
+    for domain in sorted(domains, key=lambda s: s.name):
+        running.add_metric([domain.name], 1 if domain.state in RUNNING_STATES else 0)
         try:
-            disks = read.parse_domain(snap.xml).disks
+            disks = read.parse_domain(domain.xml).disks
         except read.DomainXMLError:
             continue
         for disk in disks:
@@ -177,9 +177,9 @@ def _domain_families(domains: Sequence[DomainObservation], sizes: DiskSizes) -> 
                 continue
             used, size = sizes.measure(disk.source, "qcow2")  # is_file_qcow2: the XML says so
             if used is not None:
-                allocated.add_metric([snap.name, disk.target], used)
+                allocated.add_metric([domain.name, disk.target], used)
             if size is not None:
-                virtual.add_metric([snap.name, disk.target], size)
+                virtual.add_metric([domain.name, disk.target], size)
     sizes.forget_unseen()
     return [running, allocated, virtual]
 

@@ -72,23 +72,23 @@ def next_run(policy: Policy, now: dt.datetime) -> str | None:
 def dry_run_policy(
     domain: Domain,
     policy: Policy,
-    snapshots: Sequence[DomainObservation],
+    listed: Sequence[DomainObservation],
     *,
     qemu_img: str,
     history: Callable[[str, str, str], float | None] | None = None,
 ) -> JobResult:
     """A dry run of ``policy``'s job on ``domain``: read-only, with an estimate per disk.
 
-    ``snapshots`` are all domains (for the images other domains use), listed once by the caller.
+    ``listed`` are all domains (for the images other domains use), listed once by the caller.
     """
     settings = job_settings(policy, dry_run=True, qemu_img=qemu_img)
-    return dry_run(domain, settings, snapshots, history=history)
+    return dry_run(domain, settings, listed, history=history)
 
 
 def dry_run(
     domain: Domain,
     settings: JobSettings,
-    snapshots: Sequence[DomainObservation],
+    listed: Sequence[DomainObservation],
     *,
     history: Callable[[str, str, str], float | None] | None = None,
 ) -> JobResult:
@@ -98,7 +98,7 @@ def dry_run(
         QemuImg(settings.qemu_img),
         dataclasses.replace(settings, dry_run=True),
         images_of_other_domains=functools.partial(
-            inventory.images_in_use, snapshots, exclude_uuid=domain.uuid
+            inventory.images_in_use, listed, exclude_uuid=domain.uuid
         ),
         history=history,
     )
@@ -114,11 +114,11 @@ def plan(
     hypervisor: Hypervisor, policies: Sequence[Policy], *, qemu_img: str, now: dt.datetime
 ) -> list[PlanEntry]:
     """For every domain: its policy, next run, and a dry run of the job (read-only)."""
-    snapshots = hypervisor.domains()
+    listed = hypervisor.domains()
     entries = []
-    for snap in snapshots:
-        choice = selection.select(policies, snap.name, snap.uuid, snap.xml)
-        entry = PlanEntry(snap.name, str(snap.state), None, None, "no-policy", "")
+    for observed in listed:
+        choice = selection.select(policies, observed.name, observed.uuid, observed.xml)
+        entry = PlanEntry(observed.name, str(observed.state), None, None, "no-policy", "")
         if choice.conflict:
             entry.reason = f"policies {', '.join(choice.conflict)} match with the same priority"
         elif choice.policy is None:
@@ -127,7 +127,7 @@ def plan(
             policy = choice.policy
             entry.policy, entry.next_run = policy.name, next_run(policy, now)
             result = dry_run_policy(
-                hypervisor.domain(snap.name), policy, snapshots, qemu_img=qemu_img
+                hypervisor.domain(observed.name), policy, listed, qemu_img=qemu_img
             )
             entry.outcome = (
                 "would-reclaim" if result.outcome is Outcome.DRY_RUN else str(result.outcome)
@@ -142,7 +142,7 @@ def plan(
             ]  # fmt: skip
             entry.skipped_disks = [d.to_json() for d in result.skipped_disks]
             entry.free_space = result.free_space_plan
-            entry.notes = advice.disk_notes(policy, snap.xml)
+            entry.notes = advice.disk_notes(policy, observed.xml)
         entries.append(entry)
     return entries
 

@@ -142,7 +142,7 @@ class Daemon:
                 self.write_metrics()
         if now >= self.next_forget and self.host.hypervisor is not None and not self.host.outage:
             self.next_forget = now + retention.INTERVAL_S  # only on libvirt's full, fresh list
-            domains = [view.snapshot for view in self.host.domains.values()]
+            domains = [view.observed for view in self.host.domains.values()]
             if retention.forget_removed(self.daemon_config, self.metrics.observations, domains):
                 self.write_metrics()
         for late in self.windows.due_late(now):
@@ -295,7 +295,7 @@ class Daemon:
     def write_metrics(self, *, periodic: bool = False) -> None:
         """Have the metrics file written (on its thread), if one is configured."""
         self.metrics.request(
-            self.daemon_config, [view.snapshot for view in self.host.domains.values()],
+            self.daemon_config, [view.observed for view in self.host.domains.values()],
             sampled_at=self.host.last_sampled_at, periodic=periodic,
         )  # fmt: skip
 

@@ -177,9 +177,9 @@ def estimate_each(
     try:
         with Hypervisor(uri) as hypervisor:
             everyone = hypervisor.domains()
-            for snap in chosen:
+            for observed in chosen:
                 found.append(_estimate_one(
-                    hypervisor, everyone, policy, snap, qemu_img=qemu_img, rate=rate,
+                    hypervisor, everyone, policy, observed, qemu_img=qemu_img, rate=rate,
                     observer=observer, history=history,
                 ))  # fmt: skip
     except VirtError as exc:
@@ -201,7 +201,7 @@ def _estimate_one(
     hypervisor: Hypervisor,
     everyone: list[DomainObservation],
     policy: Policy,
-    snap: DomainObservation,
+    observed: DomainObservation,
     *,
     qemu_img: str,
     rate: float,
@@ -209,36 +209,39 @@ def _estimate_one(
     history: Callable[[str, str, str], float | None] | None = None,
 ) -> ChosenDryRun:
     try:
-        domain = hypervisor.domain_by_uuid(snap.uuid)
-        if policy.idle.no_logged_in_users and snap.state is DomainState.RUNNING:
+        domain = hypervisor.domain_by_uuid(observed.uuid)
+        if policy.idle.no_logged_in_users and observed.state is DomainState.RUNNING:
             users = domain.logged_in_users()
             if users:
                 reason = f"busy: users logged in ({', '.join(users[:5])})"
-                log.info("domain.skipped", domain=snap.name, reason=reason)
+                log.info("domain.skipped", domain=observed.name, reason=reason)
                 if observer is not None:
-                    observer.skipped(snap.name, "busy: users logged in")
-                return ChosenDryRun(snap.name, None, None, reason)
+                    observer.skipped(observed.name, "busy: users logged in")
+                return ChosenDryRun(observed.name, None, None, reason)
         result = plan.dry_run_policy(domain, policy, everyone, qemu_img=qemu_img, history=history)
     except AgentUnavailable as exc:
         reason = f"busy: cannot tell whether users are logged in ({exc})"
-        log.info("domain.skipped", domain=snap.name, reason=reason)
+        log.info("domain.skipped", domain=observed.name, reason=reason)
         if observer is not None:
-            observer.skipped(snap.name, "busy: users unknown")
-        return ChosenDryRun(snap.name, None, None, reason)
+            observer.skipped(observed.name, "busy: users unknown")
+        return ChosenDryRun(observed.name, None, None, reason)
     except VirtError as exc:
-        log.info("domain.skipped", domain=snap.name, reason=str(exc))
+        log.info("domain.skipped", domain=observed.name, reason=str(exc))
         if observer is not None:
-            observer.skipped(snap.name, str(exc), "error")
-        return ChosenDryRun(snap.name, None, None, str(exc))
+            observer.skipped(observed.name, str(exc), "error")
+        return ChosenDryRun(observed.name, None, None, str(exc))
     if observer is not None:
-        observer.estimated(snap.name, result)  # its disks' estimates; a skip unless DRY_RUN
+        observer.estimated(observed.name, result)  # its disks' estimates; a skip unless DRY_RUN
     if result.outcome is not Outcome.DRY_RUN:
-        log.info("domain.skipped", domain=snap.name, reason=result.reason,
+        log.info("domain.skipped", domain=observed.name, reason=result.reason,
                  outcome=str(result.outcome))  # fmt: skip
-        return ChosenDryRun(snap.name, None, result, result.reason)
+        return ChosenDryRun(observed.name, None, result, result.reason)
     disks = [(d.bytes_before, d.estimated_after) for d in result.disks]
     return ChosenDryRun(
-        snap.name, scheduler.candidate(snap.name, snap.uuid, policy, disks, rate), result, None
+        observed.name,
+        scheduler.candidate(observed.name, observed.uuid, policy, disks, rate),
+        result,
+        None,
     )
 
 

@@ -42,13 +42,13 @@ def inspect(job: JobContext, *, live: bool = False) -> None:
     with a backing chain or a block job running (``livecheck``). With ``rewrite.convert``
     a raw or VMDK disk is eligible for conversion (``conversion.not_convertible`` says when not).
     """
-    snap = job.domain.observe()
-    if not snap.persistent:
+    observed = job.domain.observe()
+    if not observed.persistent:
         raise JobSkipped("transient domain: it has no definition to restart it from")
-    if snap.state not in (DomainState.RUNNING, DomainState.SHUTOFF):
-        raise JobSkipped(f"domain is {snap.state}; only running or shut off domains qualify")
-    job.was_running = snap.state is DomainState.RUNNING
-    running = read.parse_domain(snap.xml)
+    if observed.state not in (DomainState.RUNNING, DomainState.SHUTOFF):
+        raise JobSkipped(f"domain is {observed.state}; only running or shut off domains qualify")
+    job.was_running = observed.state is DomainState.RUNNING
+    running = read.parse_domain(observed.xml)
     persistent_spec = read.parse_domain(job.domain.inactive_xml())
     persistent = {d.target: d for d in persistent_spec.disks}
     differs = conversion.definitions_differ(running, persistent_spec) if job.was_running else None
@@ -77,7 +77,7 @@ def inspect(job: JobContext, *, live: bool = False) -> None:
     if job.journal is not None:
         job.journal.record_for_recovery(
             job.job_id,
-            str(snap.state),
+            str(observed.state),
             [JournalDisk(d.target, d.path, d.temp, d.backup) for d in job.disks],
         )
 
