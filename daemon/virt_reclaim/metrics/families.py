@@ -54,7 +54,7 @@ class DiskSizes:
         self._virtual: dict[tuple[str, int, int], tuple[float, int | None]] = {}
         self._seen: set[tuple[str, int, int]] = set()
 
-    def measure(self, path: str, image_format: str) -> tuple[int | None, int | None]:
+    def sizes_of(self, path: str, image_format: str) -> tuple[int | None, int | None]:
         """(allocated bytes, virtual bytes) of the image at ``path``; None for what is unknown.
 
         ``image_format`` is the definition's: a guest's bytes never choose it (no probe).
@@ -78,7 +78,7 @@ class DiskSizes:
         return st.st_blocks * 512, cached[1]
 
     def forget_unseen(self) -> None:
-        """Drop the cache of images not measured since the last call (gone, or replaced)."""
+        """Drop the cache of images not read since the last call (gone, or replaced)."""
         self._virtual = {k: v for k, v in self._virtual.items() if k in self._seen}
         self._seen = set()
 
@@ -175,7 +175,7 @@ def _domain_families(domains: Sequence[DomainObservation], sizes: DiskSizes) -> 
         for disk in disks:
             if not disk.is_file_qcow2 or disk.source is None:
                 continue
-            used, size = sizes.measure(disk.source, "qcow2")  # is_file_qcow2: the XML says so
+            used, size = sizes.sizes_of(disk.source, "qcow2")  # is_file_qcow2: the XML says so
             if used is not None:
                 allocated.add_metric([domain.name, disk.target], used)
             if size is not None:
