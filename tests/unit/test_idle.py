@@ -7,11 +7,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from virt_reclaim.service.idle import (
-    SampleWindow,
+    RecentSamples,
     StatsSample,
     Thresholds,
     sample_from_stats,
-    window_busy_reason,
+    samples_busy_reason,
 )
 
 LIMITS = Thresholds(cpu_percent=5.0, disk_bytes_per_s=1_000_000, net_bytes_per_s=100_000,
@@ -19,11 +19,11 @@ LIMITS = Thresholds(cpu_percent=5.0, disk_bytes_per_s=1_000_000, net_bytes_per_s
 SECOND = 1_000_000_000
 
 
-def window_of(*samples: StatsSample) -> SampleWindow:
-    window = SampleWindow(LIMITS.duration_s)
+def recent_of(*samples: StatsSample) -> RecentSamples:
+    recent = RecentSamples(LIMITS.duration_s)
     for sample in samples:
-        window.add(sample)
-    return window
+        recent.add(sample)
+    return recent
 
 
 def quiet(at: float, step: int = 0) -> StatsSample:
@@ -33,12 +33,12 @@ def quiet(at: float, step: int = 0) -> StatsSample:
 
 
 def test_quiet_for_the_whole_duration_is_idle() -> None:
-    assert window_busy_reason(window_of(*(quiet(t) for t in range(0, 661, 60))), LIMITS) is None
+    assert samples_busy_reason(recent_of(*(quiet(t) for t in range(0, 661, 60))), LIMITS) is None
 
 
 def test_too_short_an_observation_counts_as_busy() -> None:
-    assert window_busy_reason(window_of(quiet(0)), LIMITS) == "not observed yet"
-    reason = window_busy_reason(window_of(quiet(0), quiet(300)), LIMITS)
+    assert samples_busy_reason(recent_of(quiet(0)), LIMITS) == "not observed yet"
+    reason = samples_busy_reason(recent_of(quiet(0), quiet(300)), LIMITS)
     assert reason == "observed for 300 s of the 600 s required"
 
 
@@ -57,23 +57,23 @@ def test_one_busy_minute_inside_the_window_is_busy(burst: dict[str, int], expect
         StatsSample(s.at, **{k: getattr(s, k) + burst.get(k, 0) for k in fields})
         for s in samples[6:]
     ]
-    assert window_busy_reason(window_of(*samples[:6], *bumped), LIMITS) == expected
+    assert samples_busy_reason(recent_of(*samples[:6], *bumped), LIMITS) == expected
 
 
 def test_missing_or_reset_counters_count_as_busy() -> None:
     missing = StatsSample(660, cpu_ns=None, block_bytes=0, net_bytes=0)
-    assert window_busy_reason(window_of(quiet(0), missing), LIMITS) == "CPU statistics unavailable"
+    assert samples_busy_reason(recent_of(quiet(0), missing), LIMITS) == "CPU statistics unavailable"
     before = StatsSample(0, cpu_ns=10 * SECOND, block_bytes=10**6, net_bytes=10**6)
     reset = StatsSample(660, cpu_ns=0, block_bytes=0, net_bytes=0)
-    assert window_busy_reason(window_of(before, reset), LIMITS) == (
+    assert samples_busy_reason(recent_of(before, reset), LIMITS) == (
         "CPU counters went back (the guest restarted?)"
     )
 
 
 def test_window_keeps_only_what_covers_the_duration() -> None:
-    window = window_of(*(quiet(t) for t in range(0, 3601, 60)))
-    assert window.samples[0].at == 3000
-    assert window.samples[-1].at == 3600
+    recent = recent_of(*(quiet(t) for t in range(0, 3601, 60)))
+    assert recent.samples[0].at == 3000
+    assert recent.samples[-1].at == 3600
 
 
 def test_sample_from_a_getalldomainstats_record() -> None:
@@ -94,6 +94,6 @@ def test_sample_from_a_getalldomainstats_record() -> None:
 def test_any_samples_give_a_reason_or_none_never_an_error(
     counters: list[tuple[int, int, int]],
 ) -> None:
-    window = window_of(*(StatsSample(60.0 * i, c, b, n) for i, (c, b, n) in enumerate(counters)))
-    reason = window_busy_reason(window, LIMITS)
+    recent = recent_of(*(StatsSample(60.0 * i, c, b, n) for i, (c, b, n) in enumerate(counters)))
+    reason = samples_busy_reason(recent, LIMITS)
     assert reason is None or isinstance(reason, str)

@@ -48,15 +48,15 @@ def view(name: str, state: DomainState = DomainState.RUNNING) -> DomainView:
 
 def feed(domain: DomainView, start: float, end: float, cpu_percent: float) -> None:
     """Samples every 10 s from ``start`` to ``end`` at this CPU use (no disk or network)."""
-    last = domain.window.samples[-1] if domain.window.samples else None
+    last = domain.recent.samples[-1] if domain.recent.samples else None
     cpu = last.cpu_ns if last and last.cpu_ns is not None else 0
     at = start
-    domain.window.duration_s = IDLE_S
+    domain.recent.duration_s = IDLE_S
     while at <= end:
         if last is not None:
             cpu += int((at - last.at) * SECOND_NS * cpu_percent / 100)
         last = StatsSample(at, cpu_ns=cpu, block_bytes=0, net_bytes=0)
-        domain.window.add(last)
+        domain.recent.add(last)
         at += 10
 
 

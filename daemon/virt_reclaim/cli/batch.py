@@ -131,7 +131,7 @@ def observe(
     shut-off guest is idle. Takes ``idle.duration`` (the daemon judges with the same samples).
     """
     duration = policy.idle.duration.total_seconds()
-    views = {s.uuid: eligibility.DomainView(s, idle.SampleWindow(duration)) for s in domains}
+    views = {s.uuid: eligibility.DomainView(s, idle.RecentSamples(duration)) for s in domains}
     if not policy.idle.required or all(s.state is DomainState.SHUTOFF for s in domains):
         return views
     print(f"virt-reclaim: observing {len(views)} domain(s) for {duration:g} s, the policy's "
@@ -141,7 +141,7 @@ def observe(
         now = clock()
         for _name, uuid, record in hypervisor.domain_stats():
             if uuid in views:
-                views[uuid].window.add(idle.sample_from_stats(record, now))
+                views[uuid].recent.add(idle.sample_from_stats(record, now))
         if now - began >= duration:
             return views
         sleep(max(0.05, min(interval_s, began + duration - now)))

@@ -26,7 +26,7 @@ class DomainView:
     """What the daemon knows of a domain: its latest observation and its statistics samples."""
 
     observed: DomainObservation
-    window: idle.SampleWindow = field(default_factory=lambda: idle.SampleWindow(0.0))
+    recent: idle.RecentSamples = field(default_factory=lambda: idle.RecentSamples(0.0))
 
 
 def busy_reason(view: DomainView, policy: Policy) -> str | None:
@@ -41,7 +41,7 @@ def busy_reason(view: DomainView, policy: Policy) -> str | None:
         net_bytes_per_s=float(policy.idle.net_bytes_per_s),
         duration_s=policy.idle.duration.total_seconds(),
     )
-    return idle.window_busy_reason(view.window, limits)
+    return idle.samples_busy_reason(view.recent, limits)
 
 
 def estimate_refusal(

@@ -144,8 +144,8 @@ class HostView:
             view = self.domains.get(uuid)
             if view is None:
                 continue
-            view.window.duration_s = keep_s
-            view.window.add(idle.sample_from_stats(record, now))
+            view.recent.duration_s = keep_s
+            view.recent.add(idle.sample_from_stats(record, now))
         took_ms = (time.perf_counter() - began) * 1000
         # The first sample tells the operator what sampling costs on this host; later ones
         # are logged only when they hold the main loop up.

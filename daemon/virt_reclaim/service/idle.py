@@ -1,4 +1,4 @@
-"""Is a guest idle? Rolling windows of statistics samples, and checks that return a reason.
+"""Is a guest idle? Each domain's recent statistics samples, and checks that return a reason.
 
 A sample is what one ``getAllDomainStats`` call says of a domain: cumulative
 CPU time, block bytes read+written, network bytes received+sent, taken at a
@@ -63,7 +63,7 @@ def _sum(record: dict[str, Any], group: str, fields: tuple[str, ...]) -> int | N
     return total
 
 
-class SampleWindow:
+class RecentSamples:
     """The samples of one domain that cover the last ``duration_s`` (and one before)."""
 
     def __init__(self, duration_s: float) -> None:
@@ -74,16 +74,16 @@ class SampleWindow:
         """Append a sample (in time order) and drop those no longer needed."""
         self.samples.append(sample)
         cutoff = sample.at - self.duration_s
-        # Keep the newest sample at or before the cutoff: it opens the window.
+        # Keep the newest sample at or before the cutoff: it opens the span looked at.
         while len(self.samples) >= 2 and self.samples[1].at <= cutoff:
             self.samples.popleft()
 
 
-def window_busy_reason(window: SampleWindow, limits: Thresholds) -> str | None:
-    """Why the guest counts as busy over the window, or None if it was idle throughout."""
-    samples = list(window.samples)
+def samples_busy_reason(recent: RecentSamples, limits: Thresholds) -> str | None:
+    """Why the guest counts as busy over the samples, or None if it was idle throughout."""
+    samples = list(recent.samples)
     if samples:
-        # A window may hold more than this policy asks for: look at the last duration_s only
+        # They may cover more than this policy asks for: look at the last duration_s only
         # (and the sample that opens it).
         cutoff = samples[-1].at - limits.duration_s
         first = max((i for i, s in enumerate(samples) if s.at <= cutoff), default=0)
