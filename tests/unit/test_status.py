@@ -54,8 +54,8 @@ def wait_for(predicate: Any, timeout: float = 30) -> None:
 class Running:
     def __init__(self, tmp_path: Path) -> None:
         self.state = tmp_path / "state"
-        settings = f'uri = "test:///default"\nstate_dir = "{self.state}"\nlog_format = "json"\n'
-        self.etc = write_config(tmp_path / "etc", settings, {"10-first.toml": policy("first")})
+        daemon_file = f'uri = "test:///default"\nstate_dir = "{self.state}"\nlog_format = "json"\n'
+        self.etc = write_config(tmp_path / "etc", daemon_file, {"10-first.toml": policy("first")})
         self.daemon = DaemonProcess(self.etc)
         self.daemon.wait_event("daemon.started", 60)
         # The first snapshot of the running phase follows the start at the next tick.

@@ -16,7 +16,7 @@ from virt_reclaim.service.scheduler import Candidate
 POLICY = Policy.model_validate(
     {"name": "p", "match": {"names": ["*"]}, "schedule": {"cron": "0 2 * * *"}}
 )
-SETTINGS = loading.DaemonConfig()
+DAEMON_CONFIG = loading.DaemonConfig()
 
 
 def test_an_estimate_that_crashes_still_posts_so_the_window_can_close(
@@ -29,7 +29,7 @@ def test_an_estimate_that_crashes_still_posts_so_the_window_can_close(
     posted: list[tuple[Any, ...]] = []
     pool = workers.Workers(lambda *message: posted.append(message))
     with structlog.testing.capture_logs() as events:
-        pool._run_estimates(SETTINGS, POLICY, [], 1.0)
+        pool._run_estimates(DAEMON_CONFIG, POLICY, [], 1.0)
     assert posted == [("estimated", "p", [])]
     [failed] = events
     assert failed["event"] == "window.estimate_failed" and failed["log_level"] == "error"
@@ -57,7 +57,7 @@ def test_a_job_thread_posts_its_outcome_and_is_forgotten_when_done(
 
     pool = workers.Workers(post)
     candidate = Candidate("vm", "uuid-vm", "p", 10, 5, 60.0)
-    pool.start_job(candidate, POLICY, SETTINGS, now=42.0)
+    pool.start_job(candidate, POLICY, DAEMON_CONFIG, now=42.0)
     assert done.wait(10)
     assert posted == [("job-done", "uuid-vm", workers.JobEnd("reclaimed", waits_for_space=False))]
     assert seen_stop == [pool.stop]
