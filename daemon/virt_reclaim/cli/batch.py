@@ -58,7 +58,7 @@ def run_policy(
     run_one: Callable[[Domain], JobResult],
     *,
     settings: JobSettings,
-    daemon: loading.DaemonConfig,
+    daemon_config: loading.DaemonConfig,
     uri: str,
     state_dir: str,
 ) -> list[JobResult]:
@@ -73,7 +73,7 @@ def run_policy(
                          "domain; give a DOMAIN to run with its settings")  # fmt: skip
     mine, tied = governed(policy, policies, hypervisor.domains())
     judged = unobserved(policy) if settings.dry_run else policy
-    views = observe(hypervisor, mine, judged, daemon.stats_interval.total_seconds())
+    views = observe(hypervisor, mine, judged, daemon_config.stats_interval.total_seconds())
     taken = order(judged, policies, views, journal, uri=uri, qemu_img=settings.qemu_img,
                   state_dir=state_dir)  # fmt: skip
     if settings.dry_run:

@@ -20,12 +20,12 @@ def apply_daemon_config(args: argparse.Namespace) -> None:
     # or a usage error must not pay for the configuration's pydantic models.
     from virt_reclaim.config import loading  # noqa: PLC0415
 
-    daemon, errors = loading.load_daemon(args.config_dir)
+    daemon_config, errors = loading.load_daemon(args.config_dir)
     if errors and not _usable_despite(errors, args):
         raise UsageError("\n  ".join(["the daemon settings are not valid:", *map(str, errors)]))
-    args.daemon = daemon
-    for option, value in (("connect", daemon.uri), ("state_dir", daemon.state_dir),
-                          ("qemu_img", daemon.qemu_img)):  # fmt: skip
+    args.daemon_config = daemon_config
+    for option, value in (("connect", daemon_config.uri), ("state_dir", daemon_config.state_dir),
+                          ("qemu_img", daemon_config.qemu_img)):  # fmt: skip
         if hasattr(args, option) and getattr(args, option) is None:
             setattr(args, option, value)
 
