@@ -13,11 +13,11 @@ import ctypes
 import os
 import subprocess
 import threading
-import uuid as uuidlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from uuid import uuid4
 from xml.sax.saxutils import escape
 
 from virt_reclaim.domxml import read
@@ -100,7 +100,7 @@ class FakeDomain:
 
     disks: list[FakeDisk]
     name: str = "fake"
-    uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
+    uuid: str = field(default_factory=lambda: str(uuid4()))
     power: DomainState = DomainState.RUNNING
     persistent: bool = True
     agent: AgentInfo | None = LINUX_AGENT

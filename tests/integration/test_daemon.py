@@ -16,7 +16,7 @@ import pytest
 
 from testbed import data
 from testbed.content import Content
-from testbed.daemon import DaemonProcess, NotifyListener, daemon_settings, write_config
+from testbed.daemon import DaemonProcess, NotifyListener, daemon_toml, write_config
 from testbed.guests import Guest, restart_libvirtd
 from testbed.reclaim import fake_qemu_img, leftovers, qemu_img_check_clean, wait_for_file
 from virt_reclaim.service.daemon import STOP_EXTEND_S
@@ -73,7 +73,7 @@ def test_window_reclaims_idle_guests_by_gain_skips_the_busy_one_and_stops_safely
     names = [idle_big.name, idle_small.name, busy.name]
     config_dir = write_config(
         tmp_path / "etc",
-        daemon_settings(tmp_path / "state", qemu_img=f'"{wrapper}"'),
+        daemon_toml(tmp_path / "state", qemu_img=f'"{wrapper}"'),
         {"10-test.toml": every_minute("nightly", names)},
     )
     notify = NotifyListener(tmp_path / "notify.sock")
@@ -137,7 +137,7 @@ def test_a_guest_busy_when_the_window_opens_is_reclaimed_once_it_goes_idle(
     guest.exec("sh -c 'echo $$ >/run/busy.pid; while :; do :; done' >/dev/null 2>&1 &")
     config_dir = write_config(
         tmp_path / "etc",
-        daemon_settings(tmp_path / "state"),
+        daemon_toml(tmp_path / "state"),
         {"10-test.toml": every_minute("late", [guest.name])},
     )
     daemon = DaemonProcess(config_dir)
@@ -167,7 +167,7 @@ def test_sighup_keeps_the_last_good_configuration_and_applies_a_fixed_one(
 ) -> None:
     config_dir = write_config(
         tmp_path / "etc",
-        daemon_settings(tmp_path / "state", uri='"test:///default"'),
+        daemon_toml(tmp_path / "state", uri='"test:///default"'),
         {"10-first.toml": every_minute("first", ["nothing-*"])},
     )
     notify = NotifyListener(tmp_path / "notify.sock")
@@ -209,7 +209,7 @@ def test_sighup_keeps_the_last_good_configuration_and_applies_a_fixed_one(
 def test_a_broken_configuration_at_start_is_reported_and_exits_78(tmp_path: Path) -> None:
     config_dir = write_config(
         tmp_path / "etc",
-        daemon_settings(tmp_path / "state", uri='"test:///default"', max_concurrent_jobs="0"),
+        daemon_toml(tmp_path / "state", uri='"test:///default"', max_concurrent_jobs="0"),
         {"10-bad.toml": "[[policy]]\nname = 'x'\n"},
     )
     daemon = DaemonProcess(config_dir)
@@ -231,7 +231,7 @@ def test_libvirtd_restarted_while_the_daemon_runs_then_the_next_job_runs(
     name = f"vrt-{os.getpid()}-late"
     config_dir = write_config(
         tmp_path / "etc",
-        daemon_settings(tmp_path / "state"),
+        daemon_toml(tmp_path / "state"),
         {"10-test.toml": every_minute("p", [name])},
     )
     daemon = DaemonProcess(config_dir)

@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from testbed.content import Content
-from testbed.daemon import DaemonProcess, daemon_settings, write_config
+from testbed.daemon import DaemonProcess, daemon_toml, write_config
 from testbed.guests import Guest
 
 pytestmark = pytest.mark.guest
@@ -98,7 +98,7 @@ def test_the_daemon_writes_metrics_that_match_the_journal_and_survive_a_restart(
     }
     config_dir = write_config(
         tmp_path / "etc",
-        daemon_settings(tmp_path / "state", metrics_file=f'"{prom}"'),
+        daemon_toml(tmp_path / "state", metrics_file=f'"{prom}"'),
         {"10-nightly.toml": "[[policy]]\n" + "".join(f"{k} = {v}\n" for k, v in policy.items())},
     )
 

@@ -26,7 +26,7 @@ import libvirt
 import pytest
 
 from testbed import data
-from testbed.daemon import DaemonProcess, daemon_settings, write_config
+from testbed.daemon import DaemonProcess, daemon_toml, write_config
 from testbed.debian import DATA_DIR, DebianGuest, data_share
 from testbed.reclaim import (
     killed_if_left_running,
@@ -120,7 +120,7 @@ def test_zero_fill_of_the_root_filesystem_frees_the_deleted_data_and_the_guest_i
 
 def daemon_config(folder: Path, domain: str) -> Path:
     """A daemon whose policy opens a window every minute and takes 5 quiet seconds as idle."""
-    settings = daemon_settings(folder / "state")
+    daemon_file = daemon_toml(folder / "state")
     policy = (
         "[[policy]]\n"
         'name = "debian"\n'
@@ -134,7 +134,7 @@ def daemon_config(folder: Path, domain: str) -> Path:
         'shutdown.timeout = "120s"\n'
         'rewrite.min_gain = "0"\n'
     )
-    return write_config(folder / "etc", settings, {"10-debian.toml": policy})
+    return write_config(folder / "etc", daemon_file, {"10-debian.toml": policy})
 
 
 def wait_for_job_end(daemon: DaemonProcess, domain: str, timeout: float) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import pytest
 
 from testbed import data
 from testbed.content import Content
-from testbed.daemon import DaemonProcess, daemon_settings, write_config
+from testbed.daemon import DaemonProcess, daemon_toml, write_config
 from testbed.guests import Guest
 from testbed.reclaim import qemu_img_check_clean, reclaim
 
@@ -105,7 +105,7 @@ def test_second_reclaim_of_a_compressed_guest_is_estimated_from_history_and_done
     sums = data.checksums(guest)
     data.write_deleted_random(guest, 96)
     config_dir = write_config(
-        tmp_path / "etc", daemon_settings(state), {"10-test.toml": policy("again", guest.name)}
+        tmp_path / "etc", daemon_toml(state), {"10-test.toml": policy("again", guest.name)}
     )
     daemon = DaemonProcess(config_dir)
     daemons.append(daemon)

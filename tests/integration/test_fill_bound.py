@@ -19,7 +19,7 @@ import pytest
 
 from testbed import data
 from testbed.content import Content
-from testbed.daemon import DaemonProcess, daemon_settings, write_config
+from testbed.daemon import DaemonProcess, daemon_toml, write_config
 from testbed.guests import URI, Guest
 from testbed.reclaim import (
     RunResult,
@@ -213,7 +213,7 @@ def test_two_daemon_jobs_whose_rewrites_do_not_fit_together_take_turns(
     for folder in folders:
         folder.mkdir(mode=0o755)  # QEMU (libvirt-qemu) must reach the image
     guests = [make_guest(data_size="1G", image_dir=f, content=files) for f in folders]
-    settings = daemon_settings(tmp_path / "state", max_concurrent_jobs="2")
+    daemon_file = daemon_toml(tmp_path / "state", max_concurrent_jobs="2")
     names = ", ".join(f'"{g.name}"' for g in guests)
     policy = (
         f'[[policy]]\nname = "turns"\nmatch.names = [{names}]\nschedule.cron = "* * * * *"\n'
@@ -223,7 +223,7 @@ def test_two_daemon_jobs_whose_rewrites_do_not_fit_together_take_turns(
     )
     with contextlib.ExitStack() as stack:
         witnesses = [stack.enter_context(witnessed(g, host)) for g in guests]
-        daemon = DaemonProcess(write_config(tmp_path / "etc", settings, {"10-t.toml": policy}))
+        daemon = DaemonProcess(write_config(tmp_path / "etc", daemon_file, {"10-t.toml": policy}))
         daemons.append(daemon)
         # The job that does not fit ends skipped and waits: its second try is the reclaim.
         finished = [daemon.wait_event("job.finished", JOB_TIMEOUT_S, domain=g.name,

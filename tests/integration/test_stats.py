@@ -11,7 +11,7 @@ import pytest
 
 from testbed import data
 from testbed.guests import URI, Guest
-from virt_reclaim.service.idle import Sample, sample_from_stats
+from virt_reclaim.service.idle import StatsSample, sample_from_stats
 from virt_reclaim.virt.connection import Hypervisor
 
 pytestmark = pytest.mark.guest
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.guest
 MIB = 1024 * 1024
 
 
-def sample_of(hypervisor: Hypervisor, name: str) -> Sample:
+def sample_of(hypervisor: Hypervisor, name: str) -> StatsSample:
     for domain, _uuid, record in hypervisor.domain_stats():
         if domain == name:
             return sample_from_stats(record, time.monotonic())

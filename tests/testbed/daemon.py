@@ -19,8 +19,8 @@ from testbed.guests import URI
 WATCHDOG_USEC = 2_000_000
 
 
-def daemon_settings(state_dir: Path, **extra: str) -> str:
-    """A test daemon's settings file: the test bed's libvirtd, JSON logs, a sample a second.
+def daemon_toml(state_dir: Path, **extra: str) -> str:
+    """A test daemon's virt-reclaim.toml: the test bed's libvirtd, JSON logs, a sample a second.
 
     A sample a second: idle.duration is judged on samples, and the default interval kept a
     guest "not yet idle" for a minute. ``extra`` adds or replaces keys (TOML values).
@@ -35,10 +35,10 @@ def daemon_settings(state_dir: Path, **extra: str) -> str:
     return "".join(f"{key} = {value}\n" for key, value in lines.items())
 
 
-def write_config(folder: Path, settings: str, policies: dict[str, str]) -> Path:
+def write_config(folder: Path, daemon_file: str, policies: dict[str, str]) -> Path:
     """A configuration folder as the daemon wants it (root's, not writable by others)."""
     folder.mkdir(mode=0o700, exist_ok=True)
-    (folder / "virt-reclaim.toml").write_text(settings)
+    (folder / "virt-reclaim.toml").write_text(daemon_file)
     policy_dir = folder / "policies.d"
     policy_dir.mkdir(mode=0o700, exist_ok=True)
     for name, text in policies.items():

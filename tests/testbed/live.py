@@ -22,7 +22,7 @@ from pathlib import Path
 
 import libvirt
 
-from testbed.daemon import DaemonProcess, daemon_settings, write_config
+from testbed.daemon import DaemonProcess, daemon_toml, write_config
 from testbed.guests import URI, Guest, GuestError
 from testbed.reclaim import (
     RunResult,
@@ -322,7 +322,7 @@ def kill_live_jobs_at_random(
 
 def _daemon_config(folder: Path, state: Path, domain: str | None) -> Path:
     """A daemon that reclaims ``domain`` live in an always-open window; None: no policy."""
-    settings = daemon_settings(state)
+    daemon_file = daemon_toml(state)
     policies = {}
     if domain is not None:
         policies["10-live.toml"] = (
@@ -331,7 +331,7 @@ def _daemon_config(folder: Path, state: Path, domain: str | None) -> Path:
             'schedule.min_interval = "0s"\nidle.required = false\nidle.duration = "2s"\n'
             'rewrite.min_gain = "0"\n'
         )
-    return write_config(folder, settings, policies)
+    return write_config(folder, daemon_file, policies)
 
 
 def kill_live_daemons_at_random(

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from virt_reclaim.cli import main
 from virt_reclaim.config import crontab, loading
 from virt_reclaim.config.policy import Policy, PolicyFile
-from virt_reclaim.reports import check as checking
+from virt_reclaim.reports.check import next_window, shortest_gap, surprising_settings
 
 CRON_DAILY = "0 2 * * *"
 # Thursday, 3 December 2026, 12:00 UTC
@@ -209,35 +209,35 @@ def test_surprising_settings_are_warned_of(fields: dict[str, Any], expected: str
     if "schedule" in fields and "window" not in fields["schedule"]:
         fields = {**fields, "schedule": fields["schedule"]}
         base = {"name": "p", "match": {"names": ["*"]}, **fields}
-        warnings = checking.policy_warnings(Policy.model_validate(base), NOW)
+        warnings = surprising_settings(Policy.model_validate(base), NOW)
     else:
-        warnings = checking.policy_warnings(policy(**fields), NOW)
+        warnings = surprising_settings(policy(**fields), NOW)
     assert [w for w in warnings if w.startswith(expected)], warnings
     assert len(warnings) == 1, warnings
 
 
 def test_settings_that_fit_give_no_warning() -> None:
-    assert checking.policy_warnings(policy(), NOW) == []
+    assert surprising_settings(policy(), NOW) == []
     rate_limited = policy(mode="live", idle={"required": False}, rewrite={"rate_limit": "50MiB"})
-    assert checking.policy_warnings(rate_limited, NOW) == []
+    assert surprising_settings(rate_limited, NOW) == []
     # A monthly cron: the default 7 days between reclaims changes nothing.
     monthly = Policy.model_validate(
         {"name": "m", "match": {"names": ["*"]},
          "schedule": {"cron": "0 2 1 * *", "timezone": "UTC"}}
     )  # fmt: skip
-    assert checking.policy_warnings(monthly, NOW) == []
+    assert surprising_settings(monthly, NOW) == []
     # Weekdays only: the shortest gap is a day, not the 3 days over the weekend.
-    assert checking.shortest_gap("0 2 * * 1-5", NOW) == dt.timedelta(days=1)
+    assert shortest_gap("0 2 * * 1-5", NOW) == dt.timedelta(days=1)
 
 
 def test_the_next_window_in_the_policys_time_zone() -> None:
     berlin = policy(schedule={"cron": "0 1 * * sun", "timezone": "Europe/Berlin", "window": "4h"})
-    window = checking.next_window(berlin, NOW)
+    window = next_window(berlin, NOW)
     assert window is not None and not window.open_now
     assert (window.start.isoformat(), window.end.isoformat()) == (
         "2026-12-06T01:00:00+01:00", "2026-12-06T05:00:00+01:00")  # fmt: skip
     assert str(window) == "next window Sun 2026-12-06 01:00 to 05:00 CET"
-    during = checking.next_window(berlin, dt.datetime(2026, 12, 6, 1, 30, tzinfo=dt.UTC))
+    during = next_window(berlin, dt.datetime(2026, 12, 6, 1, 30, tzinfo=dt.UTC))
     assert during is not None and during.open_now
     assert str(during) == "open now until Sun 2026-12-06 05:00 CET"
 

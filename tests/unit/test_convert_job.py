@@ -437,7 +437,7 @@ def test_the_convert_mode_recovers_from_what_the_definition_names(tmp_path: Path
     domain = FakeDomain([FakeDisk("vda", crashed.new)], power=DomainState.SHUTOFF)
     journal = Journal(tmp_path / "state")
     journal.begin_job("j1", "fake", domain.uuid, JobSettings(), mode="convert")
-    journal.record_plan("j1", "shutoff", [crashed.journaled("planned")])
+    journal.record_for_recovery("j1", "shutoff", [crashed.journaled("planned")])
     journal.record_disk("j1", "vda", state=DiskState.DEFINED, data=crashed.data)
     journal.enter_step("j1", "cleanup")
     [job] = journal.unfinished()

@@ -132,7 +132,7 @@ def test_a_job_killed_in_its_define_step_is_recovered_as_reclaimed(tmp_path: Pat
     journal = Journal(tmp_path / "state")
     journal.begin_job("j1", "fake", "u1", JobSettings(), mode="offline")
     temp = str(tmp_path / ".disk.qcow2.virt-reclaim-j1.tmp")
-    journal.record_plan("j1", "running", [JournalDisk("vda", str(image), temp, None)])
+    journal.record_for_recovery("j1", "running", [JournalDisk("vda", str(image), temp, None)])
     for step in ("shutdown", "guard", "rewrite", "verify", "swap", "define"):
         journal.enter_step("j1", step)
     [job] = journal.unfinished()

@@ -98,17 +98,17 @@ def test_two_disks_on_one_host_filesystem_share_its_room() -> None:
         GuestVolume("/", ("vda",), total=20 * GIB, used=2 * GIB),
         GuestVolume("/srv", ("vdb",), total=20 * GIB, used=2 * GIB),
     ]
-    plan = fill_limits(
+    budget = fill_limits(
         disks, volumes, Reserve(host_percent=5, host_min_bytes=2 * GIB, guest_percent=5)
     )
     # 14 GiB free - 5 GiB reserve (5 % of 100 GiB) - 2 x (1 GiB + 64 MiB) for the rewrites.
     room = 14 * GIB - 5 * GIB - 2 * (GIB + 64 * MIB)
-    assert plan.total_limit <= room
-    assert plan.total_limit >= room - 2 * MIB
-    [first, second] = plan.fills
+    assert budget.total_limit <= room
+    assert budget.total_limit >= room - 2 * MIB
+    [first, second] = budget.fills
     assert first.limit == room // MIB * MIB  # the first takes what fits...
     assert second.limit == 0 and "no room on the host" in str(second.why_not)  # ...none is left
-    assert plan.floors == {1: ("/images1", 5 * GIB + 2 * (GIB + 64 * MIB))}
+    assert budget.floors == {1: ("/images1", 5 * GIB + 2 * (GIB + 64 * MIB))}
 
 
 def test_a_filesystem_over_several_disks_is_filled_only_within_the_room_beside_each() -> None:
@@ -121,28 +121,28 @@ def test_a_filesystem_over_several_disks_is_filled_only_within_the_room_beside_e
     ]
     lvm = GuestVolume("/", ("vda", "vdb"), total=20 * GIB, used=2 * GIB)
 
-    plan = fill_limits(disks, [lvm], Reserve(guest_percent=0))
+    budget = fill_limits(disks, [lvm], Reserve(guest_percent=0))
 
     # vdb's host has 3 GiB above its reserve and rewrite: the whole fill may land there.
-    [fill] = plan.fills
+    [fill] = budget.fills
     assert fill.limit == 3 * GIB
-    # Both hosts count it as theirs: the watch floors stay, the next plan sees it spent.
+    # Both hosts count it as theirs: the watch floors stay, the next budget sees it spent.
     again = fill_limits(disks, [lvm, GuestVolume("/srv", ("vdb",), 20 * GIB, 2 * GIB)],
                       Reserve(guest_percent=0))  # fmt: skip
     assert [f.limit for f in again.fills] == [3 * GIB, 0]
-    assert set(plan.floors) == {1, 2}
+    assert set(budget.floors) == {1, 2}
 
 
 def test_a_filesystem_that_spans_a_disk_the_job_leaves_alone_is_not_filled() -> None:
     disks = [DiskRoom("vda", host(1, free=500 * GIB, size=1000 * GIB), 30 * GIB, False, GIB)]
     spanning = GuestVolume("/", ("vda", "vdc"), total=20 * GIB, used=2 * GIB)
 
-    plan = fill_limits(disks, [spanning], Reserve(guest_percent=0))
+    budget = fill_limits(disks, [spanning], Reserve(guest_percent=0))
 
-    [fill] = plan.fills
+    [fill] = budget.fills
     assert fill.limit == 0
     assert "spans vdc too, which this job does not rewrite" in str(fill.why_not)
-    assert plan.reach() == 0.0
+    assert budget.reach() == 0.0
 
 
 def test_a_fill_is_bounded_by_the_guest_share_the_headroom_and_holes() -> None:
@@ -191,10 +191,10 @@ def test_zeros_over_what_the_image_already_holds_cost_the_host_nothing() -> None
     # all the guest's free space (most of it lands on clusters the image already holds).
     roomy = host(1, free=2 * GIB + 3 * GIB + 2 * GIB, size=40 * GIB)
     volume = GuestVolume("/", ("vda",), total=20 * GIB, used=4 * GIB)
-    plan = fill_limits(
+    budget = fill_limits(
         [DiskRoom("vda", roomy, GIB, False, GIB)], [volume], Reserve(guest_percent=0)
     )
-    assert plan.fills[0].limit == 16 * GIB
+    assert budget.fills[0].limit == 16 * GIB
 
 
 class _LyingAgent:
@@ -213,14 +213,14 @@ class _LyingAgent:
         raise AssertionError("a zero-fill does not trim")
 
 
-def test_a_guest_claiming_more_zeros_than_the_fill_may_write_is_capped_at_the_plan() -> None:
+def test_a_guest_claiming_more_zeros_than_the_fill_may_write_is_capped_at_the_budget() -> None:
     agent = _LyingAgent()
 
     result = zero_fill(agent, [Fill("/data", 64 * MIB, 900 * MIB)], timeout=60)
 
     [fill] = result.fills
     assert fill.zeroed_bytes == 64 * MIB
-    assert agent.scripts[0][-1] == "64"  # dd's count: the plan's limit in MiB
+    assert agent.scripts[0][-1] == "64"  # dd's count: the budget's limit in MiB
 
 
 def test_the_script_that_ends_a_dead_jobs_fill_does_not_match_itself() -> None:

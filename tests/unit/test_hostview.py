@@ -86,7 +86,7 @@ def test_an_outage_is_logged_once_retried_with_backoff_and_its_length_told(
     with structlog.testing.capture_logs() as events:
         assert not connect(host)
         assert host.hypervisor is not None and set(host.domains) == {"uuid-vm-a"}
-        host.domains["uuid-vm-a"].window.duration_s = 60
+        host.domains["uuid-vm-a"].recent.duration_s = 60
 
         assert host.hypervisor is not None
         first = host.hypervisor
@@ -114,7 +114,7 @@ def test_an_outage_is_logged_once_retried_with_backoff_and_its_length_told(
     assert reconnected["outage_s"] == 1.7 and reconnected["attempts"] == 2
     assert host.outage is None
     # The domains keep their samples across the outage.
-    assert host.domains["uuid-vm-a"].window.duration_s == 60
+    assert host.domains["uuid-vm-a"].recent.duration_s == 60
 
 
 def test_unreachable_at_start_is_logged_once(fake: type[FakeHypervisor]) -> None:
@@ -140,6 +140,6 @@ def test_samples_go_to_the_known_domains_and_only_the_first_is_logged(
         host.sample(10.0, keep_s=300)
         host.sample(20.0, keep_s=300)
     assert [(e["event"], e["domains"]) for e in events] == [("stats.sampled", 2)]
-    window = host.domains["uuid-vm-a"].window
-    assert window.duration_s == 300
-    assert [s.at for s in window.samples] == [10.0, 20.0]
+    recent = host.domains["uuid-vm-a"].recent
+    assert recent.duration_s == 300
+    assert [s.at for s in recent.samples] == [10.0, 20.0]

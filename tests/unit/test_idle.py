@@ -7,11 +7,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from virt_reclaim.service.idle import (
-    Sample,
-    SampleWindow,
+    RecentSamples,
+    StatsSample,
     Thresholds,
     sample_from_stats,
-    window_busy_reason,
+    samples_busy_reason,
 )
 
 LIMITS = Thresholds(cpu_percent=5.0, disk_bytes_per_s=1_000_000, net_bytes_per_s=100_000,
@@ -19,26 +19,26 @@ LIMITS = Thresholds(cpu_percent=5.0, disk_bytes_per_s=1_000_000, net_bytes_per_s
 SECOND = 1_000_000_000
 
 
-def window_of(*samples: Sample) -> SampleWindow:
-    window = SampleWindow(LIMITS.duration_s)
+def recent_of(*samples: StatsSample) -> RecentSamples:
+    recent = RecentSamples(LIMITS.duration_s)
     for sample in samples:
-        window.add(sample)
-    return window
+        recent.add(sample)
+    return recent
 
 
-def quiet(at: float, step: int = 0) -> Sample:
+def quiet(at: float, step: int = 0) -> StatsSample:
     # 1 % CPU, 100 kB/s disk, 1 kB/s network since t=0.
-    return Sample(at, cpu_ns=int(at * SECOND // 100), block_bytes=int(at * 100_000),
+    return StatsSample(at, cpu_ns=int(at * SECOND // 100), block_bytes=int(at * 100_000),
                   net_bytes=int(at * 1_000) + step)  # fmt: skip
 
 
 def test_quiet_for_the_whole_duration_is_idle() -> None:
-    assert window_busy_reason(window_of(*(quiet(t) for t in range(0, 661, 60))), LIMITS) is None
+    assert samples_busy_reason(recent_of(*(quiet(t) for t in range(0, 661, 60))), LIMITS) is None
 
 
 def test_too_short_an_observation_counts_as_busy() -> None:
-    assert window_busy_reason(window_of(quiet(0)), LIMITS) == "not observed yet"
-    reason = window_busy_reason(window_of(quiet(0), quiet(300)), LIMITS)
+    assert samples_busy_reason(recent_of(quiet(0)), LIMITS) == "not observed yet"
+    reason = samples_busy_reason(recent_of(quiet(0), quiet(300)), LIMITS)
     assert reason == "observed for 300 s of the 600 s required"
 
 
@@ -54,25 +54,26 @@ def test_one_busy_minute_inside_the_window_is_busy(burst: dict[str, int], expect
     samples = [quiet(t) for t in range(0, 661, 60)]
     fields = ("cpu_ns", "block_bytes", "net_bytes")
     bumped = [
-        Sample(s.at, **{k: getattr(s, k) + burst.get(k, 0) for k in fields}) for s in samples[6:]
+        StatsSample(s.at, **{k: getattr(s, k) + burst.get(k, 0) for k in fields})
+        for s in samples[6:]
     ]
-    assert window_busy_reason(window_of(*samples[:6], *bumped), LIMITS) == expected
+    assert samples_busy_reason(recent_of(*samples[:6], *bumped), LIMITS) == expected
 
 
 def test_missing_or_reset_counters_count_as_busy() -> None:
-    missing = Sample(660, cpu_ns=None, block_bytes=0, net_bytes=0)
-    assert window_busy_reason(window_of(quiet(0), missing), LIMITS) == "CPU statistics unavailable"
-    before = Sample(0, cpu_ns=10 * SECOND, block_bytes=10**6, net_bytes=10**6)
-    reset = Sample(660, cpu_ns=0, block_bytes=0, net_bytes=0)
-    assert window_busy_reason(window_of(before, reset), LIMITS) == (
+    missing = StatsSample(660, cpu_ns=None, block_bytes=0, net_bytes=0)
+    assert samples_busy_reason(recent_of(quiet(0), missing), LIMITS) == "CPU statistics unavailable"
+    before = StatsSample(0, cpu_ns=10 * SECOND, block_bytes=10**6, net_bytes=10**6)
+    reset = StatsSample(660, cpu_ns=0, block_bytes=0, net_bytes=0)
+    assert samples_busy_reason(recent_of(before, reset), LIMITS) == (
         "CPU counters went back (the guest restarted?)"
     )
 
 
 def test_window_keeps_only_what_covers_the_duration() -> None:
-    window = window_of(*(quiet(t) for t in range(0, 3601, 60)))
-    assert window.samples[0].at == 3000
-    assert window.samples[-1].at == 3600
+    recent = recent_of(*(quiet(t) for t in range(0, 3601, 60)))
+    assert recent.samples[0].at == 3000
+    assert recent.samples[-1].at == 3600
 
 
 def test_sample_from_a_getalldomainstats_record() -> None:
@@ -82,7 +83,7 @@ def test_sample_from_a_getalldomainstats_record() -> None:
         "block.1.rd.bytes": 1, "block.1.wr.bytes": 2,
         "net.count": 1, "net.0.rx.bytes": 100, "net.0.tx.bytes": 50,
     }  # fmt: skip
-    assert sample_from_stats(record, 7.0) == Sample(7.0, 5 * SECOND, 33, 150)
+    assert sample_from_stats(record, 7.0) == StatsSample(7.0, 5 * SECOND, 33, 150)
     assert sample_from_stats({"cpu.time": 1}, 0).block_bytes is None
     broken = {**record, "block.1.wr.bytes": "lots"}
     assert sample_from_stats(broken, 0).block_bytes is None
@@ -93,6 +94,6 @@ def test_sample_from_a_getalldomainstats_record() -> None:
 def test_any_samples_give_a_reason_or_none_never_an_error(
     counters: list[tuple[int, int, int]],
 ) -> None:
-    window = window_of(*(Sample(60.0 * i, c, b, n) for i, (c, b, n) in enumerate(counters)))
-    reason = window_busy_reason(window, LIMITS)
+    recent = recent_of(*(StatsSample(60.0 * i, c, b, n) for i, (c, b, n) in enumerate(counters)))
+    reason = samples_busy_reason(recent, LIMITS)
     assert reason is None or isinstance(reason, str)

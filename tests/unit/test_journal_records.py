@@ -42,7 +42,7 @@ def test_the_recovery_outcomes_are_the_strings_recover_prints() -> None:
 def journal_with_disk(tmp_path: Path) -> Journal:
     journal = Journal(tmp_path / "state")
     journal.begin_job("j1", "vm1", "u1", JobSettings(compression=Compression.ZLIB))
-    journal.record_plan("j1", "shutoff", [JournalDisk("vda", "/v/disk.raw", "/v/.t", None)])
+    journal.record_for_recovery("j1", "shutoff", [JournalDisk("vda", "/v/disk.raw", "/v/.t", None)])
     return journal
 
 
@@ -131,13 +131,13 @@ def test_disk_figures_are_the_newest_estimate_and_reclaim(tmp_path: Path) -> Non
     journal = Journal(tmp_path / "state")
     for job_id, outcome, after in (("j1", Outcome.RECLAIMED, 30), ("j2", Outcome.DRY_RUN, None)):
         journal.begin_job(job_id, "vm1", "u1", JobSettings())
-        journal.record_plan(job_id, "shutoff", [JournalDisk("vda", "/v/d", "/v/.t", None)])
+        journal.record_for_recovery(job_id, "shutoff", [JournalDisk("vda", "/v/d", "/v/.t", None)])
         journal.record_disk(job_id, "vda", bytes_before=100, estimated_after=40,
                             bytes_after=after)  # fmt: skip
         journal.finish_job(job_id, outcome=outcome, reason="", bytes_before=100,
                            bytes_after=after, downtime_s=None, duration_s=None)  # fmt: skip
     journal.begin_job("j3", "vm2", "u2", JobSettings())
-    journal.record_plan("j3", "shutoff", [JournalDisk("vdb", "/v/e", "/v/.u", None)])
+    journal.record_for_recovery("j3", "shutoff", [JournalDisk("vdb", "/v/e", "/v/.u", None)])
 
     [figures] = journal.disk_figures()
 

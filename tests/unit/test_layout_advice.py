@@ -40,11 +40,11 @@ def test_what_was_not_measured_says_so_and_gives_the_bounds() -> None:
 
 
 def test_compression_with_clusters_above_64k_is_warned_of() -> None:
-    [warning] = advice.policy_warnings(policy(rewrite={"cluster_size": "128KiB"}))
+    [warning] = advice.costly_settings(policy(rewrite={"cluster_size": "128KiB"}))
     assert "compression zstd with 128K clusters" in warning
-    assert advice.policy_warnings(policy(rewrite={"cluster_size": "64KiB"})) == []
+    assert advice.costly_settings(policy(rewrite={"cluster_size": "64KiB"})) == []
     uncompressed = {"cluster_size": "2MiB", "compression": "none"}
-    assert advice.policy_warnings(policy(rewrite=uncompressed)) == []
+    assert advice.costly_settings(policy(rewrite=uncompressed)) == []
 
 
 DOMAIN = """<domain><name>d</name><devices>

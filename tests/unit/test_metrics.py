@@ -86,7 +86,7 @@ def observed() -> observations.Observations:
 def write_and_read(
     built: Built, path: Path, seen: observations.Observations | None = None
 ) -> Samples:
-    registry = families.build(
+    registry = families.build_registry(
         built.journal, seen or observed(), built.domains, families.DiskSizes("qemu-img")
     )
     writer.write(str(path), registry)
@@ -377,7 +377,7 @@ def test_disk_sizes_name_the_format_so_qemu_img_never_probes(tmp_path: Path) -> 
     wrapper.chmod(0o755)
     image = make_image(tmp_path / "disk.qcow2", "64M")
 
-    used, size = families.DiskSizes(str(wrapper)).measure(str(image), "qcow2")
+    used, size = families.DiskSizes(str(wrapper)).sizes_of(str(image), "qcow2")
 
     assert (used, size) == (image.stat().st_blocks * 512, 64 * MIB)
     [call] = calls.read_text().splitlines()

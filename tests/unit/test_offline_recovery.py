@@ -31,7 +31,7 @@ def journaled_rewrite(tmp_path: Path, image: Path, temp: Path) -> JournalJob:
     """A job journaled as killed in its rewrite step, the guest shut down by it."""
     journal = Journal(tmp_path / "state")
     journal.begin_job("j1", "fake", "u1", JobSettings(), mode="offline")
-    journal.record_plan("j1", "running", [JournalDisk("vda", str(image), str(temp), None)])
+    journal.record_for_recovery("j1", "running", [JournalDisk("vda", str(image), str(temp), None)])
     for step in ("shutdown", "guard", "preflight", "rewrite"):
         journal.enter_step("j1", step)
     [job] = journal.unfinished()

@@ -29,7 +29,7 @@ def killed_in_rewrite(tmp_path: Path) -> tuple[Path, Path, Path]:
     temp.write_bytes(b"half written")
     journal = Journal(state)
     journal.begin_job("j1", "vm1", "u1", JobSettings())
-    journal.record_plan("j1", "shutoff", [JournalDisk("vda", str(image), str(temp), None)])
+    journal.record_for_recovery("j1", "shutoff", [JournalDisk("vda", str(image), str(temp), None)])
     journal.enter_step("j1", "rewrite")
     journal.close()
     return state, image, temp

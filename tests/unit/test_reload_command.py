@@ -45,8 +45,8 @@ class Running:
 
     def __init__(self, tmp_path: Path) -> None:
         self.state = tmp_path / "state"
-        settings = f'uri = "test:///default"\nstate_dir = "{self.state}"\nlog_format = "json"\n'
-        self.etc = write_config(tmp_path / "etc", settings, {"10-first.toml": policy("first")})
+        daemon_file = f'uri = "test:///default"\nstate_dir = "{self.state}"\nlog_format = "json"\n'
+        self.etc = write_config(tmp_path / "etc", daemon_file, {"10-first.toml": policy("first")})
         self.notify = NotifyListener(tmp_path / "notify.sock")
         self.daemon = DaemonProcess(self.etc, notify_socket=self.notify.path)
         self.notify.wait_for("READY", "1")

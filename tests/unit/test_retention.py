@@ -19,7 +19,7 @@ from virt_reclaim.job.results import Outcome
 from virt_reclaim.job.settings import JobSettings
 from virt_reclaim.journal.records import BackupRecord, DomainActivity, JournalDisk
 from virt_reclaim.journal.store import Journal
-from virt_reclaim.metrics.observations import Estimate, Observations
+from virt_reclaim.metrics.observations import LastEstimate, Observations
 from virt_reclaim.model import DomainObservation
 from virt_reclaim.service import retention
 from virt_reclaim.virt.connection import Hypervisor
@@ -39,7 +39,7 @@ def add_job(
 ) -> None:
     """A job of ``domain`` that started and ended ``age_s`` ago, with a disk and a step."""
     journal.begin_job(job_id, domain, uuid, JobSettings())
-    journal.record_plan(job_id, "running", [JournalDisk("vda", f"/i/{job_id}", "/t", None)])
+    journal.record_for_recovery(job_id, "running", [JournalDisk("vda", f"/i/{job_id}", "/t", None)])
     journal.enter_step(job_id, "inspect")
     if finished:
         journal.finish_job(job_id, outcome=Outcome.RECLAIMED, reason="", bytes_before=2,
@@ -95,7 +95,7 @@ def test_a_pass_drops_old_jobs_and_series_and_keeps_backups(
     journal.record_backup(backup)
     observations = Observations()
     observations.skipped("old", "busy")
-    observations.estimates[("old", "vda")] = Estimate(5, NOW - 45 * DAY)
+    observations.estimates[("old", "vda")] = LastEstimate(5, NOW - 45 * DAY)
     observations.skipped("recent", "busy")
     observations.touched["old"] = NOW - 45 * DAY  # counted long ago
     config = DaemonConfig(state_dir=str(tmp_path / "state"),

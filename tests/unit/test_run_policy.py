@@ -55,8 +55,8 @@ def host(tmp_path: Path) -> tuple[str, Path]:
                                      state=SHUTOFF if off else ""))  # fmt: skip
     node = tmp_path / "node.xml"
     node.write_text(f"<node>{''.join(domains)}</node>")
-    settings = f'state_dir = "{tmp_path / "state"}"\nstats_interval = "1s"\n'
-    etc = write_config(tmp_path / "etc", settings, {
+    daemon_file = f'state_dir = "{tmp_path / "state"}"\nstats_interval = "1s"\n'
+    etc = write_config(tmp_path / "etc", daemon_file, {
         "10-fleet.toml": policy("fleet", '"vm-*"'),
         "20-other.toml": policy("other", '"other", "vm-mid"', "priority = 10\n"),
         "30-off.toml": policy("off", '"nothing"', "enabled = false\n"),

@@ -26,7 +26,7 @@ from virt_reclaim.config.policy import Policy
 from virt_reclaim.job.results import Outcome
 from virt_reclaim.job.settings import JobSettings
 from virt_reclaim.journal.store import Journal
-from virt_reclaim.reports import status as report
+from virt_reclaim.reports.status import build_report, is_alive
 from virt_reclaim.service import status, windows, workers
 from virt_reclaim.service.daemon import Daemon
 from virt_reclaim.service.scheduler import Candidate
@@ -56,8 +56,8 @@ def wait_for(predicate: Any, timeout: float = 30) -> None:
 class Running:
     def __init__(self, tmp_path: Path) -> None:
         self.state = tmp_path / "state"
-        settings = f'uri = "test:///default"\nstate_dir = "{self.state}"\nlog_format = "json"\n'
-        self.etc = write_config(tmp_path / "etc", settings, {"10-first.toml": policy("first")})
+        daemon_file = f'uri = "test:///default"\nstate_dir = "{self.state}"\nlog_format = "json"\n'
+        self.etc = write_config(tmp_path / "etc", daemon_file, {"10-first.toml": policy("first")})
         self.daemon = DaemonProcess(self.etc)
         self.daemon.wait_event("daemon.started", 60)
         # The first snapshot of the running phase follows the start at the next tick.
@@ -150,12 +150,12 @@ def snapshot(**changes: Any) -> status.Snapshot:
 def test_a_pid_given_to_another_process_is_not_the_daemon() -> None:
     mine = snapshot()
     assert status.proc_start(os.getpid()) is not None
-    assert report.is_alive(mine)
-    assert not report.is_alive(replace(mine, proc_start=(mine.proc_start or 0) + 1))
-    assert not report.is_alive(replace(mine, phase=status.Phase.STOPPED))
+    assert is_alive(mine)
+    assert not is_alive(replace(mine, proc_start=(mine.proc_start or 0) + 1))
+    assert not is_alive(replace(mine, phase=status.Phase.STOPPED))
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    assert not report.is_alive(replace(mine, pid=gone.pid, proc_start=None))
+    assert not is_alive(replace(mine, pid=gone.pid, proc_start=None))
 
 
 def test_the_publisher_writes_changes_at_once_and_repeats_only_when_due(tmp_path: Path) -> None:
@@ -196,7 +196,7 @@ def test_jobs_progress_queue_and_journal_are_reported(tmp_path: Path) -> None:
     status.write_snapshot(
         str(state), status.snapshot_of(daemon, status.Phase.RUNNING, lambda: 5000.0)
     )
-    built = report.build(str(state), now=5001.0)
+    built = build_report(str(state), now=5001.0)
     data = built.to_json()
 
     assert data["jobs"] == [{"domain": "vm1", "policy": "p", "started_at": "1970-01-01T01:23:10Z",

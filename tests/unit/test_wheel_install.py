@@ -85,9 +85,9 @@ def test_the_installed_command_checks_the_example_config(venv: Path, tmp_path: P
 
 def test_the_installed_command_prints_both_schemas(venv: Path) -> None:
     policy = json.loads(run(venv / "bin" / "virt-reclaim", "schema").stdout)
-    settings = json.loads(run(venv / "bin" / "virt-reclaim", "schema", "--daemon").stdout)
+    daemon_schema = json.loads(run(venv / "bin" / "virt-reclaim", "schema", "--daemon").stdout)
     assert "policy" in policy["properties"]
-    assert {"uri", "state_dir", "stats_interval"} <= settings["properties"].keys()
+    assert {"uri", "state_dir", "stats_interval"} <= daemon_schema["properties"].keys()
 
 
 def test_the_installed_package_writes_the_man_page_and_completions(

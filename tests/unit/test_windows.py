@@ -19,7 +19,7 @@ from virt_reclaim.journal.records import JournalError
 from virt_reclaim.model import DomainObservation, DomainState
 from virt_reclaim.service import eligibility, windows
 from virt_reclaim.service.eligibility import DomainView
-from virt_reclaim.service.idle import Sample
+from virt_reclaim.service.idle import StatsSample
 from virt_reclaim.service.scheduler import Candidate, LateWindow
 from virt_reclaim.service.windows import Window, Windows
 
@@ -48,15 +48,15 @@ def view(name: str, state: DomainState = DomainState.RUNNING) -> DomainView:
 
 def feed(domain: DomainView, start: float, end: float, cpu_percent: float) -> None:
     """Samples every 10 s from ``start`` to ``end`` at this CPU use (no disk or network)."""
-    last = domain.window.samples[-1] if domain.window.samples else None
+    last = domain.recent.samples[-1] if domain.recent.samples else None
     cpu = last.cpu_ns if last and last.cpu_ns is not None else 0
     at = start
-    domain.window.duration_s = IDLE_S
+    domain.recent.duration_s = IDLE_S
     while at <= end:
         if last is not None:
             cpu += int((at - last.at) * SECOND_NS * cpu_percent / 100)
-        last = Sample(at, cpu_ns=cpu, block_bytes=0, net_bytes=0)
-        domain.window.add(last)
+        last = StatsSample(at, cpu_ns=cpu, block_bytes=0, net_bytes=0)
+        domain.recent.add(last)
         at += 10
 
 
@@ -73,7 +73,7 @@ def busy_view(name: str, until: float = OPEN) -> DomainView:
 
 
 def by_uuid(*views: DomainView) -> dict[str, DomainView]:
-    return {v.snapshot.uuid: v for v in views}
+    return {v.observed.uuid: v for v in views}
 
 
 def never_reclaimed(_uuid: str) -> float | None:

@@ -18,7 +18,7 @@ from virt_reclaim.service.scheduler import Candidate
 POLICY = Policy.model_validate(
     {"name": "p", "match": {"names": ["*"]}, "schedule": {"cron": "0 2 * * *"}}
 )
-SETTINGS = loading.DaemonConfig()
+DAEMON_CONFIG = loading.DaemonConfig()
 
 
 def test_an_estimate_that_crashes_still_posts_so_the_window_can_close(
@@ -27,11 +27,11 @@ def test_an_estimate_that_crashes_still_posts_so_the_window_can_close(
     def crash(*_args: Any, **_kwargs: Any) -> list[Candidate]:
         raise KeyError("a bug")
 
-    monkeypatch.setattr(workers, "estimate", crash)
+    monkeypatch.setattr(workers, "estimate_candidates", crash)
     posted: list[Message] = []
     pool = workers.Workers(posted.append)
     with structlog.testing.capture_logs() as events:
-        pool._estimate(SETTINGS, POLICY, [], 1.0)
+        pool._run_estimates(DAEMON_CONFIG, POLICY, [], 1.0)
     assert posted == [Estimated("p", [])]
     [failed] = events
     assert failed["event"] == "window.estimate_failed" and failed["log_level"] == "error"
@@ -59,7 +59,7 @@ def test_a_job_thread_posts_its_outcome_and_is_forgotten_when_done(
 
     pool = workers.Workers(post)
     candidate = Candidate("vm", "uuid-vm", "p", 10, 5, 60.0)
-    pool.start_job(candidate, POLICY, SETTINGS, now=42.0)
+    pool.start_job(candidate, POLICY, DAEMON_CONFIG, now=42.0)
     assert done.wait(10)
     assert posted == [JobDone("uuid-vm", JobEnd(Outcome.RECLAIMED, waits_for_space=False))]
     assert seen_stop == [pool.stop]

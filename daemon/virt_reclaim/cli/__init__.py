@@ -13,8 +13,8 @@ import sys
 from collections.abc import Sequence
 
 from virt_reclaim.cli.common import EXIT_FAILED, EXIT_USAGE, Terminated, UsageError
+from virt_reclaim.cli.daemon_config import apply_daemon_config
 from virt_reclaim.cli.parsing import build_parser
-from virt_reclaim.cli.settings import apply_daemon_settings
 from virt_reclaim.errors import VirtError
 from virt_reclaim.job.lock import DomainBusy
 from virt_reclaim.journal.records import JournalError
@@ -24,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return the exit status."""
     args = build_parser().parse_args(argv)
     try:
-        apply_daemon_settings(args)
+        apply_daemon_config(args)
         result: int = args.handler(args)
     except UsageError as exc:
         print(f"virt-reclaim: {exc}", file=sys.stderr)

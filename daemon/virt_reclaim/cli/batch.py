@@ -58,7 +58,7 @@ def run_policy(
     run_one: Callable[[Domain], JobResult],
     *,
     settings: JobSettings,
-    daemon: loading.DaemonConfig,
+    daemon_config: loading.DaemonConfig,
     uri: str,
     state_dir: str,
 ) -> list[JobResult]:
@@ -73,7 +73,7 @@ def run_policy(
                          "domain; give a DOMAIN to run with its settings")  # fmt: skip
     mine, tied = governed(policy, policies, hypervisor.domains())
     judged = unobserved(policy) if settings.dry_run else policy
-    views = observe(hypervisor, mine, judged, daemon.stats_interval.total_seconds())
+    views = observe(hypervisor, mine, judged, daemon_config.stats_interval.total_seconds())
     taken = order(judged, policies, views, journal, uri=uri, qemu_img=settings.qemu_img,
                   state_dir=state_dir)  # fmt: skip
     if settings.dry_run:
@@ -88,7 +88,7 @@ def run_policy(
         except VirtError as exc:
             result = skipped(candidate.name, str(exc), Outcome.FAILED)
         view = views.get(candidate.uuid)
-        if judged is not policy and view and view.snapshot.state is not DomainState.SHUTOFF:
+        if judged is not policy and view and view.observed.state is not DomainState.SHUTOFF:
             wait = policy.idle.duration.total_seconds()
             result = dataclasses.replace(result, reason=f"{result.reason}; runs only if idle "
                                          f"for {wait:g} s (not watched in a dry run)")  # fmt: skip
@@ -105,14 +105,14 @@ def governed(
     daemon reclaims them under neither.
     """
     found, tied = [], []
-    for snap in domains:
-        choice = selection.select(policies, snap.name, snap.uuid, snap.xml)
+    for observed in domains:
+        choice = selection.select(policies, observed.name, observed.uuid, observed.xml)
         if choice.policy is not None and choice.policy.name == policy.name:
-            found.append(snap)
+            found.append(observed)
         elif policy.name in choice.conflict:
             reason = (f"selected by policies {', '.join(choice.conflict)} with the same "
                       "priority: the daemon reclaims it under none")  # fmt: skip
-            tied.append(skipped(snap.name, reason))
+            tied.append(skipped(observed.name, reason))
     return found, tied
 
 
@@ -131,7 +131,7 @@ def observe(
     shut-off guest is idle. Takes ``idle.duration`` (the daemon judges with the same samples).
     """
     duration = policy.idle.duration.total_seconds()
-    views = {s.uuid: eligibility.DomainView(s, idle.SampleWindow(duration)) for s in domains}
+    views = {s.uuid: eligibility.DomainView(s, idle.RecentSamples(duration)) for s in domains}
     if not policy.idle.required or all(s.state is DomainState.SHUTOFF for s in domains):
         return views
     print(f"virt-reclaim: observing {len(views)} domain(s) for {duration:g} s, the policy's "
@@ -141,7 +141,7 @@ def observe(
         now = clock()
         for _name, uuid, record in hypervisor.domain_stats():
             if uuid in views:
-                views[uuid].window.add(idle.sample_from_stats(record, now))
+                views[uuid].recent.add(idle.sample_from_stats(record, now))
         if now - began >= duration:
             return views
         sleep(max(0.05, min(interval_s, began + duration - now)))
@@ -179,8 +179,8 @@ def order(
         if estimate.candidate is None:
             left_out.append(estimate.result or skipped(estimate.name, estimate.reason or ""))
     estimated = {e.name for e in found}
-    for snap in chosen.chosen:
-        if snap.name not in estimated:  # libvirtd went away during the dry runs
-            left_out.append(skipped(snap.name, "not estimated: libvirtd did not answer"))
+    for observed in chosen.chosen:
+        if observed.name not in estimated:  # libvirtd went away during the dry runs
+            left_out.append(skipped(observed.name, "not estimated: libvirtd did not answer"))
     queue = scheduler.queue_order(e.candidate for e in found if e.candidate is not None)
     return Order(queue, left_out)

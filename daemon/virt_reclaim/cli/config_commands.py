@@ -13,24 +13,24 @@ from virt_reclaim.cli.common import EXIT_OK, EXIT_USAGE
 from virt_reclaim.config import loading, paths
 from virt_reclaim.config.policy import PolicyFile
 from virt_reclaim.errors import VirtError
-from virt_reclaim.reports import check as checking
+from virt_reclaim.reports.check import CheckReport, DomainToCheck, check_config
 from virt_reclaim.virt.connection import Hypervisor
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate the settings and policies together, then show each policy's window and domains."""
+    """Validate the daemon configuration and policies; show each policy's window and domains."""
     loaded = loading.load(args.config_dir)
-    domains: list[checking.Domain] | None = None
+    domains: list[DomainToCheck] | None = None
     uri = args.connect or loaded.daemon.uri
     try:
         with Hypervisor(uri, read_only=True) as hypervisor:
-            domains = [checking.Domain(d.name, d.uuid, d.xml) for d in hypervisor.domains()]
+            domains = [DomainToCheck(d.name, d.uuid, d.xml) for d in hypervisor.domains()]
     except VirtError as exc:
         print(f"virt-reclaim: cannot list domains ({exc}); the files alone were checked",
               file=sys.stderr)  # fmt: skip
     policy_dir = Path(loaded.daemon.policy_dir or Path(args.config_dir) / paths.POLICY_FOLDER)
     files = len(list(policy_dir.glob("*.toml"))) if policy_dir.is_dir() else None
-    report = checking.check(
+    report = check_config(
         loaded, domains, datetime.datetime.now(datetime.UTC),
         policy_dir=str(policy_dir), policy_files=files,
     )  # fmt: skip
@@ -49,7 +49,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_USAGE if report.errors else EXIT_OK
 
 
-def print_check(report: checking.Report, out: TextIO, err: TextIO) -> None:
+def print_check(report: CheckReport, out: TextIO, err: TextIO) -> None:
     """Each policy with its window and domains on ``out``; warnings then errors on ``err``."""
     for item in report.policies:
         policy = item.policy
@@ -70,7 +70,7 @@ def print_check(report: checking.Report, out: TextIO, err: TextIO) -> None:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    """Print the JSON Schema of a policy file, or with ``--daemon`` of the daemon settings."""
+    """Print the JSON Schema of a policy file, or with ``--daemon`` of the daemon configuration."""
     model = loading.DaemonConfig if args.daemon else PolicyFile
     # Serialization mode: defaults pass through the fields' serializers, so that they read
     # "4h" and "2GiB" as in a file, not "PT4H" and 2147483648.

@@ -51,17 +51,17 @@ def cmd_domains(args: argparse.Namespace) -> int:
         read_only = True
     estimates: dict[str, DomainEstimate] = {}
     with hypervisor:
-        snapshots = hypervisor.domains()
+        listed = hypervisor.domains()
         reports = [
             inventory.describe_domain(
                 domain,
                 qemu_img_path=args.qemu_img,
                 agent=_agent_of(hypervisor, domain, read_only),
             )
-            for domain in snapshots
+            for domain in listed
         ]
         if args.estimate:
-            estimates = _estimates(hypervisor, snapshots, args)
+            estimates = _estimates(hypervisor, listed, args)
     if args.json:
         json.dump([_jsonable(r, estimates.get(r.uuid)) for r in reports], sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -79,13 +79,13 @@ def cmd_domains(args: argparse.Namespace) -> int:
 
 
 def _estimates(
-    hypervisor: Hypervisor, snapshots: Sequence[DomainObservation], args: argparse.Namespace
+    hypervisor: Hypervisor, listed: Sequence[DomainObservation], args: argparse.Namespace
 ) -> dict[str, DomainEstimate]:
     """A dry run of each domain's job: its policy's settings, else those ``run`` defaults to."""
     policies = [policy for _file, policy in loading.load(args.config_dir).policies]
     found: dict[str, DomainEstimate] = {}
-    for snap in snapshots:
-        choice = selection.select(policies, snap.name, snap.uuid, snap.xml)
+    for observed in listed:
+        choice = selection.select(policies, observed.name, observed.uuid, observed.xml)
         policy = choice.policy if not choice.conflict else None
         settings = (
             job_settings(policy, qemu_img=args.qemu_img)
@@ -93,16 +93,16 @@ def _estimates(
             else JobSettings(qemu_img=args.qemu_img)
         )
         try:
-            result = plan.dry_run(hypervisor.domain_by_uuid(snap.uuid), settings, snapshots)
+            result = plan.dry_run(hypervisor.domain_by_uuid(observed.uuid), settings, listed)
         except VirtError as exc:
-            found[snap.uuid] = DomainEstimate(
+            found[observed.uuid] = DomainEstimate(
                 policy.name if policy else None, "failed", str(exc), {}
             )
             continue
         gains = {
             d.target: plan.reclaimable(d.bytes_before, d.estimated_after) for d in result.disks
         }
-        found[snap.uuid] = DomainEstimate(
+        found[observed.uuid] = DomainEstimate(
             policy.name if policy else None, str(result.outcome), result.reason, gains
         )
     return found

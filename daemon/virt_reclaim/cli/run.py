@@ -100,14 +100,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             recovery.recover(journal, args.state_dir, hypervisor.domain_by_uuid)
             results = batch.run_policy(
                 policy, [p for _f, p in loaded.policies], hypervisor, journal, run_one,
-                settings=settings, daemon=args.daemon, uri=args.connect, state_dir=args.state_dir,
+                settings=settings, daemon_config=args.daemon_config, uri=args.connect,
+                state_dir=args.state_dir,
             )  # fmt: skip
         else:
             domain = hypervisor.domain(args.domain)
             recovery.recover(journal, args.state_dir, hypervisor.domain_by_uuid)
             results = [run_one(domain)]
-        if args.daemon.metrics_file:
-            writer.write_for_run(args.daemon.metrics_file, journal, hypervisor.domains,
+        if args.daemon_config.metrics_file:
+            writer.write_for_run(args.daemon_config.metrics_file, journal, hypervisor.domains,
                                   args.qemu_img)  # fmt: skip
     if args.domain is None:
         return _report_all(results, as_json=args.json)
@@ -136,7 +137,11 @@ def _run_one(
             settings,
             journal=journal,
             state_dir=args.state_dir,
-            priority=Priority(args.daemon.nice, args.daemon.ionice_class, args.daemon.ionice_level),
+            priority=Priority(
+                args.daemon_config.nice,
+                args.daemon_config.ionice_class,
+                args.daemon_config.ionice_level,
+            ),
             on_progress=bar.update if bar else None,
             before_step=_test_pause_hook(),
         )

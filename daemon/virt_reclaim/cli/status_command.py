@@ -19,7 +19,7 @@ EXIT_NOT_RUNNING = 3
 def cmd_status(args: argparse.Namespace) -> int:
     """Print what the daemon is doing; the exit status says whether it runs."""
     try:
-        report = status.build(args.state_dir)
+        report = status.build_report(args.state_dir)
     except OSError as exc:
         print(f"virt-reclaim: cannot read {args.state_dir}: {exc.strerror}", file=sys.stderr)
         return EXIT_FAILED
@@ -42,7 +42,7 @@ def _span(seconds: float) -> str:
     return f"{minutes // 60}h {minutes % 60:02d}m" if minutes >= 60 else f"{minutes} min"
 
 
-def print_report(report: status.Report, out: TextIO, now: float | None = None) -> None:
+def print_report(report: status.StatusReport, out: TextIO, now: float | None = None) -> None:
     """The report for a person: one section per part, the daemon's state first."""
     now = time.time() if now is None else now
     snap = report.snapshot
@@ -71,7 +71,7 @@ def print_report(report: status.Report, out: TextIO, now: float | None = None) -
                   f"{f' ({printable(job.reason)})' if job.reason else ''}\n")  # fmt: skip
 
 
-def _print_config(report: status.Report, out: TextIO) -> None:
+def _print_config(report: status.StatusReport, out: TextIO) -> None:
     assert report.snapshot is not None  # noqa: S101 - checked by the caller
     config = report.snapshot.config
     names = ", ".join(config.policies) or "none"
@@ -84,7 +84,7 @@ def _print_config(report: status.Report, out: TextIO) -> None:
         out.write(f"  running on the last good configuration: {config.rejected}\n")
 
 
-def _print_activity(report: status.Report, out: TextIO, now: float) -> None:
+def _print_activity(report: status.StatusReport, out: TextIO, now: float) -> None:
     assert report.snapshot is not None  # noqa: S101 - checked by the caller
     snap = report.snapshot
     out.write("windows:\n" if snap.windows else "windows: no enabled policy\n")

@@ -1,1 +1,1 @@
-"""The configuration: daemon settings, policy files, which policy selects a domain, cron."""
+"""The configuration: the daemon's own, policy files, which policy selects a domain, cron."""

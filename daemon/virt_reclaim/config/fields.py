@@ -1,7 +1,7 @@
-"""What policy files and daemon settings share: the strict base model, durations, sizes.
+"""What policy files and the daemon configuration share: the strict base model, durations, sizes.
 
 Durations and sizes read as operators write them ("4h", "2GiB") and their defaults come out of
-the JSON Schema the same way. Apart from the policy models, so that the daemon settings, which
+the JSON Schema the same way. Apart from the policy models, so that the daemon configuration, which
 every command reads, need not build those.
 """
 

@@ -1,4 +1,4 @@
-"""Loading the daemon settings and the policy files, with every error named and none fatal.
+"""Loading the daemon configuration and the policy files, with every error named and none fatal.
 
 Each error carries the file, the policy's name, the dotted field path, the
 value and the reason. Files and their folder must belong to root and not be
@@ -41,7 +41,7 @@ def default_uri(environ: Mapping[str, str] | None = None) -> str:
 
 
 class DaemonConfig(Model):
-    """The daemon's settings; every one has a default, so that no file is needed."""
+    """The daemon's configuration; every key has a default, so that no file is needed."""
 
     uri: str = Field(
         # A lambda: a factory with a parameter would be handed the validated fields.
@@ -149,7 +149,7 @@ class LoadedConfig:
 
 
 def load(config_dir: str = DEFAULT_CONFIG_DIR, *, strict_modes: bool = True) -> LoadedConfig:
-    """Load the daemon settings and every policy file below ``config_dir``."""
+    """Load the daemon configuration and every policy file below ``config_dir``."""
     errors: list[ConfigError] = []
     folder = Path(config_dir)
     daemon = _load_daemon(folder / DAEMON_FILE, errors, strict_modes)
@@ -172,7 +172,7 @@ def load(config_dir: str = DEFAULT_CONFIG_DIR, *, strict_modes: bool = True) -> 
 
 
 def load_daemon(config_dir: str = DEFAULT_CONFIG_DIR) -> tuple[DaemonConfig, list[ConfigError]]:
-    """Only the daemon settings (what every command needs), with their errors."""
+    """Only the daemon configuration (what every command needs), with its errors."""
     errors: list[ConfigError] = []
     daemon = _load_daemon(Path(config_dir) / DAEMON_FILE, errors, strict_modes=True)
     return daemon, errors
@@ -192,7 +192,7 @@ def _load_daemon(path: Path, errors: list[ConfigError], strict_modes: bool) -> D
 
 
 def _valid_part(document: dict[str, Any], exc: ValidationError) -> DaemonConfig:
-    """The settings without the keys in error: a wrong ``nice`` must not move ``policy_dir``."""
+    """The keys not in error: a wrong ``nice`` must not move ``policy_dir``."""
     wrong = {error["loc"][0] for error in exc.errors() if error["loc"]}
     try:
         return DaemonConfig.model_validate({k: v for k, v in document.items() if k not in wrong})
@@ -203,7 +203,7 @@ def _valid_part(document: dict[str, Any], exc: ValidationError) -> DaemonConfig:
 def _load_policy_file(
     path: Path, errors: list[ConfigError], strict_modes: bool
 ) -> list[tuple[str, Policy]]:
-    # Imported here: every command reads the daemon settings (load_daemon), and few read the
+    # Imported here: every command reads the daemon configuration (load_daemon), and few read the
     # policies, whose models take a tenth of a second to build and import APScheduler.
     from virt_reclaim.config.policy import PolicyFile  # noqa: PLC0415
 

@@ -28,7 +28,7 @@ from virt_reclaim.job.freespace.agent import Choice
 from virt_reclaim.job.ports import DomainPort, ImagePort
 from virt_reclaim.job.results import DiskResult, JobAbandoned, SkippedDisk
 from virt_reclaim.job.settings import JobSettings
-from virt_reclaim.job.steps.estimate import Estimate
+from virt_reclaim.job.steps.estimate import SizeEstimate
 from virt_reclaim.journal.records import BackupRecord, JournalError
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import AgentInfo, GuestFilesystem
@@ -97,7 +97,7 @@ class DiskWork:
     measured: Measured | None = None  # the last measure (steps.preflight reuses it)
     zeroed_bytes: int = 0  # zeros our fill wrote into filesystems on this disk
     guest_used: int | None = None  # bytes the guest's filesystems on it use
-    estimate: Estimate | None = None
+    estimate: SizeEstimate | None = None
     format: str = "qcow2"  # the image format the domain XML states (never probed)
     converted_path: str | None = None  # where a raw or VMDK image is converted to (qcow2)
     data_file: str | None = None  # a flat VMDK's extent: the file its guest data is in
@@ -169,7 +169,7 @@ class JobContext:
     agent: AgentInfo | None = None
     choice: Choice | None = None
     guest_filesystems: list[GuestFilesystem] = field(default_factory=list)
-    fill_plan: budget.FillPlan | None = None
+    fill_budget: budget.FillBudget | None = None
     free_space: str | None = None  # what the free-space step did
     guard: ImageGuard = field(default_factory=ImageGuard)
     down_since: float | None = None

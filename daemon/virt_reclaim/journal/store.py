@@ -240,7 +240,9 @@ class Journal(JournalQueries):
         with self._write() as db:
             db.execute("UPDATE jobs SET mode = ? WHERE id = ?", (mode, job_id))
 
-    def record_plan(self, job_id: str, previous_state: str, disks: list[JournalDisk]) -> None:
+    def record_for_recovery(
+        self, job_id: str, previous_state: str, disks: list[JournalDisk]
+    ) -> None:
         """Record what recovery needs before anything is changed: state and every path."""
         with self._write() as db:
             db.execute("UPDATE jobs SET previous_state = ? WHERE id = ?", (previous_state, job_id))

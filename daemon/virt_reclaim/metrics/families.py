@@ -1,6 +1,6 @@
 """The metrics registry, built from the journal, what the daemon observed and the domains listed.
 
-Nothing is written here: ``build`` returns a registry, ``writer`` writes it.
+Nothing is written here: ``build_registry`` returns a registry, ``writer`` writes it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from virt_reclaim.metrics.observations import (
     LAST_SAMPLE,
     RECLAIMABLE,
     WINDOWS_OPENED,
-    Estimate,
+    LastEstimate,
     Observations,
 )
 from virt_reclaim.model import DomainObservation, DomainState
@@ -55,7 +55,7 @@ class DiskSizes:
         self._virtual: dict[tuple[str, int, int], tuple[float, int | None]] = {}
         self._seen: set[tuple[str, int, int]] = set()
 
-    def measure(self, path: str, image_format: str) -> tuple[int | None, int | None]:
+    def sizes_of(self, path: str, image_format: str) -> tuple[int | None, int | None]:
         """(allocated bytes, virtual bytes) of the image at ``path``; None for what is unknown.
 
         ``image_format`` is the definition's: a guest's bytes never choose it (no probe).
@@ -79,7 +79,7 @@ class DiskSizes:
         return st.st_blocks * 512, cached[1]
 
     def forget_unseen(self) -> None:
-        """Drop the cache of images not measured since the last call (gone, or replaced)."""
+        """Drop the cache of images not read since the last call (gone, or replaced)."""
         self._virtual = {k: v for k, v in self._virtual.items() if k in self._seen}
         self._seen = set()
 
@@ -94,7 +94,7 @@ class _Families(Collector):
         return iter(self.families)
 
 
-def build(
+def build_registry(
     journal: Journal,
     observed: Observations,
     domains: Sequence[DomainObservation],
@@ -167,20 +167,20 @@ def _domain_families(domains: Sequence[DomainObservation], sizes: DiskSizes) -> 
                        ["domain", "target"])  # fmt: skip
     virtual = _gauge("virt_reclaim_disk_virtual_bytes", "Bytes the guest sees on the disk.",
                      ["domain", "target"])  # fmt: skip
-    for snap in sorted(domains, key=lambda s: s.name):
-        running.add_metric([snap.name], 1 if snap.state in RUNNING_STATES else 0)
+    for domain in sorted(domains, key=lambda s: s.name):
+        running.add_metric([domain.name], 1 if domain.state in RUNNING_STATES else 0)
         try:
-            disks = read.parse_domain(snap.xml).disks
+            disks = read.parse_domain(domain.xml).disks
         except read.DomainXMLError:
             continue
         for disk in disks:
             if not disk.is_file_qcow2 or disk.source is None:
                 continue
-            used, size = sizes.measure(disk.source, "qcow2")  # is_file_qcow2: the XML says so
+            used, size = sizes.sizes_of(disk.source, "qcow2")  # is_file_qcow2: the XML says so
             if used is not None:
-                allocated.add_metric([snap.name, disk.target], used)
+                allocated.add_metric([domain.name, disk.target], used)
             if size is not None:
-                virtual.add_metric([snap.name, disk.target], size)
+                virtual.add_metric([domain.name, disk.target], size)
     sizes.forget_unseen()
     return [running, allocated, virtual]
 
@@ -304,12 +304,12 @@ def _disk_figures(journal: Journal, observed: Observations) -> list[Metric]:
     estimates = dict(observed.estimates)
     for row in journal.disk_figures():
         key = (row.domain, row.target)
-        found: list[Estimate] = []
+        found: list[LastEstimate] = []
         if row.estimated_at is not None:
             gain = max(0, (row.bytes_before or 0) - (row.estimated_after or 0))
-            found.append(Estimate(gain, row.estimated_at))
+            found.append(LastEstimate(gain, row.estimated_at))
         if row.reclaimed_at is not None:
-            found.append(Estimate(0, row.reclaimed_at))
+            found.append(LastEstimate(0, row.reclaimed_at))
             reclaimed.add_metric(list(key), row.bytes_after or 0)
         if key in estimates:
             found.append(estimates[key])

@@ -55,7 +55,7 @@ def skip_kind(reason: str) -> str:
 
 
 @dataclass(frozen=True)
-class Estimate:
+class LastEstimate:
     """A disk's reclaimable bytes as last estimated, and when (epoch seconds)."""
 
     reclaimable: int
@@ -70,7 +70,7 @@ class Observations:
     last_sample_at: float | None = None
     windows: dict[str, float] = field(default_factory=dict)  # policy -> windows opened
     skips: dict[tuple[str, str], float] = field(default_factory=dict)  # (domain, reason)
-    estimates: dict[tuple[str, str], Estimate] = field(default_factory=dict)  # (domain, target)
+    estimates: dict[tuple[str, str], LastEstimate] = field(default_factory=dict)  # (domain, target)
     # When each domain was last counted here (epoch seconds): its series go with it once
     # it is removed from libvirt and this is old enough (prune_removed_after).
     touched: dict[str, float] = field(default_factory=dict)
@@ -97,7 +97,7 @@ class Observations:
             for disk in result.disks:
                 if disk.estimated_after is not None:
                     gain = max(0, disk.bytes_before - disk.estimated_after)
-                    self.estimates[(domain, disk.target)] = Estimate(gain, when)
+                    self.estimates[(domain, disk.target)] = LastEstimate(gain, when)
             self.touched[domain] = max(when, self.touched.get(domain, 0.0))
 
     def sampled(self, at: float) -> None:
@@ -181,5 +181,5 @@ def read_previous(path: str) -> Observations:
                 into[(labels["domain"], labels["target"])] = value
     for key, value in reclaimable.items():
         if key in estimated_at:
-            found.estimates[key] = Estimate(int(value), estimated_at[key])
+            found.estimates[key] = LastEstimate(int(value), estimated_at[key])
     return found

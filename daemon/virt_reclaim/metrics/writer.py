@@ -20,7 +20,7 @@ from virt_reclaim.config.loading import DaemonConfig
 from virt_reclaim.errors import VirtError
 from virt_reclaim.journal.records import JournalError
 from virt_reclaim.journal.store import Journal
-from virt_reclaim.metrics.families import DiskSizes, build
+from virt_reclaim.metrics.families import DiskSizes, build_registry
 from virt_reclaim.metrics.observations import Observations, read_previous
 from virt_reclaim.model import DomainObservation
 
@@ -62,7 +62,7 @@ def write_for_run(
     """
     try:
         domains = list_domains()
-        registry = build(journal, read_previous(path), domains, DiskSizes(qemu_img_path))
+        registry = build_registry(journal, read_previous(path), domains, DiskSizes(qemu_img_path))
         write(path, registry)
     except (OSError, JournalError, VirtError) as exc:
         log.warning("metrics.write_failed", path=path, error=str(exc))
@@ -159,7 +159,7 @@ class DaemonMetrics:
                 self._sizes = DiskSizes(request.qemu_img)
             if self._journal is None or self._journal.path.parent != Path(request.state_dir):
                 self._journal = Journal(request.state_dir)
-            registry = build(self._journal, self.observations.copy(), request.domains,
+            registry = build_registry(self._journal, self.observations.copy(), request.domains,
                              self._sizes)  # fmt: skip
             write(request.path, registry)
         except (OSError, JournalError) as exc:

@@ -11,7 +11,7 @@ from virt_reclaim.job.modes import conversion
 from virt_reclaim.reports import layout
 
 
-def policy_warnings(policy: Policy) -> list[str]:
+def costly_settings(policy: Policy) -> list[str]:
     """Settings of ``policy`` that are valid but costly."""
     warnings = []
     cluster = None if policy.rewrite.cluster_size is None else int(policy.rewrite.cluster_size)

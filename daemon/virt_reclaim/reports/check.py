@@ -72,7 +72,7 @@ def _file_line(file: str, line: int | None) -> str:
 
 
 @dataclass(frozen=True)
-class Window:
+class NextWindow:
     """A policy's next window, in its time zone."""
 
     start: dt.datetime
@@ -103,7 +103,7 @@ class PolicyReport:
 
     file: str
     policy: Policy
-    window: Window | None  # None: disabled, or a cron that never fires again
+    window: NextWindow | None  # None: disabled, or a cron that never fires again
     domains: tuple[str, ...] | None  # None: libvirt did not answer
     notes: tuple[str, ...] = ()
 
@@ -123,7 +123,7 @@ class PolicyReport:
 
 
 @dataclass(frozen=True)
-class Report:
+class CheckReport:
     """Everything ``check`` found."""
 
     errors: tuple[Finding, ...]
@@ -141,7 +141,7 @@ class Report:
 
 
 @dataclass(frozen=True)
-class Domain:
+class DomainToCheck:
     """What ``check`` needs of a libvirt domain."""
 
     name: str
@@ -149,14 +149,14 @@ class Domain:
     xml: str
 
 
-def check(
+def check_config(
     loaded: LoadedConfig,
-    domains: Sequence[Domain] | None,
+    domains: Sequence[DomainToCheck] | None,
     now: dt.datetime,
     *,
     policy_dir: str,
     policy_files: int | None,
-) -> Report:
+) -> CheckReport:
     """Every error and warning of ``loaded``, and each policy's window and domains.
 
     ``domains`` is None when libvirt did not answer; ``policy_files`` is how many
@@ -189,7 +189,7 @@ def check(
     for file, policy in loaded.policies:
         warnings += [
             Finding(WARNING, file, policy.name, None, text)
-            for text in [*advice.policy_warnings(policy), *policy_warnings(policy, now)]
+            for text in [*advice.costly_settings(policy), *surprising_settings(policy, now)]
         ]
         reports.append(
             PolicyReport(
@@ -199,10 +199,10 @@ def check(
                 tuple(notes[policy.name]),
             )
         )  # fmt: skip
-    return Report(tuple(errors), tuple(warnings), tuple(reports))
+    return CheckReport(tuple(errors), tuple(warnings), tuple(reports))
 
 
-def policy_warnings(policy: Policy, now: dt.datetime) -> list[str]:
+def surprising_settings(policy: Policy, now: dt.datetime) -> list[str]:
     """Settings of ``policy`` that are valid but likely not what was meant."""
     schedule, warnings = policy.schedule, []
     gap = shortest_gap(schedule.cron, now)
@@ -264,7 +264,7 @@ def shortest_gap(cron: str, now: dt.datetime) -> dt.timedelta | None:
     return shortest
 
 
-def next_window(policy: Policy, now: dt.datetime) -> Window | None:
+def next_window(policy: Policy, now: dt.datetime) -> NextWindow | None:
     """The window open at ``now``, else the next one, in the policy's time zone (no jitter)."""
     schedule = policy.schedule
     zone = zoneinfo.ZoneInfo(schedule.timezone)
@@ -277,4 +277,4 @@ def next_window(policy: Policy, now: dt.datetime) -> Window | None:
     start = start.astimezone(zone)
     # Added in UTC: a 4 h window across a daylight saving change still lasts 4 h.
     end = (start.astimezone(dt.UTC) + schedule.window).astimezone(zone)
-    return Window(start, end, open_now)
+    return NextWindow(start, end, open_now)

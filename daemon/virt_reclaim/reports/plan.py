@@ -99,26 +99,26 @@ def next_run(policy: Policy, now: dt.datetime) -> str | None:
     return fire.isoformat() if fire else None
 
 
-def estimate(
+def dry_run_policy(
     domain: Domain,
     policy: Policy,
-    snapshots: Sequence[DomainObservation],
+    listed: Sequence[DomainObservation],
     *,
     qemu_img: str,
     history: Callable[[str, str, str], float | None] | None = None,
 ) -> JobResult:
     """A dry run of ``policy``'s job on ``domain``: read-only, with an estimate per disk.
 
-    ``snapshots`` are all domains (for the images other domains use), listed once by the caller.
+    ``listed`` are all domains (for the images other domains use), listed once by the caller.
     """
     settings = job_settings(policy, dry_run=True, qemu_img=qemu_img)
-    return dry_run(domain, settings, snapshots, history=history)
+    return dry_run(domain, settings, listed, history=history)
 
 
 def dry_run(
     domain: Domain,
     settings: JobSettings,
-    snapshots: Sequence[DomainObservation],
+    listed: Sequence[DomainObservation],
     *,
     history: Callable[[str, str, str], float | None] | None = None,
 ) -> JobResult:
@@ -128,7 +128,7 @@ def dry_run(
         QemuImg(settings.qemu_img),
         dataclasses.replace(settings, dry_run=True),
         images_of_other_domains=functools.partial(
-            inventory.images_in_use, snapshots, exclude_uuid=domain.uuid
+            inventory.images_in_use, listed, exclude_uuid=domain.uuid
         ),
         history=history,
     )
@@ -144,11 +144,11 @@ def plan(
     hypervisor: Hypervisor, policies: Sequence[Policy], *, qemu_img: str, now: dt.datetime
 ) -> list[PlanEntry]:
     """For every domain: its policy, next run, and a dry run of the job (read-only)."""
-    snapshots = hypervisor.domains()
+    listed = hypervisor.domains()
     entries = []
-    for snap in snapshots:
-        choice = selection.select(policies, snap.name, snap.uuid, snap.xml)
-        entry = PlanEntry(snap.name, str(snap.state), None, None, "no-policy", "")
+    for observed in listed:
+        choice = selection.select(policies, observed.name, observed.uuid, observed.xml)
+        entry = PlanEntry(observed.name, str(observed.state), None, None, "no-policy", "")
         if choice.conflict:
             entry.reason = f"policies {', '.join(choice.conflict)} match with the same priority"
         elif choice.policy is None:
@@ -156,7 +156,9 @@ def plan(
         else:
             policy = choice.policy
             entry.policy, entry.next_run = policy.name, next_run(policy, now)
-            result = estimate(hypervisor.domain(snap.name), policy, snapshots, qemu_img=qemu_img)
+            result = dry_run_policy(
+                hypervisor.domain(observed.name), policy, listed, qemu_img=qemu_img
+            )
             entry.outcome = (
                 "would-reclaim" if result.outcome is Outcome.DRY_RUN else str(result.outcome)
             )
@@ -164,7 +166,7 @@ def plan(
             entry.disks = [_plan_disk(policy, d) for d in result.disks]
             entry.skipped_disks = list(result.skipped_disks)
             entry.free_space = result.free_space_plan
-            entry.notes = advice.disk_notes(policy, snap.xml)
+            entry.notes = advice.disk_notes(policy, observed.xml)
         entries.append(entry)
     return entries
 

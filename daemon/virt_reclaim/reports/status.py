@@ -25,7 +25,7 @@ STALE_S = 6 * status.PUBLISH_INTERVAL_S
 
 
 @dataclass(frozen=True)
-class Report:
+class StatusReport:
     """Everything ``status`` prints; ``snapshot`` is None when no daemon ever published one.
 
     ``running`` says whether the snapshot's process is the running daemon; when it is not,
@@ -118,7 +118,7 @@ def is_alive(snapshot: status.Snapshot) -> bool:
     return started == snapshot.proc_start
 
 
-def build(state_dir: str, now: float | None = None) -> Report:
+def build_report(state_dir: str, now: float | None = None) -> StatusReport:
     """Read the snapshot and the journal of ``state_dir`` (the journal is never created).
 
     Raises OSError when the snapshot exists but cannot be read, JournalError when the
@@ -131,14 +131,14 @@ def build(state_dir: str, now: float | None = None) -> Report:
     reload = read_record(state_dir)
     if reload is not None and (not running or snapshot is None or reload.pid != snapshot.pid):
         reload = None  # another process's reload: not this daemon's configuration
-    report = Report(state_dir, snapshot, running, stale, reload)
+    report = StatusReport(state_dir, snapshot, running, stale, reload)
     if not os.path.exists(os.path.join(state_dir, JOURNAL_NAME)):
         return report
     journal = Journal(state_dir)
     try:
         kept = journal.backups()
         held = [backups.held_bytes(b) for b in kept]
-        return Report(
+        return StatusReport(
             state_dir, snapshot, running, stale, reload,
             steps={job.domain_uuid: job.step for job in journal.unfinished()},
             backups_count=len(kept), backups_bytes=sum(h or 0 for h in held),

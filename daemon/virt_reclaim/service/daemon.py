@@ -5,7 +5,7 @@ Threads and what they may do:
   into the inbox;
 - APScheduler's thread: "policy P fires", put into the inbox;
 - an estimator thread per firing: dry runs of the policy's domains (qemu-img
-  measure can take seconds), results into the inbox (``workers.estimate``);
+  measure can take seconds), results into the inbox (``workers.estimate_candidates``);
 - a thread per job: the job itself, on its own libvirt connection (``workers.run_candidate``).
 Signal handlers only set flags; ``signal.set_wakeup_fd`` wakes the loop.
 
@@ -151,7 +151,7 @@ class Daemon:
                 self.write_metrics()
         if now >= self.next_forget and self.host.hypervisor is not None and not self.host.outage:
             self.next_forget = now + retention.INTERVAL_S  # only on libvirt's full, fresh list
-            domains = [view.snapshot for view in self.host.domains.values()]
+            domains = [view.observed for view in self.host.domains.values()]
             if retention.forget_removed(self.daemon_config, self.metrics.observations, domains):
                 self.write_metrics()
         for late in self.windows.due_late(now):
@@ -319,7 +319,7 @@ class Daemon:
     def write_metrics(self, *, periodic: bool = False) -> None:
         """Have the metrics file written (on its thread), if one is configured."""
         self.metrics.request(
-            self.daemon_config, [view.snapshot for view in self.host.domains.values()],
+            self.daemon_config, [view.observed for view in self.host.domains.values()],
             sampled_at=self.host.last_sampled_at, periodic=periodic,
         )  # fmt: skip
 

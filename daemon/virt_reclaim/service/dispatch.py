@@ -1,9 +1,10 @@
 """The daemon's side of its windows: feed ``windows.Windows`` and carry out what it decides.
 
 The decisions are pure (``windows``, ``eligibility``); here they are logged, counted in the
-metrics and done: the eligible domains of a window estimated on a thread (``workers.estimate``),
-the estimated ones queued, the due jobs started (``workers.start_job``). Each function is
-called by the daemon's main loop, with the daemon, and only from that thread.
+metrics and done: the eligible domains of a window estimated on a thread
+(``workers.estimate_candidates``), the estimated ones queued, the due jobs started
+(``workers.start_job``). Each function is called by the daemon's main loop, with the daemon,
+and only from that thread.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def select_candidates(daemon: Daemon, policy: Policy, only: set[str] | None = No
     if chosen.nothing_to_do:
         log.info("window.nothing_to_do", policy=policy.name)
     if chosen.chosen:
-        daemon.workers.estimate(daemon.daemon_config, policy, chosen.chosen, rate)
+        daemon.workers.start_estimates(daemon.daemon_config, policy, chosen.chosen, rate)
 
 
 def queue_estimated(daemon: Daemon, policy_name: str, candidates: list[Candidate]) -> None:

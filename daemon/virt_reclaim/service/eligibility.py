@@ -23,15 +23,15 @@ GONE = "its policy or the domain is gone"
 
 @dataclass
 class DomainView:
-    """What the daemon knows of a domain: its latest snapshot and its statistics samples."""
+    """What the daemon knows of a domain: its latest observation and its statistics samples."""
 
-    snapshot: DomainObservation
-    window: idle.SampleWindow = field(default_factory=lambda: idle.SampleWindow(0.0))
+    observed: DomainObservation
+    recent: idle.RecentSamples = field(default_factory=lambda: idle.RecentSamples(0.0))
 
 
 def busy_reason(view: DomainView, policy: Policy) -> str | None:
     """Why the domain is not idle by the policy's measure, or None (a shut-off one is idle)."""
-    if view.snapshot.state is DomainState.SHUTOFF:
+    if view.observed.state is DomainState.SHUTOFF:
         return None
     if not policy.idle.required:
         return None  # a live policy that reclaims busy guests too (no downtime, throttled)
@@ -41,10 +41,10 @@ def busy_reason(view: DomainView, policy: Policy) -> str | None:
         net_bytes_per_s=float(policy.idle.net_bytes_per_s),
         duration_s=policy.idle.duration.total_seconds(),
     )
-    return idle.window_busy_reason(view.window, limits)
+    return idle.samples_busy_reason(view.recent, limits)
 
 
-def ineligible(
+def estimate_refusal(
     uuid: str,
     view: DomainView,
     policy: Policy,

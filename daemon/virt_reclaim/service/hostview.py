@@ -78,7 +78,7 @@ class HostView:
         try:
             hypervisor = Hypervisor(uri)
             hypervisor.watch(on_lifecycle=on_lifecycle, on_close=on_close)
-            snapshots = hypervisor.domains()
+            listed = hypervisor.domains()
         except VirtError as exc:
             if outage is None:
                 outage = self.outage = Outage(since=now, reason=str(exc))
@@ -86,15 +86,15 @@ class HostView:
             outage.failed(now)
             return False
         self.hypervisor = hypervisor
-        self.domains = {s.uuid: self.domains.get(s.uuid, DomainView(s)) for s in snapshots}
-        for snapshot in snapshots:
-            self.domains[snapshot.uuid].snapshot = snapshot
+        self.domains = {s.uuid: self.domains.get(s.uuid, DomainView(s)) for s in listed}
+        for observed in listed:
+            self.domains[observed.uuid].observed = observed
         if outage is not None:
             log.info("libvirt.reconnected", uri=uri,
                      outage_s=round(now - outage.since, 1), attempts=outage.attempts)  # fmt: skip
             self.outage = None
             return True
-        log.info("libvirt.connected", uri=uri, domains=len(snapshots))
+        log.info("libvirt.connected", uri=uri, domains=len(listed))
         return False
 
     def lost(self, reason: str) -> None:
@@ -117,17 +117,17 @@ class HostView:
         if self.hypervisor is None:
             return
         try:
-            snapshot = self.hypervisor.domain_by_uuid(uuid).observe()
+            observed = self.hypervisor.domain_by_uuid(uuid).observe()
         except VirtError:
             if self.domains.pop(uuid, None) is not None:
                 log.info("domain.gone", domain=name, libvirt_event=event)
             return
         view = self.domains.get(uuid)
         if view is None:
-            self.domains[uuid] = DomainView(snapshot)
-            log.info("domain.added", domain=name, state=str(snapshot.state), libvirt_event=event)
+            self.domains[uuid] = DomainView(observed)
+            log.info("domain.added", domain=name, state=str(observed.state), libvirt_event=event)
         else:
-            view.snapshot = snapshot
+            view.observed = observed
 
     def sample(self, now: float, keep_s: float) -> None:
         """One statistics call for all domains; each keeps the samples of the last ``keep_s``."""
@@ -144,8 +144,8 @@ class HostView:
             view = self.domains.get(uuid)
             if view is None:
                 continue
-            view.window.duration_s = keep_s
-            view.window.add(idle.sample_from_stats(record, now))
+            view.recent.duration_s = keep_s
+            view.recent.add(idle.sample_from_stats(record, now))
         took_ms = (time.perf_counter() - began) * 1000
         # The first sample tells the operator what sampling costs on this host; later ones
         # are logged only when they hold the main loop up.

@@ -1,4 +1,4 @@
-"""Is a guest idle? Rolling windows of statistics samples, and checks that return a reason.
+"""Is a guest idle? Each domain's recent statistics samples, and checks that return a reason.
 
 A sample is what one ``getAllDomainStats`` call says of a domain: cumulative
 CPU time, block bytes read+written, network bytes received+sent, taken at a
@@ -16,7 +16,7 @@ from typing import Any
 
 
 @dataclass(frozen=True)
-class Sample:
+class StatsSample:
     """Cumulative counters of one domain at monotonic time ``at`` (seconds)."""
 
     at: float
@@ -35,9 +35,9 @@ class Thresholds:
     duration_s: float
 
 
-def sample_from_stats(record: dict[str, Any], at: float) -> Sample:
+def sample_from_stats(record: dict[str, Any], at: float) -> StatsSample:
     """Read a ``getAllDomainStats`` record (state, cpu-total, block, interface groups)."""
-    return Sample(
+    return StatsSample(
         at=at,
         cpu_ns=_int(record.get("cpu.time")),
         block_bytes=_sum(record, "block", ("rd.bytes", "wr.bytes")),
@@ -63,27 +63,27 @@ def _sum(record: dict[str, Any], group: str, fields: tuple[str, ...]) -> int | N
     return total
 
 
-class SampleWindow:
+class RecentSamples:
     """The samples of one domain that cover the last ``duration_s`` (and one before)."""
 
     def __init__(self, duration_s: float) -> None:
         self.duration_s = duration_s
-        self.samples: deque[Sample] = deque()
+        self.samples: deque[StatsSample] = deque()
 
-    def add(self, sample: Sample) -> None:
+    def add(self, sample: StatsSample) -> None:
         """Append a sample (in time order) and drop those no longer needed."""
         self.samples.append(sample)
         cutoff = sample.at - self.duration_s
-        # Keep the newest sample at or before the cutoff: it opens the window.
+        # Keep the newest sample at or before the cutoff: it opens the span looked at.
         while len(self.samples) >= 2 and self.samples[1].at <= cutoff:
             self.samples.popleft()
 
 
-def window_busy_reason(window: SampleWindow, limits: Thresholds) -> str | None:
-    """Why the guest counts as busy over the window, or None if it was idle throughout."""
-    samples = list(window.samples)
+def samples_busy_reason(recent: RecentSamples, limits: Thresholds) -> str | None:
+    """Why the guest counts as busy over the samples, or None if it was idle throughout."""
+    samples = list(recent.samples)
     if samples:
-        # A window may hold more than this policy asks for: look at the last duration_s only
+        # They may cover more than this policy asks for: look at the last duration_s only
         # (and the sample that opens it).
         cutoff = samples[-1].at - limits.duration_s
         first = max((i for i, s in enumerate(samples) if s.at <= cutoff), default=0)
@@ -100,7 +100,7 @@ def window_busy_reason(window: SampleWindow, limits: Thresholds) -> str | None:
     return None
 
 
-def _pair_reason(before: Sample, after: Sample, limits: Thresholds) -> str | None:
+def _pair_reason(before: StatsSample, after: StatsSample, limits: Thresholds) -> str | None:
     elapsed = after.at - before.at
     if elapsed <= 0:
         return "samples out of order"

@@ -164,11 +164,11 @@ class PolicyScheduler:
         return {job.id: job.next_run_time for job in self._scheduler.get_jobs()}
 
     def log_next_runs(
-        self, policies: Sequence[Policy], daemon: loading.DaemonConfig, config_dir: str
+        self, policies: Sequence[Policy], daemon_config: loading.DaemonConfig, config_dir: str
     ) -> None:
         """Log each policy's next firing, and a warning when there is no policy at all."""
         if not policies:
-            log.warning("daemon.no_policies", policy_dir=daemon.policy_dir
+            log.warning("daemon.no_policies", policy_dir=daemon_config.policy_dir
                         or os.path.join(config_dir, paths.POLICY_FOLDER))  # fmt: skip
         for name, when in self.next_runs().items():
             log.info("policy.scheduled", policy=name, next_run=when.isoformat() if when else None)

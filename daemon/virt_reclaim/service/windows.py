@@ -35,7 +35,7 @@ from virt_reclaim.service.eligibility import (
     BUSY,
     DomainView,
     busy_reason,
-    ineligible,
+    estimate_refusal,
     start_refusal,
 )
 from virt_reclaim.service.scheduler import Candidate, LateWindow
@@ -197,27 +197,27 @@ class Windows:
         window = self.open.get(policy.name)
         if window is None or policy.name in self.estimating:
             return result
-        for uuid, view in sorted(domains.items(), key=lambda kv: kv[1].snapshot.name):
-            snap = view.snapshot
+        for uuid, view in sorted(domains.items(), key=lambda kv: kv[1].observed.name):
+            observed = view.observed
             if only is not None and uuid not in only:
                 continue
-            choice = selection.select(policies, snap.name, snap.uuid, snap.xml)
+            choice = selection.select(policies, observed.name, observed.uuid, observed.xml)
             if choice.policy is None or choice.policy.name != policy.name:
                 continue
-            reason = ineligible(
+            reason = estimate_refusal(
                 uuid, view, policy, running=running, last_reclaimed_at=last_reclaimed_at, wall=wall
             )
             if reason is None:
                 window.busy.pop(uuid, None)
-                result.chosen.append(snap)
+                result.chosen.append(observed)
                 continue
             watched = uuid in window.busy
             if reason.startswith(BUSY):
-                window.busy[uuid] = (snap.name, reason)
+                window.busy[uuid] = (observed.name, reason)
             else:
                 window.busy.pop(uuid, None)
             if not watched:
-                result.skipped.append(Skip(snap.name, uuid, reason))
+                result.skipped.append(Skip(observed.name, uuid, reason))
         if result.chosen:
             self.estimating.add(policy.name)
         else:

@@ -1,6 +1,6 @@
 """The daemon's worker threads, each on its own libvirt connection.
 
-- an estimator thread per firing (``estimate``): the dry runs of the domains a
+- an estimator thread per firing (``estimate_candidates``): the dry runs of the domains a
   window chose (qemu-img measure can take seconds), made into queue candidates;
 - a thread per job (``run_candidate``): one reclaim job, under its domain lock.
 
@@ -59,7 +59,7 @@ class Workers:
         self.running: dict[str, RunningJob] = {}
         self.stop = threading.Event()
 
-    def estimate(
+    def start_estimates(
         self,
         daemon_config: loading.DaemonConfig,
         policy: Policy,
@@ -68,11 +68,11 @@ class Workers:
     ) -> None:
         """Start the dry runs of ``chosen`` on a thread; it posts ``Estimated``."""
         threading.Thread(
-            target=self._estimate, args=(daemon_config, policy, chosen, rate),
+            target=self._run_estimates, args=(daemon_config, policy, chosen, rate),
             name=f"estimate-{policy.name}", daemon=True,
         ).start()  # fmt: skip
 
-    def _estimate(
+    def _run_estimates(
         self,
         daemon_config: loading.DaemonConfig,
         policy: Policy,
@@ -81,7 +81,7 @@ class Workers:
     ) -> None:
         candidates: list[Candidate] = []
         try:
-            candidates = estimate(
+            candidates = estimate_candidates(
                 daemon_config.uri, daemon_config.qemu_img, policy, chosen, rate,
                 observer=self.observer, state_dir=daemon_config.state_dir,
             )  # fmt: skip
@@ -124,7 +124,7 @@ class Workers:
         return job
 
 
-def estimate(
+def estimate_candidates(
     uri: str,
     qemu_img: str,
     policy: Policy,
@@ -146,7 +146,7 @@ def estimate(
 
 
 @dataclass(frozen=True)
-class Estimate:
+class ChosenDryRun:
     """One chosen domain's dry run: its candidate, or why it has none.
 
     ``result`` is the dry run's (None when it could not run); ``reason`` says why the
@@ -168,17 +168,17 @@ def estimate_each(
     *,
     observer: observations.Observations | None = None,
     state_dir: str | None = None,
-) -> list[Estimate]:
-    """``estimate``, with what became of every chosen domain (``run --policy`` reports all)."""
+) -> list[ChosenDryRun]:
+    """``estimate_candidates``, with what became of each chosen domain (``run --policy`` says)."""
     history = _history(state_dir)
     structlog.contextvars.bind_contextvars(policy=policy.name)
-    found: list[Estimate] = []
+    found: list[ChosenDryRun] = []
     try:
         with Hypervisor(uri) as hypervisor:
             everyone = hypervisor.domains()
-            for snap in chosen:
+            for observed in chosen:
                 found.append(_estimate_one(
-                    hypervisor, everyone, policy, snap, qemu_img=qemu_img, rate=rate,
+                    hypervisor, everyone, policy, observed, qemu_img=qemu_img, rate=rate,
                     observer=observer, history=history,
                 ))  # fmt: skip
     except VirtError as exc:
@@ -200,44 +200,47 @@ def _estimate_one(
     hypervisor: Hypervisor,
     everyone: list[DomainObservation],
     policy: Policy,
-    snap: DomainObservation,
+    observed: DomainObservation,
     *,
     qemu_img: str,
     rate: float,
     observer: observations.Observations | None = None,
     history: Callable[[str, str, str], float | None] | None = None,
-) -> Estimate:
+) -> ChosenDryRun:
     try:
-        domain = hypervisor.domain_by_uuid(snap.uuid)
-        if policy.idle.no_logged_in_users and snap.state is DomainState.RUNNING:
+        domain = hypervisor.domain_by_uuid(observed.uuid)
+        if policy.idle.no_logged_in_users and observed.state is DomainState.RUNNING:
             users = domain.logged_in_users()
             if users:
                 reason = f"busy: users logged in ({', '.join(users[:5])})"
-                log.info("domain.skipped", domain=snap.name, reason=reason)
+                log.info("domain.skipped", domain=observed.name, reason=reason)
                 if observer is not None:
-                    observer.skipped(snap.name, "busy: users logged in")
-                return Estimate(snap.name, None, None, reason)
-        result = plan.estimate(domain, policy, everyone, qemu_img=qemu_img, history=history)
+                    observer.skipped(observed.name, "busy: users logged in")
+                return ChosenDryRun(observed.name, None, None, reason)
+        result = plan.dry_run_policy(domain, policy, everyone, qemu_img=qemu_img, history=history)
     except AgentUnavailable as exc:
         reason = f"busy: cannot tell whether users are logged in ({exc})"
-        log.info("domain.skipped", domain=snap.name, reason=reason)
+        log.info("domain.skipped", domain=observed.name, reason=reason)
         if observer is not None:
-            observer.skipped(snap.name, "busy: users unknown")
-        return Estimate(snap.name, None, None, reason)
+            observer.skipped(observed.name, "busy: users unknown")
+        return ChosenDryRun(observed.name, None, None, reason)
     except VirtError as exc:
-        log.info("domain.skipped", domain=snap.name, reason=str(exc))
+        log.info("domain.skipped", domain=observed.name, reason=str(exc))
         if observer is not None:
-            observer.skipped(snap.name, str(exc), "error")
-        return Estimate(snap.name, None, None, str(exc))
+            observer.skipped(observed.name, str(exc), "error")
+        return ChosenDryRun(observed.name, None, None, str(exc))
     if observer is not None:
-        observer.estimated(snap.name, result)  # its disks' estimates; a skip unless DRY_RUN
+        observer.estimated(observed.name, result)  # its disks' estimates; a skip unless DRY_RUN
     if result.outcome is not Outcome.DRY_RUN:
-        log.info("domain.skipped", domain=snap.name, reason=result.reason,
+        log.info("domain.skipped", domain=observed.name, reason=result.reason,
                  outcome=str(result.outcome))  # fmt: skip
-        return Estimate(snap.name, None, result, result.reason)
+        return ChosenDryRun(observed.name, None, result, result.reason)
     disks = [(d.bytes_before, d.estimated_after) for d in result.disks]
-    return Estimate(
-        snap.name, scheduler.candidate(snap.name, snap.uuid, policy, disks, rate), result, None
+    return ChosenDryRun(
+        observed.name,
+        scheduler.candidate(observed.name, observed.uuid, policy, disks, rate),
+        result,
+        None,
     )
 
 

@@ -28,7 +28,7 @@ STATES = {
 }
 
 
-def read_snapshot(dom: Any) -> DomainObservation:  # noqa: ANN401 - libvirt.virDomain has no stubs
+def observe_domain(dom: Any) -> DomainObservation:  # noqa: ANN401 - libvirt.virDomain has no stubs
     """The identity, state and live XML of a raw libvirt domain; libvirtError if it cannot."""
     state, _reason = dom.state()
     return DomainObservation(

@@ -13,7 +13,7 @@ import structlog
 
 from virt_reclaim.errors import VirtError
 from virt_reclaim.model import DEFAULT_URI, DomainObservation
-from virt_reclaim.virt.common import error_message, read_snapshot
+from virt_reclaim.virt.common import error_message, observe_domain
 from virt_reclaim.virt.domain import Domain
 from virt_reclaim.virt.events import start_event_loop
 
@@ -197,7 +197,7 @@ class Hypervisor:
         result = []
         for dom in found:
             try:
-                result.append(read_snapshot(dom))
+                result.append(observe_domain(dom))
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                     continue

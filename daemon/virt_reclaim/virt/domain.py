@@ -32,7 +32,7 @@ from virt_reclaim.virt.agentreplies import (
     parse_fstrim,
     parse_guest_filesystems,
 )
-from virt_reclaim.virt.common import STATES, error_message, read_snapshot
+from virt_reclaim.virt.common import STATES, error_message, observe_domain
 
 if TYPE_CHECKING:
     from virt_reclaim.virt.blockjobs import BlockJobs
@@ -60,8 +60,8 @@ class Domain:
 
     def observe(self) -> DomainObservation:
         """The domain's identity, state and live XML now."""
-        snap: DomainObservation = self._call("read domain", read_snapshot)
-        return snap
+        observed: DomainObservation = self._call("read domain", observe_domain)
+        return observed
 
     def state(self) -> DomainState:
         """The domain's power state now."""

@@ -64,7 +64,7 @@ def host_filesystem(folder: str) -> HostFilesystem:
 
 @dataclass(frozen=True)
 class DiskRoom:
-    """A disk being reclaimed, as the fill plan sees it."""
+    """A disk being reclaimed, as the fill budget sees it."""
 
     target: str
     host: HostFilesystem
@@ -96,7 +96,7 @@ class Fill:
 
 
 @dataclass
-class FillPlan:
+class FillBudget:
     """The limits of a zero-fill and the thresholds its watch enforces."""
 
     fills: list[Fill] = field(default_factory=list)
@@ -116,19 +116,19 @@ class FillPlan:
 
 def fill_limits(
     disks: Sequence[DiskRoom], volumes: Sequence[GuestVolume], reserve: Reserve
-) -> FillPlan:
+) -> FillBudget:
     """Work out each guest filesystem's byte limit (see the module docstring)."""
-    plan = FillPlan()
+    budget = FillBudget()
     room_by_device: dict[int, int] = {}
     for disk in disks:
         host = disk.host
         if host.device not in room_by_device:
             floor = reserve.host_bytes(host.size)
-            plan.floors[host.device] = (host.folder, floor)
+            budget.floors[host.device] = (host.folder, floor)
             room_by_device[host.device] = host.free - floor
-        folder, floor = plan.floors[host.device]
+        folder, floor = budget.floors[host.device]
         need = disk.rewrite_need + REWRITE_MARGIN
-        plan.floors[host.device] = (folder, floor + need)
+        budget.floors[host.device] = (folder, floor + need)
         room_by_device[host.device] -= need
     headroom = {d.target: d for d in disks}
     for volume in volumes:
@@ -140,13 +140,13 @@ def fill_limits(
         others = [t for t in volume.targets if t not in headroom]
         if others:
             # LVM, md or btrfs over a disk this job leaves alone: zeros would grow its image
-            # with no plan and no watch.
+            # with no budget and no watch.
             why = (f"it spans {', '.join(others)} too, which this job does not rewrite: the "
                    "zeros would grow that image unplanned")  # fmt: skip
-            plan.fills.append(Fill(volume.mountpoint, 0, guest_free, why, unreached + guest_free))
+            budget.fills.append(Fill(volume.mountpoint, 0, guest_free, why, unreached + guest_free))
             continue
         if volume.total is None or volume.used is None:
-            plan.fills.append(Fill(volume.mountpoint, 0, 0, "the agent did not report its size"))
+            budget.fills.append(Fill(volume.mountpoint, 0, 0, "the agent did not report its size"))
             continue
         # The guest decides which of its disks the zeros land on: all of them may land on
         # any one, so the limit must fit beside each disk that can grow.
@@ -159,8 +159,8 @@ def fill_limits(
                 limit, bound_by = room, disk
         limit = limit // MIB * MIB  # dd writes whole MiB
         if limit < MIN_FILL_BYTES:
-            plan.fills.append(Fill(volume.mountpoint, 0, guest_free, _why_not(bound_by, guest_free),
-                                   unreached + guest_free))  # fmt: skip
+            why = _why_not(bound_by, guest_free)
+            budget.fills.append(Fill(volume.mountpoint, 0, guest_free, why, unreached + guest_free))
             continue
         growing = [d for d in mine if not d.zeros_become_holes]
         for device in {d.host.device for d in growing}:
@@ -170,10 +170,10 @@ def fill_limits(
             headroom[disk.target] = DiskRoom(disk.target, disk.host,
                                              max(0, disk.headroom - limit), False,
                                              disk.rewrite_need)  # fmt: skip
-        plan.fills.append(
+        budget.fills.append(
             Fill(volume.mountpoint, limit, guest_free, None, unreached + guest_free - limit)
         )
-    return plan
+    return budget
 
 
 # ext2/3/4 keep 5 % for root by default, which qemu-ga's total-bytes already leaves out.
@@ -216,9 +216,9 @@ def _why_not(disk: DiskRoom, guest_free: int) -> str:
     )
 
 
-def below_floor(plan: FillPlan) -> str | None:
+def below_floor(budget: FillBudget) -> str | None:
     """Why the fill must stop now (a host filesystem under its floor), or None."""
-    for folder, floor in plan.floors.values():
+    for folder, floor in budget.floors.values():
         free = host_filesystem(folder).free
         if free < floor:
             return (

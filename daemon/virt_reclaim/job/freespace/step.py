@@ -32,9 +32,9 @@ def free_guest_space(job: JobContext) -> None:
     if choice.method is FreeSpaceMethod.TRIM:
         result = trim(job.domain, mountpoints, timeout=job.settings.free_space_timeout_s)
     else:
-        # Planned again now: the host's free space may have changed since the estimate.
-        job.fill_plan = prepare.fill_budget(job)
-        result = _zero_fill(job, job.fill_plan)
+        # Worked out again now: the host's free space may have changed since the estimate.
+        job.fill_budget = prepare.fill_budget(job)
+        result = _zero_fill(job, job.fill_budget)
     job.free_space = str(result.method)
     _count_zeroed(job, result)
     if result.problem:
@@ -53,13 +53,17 @@ def free_guest_space(job: JobContext) -> None:
     preflight.check_room(job)
 
 
-def _zero_fill(job: JobContext, plan: budget.FillPlan) -> FreeSpaceResult:
+def _zero_fill(job: JobContext, fill_budget: budget.FillBudget) -> FreeSpaceResult:
     """Run the fill under a watch of the host's filesystems and of the guest's state."""
-    watch = FillWatch(plan, job.domain, job.stop)
+    watch = FillWatch(fill_budget, job.domain, job.stop)
     with watch:
         try:
-            return zero_fill(job.domain, plan.fills, timeout=job.settings.free_space_timeout_s,
-                             cancel=watch.stop)  # fmt: skip
+            return zero_fill(
+                job.domain,
+                fill_budget.fills,
+                timeout=job.settings.free_space_timeout_s,
+                cancel=watch.stop,
+            )
         except GuestExecCancelled:
             if watch.paused:
                 job.log.error("free_space.guest_paused", reason=watch.why)

@@ -84,19 +84,19 @@ class FillWatch(_Watch):
 
     def __init__(
         self,
-        plan: budget.FillPlan,
+        fill_budget: budget.FillBudget,
         domain: DomainPort,
         job_stop: threading.Event | None,
         poll_s: float = POLL_S,
     ) -> None:
-        """Watch ``plan``'s host filesystems and ``domain`` once entered."""
+        """Watch ``fill_budget``'s host filesystems and ``domain`` once entered."""
         super().__init__(job_stop, poll_s, "fill-watch")
         self.paused = False
-        self._plan = plan
+        self._budget = fill_budget
         self._domain = domain
 
     def _check(self) -> str | None:
-        low = budget.below_floor(self._plan)
+        low = budget.below_floor(self._budget)
         if low is not None:
             return low
         try:
@@ -113,7 +113,7 @@ class FillWatch(_Watch):
 
     def _fullest(self) -> str:
         parts = []
-        for folder, floor in self._plan.floors.values():
+        for folder, floor in self._budget.floors.values():
             free = budget.host_filesystem(folder).free
             parts.append(
                 f"the host filesystem of {folder} has {format_bytes(free)} free "

@@ -73,7 +73,7 @@ def definitions_differ(running: read.DomainSpec, persistent: read.DomainSpec) ->
     )
 
 
-def ineligible(  # noqa: PLR0911, PLR0912 - one return per rule, in order
+def not_convertible(  # noqa: PLR0911, PLR0912 - one return per rule, in order
     job: JobContext,
     disk: read.DiskSpec,
     others: dict[str, str],

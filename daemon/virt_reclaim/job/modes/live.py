@@ -101,14 +101,14 @@ class LiveMode:
         try:
             with job.step(Step.REWRITE):
                 for disk in job.disks:
-                    livespace.check(watch)
+                    livespace.raise_if_stopped(watch)
                     # The base is read-only now: no guard needed, QEMU holds its own locks.
                     rewrite_disk(job, disk, lock=False, outer=watch)
             with job.step(Step.VERIFY):
                 for disk in job.disks:
-                    livespace.check(watch)
+                    livespace.raise_if_stopped(watch)
                     verify_disk(job, disk)
-            livespace.check(watch)
+            livespace.raise_if_stopped(watch)
         except BaseException as exc:
             remove_temporary_files(job)
             _undo_snapshot(job, jobs, made)

@@ -64,7 +64,7 @@ def watch(job: JobContext) -> LiveWatch:
     return LiveWatch(floors(job), job.stop)
 
 
-def check(live_watch: LiveWatch) -> None:
+def raise_if_stopped(live_watch: LiveWatch) -> None:
     """Raise JobFailed when the watch saw a filesystem below its reserve."""
     if live_watch.why is not None:
         raise JobFailed(f"stopped the live job: {live_watch.why}")

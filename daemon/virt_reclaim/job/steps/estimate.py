@@ -36,7 +36,7 @@ class ImageContent:
 
 
 @dataclass(frozen=True)
-class Sample:
+class ClusterSample:
     """Plain clusters read: what qcow2 would store of each, compressed and uncompressed.
 
     ``compressed`` and ``uncompressed`` hold, per sampled cluster, its stored bytes as a
@@ -88,7 +88,7 @@ def sample_offsets(
     return offsets
 
 
-def sample_image(path: str, offsets: Sequence[int], cluster: int) -> Sample:
+def sample_image(path: str, offsets: Sequence[int], cluster: int) -> ClusterSample:
     """Read the clusters at ``offsets`` and compress each as qcow2 would store it.
 
     qcow2 compresses every cluster on its own, stores it in whole 512-byte sectors,
@@ -109,7 +109,7 @@ def sample_image(path: str, offsets: Sequence[int], cluster: int) -> Sample:
             size = len(zlib.compress(chunk, 6))
             packed.append(min(len(chunk), -(-size // SECTOR) * SECTOR) / len(chunk))
             plain.append(1.0)
-    return Sample(tuple(packed), tuple(plain))
+    return ClusterSample(tuple(packed), tuple(plain))
 
 
 def split_stored(
@@ -153,7 +153,7 @@ def metadata_bytes(virtual_size: int, cluster: int) -> int:
 
 
 @dataclass(frozen=True)
-class Estimate:
+class SizeEstimate:
     """The estimated size after the reclaim, and the figures it came from (for events)."""
 
     after: int
@@ -168,13 +168,13 @@ def estimate_after(
     virtual_size: int,
     cluster: int,
     content: ImageContent,
-    sample: Sample,
+    sample: ClusterSample,
     compressed: bool,
     guest_used: int | None,
     freed_share: float,
     history_ratio: float | None = None,
     fill: tuple[int, int] | None = None,
-) -> Estimate:
+) -> SizeEstimate:
     """Bytes the image will occupy after the free-space step and the rewrite.
 
     Args:
@@ -223,4 +223,4 @@ def estimate_after(
     after = int(live_stored + garbage_stored * (1.0 - share)) + overhead
     ratio = (live_stored + garbage_stored) / data if data else 1.0
     # A rewrite never makes an image larger than what it holds now (it only drops and packs).
-    return Estimate(min(after, allocated), basis, ratio, share)
+    return SizeEstimate(min(after, allocated), basis, ratio, share)

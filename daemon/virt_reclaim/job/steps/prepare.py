@@ -22,7 +22,7 @@ from virt_reclaim.job.results import JobSkipped, NothingToDo, SkippedDisk
 from virt_reclaim.job.settings import Compression, FreeSpaceMethod
 from virt_reclaim.job.steps import preflight
 from virt_reclaim.job.steps.estimate import (
-    Estimate,
+    SizeEstimate,
     content_of,
     estimate_after,
     sample_image,
@@ -39,15 +39,15 @@ def inspect(job: JobContext, *, live: bool = False) -> None:
     With ``live`` (a running guest to be kept running), the job is skipped on a host
     too old for the live sequence, and disks it does not cover are skipped too: those
     with a backing chain or a block job running (``livecheck``). With ``rewrite.convert``
-    a raw or VMDK disk is eligible for conversion (``conversion.ineligible`` says when not).
+    a raw or VMDK disk is eligible for conversion (``conversion.not_convertible`` says when not).
     """
-    snap = job.domain.observe()
-    if not snap.persistent:
+    observed = job.domain.observe()
+    if not observed.persistent:
         raise JobSkipped("transient domain: it has no definition to restart it from")
-    if snap.state not in (DomainState.RUNNING, DomainState.SHUTOFF):
-        raise JobSkipped(f"domain is {snap.state}; only running or shut off domains qualify")
-    job.was_running = snap.state is DomainState.RUNNING
-    running = read.parse_domain(snap.xml)
+    if observed.state not in (DomainState.RUNNING, DomainState.SHUTOFF):
+        raise JobSkipped(f"domain is {observed.state}; only running or shut off domains qualify")
+    job.was_running = observed.state is DomainState.RUNNING
+    running = read.parse_domain(observed.xml)
     persistent_spec = job.definition = read.parse_domain(job.domain.inactive_xml())
     persistent = {d.target: d for d in persistent_spec.disks}
     differs = conversion.definitions_differ(running, persistent_spec) if job.was_running else None
@@ -59,7 +59,7 @@ def inspect(job: JobContext, *, live: bool = False) -> None:
     others = job.images_of_other_domains()
     for disk in running.disks:
         if job.settings.convert and conversion.wants(disk):
-            reason = conversion.ineligible(job, disk, others, live=live and job.was_running,
+            reason = conversion.not_convertible(job, disk, others, live=live and job.was_running,
                                            differs=differs)  # fmt: skip
         else:
             reason = _ineligible(job, disk, persistent.get(disk.target), others)
@@ -74,9 +74,9 @@ def inspect(job: JobContext, *, live: bool = False) -> None:
         reasons = "; ".join(f"{s.target}: {s.reason}" for s in job.skipped_disks)
         raise JobSkipped(f"no eligible disk ({reasons or 'the domain has no disks'})")
     if job.journal is not None:
-        job.journal.record_plan(
+        job.journal.record_for_recovery(
             job.job_id,
-            str(snap.state),
+            str(observed.state),
             [JournalDisk(d.target, d.path, d.temp, d.backup) for d in job.disks],
         )
 
@@ -169,10 +169,10 @@ def estimate(job: JobContext) -> None:
         disk.guest_used = used_by_target.get(disk.target)
     reach = 0.0
     if job.choice.method is FreeSpaceMethod.ZERO:
-        job.fill_plan = fill_budget(job)
-        reach = job.fill_plan.reach()
+        job.fill_budget = fill_budget(job)
+        reach = job.fill_budget.reach()
     share = freed_share(job.choice, all_disks_discard=all_discard, fill_reach=reach)
-    fills = _fills_by_target(job) if job.fill_plan is not None else {}
+    fills = _fills_by_target(job) if job.fill_budget is not None else {}
     for disk in job.disks:
         disk.estimate = estimate_disk(job, disk, share, fills.get(disk.target))
         disk.estimated_after = disk.estimate.after
@@ -246,11 +246,11 @@ def _image_problem(chain: list[ImageInfo], backing: tuple[read.BackingLayer, ...
 
 
 def _fills_by_target(job: JobContext) -> dict[str, tuple[int, int]]:
-    """Per disk, (bytes the planned zero-fill writes, free bytes it does not reach)."""
-    assert job.fill_plan is not None  # noqa: S101 - called only with a plan
+    """Per disk, (bytes the zero-fill may write, free bytes it does not reach)."""
+    assert job.fill_budget is not None  # noqa: S101 - called only with a budget
     targets = {fs.mountpoint: fs.disk_targets for fs in job.guest_filesystems}
     fills: dict[str, tuple[int, int]] = {}
-    for fill in job.fill_plan.fills:
+    for fill in job.fill_budget.fills:
         for target in targets.get(fill.mountpoint, ())[:1]:
             reached, unreached = fills.get(target, (0, 0))
             fills[target] = (reached + fill.limit, unreached + fill.unreached)
@@ -259,7 +259,7 @@ def _fills_by_target(job: JobContext) -> dict[str, tuple[int, int]]:
 
 def estimate_disk(
     job: JobContext, disk: DiskWork, share: float, fill: tuple[int, int] | None = None
-) -> Estimate:
+) -> SizeEstimate:
     """Estimate ``disk``'s size after the reclaim (see ``estimate.estimate_after``)."""
     cluster = disk.info.cluster_size or DEFAULT_CLUSTER
     extents = job.images.map(disk.path, force_share=job.was_running, image_format=disk.format)
@@ -283,7 +283,7 @@ def estimate_disk(
     )
 
 
-def fill_budget(job: JobContext) -> budget.FillPlan:
+def fill_budget(job: JobContext) -> budget.FillBudget:
     """How much a zero-fill may write into each guest filesystem (see ``freespace.budget``)."""
     rooms = [
         budget.DiskRoom(

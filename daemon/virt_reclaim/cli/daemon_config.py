@@ -1,4 +1,4 @@
-"""Options not given on the command line, taken from the daemon settings file."""
+"""Options not given on the command line, taken from the daemon configuration file."""
 
 from __future__ import annotations
 
@@ -12,26 +12,26 @@ if TYPE_CHECKING:
     from virt_reclaim.config import loading
 
 
-def apply_daemon_settings(args: argparse.Namespace) -> None:
+def apply_daemon_config(args: argparse.Namespace) -> None:
     """Fill the options not given from CONFIG_DIR/virt-reclaim.toml (then built-in defaults)."""
     if not hasattr(args, "config_dir") or args.command in ("daemon", "reload"):
         return  # these report configuration errors their own way (a log, exit 78)
     # Imported here, not at the top: main imports this module for every command, and --help
-    # or a usage error must not pay for the settings' pydantic models.
+    # or a usage error must not pay for the configuration's pydantic models.
     from virt_reclaim.config import loading  # noqa: PLC0415
 
-    daemon, errors = loading.load_daemon(args.config_dir)
+    daemon_config, errors = loading.load_daemon(args.config_dir)
     if errors and not _usable_despite(errors, args):
         raise UsageError("\n  ".join(["the daemon settings are not valid:", *map(str, errors)]))
-    args.daemon = daemon
-    for option, value in (("connect", daemon.uri), ("state_dir", daemon.state_dir),
-                          ("qemu_img", daemon.qemu_img)):  # fmt: skip
+    args.daemon_config = daemon_config
+    for option, value in (("connect", daemon_config.uri), ("state_dir", daemon_config.state_dir),
+                          ("qemu_img", daemon_config.qemu_img)):  # fmt: skip
         if hasattr(args, option) and getattr(args, option) is None:
             setattr(args, option, value)
 
 
-# What each command takes from the daemon settings, by its option: a command not listed
-# refuses to run on settings with errors (run would follow a configuration half read).
+# What each command takes from the daemon configuration, by its option: a command not listed
+# refuses to run on a configuration with errors (run would follow a configuration half read).
 _NEEDS = {
     "check": {},  # reports the errors itself, with those of the policies
     "plan": {},  # prints them and exits 2
@@ -43,7 +43,7 @@ _NEEDS = {
 
 
 def _usable_despite(errors: list[loading.ConfigError], args: argparse.Namespace) -> bool:
-    """Whether ``args.command`` can go on with the settings that are valid; say so if it does.
+    """Whether ``args.command`` can go on with the keys that are valid; say so if it does.
 
     ``recover`` and ``history`` need only the state folder and the URI: a wrong ``nice``
     must not keep an operator from finishing a job that died. A file that could not be read
