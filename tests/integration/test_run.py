@@ -21,7 +21,7 @@ import libvirt
 import pytest
 
 from testbed import content, data
-from testbed.content import Content
+from testbed.content import Content, files_in_image
 from testbed.guests import URI, Guest
 from testbed.reclaim import (
     RunResult,
@@ -56,7 +56,7 @@ def compressed_size(blob: bytes) -> int:
 
 
 def assert_back_as_before(guest: Guest, sums: dict[str, str], *, running: bool) -> None:
-    """The guest is in its previous state and its data unchanged (booting it to look if off)."""
+    """The guest is in its previous state and its data unchanged (read from its image if off)."""
     qemu_img_check_clean(guest.data_image)
     if running:
         assert guest.is_running()
@@ -64,9 +64,7 @@ def assert_back_as_before(guest: Guest, sums: dict[str, str], *, running: bool) 
         assert data.checksums(guest) == sums
     else:
         assert guest.is_off()
-        guest.start()
-        assert data.checksums(guest) == sums
-        guest.shutdown()
+        assert files_in_image(guest.data_image, guest.folder / "files-after") == sums
 
 
 def assert_reclaimed(run: RunResult, guest: Guest, *, backup: bool = False) -> dict[str, Any]:
