@@ -169,8 +169,7 @@ def test_live_recompression_ends_on_the_original_image(make_guest: Callable[...,
 def test_aborted_copy_stays_on_the_snapshot_and_commits_back(
     make_guest: Callable[..., Guest],
 ) -> None:
-    guest = make_guest(data_size="256M", discard=True)
-    data.write_text(guest, "/data/app.log", 8)
+    guest = make_guest(data_size="256M", discard=True, content=Content(text={"app.log": 8}))
     original = guest.data_image
     overlay1 = original.with_name("data.overlay1.qcow2")
     overlay2 = original.with_name("data.overlay2.qcow2")

@@ -86,8 +86,7 @@ def test_live_reclaim_keeps_a_writing_guest_running(
 
 
 def test_a_shut_off_guest_is_reclaimed_offline(make_guest: Callable[..., Guest]) -> None:
-    guest = make_guest(data_size="256M", discard=True)
-    data.write_text(guest, "/data/app.log", 16)
+    guest = make_guest(data_size="256M", discard=True, content=Content(text={"app.log": 16}))
     guest.shutdown()
 
     run = reclaim(guest.name, "--live", "--min-gain", "0")
@@ -216,10 +215,9 @@ def test_daemon_killed_at_random_moments_of_its_live_jobs_then_the_next_recovers
 def test_libvirtd_restarted_during_a_live_job(
     make_guest: Callable[..., Guest], tmp_path: Path, point: str
 ) -> None:
-    guest = make_guest(data_size="256M", discard=True)
-    data.write_text(guest, "/data/app.log", 16)
-    data.write_deleted_random(guest, 16)
-    sums = data.checksums(guest)
+    files = Content(text={"app.log": 16}, deleted_mib=16)
+    guest = make_guest(data_size="256M", discard=True, content=files)
+    sums = guest.content_sums
     marker, go = tmp_path / "paused", tmp_path / "go"
     env = {"VIRT_RECLAIM_TEST_PAUSE": point, "VIRT_RECLAIM_TEST_PAUSE_FILE": str(marker),
            "VIRT_RECLAIM_TEST_GO_FILE": str(go)}  # fmt: skip
