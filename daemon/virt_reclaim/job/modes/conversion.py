@@ -73,15 +73,15 @@ def definitions_differ(running: read.DomainSpec, persistent: read.DomainSpec) ->
     )
 
 
-def not_convertible(  # noqa: PLR0911, PLR0912 - one return per rule, in order
+def disk_to_convert(  # noqa: PLR0911, PLR0912 - one return per rule, in order
     job: JobContext,
     disk: read.DiskSpec,
     others: dict[str, str],
     *,
     live: bool,
     differs: str | None,
-) -> str | None:
-    """Return why ``disk`` cannot be converted, or None after adding it to the work."""
+) -> DiskWork | str:
+    """The work of converting ``disk``, or why it cannot be converted."""
     if disk.type != "file":
         return f"a {disk.type} disk: only image files are converted (a block device stays as it is)"
     if disk.source is None:
@@ -141,21 +141,18 @@ def not_convertible(  # noqa: PLR0911, PLR0912 - one return per rule, in order
     user = others.get(os.path.realpath(new_path))
     if user is not None:
         return f"{new_path} is named by domain {user}"
-    job.disks.append(
-        DiskWork(
-            target=disk.target,
-            path=source,
-            discard=disk.discard == "unmap",
-            zeros_become_holes=disk.zeros_become_holes,
-            info=top,
-            temp=imagefile.temp_path(new_path, job.job_id),
-            backup=None,  # the original stays at its own path until the cleanup
-            format=disk.format,
-            converted_path=new_path,
-            data_file=data_file,
-        )
+    return DiskWork(
+        target=disk.target,
+        path=source,
+        discard=disk.discard == "unmap",
+        zeros_become_holes=disk.zeros_become_holes,
+        info=top,
+        temp=imagefile.temp_path(new_path, job.job_id),
+        backup=None,  # the original stays at its own path until the cleanup
+        format=disk.format,
+        converted_path=new_path,
+        data_file=data_file,
     )
-    return None
 
 
 def record(

@@ -1,7 +1,7 @@
 """The convert mode: the offline steps, with raw and VMDK disks converted to qcow2 on the way.
 
 A job of an offline policy with ``rewrite.convert`` (``run --convert``) takes this
-mode once its inspection found a disk to convert (``conversion.not_convertible``); its
+mode once its inspection found a disk to convert (``conversion.disk_to_convert``); its
 qcow2 disks are reclaimed exactly as offline. After the shared steps:
 
 SHUTDOWN, GUARD, PREFLIGHT  as offline (the guard locks the originals);

@@ -39,7 +39,7 @@ def inspect(job: JobContext, *, live: bool = False) -> None:
     With ``live`` (a running guest to be kept running), the job is skipped on a host
     too old for the live sequence, and disks it does not cover are skipped too: those
     with a backing chain or a block job running (``livecheck``). With ``rewrite.convert``
-    a raw or VMDK disk is eligible for conversion (``conversion.not_convertible`` says when not).
+    a raw or VMDK disk is eligible for conversion (``conversion.disk_to_convert`` says when not).
     """
     observed = job.domain.observe()
     if not observed.persistent:
@@ -59,17 +59,17 @@ def inspect(job: JobContext, *, live: bool = False) -> None:
     others = job.images_of_other_domains()
     for disk in running.disks:
         if job.settings.convert and conversion.wants(disk):
-            reason = conversion.not_convertible(job, disk, others, live=live and job.was_running,
-                                           differs=differs)  # fmt: skip
+            found = conversion.disk_to_convert(job, disk, others, live=live and job.was_running,
+                                               differs=differs)  # fmt: skip
         else:
-            reason = _ineligible(job, disk, persistent.get(disk.target), others)
-        if reason is None and live_domain is not None:
-            reason = livecheck.disk_refusal(live_domain, job.disks[-1])
-            if reason is not None:
-                job.disks.pop()
-        if reason is not None:
-            job.skipped_disks.append(SkippedDisk(disk.target, disk.source or "", reason))
-            job.log.info("disk.skipped", target=disk.target, path=disk.source, reason=reason)
+            found = _disk_to_reclaim(job, disk, persistent.get(disk.target), others)
+        if isinstance(found, DiskWork) and live_domain is not None:
+            found = livecheck.disk_refusal(live_domain, found) or found
+        if isinstance(found, DiskWork):
+            job.disks.append(found)
+        else:
+            job.skipped_disks.append(SkippedDisk(disk.target, disk.source or "", found))
+            job.log.info("disk.skipped", target=disk.target, path=disk.source, reason=found)
     if not job.disks:
         reasons = "; ".join(f"{s.target}: {s.reason}" for s in job.skipped_disks)
         raise JobSkipped(f"no eligible disk ({reasons or 'the domain has no disks'})")
@@ -91,13 +91,13 @@ def _read_agent(job: JobContext, running: read.DomainSpec) -> None:
             job.log.info("agent.unavailable", reason=str(exc))
 
 
-def _ineligible(  # noqa: PLR0911 - one return per eligibility rule, in order
+def _disk_to_reclaim(  # noqa: PLR0911 - one return per eligibility rule, in order
     job: JobContext,
     disk: read.DiskSpec,
     persistent: read.DiskSpec | None,
     others: dict[str, str],
-) -> str | None:
-    """Return why ``disk`` cannot be reclaimed, or None after adding it to the work."""
+) -> DiskWork | str:
+    """The work of reclaiming ``disk``, or why it cannot be reclaimed."""
     if disk.device != "disk":
         return f"a {disk.device}, not a disk"
     if not disk.is_file_qcow2 or disk.source is None:
@@ -135,18 +135,15 @@ def _ineligible(  # noqa: PLR0911 - one return per eligibility rule, in order
         if job.settings.keep_backup is not None
         else None
     )
-    job.disks.append(
-        DiskWork(
-            target=disk.target,
-            path=disk.source,
-            discard=disk.discard == "unmap",
-            zeros_become_holes=disk.zeros_become_holes,
-            info=top,
-            temp=imagefile.temp_path(disk.source, job.job_id),
-            backup=backup,
-        )
+    return DiskWork(
+        target=disk.target,
+        path=disk.source,
+        discard=disk.discard == "unmap",
+        zeros_become_holes=disk.zeros_become_holes,
+        info=top,
+        temp=imagefile.temp_path(disk.source, job.job_id),
+        backup=backup,
     )
-    return None
 
 
 def estimate(job: JobContext) -> None:
@@ -226,7 +223,7 @@ def read_guest_filesystems(job: JobContext) -> None:
 
 
 def _image_problem(chain: list[ImageInfo], backing: tuple[read.BackingLayer, ...]) -> str | None:
-    """Why the image's headers rule out a rewrite, or None (see ``_ineligible``)."""
+    """Why the image's headers rule out a rewrite, or None (see ``_disk_to_reclaim``)."""
     top = chain[0]
     if top.format != "qcow2":
         return f"the image is {top.format}, not qcow2"
