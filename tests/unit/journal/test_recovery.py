@@ -113,7 +113,7 @@ def test_a_mode_this_version_does_not_know_leaves_the_disks_as_they_are(tmp_path
 def test_a_recovery_that_cannot_finish_now_leaves_the_job_for_the_next(tmp_path: Path) -> None:
     """A live job whose domain cannot be looked up: nothing done, tried again later."""
     crashed = Crashed(tmp_path, step="rewrite", mode="live")
-    crashed.journal.record_disk("j1", "vda", state="snapshot")
+    crashed.journal.record_disk("j1", "vda", state="snapshotted")
 
     def unreachable(_uuid: str) -> FakeDomain:
         raise VirtError("libvirtd does not answer")
