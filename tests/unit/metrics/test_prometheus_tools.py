@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from test_metrics import Built, write_and_read
 
 from testbed.prometheus import node_exporter, prometheus, promtool, query, scrape
+from unit.metrics.test_families import Built, write_and_read
 from virt_reclaim.metrics.observations import Observations
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 RULES = ROOT / "examples" / "prometheus" / "virt-reclaim.rules.yml"
 RULE_TESTS = ROOT / "examples" / "prometheus" / "virt-reclaim.rules.test.yml"
 DASHBOARD = ROOT / "examples" / "grafana" / "virt-reclaim.json"

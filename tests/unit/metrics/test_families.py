@@ -31,7 +31,7 @@ from virt_reclaim.job.settings import After, FreeSpaceMethod, JobSettings
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.metrics import families, observations, writer
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 RULES = ROOT / "examples" / "prometheus" / "virt-reclaim.rules.yml"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

@@ -12,7 +12,7 @@ import ast
 from collections.abc import Collection, Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SOURCE = ROOT / "daemon"
 PACKAGE = SOURCE / "virt_reclaim"
 VIRT = PACKAGE / "virt"

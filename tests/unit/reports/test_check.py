@@ -436,7 +436,7 @@ def test_every_default_and_example_of_the_schemas_passes_check(
 def test_both_schemas_describe_every_field_and_validate_the_examples(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[3]
     for args in ((), ("--daemon",)):
         schema_ = schema(capsys, *args)
         for name, definition in [("", schema_), *schema_.get("$defs", {}).items()]:

@@ -20,7 +20,7 @@ from virt_reclaim.config import loading, selection
 from virt_reclaim.config.policy import Policy, PolicyFile, job_settings
 from virt_reclaim.job.settings import After, Compression, JobHooks, JobSettings
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MINIMAL = {"name": "p", "match": {"names": ["web-*"]}, "schedule": {"cron": "0 2 * * *"}}
 
 

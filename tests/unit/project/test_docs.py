@@ -18,7 +18,7 @@ from pathlib import Path
 
 import jsonschema
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 README = ROOT / "README.md"
 PAGES = [README, ROOT / "systemd" / "README.md", ROOT / "bench" / "README.md",
          *sorted((ROOT / "docs").glob("*.md"))]  # fmt: skip

@@ -21,7 +21,7 @@ from virt_reclaim.cli.parsing import build_parser
 from virt_reclaim.shelldocs import BASH_COMPLETION, MAN_PAGE, ZSH_COMPLETION, write_all
 from virt_reclaim.shelldocs.commands import read_program
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def needs(tool: str) -> str:

@@ -11,7 +11,7 @@ from virt_reclaim.journal import recovery
 from virt_reclaim.journal.store import JOURNAL_NAME, SCHEMA_VERSION, Journal
 from virt_reclaim.model import DomainState
 
-FIXTURE = Path(__file__).parent.parent / "fixtures" / "journal-v1.sqlite3"
+FIXTURE = Path(__file__).parents[2] / "fixtures" / "journal-v1.sqlite3"
 UUID = "6f1c2d3e-0000-4000-8000-000000000001"
 
 

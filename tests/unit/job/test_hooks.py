@@ -297,7 +297,7 @@ def test_a_stop_during_the_before_hook_kills_it_and_abandons_the_job(
     assert domain.power is DomainState.RUNNING
 
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hooks" / "alertmanager-silence"
+EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "hooks" / "alertmanager-silence"
 
 
 @pytest.fixture
