@@ -117,7 +117,7 @@ class FakeDomain:
     fill_offset: int = 512 * MIB  # where in the disk the guest's free space lies
     calls: list[str] = field(default_factory=list)
     # How often the job fetched each XML ("live", "inactive"): each fetch is a libvirt
-    # call and a parse (tests/unit/test_job_counts.py holds the job to its count).
+    # call and a parse (tests/unit/job/steps/test_preflight.py holds the job to its count).
     xml_reads: Counter[str] = field(default_factory=Counter)
     inactive_override: str | None = None
     after_shutdown: Callable[[], None] | None = None

@@ -61,7 +61,7 @@ def job(
     Each step takes the seconds given; ``outcome`` None leaves the job unfinished.
     """
     journal.begin_job(job_id, domain, f"{domain}-uuid", {"compression": compression})
-    journal.record_plan(job_id, "running", list(disks))
+    journal.record_for_recovery(job_id, "running", list(disks))
     for disk in disks:
         journal.record_disk(
             job_id, disk.target, bytes_before=disk.bytes_before, bytes_after=disk.bytes_after,
@@ -131,7 +131,7 @@ def test_domain_activity_names_each_domain_once_with_its_newest_record(
 ) -> None:
     job(journal, clock, "a1", "a", steps=(("inspect", 5),))
     job(journal, clock, "b1", "b", outcome=None)
-    journal.begin_job("a2", "a", "a-other-uuid", {})  # the same name, redefined
+    journal.begin_job("a2", "a", "a-other-uuid", JobSettings())  # the same name, redefined
     assert journal.domain_activity() == [
         DomainActivity("a", frozenset({"a-uuid", "a-other-uuid"}), clock.now, True),
         DomainActivity("b", frozenset({"b-uuid"}), 1_000_105.0, True),

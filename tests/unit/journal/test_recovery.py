@@ -30,8 +30,8 @@ class Crashed:
         self.temp = tmp_path / ".disk.qcow2.virt-reclaim-j1.tmp"
         self.domain = FakeDomain([FakeDisk("vda", self.image)], power=DomainState.SHUTOFF)
         self.journal = Journal(self.state)
-        self.journal.begin_job("j1", self.domain.name, self.domain.uuid, {}, mode=mode)
-        self.journal.record_plan(
+        self.journal.begin_job("j1", self.domain.name, self.domain.uuid, JobSettings(), mode=mode)
+        self.journal.record_for_recovery(
             "j1", "running", [JournalDisk("vda", str(self.image), str(self.temp), None)]
         )
         for done in STEPS_TO_REWRITE[: STEPS_TO_REWRITE.index(step) + 1]:
@@ -71,7 +71,7 @@ def test_a_job_killed_in_its_rewrite_is_undone_and_the_guest_started_again(
 
 def test_a_guest_that_was_off_before_the_job_stays_off(tmp_path: Path) -> None:
     crashed = Crashed(tmp_path, step="preflight")
-    crashed.journal.record_plan(
+    crashed.journal.record_for_recovery(
         "j1", "shut off", [JournalDisk("vda", str(crashed.image), str(crashed.temp), None)]
     )
     [done] = crashed.recover()

@@ -19,7 +19,7 @@ import pytest
 
 from fakes import make_image, sh
 from virt_reclaim import process
-from virt_reclaim.job.modes import live, mode_named, overlays
+from virt_reclaim.job.modes import live, mode_of, overlays
 from virt_reclaim.job.results import Recovered
 from virt_reclaim.journal.records import JournalDisk
 from virt_reclaim.journal.store import Journal
@@ -233,8 +233,8 @@ def test_the_mode_reports_the_job_reclaimed_when_every_disk_ends_on_its_new_imag
     killed.swap_in_new_image()
     jobs = killed.jobs(killed.overlay1, killed.image)
     journal = Journal(tmp_path / "state")
-    journal.begin_job(JOB, "fake", "u1", {}, mode="live")
-    journal.record_plan(JOB, "running", [killed.disk("swapped")])
+    journal.begin_job(JOB, "fake", "u1", JobSettings(), mode="live")
+    journal.record_for_recovery(JOB, "running", [killed.disk("swapped")])
     journal.record_disk(JOB, "vda", state="swapped")
     [journaled] = journal.unfinished()
 
@@ -243,7 +243,7 @@ def test_the_mode_reports_the_job_reclaimed_when_every_disk_ends_on_its_new_imag
             return jobs
 
     result = Recovered(JOB, "fake", journaled.step, "failed", [])
-    mode_named("live").recover(journaled, result, lambda _uuid: Domain())
+    mode_of("live").recover(journaled, result, lambda _uuid: Domain())
 
     assert result.outcome == "reclaimed"
     killed.guest_reads_its_writes()
@@ -254,8 +254,8 @@ def test_a_job_killed_before_its_snapshot_has_nothing_to_undo(tmp_path: Path) ->
     killed = Killed.at(tmp_path)
     killed.overlay1.unlink()
     journal = Journal(tmp_path / "state")
-    journal.begin_job(JOB, "fake", "u1", {}, mode="live")
-    journal.record_plan(JOB, "running", [killed.disk(None)])
+    journal.begin_job(JOB, "fake", "u1", JobSettings(), mode="live")
+    journal.record_for_recovery(JOB, "running", [killed.disk(None)])
     journal.enter_step(JOB, "inspect")
     [journaled] = journal.unfinished()
 
@@ -263,6 +263,6 @@ def test_a_job_killed_before_its_snapshot_has_nothing_to_undo(tmp_path: Path) ->
         raise AssertionError("nothing to look up")
 
     result = Recovered(JOB, "fake", "inspect", "failed", [])
-    mode_named("live").recover(journaled, result, no_lookup)
+    mode_of("live").recover(journaled, result, no_lookup)
     assert result.outcome == "failed"
     assert result.actions == ["the snapshot was never asked for: nothing to undo"]

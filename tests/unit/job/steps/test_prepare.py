@@ -33,7 +33,7 @@ def context(
 ) -> JobContext:
     """A job of ``domain`` begun in a journal under ``tmp_path``."""
     journal = Journal(tmp_path / "state")
-    journal.begin_job("j1", domain.name, domain.uuid, {})
+    journal.begin_job("j1", domain.name, domain.uuid, JobSettings())
     return JobContext(
         domain=domain, images=QemuImg(), settings=JobSettings(**settings),  # type: ignore[arg-type]
         job_id="j1", images_of_other_domains=lambda: others or {}, journal=journal,
@@ -196,7 +196,7 @@ def test_preflight_tells_space_held_by_other_jobs_from_space_missing(tmp_path: P
     job = context(tmp_path, FakeDomain([FakeDisk("vda", image)], power=DomainState.SHUTOFF),
                   reserve=NO_RESERVE)  # fmt: skip
     assert job.journal is not None
-    job.journal.begin_job("j0", "other", "other-uuid", {})
+    job.journal.begin_job("j0", "other", "other-uuid", JobSettings())
     job.journal.reserve("j0", filesystem.device, str(tmp_path), filesystem.free, lambda _: None)
     prepare.inspect(job)
     with pytest.raises(SpaceTaken, match="are reserved by other jobs"):

@@ -40,7 +40,7 @@ def inspected(tmp_path: Path, **settings: object) -> tuple[JobContext, Path, Pat
     shutil.copyfile(image, reference)
     domain = FakeDomain([FakeDisk("vda", image)], power=DomainState.SHUTOFF)
     journal = Journal(tmp_path / "state")
-    journal.begin_job("j1", domain.name, domain.uuid, {})
+    journal.begin_job("j1", domain.name, domain.uuid, JobSettings())
     job = JobContext(
         domain=domain, images=QemuImg(), job_id="j1", images_of_other_domains=dict,
         settings=JobSettings(reserve=NO_RESERVE, **settings),  # type: ignore[arg-type]
