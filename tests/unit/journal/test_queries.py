@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from virt_reclaim.job.results import Outcome
+from virt_reclaim.job.settings import Compression, JobSettings
 from virt_reclaim.journal import store
-from virt_reclaim.journal.records import BackupRecord, DomainActivity, JournalDisk
+from virt_reclaim.journal.records import BackupRecord, DiskFigures, DomainActivity, JournalDisk
 from virt_reclaim.journal.store import Journal
 
 MIB = 1024 * 1024
@@ -49,10 +51,10 @@ def job(
     job_id: str,
     domain: str,
     *,
-    outcome: str | None = "reclaimed",
+    outcome: Outcome | None = Outcome.RECLAIMED,
     steps: tuple[tuple[str, float], ...] = (),
     disks: tuple[JournalDisk, ...] = (),
-    compression: str = "zstd",
+    compression: Compression = Compression.ZSTD,
     before_after: tuple[int, int] | None = None,
     downtime_s: float | None = None,
 ) -> None:
@@ -60,7 +62,7 @@ def job(
 
     Each step takes the seconds given; ``outcome`` None leaves the job unfinished.
     """
-    journal.begin_job(job_id, domain, f"{domain}-uuid", {"compression": compression})
+    journal.begin_job(job_id, domain, f"{domain}-uuid", JobSettings(compression=compression))
     journal.record_for_recovery(job_id, "running", list(disks))
     for disk in disks:
         journal.record_disk(
@@ -97,10 +99,10 @@ def test_unfinished_jobs_oldest_first_of_all_domains_or_one(journal: Journal, cl
 def test_history_newest_first_by_domain_time_outcome_and_limit(
     journal: Journal, clock: Clock
 ) -> None:
-    job(journal, clock, "a1", "a", outcome="failed")
+    job(journal, clock, "a1", "a", outcome=Outcome.FAILED)
     start_of_a2 = clock.now
     job(journal, clock, "a2", "a")
-    job(journal, clock, "b1", "b", outcome="dry-run")
+    job(journal, clock, "b1", "b", outcome=Outcome.DRY_RUN)
     job(journal, clock, "a3", "a", outcome=None)
     assert [j.id for j in journal.history()] == ["a3", "b1", "a2", "a1"]
     assert [j.id for j in journal.history("a")] == ["a3", "a2", "a1"]
@@ -151,7 +153,7 @@ def test_reservations_of_other_unfinished_jobs_on_the_same_device(
     assert journal.reserved_elsewhere("c1", 7) == 30 * MIB
     refused = journal.reserve("c1", 7, "/images", MIB, lambda held: f"{held} held")
     assert refused == f"{30 * MIB} held"
-    journal.finish_job("b1", outcome="failed", reason="", bytes_before=None, bytes_after=None,
+    journal.finish_job("b1", outcome=Outcome.FAILED, reason="", bytes_before=None, bytes_after=None,
                        downtime_s=None, duration_s=None)  # fmt: skip
     assert journal.reserved_elsewhere("a1", 7) == 0
 
@@ -167,14 +169,14 @@ def test_last_reclaim_rewrite_rates_and_compression_ratio(journal: Journal, cloc
         disks=(disk("vda", 100 * MIB, 40 * MIB, 0, 80 * MIB),),
     )
     end_of_a1 = clock.now - 100
-    job(journal, clock, "a2", "a", outcome="failed", steps=(("rewrite", 1), ("define", 1)),
+    job(journal, clock, "a2", "a", outcome=Outcome.FAILED, steps=(("rewrite", 1), ("define", 1)),
         before_after=(100 * MIB, 90 * MIB))  # fmt: skip
     job(
         journal,
         clock,
         "b1",
         "b",
-        compression="none",
+        compression=Compression.NONE,
         steps=(("rewrite", 4), ("define", 1)),
         before_after=(10 * MIB, 5 * MIB),
         disks=(disk("vda", 10 * MIB, 5 * MIB, 0, 4 * MIB),),
@@ -197,7 +199,7 @@ def test_outcome_totals_count_freed_bytes_once_no_backup_holds_them(
 ) -> None:
     job(journal, clock, "a1", "a", before_after=(100, 40), downtime_s=3.0)
     job(journal, clock, "a2", "a", before_after=(100, 70), downtime_s=2.0)
-    job(journal, clock, "a3", "a", outcome="failed", before_after=(100, 100), downtime_s=1.0)
+    job(journal, clock, "a3", "a", outcome=Outcome.FAILED, before_after=(100, 100), downtime_s=1.0)
     job(journal, clock, "b1", "b", before_after=(50, 60))  # grew: freed nothing
     job(journal, clock, "c1", "c", outcome=None)
     journal.record_backup(BackupRecord("/images/a.bak", "a2", "a", "vda", 1, 2, 100, 0, 9))
@@ -214,8 +216,8 @@ def test_last_jobs_are_each_domains_newest_finished_real_job(
     journal: Journal, clock: Clock
 ) -> None:
     job(journal, clock, "a1", "a")
-    job(journal, clock, "a2", "a", outcome="failed")
-    job(journal, clock, "a3", "a", outcome="dry-run")
+    job(journal, clock, "a2", "a", outcome=Outcome.FAILED)
+    job(journal, clock, "a3", "a", outcome=Outcome.DRY_RUN)
     job(journal, clock, "b1", "b")
     job(journal, clock, "b2", "b", outcome=None)
     assert [j.id for j in journal.last_jobs()] == ["a2", "b1"]
@@ -242,12 +244,12 @@ def test_disk_figures_pair_the_newest_estimate_with_the_newest_reclaim(
     job(journal, clock, "a1", "a", disks=(disk("vda", 100, 40, 45, 30),))
     reclaimed_at = clock.now - 100
     estimated_at = clock.now
-    job(journal, clock, "a2", "a", outcome="dry-run", disks=(disk("vda", 120, None, 50, 30),))
-    job(journal, clock, "b1", "b", outcome="failed", disks=(disk("vdb", 10, 9, 8, 7),))
+    job(journal, clock, "a2", "a", outcome=Outcome.DRY_RUN, disks=(disk("vda", 120, None, 50, 30),))
+    job(journal, clock, "b1", "b", outcome=Outcome.FAILED, disks=(disk("vdb", 10, 9, 8, 7),))
     rows = journal.disk_figures()
     assert rows == [
-        {"domain": "a", "target": "vda", "estimated_at": estimated_at, "bytes_before": 120,
-         "estimated_after": 50, "reclaimed_at": reclaimed_at, "bytes_after": 40},
-        {"domain": "b", "target": "vdb", "estimated_at": clock.now - 100, "bytes_before": 10,
-         "estimated_after": 8, "reclaimed_at": None, "bytes_after": None},
+        DiskFigures("a", "vda", estimated_at=estimated_at, bytes_before=120,
+                    estimated_after=50, reclaimed_at=reclaimed_at, bytes_after=40),
+        DiskFigures("b", "vdb", estimated_at=clock.now - 100, bytes_before=10,
+                    estimated_after=8, reclaimed_at=None, bytes_after=None),
     ]  # fmt: skip
