@@ -13,8 +13,9 @@ from fakes import FakeDisk, FakeDomain, make_image, sh
 from virt_reclaim.errors import VirtError
 from virt_reclaim.job.lock import DomainLock
 from virt_reclaim.job.results import Recovered
+from virt_reclaim.job.settings import JobSettings
 from virt_reclaim.journal import recovery
-from virt_reclaim.journal.records import JournalDisk
+from virt_reclaim.journal.records import DiskState, JournalDisk
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState
 
@@ -113,7 +114,7 @@ def test_a_mode_this_version_does_not_know_leaves_the_disks_as_they_are(tmp_path
 def test_a_recovery_that_cannot_finish_now_leaves_the_job_for_the_next(tmp_path: Path) -> None:
     """A live job whose domain cannot be looked up: nothing done, tried again later."""
     crashed = Crashed(tmp_path, step="rewrite", mode="live")
-    crashed.journal.record_disk("j1", "vda", state="snapshotted")
+    crashed.journal.record_disk("j1", "vda", state=DiskState.SNAPSHOTTED)
 
     def unreachable(_uuid: str) -> FakeDomain:
         raise VirtError("libvirtd does not answer")
