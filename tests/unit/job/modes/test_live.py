@@ -14,14 +14,18 @@ import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 from fakes import make_image, sh
 from virt_reclaim import process
+from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.job.modes import live, mode_of, overlays
-from virt_reclaim.job.results import Recovered
-from virt_reclaim.journal.records import JournalDisk
+from virt_reclaim.job.ports import DomainPort
+from virt_reclaim.job.results import Recovered, RecoveryOutcome
+from virt_reclaim.job.settings import JobSettings
+from virt_reclaim.journal.records import DiskState, JournalDisk
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import BlockJob
 
@@ -114,7 +118,7 @@ class Killed:
         sh("qemu-img", "convert", "-q", "-O", "qcow2", str(self.image), str(new))
         new.rename(self.image)
 
-    def disk(self, state: str | None) -> JournalDisk:
+    def disk(self, state: DiskState | None) -> JournalDisk:
         return JournalDisk("vda", str(self.image), str(self.temp), None, state=state)
 
     def jobs(self, *chain: Path) -> QemuImgBlockJobs:
@@ -138,8 +142,8 @@ def no_qemu_seen(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def recover(disk: JournalDisk, jobs: QemuImgBlockJobs) -> tuple[bool, Recovered]:
-    result = Recovered(JOB, "fake", "copy", "failed", [])
-    return live.recover_disk(JOB, disk, jobs, result), result
+    result = Recovered(JOB, "fake", "copy", RecoveryOutcome.FAILED, [])
+    return live.recover_disk(JOB, disk, jobs, result, QemuImg()), result
 
 
 def test_killed_before_the_swap_the_snapshot_is_committed_back(tmp_path: Path) -> None:
@@ -147,7 +151,7 @@ def test_killed_before_the_swap_the_snapshot_is_committed_back(tmp_path: Path) -
     make_image(killed.temp, "64M", ("write -P 0xaa 0 1M",))  # a rewrite under way
     jobs = killed.jobs(killed.overlay1, killed.image)
 
-    on_new, result = recover(killed.disk("snapshotted"), jobs)
+    on_new, result = recover(killed.disk(DiskState.SNAPSHOTTED), jobs)
 
     assert not on_new
     assert jobs.chain == [str(killed.image)] and jobs.calls == ["commit", "pivot commit"]
@@ -162,7 +166,7 @@ def test_killed_after_the_swap_the_guest_is_moved_onto_the_new_image(tmp_path: P
     killed.swap_in_new_image()
     jobs = killed.jobs(killed.overlay1, killed.image)
 
-    on_new, result = recover(killed.disk("swapped"), jobs)
+    on_new, result = recover(killed.disk(DiskState.SWAPPED), jobs)
 
     assert on_new
     assert jobs.calls == ["copy", "pivot copy", "commit", "pivot commit"]
@@ -178,7 +182,7 @@ def test_killed_in_the_commit_of_overlay_2_the_commit_is_done_again(tmp_path: Pa
     killed.overlay1.rename(killed.overlay2)  # the copy had moved the guest onto overlay 2
     jobs = killed.jobs(killed.overlay2, killed.image)
 
-    on_new, _ = recover(killed.disk("copied"), jobs)
+    on_new, _ = recover(killed.disk(DiskState.COPIED), jobs)
 
     assert on_new and jobs.chain == [str(killed.image)]
     killed.guest_reads_its_writes()
@@ -193,7 +197,7 @@ def test_a_commit_left_running_is_pivoted_where_it_was_going(tmp_path: Path) -> 
     jobs.commit_active("vda")  # started by the dead job
     jobs.left_running = BlockJob(type="commit", cur=100, end=100, bandwidth=0)
 
-    on_new, result = recover(killed.disk("copied"), jobs)
+    on_new, result = recover(killed.disk(DiskState.COPIED), jobs)
 
     assert on_new and jobs.calls == ["commit", "pivot commit"]
     assert result.found[0].block_job == "commit"
@@ -207,7 +211,7 @@ def test_killed_after_the_cleanup_began_only_its_leftovers_go(tmp_path: Path) ->
     killed.swap_in_new_image()
     jobs = killed.jobs(killed.image)
 
-    on_new, result = recover(killed.disk("committed"), jobs)
+    on_new, result = recover(killed.disk(DiskState.COMMITTED), jobs)
 
     assert on_new and jobs.calls == []
     assert killed.job_files() == []
@@ -219,7 +223,7 @@ def test_a_chain_the_job_did_not_make_is_left_as_it_is(tmp_path: Path) -> None:
     theirs = make_image(tmp_path / "someone-elses.qcow2", "64M")
     jobs = killed.jobs(theirs, killed.image)
 
-    on_new, result = recover(killed.disk("snapshotted"), jobs)
+    on_new, result = recover(killed.disk(DiskState.SNAPSHOTTED), jobs)
 
     assert not on_new and jobs.calls == []
     assert killed.job_files() == [killed.overlay1]
@@ -234,18 +238,19 @@ def test_the_mode_reports_the_job_reclaimed_when_every_disk_ends_on_its_new_imag
     jobs = killed.jobs(killed.overlay1, killed.image)
     journal = Journal(tmp_path / "state")
     journal.begin_job(JOB, "fake", "u1", JobSettings(), mode="live")
-    journal.record_for_recovery(JOB, "running", [killed.disk("swapped")])
-    journal.record_disk(JOB, "vda", state="swapped")
+    journal.record_for_recovery(JOB, "running", [killed.disk(DiskState.SWAPPED)])
+    journal.record_disk(JOB, "vda", state=DiskState.SWAPPED)
     [journaled] = journal.unfinished()
 
     class Domain:
         def block_jobs(self) -> QemuImgBlockJobs:
             return jobs
 
-    result = Recovered(JOB, "fake", journaled.step, "failed", [])
-    mode_of("live").recover(journaled, result, lambda _uuid: Domain())
+    result = Recovered(JOB, "fake", journaled.step, RecoveryOutcome.FAILED, [])
+    # Recovery casts what it looks up to a LiveDomainPort and uses only its block jobs.
+    mode_of("live").recover(journaled, result, lambda _uuid: cast(DomainPort, Domain()))
 
-    assert result.outcome == "reclaimed"
+    assert result.outcome is RecoveryOutcome.RECLAIMED
     killed.guest_reads_its_writes()
 
 
@@ -259,10 +264,10 @@ def test_a_job_killed_before_its_snapshot_has_nothing_to_undo(tmp_path: Path) ->
     journal.enter_step(JOB, "inspect")
     [journaled] = journal.unfinished()
 
-    def no_lookup(_uuid: str) -> None:
+    def no_lookup(_uuid: str) -> DomainPort:
         raise AssertionError("nothing to look up")
 
-    result = Recovered(JOB, "fake", "inspect", "failed", [])
+    result = Recovered(JOB, "fake", "inspect", RecoveryOutcome.FAILED, [])
     mode_of("live").recover(journaled, result, no_lookup)
-    assert result.outcome == "failed"
+    assert result.outcome is RecoveryOutcome.FAILED
     assert result.actions == ["the snapshot was never asked for: nothing to undo"]
