@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextvars
 import os
 import threading
+import time
 
 from virt_reclaim.domxml import read
 from virt_reclaim.errors import VirtError
@@ -32,7 +33,15 @@ from virt_reclaim.job.steps.rewrite import (
 )
 from virt_reclaim.journal.records import JournalDisk, JournalJob
 from virt_reclaim.model import DomainState
-from virt_reclaim.process import kill_qemu_img_holding
+from virt_reclaim.process import holders_of, kill_qemu_img_holding
+
+# How long a killed qemu-img may take to release its locks: SIGKILL ends a process in
+# uninterruptible I/O only once that I/O completes, which under a host's writeback
+# load took more than the kill's own 10 s wait once.
+KILLED_RELEASE_S = 60.0
+# How long a lock with no holder in sight may take to go: a process that is exiting has
+# closed its file table (it no longer shows as a holder) before its last file is released.
+UNSEEN_RELEASE_S = 5.0
 
 
 class OfflineMode:
@@ -79,19 +88,42 @@ class OfflineMode:
             result.outcome = RecoveryOutcome.RECLAIMED
 
 
+def _lock_released(path: str, killed: list[int]) -> bool:
+    """Whether the lock on ``path`` is gone, or goes within the time its holder needs to exit.
+
+    A holder in sight that is not a qemu-img is not waited for: nothing here ends it.
+    """
+    if not lock_held(path):
+        return True
+    if not killed and holders_of(path):
+        return False
+    deadline = time.monotonic() + (KILLED_RELEASE_S if killed else UNSEEN_RELEASE_S)
+    while lock_held(path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def recover_rewritten_disk(disk: JournalDisk, *, past_swap: bool, result: Recovered) -> bool:
     """Undo (or find finished) the rewrite of one disk in place; True when it was swapped."""
     swapped = False
     killed = kill_qemu_img_holding(disk.temp_path)
     if killed:
         result.actions.append(f"killed qemu-img {killed} still writing {disk.temp_path}")
-    if lock_held(disk.temp_path):
-        # A writer this process cannot see: under the unit's ProtectProc=invisible, a
-        # qemu-img that `run` started from a root shell. Its lock would also stop the guest.
+    if not _lock_released(disk.temp_path, killed):
+        # A writer this process cannot see (under the unit's ProtectProc=invisible, a
+        # qemu-img that `run` started from a root shell) or may not end (not a qemu-img).
+        # Its lock would also stop the guest.
+        seen = ", ".join(f"{comm} (pid {pid})" for pid, comm in holders_of(disk.temp_path))
+        who = (
+            f"held by {seen}"
+            if seen
+            else "a qemu-img started from a shell is hidden from the service"
+        )
         raise VirtError(
             f"{disk.temp_path} is still locked by a process this recovery cannot see or end "
-            "(a qemu-img started from a shell is hidden from the service): end it, or run "
-            "`virt-reclaim recover` as root from a shell"
+            f"({who}): end it, or run `virt-reclaim recover` as root from a shell"
         )
     if imagefile.remove_quietly(disk.temp_path):
         result.actions.append(f"removed {disk.temp_path}; {disk.path} is the original")

@@ -8,6 +8,7 @@ unfinished; one that nobody holds is removed and the original is kept.
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from fakes import make_image
 from virt_reclaim.errors import VirtError
 from virt_reclaim.image import guard
-from virt_reclaim.job.modes import mode_of
+from virt_reclaim.job.modes import mode_of, offline
 from virt_reclaim.job.ports import DomainPort
 from virt_reclaim.job.results import Recovered, RecoveryOutcome
 from virt_reclaim.job.settings import JobSettings
@@ -70,11 +71,29 @@ def test_a_temporary_image_locked_by_an_unseen_writer_is_left_and_the_job_stays_
     job = journaled_rewrite(tmp_path, image, temp)
     result = Recovered(job.id, job.domain, job.step, RecoveryOutcome.FAILED, [])
 
-    with pytest.raises(VirtError, match="still locked by a process this recovery cannot see"):
+    began = time.monotonic()
+    with pytest.raises(VirtError, match="still locked by a process this recovery cannot see") as e:
         mode_of("offline").recover(job, result, no_domain)
 
+    assert f"held by qemu-io (pid {proc.pid})" in str(e.value)
+    # A holder in sight that recovery may not end is not waited for.
+    assert time.monotonic() - began < offline.UNSEEN_RELEASE_S
     assert temp.exists() and image.exists()
     assert proc.poll() is None, "recovery ended a process that is not a qemu-img"
+
+
+def test_a_lock_that_goes_while_its_killed_holder_exits_is_waited_for(
+    tmp_path: Path, holder: tuple[Path, subprocess.Popen[bytes]]
+) -> None:
+    """A killed writer may take seconds to exit (uninterruptible I/O): its lock is awaited."""
+    temp, proc = holder
+    ended = threading.Timer(0.5, proc.kill)
+    ended.start()
+    try:
+        assert offline._lock_released(str(temp), killed=[proc.pid])
+    finally:
+        ended.cancel()
+    assert proc.poll() is not None
 
 
 def test_an_unlocked_temporary_image_is_removed_and_the_original_kept(tmp_path: Path) -> None:
