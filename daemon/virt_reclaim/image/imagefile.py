@@ -174,6 +174,14 @@ class NewImage:
             self.fd = -1
 
 
+def same_file(first: str, second: str) -> bool:
+    """Whether both names lead to one file (a hard link, the same inode); False if one is gone."""
+    try:
+        return os.path.samefile(first, second)
+    except OSError:
+        return False
+
+
 def remove_quietly(path: str) -> bool:
     """Delete ``path`` if it exists; True if it did."""
     try:

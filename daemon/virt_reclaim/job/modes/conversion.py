@@ -279,7 +279,7 @@ def recover_disk(disk: JournalDisk, source_now: str | None, result: Recovered) -
     new_path = data.new_path
     temp = disk.temp_path
     # The link from the temporary name to the new one may have been made just before the crash.
-    ours = disk.state in _PLACED_OR_LATER or _same_file(temp, new_path)
+    ours = disk.state in _PLACED_OR_LATER or imagefile.same_file(temp, new_path)
     killed = process.kill_qemu_img_holding(temp)
     if killed:
         result.actions.append(f"killed qemu-img {killed} still writing {temp}")
@@ -311,10 +311,3 @@ def recover_disk(disk: JournalDisk, source_now: str | None, result: Recovered) -
 
 # The states at which the new image was linked at its new path by the job.
 _PLACED_OR_LATER = frozenset({DiskState.PLACED, DiskState.DEFINED, DiskState.CLEAN})
-
-
-def _same_file(first: str, second: str) -> bool:
-    try:
-        return os.path.samefile(first, second)
-    except OSError:
-        return False

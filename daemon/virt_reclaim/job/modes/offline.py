@@ -129,7 +129,7 @@ def recover_rewritten_disk(disk: JournalDisk, *, past_swap: bool, result: Recove
         result.actions.append(f"removed {disk.temp_path}; {disk.path} is the original")
     elif past_swap:
         swapped = True
-    if disk.backup_path and _same_file(disk.backup_path, disk.path):
+    if disk.backup_path and imagefile.same_file(disk.backup_path, disk.path):
         # The link was made but the rename never came: the "backup" is the image itself.
         os.unlink(disk.backup_path)
         result.actions.append(f"removed {disk.backup_path} (the swap never happened)")
@@ -258,10 +258,3 @@ def _header_changes(before: ImageInfo, now: ImageInfo) -> str:
         for name in fields
         if getattr(before, name) != getattr(now, name)
     )
-
-
-def _same_file(first: str, second: str) -> bool:
-    try:
-        return os.path.samefile(first, second)
-    except OSError:
-        return False
