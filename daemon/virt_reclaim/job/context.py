@@ -23,12 +23,12 @@ from virt_reclaim.errors import Cancelled, JobOutcome
 from virt_reclaim.image import imagefile
 from virt_reclaim.image.guard import ImageGuard
 from virt_reclaim.image.qemu_img_argv import ImageInfo
+from virt_reclaim.image.sizing import SizeEstimate
 from virt_reclaim.job.freespace import budget
 from virt_reclaim.job.freespace.agent import Choice
 from virt_reclaim.job.ports import DomainPort, ImagePort
 from virt_reclaim.job.results import DiskResult, JobAbandoned, SkippedDisk
 from virt_reclaim.job.settings import JobSettings
-from virt_reclaim.job.steps.estimate import SizeEstimate
 from virt_reclaim.journal.records import BackupRecord, JournalError
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import AgentInfo, GuestFilesystem

@@ -1,6 +1,6 @@
 """The frame of a reclaim job: the steps every mode shares, the mode's own, and the restore.
 
-INSPECT -> ESTIMATE -> PREFLIGHT (``steps.prepare``; a dry run ends here) ->
+INSPECT -> ESTIMATE -> PREFLIGHT (``steps``, one module each; a dry run ends here) ->
 FREE_SPACE (``freespace.step``, while the guest runs) -> the policy's before_shutdown
 hook (``hooks``; a mode that stops a running guest) -> the mode's steps
 (``modes.offline``: SHUTDOWN -> GUARD -> PREFLIGHT -> REWRITE -> VERIFY -> SWAP) ->
@@ -47,7 +47,7 @@ from virt_reclaim.job.results import (
     SpaceTaken,
 )
 from virt_reclaim.job.settings import After, JobSettings
-from virt_reclaim.job.steps import preflight, prepare
+from virt_reclaim.job.steps import estimate, inspect, preflight
 from virt_reclaim.journal.records import JournalError
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState
@@ -180,10 +180,10 @@ class ReclaimJob:
     def _run_steps(self) -> tuple[Outcome, str]:
         job = self.job
         with job.step(Step.INSPECT):
-            prepare.inspect(job, live=not self.mode.stops_the_guest)
+            inspect.inspect(job, live=not self.mode.stops_the_guest)
         self.mode = modes.decide(job, self.mode)
         with job.step(Step.ESTIMATE):
-            prepare.estimate(job)
+            estimate.estimate(job)
         with job.step(Step.PREFLIGHT):
             preflight.preflight(job)
         if job.settings.dry_run:

@@ -16,7 +16,7 @@ import pytest
 from fakes import MIB, make_image
 from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.image.qemu_img_argv import Extent
-from virt_reclaim.job.steps.estimate import (
+from virt_reclaim.image.sizing import (
     ClusterSample,
     ImageContent,
     SizeEstimate,

@@ -15,7 +15,7 @@ from virt_reclaim.job.freespace.agent import FreeSpaceResult, trim, zero_fill
 from virt_reclaim.job.freespace.watch import FillWatch
 from virt_reclaim.job.results import FreedInPlace, JobFailed, NothingToDo
 from virt_reclaim.job.settings import FreeSpaceMethod
-from virt_reclaim.job.steps import preflight, prepare
+from virt_reclaim.job.steps import estimate, preflight
 from virt_reclaim.units import format_bytes
 
 
@@ -33,7 +33,7 @@ def free_guest_space(job: JobContext) -> None:
         result = trim(job.domain, mountpoints, timeout=job.settings.free_space_timeout_s)
     else:
         # Worked out again now: the host's free space may have changed since the estimate.
-        job.fill_budget = prepare.fill_budget(job)
+        job.fill_budget = estimate.fill_budget(job)
         result = _zero_fill(job, job.fill_budget)
     job.free_space = str(result.method)
     _count_zeroed(job, result)
@@ -89,7 +89,7 @@ def _count_zeroed(job: JobContext, result: FreeSpaceResult) -> None:
 
 def _recheck_gain(job: JobContext, share: float) -> None:
     """Estimate again now that the guest's space is free, before any downtime."""
-    prepare.read_guest_filesystems(job)
+    estimate.read_guest_filesystems(job)
     used = {d.target: 0 for d in job.disks}
     for fs in job.guest_filesystems:
         for target in set(fs.disk_targets) & set(used):
@@ -97,7 +97,7 @@ def _recheck_gain(job: JobContext, share: float) -> None:
     gain = total = freed = 0
     for disk in job.disks:
         disk.guest_used = used[disk.target] or disk.guest_used
-        again = prepare.estimate_disk(job, disk, share)
+        again = estimate.estimate_disk(job, disk, share)
         now = imagefile.allocated_bytes(disk.path)
         gain += now - min(again.after, now)
         total += now
@@ -105,7 +105,7 @@ def _recheck_gain(job: JobContext, share: float) -> None:
         job.log.info("disk.reestimated", target=disk.target, estimated_after=again.after,
                      basis=again.basis)  # fmt: skip
     try:
-        prepare.require_gain(job, gain, total, "after freeing the guest's space, the ")
+        estimate.require_gain(job, gain, total, "after freeing the guest's space, the ")
     except NothingToDo as exc:
         if freed < max(job.settings.min_gain, 1):
             raise

@@ -1,1 +1,1 @@
-"""The steps every mode shares: inspect, estimate and preflight (prepare), rewrite, define."""
+"""The steps every mode shares: inspect, estimate, preflight (read-only), rewrite, define."""

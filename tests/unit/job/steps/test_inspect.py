@@ -15,12 +15,12 @@ import pytest
 from fakes import MIB, FakeDisk, FakeDomain, linux_fs, make_image, sh, write_data
 from virt_reclaim.image.qemu_img import QemuImg
 from virt_reclaim.image.qemu_img_argv import DEFAULT_CLUSTER
+from virt_reclaim.image.sizing import metadata_bytes
 from virt_reclaim.job.context import JobContext
 from virt_reclaim.job.freespace.budget import REWRITE_MARGIN, Reserve, host_filesystem
 from virt_reclaim.job.results import JobSkipped, NothingToDo, SpaceTaken
 from virt_reclaim.job.settings import Compression, FreeSpaceMethod, JobSettings
-from virt_reclaim.job.steps import preflight, prepare
-from virt_reclaim.job.steps.estimate import metadata_bytes
+from virt_reclaim.job.steps import estimate, inspect, preflight
 from virt_reclaim.journal.store import Journal
 from virt_reclaim.model import DomainState
 
@@ -62,7 +62,7 @@ def test_inspect_takes_the_eligible_disks_and_says_why_not_the_others(tmp_path: 
     ], power=DomainState.SHUTOFF)  # fmt: skip
     job = context(tmp_path, domain, others={str(shared): "other-guest"}, keep_backup=3600.0)
 
-    prepare.inspect(job)
+    inspect.inspect(job)
 
     [disk] = job.disks
     assert (disk.target, disk.path, disk.discard) == ("vda", str(good), True)
@@ -91,7 +91,7 @@ def test_inspect_skips_the_job_when_the_definitions_differ(tmp_path: Path) -> No
     domain = FakeDomain([FakeDisk("vda", image)])
     domain.inactive_override = FakeDomain([FakeDisk("vda", elsewhere)], uuid=domain.uuid)._xml()
     with pytest.raises(JobSkipped, match="vda: the running and the persistent definition use"):
-        prepare.inspect(context(tmp_path, domain))
+        inspect.inspect(context(tmp_path, domain))
 
 
 @pytest.mark.parametrize(
@@ -108,7 +108,7 @@ def test_inspect_skips_a_domain_it_cannot_restart(
     domain = FakeDomain([FakeDisk("vda", image)], power=power, persistent=persistent)
     job = context(tmp_path, domain)
     with pytest.raises(JobSkipped, match=why):
-        prepare.inspect(job)
+        inspect.inspect(job)
     assert job.journal is not None and job.journal.unfinished()[0].disks == ()
 
 
@@ -118,9 +118,9 @@ def test_the_estimate_of_a_shut_off_guest_counts_all_it_holds(tmp_path: Path) ->
     write_data(image, 64 * MIB, os.urandom(16 * MIB))
     job = context(tmp_path, FakeDomain([FakeDisk("vda", image)], power=DomainState.SHUTOFF),
                   min_gain=MIB)  # fmt: skip
-    prepare.inspect(job)
+    inspect.inspect(job)
 
-    prepare.estimate(job)
+    estimate.estimate(job)
 
     [disk] = job.disks
     assert disk.bytes_before == image.stat().st_blocks * 512
@@ -147,9 +147,9 @@ def test_a_gain_below_the_minimum_is_nothing_to_do(tmp_path: Path) -> None:
     write_data(image, 0, os.urandom(16 * MIB))
     job = context(tmp_path, FakeDomain([FakeDisk("vda", image)], power=DomainState.SHUTOFF),
                   compression=Compression.NONE, min_gain=MIB)  # fmt: skip
-    prepare.inspect(job)
+    inspect.inspect(job)
     with pytest.raises(NothingToDo, match="below the minimum of 1"):
-        prepare.estimate(job)
+        estimate.estimate(job)
 
 
 def test_a_running_guest_with_discard_is_estimated_from_what_it_uses(tmp_path: Path) -> None:
@@ -159,9 +159,9 @@ def test_a_running_guest_with_discard_is_estimated_from_what_it_uses(tmp_path: P
     used = [linux_fs("/", "vda", total=256 * MIB, used=8 * MIB)]
     domain = FakeDomain([FakeDisk("vda", image)], filesystems=used)
     job = context(tmp_path, domain, min_gain=MIB)
-    prepare.inspect(job)
+    inspect.inspect(job)
 
-    prepare.estimate(job)
+    estimate.estimate(job)
 
     assert job.choice is not None and job.choice.method is FreeSpaceMethod.TRIM
     [disk] = job.disks
@@ -175,7 +175,7 @@ def test_preflight_reserves_the_rewrites_need_for_the_job(tmp_path: Path) -> Non
     image = make_image(tmp_path / "disk.qcow2", "256M", ("write -P 0xab 0 32M",))
     job = context(tmp_path, FakeDomain([FakeDisk("vda", image)], power=DomainState.SHUTOFF),
                   reserve=NO_RESERVE)  # fmt: skip
-    prepare.inspect(job)
+    inspect.inspect(job)
 
     preflight.preflight(job)
 
@@ -192,7 +192,7 @@ def test_preflight_skips_what_cannot_keep_the_hosts_reserve(tmp_path: Path) -> N
     free = host_filesystem(str(tmp_path)).free
     job = context(tmp_path, FakeDomain([FakeDisk("vda", image)], power=DomainState.SHUTOFF),
                   reserve=Reserve(host_percent=0.0, host_min_bytes=free))  # fmt: skip
-    prepare.inspect(job)
+    inspect.inspect(job)
     with pytest.raises(JobSkipped, match="must stay free") as raised:
         preflight.preflight(job)
     assert not isinstance(raised.value, SpaceTaken)
@@ -206,6 +206,6 @@ def test_preflight_tells_space_held_by_other_jobs_from_space_missing(tmp_path: P
     assert job.journal is not None
     job.journal.begin_job("j0", "other", "other-uuid", JobSettings())
     job.journal.reserve("j0", filesystem.device, str(tmp_path), filesystem.free, lambda _: None)
-    prepare.inspect(job)
+    inspect.inspect(job)
     with pytest.raises(SpaceTaken, match="are reserved by other jobs"):
         preflight.preflight(job)

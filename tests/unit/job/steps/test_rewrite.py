@@ -1,6 +1,6 @@
 """Rewrite, verify and swap one image (job/steps/rewrite.py) over real files and qemu-img.
 
-The disk comes from ``prepare.inspect`` on the fake domain, shut off. What is checked is
+The disk comes from ``inspect.inspect`` on the fake domain, shut off. What is checked is
 what the guest would read afterwards, the files left at each name, and the journal.
 """
 
@@ -19,7 +19,7 @@ from virt_reclaim.job.context import JobContext
 from virt_reclaim.job.freespace.budget import Reserve
 from virt_reclaim.job.results import JobFailed
 from virt_reclaim.job.settings import Compression, JobSettings
-from virt_reclaim.job.steps import prepare
+from virt_reclaim.job.steps import inspect
 from virt_reclaim.job.steps.rewrite import (
     progress_parser,
     remove_temporary_files,
@@ -46,7 +46,7 @@ def inspected(tmp_path: Path, **settings: object) -> tuple[JobContext, Path, Pat
         settings=JobSettings(reserve=NO_RESERVE, **settings),  # type: ignore[arg-type]
         journal=journal,
     )  # fmt: skip
-    prepare.inspect(job)
+    inspect.inspect(job)
     job.disks[0].bytes_before = job.disks[0].allocated()
     return job, image, reference
 
