@@ -216,7 +216,7 @@ def test_corrupt_journal_stops_every_job_and_touches_nothing(bed: CrashBed, tmp_
     assert sha256_file(bed.guest.data_image) == before
 
 
-@pytest.mark.serial
+@pytest.mark.restarts_libvirtd
 def test_libvirtd_restarted_in_the_middle_of_a_job(
     bed: CrashBed, paused_qemu_img: tuple[Path, Path, Path]
 ) -> None:

@@ -223,7 +223,10 @@ def test_a_broken_configuration_at_start_is_reported_and_exits_78(tmp_path: Path
     assert daemon.events("daemon.not_started")
 
 
-@pytest.mark.serial
+# Restarts of libvirtd run one after another: in the crash module's xdist group, which
+# holds test_crash's own (xdist joins a test's group names, so no other group could).
+@pytest.mark.restarts_libvirtd
+@pytest.mark.xdist_group("crash")
 def test_libvirtd_restarted_while_the_daemon_runs_then_the_next_job_runs(
     make_guest: Callable[..., Guest], daemons: list[DaemonProcess], tmp_path: Path
 ) -> None:

@@ -208,7 +208,10 @@ def test_daemon_killed_at_random_moments_of_its_live_jobs_then_the_next_recovers
     assert data.checksums(guest) == sums
 
 
-@pytest.mark.serial
+# Restarts of libvirtd run one after another: in the crash module's xdist group, which
+# holds test_crash's own (xdist joins a test's group names, so no other group could).
+@pytest.mark.restarts_libvirtd
+@pytest.mark.xdist_group("crash")
 # Before the copy: after the swap, where the only way is forward (the restart before the
 # rewrite is the offline crash test's case; before the commit was measured alike, 14 s).
 @pytest.mark.parametrize("point", ["copy"])
