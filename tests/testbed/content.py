@@ -20,6 +20,7 @@ import hashlib
 import os
 import random
 import subprocess
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,7 +114,9 @@ def files_in_image(
     busybox guest and 30-50 s for the Debian one under TCG.
     """
     work.mkdir(parents=True, exist_ok=True)
-    raw, out = work / "disk.raw", work / "files"
+    # A folder of its own for each call: the same guest may be read more than once.
+    out = Path(tempfile.mkdtemp(prefix="files-", dir=work))
+    raw = out.with_suffix(".raw")
     subprocess.run(
         ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(image), str(raw)],
         check=True, timeout=300,
@@ -121,7 +124,6 @@ def files_in_image(
     offset = first_partition_offset(raw)
     relative = os.path.relpath(root, mountpoint)
     inside = "/" if relative == "." else f"/{relative}"
-    out.mkdir()
     # debugfs reports a failed rdump on stderr with exit status 0: the folder is checked below.
     subprocess.run(
         ["debugfs", "-R", f"rdump {inside} {out}", f"{raw}?offset={offset}"],
